@@ -1,0 +1,491 @@
+"""The spec: one YAML document that declares a whole ReTool training pipeline.
+
+Every field declares its change policy next to its definition (DESIGN.md, "Fingerprints
+and change policy"):
+
+- ``restart``: the result would differ -> rerun from scratch;
+- ``resume``: the run can continue from its latest valid checkpoint;
+- ``update``: applied without rerunning.
+
+`F(...)` is `pydantic.Field` plus a mandatory ``policy``; the policy lands in the JSON
+Schema as ``x-policy`` and `field_policy()` reads it back. A test walks the whole schema
+and fails on any field without one. Defaults are the recipe's values (RECIPE.md).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+Policy = Literal["restart", "resume", "update"]
+POLICIES: tuple[str, ...] = ("restart", "resume", "update")
+
+# Modal's GPU type names (validated here because Modal only checks them on its servers).
+GPU_TYPES: tuple[str, ...] = (
+    "T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H100!", "H200", "B200",
+)
+GpuType = Literal["T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H100!", "H200", "B200"]
+
+NAME_RE = r"^[a-z][a-z0-9_-]{0,62}$"
+SOURCE_RE = re.compile(r"^(hf|path|builtin):(.+)$")
+
+
+def F(default: Any = ..., *, policy: Policy, description: str, **kwargs: Any) -> Any:
+    """A spec field with its change policy declared beside it."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {})
+    extra["x-policy"] = policy
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+class SpecModel(BaseModel):
+    """Strict base: unknown keys are errors (the loader adds a did-you-mean)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def field_policy(model: type[BaseModel], name: str) -> Policy | None:
+    """The change policy declared for `model.name`, or None if it has none."""
+    info = model.model_fields[name]
+    extra = info.json_schema_extra
+    if isinstance(extra, dict):
+        policy = extra.get("x-policy")
+        if policy in POLICIES:
+            return policy  # type: ignore[return-value]
+    return None
+
+
+# --------------------------------------------------------------------------- top level
+
+
+class StateSettings(SpecModel):
+    store: Literal["local", "modal"] = F(
+        "local", policy="update",
+        description="Where state lives: a local JSON file, or a file on a Modal Volume (teams and CI).",
+    )
+    path: str | None = F(
+        None, policy="update",
+        description="Local store directory; default `.retool/` beside the spec's repository root.",
+    )
+    volume: str = F(
+        "retool-state", policy="update", description="Modal store: name of the Volume holding the state file."
+    )
+    lock_dict: str = F(
+        "retool-locks", policy="update", description="Modal store: name of the Modal Dict used for the apply lock."
+    )
+    key: str | None = F(
+        None, policy="update", description="State key inside the store; default the spec's `name`."
+    )
+
+
+class LocalSettings(SpecModel):
+    root: str | None = F(
+        None, policy="update",
+        description="Directory holding local volumes (one folder each); default `<state dir>/volumes`.",
+    )
+
+
+class ModalSettings(SpecModel):
+    app_name: str | None = F(None, policy="update", description="Modal app name; default `retool-<spec name>`.")
+    environment: str | None = F(None, policy="update", description="Modal environment name; default the profile's.")
+
+
+class Pricing(SpecModel):
+    gpu_hour_usd: dict[str, float] = F(
+        default_factory=lambda: {
+            "H100": 3.95, "H100!": 3.95, "H200": 4.54, "A100-80GB": 2.50, "A100": 2.10,
+            "A100-40GB": 2.10, "L40S": 1.95, "A10G": 1.10, "L4": 0.80, "T4": 0.59, "B200": 6.25,
+        },
+        policy="update",
+        description="Dollars per GPU-hour by GPU type (Modal's list price, H100 ~$0.001097/GPU-s).",
+    )
+    cpu_hour_usd: float = F(0.0, policy="update", ge=0, description="Dollars per hour of a CPU-only run.")
+
+
+class SecretRef(SpecModel):
+    """A reference to a secret. Its value never enters the spec, state, plan or logs."""
+
+    modal_name: str | None = F(
+        None, policy="update", description="Name of the `modal.Secret` holding it; default the secret's key."
+    )
+    env: list[str] = F(
+        ..., policy="update", min_length=1,
+        description="Environment variable names the secret provides (read from the environment locally).",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", n):
+                raise ValueError(f"{n!r} is not an environment variable name (A-Z, 0-9, _)")
+        return names
+
+
+class Volume(SpecModel):
+    mount: str = F(..., policy="update", description="Absolute mount path inside containers, e.g. `/data`.")
+    protect: bool = F(
+        False, policy="update", description="A protected volume is never deleted or re-created by retool."
+    )
+
+    @field_validator("mount")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("mount must be an absolute path")
+        return v.rstrip("/") or "/"
+
+
+class Image(SpecModel):
+    """The container image (Modal) / environment description (local). A change rebuilds it
+    but does not by itself rerun a finished stage."""
+
+    base: str = F(
+        "nvidia/cuda:12.8.1-devel-ubuntu22.04", policy="update",
+        description="Base registry image; pin a tag or digest (plan warns on mutable tags).",
+    )
+    python: str = F("3.12", policy="update", description="Python version added to the base image.")
+    apt: list[str] = F(default_factory=list, policy="update", description="Debian packages.")
+    pip: list[str] = F(
+        default_factory=lambda: ["verl[vllm]==0.9.1"], policy="update", description="pip requirements, pinned."
+    )
+    installer: Literal["pip", "uv"] = F("uv", policy="update", description="Install with `pip` or `uv pip`.")
+    env: dict[str, str] = F(
+        default_factory=dict, policy="update", description="Non-secret environment variables baked into the image."
+    )
+    commands: list[str] = F(default_factory=list, policy="update", description="Extra shell commands, run in order.")
+    local_sources: list[str] = F(
+        default_factory=lambda: ["reconciler", "runtime", "sandbox"], policy="update",
+        description="Local Python packages added last (Modal's add_local_python_source).",
+    )
+
+
+class Sandbox(SpecModel):
+    """The code-execution service the RL stage's tool calls."""
+
+    placement: Literal["sidecar", "service"] = F(
+        "sidecar", policy="update",
+        description="`sidecar`: on localhost inside the RL container; `service`: a separate endpoint (token-protected).",
+    )
+    workers: int | None = F(
+        None, policy="update", ge=1, description="Executor pool size; default the machine's CPU count."
+    )
+    max_queue: int = F(256, policy="update", ge=1, description="Requests allowed to wait for a worker before 503.")
+    preload: list[str] = F(
+        default_factory=lambda: ["numpy", "sympy"], policy="update",
+        description="Modules imported once by the pre-warmed interpreter.",
+    )
+    memory_limit_mb: int = F(1024, policy="update", ge=64, description="Default per-execution memory limit.")
+    max_output_bytes: int = F(
+        65536, policy="update", ge=1024, description="Per-stream output cap; longer output is cut with a marker."
+    )
+    replicas: int = F(1, policy="update", ge=1, description="Service replicas (placement `service`).")
+    cpu: float = F(8.0, policy="update", gt=0, description="CPU cores for the service container.")
+    memory_mb: int = F(16384, policy="update", ge=256, description="Memory for the service container.")
+    port: int | None = F(
+        None, policy="update", ge=1, le=65535, description="Local port; default a free port."
+    )
+    token_secret: str | None = F(
+        None, policy="update", description="Secret (key in `secrets`) holding the service's bearer token."
+    )
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+class Dataset(SpecModel):
+    source: str = F(
+        ..., policy="restart",
+        description="`hf:<repo id>`, `path:<file or dir>` (parquet/jsonl, relative to the spec) or `builtin:<generator>`.",
+    )
+    format: Literal["retool_sft", "messages", "dapo_math", "aime_2024", "aime_2025", "rl"] = F(
+        ..., policy="restart",
+        description="How rows are mapped: ReTool-SFT text -> messages+tools, or a math set -> verl RL rows.",
+    )
+    split: str = F("train", policy="restart", description="Split to read (Hugging Face sources).")
+    revision: str | None = F(None, policy="restart", description="Hugging Face revision (commit, tag).")
+    max_rows: int | None = F(None, policy="restart", ge=1, description="Keep only the first N rows.")
+    options: dict[str, Any] = F(
+        default_factory=dict, policy="restart", description="Builtin generator options (e.g. rows, seed)."
+    )
+    volume: str = F("data", policy="restart", description="Volume the prepared parquet is written to.")
+    expected_rows: int | None = F(
+        None, policy="update", ge=1, description="Row count used for estimates before the data exists."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _check_source(v, ("hf", "path", "builtin"))
+
+
+class Model(SpecModel):
+    source: str = F(
+        ..., policy="restart",
+        description="`hf:<repo id>`, `path:<HF model dir>` or `builtin:tiny-qwen2`.",
+    )
+    revision: str | None = F(None, policy="restart", description="Hugging Face revision (commit, tag).")
+    options: dict[str, Any] = F(
+        default_factory=dict, policy="restart", description="Builtin model options (e.g. hidden_size, layers)."
+    )
+    volume: str = F("models", policy="restart", description="Volume the model is stored in.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _check_source(v, ("hf", "path", "builtin"))
+
+
+def _check_source(v: str, kinds: tuple[str, ...]) -> str:
+    m = SOURCE_RE.match(v.strip())
+    if not m or m.group(1) not in kinds:
+        raise ValueError(f"source must start with one of {', '.join(k + ':' for k in kinds)} (got {v!r})")
+    return f"{m.group(1)}:{m.group(2).strip()}"
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Resources(SpecModel):
+    gpu: GpuType | None = F(
+        None, policy="update", description="GPU type (Modal names); null runs on CPU."
+    )
+    gpu_fallbacks: list[GpuType] = F(
+        default_factory=list, policy="update", description="Other GPU types Modal may use, in order."
+    )
+    gpus_per_node: int = F(
+        0, policy="restart", ge=0, le=8, description="GPUs per node; part of the checkpoint's world size."
+    )
+    nodes: int = F(1, policy="restart", ge=1, le=64, description="Nodes (Modal `clustered`); part of the world size.")
+    processes_per_node: int | None = F(
+        None, policy="restart", ge=1, le=256,
+        description="Trainer processes per node; default gpus_per_node (1 on CPU). Part of the world size.",
+    )
+    cpu: float | None = F(None, policy="update", gt=0, description="CPU cores requested.")
+    memory_mb: int | None = F(None, policy="update", ge=256, description="Memory requested, MiB.")
+    timeout_hours: float = F(
+        24.0, policy="update", gt=0, description="Per-attempt limit; longer stages run as segments (Modal caps 24 h)."
+    )
+    retries: int = F(2, policy="update", ge=0, le=10, description="Retries after preemption or crash.")
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> "Resources":
+        if self.gpu is None and self.gpus_per_node:
+            raise ValueError("gpus_per_node > 0 needs a gpu type")
+        if self.gpu is not None and self.gpus_per_node == 0:
+            raise ValueError("gpu is set but gpus_per_node is 0")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        per_node = self.processes_per_node or self.gpus_per_node or 1
+        return per_node * self.nodes
+
+    @property
+    def gpu_string(self) -> str | None:
+        """Modal's GPU string, e.g. `H100:8`."""
+        return f"{self.gpu}:{self.gpus_per_node}" if self.gpu else None
+
+
+class Optim(SpecModel):
+    lr: float = F(1e-5, policy="restart", gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = F((0.9, 0.95), policy="restart", description="AdamW betas.")
+    weight_decay: float = F(0.01, policy="restart", ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = F(0.1, policy="restart", ge=0, le=1, description="Warm-up fraction of total steps.")
+    lr_scheduler: Literal["cosine", "constant"] = F("cosine", policy="restart", description="Schedule after warm-up.")
+    clip_grad: float = F(1.0, policy="restart", gt=0, description="Gradient-norm clip.")
+
+
+class Logging(SpecModel):
+    backends: list[Literal["console", "wandb", "tensorboard", "file"]] = F(
+        default_factory=lambda: ["console"], policy="update", description="Trainer loggers."
+    )
+    project: str = F("retool", policy="update", description="Project name (W&B project).")
+    experiment: str | None = F(None, policy="update", description="Experiment/run name; default `<spec>-<stage>`.")
+
+
+class StageCommon(SpecModel):
+    model: str = F(
+        ..., policy="restart", description="Initial weights: `model.<name>` or an upstream `stage.<name>`."
+    )
+    train: str = F(..., policy="restart", description="Training data: `dataset.<name>`.")
+    volume: str = F("checkpoints", policy="restart", description="Volume holding this stage's checkpoints.")
+    resources: Resources = F(default_factory=Resources, policy="restart", description="Compute for this stage.")
+    seed: int = F(42, policy="restart", description="Random seed.")
+    max_steps: int | None = F(
+        None, policy="resume", ge=1, description="Cap on optimizer steps (total_training_steps)."
+    )
+    save_freq: int = F(20, policy="update", ge=1, description="Checkpoint every N steps (and at the end).")
+    test_freq: int = F(10, policy="update", ge=1, description="Validate every N steps.")
+    max_ckpt_to_keep: int | None = F(None, policy="update", ge=1, description="Older checkpoints are pruned.")
+    logging: Logging = F(default_factory=Logging, policy="update", description="Loggers and names.")
+    secrets: list[str] = F(default_factory=list, policy="update", description="Keys of `secrets` this stage needs.")
+    env: dict[str, str] = F(default_factory=dict, policy="update", description="Extra non-secret environment.")
+    overrides: list[str] = F(
+        default_factory=list, policy="restart",
+        description="Raw verl hydra overrides (`key=value`, `+key=value`), applied last.",
+    )
+    seconds_per_step: float | None = F(
+        None, policy="update", gt=0, description="Estimate used until a recorded run measured it."
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, items: list[str]) -> list[str]:
+        for item in items:
+            if not re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.\-]*(=.*)?", item) or ("=" not in item and not item.startswith("~")):
+                raise ValueError(f"override {item!r} is not `key=value`, `+key=value` or `~key`")
+        return items
+
+
+class ToolCallCheck(SpecModel):
+    prompts: int = F(50, policy="update", ge=1, description="Held-out prompts decoded greedily after training.")
+    min_rate: float = F(
+        0.8, policy="update", ge=0, le=1, description="Required fraction that emit a well-formed tool call."
+    )
+
+
+class SFTStage(StageCommon):
+    kind: Literal["sft"] = F("sft", policy="restart", description="Supervised fine-tuning (verl sft_trainer).")
+    val: str | None = F(None, policy="restart", description="Validation data: `dataset.<name>`.")
+    epochs: int = F(6, policy="resume", ge=1, description="Passes over the data.")
+    max_length: int = F(16384, policy="restart", ge=16, description="Maximum tokens per sample.")
+    truncation: Literal["error", "left", "right"] = F("error", policy="restart", description="Over-long samples.")
+    train_batch_size: int = F(32, policy="restart", ge=1, description="Global batch size.")
+    micro_batch_size_per_gpu: int = F(4, policy="restart", ge=1, description="Micro batch per device.")
+    optim: Optim = F(default_factory=Optim, policy="restart", description="Optimizer.")
+    ulysses_sequence_parallel_size: int = F(4, policy="restart", ge=1, description="Ulysses sequence parallelism.")
+    use_remove_padding: bool = F(True, policy="restart", description="Remove padding (packed sequences).")
+    gradient_checkpointing: bool = F(True, policy="update", description="Trade compute for memory.")
+    save_freq: int = F(62, policy="update", ge=1, description="Checkpoint every N steps (and at the end).")
+    tool_call_check: ToolCallCheck | None = F(
+        None, policy="update", description="After training, measure how often the merged model emits a tool call."
+    )
+
+    @model_validator(mode="after")
+    def _batch(self) -> "SFTStage":
+        if self.train_batch_size % (self.resources.world_size or 1):
+            raise ValueError(
+                f"train_batch_size {self.train_batch_size} is not divisible by the world size {self.resources.world_size}"
+            )
+        return self
+
+
+class Algorithm(SpecModel):
+    adv_estimator: Literal["grpo", "gae", "rloo", "reinforce_plus_plus"] = F(
+        "grpo", policy="restart", description="Advantage estimator."
+    )
+    use_kl_in_reward: bool = F(False, policy="restart", description="KL penalty in the reward.")
+    use_kl_loss: bool = F(False, policy="restart", description="KL loss term in the actor.")
+    clip_ratio_low: float = F(0.2, policy="restart", ge=0, description="PPO clip, lower (clip-higher: 0.2).")
+    clip_ratio_high: float = F(0.28, policy="restart", ge=0, description="PPO clip, upper (clip-higher: 0.28).")
+    clip_ratio_c: float = F(10.0, policy="restart", gt=1, description="Dual-clip constant.")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = F(
+        "token-mean", policy="restart", description="Loss aggregation."
+    )
+
+
+class Rollout(SpecModel):
+    engine: Literal["auto", "vllm", "sglang", "transformers"] = F(
+        "auto", policy="update", description="`auto`: vllm on GPU, retool's transformers rollout on CPU."
+    )
+    n: int = F(16, policy="restart", ge=1, description="Samples per prompt (GRPO group size).")
+    temperature: float = F(1.0, policy="restart", ge=0, description="Training sampling temperature.")
+    top_p: float = F(1.0, policy="restart", gt=0, le=1, description="Training nucleus sampling.")
+    tensor_parallel_size: int = F(4, policy="update", ge=1, description="Rollout tensor parallelism.")
+    gpu_memory_utilization: float = F(0.9, policy="update", gt=0, le=1, description="vLLM memory fraction.")
+    max_assistant_turns: int = F(16, policy="restart", ge=1, description="Multi-turn cap (assistant turns).")
+    max_user_turns: int = F(16, policy="restart", ge=1, description="Multi-turn cap (user/tool turns).")
+    format: Literal["hermes"] = F("hermes", policy="restart", description="Tool-call format.")
+    max_tool_response_length: int = F(256, policy="restart", ge=1, description="Tool output shown to the model.")
+
+
+class Validation(SpecModel):
+    n: int = F(30, policy="update", ge=1, description="Samples per validation prompt.")
+    temperature: float = F(1.0, policy="update", ge=0, description="Validation temperature.")
+    top_p: float = F(0.6, policy="update", gt=0, le=1, description="Validation nucleus sampling.")
+    before_train: bool = F(True, policy="update", description="Validate before the first step.")
+
+
+class ToolSettings(SpecModel):
+    timeout_s: float = F(30.0, policy="update", gt=0, le=600, description="Per tool call run timeout.")
+    memory_limit_mb: int = F(1024, policy="update", ge=64, description="Per tool call memory limit.")
+    num_workers: int = F(128, policy="update", ge=1, description="Tool worker count.")
+    rate_limit: int = F(128, policy="update", ge=1, description="Concurrent tool calls (a cap, not per second).")
+
+
+class RLStage(StageCommon):
+    kind: Literal["rl"] = F("rl", policy="restart", description="GRPO with clip-higher (verl main_ppo).")
+    val: list[str] = F(default_factory=list, policy="restart", description="Validation data: `dataset.<name>` list.")
+    epochs: int = F(1, policy="resume", ge=1, description="Passes over the data (cap with max_steps).")
+    train_batch_size: int = F(64, policy="restart", ge=1, description="Prompts per step.")
+    ppo_mini_batch_size: int = F(16, policy="restart", ge=1, description="Prompts per PPO mini-batch.")
+    max_prompt_length: int = F(2048, policy="restart", ge=16, description="Prompt token cap.")
+    max_response_length: int = F(16384, policy="restart", ge=16, description="Response token cap (all turns).")
+    filter_overlong_prompts: bool = F(True, policy="restart", description="Drop prompts over the cap.")
+    truncation: Literal["error", "left", "right"] = F("error", policy="restart", description="Over-long prompts.")
+    use_dynamic_bsz: bool = F(True, policy="restart", description="Token-based dynamic batching.")
+    ppo_max_token_len_per_gpu: int = F(18432, policy="restart", ge=1, description="Actor tokens per GPU.")
+    log_prob_max_token_len_per_gpu: int = F(73728, policy="update", ge=1, description="Ref/rollout log-prob tokens per GPU.")
+    ulysses_sequence_parallel_size: int = F(4, policy="restart", ge=1, description="Ulysses sequence parallelism.")
+    param_offload: bool = F(True, policy="update", description="FSDP parameter offload.")
+    optimizer_offload: bool = F(True, policy="update", description="FSDP optimizer offload.")
+    gradient_checkpointing: bool = F(True, policy="update", description="Trade compute for memory.")
+    optim: Optim = F(
+        default_factory=lambda: Optim(lr=1e-6, betas=(0.9, 0.999), warmup_ratio=0.0, lr_scheduler="constant"),
+        policy="restart", description="Actor optimizer.",
+    )
+    algorithm: Algorithm = F(default_factory=Algorithm, policy="restart", description="GRPO / clip-higher.")
+    rollout: Rollout = F(default_factory=Rollout, policy="restart", description="Rollout engine and sampling.")
+    validation: Validation = F(default_factory=Validation, policy="update", description="Validation sampling.")
+    tool: ToolSettings = F(default_factory=ToolSettings, policy="update", description="code_interpreter tool.")
+
+    @model_validator(mode="after")
+    def _batch(self) -> "RLStage":
+        if self.ppo_mini_batch_size > self.train_batch_size:
+            raise ValueError("ppo_mini_batch_size must not exceed train_batch_size")
+        return self
+
+
+def _stage_kind(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return v.get("kind")
+    return getattr(v, "kind", None)
+
+
+Stage = Annotated[
+    Union[Annotated[SFTStage, Tag("sft")], Annotated[RLStage, Tag("rl")]],
+    Discriminator(_stage_kind, custom_error_type="stage_kind", custom_error_message="kind must be `sft` or `rl`"),
+]
+
+
+class Spec(SpecModel):
+    """A ReTool pipeline: volumes, image, sandbox, datasets, models, stages."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, title="retool spec",
+        json_schema_extra={"$id": "https://retool.dev/schema/spec.json"},
+    )
+
+    name: str = F(..., policy="update", pattern=NAME_RE, description="Pipeline name (state key, Modal app name).")
+    backend: Literal["local", "modal"] = F("local", policy="update", description="Where it runs.")
+    state: StateSettings = F(default_factory=StateSettings, policy="update", description="State store.")
+    local: LocalSettings = F(default_factory=LocalSettings, policy="update", description="Local backend settings.")
+    modal: ModalSettings = F(default_factory=ModalSettings, policy="update", description="Modal backend settings.")
+    pricing: Pricing = F(default_factory=Pricing, policy="update", description="Price table for estimates.")
+    secrets: dict[str, SecretRef] = F(default_factory=dict, policy="update", description="Secret references by key.")
+    volumes: dict[str, Volume] = F(default_factory=dict, policy="update", description="Volumes by name.")
+    image: Image = F(default_factory=Image, policy="update", description="Container image / environment.")
+    sandbox: Sandbox | None = F(None, policy="update", description="Code sandbox (needed by RL stages).")
+    datasets: dict[str, Dataset] = F(default_factory=dict, policy="restart", description="Datasets by name.")
+    models: dict[str, Model] = F(default_factory=dict, policy="restart", description="Base models by name.")
+    stages: dict[str, Stage] = F(default_factory=dict, policy="restart", description="Training stages by name.")
+
+    @field_validator("volumes", "datasets", "models", "stages", "secrets")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not re.fullmatch(NAME_RE, key):
+                raise ValueError(f"name {key!r} must match {NAME_RE} (lower case, digits, _ and -)")
+        return value

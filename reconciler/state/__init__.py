@@ -1,0 +1,1 @@
+"""State stores: a local JSON file, or a shared file on a Modal Volume."""

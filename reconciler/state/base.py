@@ -1,0 +1,107 @@
+"""State records and the store interface (STYLE.md #3).
+
+State is versioned JSON read leniently (unknown keys ignored, missing keys defaulted),
+never pickled. A store has four operations: `read`, `write`, `lock(info) -> id`,
+`unlock(id)`; every store passes the same contract tests (tests/test_state_contract.py).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import sys
+import time
+import uuid
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STATE_VERSION = 1
+
+NodeStatus = Literal["pending", "running", "succeeded", "failed", "lost", "cancelled"]
+
+
+class Lenient(BaseModel):
+    """State is read leniently: newer writers may add keys older readers ignore."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class RunHandle(Lenient):
+    """How to find a detached run again: a local process group or a Modal call."""
+
+    backend: Literal["local", "modal", "memory"]
+    started_at: float = Field(default_factory=time.time)
+    command: list[str] = Field(default_factory=list)
+    pid: int | None = None  # local: leader of the process group
+    pgid: int | None = None
+    log_path: str | None = None
+    call_id: str | None = None  # modal: FunctionCall.object_id
+    app_name: str | None = None
+    segment: int = 0  # modal: which 24 h segment this call is
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeRecord(Lenient):
+    """What the last successful (or current) run of one node left behind."""
+
+    address: str
+    kind: str
+    status: NodeStatus = "pending"
+    config: dict[str, Any] = Field(default_factory=dict)  # effective config it ran with (for diffs)
+    restart_id: str = ""
+    resume_hash: str = ""
+    update_hash: str = ""
+    inputs: dict[str, str] = Field(default_factory=dict)  # upstream address -> output identity consumed
+    outputs: dict[str, Any] = Field(default_factory=dict)  # paths, digests, final_step, merged model, url
+    output_id: str | None = None
+    run: RunHandle | None = None
+    steps_done: int = 0
+    total_steps: int | None = None
+    seconds_per_step: float | None = None
+    gpu_seconds: float = 0.0
+    cost_usd: float = 0.0
+    message: str = ""
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class State(Lenient):
+    version: int = STATE_VERSION
+    serial: int = 0
+    lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    spec_name: str = ""
+    nodes: dict[str, NodeRecord] = Field(default_factory=dict)
+
+
+class LockInfo(Lenient):
+    """Who holds the apply lock, printed to whoever is refused."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    who: str = Field(default_factory=lambda: f"{getpass.getuser()}@{socket.gethostname()}")
+    user: str = Field(default_factory=getpass.getuser)
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+    command: str = Field(default_factory=lambda: " ".join(["retool", *sys.argv[1:]]))
+    created_at: float = Field(default_factory=time.time)
+    expires_at: float | None = None  # shared stores: a lock past this is stale
+
+
+class StateStore(Protocol):
+    """Where state lives. `write` refuses a state whose serial is not newer, or whose
+    lineage differs from the stored one (a different pipeline's state)."""
+
+    def describe(self) -> str: ...
+
+    def read(self) -> State | None: ...
+
+    def write(self, state: State) -> None: ...
+
+    def lock(self, info: LockInfo) -> str: ...
+
+    def unlock(self, lock_id: str) -> None: ...
+
+    def lock_info(self) -> LockInfo | None: ...

@@ -1,0 +1,1 @@
+"""Backends (local, modal), verl launch translation, checkpoints and data preparation."""

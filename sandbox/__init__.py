@@ -1,0 +1,1 @@
+"""A SandboxFusion-compatible code execution service: fast (fork from a warm interpreter) and hardened."""
