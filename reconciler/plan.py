@@ -1,19 +1,47 @@
 """The plan: a pure function from (spec, recorded state, observed reality) to frozen data.
 
-`make_plan` decides one action per node and says why; it prints nothing and does no I/O
-(STYLE.md #1). Views render it (reconciler/views.py); apply walks it.
+`make_plan` decides one action per node, in dependency order, and says why; it prints
+nothing and does no I/O (STYLE.md #1). Views render it (reconciler/views.py); apply walks it.
+
+Per node (DESIGN.md, "Fingerprints and change policy"):
+
+    not in state / gone            -> create
+    --replace                      -> rerun
+    restart identity changed       -> rerun   (a config field, or an input whose output changes)
+    running                        -> no-op   (apply re-attaches)
+    last run failed / lost         -> resume from its latest valid checkpoint, else rerun
+    resume fields changed          -> resume  (no-op "already at step N" if the new total is reached)
+    update fields changed          -> update
+    otherwise                      -> no-op
+    in state, not in the spec      -> delete  (data kept unless --prune)
+    cannot run here (`blocked`)    -> blocked, and so is every changing node downstream of it
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reconciler.fingerprint import Fingerprints
+from reconciler.diff import FieldChange, diff_configs
+from reconciler.errors import TerminalError
+from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
+from reconciler.graph import KIND_RANK, Graph, Node, address_kind, build_graph, sort_key
+from reconciler.spec import RLStage, SFTStage, Spec
+from reconciler.state.base import NodeRecord, State
+from reconciler.steps import Estimate, add, dataset_rows, estimate, total_steps
+
+__all__ = [
+    "Action", "Estimate", "Observed", "ObservedNode", "Plan", "PlannedChange", "RunState", "make_plan",
+]
 
 Action = Literal["create", "update", "resume", "rerun", "no-op", "delete", "blocked"]
 RunState = Literal["running", "succeeded", "failed", "lost"]
+
+# Actions after which a node's output identity is new (consumers must rerun).
+OUTPUT_CHANGING: frozenset[str] = frozenset({"create", "rerun", "resume"})
 
 
 class Frozen(BaseModel):
@@ -37,15 +65,6 @@ class Observed(Frozen):
     notes: list[str] = Field(default_factory=list)
 
 
-class Estimate(Frozen):
-    steps: int = 0
-    gpu_hours: float = 0.0
-    usd: float = 0.0
-    segments: int = 0  # attempts of at most resources.timeout_hours each
-    seconds_per_step: float | None = None
-    source: Literal["measured", "spec", "none"] = "none"
-
-
 class PlannedChange(Frozen):
     address: str
     action: Action
@@ -64,6 +83,7 @@ class PlannedChange(Frozen):
 
 
 class Plan(Frozen):
+    format_version: int = 1
     spec: str  # path of the spec file
     spec_name: str
     backend: str
@@ -81,3 +101,318 @@ class Plan(Frozen):
 
     def change(self, address: str) -> PlannedChange | None:
         return next((c for c in self.changes if c.address == address), None)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.changes:
+            out[c.action] = out.get(c.action, 0) + 1
+        return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def make_plan(
+    spec: Spec,
+    state: State | None,
+    observed: Observed,
+    *,
+    blocked: dict[str, str] | None = None,
+    replace: set[str] | None = None,
+    targets: set[str] | None = None,
+    spec_path: str = "",
+    created_at: float | None = None,
+) -> Plan:
+    """Decide what apply would do. `blocked` maps an address to why this backend cannot
+    run it; `replace` forces reruns; `targets` limits the plan to those addresses and what
+    they depend on."""
+    graph = build_graph(spec)
+    blocked, replace = dict(blocked or {}), set(replace or ())
+    recorded = dict(state.nodes) if state else {}
+    known = set(graph.nodes) | set(recorded)
+    for label, addrs in (("--target", targets or set()), ("--replace", replace)):
+        unknown = sorted(a for a in addrs if a not in known)
+        if unknown:
+            raise TerminalError(
+                f"{label}: unknown address {', '.join(unknown)}",
+                hint="addresses: " + ", ".join(sorted(known, key=sort_key)),
+            )
+    scope = set(graph.nodes)
+    if targets is not None:
+        scope = set()
+        for t in targets:
+            if t in graph.nodes:
+                scope |= {t} | graph.dependencies(t)
+
+    planner = _Planner(spec, state, observed, graph, blocked, replace)
+    changes = [planner.decide(graph.nodes[a]) for a in graph.order() if a in scope]
+    gone = [a for a in recorded if a not in graph.nodes and (targets is None or a in targets)]
+    for addr in sorted(gone, key=lambda a: (-KIND_RANK.get(address_kind(a), 9), a)):
+        changes.append(_delete(recorded[addr]))
+
+    total = Estimate()
+    for c in changes:
+        if c.action in OUTPUT_CHANGING:
+            total = add(total, c.estimate)
+    return Plan(
+        spec=spec_path, spec_name=spec.name, backend=spec.backend,
+        serial=state.serial if state else 0, lineage=state.lineage if state else "",
+        created_at=time.time() if created_at is None else created_at,
+        changes=changes, total=total, warnings=_warnings(spec, observed, planner.warnings),
+        refreshed=observed.refreshed,
+    )
+
+
+# --------------------------------------------------------------------------- per node
+
+
+@dataclass
+class _Draft:
+    """A decision under construction."""
+
+    action: Action
+    reasons: list[str]
+    notes: list[str] = field(default_factory=list)
+    resume_from: int | None = None
+    discard: bool = False
+
+
+@dataclass
+class _Planner:
+    spec: Spec
+    state: State | None
+    observed: Observed
+    graph: Graph
+    blocked: dict[str, str]
+    replace: set[str]
+    decided: dict[str, PlannedChange] = field(default_factory=dict)
+    intended: dict[str, Action] = field(default_factory=dict)  # action before blocking
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self, address: str) -> NodeRecord | None:
+        return self.state.nodes.get(address) if self.state else None
+
+    def decide(self, node: Node) -> PlannedChange:
+        rec = self.record(node.address)
+        obs = self.observed.nodes.get(node.address)
+        up_ids, pending = self._inputs(node)
+        fp = fingerprint(node, up_ids)
+        diff = diff_configs(rec.config, node.config, node.policies, node.spec_path) if rec and rec.config else []
+        draft = self._action(node, rec, obs, fp, diff, pending, up_ids)
+        self.intended[node.address] = draft.action
+        draft = self._block(node, draft)
+
+        stage = self.spec.stages.get(node.name) if node.kind == "stage" else None
+        total = self._total_steps(stage) if stage else None
+        notes = list(draft.notes)
+        if obs is not None:
+            notes += [f"invalid checkpoint {c} (not resumed from)" for c in obs.invalid_checkpoints]
+        est, discard_steps, discard_hours = Estimate(), 0, 0.0
+        if stage is not None:
+            if draft.action in OUTPUT_CHANGING:
+                start = draft.resume_from or 0
+                if total is None:
+                    notes.append(f"steps unknown until {stage.train} is prepared (set its expected_rows)")
+                else:
+                    est = self._estimate(stage, rec, total - start)
+            if draft.discard and rec is not None:
+                discard_steps, discard_hours = self._discard(rec, obs)
+        elif draft.discard and rec is not None:
+            discard_steps = rec.steps_done
+        change = PlannedChange(
+            address=node.address, action=draft.action, reasons=draft.reasons,
+            diff=[f"{c.render()} ({c.policy})" for c in diff],
+            resume_from=draft.resume_from if draft.action == "resume" else None,
+            discard_steps=discard_steps, discard_gpu_hours=discard_hours, total_steps=total,
+            estimate=est, notes=notes, fingerprints=fp, config=node.config,
+        )
+        self.decided[node.address] = change
+        return change
+
+    # -- inputs
+
+    def _inputs(self, node: Node) -> tuple[dict[str, str], list[str]]:
+        """Upstream output identities; a changing upstream gets a placeholder, so the
+        restart identity moves and the reason can name it."""
+        ids: dict[str, str] = {}
+        pending: list[str] = []
+        for d in node.identity_deps:
+            oid = recorded_output_id(self.state, d)
+            upstream = self.decided.get(d)
+            if self.intended.get(d) in OUTPUT_CHANGING or oid is None:
+                key = upstream.fingerprints.restart_id if upstream and upstream.fingerprints else d
+                ids[d] = f"pending:{key}"
+                pending.append(d)
+            else:
+                ids[d] = oid
+        return ids, pending
+
+    # -- the decision table
+
+    def _action(
+        self, node: Node, rec: NodeRecord | None, obs: Any, fp: Fingerprints,
+        diff: list[FieldChange], pending: list[str], up_ids: dict[str, str],
+    ) -> _Draft:
+        if rec is None:
+            return _Draft("create", ["not yet created"])
+        if obs is not None and not obs.exists:
+            return _Draft("create", ["recorded, but no longer exists (removed outside retool)"])
+        if node.address in self.replace:
+            return _Draft("rerun", ["forced by --replace"], discard=True)
+
+        run_state = (obs.run_state if obs is not None and obs.run_state else None) or rec.status
+        if fp.restart_id != rec.restart_id:
+            draft = _Draft("rerun", self._restart_reasons(node, rec, diff, pending, up_ids), discard=True)
+            if run_state == "running":
+                draft.notes.append("cancels the running attempt first")
+            return draft
+        if run_state == "running":
+            step = obs.step if obs is not None and obs.step is not None else rec.steps_done
+            notes = ["apply re-attaches to it"]
+            if fp.resume_hash != rec.resume_hash or fp.update_hash != rec.update_hash:
+                notes.append("the other changes are planned once it finishes")
+            return _Draft("no-op", [f"running (step {step})"], notes)
+        if run_state != "succeeded":
+            return self._recover(node, rec, obs, run_state)
+        if fp.resume_hash != rec.resume_hash and node.kind == "stage":
+            return self._resume(node, rec, obs, diff)
+        if fp.resume_hash != rec.resume_hash or fp.update_hash != rec.update_hash:
+            draft = _Draft("update", _field_reasons(diff, ("update", "resume")) or ["update fields changed"])
+            if node.kind == "image":
+                draft.notes.append("finished stages are not rerun for an image change (--replace stage.X forces it)")
+            return draft
+        return _Draft("no-op", [])
+
+    def _restart_reasons(
+        self, node: Node, rec: NodeRecord, diff: list[FieldChange], pending: list[str], up_ids: dict[str, str]
+    ) -> list[str]:
+        reasons = _field_reasons(diff, ("restart",))
+        for d in pending:
+            reasons.append(f"input {d} output changes")
+        for d, oid in up_ids.items():
+            if d not in pending and rec.inputs and rec.inputs.get(d) not in (None, oid):
+                reasons.append(f"input {d} output changed since the last run")
+        return reasons or ["restart identity changed"]
+
+    def _recover(self, node: Node, rec: NodeRecord, obs: Any, run_state: str) -> _Draft:
+        why = {"failed": "last run failed", "lost": "last run was lost"}.get(run_state, f"last run {run_state}")
+        message = (obs.message if obs is not None and obs.message else "") or rec.message
+        reason = f"{why}: {message}" if message else why
+        if node.kind == "stage":
+            ckpt = self._checkpoint(rec, obs)
+            if ckpt is not None:
+                step, notes = ckpt
+                return _Draft("resume", [reason], notes, resume_from=step)
+            if rec.steps_done > 0:
+                return _Draft("rerun", [reason, "no valid checkpoint to resume from"], discard=True)
+        return _Draft("create" if rec.steps_done == 0 else "rerun", [reason], discard=rec.steps_done > 0)
+
+    def _checkpoint(self, rec: NodeRecord, obs: Any) -> tuple[int, list[str]] | None:
+        """The step to resume from: the observed latest valid checkpoint; without a
+        refresh, the recorded progress (flagged as unverified)."""
+        if obs is not None and obs.latest_valid_checkpoint is not None:
+            return obs.latest_valid_checkpoint, []
+        if self.observed.refreshed and obs is not None:
+            return None
+        step = rec.outputs.get("final_step") if isinstance(rec.outputs.get("final_step"), int) else rec.steps_done
+        if step:
+            return int(step), ["checkpoint not verified (plan made without refreshing)"]
+        return None
+
+    def _resume(self, node: Node, rec: NodeRecord, obs: Any, diff: list[FieldChange]) -> _Draft:
+        stage = self.spec.stages[node.name]
+        reasons = _field_reasons(diff, ("resume",)) or ["resume fields changed"]
+        done = rec.outputs.get("final_step") if isinstance(rec.outputs.get("final_step"), int) else rec.steps_done
+        total = self._total_steps(stage)
+        if total is not None and total <= done:
+            return _Draft("no-op", reasons, [f"already at step {done}: the new total {total} needs no more steps"])
+        ckpt = self._checkpoint(rec, obs)
+        if ckpt is None:
+            return _Draft("rerun", [*reasons, "no valid checkpoint to resume from"], discard=True)
+        step, notes = ckpt
+        return _Draft("resume", reasons, notes, resume_from=step)
+
+    def _block(self, node: Node, draft: _Draft) -> _Draft:
+        if draft.action in ("no-op", "delete"):
+            return draft
+        would = f"would {draft.action}" + (f": {'; '.join(draft.reasons)}" if draft.reasons else "")
+        if node.address in self.blocked:
+            return _Draft("blocked", [self.blocked[node.address]], [would, *draft.notes])
+        for d in node.deps:
+            up = self.decided.get(d)
+            if up is not None and up.action == "blocked":
+                return _Draft("blocked", [f"needs {d}, which is blocked"], [would, *draft.notes])
+        return draft
+
+    # -- steps and cost
+
+    def _total_steps(self, stage: SFTStage | RLStage) -> int | None:
+        ds_addr = stage.train
+        dataset = self.spec.datasets.get(ds_addr.partition(".")[2])
+        if dataset is None:
+            return stage.max_steps
+        rec = self.record(ds_addr)
+        fresh = rec is not None and rec.status == "succeeded" and self.intended.get(ds_addr) not in OUTPUT_CHANGING
+        return total_steps(stage, dataset_rows(dataset, rec.outputs if fresh and rec else None))
+
+    def _seconds_per_step(
+        self, stage: SFTStage | RLStage, rec: NodeRecord | None
+    ) -> tuple[float | None, Literal["measured", "spec", "none"]]:
+        if rec is not None and rec.seconds_per_step:
+            return rec.seconds_per_step, "measured"
+        if stage.seconds_per_step:
+            return stage.seconds_per_step, "spec"
+        return None, "none"
+
+    def _estimate(self, stage: SFTStage | RLStage, rec: NodeRecord | None, steps: int) -> Estimate:
+        sps, source = self._seconds_per_step(stage, rec)
+        res = stage.resources
+        if res.gpu is not None and res.gpu not in self.spec.pricing.gpu_hour_usd:
+            self.warnings.append(f"no price for GPU type {res.gpu}: add it to pricing.gpu_hour_usd")
+        return estimate(steps, res, self.spec.pricing, sps, source)
+
+    def _discard(self, rec: NodeRecord, obs: Any) -> tuple[int, float]:
+        steps = max(rec.steps_done, obs.step if obs is not None and obs.step else 0)
+        if rec.gpu_seconds > 0:
+            return steps, round(rec.gpu_seconds / 3600, 4)
+        sps = rec.seconds_per_step or rec.config.get("seconds_per_step") or 0.0
+        res = rec.config.get("resources") or {}
+        gpus = int(res.get("gpus_per_node") or 0) * int(res.get("nodes") or 1)
+        return steps, round(steps * float(sps) * gpus / 3600, 4)
+
+
+def _field_reasons(diff: list[FieldChange], policies: tuple[str, ...], limit: int = 3) -> list[str]:
+    paths = list(dict.fromkeys(c.path for c in diff if c.policy in policies))
+    if not paths:
+        return []
+    shown = ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+    return [f"changed: {shown}"]
+
+
+def _delete(rec: NodeRecord) -> PlannedChange:
+    kind = address_kind(rec.address)
+    if kind == "volume" and rec.config.get("protect"):
+        notes = ["protected volume: kept even with --prune unless --allow-data-loss"]
+    elif kind in ("volume", "dataset", "model", "stage"):
+        notes = ["data kept (--prune deletes it)"]
+    else:
+        notes = []
+    if rec.status == "running":
+        notes.append("its running attempt is cancelled")
+    return PlannedChange(address=rec.address, action="delete", reasons=["removed from the spec"], notes=notes, config=rec.config)
+
+
+def _warnings(spec: Spec, observed: Observed, extra: list[str]) -> list[str]:
+    out: list[str] = []
+    base = spec.image.base
+    if "@" not in base:
+        last = base.rsplit("/", 1)[-1]
+        tag = last.partition(":")[2]
+        if not tag or tag == "latest":
+            out.append(f"image.base {base!r} uses a mutable tag: pin a version or a digest for reproducible builds")
+    if not observed.refreshed:
+        out.append("not refreshed: the plan trusts the recorded state (running calls and checkpoints were not checked)")
+    out += observed.notes
+    out += extra
+    return list(dict.fromkeys(out))
+
