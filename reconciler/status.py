@@ -1,0 +1,215 @@
+"""Status: where every node stands, from recorded state plus what the runtime observes.
+
+Per node (DESIGN.md "Status"): sync (in sync / out of sync / missing) comes from the same
+plan `retool plan` shows, so both agree on what changed and why; health (healthy /
+progressing / failed / lost) from the record and the observed run; plus the fingerprint
+it last ran with and, for stages, step/total, latest valid checkpoint, elapsed time and
+cost so far. `compute_status` is pure; `render_status` draws it with rich.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from reconciler.graph import address_kind
+from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
+from reconciler.spec import Spec
+from reconciler.state.base import LockInfo, NodeRecord, State
+from reconciler.steps import hourly_usd
+
+Sync = Literal["in sync", "out of sync", "missing"]
+Health = Literal["healthy", "progressing", "failed", "lost"]
+FINGERPRINT_CHARS = 12
+
+
+class NodeStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    address: str
+    kind: str
+    sync: Sync
+    health: Health | None = None  # None: nothing exists yet
+    action: str = "no-op"  # what `retool apply` would do
+    reasons: list[str] = Field(default_factory=list)
+    fingerprint: str | None = None  # restart identity it last ran with (short)
+    step: int | None = None
+    total: int | None = None
+    latest_checkpoint: int | None = None
+    invalid_checkpoints: list[str] = Field(default_factory=list)
+    elapsed_s: float | None = None
+    cost_usd: float = 0.0
+    message: str = ""
+
+
+class StatusReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    spec: str
+    spec_name: str
+    backend: str
+    serial: int
+    lineage: str
+    refreshed: bool
+    notes: list[str] = Field(default_factory=list)
+    lock: LockInfo | None = None
+    nodes: list[NodeStatus] = Field(default_factory=list)
+    cost_usd: float = 0.0
+
+    @property
+    def in_sync(self) -> bool:
+        return all(n.sync == "in sync" for n in self.nodes)
+
+
+def _sync(rec: NodeRecord | None, change: PlannedChange | None) -> Sync:
+    if rec is None:
+        return "missing"
+    if change is None or change.action == "no-op":
+        return "in sync"
+    return "out of sync"
+
+
+def _health(rec: NodeRecord | None, seen: ObservedNode | None) -> tuple[Health | None, str]:
+    """Health and the message explaining it."""
+    if rec is None:
+        return None, ""
+    if rec.status == "running" and seen is not None and seen.run_state is not None:
+        if seen.run_state == "running":
+            return "progressing", seen.message or "running"
+        if seen.run_state == "succeeded":
+            return "progressing", "run finished; `retool apply` records its result"
+        if seen.run_state == "lost":
+            return "lost", seen.message or "the run is gone; `retool apply` resumes it from its latest checkpoint"
+        return "failed", seen.message or "the run failed; `retool apply` resumes it from its latest checkpoint"
+    mapping: dict[str, Health | None] = {
+        "succeeded": "healthy", "running": "progressing", "failed": "failed", "lost": "lost",
+        "cancelled": "failed", "pending": None,
+    }
+    return mapping.get(rec.status), rec.message
+
+
+def _elapsed(rec: NodeRecord, now: float) -> float | None:
+    if rec.started_at is None:
+        return None
+    end = now if rec.status == "running" else (rec.finished_at or rec.updated_at)
+    return max(0.0, end - rec.started_at)
+
+
+def _node_status(
+    address: str, rec: NodeRecord | None, change: PlannedChange | None, seen: ObservedNode | None,
+    spec: Spec, now: float,
+) -> NodeStatus:
+    health, message = _health(rec, seen)
+    fields: dict[str, object] = {}
+    if address_kind(address) == "stage":
+        step = seen.step if seen is not None and seen.step is not None else (rec.steps_done if rec else None)
+        total = (rec.total_steps if rec and rec.total_steps is not None else None) or (change.total_steps if change else None)
+        latest = seen.latest_valid_checkpoint if seen is not None else None
+        if latest is None and rec is not None and rec.status == "succeeded":
+            latest = rec.outputs.get("final_step")
+        cost = rec.cost_usd if rec else 0.0
+        elapsed = _elapsed(rec, now) if rec else None
+        name = address.split(".", 1)[1]
+        if rec is not None and rec.status == "running" and rec.run is not None and name in spec.stages:
+            # The running attempt is not accounted in the record until it ends.
+            running_for = max(0.0, now - rec.run.started_at)
+            cost += running_for / 3600 * (hourly_usd(spec.stages[name].resources, spec.pricing) or 0.0)
+        fields.update(
+            step=step, total=total, latest_checkpoint=latest, elapsed_s=elapsed, cost_usd=round(cost, 2),
+            invalid_checkpoints=list(seen.invalid_checkpoints) if seen is not None else [],
+        )
+    if change is not None and change.action == "delete":
+        message = message or "removed from the spec"
+    elif change is not None and change.action == "blocked":
+        message = "; ".join(change.reasons)
+    return NodeStatus(
+        address=address,
+        kind=address_kind(address),
+        sync=_sync(rec, change),
+        health=health,
+        action=change.action if change is not None else "no-op",
+        reasons=list(change.reasons) if change is not None else [],
+        fingerprint=rec.restart_id[:FINGERPRINT_CHARS] if rec and rec.restart_id else None,
+        message=message,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def compute_status(
+    plan: Plan, spec: Spec, state: State | None, observed: Observed, *,
+    lock: LockInfo | None = None, now: float | None = None,
+) -> StatusReport:
+    """One row per node of the plan (spec nodes in order, then removed ones)."""
+    now = time.time() if now is None else now
+    recs = state.nodes if state else {}
+    addresses = [c.address for c in plan.changes]
+    addresses += [a for a in sorted(recs) if a not in addresses]
+    nodes = [
+        _node_status(a, recs.get(a), plan.change(a), observed.nodes.get(a), spec, now) for a in addresses
+    ]
+    return StatusReport(
+        spec=plan.spec, spec_name=plan.spec_name, backend=plan.backend,
+        serial=state.serial if state else 0, lineage=state.lineage if state else "",
+        refreshed=observed.refreshed, notes=list(observed.notes), lock=lock, nodes=nodes,
+        cost_usd=round(sum(n.cost_usd for n in nodes), 2),
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+_SYNC_STYLE = {"in sync": "green", "out of sync": "yellow", "missing": "dim"}
+_HEALTH_STYLE = {"healthy": "green", "progressing": "cyan", "failed": "red", "lost": "magenta"}
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def render_status(report: StatusReport, console: Console) -> None:
+    """The human view of `retool status`."""
+    console.print(
+        f"[bold]{report.spec_name}[/] ({report.backend}) · state serial {report.serial}"
+        + ("" if report.refreshed else " · [yellow]not refreshed[/]")
+    )
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if report.lock is not None:
+        lk = report.lock
+        console.print(f"[yellow]locked[/] by {lk.who} (pid {lk.pid}) running `{lk.command}`, lock {lk.id}")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("address", "sync", "health", "fingerprint", "step", "checkpoint", "elapsed", "cost", "message"):
+        table.add_column(col, no_wrap=col not in ("message",))
+    for n in report.nodes:
+        step = ""
+        if n.kind == "stage" and (n.step is not None or n.total is not None):
+            step = f"{n.step if n.step is not None else '?'}/{n.total if n.total is not None else '?'}"
+        message = n.message
+        if n.invalid_checkpoints:
+            message = (message + "; " if message else "") + "invalid: " + ", ".join(n.invalid_checkpoints)
+        if n.sync != "in sync" and n.reasons and not message:
+            message = "; ".join(n.reasons)
+        table.add_row(
+            n.address,
+            f"[{_SYNC_STYLE[n.sync]}]{n.sync}[/]",
+            f"[{_HEALTH_STYLE[n.health]}]{n.health}[/]" if n.health else "-",
+            n.fingerprint or "-",
+            step,
+            "" if n.latest_checkpoint is None else f"step {n.latest_checkpoint}",
+            format_duration(n.elapsed_s),
+            f"${n.cost_usd:,.2f}" if n.kind == "stage" and n.cost_usd else "",
+            message,
+        )
+    console.print(table)
+    if report.cost_usd:
+        console.print(f"cost so far: ${report.cost_usd:,.2f}")
