@@ -413,7 +413,7 @@ class _Engine:
         self.emit(ApplyEvent(kind="note", address=node.address, message=rec.message, step=resume_from, total=total))
         done = self._follow(node, rec, fp)
         if done is None:
-            return "running", "launched; still running (--no-wait)"
+            raise _NodeFailed(rec.message)
         return done
 
     def _follow(self, node: Node, rec: NodeRecord, fp: Fingerprints) -> tuple[Result, str] | None:

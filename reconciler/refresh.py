@@ -1,0 +1,111 @@
+"""Refresh: observe reality through a Runtime (STYLE.md #7), then plan from it.
+
+`observe` polls recorded runs and reads checkpoints from the stages' volumes; it never
+fails a plan: whatever it cannot see (no credentials, backend unreachable, backend not
+installed) becomes a note and `refreshed=False`, and the plan is made from recorded state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconciler.backends import get_runtime
+from reconciler.errors import RetoolError
+from reconciler.graph import Graph, address_kind, build_graph
+from reconciler.loader import LoadedSpec
+from reconciler.plan import Observed, ObservedNode, Plan, make_plan
+from reconciler.state.base import NodeRecord, State
+from runtime.base import Runtime
+
+
+def _why(err: Exception) -> str:
+    return err.summary if isinstance(err, RetoolError) else f"{type(err).__name__}: {err}"
+
+
+def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tuple[ObservedNode, list[str]]:
+    """What the backend sees of one stage: its run (if one is recorded as running) and
+    its checkpoints under the restart identity it was launched with."""
+    notes: list[str] = []
+    fields: dict[str, object] = {}
+    name = rec.address.split(".", 1)[1]
+    if rec.status == "running" and rec.run is not None:
+        try:
+            status = runtime.poll_stage(rec.run)
+            fields.update(run_state=status.state, step=status.step, message=status.message)
+        except (RetoolError, OSError) as err:
+            notes.append(f"{rec.address}: cannot observe its run ({_why(err)}); shown as recorded")
+    if rec.restart_id and name in loaded.spec.stages:
+        try:
+            found = runtime.discover_checkpoints(loaded.spec, name, rec.restart_id)
+            valid = [c.step for c in found if c.valid and c.restart_id in (None, rec.restart_id)]
+            fields["latest_valid_checkpoint"] = max(valid) if valid else None
+            fields["invalid_checkpoints"] = [
+                f"global_step_{c.step}: {c.reason or 'invalid'}" for c in sorted(found, key=lambda c: c.step) if not c.valid
+            ]
+        except (RetoolError, OSError) as err:
+            notes.append(f"{rec.address}: cannot read its checkpoints ({_why(err)})")
+    return ObservedNode(**fields), notes  # type: ignore[arg-type]
+
+
+def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) -> Observed:
+    """Observed reality for every recorded stage (volumes and data are trusted as recorded)."""
+    if runtime is None:
+        return Observed(refreshed=False, notes=["refresh skipped: planned from recorded state"])
+    nodes: dict[str, ObservedNode] = {}
+    notes: list[str] = []
+    for address, rec in sorted((state.nodes if state else {}).items()):
+        if address_kind(address) != "stage":
+            continue
+        node, problems = observe_stage(loaded, rec, runtime)
+        nodes[address] = node
+        notes.extend(problems)
+    return Observed(nodes=nodes, refreshed=not notes, notes=notes)
+
+
+def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> tuple[dict[str, str], list[str]]:
+    """Nodes this backend cannot run, with the reason (plan shows them `blocked`)."""
+    if runtime is None:
+        return {}, []
+    blocked: dict[str, str] = {}
+    notes: list[str] = []
+    for address in graph.order():
+        try:
+            reason = runtime.blocked_reason(loaded.spec, address)
+        except (RetoolError, OSError) as err:
+            notes.append(f"{address}: cannot check whether the backend can run it ({_why(err)})")
+            continue
+        if reason:
+            blocked[address] = reason
+    return blocked, notes
+
+
+def open_runtime(loaded: LoadedSpec, state_dir: str | Path) -> tuple[Runtime | None, list[str]]:
+    """The spec's runtime, or None plus why (plan goes on from recorded state)."""
+    try:
+        return get_runtime(loaded.spec, state_dir), []
+    except RetoolError as err:
+        return None, [f"backend {loaded.spec.backend} unavailable ({err.summary}); planned from recorded state"]
+
+
+def refresh_and_plan(
+    loaded: LoadedSpec,
+    state: State | None,
+    runtime: Runtime | None,
+    *,
+    refresh: bool = True,
+    targets: set[str] | None = None,
+    replace: set[str] | None = None,
+    notes: list[str] | None = None,
+) -> Plan:
+    """Observe (unless `refresh` is off), then make the plan. `notes` (e.g. why there is
+    no runtime) are carried into the plan's warnings."""
+    graph = build_graph(loaded.spec)
+    observed = observe(loaded, state, runtime if refresh else None)
+    blocked, block_notes = blocked_nodes(loaded, graph, runtime)
+    extra = [*(notes or []), *block_notes]
+    if extra:
+        observed = observed.model_copy(update={"notes": [*extra, *observed.notes], "refreshed": False})
+    return make_plan(
+        loaded.spec, state, observed, blocked=blocked, replace=replace or set(), targets=targets,
+        spec_path=loaded.path,
+    )
