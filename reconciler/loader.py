@@ -48,7 +48,7 @@ def parse_spec_text(text: str, filename: str = "<spec>") -> Spec:
     """Validate spec text; `filename` only labels the error lines."""
     problems: list[tuple[Pos, str, str]] = []  # (position, field path, message)
     if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
-        raise SpecError(filename, [f"{filename}:1:1: the spec is empty (expected a mapping with at least `name:`)"])
+        raise SpecError(filename, [f"{filename}:1:1 the spec is empty (expected a mapping with at least `name:`)"])
     parsed = parse_yaml(text)
     for yp in parsed.problems:
         problems.append((yp.pos, _dotted(yp.path), yp.message))
@@ -161,6 +161,11 @@ def _schema_problem(parsed: ParsedYaml, e: Any) -> tuple[Pos, str, str]:
         msg = f"{msg} (got {e['input']!r}){suggest(e['input'], expected)}"
     elif "input" in e and etype not in ("value_error", "assertion_error", "stage_kind", "model_type", "dict_type"):
         msg = f"{msg} (got {_short(e['input'])})"
+    if etype == "value_error":
+        target = _get(parsed.data, path)
+        named = [k for k in target if f"{k!r}" in msg] if isinstance(target, dict) else []
+        if len(named) == 1:  # a validator over a whole mapping that names one key: point at it
+            path = (*path, named[0])
     if etype == "stage_kind":
         kind = e["input"].get("kind") if isinstance(e["input"], dict) else None
         if isinstance(kind, str):

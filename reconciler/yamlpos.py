@@ -54,9 +54,12 @@ def _pos(mark: Any) -> Pos:
     return Pos(line=mark.line + 1, col=mark.column + 1)
 
 
-def _scanner_message(err: yaml.MarkedYAMLError) -> str:
+def _scanner_message(err: yaml.MarkedYAMLError, text: str, pos: Pos) -> str:
     problem = err.problem or str(err)
-    if "'\\t'" in problem or "\t" in problem:
+    lines = text.splitlines()
+    line = lines[pos.line - 1] if 0 < pos.line <= len(lines) else ""
+    indent = line[: len(line) - len(line.lstrip())]
+    if "\t" in indent or line[pos.col - 1 : pos.col] == "\t" or "tab" in problem:
         return "tab character: YAML indentation must use spaces"
     context = f" ({err.context})" if err.context else ""
     return f"invalid YAML: {problem}{context}"
@@ -69,8 +72,10 @@ def parse_yaml(text: str) -> ParsedYaml:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
+        if err.context_mark is not None and "end of stream" in (err.problem or ""):
+            mark = err.context_mark  # an unclosed quote or bracket: point at where it opened
         pos = _pos(mark) if mark is not None else Pos(line=1, col=1)
-        out.problems.append(YamlProblem(pos=pos, message=_scanner_message(err)))
+        out.problems.append(YamlProblem(pos=pos, message=_scanner_message(err, text, pos)))
         return out
     except yaml.YAMLError as err:  # e.g. more than one document
         out.problems.append(YamlProblem(pos=Pos(line=1, col=1), message=f"invalid YAML: {err}"))

@@ -1,0 +1,199 @@
+"""Views of a plan: rich text for people, JSON for machines, Markdown for PR comments.
+
+The plan is data (reconciler/plan.py); these functions only format it (STYLE.md #1).
+Text is built from `rich.text.Text` pieces, never markup strings, so spec values such as
+`image.pip[2]` are never read as rich markup.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from reconciler.plan import Plan, PlannedChange
+from reconciler.steps import Estimate
+
+SYMBOL = {
+    "create": "+", "update": "~", "resume": ">", "rerun": "-/+", "no-op": "=", "delete": "-", "blocked": "!",
+}
+STYLE = {
+    "create": "green", "update": "yellow", "resume": "cyan", "rerun": "magenta", "no-op": "dim",
+    "delete": "red", "blocked": "bold red",
+}
+ORDER = ("create", "update", "resume", "rerun", "delete", "blocked")
+RUNS = frozenset({"create", "rerun", "resume"})
+
+
+# --------------------------------------------------------------------------- shared wording
+
+
+def summary_line(plan: Plan) -> str:
+    counts = plan.counts()
+    parts = [f"{counts[a]} to {a}" for a in ORDER if counts.get(a) and a != "blocked"]
+    if counts.get("blocked"):
+        parts.append(f"{counts['blocked']} blocked")
+    unchanged = counts.get("no-op", 0)
+    if not parts:
+        return f"No changes: all {unchanged} nodes are in sync."
+    return f"Plan: {', '.join(parts)}, {unchanged} unchanged."
+
+
+def money(usd: float) -> str:
+    return f"${usd:,.2f}"
+
+
+def hours(h: float) -> str:
+    return f"{h:,.1f} GPU-h"
+
+
+def gpu_text(config: dict[str, Any]) -> str:
+    res = config.get("resources") or {}
+    if not res.get("gpu"):
+        return "CPU"
+    text = f"{res['gpu']}:{res.get('gpus_per_node', 0)}"
+    nodes = int(res.get("nodes") or 1)
+    return f"{text} x {nodes} nodes" if nodes > 1 else text
+
+
+def estimate_text(change: PlannedChange) -> str | None:
+    est = change.estimate
+    if change.action not in RUNS or est.steps <= 0:
+        return None
+    on = gpu_text(change.config)
+    if est.seconds_per_step is None:
+        return f"{est.steps} steps on {on} (no seconds_per_step: cost unknown)"
+    segs = f", {est.segments} segment{'s' if est.segments != 1 else ''}"
+    return (
+        f"{est.steps} steps × {est.seconds_per_step:g} s/step ({est.source}) on {on}"
+        f" ≈ {hours(est.gpu_hours)}, {money(est.usd)}{segs}"
+    )
+
+
+def detail_lines(change: PlannedChange) -> list[str]:
+    """The indented lines under a node: field diffs, resume point, discards, estimate, notes."""
+    lines = list(change.diff)
+    if change.action == "resume" and change.resume_from is not None:
+        of = f" of {change.total_steps}" if change.total_steps is not None else ""
+        lines.append(f"resume from step {change.resume_from}{of}")
+    if change.action == "rerun" and change.discard_steps:
+        lines.append(f"discards {change.discard_steps} finished steps ({hours(change.discard_gpu_hours)})")
+    est = estimate_text(change)
+    if est:
+        lines.append(f"estimate: {est}")
+    lines += [f"note: {n}" for n in change.notes]
+    return lines
+
+
+def total_line(total: Estimate) -> str:
+    if total.steps <= 0:
+        return "Estimate: nothing to run."
+    return f"Estimate: {hours(total.gpu_hours)}, {money(total.usd)} for {total.steps} steps."
+
+
+# --------------------------------------------------------------------------- rich text
+
+
+def render_plan(plan: Plan, console: Console, *, show_unchanged: bool = True) -> None:
+    """One line per node (symbol, action, address, reasons), details indented, totals."""
+    serial = f"state serial {plan.serial}" if plan.lineage else "no recorded state"
+    console.print(Text(f"retool plan · {plan.spec_name} ({plan.backend}) · {serial}", style="bold"))
+    console.print()
+    shown = [c for c in plan.changes if show_unchanged or c.action != "no-op" or c.notes]
+    width = max((len(c.address) for c in shown), default=0)
+    for change in shown:
+        style = STYLE[change.action]
+        line = Text("  ")
+        line.append(f"{SYMBOL[change.action]:>3} {change.action:<7} ", style=style)
+        address_style = "bold" if change.action != "no-op" else "dim"
+        if change.reasons:
+            line.append(change.address.ljust(width), style=address_style)
+            line.append("  " + "; ".join(change.reasons), style="dim" if change.action == "no-op" else "")
+        else:
+            line.append(change.address, style=address_style)
+        console.print(line)
+        for detail in detail_lines(change):
+            style = "yellow" if detail.startswith("note:") else ""
+            console.print(Text("        " + detail, style=style))
+    console.print()
+    console.print(Text(summary_line(plan), style="bold"))
+    console.print(Text(total_line(plan.total)))
+    for warning in plan.warnings:
+        console.print(Text(f"warning: {warning}", style="yellow"))
+
+
+def plan_text(plan: Plan, *, width: int = 100) -> str:
+    """The rich rendering as plain text (no colour): golden files, logs, `--out` previews."""
+    console = Console(width=width, color_system=None, force_terminal=False, record=True, file=_Null())
+    render_plan(plan, console)
+    return console.export_text(styles=False)
+
+
+class _Null:
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def plan_json(plan: Plan) -> str:
+    """`{"spec", "serial", "changes": [{"address", "action", "reasons", "diff", "resume_from", ...}], ...}`,
+    plus `has_changes` and per-action `summary` counts. `plan_from_json` reads it back."""
+    data = plan.model_dump(mode="json")
+    data["has_changes"] = plan.has_changes
+    data["summary"] = plan.counts()
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def plan_from_json(text: str) -> Plan:
+    """A saved plan (`retool plan --out FILE`); extra keys (`summary`) are ignored."""
+    return Plan.model_validate_json(text)
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def plan_markdown(plan: Plan) -> str:
+    """A PR comment: summary, a table of the nodes that change, their diffs, warnings."""
+    out = [f"### retool plan: `{plan.spec_name}` ({plan.backend})", ""]
+    est = "" if plan.total.steps <= 0 else f" · estimate **{hours(plan.total.gpu_hours)}, {money(plan.total.usd)}**"
+    out += [f"**{summary_line(plan)}**{est}", ""]
+    changed = [c for c in plan.changes if c.action != "no-op" or c.notes]
+    if changed:
+        out += ["| | Address | Action | Why | Estimate |", "|---|---|---|---|---|"]
+        for c in changed:
+            action = c.action
+            if c.action == "resume" and c.resume_from is not None:
+                action += f" from step {c.resume_from}"
+            if c.action == "rerun" and c.discard_steps:
+                action += f" (discards {c.discard_steps} steps)"
+            cost = "" if c.action not in RUNS or c.estimate.steps <= 0 else (
+                f"{c.estimate.steps} steps, {hours(c.estimate.gpu_hours)}, {money(c.estimate.usd)}"
+            )
+            out.append(
+                f"| `{SYMBOL[c.action]}` | `{c.address}` | {_cell(action)} | {_cell('; '.join(c.reasons))} | {cost} |"
+            )
+        out.append("")
+    details = [(c, [d for d in detail_lines(c) if not d.startswith("estimate:")]) for c in changed]
+    details = [(c, lines) for c, lines in details if lines]
+    if details:
+        out += ["<details><summary>Details</summary>", "", "```"]
+        for c, lines in details:
+            out.append(f"{SYMBOL[c.action]} {c.address}")
+            out += [f"    {line}" for line in lines]
+        out += ["```", "", "</details>", ""]
+    for warning in plan.warnings:
+        out.append(f"> **warning:** {_cell(warning)}")
+    if plan.warnings:
+        out.append("")
+    return "\n".join(out)
