@@ -371,7 +371,7 @@ class _Engine:
                 if done is not None and not (action == "resume" and more is not None and more > rec.steps_done):
                     return done
                 if done is None and action in ("no-op", "update"):
-                    raise _NodeFailed(rec.message or f"run {rec.status}")
+                    raise _NodeFailed(rec.message or f"run {rec.status}", keep_status=True)
                 # planned to (re)launch: resume from its checkpoints (more steps, or after a failure)
         if action == "update":
             self._record_config(node, fp)
@@ -413,7 +413,7 @@ class _Engine:
         self.emit(ApplyEvent(kind="note", address=node.address, message=rec.message, step=resume_from, total=total))
         done = self._follow(node, rec, fp)
         if done is None:
-            raise _NodeFailed(rec.message)
+            raise _NodeFailed(rec.message, keep_status=True)  # _follow recorded failed or lost
         return done
 
     def _follow(self, node: Node, rec: NodeRecord, fp: Fingerprints) -> tuple[Result, str] | None:
