@@ -1,0 +1,168 @@
+"""Per-step metrics from a trainer's stdout, a metrics.jsonl file, and a sparkline.
+
+verl's console logger prints one line per step:
+
+    step:12 - train/loss:0.84 - train/grad_norm:1.9 - train/lr:1e-05 - ...
+
+often glued to a tqdm bar on the same line (tqdm ends with `\\r`, not a newline), and in
+RL prefixed by Ray's `(TaskRunner pid=…)`. Values are `pprint` reprs, so numpy scalars
+arrive as `np.float64(0.5)`. Several lines may carry the same step (validation metrics
+are logged separately); they merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+STEP_LINE = re.compile(r"(?:^|[\s\]|)])step:(\d+) - (.+)$")
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)\b", re.IGNORECASE)
+WANDB_URL = re.compile(r"https://(?:[\w.-]*\.)?wandb\.ai/\S+/runs/[\w-]+")
+SPARK = "▁▂▃▄▅▆▇█"
+
+# What `status` shows first, when present: SFT loss, RL reward and tool use.
+HEADLINE_KEYS = (
+    "train/loss", "val/loss", "train/grad_norm", "train/lr",
+    "critic/score/mean", "critic/rewards/mean", "val-core/aime_2024/acc/mean@30",
+    "response_length/mean", "num_turns/mean", "actor/pg_loss", "actor/grad_norm",
+)
+
+
+class MetricRecord(BaseModel):
+    step: int
+    values: dict[str, float] = Field(default_factory=dict)
+
+
+def _number(text: str) -> float | None:
+    """A metric value: plain number, or a repr such as `np.float64(0.5)` / `tensor(0.5)`."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    m = NUMBER.search(text.split("(", 1)[1]) if "(" in text else None
+    if m is None:
+        return None
+    try:
+        return float(m.group(0))
+    except ValueError:
+        return None
+
+
+def parse_line(line: str) -> MetricRecord | None:
+    """The metrics on one console line, or None if it carries no `step:N - ...`."""
+    m = STEP_LINE.search(line.rstrip())
+    if not m:
+        return None
+    values: dict[str, float] = {}
+    for part in m.group(2).split(" - "):
+        key, sep, raw = part.rpartition(":")
+        if not sep or not key:
+            continue
+        value = _number(raw)
+        if value is not None:
+            values[key.strip()] = value
+    return MetricRecord(step=int(m.group(1)), values=values)
+
+
+def parse_text(text: str) -> list[MetricRecord]:
+    """All step records in a log, one per step, in step order (same-step lines merged)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for line in re.split(r"[\r\n]+", text):
+        if "step:" not in line:
+            continue
+        rec = parse_line(line)
+        if rec is not None:
+            by_step.setdefault(rec.step, {}).update(rec.values)
+    return [MetricRecord(step=s, values=v) for s, v in sorted(by_step.items())]
+
+
+def last_step(text: str) -> int | None:
+    """The highest step the trainer reported."""
+    steps = [int(m.group(1)) for line in re.split(r"[\r\n]+", text) if (m := STEP_LINE.search(line.rstrip()))]
+    return max(steps) if steps else None
+
+
+def wandb_url(text: str) -> str | None:
+    found = WANDB_URL.findall(text)
+    return found[-1] if found else None
+
+
+def sync_file(log_path: Path, out_path: Path) -> list[MetricRecord]:
+    """Parse `log_path` and (re)write `out_path` as JSON lines `{"step", ...metrics}`
+    when they changed. Returns the records."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    records = parse_text(text)
+    body = "".join(json.dumps({"step": r.step, **r.values}, sort_keys=True) + "\n" for r in records)
+    try:
+        if out_path.exists() and out_path.read_text() == body:
+            return records
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
+        tmp.write_text(body)
+        os.replace(tmp, out_path)
+    except OSError:
+        pass  # metrics are a convenience; never fail a poll over them
+    return records
+
+
+def read_file(path: Path) -> list[MetricRecord]:
+    """Records from a metrics.jsonl file (bad lines skipped)."""
+    out: list[MetricRecord] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            row = json.loads(line)
+            step = int(row.pop("step"))
+            out.append(MetricRecord(step=step, values={k: float(v) for k, v in row.items()}))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def latest(records: list[MetricRecord]) -> dict[str, float]:
+    """Each metric's most recent value."""
+    out: dict[str, float] = {}
+    for r in records:
+        out.update(r.values)
+    return out
+
+
+def headline(records: list[MetricRecord]) -> dict[str, float]:
+    """The latest values of the metrics `status` shows first."""
+    values = latest(records)
+    return {k: values[k] for k in HEADLINE_KEYS if k in values}
+
+
+def series(records: list[MetricRecord], key: str) -> list[float]:
+    return [r.values[key] for r in records if key in r.values and math.isfinite(r.values[key])]
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    """A one-line chart of `values`, squeezed into at most `width` buckets (each the mean of its slice)."""
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return ""
+    if len(vals) > width:
+        size = len(vals) / width
+        vals = [
+            sum(chunk) / len(chunk)
+            for i in range(width)
+            if (chunk := vals[int(i * size): max(int((i + 1) * size), int(i * size) + 1)])
+        ]
+    lo, hi = min(vals), max(vals)
+    if hi == lo:
+        return SPARK[len(SPARK) // 2] * len(vals)
+    scale = (len(SPARK) - 1) / (hi - lo)
+    return "".join(SPARK[int(round((v - lo) * scale))] for v in vals)
