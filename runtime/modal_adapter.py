@@ -385,6 +385,8 @@ class SdkAdapter:
             "volumes": {path: volumes[name] for path, name in fn.volumes.items()},
             "secrets": [modal.Secret.from_name(s) for s in fn.secrets],
         }
+        if fn.env:
+            kwargs["env"] = dict(fn.env)  # non-secret settings only (the SDK ships them as a dict secret)
         if fn.gpu is not None:
             kwargs["gpu"] = fn.gpu
         if fn.cpu is not None:

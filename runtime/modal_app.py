@@ -72,6 +72,7 @@ class FunctionSpec(Frozen):
     retries: int = 0
     volumes: dict[str, str] = Field(default_factory=dict)  # mount path -> Modal volume name
     secrets: list[str] = Field(default_factory=list)  # Modal secret names
+    env: dict[str, str] = Field(default_factory=dict)  # non-secret settings for the entry point
     cluster_size: int | None = None  # `@modal.clustered(size=N)` when nodes > 1
     web: bool = False  # `@modal.asgi_app()`
     concurrent_inputs: int | None = None  # `@modal.concurrent(max_inputs=N)`
@@ -316,13 +317,26 @@ def build_app_definition(spec: Spec) -> AppDefinition:
         functions.append(FunctionSpec(
             name=SANDBOX_FUNCTION, entry="sandbox_web", cpu=sb.cpu, memory_mb=sb.memory_mb, timeout_s=3600,
             secrets=_modal_secret_names(spec, [sb.token_secret] if sb.token_secret else []),
-            web=True, concurrent_inputs=sb.max_queue + (sb.workers or int(sb.cpu)),
+            env=sandbox_env(spec), web=True, concurrent_inputs=sb.max_queue + (sb.workers or int(sb.cpu)),
             min_containers=sb.replicas, max_containers=sb.replicas,
         ))
     return AppDefinition(
         app_name=app_name(spec), environment=spec.modal.environment, image=image_steps(spec.image),
         functions=functions,
     )
+
+
+def sandbox_env(spec: Spec) -> dict[str, str]:
+    """Non-secret settings of the service sandbox, read by `runtime.modal_worker.sandbox_web`."""
+    sb = spec.sandbox
+    assert sb is not None
+    env = {
+        "RETOOL_SANDBOX_SETTINGS": json.dumps(sb.model_dump(mode="json"), sort_keys=True),
+    }
+    token_var = sandbox_token_env(spec)
+    if token_var:
+        env["RETOOL_SANDBOX_TOKEN_VAR"] = token_var
+    return env
 
 
 def sandbox_token_env(spec: Spec) -> str | None:

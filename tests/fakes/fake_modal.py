@@ -1,0 +1,349 @@
+"""An in-memory Modal behind the `runtime.modal_adapter.ModalAdapter` protocol.
+
+It models what retool relies on, with Modal's own rules (MODAL.md):
+
+- credentials: with no token every remote call raises `TerminalError` at once (the SDK's
+  AuthError, translated the way `SdkAdapter` does); `reachable=False` makes every remote
+  call raise `ModalUnreachable` (what `SdkAdapter`'s deadline raises);
+- volumes: trees of files (`{path: bytes}`, directories implied by paths); `listdir` of a
+  missing path raises FileNotFoundError, `remove` of a non-empty directory needs
+  `recursive`; operations on a volume that does not exist raise FileNotFoundError;
+- dicts: `put(skip_if_exists=True)` is an atomic put-if-absent; entries expire after
+  7 days without a read or write (clock injectable);
+- deploy: rejects what Modal's servers reject — build steps after `add_local_python_source`,
+  unknown GPU types, timeouts over 24 h, bad function names, secrets or volumes that do not
+  exist; it records every definition deployed;
+- calls: `spawn` needs a deployed app and function and returns an `fc-…` id; a call runs
+  until the test finishes it (`complete`, `fail`, `preempt`...) or a registered handler
+  (the container's behaviour) returns; `poll` is `get(timeout=0)`: running, succeeded,
+  failed, cancelled, or expired (results expire; unknown ids read as expired);
+- the container side (reload, commit, cluster info, current call id) is recorded.
+
+Fidelity limits: no image is built (steps are checked, not run); a spawned call does not
+run the real worker unless a handler does; volume writes from a "container" are visible at
+once (no per-container view until commit); no logs; no web traffic reaches web endpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from reconciler.errors import TerminalError
+from reconciler.spec import GPU_TYPES
+from runtime.modal_adapter import LOGIN_HINT, CallOutcome, ModalUnreachable, VolumeEntry
+from runtime.modal_app import AppDefinition
+
+DICT_TTL_S = 7 * 24 * 3600
+FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
+GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9-]+!?)(:(?P<count>\d+))?$")
+
+
+class FakeModalError(Exception):
+    """What the SDK would raise for a request Modal's servers reject (InvalidError, NotFoundError)."""
+
+
+class _Running:
+    """A handler returns RUNNING to leave its call running."""
+
+
+RUNNING = _Running()
+
+
+@dataclass
+class FakeCall:
+    call_id: str
+    app_name: str
+    function: str
+    payload: dict[str, Any]
+    env: dict[str, str]  # what the container would see from its secrets
+    state: Literal["running", "succeeded", "failed", "cancelled", "expired"] = "running"
+    result: Any = None
+    error: str = ""
+    attempts: int = 1
+
+
+Handler = Callable[[FakeCall, "FakeModal"], Any]
+
+
+@dataclass
+class FakeModal:
+    token: bool = True
+    reachable: bool = True
+    workspace: str = "acme"
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # Modal secret name -> values
+    rates: dict[str, float] | None = None  # billing rates (USD/GPU-hour); None: the API is unavailable
+    clock: Callable[[], float] = field(default=lambda: 0.0)
+    call_id_in_container: str | None = None
+    cluster: tuple[int, list[str]] = (0, [])
+
+    volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    dicts: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # key -> (value, last access)
+    deployed: dict[str, AppDefinition] = field(default_factory=dict)
+    deploys: list[AppDefinition] = field(default_factory=list)
+    calls: dict[str, FakeCall] = field(default_factory=dict)
+    handlers: dict[str, Handler] = field(default_factory=dict)  # function name -> container behaviour
+    ops: list[tuple[str, ...]] = field(default_factory=list)  # every adapter call, in order
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _remote(self, *op: str) -> None:
+        self.ops.append(op)
+        if not self.token:
+            raise TerminalError(self.credentials_problem() or "", "", LOGIN_HINT)
+        if not self.reachable:
+            raise ModalUnreachable(f"Modal did not answer within 20 s ({op[0]})")
+
+    def ops_named(self, name: str) -> list[tuple[str, ...]]:
+        return [op for op in self.ops if op[0] == name]
+
+    # ----------------------------------------------------------------- credentials
+
+    def credentials_problem(self) -> str | None:
+        return None if self.token else "No Modal credentials: no token in MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml"
+
+    def check_connection(self, timeout_s: float = 20.0) -> None:
+        self._remote("check_connection")
+
+    # ----------------------------------------------------------------- volumes
+
+    def _vol(self, name: str) -> dict[str, bytes]:
+        if name not in self.volumes:
+            raise FileNotFoundError(f"volume {name} not found")
+        return self.volumes[name]
+
+    def volume_exists(self, name: str, *, env: str | None = None) -> bool:
+        self._remote("volume_exists", name)
+        return name in self.volumes
+
+    def create_volume(self, name: str, *, env: str | None = None) -> bool:
+        self._remote("create_volume", name)
+        if name in self.volumes:
+            return False
+        self.volumes[name] = {}
+        return True
+
+    def delete_volume(self, name: str, *, env: str | None = None) -> bool:
+        self._remote("delete_volume", name)
+        return self.volumes.pop(name, None) is not None
+
+    def listdir(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> list[VolumeEntry]:
+        self._remote("listdir", volume, path)
+        files = self._vol(volume)
+        prefix = path.strip("/")
+        if prefix and prefix in files:  # a file: its own entry
+            return [VolumeEntry(path=prefix, is_dir=False, size=len(files[prefix]))]
+        entries: dict[str, VolumeEntry] = {}
+        for fpath, data in files.items():
+            if prefix and not fpath.startswith(prefix + "/"):
+                continue
+            rel = PurePosixPath(fpath[len(prefix) + 1:] if prefix else fpath)
+            parts = rel.parts
+            depth = len(parts) if recursive else 1
+            for i in range(1, min(depth, len(parts)) + 1):
+                sub = "/".join(parts[:i])
+                full = f"{prefix}/{sub}" if prefix else sub
+                is_dir = i < len(parts)
+                entries.setdefault(full, VolumeEntry(path=full, is_dir=is_dir, size=0 if is_dir else len(data)))
+        if prefix and not entries:
+            raise FileNotFoundError(f"{volume}:{path}")
+        return sorted(entries.values(), key=lambda e: e.path)
+
+    def read_file(self, volume: str, path: str, *, env: str | None = None) -> bytes:
+        self._remote("read_file", volume, path)
+        files = self._vol(volume)
+        key = path.strip("/")
+        if key not in files:
+            raise FileNotFoundError(f"{volume}:{path}")
+        return files[key]
+
+    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+        self._remote("put_files", volume, *sorted(files))
+        target = self._vol(volume)
+        for remote, data in files.items():
+            key = remote.strip("/")
+            if isinstance(data, Path):
+                if data.is_dir():
+                    for f in sorted(data.rglob("*")):
+                        if f.is_file():
+                            target[f"{key}/{f.relative_to(data).as_posix()}"] = f.read_bytes()
+                    continue
+                data = data.read_bytes()
+            target[key] = bytes(data)
+
+    def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
+        self._remote("remove", volume, path)
+        files = self._vol(volume)
+        key = path.strip("/")
+        under = [f for f in files if f.startswith(key + "/")]
+        if under and not recursive:
+            raise FakeModalError(f"InvalidError: {path} is a non-empty directory (pass recursive=True)")
+        for f in under:
+            del files[f]
+        files.pop(key, None)
+
+    # test helpers (not part of the protocol)
+    def write(self, volume: str, path: str, data: bytes | str) -> None:
+        self.volumes.setdefault(volume, {})[path.strip("/")] = data.encode() if isinstance(data, str) else data
+
+    def tree(self, volume: str) -> list[str]:
+        return sorted(self.volumes.get(volume, {}))
+
+    # ----------------------------------------------------------------- dicts
+
+    def _entries(self, name: str) -> dict[str, tuple[str, float]]:
+        entries = self.dicts.setdefault(name, {})
+        now = self.clock()
+        for key in [k for k, (_, t) in entries.items() if now - t > DICT_TTL_S]:
+            del entries[key]  # idle entries expire (Modal: 7 days without a read or write)
+        return entries
+
+    def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False, env: str | None = None) -> bool:
+        self._remote("dict_put", name, key)
+        entries = self._entries(name)
+        if skip_if_exists and key in entries:
+            return False
+        entries[key] = (str(value), self.clock())
+        return True
+
+    def dict_get(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        self._remote("dict_get", name, key)
+        entries = self._entries(name)
+        if key not in entries:
+            return None
+        value, _ = entries[key]
+        entries[key] = (value, self.clock())
+        return value
+
+    def dict_pop(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        self._remote("dict_pop", name, key)
+        item = self._entries(name).pop(key, None)
+        return None if item is None else item[0]
+
+    # ----------------------------------------------------------------- app
+
+    def deploy(self, definition: AppDefinition) -> None:
+        self._remote("deploy", definition.app_name)
+        self._validate(definition)
+        self.deployed[definition.app_name] = definition
+        self.deploys.append(definition)
+
+    def _validate(self, d: AppDefinition) -> None:
+        ops = [s.op for s in d.image]
+        if not ops or ops[0] != "from_registry":
+            raise FakeModalError("InvalidError: the image chain must start from a registry image")
+        if "add_local_python_source" in ops and ops.index("add_local_python_source") != len(ops) - 1:
+            raise FakeModalError(
+                "InvalidError: An image tried to run a build step after using `image.add_local_*` to include local files"
+            )
+        for fn in d.functions:
+            if not FUNCTION_NAME_RE.match(fn.name):
+                raise FakeModalError(f"InvalidError: invalid function name {fn.name!r}")
+            if fn.timeout_s > 86400:
+                raise FakeModalError(f"InvalidError: timeout {fn.timeout_s}s of {fn.name} exceeds 24 hours")
+            for gpu in [fn.gpu] if isinstance(fn.gpu, str) else (fn.gpu or []):
+                m = GPU_RE.match(gpu)
+                if not m or m.group("type") not in GPU_TYPES:
+                    raise FakeModalError(f"InvalidError: unknown GPU type {gpu!r}")
+            for secret in fn.secrets:
+                if secret not in self.secrets:
+                    raise FakeModalError(f"NotFoundError: Secret {secret!r} not found")
+            for name in fn.volumes.values():
+                if name not in self.volumes:
+                    raise FakeModalError(f"NotFoundError: Volume {name!r} not found")
+
+    def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
+        self._remote("spawn", app_name, function)
+        app = self.deployed.get(app_name)
+        if app is None:
+            raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
+        fn = app.function(function)
+        values: dict[str, str] = {}
+        for secret in fn.secrets:
+            values.update(self.secrets[secret])
+        call = FakeCall(f"fc-{next(self._ids):06d}", app_name, function, payload, {**fn.env, **values})
+        self.calls[call.call_id] = call
+        self._run_handler(call)
+        return call.call_id
+
+    def _run_handler(self, call: FakeCall) -> None:
+        handler = self.handlers.get(call.function)
+        if handler is None:
+            return
+        try:
+            value = handler(call, self)
+        except Exception as exc:  # noqa: BLE001 - the container's failure
+            call.state, call.error = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        if not isinstance(value, _Running):
+            call.state, call.result = "succeeded", value
+
+    def _call(self, call_id: str) -> FakeCall | None:
+        return self.calls.get(call_id)
+
+    def poll(self, call_id: str) -> CallOutcome:
+        self._remote("poll", call_id)
+        call = self._call(call_id)
+        if call is None:
+            return CallOutcome(state="expired", error="unknown call id")
+        return CallOutcome(state=call.state, result=call.result, error=call.error)
+
+    def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
+        return self.poll(call_id)
+
+    def cancel(self, call_id: str) -> None:
+        self._remote("cancel", call_id)
+        call = self._call(call_id)
+        if call is not None and call.state == "running":
+            call.state, call.error = "cancelled", "cancelled"
+
+    def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
+        self._remote("web_url", app_name, function)
+        app = self.deployed.get(app_name)
+        if app is None or not app.function(function).web:
+            raise FakeModalError(f"NotFoundError: {app_name}.{function} is not a deployed web function")
+        return f"https://{self.workspace}--{app_name}-{function}.modal.run"
+
+    def gpu_rates(self) -> dict[str, float]:
+        self._remote("gpu_rates")
+        if self.rates is None:
+            raise ModalUnreachable("billing rates are not available")
+        return dict(self.rates)
+
+    # test controls for calls
+    def complete(self, call_id: str, result: Any) -> None:
+        self.calls[call_id].state, self.calls[call_id].result = "succeeded", result
+
+    def fail(self, call_id: str, error: str) -> None:
+        self.calls[call_id].state, self.calls[call_id].error = "failed", error
+
+    def expire(self, call_id: str) -> None:
+        self.calls[call_id].state, self.calls[call_id].result = "expired", None
+
+    def preempt(self, call_id: str) -> None:
+        """The container died; Modal restarts the same input (the call stays running)."""
+        call = self.calls[call_id]
+        call.attempts += 1
+        self._run_handler(call)
+
+    def running_calls(self, function: str | None = None) -> list[FakeCall]:
+        return [c for c in self.calls.values() if c.state == "running" and function in (None, c.function)]
+
+    # ----------------------------------------------------------------- container side
+
+    def reload_volume(self, name: str) -> None:
+        self.ops.append(("reload_volume", name))
+
+    def commit_volume(self, name: str) -> None:
+        self.ops.append(("commit_volume", name))
+
+    def current_call_id(self) -> str | None:
+        return self.call_id_in_container
+
+    def cluster_info(self) -> tuple[int, list[str]]:
+        return self.cluster
