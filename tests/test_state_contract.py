@@ -36,7 +36,16 @@ def _memory(tmp_path: Path) -> Opener:
     return lambda: store
 
 
-STORE_FACTORIES: dict[str, Callable[[Path], Opener]] = {"local": _local, "memory": _memory}
+def _modal(tmp_path: Path) -> Opener:
+    """The shared store on the fake Modal: every handle sees the same volume and dict."""
+    from reconciler.state.modal_store import ModalStore
+    from tests.fakes.fake_modal import FakeModal
+
+    fake = FakeModal()
+    return lambda: ModalStore("retool-state", "retool-locks", "demo", adapter=fake)
+
+
+STORE_FACTORIES: dict[str, Callable[[Path], Opener]] = {"local": _local, "memory": _memory, "modal": _modal}
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
