@@ -427,6 +427,8 @@ class _Engine:
             raise AssertionError("watch returned without a final status while waiting")
         self._account(rec, status, node)
         if status.state == "succeeded":
+            rec.message = f"run finished at step {status.step}; finalizing"
+            self._commit(rec)
             latest = self._latest_checkpoint(node, fp.restart_id)
             if latest is None:
                 rec.status = "failed"
@@ -494,8 +496,11 @@ class _Engine:
         return "succeeded", rec.message
 
     def _account(self, rec: NodeRecord, status: RunStatus, node: Node) -> None:
-        """Measured speed and spend of the attempt that just ended."""
+        """Measured speed and spend of the attempt that just ended, counted once per run
+        (the handle remembers it, so a crash before finalizing cannot count it twice)."""
         assert rec.run is not None
+        if "accounted_s" in rec.run.extra:
+            return
         elapsed = status.elapsed_s if status.elapsed_s is not None else max(0.0, self.clock() - rec.run.started_at)
         stage = self.spec.stages[node.name]
         end_step = status.step if status.step is not None else rec.steps_done
@@ -504,6 +509,7 @@ class _Engine:
             rec.seconds_per_step = round(elapsed / steps_run, 3)
         rec.gpu_seconds += elapsed * gpu_count(stage.resources)
         rec.cost_usd = round(rec.cost_usd + elapsed / 3600 * (hourly_usd(stage.resources, self.spec.pricing) or 0.0), 4)
+        rec.run = rec.run.model_copy(update={"extra": {**rec.run.extra, "accounted_s": elapsed}})
 
     def _latest_checkpoint(self, node: Node, restart_id: str) -> Checkpoint | None:
         found = self._retry(lambda: self.runtime.discover_checkpoints(self.spec, node.name, restart_id))

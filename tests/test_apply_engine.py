@@ -86,7 +86,7 @@ def test_state_is_written_after_every_transition(loaded, store, rt) -> None:
     run(loaded, store, rt)
     serials = [s.serial for s in store.history]
     assert serials == list(range(1, len(serials) + 1))
-    assert len(serials) == 8 + 2 * 2  # 8 resources, then (launched, succeeded) per stage
+    assert len(serials) == 8 + 3 * 2  # 8 resources, then (launched, run finished, finalized) per stage
     # The run handle was on disk while the stage was running, before it finished.
     running = [s for s in store.history if s.nodes.get("stage.sft") and s.nodes["stage.sft"].status == "running"]
     assert running and running[0].nodes["stage.sft"].run is not None
