@@ -173,6 +173,53 @@ def kv(key: str, value: Any) -> str:
     return f"{key}={hydra_value(value)}"
 
 
+# --------------------------------------------------------------------------- composition check
+
+
+def entry_point(argv: list[str]) -> tuple[str, list[str]]:
+    """(module, hydra overrides) of a rendered `torchrun … -m MOD …` / `python -m MOD …` argv."""
+    try:
+        i = argv.index("-m")
+    except ValueError:
+        raise TerminalError(f"not a `-m module` command: {' '.join(argv[:3])} …") from None
+    return argv[i + 1], argv[i + 2:]
+
+
+def compose_config(argv: list[str], env: dict[str, str], *, timeout: float = 180.0) -> dict[str, Any]:
+    """Compose a rendered command's config with verl's own hydra setup (`--cfg job`: hydra
+    prints the job config and exits before training). An unknown key or a malformed value
+    raises TerminalError carrying hydra's message. Needs verl installed."""
+    import os
+    import sys
+
+    module, overrides = entry_point(argv)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--cfg", "job", *overrides],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+    )
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        raise TerminalError(f"verl rejects the overrides of {module}", "\n".join(lines[-15:]))
+    loaded = _yaml_document(done.stdout)
+    if not isinstance(loaded, dict):
+        raise TerminalError(f"{module} --cfg job printed no config", done.stdout[-2000:])
+    return loaded
+
+
+def _yaml_document(text: str) -> Any:
+    """The YAML config in `text`, skipping any lines printed before it (import noise)."""
+    import yaml
+
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[A-Za-z_][\w]*:( |$)", line):
+            try:
+                return yaml.safe_load("\n".join(lines[i:]))
+            except yaml.YAMLError:
+                return None
+    return None
+
+
 # --------------------------------------------------------------------------- this machine
 
 

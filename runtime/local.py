@@ -1,0 +1,610 @@
+"""The local backend: volumes are directories, stages are detached process groups on this
+machine (on CPU through runtime.cpu_platform when there is no GPU), the sandbox is a
+local server process.
+
+Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
+
+    <volumes root>        spec.local.root (relative: to the state dir's parent) or <state dir>/volumes
+    volume                <volumes root>/<volume>/
+    dataset               <volume>/datasets/<name>/{train.parquet, meta.json}  (+ .<name>.prepared.json beside it)
+    model                 <volume>/models/<name>/                              (+ .<name>.prepared.json beside it)
+    stage run dir         <volume>/<stage>/<restart_id[:16]>/
+        retool.json                          marker: full restart id, stage, world size
+        global_step_N/, latest_checkpointed_iteration.txt   verl's checkpoints and tracker
+        merged/, merged.json                 Hugging Face model of the final checkpoint (+ what was merged)
+        metrics.jsonl                        per-step metrics parsed from the log
+    replaced runs         <volume>/<stage>/.replaced/<restart_id[:16]>-<time>/  (a forced rerun moves, never deletes)
+    logs                  <state dir>/logs/<stage>-<restart_id[:8]>-<time>.log  (+ .exit.json, .plan.json)
+    sandbox               <state dir>/sandbox.json, <state dir>/logs/sandbox-<time>.log
+    environment record    <state dir>/image.json
+
+Decisions:
+- A launch with `resume_from=None` trains from scratch: checkpoints already under that
+  restart identity (a `--replace`) are moved to `.replaced/`. With `resume_from=N` verl is
+  told `trainer.resume_from_path=.../global_step_N` (the step the plan named).
+- The merge runs in `finalize_stage`, not in the detached run: it merges exactly the
+  checkpoint the reconciler validated, and is skipped when `merged.json` already names it.
+- `tool_call_check`: finalize measures the merged model; a rate below `min_rate` fails the
+  stage with the rate, examples and a hint (the checkpoints and merged model stay; more
+  epochs resume). The result is cached in merged.json, so a retry does not re-measure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from reconciler.errors import TerminalError, TransientError
+from reconciler.spec import Dataset, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
+from reconciler.state.base import RunHandle
+from runtime import checkpoints as ckpts
+from runtime import metrics as met
+from runtime import processes as procs
+from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from runtime.verl_common import StagePaths, local_gpu_count, secret_env_names
+from runtime.verl_sft import render_merge, render_sft
+
+DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
+KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
+TAIL_LINES = 40
+
+
+class MergeRecord(BaseModel):
+    step: int
+    checkpoint: str
+    tool_check: dict[str, Any] | None = None
+
+
+class SandboxRecord(BaseModel):
+    pid: int
+    url: str
+    start_ticks: int | None = None
+    config_hash: str
+    log_path: str
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _restart_config(model: Dataset | Model) -> dict[str, Any]:
+    """The fields of a dataset/model whose change means "rebuild" (policy `restart`)."""
+    data = model.model_dump(mode="json")
+    return {k: v for k, v in data.items() if field_policy(type(model), k) == "restart"}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class LocalRuntime:
+    """`runtime.base.Runtime` on this machine."""
+
+    name = "local"
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = Path(state_dir).resolve()
+
+    # ------------------------------------------------------------------ layout
+
+    def volumes_root(self, spec: Spec) -> Path:
+        if spec.local.root:
+            root = Path(spec.local.root).expanduser()
+            return root if root.is_absolute() else (self.state_dir.parent / root).resolve()
+        return self.state_dir / "volumes"
+
+    def volume_dir(self, spec: Spec, volume: str) -> Path:
+        return self.volumes_root(spec) / volume
+
+    def stage_root(self, spec: Spec, stage: str) -> Path:
+        return self.volume_dir(spec, spec.stages[stage].volume) / stage
+
+    def stage_paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
+        run_dir = self.stage_root(spec, stage) / ckpts.restart_dir_name(restart_id)
+        return StagePaths(stage_dir=str(run_dir), ckpt_dir=str(run_dir), merged_dir=str(run_dir / "merged"))
+
+    def use_cpu(self) -> bool:
+        forced = os.environ.get(DEVICE_ENV, "").strip().lower()
+        if forced in ("cpu", "cuda"):
+            return forced == "cpu"
+        return local_gpu_count() == 0
+
+    # ------------------------------------------------------------------ checks
+
+    def preflight(self, spec: Spec) -> list[str]:
+        problems: list[str] = []
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problems.append(f"state directory {self.state_dir} is not writable: {e}")
+        if spec.stages:
+            for module in ("torch", "verl", "transformers"):
+                if importlib.util.find_spec(module) is None:
+                    problems.append(
+                        f"{module} is not installed (install the training extra: "
+                        "pip install -c constraints.txt -e '.[train]')"
+                    )
+        for name, stage in spec.stages.items():
+            try:
+                names = secret_env_names(spec, stage.secrets)
+            except TerminalError as e:
+                problems.append(f"stage.{name}: {e.summary}")
+                continue
+            missing = [n for n in names if not os.environ.get(n)]
+            if missing:
+                problems.append(f"stage.{name} needs environment variable(s) {', '.join(missing)} (secrets)")
+        return problems
+
+    def blocked_reason(self, spec: Spec, address: str) -> str | None:
+        kind, _, name = address.partition(".")
+        if kind != "stage" or name not in spec.stages:
+            return None
+        stage = spec.stages[name]
+        res = stage.resources
+        if res.gpu is not None:
+            have = 0 if self.use_cpu() else local_gpu_count()
+            if have < res.gpus_per_node:
+                return (
+                    f"asks for {res.gpus_per_node}× {res.gpu} but this machine has {have} GPU(s); "
+                    "run it with `backend: modal`, or drop `resources.gpu` to train on this machine"
+                )
+        if isinstance(stage, RLStage):
+            return self._rl_blocker(stage)
+        return None
+
+    def _rl_blocker(self, stage: RLStage) -> str | None:
+        if importlib.util.find_spec("runtime.verl_rl") is None:
+            return "RL launch rendering (runtime.verl_rl) is not part of this installation"
+        engine = self.rollout_engine(stage)
+        if engine is None:
+            wanted = stage.rollout.engine
+            if wanted in ("vllm", "sglang"):
+                if self.use_cpu():
+                    return f"rollout engine {wanted} needs a GPU; this machine has none (use `rollout.engine: auto`)"
+                return f"rollout engine {wanted} is not installed (pip install {wanted})"
+            return (
+                "no rollout engine: verl 0.9.1 registers only vllm/sglang/trtllm (GPU), "
+                + ("none of which is installed, " if not self.use_cpu() else "and this machine has no GPU, ")
+                + "and retool's transformers rollout (runtime.rollout) is not available"
+            )
+        return None
+
+    def rollout_engine(self, stage: RLStage) -> str | None:
+        """The rollout engine this machine can run for `stage`, or None."""
+        has = lambda m: importlib.util.find_spec(m) is not None  # noqa: E731
+        transformers_ok = has("runtime.rollout") and has("runtime.rollout.plugin")
+        wanted, cpu = stage.rollout.engine, self.use_cpu()
+        if wanted in ("vllm", "sglang"):
+            return wanted if (has(wanted) and not cpu) else None
+        if wanted == "transformers":
+            return "transformers" if transformers_ok else None
+        if not cpu:
+            for engine in ("vllm", "sglang"):
+                if has(engine):
+                    return engine
+        return "transformers" if transformers_ok else None
+
+    # ------------------------------------------------------------------ volumes and environment
+
+    def ensure_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome:
+        path = self.volume_dir(spec, name)
+        if path.is_dir():
+            return Outcome(change="unchanged", outputs={"path": str(path)})
+        path.mkdir(parents=True, exist_ok=True)
+        return Outcome(change="created", outputs={"path": str(path)}, message=f"created {path}")
+
+    def delete_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome:
+        if volume.protect:
+            raise TerminalError(f"volume.{name} is protected", hint="set `protect: false` first if you mean it")
+        path = self.volume_dir(spec, name)
+        if not path.exists():
+            return Outcome(change="unchanged", message=f"{path} does not exist")
+        shutil.rmtree(path)
+        return Outcome(change="updated", message=f"deleted {path}")
+
+    def build_image(self, image: Image, spec: Spec) -> Outcome:
+        """Locally there is no image to build: record (and check) the Python environment."""
+        from importlib import metadata
+
+        packages: dict[str, str] = {}
+        for name in KEY_PACKAGES:
+            try:
+                packages[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        if spec.stages and ("verl" not in packages or "torch" not in packages):
+            raise TerminalError(
+                "this Python environment lacks verl or torch",
+                f"python {sys.executable}",
+                "pip install -c constraints.txt -e '.[train]'",
+            )
+        notes = self._pin_mismatches(image.pip, packages)
+        gpus = 0 if self.use_cpu() else local_gpu_count()
+        record = {
+            "python": ".".join(map(str, sys.version_info[:3])),
+            "executable": sys.executable,
+            "packages": packages,
+            "device": f"cuda x{gpus}" if gpus else "cpu",
+        }
+        record["digest"] = _hash(record)
+        path = self.state_dir / "image.json"
+        previous = _read_json(path)
+        change = "unchanged" if previous == record else ("updated" if previous else "created")
+        if change != "unchanged":
+            _write_json(path, record)
+        message = f"python {record['python']}, verl {packages.get('verl')}, torch {packages.get('torch')}, {record['device']}"
+        if notes:
+            message += "; differs from image.pip: " + ", ".join(notes)
+        return Outcome(change=change, outputs=record, message=message)
+
+    @staticmethod
+    def _pin_mismatches(requirements: list[str], installed: dict[str, str]) -> list[str]:
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        notes = []
+        for text in requirements:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            have = installed.get(req.name)
+            if have is not None and req.specifier and have not in req.specifier:
+                notes.append(f"{req.name} {have} (image wants {req.specifier})")
+        return notes
+
+    # ------------------------------------------------------------------ data and models
+
+    def prepare_dataset(self, name: str, dataset: Dataset, spec: Spec, spec_dir: str) -> Outcome:
+        from runtime import data
+
+        out_dir = self.volume_dir(spec, dataset.volume) / "datasets" / name
+        stamp = out_dir.parent / f".{name}.prepared.json"
+        config = {"config": _restart_config(dataset), "source": self._source_stat(dataset.source, spec_dir)}
+        existing = data.read_outputs(out_dir)
+        if existing is not None and _read_json(stamp) == {"config": _hash(config), "digest": existing.digest}:
+            return Outcome(change="unchanged", outputs=existing.model_dump(), message=f"{existing.rows} rows")
+        outputs = data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url())
+        _write_json(stamp, {"config": _hash(config), "digest": outputs.digest})
+        return Outcome(
+            change="updated" if existing is not None else "created", outputs=outputs.model_dump(),
+            message=f"{outputs.rows} rows" + (f", {outputs.skipped} skipped" if outputs.skipped else ""),
+        )
+
+    def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
+        from runtime import models
+
+        out_dir = self.volume_dir(spec, model.volume) / "models" / name
+        stamp = out_dir.parent / f".{name}.prepared.json"
+        config = {"config": _restart_config(model), "source": self._source_stat(model.source, spec_dir)}
+        existing = models.read_outputs(out_dir)
+        if existing is not None and _read_json(stamp) == {"config": _hash(config), "digest": existing.digest}:
+            return Outcome(change="unchanged", outputs=existing.model_dump())
+        outputs = models.prepare(name, model, out_dir, Path(spec_dir))
+        _write_json(stamp, {"config": _hash(config), "digest": outputs.digest})
+        return Outcome(change="updated" if existing is not None else "created", outputs=outputs.model_dump())
+
+    @staticmethod
+    def _source_stat(source: str, spec_dir: str) -> list[Any] | None:
+        """Size and mtime of a `path:` source's files (a changed file re-prepares)."""
+        if not source.startswith("path:"):
+            return None
+        path = Path(source[5:]).expanduser()
+        path = path if path.is_absolute() else Path(spec_dir) / path
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+    # ------------------------------------------------------------------ sandbox
+
+    def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
+        from runtime import sandbox_process
+
+        config_hash = _hash(sandbox.model_dump(mode="json"))
+        path = self.state_dir / "sandbox.json"
+        raw = _read_json(path)
+        record = SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
+        change = "created"
+        if record is not None and procs.is_alive(record.pid, record.start_ticks) and self._ping(record.url):
+            if record.config_hash == config_hash:
+                return Outcome(change="unchanged", outputs={"url": record.url, "pid": record.pid})
+            procs.terminate_group(record.pid, grace_s=5)
+            change = "updated"
+        elif record is not None:
+            change = "updated"  # recorded but dead: restart it
+        log_path = self.state_dir / "logs" / f"sandbox-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        started = sandbox_process.start_detached(
+            "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers,
+            memory_limit_mb=sandbox.memory_limit_mb, max_output_bytes=sandbox.max_output_bytes,
+            max_queue=sandbox.max_queue, preload=list(sandbox.preload),
+        )
+        new = SandboxRecord(
+            pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
+            config_hash=config_hash, log_path=str(log_path),
+        )
+        _write_json(path, new.model_dump())
+        return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")
+
+    def _live_sandbox_url(self) -> str | None:
+        raw = _read_json(self.state_dir / "sandbox.json")
+        if not isinstance(raw, dict) or "pid" not in raw:
+            return None
+        record = SandboxRecord.model_validate(raw)
+        if procs.is_alive(record.pid, record.start_ticks) and self._ping(record.url):
+            return record.url
+        return None
+
+    @staticmethod
+    def _ping(url: str) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(url.rstrip("/") + "/v1/ping", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # ------------------------------------------------------------------ stages: commands
+
+    def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
+        """The training command(s), then the merge `finalize_stage` runs on the final checkpoint."""
+        stage = ctx.spec.stages[ctx.stage]
+        paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        commands = self._train_commands(ctx, paths)
+        final = ctx.total_steps if ctx.total_steps is not None else "N"
+        source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
+        merge = render_merge(source, paths.merged_dir)
+        return [*commands, merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})]
+
+    def _train_commands(self, ctx: StageContext, paths: StagePaths) -> list[RenderedCommand]:
+        stage = ctx.spec.stages[ctx.stage]
+        cpu = self.use_cpu()
+        if isinstance(stage, SFTStage):
+            attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
+            return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn)]
+        blocker = self._rl_blocker(stage)
+        if blocker:
+            raise TerminalError(f"stage.{ctx.stage} cannot run on this machine", blocker)
+        from runtime.verl_rl import render_rl
+
+        url = self._live_sandbox_url()
+        if url is None:
+            raise TerminalError(
+                f"stage.{ctx.stage} needs the sandbox, which is not running",
+                hint="apply the `sandbox` node first (retool apply starts it)",
+            )
+        return list(render_rl(ctx, sandbox_url=url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage)))
+
+    @staticmethod
+    def _executable(argv: list[str]) -> list[str]:
+        """`torchrun` / `python` of this environment (the venv may not be on PATH)."""
+        bindir = Path(sys.executable).parent
+        if argv and argv[0] == "python":
+            return [sys.executable, *argv[1:]]
+        if argv and argv[0] == "torchrun":
+            exe = bindir / "torchrun"
+            return [str(exe), *argv[1:]] if exe.exists() else [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+        return argv
+
+    # ------------------------------------------------------------------ stages: runs
+
+    def launch_stage(self, ctx: StageContext) -> RunHandle:
+        stage = ctx.spec.stages[ctx.stage]
+        paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        commands = self._train_commands(ctx, paths)
+        missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
+        if missing:
+            raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
+        run_dir = Path(paths.stage_dir)
+        if ctx.resume_from is None:
+            self._move_aside(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run_dir / ckpts.MARKER_FILE
+        if not marker.exists():
+            marker.write_text(ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
+        exit_path = log_path.with_name(log_path.stem + ".exit.json")
+        planned = [
+            procs.PlannedCommand(argv=self._executable(c.argv), env=c.env, cwd=c.cwd or str(run_dir)) for c in commands
+        ]
+        info = procs.start_detached(planned, log_path=log_path, exit_path=exit_path, cwd=str(run_dir))
+        return RunHandle(
+            backend="local", command=planned[-1].argv, pid=info.pid, pgid=info.pgid, log_path=str(log_path),
+            extra={
+                "start_ticks": info.start_ticks, "exit_path": str(exit_path), "stage": ctx.stage,
+                "restart_id": ctx.restart_id, "stage_dir": paths.stage_dir,
+                "metrics_path": str(run_dir / "metrics.jsonl"), "total_steps": ctx.total_steps,
+                "resume_from": ctx.resume_from, "device": "cpu" if self.use_cpu() else "cuda",
+            },
+        )
+
+    @staticmethod
+    def _move_aside(run_dir: Path) -> None:
+        """A from-scratch launch over an earlier run of the same identity keeps that run,
+        out of the way, under `.replaced/`."""
+        if not run_dir.is_dir() or not any(p.name != ckpts.MARKER_FILE for p in run_dir.iterdir()):
+            return
+        dest = run_dir.parent / ".replaced" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir, dest)
+
+    def poll_stage(self, handle: RunHandle) -> RunStatus:
+        if handle.backend != "local" or handle.pid is None or not handle.log_path:
+            raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
+        log_path = Path(handle.log_path)
+        exit_path = Path(handle.extra.get("exit_path") or log_path.with_name(log_path.stem + ".exit.json"))
+        records = met.sync_file(log_path, Path(handle.extra.get("metrics_path") or log_path.with_suffix(".metrics.jsonl")))
+        step = records[-1].step if records else None
+        total = handle.extra.get("total_steps")
+        values = met.headline(records) or met.latest(records)
+        done = procs.read_exit(exit_path)
+        if done is None and not procs.is_alive(handle.pid, handle.extra.get("start_ticks")):
+            done = procs.read_exit(exit_path)  # it may have finished between the two looks
+            if done is None:
+                tail = procs.tail(log_path, TAIL_LINES)
+                return RunStatus(
+                    state="lost", step=step, total=total, metrics=values, log_tail=tail,
+                    elapsed_s=None,
+                    message=f"process {handle.pid} is gone and left no exit status (killed, or the machine restarted)"
+                    + (f"; last log line: {tail[-1]}" if tail else ""),
+                )
+        if done is None:
+            url = self._wandb_url(log_path)
+            return RunStatus(
+                state="running", step=step, total=total, metrics=values, elapsed_s=time.time() - handle.started_at,
+                log_tail=procs.tail(log_path, 5),
+                message=(f"step {step}/{total}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
+            )
+        elapsed = done.finished_at - handle.started_at
+        tail = procs.tail(log_path, TAIL_LINES)
+        if done.returncode == 0:
+            return RunStatus(
+                state="succeeded", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail[-5:],
+                message=f"finished at step {step}" if step is not None else "finished",
+            )
+        why = f"cancelled ({done.signal})" if done.cancelled else f"exited with code {done.returncode}"
+        return RunStatus(
+            state="failed", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail,
+            message=f"{why}" + (f": {_error_line(tail)}" if not done.cancelled and _error_line(tail) else ""),
+        )
+
+    @staticmethod
+    def _wandb_url(log_path: Path) -> str | None:
+        try:
+            return met.wandb_url(log_path.read_text(errors="replace"))
+        except OSError:
+            return None
+
+    def cancel_stage(self, handle: RunHandle) -> None:
+        if handle.pgid is None or handle.pid is None:
+            return
+        exit_path = Path(handle.extra.get("exit_path", ""))
+        if not procs.is_alive(handle.pid, handle.extra.get("start_ticks")) and not procs.group_members(handle.pgid):
+            return
+        killed = procs.terminate_group(handle.pgid)
+        if killed and exit_path.name and procs.read_exit(exit_path) is None:
+            procs.write_exit(exit_path, procs.ExitRecord(returncode=-9, signal="SIGKILL", cancelled=True))
+
+    def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
+        root = self.stage_root(spec, stage)
+        try:
+            entries = ckpts.scan_local(root)
+        except OSError as e:
+            raise TransientError(f"cannot list checkpoints under {root}", str(e)) from e
+        return ckpts.evaluate(entries, spec.stages[stage].resources.world_size, restart_id, root=str(root))
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
+        if not checkpoint.valid:
+            raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
+        stage = ctx.spec.stages[ctx.stage]
+        paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        merged, stamp_path = Path(paths.merged_dir), Path(paths.stage_dir) / "merged.json"
+        raw = _read_json(stamp_path)
+        record = MergeRecord.model_validate(raw) if isinstance(raw, dict) else None
+        change = "unchanged"
+        if record is None or record.step != checkpoint.step or not (merged / "config.json").is_file():
+            self._merge(ctx, checkpoint, merged)
+            record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
+            _write_json(stamp_path, record.model_dump())
+            change = "created"
+        outputs: dict[str, Any] = {
+            "model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path,
+        }
+        records = met.read_file(Path(paths.stage_dir) / "metrics.jsonl")
+        if records:
+            outputs["final_metrics"] = met.headline(records) or met.latest(records)
+        url = self._latest_wandb_url(ctx)
+        if url:
+            outputs["wandb_url"] = url
+        message = f"merged step {checkpoint.step} into {merged}"
+        if isinstance(stage, SFTStage) and stage.tool_call_check is not None:
+            check = stage.tool_call_check
+            if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
+                record = record.model_copy(update={"tool_check": self._tool_check(merged, check.prompts)})
+                _write_json(stamp_path, record.model_dump())
+            assert record.tool_check is not None
+            rate, n, ok = record.tool_check["rate"], record.tool_check["n"], record.tool_check["ok"]
+            outputs.update({"tool_call_rate": rate, "tool_call_prompts": n, "tool_call_min_rate": check.min_rate})
+            message += f"; tool-call rate {rate:.2f} ({ok}/{n}, need ≥ {check.min_rate:.2f})"
+            if rate < check.min_rate:
+                examples = "\n".join(
+                    f"- {e['prompt'][:60]!r} -> {e['completion'][:120]!r} ({e['reason'] or 'ok'})"
+                    for e in record.tool_check.get("examples", [])[:4]
+                )
+                raise TerminalError(
+                    f"stage.{ctx.stage}: the merged model emits a well-formed tool call on {rate:.0%} of "
+                    f"{n} held-out prompts, below the required {check.min_rate:.0%}",
+                    examples,
+                    f"train longer (raise `epochs` or `max_steps`: the run resumes) or adjust the data; "
+                    f"the merged model is at {merged}",
+                )
+        return Outcome(change=change, outputs=outputs, message=message)
+
+    def _merge(self, ctx: StageContext, checkpoint: Checkpoint, merged: Path) -> None:
+        source = Path(checkpoint.path)
+        if (source / "actor").is_dir():
+            source = source / "actor"
+        tmp = merged.with_name(merged.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = render_merge(str(source), str(tmp))
+        log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-merge-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            done = subprocess.run(
+                self._executable(cmd.argv), env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=str(merged.parent),
+            )
+        if done.returncode != 0 or not (tmp / "config.json").is_file():
+            tail = procs.tail(log_path, 15)
+            raise TerminalError(
+                f"merging checkpoint step {checkpoint.step} failed (exit {done.returncode})",
+                "\n".join(tail), f"full log: {log_path}",
+            )
+        if merged.exists():
+            shutil.rmtree(merged)
+        os.replace(tmp, merged)
+
+    @staticmethod
+    def _tool_check(model_dir: Path, prompts: int) -> dict[str, Any]:
+        from runtime.data.retool_sft import TOOLS
+        from runtime.toolcheck import heldout_prompts, tool_call_rate
+
+        result = tool_call_rate(model_dir, heldout_prompts(prompts, seed=0), TOOLS)
+        return {"prompts": prompts, **result.model_dump()}
+
+    def _latest_wandb_url(self, ctx: StageContext) -> str | None:
+        logs = sorted((self.state_dir / "logs").glob(f"{ctx.stage}-{ctx.restart_id[:8]}-*.log"))
+        for log in reversed(logs):
+            url = self._wandb_url(log)
+            if url:
+                return url
+        return None
+
+
+def _error_line(tail: list[str]) -> str:
+    """The most telling line of a failed run's log tail (the last exception), or ''."""
+    for line in reversed(tail):
+        text = line.strip()
+        if any(word in text for word in ("Error", "Exception", "error:", "Traceback")) and not text.startswith("File "):
+            return text[:300]
+    return ""

@@ -1,0 +1,91 @@
+"""Parsing verl's console metrics (runtime.metrics)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runtime.metrics import (
+    headline,
+    last_step,
+    latest,
+    parse_line,
+    parse_text,
+    read_file,
+    series,
+    sparkline,
+    sync_file,
+    wandb_url,
+)
+
+# Lines as verl 0.9.1's SFT trainer printed them on CPU (tqdm's bar shares the line: it ends in \r).
+SFT_LOG = (
+    "Epoch 1/4:   0%|          | 0/8 [00:00<?, ?it/s]"
+    "step:1 - perf/max_memory_allocated_gb:0.6047859191894531 - perf/cpu_memory_used_gb:1.02020263671875"
+    " - train/loss:5.75 - train/grad_norm:4.299838542938232 - train/lr:0.001 - train/mfu:0.0"
+    " - train/global_tokens:398 - train/total_tokens(B):3.98e-07\n"
+    "Epoch 1/4:  12%|█▎        | 1/8 [00:00<00:01,  3.60it/s]\r"
+    "step:2 - train/loss:5.4375 - train/grad_norm:3.0455174446105957 - train/lr:0.001\n"
+    "Saving checkpoint to: /tmp/h5/ckpt/global_step_2\n"
+    "Updated checkpoint tracker: /tmp/h5/ckpt/latest_checkpointed_iteration.txt\n"
+)
+
+
+def test_parse_line_reads_every_key():
+    rec = parse_line("step:1 - train/loss:5.75 - train/total_tokens(B):3.98e-07 - train/lr:1e-05")
+    assert rec is not None and rec.step == 1
+    assert rec.values == {"train/loss": 5.75, "train/total_tokens(B)": 3.98e-07, "train/lr": 1e-05}
+
+
+def test_numpy_and_tensor_reprs_and_ray_prefix():
+    rec = parse_line("(TaskRunner pid=4242) step:7 - critic/score/mean:np.float64(-0.6) - actor/pg_loss:tensor(0.25) - n:nan")
+    assert rec is not None and rec.step == 7
+    assert rec.values["critic/score/mean"] == -0.6
+    assert rec.values["actor/pg_loss"] == 0.25
+    assert rec.values["n"] != rec.values["n"]  # nan kept as nan
+
+
+def test_lines_without_steps_are_ignored():
+    assert parse_line("Saving checkpoint to: /x/global_step_2") is None
+    assert parse_line("global_step:3 - a:1") is None
+
+
+def test_parse_text_handles_tqdm_and_merges_same_step():
+    text = SFT_LOG + "step:2 - val/loss:4.9\n"
+    records = parse_text(text)
+    assert [r.step for r in records] == [1, 2]
+    assert records[0].values["train/loss"] == 5.75
+    assert records[1].values == {"train/loss": 5.4375, "train/grad_norm": 3.0455174446105957, "train/lr": 0.001, "val/loss": 4.9}
+    assert last_step(text) == 2
+    assert latest(records)["train/loss"] == 5.4375
+    assert list(headline(records))[:2] == ["train/loss", "val/loss"]
+    assert series(records, "train/loss") == [5.75, 5.4375]
+
+
+def test_sync_file_writes_jsonl_and_reads_back(tmp_path: Path):
+    log, out = tmp_path / "run.log", tmp_path / "stage" / "metrics.jsonl"
+    log.write_text(SFT_LOG)
+    records = sync_file(log, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["train/loss"] == 5.4375
+    assert read_file(out) == records
+    mtime = out.stat().st_mtime_ns
+    sync_file(log, out)  # unchanged log: file left alone
+    assert out.stat().st_mtime_ns == mtime
+    assert sync_file(tmp_path / "missing.log", tmp_path / "m.jsonl") == []
+
+
+def test_sparkline_shape():
+    assert sparkline([]) == ""
+    assert sparkline([3.0, 3.0]) == "▅▅"
+    rising = sparkline([float(i) for i in range(8)])
+    assert rising == "▁▂▃▄▅▆▇█"
+    squeezed = sparkline([float(i) for i in range(100)], width=10)
+    assert len(squeezed) == 10 and squeezed[0] == "▁" and squeezed[-1] == "█"
+    assert sparkline([1.0, float("nan"), 2.0]) == "▁█"
+
+
+def test_wandb_url():
+    text = "wandb: 🚀 View run qwen7b-sft at: https://wandb.ai/me/retool/runs/abc123xy\nstep:1 - a:1\n"
+    assert wandb_url(text) == "https://wandb.ai/me/retool/runs/abc123xy"
+    assert wandb_url(SFT_LOG) is None
