@@ -274,6 +274,8 @@ class _Planner:
             return _Draft("no-op", [f"running (step {step})"], notes)
         if run_state != "succeeded":
             return self._recover(node, rec, obs, run_state)
+        if rec.status == "running":  # finished while nobody watched; apply collects its outputs
+            return _Draft("no-op", ["finished since the last apply"], ["apply records its result"])
         if fp.resume_hash != rec.resume_hash and node.kind == "stage":
             return self._resume(node, rec, obs, diff)
         if fp.resume_hash != rec.resume_hash or fp.update_hash != rec.update_hash:

@@ -214,6 +214,15 @@ def test_running_is_a_no_op_that_apply_reattaches_to(done: State) -> None:
     assert b is not None and b.action == "rerun" and b.reasons == ["input stage.a output changes"]
 
 
+def test_run_that_finished_unwatched_is_recorded_by_apply(done: State) -> None:
+    state = with_record(done, "stage.a", status="running", steps_done=150)
+    observed = Observed(nodes={"stage.a": ObservedNode(run_state="succeeded", step=200, latest_valid_checkpoint=200)})
+    plan = plan_for(TOY, state, observed)
+    a = plan.change("stage.a")
+    assert a is not None and a.action == "no-op" and a.notes == ["apply records its result"]
+    assert plan.change("stage.b").action == "rerun"  # type: ignore[union-attr]  # its input is a new final step
+
+
 def test_running_with_a_restart_change_is_rerun_after_cancelling(done: State) -> None:
     state = with_record(done, "stage.b", status="running", steps_done=10)
     plan = plan_for(edited("ppo_mini_batch_size: 10", "ppo_mini_batch_size: 5"), state, Observed())

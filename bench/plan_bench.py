@@ -1,0 +1,77 @@
+"""How fast does `retool plan` start, next to a bare interpreter?
+
+Runs `python -c pass` and `python -m reconciler.cli plan SPEC` alternately (so machine
+load hits both alike), drops warm-up runs, and prints median/min/max wall times and the
+ratio of medians (target: plan ≤ 4× bare Python). Until the CLI exists it times the same
+work through the library: load the spec, make the plan, render it.
+
+    python bench/plan_bench.py [--runs 21] [--spec specs/retool-qwen7b.yaml] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_RATIO = 4.0
+
+LIBRARY_PLAN = (
+    "import sys\n"
+    "from reconciler.loader import load_spec\n"
+    "from reconciler.plan import Observed, make_plan\n"
+    "from reconciler.views import plan_text\n"
+    "sys.stdout.write(plan_text(make_plan(load_spec(sys.argv[1]).spec, None, Observed(refreshed=False))))\n"
+)
+
+
+def plan_command(spec: str) -> tuple[str, list[str]]:
+    if importlib.util.find_spec("reconciler.cli") is not None:
+        return "retool plan (CLI)", [sys.executable, "-m", "reconciler.cli", "plan", spec]
+    return "plan via library", [sys.executable, "-c", LIBRARY_PLAN, spec]
+
+
+def time_once(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode not in (0, 2):  # 2: --detailed-exitcode style "changes present"
+        sys.exit(f"{' '.join(argv[:4])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=21, help="timed runs of each command (after 2 warm-ups)")
+    parser.add_argument("--spec", default="specs/retool-qwen7b.yaml")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 when the ratio exceeds {TARGET_RATIO:g}×")
+    args = parser.parse_args()
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
+    label, plan_argv = plan_command(args.spec)
+    commands = {"python -c pass": [sys.executable, "-c", "pass"], label: plan_argv}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for i in range(args.runs + 2):
+        for name, argv in commands.items():  # interleaved: both see the same load
+            t = time_once(argv, env)
+            if i >= 2:
+                times[name].append(t)
+
+    print(f"{'command':<22} {'median ms':>10} {'min ms':>8} {'max ms':>8}  ({args.runs} runs each, interleaved)")
+    for name, ts in times.items():
+        print(f"{name:<22} {statistics.median(ts) * 1000:>10.1f} {min(ts) * 1000:>8.1f} {max(ts) * 1000:>8.1f}")
+    ratio = statistics.median(times[label]) / statistics.median(times["python -c pass"])
+    verdict = "within" if ratio <= TARGET_RATIO else "over"
+    print(f"ratio (median plan / median bare python): {ratio:.1f}×  — {verdict} the {TARGET_RATIO:g}× target")
+    if args.check and ratio > TARGET_RATIO:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
