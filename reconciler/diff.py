@@ -2,13 +2,14 @@
 
 Each change carries the policy of the field it touches (STYLE.md #5) and renders with its
 full dotted path from the spec root: `stages.sft.optim.lr: 1e-05 → 2e-05`.
-deepdiff is imported only when two configs actually differ (it pulls in pandas, far too
-slow for `retool plan`'s start-up when nothing changed).
+deepdiff is imported only when two configs actually differ, and without its optional
+numpy/pandas support (see `_deepdiff`), to keep `retool plan` starting fast.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -60,6 +61,25 @@ def join_path(prefix: str, parts: list[Any]) -> str:
     return out
 
 
+def _deepdiff() -> Any:
+    """deepdiff's DeepDiff, imported on first use. Our configs are plain JSON, so its
+    optional numpy/pandas/polars support is hidden while it imports (unless already
+    loaded): that import alone costs longer than the whole rest of `retool plan`."""
+    if "deepdiff" not in sys.modules:
+        hidden = [m for m in ("numpy", "pandas", "polars") if m not in sys.modules]
+        for m in hidden:
+            sys.modules[m] = None  # type: ignore[assignment]  # makes `import m` raise ImportError
+        try:
+            import deepdiff  # noqa: F401
+        finally:
+            for m in hidden:
+                if sys.modules.get(m, 0) is None:
+                    del sys.modules[m]
+    from deepdiff import DeepDiff
+
+    return DeepDiff
+
+
 def diff_configs(
     old: dict[str, Any], new: dict[str, Any], policies: dict[str, str], prefix: str = ""
 ) -> list[FieldChange]:
@@ -67,8 +87,7 @@ def diff_configs(
     old_n, new_n = normalise(old), normalise(new)
     if old_n == new_n:
         return []
-    from deepdiff import DeepDiff  # lazy: see the module docstring
-
+    DeepDiff = _deepdiff()
     tree = DeepDiff(old_n, new_n, view="tree", verbose_level=2)
     changes: list[FieldChange] = []
     for report, levels in tree.items():

@@ -366,15 +366,26 @@ def test_text_view_escapes_markup_and_has_no_colour() -> None:
 # --------------------------------------------------------------------------- start-up cost
 
 
-def test_plan_path_imports_no_training_stack() -> None:
+HEAVY = "{'torch', 'verl', 'ray', 'modal', 'transformers', 'datasets', 'pandas', 'numpy'}"
+
+
+@pytest.mark.parametrize("with_changes", [False, True], ids=["fresh", "field-diffs"])
+def test_plan_path_imports_no_training_stack(with_changes: bool) -> None:
+    """`retool plan` must start fast: none of the training stack, and no deepdiff at all
+    unless some node's config changed (then deepdiff without numpy/pandas)."""
     code = (
         "import sys\n"
         "import reconciler.loader, reconciler.graph, reconciler.plan, reconciler.views\n"
-        "from reconciler.loader import load_spec\n"
+        "from reconciler.loader import parse_spec_text\n"
         "from reconciler.plan import Observed, make_plan\n"
-        f"make_plan(load_spec({str(QWEN)!r}).spec, None, Observed())\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'verl', 'ray', 'modal', 'transformers', 'datasets', 'deepdiff', 'pandas'})\n"
-        "print(','.join(heavy))\n"
+        "from reconciler.views import plan_text\n"
+        "from tests.plan_helpers import succeeded_state\n"
+        f"text = open({str(QWEN)!r}).read()\n"
+        f"state = succeeded_state(parse_spec_text(text)) if {with_changes} else None\n"
+        "spec = parse_spec_text(text.replace('lr: 1.0e-5,', 'lr: 2.0e-5,'))\n"
+        "plan_text(make_plan(spec, state, Observed()))\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}} & {HEAVY}))\n"
+        "print('deepdiff' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    assert out.stdout.split() == ["[]", str(with_changes)]
