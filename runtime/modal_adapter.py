@@ -384,6 +384,8 @@ class SdkAdapter:
             "timeout": fn.timeout_s,
             "volumes": {path: volumes[name] for path, name in fn.volumes.items()},
             "secrets": [modal.Secret.from_name(s) for s in fn.secrets],
+            # retool's packages come from the image's add_local_python_source step, nothing else
+            "include_source": False,
         }
         if fn.env:
             kwargs["env"] = dict(fn.env)  # non-secret settings only (the SDK ships them as a dict secret)

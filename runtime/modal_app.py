@@ -382,15 +382,22 @@ class StagePayload(Frozen):
     checkpoint_volume: str  # Modal volume name holding it
     volumes: dict[str, str]  # Modal volume name -> mount path (reloaded at start, committed at the end)
     sidecar: SidecarSettings | None = None
+    # service sandbox: the variable holding its token; the container puts the token into
+    # RETOOL_SANDBOX_URL (`<url>/t/<token>`) so the token never enters payloads or state
+    sandbox_token_var: str | None = None
+    # a from-scratch launch over checkpoints of the same identity: the first attempt moves
+    # them to <stage>/.replaced/ (never deletes them)
+    replace_existing: bool = False
     train_seconds: float  # per attempt: stop, commit and hand over to the next segment after this
     commit_every_s: float = 600.0
 
 
 class StageResult(Frozen):
-    outcome: Literal["finished", "continued"]
+    outcome: Literal["finished", "continued", "failed"]
     step: int | None = None
     segment: int = 0
     next_call_id: str | None = None
+    active_s: float = 0.0  # container seconds of every attempt of every segment so far
     message: str = ""
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -39,6 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.metrics import parse_line
+from runtime.verl_common import TRACKER_FILE
+from runtime.verl_sft import MERGE_MODULE
 from runtime.modal_adapter import ModalAdapter
 from runtime.modal_app import (
     RUN_DIR,
@@ -49,8 +51,8 @@ from runtime.modal_app import (
     StageResult,
 )
 
-STEP_RE = re.compile(r"(?:^|[\s|,{(])(?:training/)?(?:global_)?step[\"']?\s*[:=]\s*(\d+)")
 STOP_GRACE_S = 120.0
+SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"  # read by runtime/recipe/tool_config.yaml
 LOG_TAIL_LINES = 40
 
 
@@ -80,71 +82,70 @@ def finalize(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def sandbox_web() -> Any:
-    """The service sandbox: retool's sandbox app behind a bearer-token check."""
+    """The service sandbox: retool's sandbox app (sandbox.app) behind the token check."""
     settings = json.loads(os.environ.get("RETOOL_SANDBOX_SETTINGS", "{}"))
     token_var = os.environ.get("RETOOL_SANDBOX_TOKEN_VAR", "")
     token = os.environ.get(token_var, "") if token_var else ""
     if not token:
         raise RuntimeError(f"the sandbox token variable {token_var or '(unset)'} is empty: attach its Modal secret")
-    from sandbox.app import create_app  # type: ignore[attr-defined]
+    from sandbox.app import create_app
+    from sandbox.settings import SandboxSettings
 
-    return BearerAuth(create_app(**_sandbox_app_options(settings)), token)
-
-
-def _sandbox_app_options(settings: dict[str, Any]) -> dict[str, Any]:
     keys = ("workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes")
-    return {k: settings[k] for k in keys if settings.get(k) is not None}
+    options = {k: settings[k] for k in keys if settings.get(k) is not None}
+    return BearerAuth(create_app(SandboxSettings(**options)), token)
 
 
 class BearerAuth:
-    """ASGI middleware: every path but the health check needs `Authorization: Bearer <token>`."""
+    """ASGI middleware: every path but the health check needs the token, either as
+    `Authorization: Bearer <token>` or as a `/t/<token>` path prefix (what the RL container
+    puts into RETOOL_SANDBOX_URL, so verl's tool needs no header support)."""
 
     OPEN_PATHS = ("/v1/ping",)
 
     def __init__(self, app: Any, token: str) -> None:
-        self.app, self._expected = app, f"Bearer {token}".encode()
+        self.app, self.token = app, token
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") not in self.OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            import hmac
+        if scope["type"] != "http" or scope.get("path") in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        import hmac
 
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self._expected):
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": b'{"detail": "missing or wrong bearer token"}'})
-                return
-        await self.app(scope, receive, send)
+        path = str(scope.get("path", ""))
+        prefix = f"/t/{self.token}"
+        if hmac.compare_digest(path[: len(prefix)], prefix) and path[len(prefix):len(prefix) + 1] in ("", "/"):
+            scope = {**scope, "path": path[len(prefix):] or "/", "raw_path": (path[len(prefix):] or "/").encode()}
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"detail": "missing or wrong sandbox token"}'})
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def local_entries(directory: Path) -> list[Any]:
-    """The checkpoint directory as `runtime.checkpoints.CkptEntry`s (paths relative to it)."""
-    from runtime.checkpoints import CkptEntry
+def latest_valid_step(checkpoint_dir: Path, world_size: int, restart_id: str) -> tuple[int | None, bool]:
+    """(latest valid step, whether any checkpoint directory exists at all), judged by the
+    same rules as every backend (`runtime.checkpoints`) over the stage's folder."""
+    from runtime.checkpoints import evaluate, latest_valid, scan_local
 
-    out = []
-    if not directory.is_dir():
-        return out
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory).as_posix()
-        if rel.split("/", 1)[0] == RUN_DIR:
-            continue
-        out.append(CkptEntry(path=rel, is_dir=path.is_dir(), size=0 if path.is_dir() else path.stat().st_size))
-    return out
-
-
-def latest_valid_step(directory: Path, world_size: int, restart_id: str) -> tuple[int | None, bool]:
-    """(latest valid step, whether any checkpoint directory exists at all)."""
-    from runtime.checkpoints import evaluate
-
-    found = evaluate(local_entries(directory), world_size, restart_id)
-    valid = [c.step for c in found if c.valid]
-    return (max(valid) if valid else None), bool(found)
+    found = [c for c in evaluate(scan_local(checkpoint_dir.parent), world_size, restart_id) if c.restart_id == restart_id]
+    best = latest_valid(found, restart_id)
+    return (best.step if best else None), bool(found)
 
 
 _RESUME_KEYS = ("trainer.resume_mode", "trainer.resume_from_path")
+
+
+def training_commands(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stage function runs the training; the merge `render_stage` lists after it runs in
+    finalize, on one GPU, on exactly the checkpoint the reconciler validated."""
+    return [c for c in commands if MERGE_MODULE not in c.get("argv", [])]
 
 
 def with_resume(argv: list[str], checkpoint_dir: str, step: int | None, any_checkpoint: bool) -> list[str]:
@@ -170,6 +171,8 @@ class StageRunner:
         self.run_dir = self.dir / RUN_DIR
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.active_before = 0.0  # container seconds of earlier attempts and segments
         self.rank = 0
         self._lock = threading.Lock()
 
@@ -187,18 +190,24 @@ class StageRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
         self.step = start_step
+        self.active_before = self._earlier_active_seconds()
         self._append_attempt()
         try:
             self._check_secrets()
+            extra_env = self._sandbox_env()
         except StageFailed as exc:
             return self._finish_failed(str(exc))
+        if p.replace_existing and p.segment == 0 and self.rank == 0 and self._move_aside_once():
+            start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+            self.step = start_step
         sidecar = self._start_sidecar() if p.sidecar is not None else None
         committer = _Periodic(p.commit_every_s, self._commit_all)
         committer.start()
         stopped_early = False
         try:
-            for cmd in p.commands:
+            for cmd in training_commands(p.commands):
                 argv = with_resume(list(cmd["argv"]), p.checkpoint_dir, start_step, any_ckpt)
+                cmd = {**cmd, "env": {**cmd.get("env", {}), **extra_env}}
                 status = self._run_command(argv, cmd, self.started + p.train_seconds)
                 if status == "deadline":
                     stopped_early = True
@@ -217,9 +226,12 @@ class StageRunner:
         latest, _ = latest_valid_step(self.dir, p.world_size, p.restart_id)
         if self.rank != 0:
             return StageResult(outcome="finished", step=latest, segment=p.segment).model_dump()
+        self.step = latest if latest is not None else self.step
         if stopped_early:
             return self._hand_over(start_step, latest)
-        result = StageResult(outcome="finished", step=latest, segment=p.segment, message="commands finished")
+        result = StageResult(
+            outcome="finished", step=latest, segment=p.segment, active_s=self.active_seconds(), message="commands finished",
+        )
         self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
         self._commit_all()
         return result.model_dump()
@@ -232,21 +244,37 @@ class StageRunner:
                 "lower save_freq so each segment saves at least once"
             )
         nxt = p.model_copy(update={"segment": p.segment + 1})
-        call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
+        call_id = self._spawned_next()
+        if call_id is None:
+            call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
         self._write_json("run.json", {
             "call_id": call_id, "app_name": p.app_name, "function": p.function, "segment": p.segment + 1,
             "previous_call_id": self.adapter.current_call_id(), "launched_at": self.clock(),
         })
         self._commit_all()
         return StageResult(
-            outcome="continued", step=latest, segment=p.segment, next_call_id=call_id,
+            outcome="continued", step=latest, segment=p.segment, next_call_id=call_id, active_s=self.active_seconds(),
             message=f"segment {p.segment} stopped at step {latest}; segment {p.segment + 1} continues",
         ).model_dump()
 
+    def _spawned_next(self) -> str | None:
+        """The next segment's call, if an earlier attempt of this one already spawned it
+        (it crashed between the spawn and returning): never start a segment twice."""
+        try:
+            run = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if run.get("segment") == self.p.segment + 1 and run.get("call_id"):
+            return str(run["call_id"])
+        return None
+
     def _finish_failed(self, message: str) -> dict[str, Any]:
-        self._write_json("result.json", {"outcome": "failed", "message": message, "finished_at": self.clock()})
+        result = StageResult(
+            outcome="failed", step=self.step, segment=self.p.segment, active_s=self.active_seconds(), message=message,
+        )
+        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
         self._commit_all()
-        return {"outcome": "failed", "step": self.step, "segment": self.p.segment, "message": message}
+        return result.model_dump()
 
     # ----------------------------------------------------------------- pieces
 
@@ -257,6 +285,41 @@ class StageRunner:
                 f"secret variables not set in the container: {', '.join(missing)}; "
                 "create the Modal secrets named in the spec (`modal secret create NAME VAR=...`)"
             )
+
+    def _sandbox_env(self) -> dict[str, str]:
+        """A service sandbox is reached as `<url>/t/<token>`; the token comes from the
+        container's secret only, here, never from the payload."""
+        var = self.p.sandbox_token_var
+        if not var:
+            return {}
+        token = os.environ.get(var, "")
+        if not token:
+            raise StageFailed(f"the sandbox token variable {var} is not set: attach the sandbox's Modal secret")
+        out: dict[str, str] = {}
+        for cmd in self.p.commands:
+            url = cmd.get("env", {}).get(SANDBOX_URL_ENV)
+            if url:
+                base = url.rstrip("/").removesuffix("/run_code")
+                out[SANDBOX_URL_ENV] = f"{base}/t/{token}"
+        return out
+
+    def _move_aside_once(self) -> bool:
+        """A forced rerun from scratch: move this identity's earlier checkpoints to
+        `<stage>/.replaced/` (once per launch; a retried attempt keeps its own progress)."""
+        head = self.adapter.current_call_id() or "unknown"
+        done = self.run_dir / f"replaced-for-{head}"
+        if done.exists():
+            return False
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = self.dir.parent / ".replaced" / f"{self.dir.name}-{stamp}"
+        moved = [p for p in self.dir.iterdir() if p.name.startswith("global_step_") or p.name == TRACKER_FILE]
+        if moved:
+            dest.mkdir(parents=True, exist_ok=True)
+            for path in moved:
+                os.replace(path, dest / path.name)
+        done.write_text(stamp, encoding="utf-8")
+        self._commit_all()
+        return True
 
     def _start_sidecar(self) -> Any:
         settings = self.p.sidecar
@@ -293,9 +356,11 @@ class StageRunner:
             log.flush()
             with self._lock:
                 self.tail.append(line.rstrip("\n"))
-                m = STEP_RE.search(line)
-                if m:
-                    self.step = int(m.group(1))
+                for part in line.split("\r"):  # tqdm glues its bar to the step line
+                    record = parse_line(part) if "step:" in part else None
+                    if record is not None:
+                        self.step = max(self.step or 0, record.step)
+                        self.metrics.update(record.values)
 
     def _commit_all(self) -> None:
         self._write_progress()
@@ -305,13 +370,29 @@ class StageRunner:
             except Exception as exc:  # noqa: BLE001 - a failed periodic commit is retried next period
                 print(f"[retool] commit of volume {name} failed: {exc}", flush=True)
 
+    def active_seconds(self) -> float:
+        return self.active_before + max(0.0, self.clock() - self.started)
+
+    def _earlier_active_seconds(self) -> float:
+        """What earlier attempts ran, from the progress they last committed (a preempted
+        attempt loses at most one commit period of accounting)."""
+        try:
+            old = json.loads((self.run_dir / "progress.json").read_text(encoding="utf-8"))
+            return float(old.get("active_before", 0.0)) + max(
+                0.0, float(old["updated_at"]) - float(old["attempt_started_at"])
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
     def _write_progress(self) -> None:
         if self.rank != 0:
             return
         with self._lock:
             data = {
                 "step": self.step, "total": self.p.total_steps, "segment": self.p.segment,
-                "attempt_started_at": self.started, "updated_at": self.clock(), "log_tail": list(self.tail)[-20:],
+                "attempt_started_at": self.started, "updated_at": self.clock(),
+                "active_before": self.active_before, "active_s": self.active_seconds(),
+                "metrics": dict(self.metrics), "log_tail": list(self.tail)[-20:],
             }
         self._write_json("progress.json", data)
 

@@ -347,3 +347,101 @@ class FakeModal:
 
     def cluster_info(self) -> tuple[int, list[str]]:
         return self.cluster
+
+
+# --------------------------------------------------------------------------- simulated containers
+
+
+def volume_path(payload: dict[str, Any], container_path: str) -> tuple[str, str]:
+    """(Modal volume name, path inside it) of a container path, from the payload's mounts."""
+    for name, mnt in sorted(payload["volumes"].items(), key=lambda kv: -len(kv[1])):
+        if container_path == mnt or container_path.startswith(mnt.rstrip("/") + "/"):
+            return name, container_path[len(mnt):].lstrip("/")
+    raise KeyError(container_path)
+
+
+@dataclass
+class Containers:
+    """What retool's functions do in their containers, simulated on the fake's volumes:
+    `prepare` writes a dataset/model, `stage-*` writes verl checkpoints (all shards of its
+    world size, then the tracker) every `save_freq` steps, `finalize` writes a merged model.
+
+    `steps_per_call`: how far one stage call trains before its segment ends (then it spawns
+    the next segment, as the real worker does); None trains to the end. `hold`: stage calls
+    stay running until `advance(call_id)` is called."""
+
+    save_freq: int = 62
+    steps_per_call: int | None = None
+    hold: bool = False
+    rows: int = 2000
+    seen_env: list[dict[str, str]] = field(default_factory=list)
+
+    def install(self, fake: FakeModal, stage_functions: list[str]) -> None:
+        fake.handlers["prepare"] = self.prepare
+        fake.handlers["finalize"] = self.finalize
+        for name in stage_functions:
+            fake.handlers[name] = self.stage
+
+    def prepare(self, call: FakeCall, fake: FakeModal) -> Any:
+        p = call.payload
+        vol, rel = volume_path({"volumes": {p["volume"]: p["out_dir"].rsplit("/", 2)[0]}}, p["out_dir"])
+        if p["kind"] == "dataset":
+            fake.write(vol, f"{rel}/train.parquet", b"PAR1" + p["name"].encode())
+            fake.write(vol, f"{rel}/meta.json", '{"rows": %d}' % self.rows)
+            return {"path": f"{p['out_dir']}/train.parquet", "digest": f"d-{p['name']}", "rows": self.rows,
+                    "columns": ["messages"], "skipped": 0}
+        fake.write(vol, f"{rel}/config.json", "{}")
+        return {"path": p["out_dir"], "digest": f"m-{p['name']}"}
+
+    def stage(self, call: FakeCall, fake: FakeModal) -> Any:
+        self.seen_env.append(dict(call.env))
+        if self.hold:
+            return RUNNING
+        return self.train(call, fake)
+
+    def advance(self, fake: FakeModal, call_id: str) -> None:
+        call = fake.calls[call_id]
+        try:
+            call.result, call.state = self.train(call, fake), "succeeded"
+        except Exception as exc:  # noqa: BLE001
+            call.state, call.error = "failed", str(exc)
+
+    def train(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
+        p = call.payload
+        vol, rel = volume_path(p, p["checkpoint_dir"])
+        tracker = f"{rel}/latest_checkpointed_iteration.txt"
+        start = int(fake.volumes[vol].get(tracker, b"0").decode() or 0)
+        total = int(p["total_steps"])
+        end = total if self.steps_per_call is None else min(total, start + self.steps_per_call)
+        rl = p["kind"] == "rl"
+        for step in range(start + 1, end + 1):
+            if step % self.save_freq and step != end:
+                continue
+            sub = f"{rel}/global_step_{step}" + ("/actor" if rl else "")
+            for r in range(int(p["world_size"])):
+                for kind in ("model", "optim", "extra_state"):
+                    fake.write(vol, f"{sub}/{kind}_world_size_{p['world_size']}_rank_{r}.pt", b"w" * 8)
+            fake.write(vol, tracker, str(step))
+        fake.write(vol, f"{rel}/_retool/progress.json",
+                   '{"step": %d, "total": %d, "active_s": %f, "metrics": {"train/loss": 0.5}}' % (end, total, 60.0 * end))
+        if end < total:
+            nxt = {**p, "segment": int(p["segment"]) + 1}
+            next_id = fake.spawn(call.app_name, call.function, nxt)
+            fake.write(vol, f"{rel}/_retool/run.json",
+                       '{"call_id": "%s", "segment": %d}' % (next_id, nxt["segment"]))
+            return {"outcome": "continued", "step": end, "segment": p["segment"], "next_call_id": next_id,
+                    "active_s": 60.0 * end}
+        fake.write(vol, f"{rel}/_retool/result.json", '{"outcome": "finished", "step": %d}' % end)
+        return {"outcome": "finished", "step": end, "segment": p["segment"], "active_s": 60.0 * end}
+
+    def finalize(self, call: FakeCall, fake: FakeModal) -> Any:
+        p = call.payload
+        vol = p["volume"]
+        merged = p["merged_dir"]
+        # merged_dir is <mount>/<stage>/<rid16>/merged: the volume path drops the mount
+        rel = merged.split("/", 2)[2]
+        fake.write(vol, f"{rel}/config.json", "{}")
+        out: dict[str, Any] = {"model_path": merged, "final_step": p["step"], "checkpoint": p["checkpoint_path"]}
+        if p.get("tool_call_check"):
+            out.update({"tool_call_rate": 0.9, "tool_call_prompts": p["tool_call_check"]["prompts"]})
+        return out
