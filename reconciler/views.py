@@ -65,11 +65,10 @@ def estimate_text(change: PlannedChange) -> str | None:
     on = gpu_text(change.config)
     if est.seconds_per_step is None:
         return f"{est.steps} steps on {on} (no seconds_per_step: cost unknown)"
+    wall = f"{est.steps * est.seconds_per_step / 3600:,.1f} h wall"
     segs = f", {est.segments} segment{'s' if est.segments != 1 else ''}"
-    return (
-        f"{est.steps} steps × {est.seconds_per_step:g} s/step ({est.source}) on {on}"
-        f" ≈ {hours(est.gpu_hours)}, {money(est.usd)}{segs}"
-    )
+    cost = f"{hours(est.gpu_hours)} ({wall})" if on != "CPU" else wall
+    return f"{est.steps} steps × {est.seconds_per_step:g} s/step ({est.source}) on {on} ≈ {cost}, {money(est.usd)}{segs}"
 
 
 def detail_lines(change: PlannedChange) -> list[str]:
@@ -113,10 +112,10 @@ def render_plan(plan: Plan, console: Console, *, show_unchanged: bool = True) ->
             line.append("  " + "; ".join(change.reasons), style="dim" if change.action == "no-op" else "")
         else:
             line.append(change.address, style=address_style)
-        console.print(line)
+        console.print(line, soft_wrap=True)  # long lines wrap in the terminal, not mid-word by rich
         for detail in detail_lines(change):
             style = "yellow" if detail.startswith("note:") else ""
-            console.print(Text("        " + detail, style=style))
+            console.print(Text("        " + detail, style=style), soft_wrap=True)
     console.print()
     console.print(Text(summary_line(plan), style="bold"))
     console.print(Text(total_line(plan.total)))
