@@ -297,6 +297,15 @@ class Optim(SpecModel):
     clip_grad: float = F(1.0, policy="restart", gt=0, description="Gradient-norm clip.")
 
 
+class ActorOptim(Optim):
+    """RL actor optimizer: the recipe's defaults (constant lr 1e-6, AdamW betas 0.9/0.999)."""
+
+    lr: float = F(1e-6, policy="restart", gt=0, description="Actor learning rate.")
+    betas: tuple[float, float] = F((0.9, 0.999), policy="restart", description="AdamW betas.")
+    warmup_ratio: float = F(0.0, policy="restart", ge=0, le=1, description="Warm-up fraction of total steps.")
+    lr_scheduler: Literal["cosine", "constant"] = F("constant", policy="restart", description="Schedule after warm-up.")
+
+
 class Logging(SpecModel):
     backends: list[Literal["console", "wandb", "tensorboard", "file"]] = F(
         default_factory=lambda: ["console"], policy="update", description="Trainer loggers."
@@ -432,10 +441,7 @@ class RLStage(StageCommon):
     param_offload: bool = F(True, policy="update", description="FSDP parameter offload.")
     optimizer_offload: bool = F(True, policy="update", description="FSDP optimizer offload.")
     gradient_checkpointing: bool = F(True, policy="update", description="Trade compute for memory.")
-    optim: Optim = F(
-        default_factory=lambda: Optim(lr=1e-6, betas=(0.9, 0.999), warmup_ratio=0.0, lr_scheduler="constant"),
-        policy="restart", description="Actor optimizer.",
-    )
+    optim: ActorOptim = F(default_factory=ActorOptim, policy="restart", description="Actor optimizer.")
     algorithm: Algorithm = F(default_factory=Algorithm, policy="restart", description="GRPO / clip-higher.")
     rollout: Rollout = F(default_factory=Rollout, policy="restart", description="Rollout engine and sampling.")
     validation: Validation = F(default_factory=Validation, policy="update", description="Validation sampling.")
