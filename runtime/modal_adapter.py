@@ -487,7 +487,7 @@ def parse_gpu_rates(rates: dict[str, float]) -> dict[str, float]:
     from reconciler.spec import GPU_TYPES
 
     out: dict[str, float] = {}
-    by_norm = {t.lower().replace("!", ""): t for t in GPU_TYPES}
+    by_norm = {t.lower(): t for t in GPU_TYPES if not t.endswith("!")}
     for key, value in rates.items():
         norm = key.lower().replace("gpu.", "").replace("gpu_", "").replace("_", "-").replace("!", "")
         gpu = by_norm.get(norm)

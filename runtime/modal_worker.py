@@ -189,6 +189,10 @@ class StageRunner:
             self.cluster_env = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+        handed_over = self._spawned_next() if self.rank == 0 else None
+        if handed_over is not None:  # this segment already ended and spawned the next one
+            return StageResult(outcome="continued", step=start_step, segment=p.segment, next_call_id=handed_over,
+                               message="already handed over").model_dump()
         self.step = start_step
         self.active_before = self._earlier_active_seconds()
         self._append_attempt()
@@ -244,9 +248,7 @@ class StageRunner:
                 "lower save_freq so each segment saves at least once"
             )
         nxt = p.model_copy(update={"segment": p.segment + 1})
-        call_id = self._spawned_next()
-        if call_id is None:
-            call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
+        call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
         self._write_json("run.json", {
             "call_id": call_id, "app_name": p.app_name, "function": p.function, "segment": p.segment + 1,
             "previous_call_id": self.adapter.current_call_id(), "launched_at": self.clock(),
@@ -258,8 +260,8 @@ class StageRunner:
         ).model_dump()
 
     def _spawned_next(self) -> str | None:
-        """The next segment's call, if an earlier attempt of this one already spawned it
-        (it crashed between the spawn and returning): never start a segment twice."""
+        """The next segment's call, if an earlier attempt of this segment already spawned it
+        (and then died before returning): a segment is never trained or spawned twice."""
         try:
             run = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
