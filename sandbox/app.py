@@ -1,0 +1,237 @@
+"""The HTTP face: SandboxFusion's `POST /run_code` and `GET /v1/ping`, plus /health and /metrics.
+
+`create_app(settings)` builds an app whose executor starts with the app (lifespan) and stops
+with it. The module attribute `app` is built lazily from `RETOOL_SANDBOX_*` variables, so
+`uvicorn sandbox.app:app` and Modal's `@modal.asgi_app()` can serve it as it is.
+
+Bad input is always a clear 4xx: 400 unsupported language, 401 missing token, 413 code or body
+too large, 422 malformed fields (non-finite or non-positive timeouts, unsafe paths, bad base64);
+503 + Retry-After when the queue is full. Timeouts above the server maximum are clamped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from sandbox.executor import ExecutionRequest, Executor
+from sandbox.models import SUPPORTED_LANGUAGES, CommandRunStatus, RunCodeRequest, RunCodeResponse, RunResult, RunStatus
+from sandbox.paths import UnsafePathError, check_file_layout, check_relative_path
+from sandbox.pool import QueueFullError
+from sandbox.protocol import Outcome
+from sandbox.settings import SandboxSettings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/v1/ping"})
+
+
+def create_app(settings: SandboxSettings | None = None) -> FastAPI:
+    settings = settings or SandboxSettings.from_env()
+    executor = Executor(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await executor.start()
+        try:
+            yield
+        finally:
+            await executor.stop()
+
+    app = FastAPI(title="retool sandbox", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.executor = executor
+    app.state.settings = settings
+
+    @app.get("/v1/ping")
+    async def ping() -> str:
+        return "pong"
+
+    @app.post("/run_code", response_model=RunCodeResponse)
+    async def run_code(body: RunCodeRequest) -> Any:
+        request = _validate(body, settings)
+        try:
+            outcome = await executor.run(request)
+        except QueueFullError as exc:
+            executor.counters.rejected += 1
+            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        return to_response(outcome)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return health_report(executor)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(executor))
+
+    app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(_Auth, token=settings.token)  # added last = runs first
+    return app
+
+
+def _validate(body: RunCodeRequest, settings: SandboxSettings) -> ExecutionRequest:
+    if body.language not in SUPPORTED_LANGUAGES:
+        raise HTTPException(400, f"language {body.language!r} is not supported; this sandbox runs {list(SUPPORTED_LANGUAGES)}")
+    code_bytes = len(body.code.encode("utf-8", "surrogatepass"))
+    if code_bytes > settings.max_code_bytes:
+        raise HTTPException(413, f"code is {code_bytes} bytes; the limit is {settings.max_code_bytes}")
+    files = {path: content for path, content in body.files.items() if content is not None}
+    try:
+        check_file_layout(files)
+        for path in body.fetch_files:
+            check_relative_path(path)
+    except UnsafePathError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    for path, content in files.items():
+        try:
+            base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise HTTPException(422, f"files[{path!r}] is not valid base64: {exc}") from exc
+    memory = body.memory_limit_MB if body.memory_limit_MB > 0 else settings.memory_limit_mb
+    return ExecutionRequest(
+        code=body.code,
+        stdin=body.stdin,
+        files=files,
+        fetch_files=list(dict.fromkeys(body.fetch_files)),
+        run_timeout=min(body.run_timeout, settings.max_run_timeout_s),
+        memory_limit_mb=min(memory, settings.max_memory_limit_mb),
+    )
+
+
+def to_response(outcome: Outcome) -> RunCodeResponse:
+    """Map an execution outcome onto SandboxFusion's statuses."""
+    if outcome.kind == "error":
+        result = RunResult(
+            status=CommandRunStatus.Error, execution_time=outcome.execution_time, stdout="", stderr=outcome.message
+        )
+        return RunCodeResponse(status=RunStatus.SandboxError, message=outcome.message, run_result=result)
+    if outcome.kind == "timeout":
+        result = RunResult(
+            status=CommandRunStatus.TimeLimitExceeded, execution_time=outcome.execution_time, return_code=None,
+            stdout=outcome.stdout, stderr=outcome.stderr,
+        )
+        return RunCodeResponse(status=RunStatus.Failed, run_result=result, files=outcome.files)
+    result = RunResult(
+        status=CommandRunStatus.Finished, execution_time=outcome.execution_time, return_code=outcome.return_code,
+        stdout=outcome.stdout, stderr=outcome.stderr,
+    )
+    status = RunStatus.Success if outcome.return_code == 0 else RunStatus.Failed
+    return RunCodeResponse(status=status, run_result=result, files=outcome.files)
+
+
+def health_report(executor: Executor) -> dict[str, Any]:
+    pool, zygote = executor.pool, executor.zygote
+    ready = zygote.ready if zygote is not None else None
+    return {
+        "status": "ok" if zygote is not None and zygote.alive else "starting",
+        "pool_size": pool.size if pool else executor.settings.pool_size(),
+        "busy": pool.busy if pool else 0,
+        "queue_depth": pool.waiting if pool else 0,
+        "max_queue": executor.settings.max_queue,
+        **executor.counters.model_dump(),
+        "network_isolated": executor.isolation.network,
+        "isolation": executor.isolation.model_dump(),
+        "preloaded": ready.preloaded if ready else [],
+        "preload_failures": ready.preload_failures if ready else {},
+        "zygote_pid": ready.pid if ready else None,
+    }
+
+
+def prometheus_text(executor: Executor) -> str:
+    report = health_report(executor)
+    lines = []
+    for name in ("executions", "timeouts", "errors", "rejected", "zygote_restarts"):
+        lines += [f"# TYPE retool_sandbox_{name}_total counter", f"retool_sandbox_{name}_total {report[name]}"]
+    for name in ("pool_size", "busy", "queue_depth"):
+        lines += [f"# TYPE retool_sandbox_{name} gauge", f"retool_sandbox_{name} {report[name]}"]
+    lines += ["# TYPE retool_sandbox_network_isolated gauge", f"retool_sandbox_network_isolated {int(report['network_isolated'])}"]
+    return "\n".join(lines) + "\n"
+
+
+class _Auth:
+    """Bearer-token check on every route but /v1/ping (a no-op without a token)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+        await response(scope, receive, send)
+
+
+class _BodyLimit:
+    """Refuse bodies over the limit with 413 before they are parsed (declared or streamed size)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed() -> Message:
+            try:
+                return next(replay)
+            except StopIteration:
+                return await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body is larger than {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+def __getattr__(name: str) -> Any:
+    """`sandbox.app.app`: built on first access from the environment (PEP 562)."""
+    if name == "app":
+        global _env_app
+        if _env_app is None:
+            _env_app = create_app(SandboxSettings.from_env(os.environ))
+        return _env_app
+    raise AttributeError(name)
+
+
+_env_app: FastAPI | None = None

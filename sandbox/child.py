@@ -1,0 +1,232 @@
+"""The program process: lock itself down, wait for the program, run it as `python main.py` would.
+
+It is forked by a supervisor before any request arrives (a fork of a process with numpy and
+sympy loaded costs milliseconds; paying it between requests keeps it off the latency path):
+
+1. prepare (root, request-independent): own session, the slot's mount namespace, cwd, stdio
+   pipes, every other fd closed, signals reset, PRNGs reseeded; then block on the go pipe;
+2. on `Go`: resource limits, drop to the slot's uid, no_new_privs, clean environment,
+   address-space limit last; write "started";
+3. run the program, finalise like CPython (threads, atexit, __del__, flush), write "done <rc>"
+   *before* exiting, because tearing down a big address space takes milliseconds.
+
+Lines on the status fd (fd 3): "error <why>" (never started: a sandbox fault), "started",
+"done <rc>". The program could write there too; the worst it can do is end its own run early.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import fcntl
+import gc
+import linecache
+import os
+import resource
+import signal
+import socket
+import sys
+import traceback
+import types
+from dataclasses import dataclass
+from typing import NoReturn
+
+from sandbox import linux
+from sandbox.protocol import ChildLimits, Go
+
+SETUP_FAILED_EXIT = 125
+STATUS_FD = 3
+GO_FD = 4
+_MAX_FD = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ChildPlan:
+    """What the program process knows before any request; inherited through fork."""
+
+    cwd: str
+    uid: int | None
+    mount_ns_fd: int | None
+    supervisor_pid: int
+    stdin_fd: int
+    stdout_fd: int
+    stderr_fd: int
+    status_fd: int
+    go_fd: int
+    # Socket objects of the parent processes: detached (not closed) here, so their finalisers can
+    # never close an fd number that the program has reused for its own files.
+    detach: tuple[socket.socket, ...] = ()
+
+
+def run_child(plan: ChildPlan) -> NoReturn:
+    try:
+        _prepare(plan)
+        go = Go.model_validate_json(_read_all(GO_FD))
+        os.close(GO_FD)
+        _lock_down(plan, go)
+        os.write(STATUS_FD, b"started\n")
+    except BaseException as exc:  # report anything, then never run the program
+        fd = STATUS_FD if _is_open(STATUS_FD) else plan.status_fd
+        try:
+            os.write(fd, f"error {type(exc).__name__}: {exc}".replace("\n", " ").encode()[:4000] + b"\n")
+        finally:
+            os._exit(SETUP_FAILED_EXIT)
+    status = _run_program(go.code, go.filename)
+    try:
+        os.write(STATUS_FD, f"done {status}\n".encode())
+    except OSError:
+        pass  # the program closed fd 3: the supervisor learns the status from the exit instead
+    os._exit(status)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(plan: ChildPlan) -> None:
+    os.setsid()  # own session and process group: killpg reaches every process that stays in it
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if plan.mount_ns_fd is not None:
+        linux.setns(plan.mount_ns_fd, linux.CLONE_NEWNS)  # the slot's private /tmp and /proc
+    os.chdir(plan.cwd)
+    sources = (plan.stdin_fd, plan.stdout_fd, plan.stderr_fd, plan.status_fd, plan.go_fd)
+    copies = [fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for fd in sources]  # out of the way of targets 0..4
+    for target, copy in enumerate(copies):
+        os.dup2(copy, target)
+    for sock in plan.detach:
+        sock.detach()
+    os.closerange(GO_FD + 1, _MAX_FD)  # sockets, namespace fds, the supervisor's pipe ends
+    _reset_signals()
+    _reseed()
+    _fresh_stdio()
+
+
+def _lock_down(plan: ChildPlan, go: Go) -> None:
+    _apply_limits(go.limits)
+    if plan.uid is not None:
+        os.setgroups([])
+        os.setresgid(plan.uid, plan.uid, plan.uid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges again
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # again: changing uid clears it
+    if os.getppid() != plan.supervisor_pid:
+        raise RuntimeError("the supervisor exited before the program started")
+    os.umask(0o077)
+    os.environ.clear()
+    os.environ.update(go.env)
+    if go.limits.address_space_bytes is not None:  # last: everything above may allocate
+        resource.setrlimit(resource.RLIMIT_AS, (go.limits.address_space_bytes,) * 2)
+
+
+def _reset_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # what CPython itself sets at start-up
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _apply_limits(limits: ChildLimits) -> None:
+    def lower(kind: int, value: int, hard: int | None = None) -> None:
+        _, current_hard = resource.getrlimit(kind)
+        wanted_hard = value if hard is None else hard
+        if current_hard != resource.RLIM_INFINITY:
+            wanted_hard = min(wanted_hard, current_hard)
+        resource.setrlimit(kind, (min(value, wanted_hard), wanted_hard))
+
+    lower(resource.RLIMIT_CORE, 0)
+    # glibc sizes thread stacks from RLIMIT_STACK: keeping it small (not equal to the memory
+    # limit, as SandboxFusion does) is what lets numpy/OpenBLAS threads start under RLIMIT_AS.
+    lower(resource.RLIMIT_STACK, limits.stack_bytes)
+    lower(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)  # soft: SIGXCPU, hard: SIGKILL
+    lower(resource.RLIMIT_FSIZE, limits.file_size_bytes)
+    lower(resource.RLIMIT_NOFILE, limits.open_files)
+    if limits.processes is not None:
+        lower(resource.RLIMIT_NPROC, limits.processes)
+
+
+def _reseed() -> None:
+    """Forked children share the zygote's PRNG state; give each execution fresh entropy."""
+    random_module = sys.modules.get("random")
+    if random_module is not None:
+        random_module.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def _fresh_stdio() -> None:
+    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
+
+
+def _run_program(code: str, filename: str) -> int:
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=filename, __builtins__=builtins, __cached__=None)
+    sys.modules["__main__"] = main
+    sys.argv = [filename]
+    sys.path[0] = os.path.dirname(filename)
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    status = 0
+    try:
+        exec(compile(code, filename, "exec", dont_inherit=True), main.__dict__)
+    except SystemExit as exc:
+        status = _exit_status(exc)
+    except BaseException as exc:
+        _report(exc)
+        status = 1
+    return _shutdown(main, status)
+
+
+def _report(exc: BaseException) -> None:
+    """Print the traceback as `python main.py` would: without this runner's frame."""
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    exc = exc.with_traceback(tb)
+    if sys.excepthook is sys.__excepthook__:
+        # The built-in hook reads source lines from disk; main.py exists only in linecache.
+        traceback.print_exception(type(exc), exc, tb)
+    else:
+        sys.excepthook(type(exc), exc, tb)
+
+
+def _exit_status(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _shutdown(main: types.ModuleType, status: int) -> int:
+    """The parts of interpreter finalisation a program can observe: threads, atexit, __del__, flush."""
+    threading = sys.modules.get("threading")
+    try:
+        if threading is not None:
+            threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads, like Py_Finalize
+        atexit._run_exitfuncs()
+        main.__dict__.clear()  # drops the program's objects: unclosed files flush in __del__
+        gc.collect()
+    except BaseException:
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            status = status or 120  # CPython's exit status when flushing stdout fails
+    return status

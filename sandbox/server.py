@@ -1,0 +1,57 @@
+"""Serve the sandbox with uvicorn: `retool sandbox serve --host H --port P` calls `serve`.
+
+Also runnable as `python -m sandbox.server --host 127.0.0.1 --port 8080` (used by the
+benchmark and the tests). Settings not given here come from `RETOOL_SANDBOX_*` variables;
+pass the token through `RETOOL_SANDBOX_TOKEN` rather than the command line, where any local
+user could read it in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sandbox.settings import SandboxSettings
+
+
+def serve(
+    host: str,
+    port: int,
+    *,
+    workers: int | None = None,
+    max_queue: int = 256,
+    preload: list[str] | None = None,
+    memory_limit_mb: int = 1024,
+    max_output_bytes: int = 65536,
+    token: str | None = None,
+) -> None:
+    """Run the server until interrupted (blocking)."""
+    import uvicorn
+
+    from sandbox.app import create_app
+
+    settings = SandboxSettings.from_env(
+        workers=workers, max_queue=max_queue, preload=preload, memory_limit_mb=memory_limit_mb,
+        max_output_bytes=max_output_bytes, token=token,
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sandbox.server", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--preload", default=None, help="comma-separated modules (default numpy,sympy)")
+    parser.add_argument("--memory-limit-mb", type=int, default=1024)
+    parser.add_argument("--max-output-bytes", type=int, default=65536)
+    args = parser.parse_args(argv)
+    preload = None if args.preload is None else [m for m in args.preload.split(",") if m]
+    serve(
+        args.host, args.port, workers=args.workers, max_queue=args.max_queue, preload=preload,
+        memory_limit_mb=args.memory_limit_mb, max_output_bytes=args.max_output_bytes,
+    )
+
+
+if __name__ == "__main__":
+    main()

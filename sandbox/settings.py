@@ -1,0 +1,84 @@
+"""Server settings: one pydantic model, filled from arguments or `RETOOL_SANDBOX_*` variables.
+
+Every field can be set from the environment as `RETOOL_SANDBOX_<FIELD NAME IN CAPITALS>`
+(lists are comma-separated), so the ASGI app can be configured where only the environment
+reaches it (Modal's `@modal.asgi_app`, `uvicorn sandbox.app:app`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "RETOOL_SANDBOX_"
+MIB = 1024 * 1024
+
+
+class SandboxSettings(BaseModel):
+    """How the sandbox server runs and the limits it puts on each execution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: int | None = Field(None, ge=1, le=256, description="Executions at once; default the CPU count.")
+    max_queue: int = Field(256, ge=0, description="Requests allowed to wait for a worker; beyond it HTTP 503.")
+    preload: list[str] = Field(
+        default_factory=lambda: ["numpy", "sympy"],
+        description="Modules the pre-warmed interpreter imports once; every execution starts with them loaded.",
+    )
+    warmup: bool = Field(
+        True, description="Exercise preloaded modules once (lazy imports) and then clear their result caches."
+    )
+    memory_limit_mb: int = Field(1024, ge=16, description="Address-space limit when a request sends none (<= 0).")
+    max_memory_limit_mb: int = Field(8192, ge=16, description="Requests asking for more are clamped to this.")
+    max_output_bytes: int = Field(65536, ge=1024, description="Per-stream output cap; the rest is cut with a marker.")
+    token: str | None = Field(None, description="Bearer token required on every route except /v1/ping.")
+    max_code_bytes: int = Field(1 * MIB, ge=1, description="Longer code is refused with HTTP 413.")
+    max_request_bytes: int = Field(32 * MIB, ge=1024, description="Larger request bodies are refused with 413.")
+    max_run_timeout_s: float = Field(300.0, gt=0, description="Longer run timeouts are clamped to this.")
+    max_processes: int = Field(256, ge=8, description="Processes + threads per execution (needs a separate uid).")
+    max_file_bytes: int = Field(64 * MIB, ge=4096, description="Largest file an execution may write.")
+    max_open_files: int = Field(1024, ge=32, description="Open file descriptors per execution process.")
+    max_fetch_bytes: int = Field(16 * MIB, ge=0, description="Total bytes returned through fetch_files.")
+    stack_mb: int = Field(8, ge=1, le=1024, description="Stack limit; small so threads start under the memory cap.")
+    work_root: str = Field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "retool-sandbox"),
+        description="Directory that holds the per-worker working directories.",
+    )
+    uid_base: int = Field(
+        1_500_000, ge=1000, description="First uid of the range executions run as when the server is root."
+    )
+    isolate_users: bool = Field(True, description="When root, run each worker slot as its own unprivileged uid.")
+
+    def pool_size(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SandboxSettings:
+        """Settings from `RETOOL_SANDBOX_*` variables; explicit `overrides` win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if field.annotation == list[str]:
+                values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+            elif name == "token" or name == "workers":
+                values[name] = raw or None
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            from reconciler.errors import TerminalError
+
+            raise TerminalError(
+                "invalid sandbox settings",
+                str(exc),
+                f"check the {ENV_PREFIX}* environment variables and the serve options",
+            ) from exc

@@ -1,0 +1,66 @@
+"""The server's slots on disk: one working directory per worker and, when root, one uid each.
+
+Uids come from a block claimed with an flock under `work_root`, so two sandbox servers on one
+machine never share a uid — killing "every process of this uid" can only ever hit the
+execution it belongs to. The lock dies with the process, so a crashed server frees its block.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from sandbox.protocol import SlotSpec
+from sandbox.settings import SandboxSettings
+
+UID_BLOCK = 256  # >= the largest pool (SandboxSettings.workers <= 256)
+UID_BLOCKS = 4096
+
+
+@dataclass
+class Workspace:
+    root: str
+    slots: list[SlotSpec]
+    _lock_fd: int | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def create_workspace(settings: SandboxSettings) -> Workspace:
+    os.makedirs(settings.work_root, mode=0o711, exist_ok=True)
+    root = tempfile.mkdtemp(prefix=f"server-{os.getpid()}-", dir=settings.work_root)
+    os.chmod(root, 0o711)  # slot uids may traverse (not list) it when no private /tmp is available
+    uids: list[int | None] = [None] * settings.pool_size()
+    lock_fd = None
+    if os.geteuid() == 0 and settings.isolate_users:
+        block, lock_fd = _claim_uid_block(settings.work_root)
+        first = settings.uid_base + block * UID_BLOCK
+        uids = [first + i for i in range(settings.pool_size())]
+    slots = []
+    for index, uid in enumerate(uids):
+        workdir = os.path.join(root, f"slot-{index}")
+        os.mkdir(workdir, 0o700)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        slots.append(SlotSpec(index=index, workdir=workdir, uid=uid))
+    return Workspace(root=root, slots=slots, _lock_fd=lock_fd)
+
+
+def _claim_uid_block(work_root: str) -> tuple[int, int]:
+    lock_dir = os.path.join(work_root, "uid-blocks")
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    for block in range(UID_BLOCKS):
+        fd = os.open(os.path.join(lock_dir, f"{block}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return block, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise RuntimeError(f"all {UID_BLOCKS} sandbox uid blocks under {lock_dir} are in use")
