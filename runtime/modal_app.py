@@ -39,6 +39,8 @@ MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
 SEGMENT_MARGIN_S = 15 * 60
 SIDECAR_PORT = 8765  # the RL container's sandbox sidecar listens on localhost here by default
 WORKER_MODULE = "runtime.modal_worker"
+CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
+LOCAL_SOURCE_IGNORE = ("**/__pycache__", "**/*.pyc", "**/.pytest_cache")
 
 Entry = Literal["run_stage", "prepare", "finalize", "sandbox_web"]
 ImageOp = Literal[
@@ -178,7 +180,9 @@ def image_steps(image: Image) -> list[ImageStep]:
     if image.commands:
         steps.append(ImageStep(op="run_commands", args=list(image.commands)))
     if image.local_sources:
-        steps.append(ImageStep(op="add_local_python_source", args=list(image.local_sources)))
+        # Ship package data too (the RL tool config, chat templates): Modal's default ignores non-.py files.
+        steps.append(ImageStep(op="add_local_python_source", args=list(image.local_sources),
+                               options={"ignore": list(LOCAL_SOURCE_IGNORE)}))
     return steps
 
 

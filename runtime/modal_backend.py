@@ -36,6 +36,7 @@ from runtime import checkpoints as ckpts
 from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from runtime.modal_adapter import LOGIN_HINT, CallOutcome, ModalAdapter, ModalUnreachable
 from runtime.modal_app import (
+    CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
     PREPARE_FUNCTION,
     RUN_DIR,
@@ -129,8 +130,9 @@ class ModalRuntime:
             return None
         stage = spec.stages[name]
         bad = [p for p in modal_problems(spec, _package_root()) if p.startswith(f"stages.{name}.")]
-        if isinstance(stage, SFTStage) and stage.resources.nodes > 1:
-            bad.append("multi-node SFT is not supported (use more GPUs per node)")
+        if stage.resources.nodes > 1:
+            bad.append("multi-node stages are not launched yet (verl commands are rendered for one node; "
+                       "use more GPUs per node)")
         if isinstance(stage, RLStage) and importlib.util.find_spec("runtime.verl_rl") is None:
             bad.append("RL launch rendering (runtime.verl_rl) is not part of this installation")
         if stage.resources.gpu is None:
@@ -227,8 +229,8 @@ class ModalRuntime:
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
         if sandbox.placement == "sidecar":
             url = f"http://127.0.0.1:{sandbox.port or SidecarSettings().port}"
-            return Outcome(change="unchanged", outputs={"placement": "sidecar", "url": url},
-                           message="started inside each RL container, on localhost")
+            return Outcome(change="created", outputs={"placement": "sidecar", "url": url},
+                           message="a sidecar: each RL container starts it on localhost and waits for /v1/ping")
         _, deployed = self._ensure_deployed(spec)
         url = self.adapter.web_url(app_name(spec), SANDBOX_FUNCTION, env=spec.modal.environment)
         if not self.ping(url):
@@ -254,7 +256,8 @@ class ModalRuntime:
         final = ctx.total_steps if ctx.total_steps is not None else "N"
         source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
         merge = render_merge(source, paths.merged_dir)
-        return [*train, merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})]
+        merge = merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})
+        return [in_container(c) for c in (*train, merge)]
 
     def _sandbox_url(self, ctx: StageContext) -> str:
         sb = ctx.spec.sandbox
@@ -483,6 +486,20 @@ class ModalRuntime:
         except (FileNotFoundError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+
+def in_container(cmd: RenderedCommand) -> RenderedCommand:
+    """Renderers name files of retool's own packages by their path here (the RL tool config);
+    in the container those packages live under /root (add_local_python_source)."""
+    local = str(_package_root()) + "/"
+
+    def fix(value: str) -> str:
+        return value.replace(local, CONTAINER_SOURCE_ROOT + "/")
+
+    return cmd.model_copy(update={
+        "argv": [fix(a) for a in cmd.argv], "env": {k: fix(v) for k, v in cmd.env.items()},
+        "cwd": fix(cmd.cwd) if cmd.cwd else None,
+    })
 
 
 def _package_root() -> Path:

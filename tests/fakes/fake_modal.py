@@ -74,6 +74,7 @@ Handler = Callable[[FakeCall, "FakeModal"], Any]
 class FakeModal:
     token: bool = True
     reachable: bool = True
+    unreachable_ops: set[str] = field(default_factory=set)  # a partial outage: these calls time out
     workspace: str = "acme"
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # Modal secret name -> values
     rates: dict[str, float] | None = None  # billing rates (USD/GPU-hour); None: the API is unavailable
@@ -96,7 +97,7 @@ class FakeModal:
         self.ops.append(op)
         if not self.token:
             raise TerminalError(self.credentials_problem() or "", "", LOGIN_HINT)
-        if not self.reachable:
+        if not self.reachable or op[0] in self.unreachable_ops:
             raise ModalUnreachable(f"Modal did not answer within 20 s ({op[0]})")
 
     def ops_named(self, name: str) -> list[tuple[str, ...]]:
