@@ -76,6 +76,9 @@ class ApplyResult(BaseModel):
 
     @property
     def exit_code(self) -> int:
+        """0 done; 1 a node failed or was blocked; 130 detached by Ctrl-C (runs go on)."""
+        if self.detached:
+            return 130
         return 0 if self.ok else 1
 
     def result(self, address: str) -> NodeResult | None:

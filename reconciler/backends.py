@@ -15,6 +15,8 @@ from pathlib import Path
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Spec
+from reconciler.state.base import StateStore
+from reconciler.state.local import LocalStore
 from runtime.base import Runtime
 
 RuntimeFactory = Callable[[Spec, str], Runtime]
@@ -76,3 +78,17 @@ def get_runtime(spec: Spec, state_dir: str | Path) -> Runtime:
             "update retool to a version that ships this backend",
         )
     return runtime_class(state_dir=str(state_dir))  # type: ignore[no-any-return]
+
+
+def get_store(spec: Spec, state_dir: str | Path) -> StateStore:
+    """The state store the spec asks for: a local file in `state_dir`, or the shared file
+    on a Modal Volume (teams and CI; imports the Modal SDK only when used)."""
+    if spec.state.store == "local":
+        return LocalStore(state_dir)
+    try:
+        from reconciler.state.modal_store import ModalStore
+    except ModuleNotFoundError as exc:
+        raise TerminalError(
+            "The Modal state store cannot be loaded", str(exc), "install the Modal extra: `pip install 'retool[modal]'`"
+        ) from exc
+    return ModalStore.from_spec(spec)

@@ -87,6 +87,31 @@ def open_runtime(loaded: LoadedSpec, state_dir: str | Path) -> tuple[Runtime | N
         return None, [f"backend {loaded.spec.backend} unavailable ({err.summary}); planned from recorded state"]
 
 
+def observe_and_plan(
+    loaded: LoadedSpec,
+    state: State | None,
+    runtime: Runtime | None,
+    *,
+    refresh: bool = True,
+    targets: set[str] | None = None,
+    replace: set[str] | None = None,
+    notes: list[str] | None = None,
+) -> tuple[Observed, Plan]:
+    """Observe (unless `refresh` is off), then make the plan. `notes` (e.g. why there is
+    no runtime) are carried into the plan's warnings. Status uses both halves."""
+    graph = build_graph(loaded.spec)
+    observed = observe(loaded, state, runtime if refresh else None)
+    blocked, block_notes = blocked_nodes(loaded, graph, runtime)
+    extra = [*(notes or []), *block_notes]
+    if extra:
+        observed = observed.model_copy(update={"notes": [*extra, *observed.notes], "refreshed": False})
+    plan = make_plan(
+        loaded.spec, state, observed, blocked=blocked, replace=replace or set(), targets=targets,
+        spec_path=loaded.path,
+    )
+    return observed, plan
+
+
 def refresh_and_plan(
     loaded: LoadedSpec,
     state: State | None,
@@ -97,15 +122,7 @@ def refresh_and_plan(
     replace: set[str] | None = None,
     notes: list[str] | None = None,
 ) -> Plan:
-    """Observe (unless `refresh` is off), then make the plan. `notes` (e.g. why there is
-    no runtime) are carried into the plan's warnings."""
-    graph = build_graph(loaded.spec)
-    observed = observe(loaded, state, runtime if refresh else None)
-    blocked, block_notes = blocked_nodes(loaded, graph, runtime)
-    extra = [*(notes or []), *block_notes]
-    if extra:
-        observed = observed.model_copy(update={"notes": [*extra, *observed.notes], "refreshed": False})
-    return make_plan(
-        loaded.spec, state, observed, blocked=blocked, replace=replace or set(), targets=targets,
-        spec_path=loaded.path,
-    )
+    """`retool plan`: the plan from observed reality (or recorded state where unobservable)."""
+    return observe_and_plan(
+        loaded, state, runtime, refresh=refresh, targets=targets, replace=replace, notes=notes
+    )[1]

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from reconciler.graph import address_kind
 from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
@@ -25,6 +26,7 @@ from reconciler.steps import hourly_usd
 Sync = Literal["in sync", "out of sync", "missing"]
 Health = Literal["healthy", "progressing", "failed", "lost"]
 FINGERPRINT_CHARS = 12
+FINGERPRINT_SHOWN = 8  # in the table; --json has FINGERPRINT_CHARS
 
 
 class NodeStatus(BaseModel):
@@ -178,18 +180,16 @@ def format_duration(seconds: float | None) -> str:
 
 def render_status(report: StatusReport, console: Console) -> None:
     """The human view of `retool status`."""
-    console.print(
-        f"[bold]{report.spec_name}[/] ({report.backend}) · state serial {report.serial}"
-        + ("" if report.refreshed else " · [yellow]not refreshed[/]")
-    )
+    head = Text(f"{report.spec_name} ({report.backend}) · state serial {report.serial}", style="bold")
+    if not report.refreshed:
+        head.append(" · not refreshed", style="yellow")
+    console.print(head)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(Text(f"note: {note}", style="yellow"))
     if report.lock is not None:
         lk = report.lock
-        console.print(f"[yellow]locked[/] by {lk.who} (pid {lk.pid}) running `{lk.command}`, lock {lk.id}")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("address", "sync", "health", "fingerprint", "step", "checkpoint", "elapsed", "cost", "message"):
-        table.add_column(col, no_wrap=col not in ("message",))
+        console.print(Text(f"locked by {lk.who} (pid {lk.pid}) running `{lk.command}`, lock {lk.id}", style="yellow"))
+    rows: list[list[Text]] = []
     for n in report.nodes:
         step = ""
         if n.kind == "stage" and (n.step is not None or n.total is not None):
@@ -199,17 +199,33 @@ def render_status(report: StatusReport, console: Console) -> None:
             message = (message + "; " if message else "") + "invalid: " + ", ".join(n.invalid_checkpoints)
         if n.sync != "in sync" and n.reasons and not message:
             message = "; ".join(n.reasons)
-        table.add_row(
-            n.address,
-            f"[{_SYNC_STYLE[n.sync]}]{n.sync}[/]",
-            f"[{_HEALTH_STYLE[n.health]}]{n.health}[/]" if n.health else "-",
-            n.fingerprint or "-",
-            step,
-            "" if n.latest_checkpoint is None else f"step {n.latest_checkpoint}",
-            format_duration(n.elapsed_s),
-            f"${n.cost_usd:,.2f}" if n.kind == "stage" and n.cost_usd else "",
-            message,
-        )
+        rows.append([
+            Text(n.address),
+            Text(n.sync, style=_SYNC_STYLE[n.sync]),
+            Text(n.health or "-", style=_HEALTH_STYLE.get(n.health or "", "dim")),
+            Text(n.fingerprint[:FINGERPRINT_SHOWN] if n.fingerprint else "-"),
+            Text(step),
+            Text("" if n.latest_checkpoint is None else str(n.latest_checkpoint)),
+            Text(format_duration(n.elapsed_s)),
+            Text(f"${n.cost_usd:,.2f}" if n.kind == "stage" and n.cost_usd else ""),
+            Text(message),
+        ])
+    # Every column but the message keeps its full width; the message wraps, or, on a
+    # terminal too narrow for it, goes under the table.
+    headers = ("address", "sync", "health", "fingerprint", "step", "ckpt", "elapsed", "cost", "message")
+    widths = [max([len(col), *(len(r[i].plain) for r in rows)]) for i, col in enumerate(headers[:-1])]
+    inline = console.width - (sum(widths) + 2 * len(widths)) >= 24
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col, width in zip(headers, widths):
+        table.add_column(col, no_wrap=True, min_width=width)
+    if inline:
+        table.add_column("message", overflow="fold", ratio=1)
+    for row in rows:
+        table.add_row(*(row if inline else row[:-1]))
     console.print(table)
+    if not inline:
+        for row in rows:
+            if row[-1].plain:
+                console.print(Text(f"  {row[0].plain}: ").append(row[-1]))
     if report.cost_usd:
-        console.print(f"cost so far: ${report.cost_usd:,.2f}")
+        console.print(Text(f"cost so far: ${report.cost_usd:,.2f}"))

@@ -278,7 +278,7 @@ def test_ctrl_c_while_waiting_detaches_and_the_next_apply_reattaches(loaded, sto
         raise KeyboardInterrupt
 
     result = run(loaded, store, rt, sleep=interrupt, on_event=events.append)
-    assert result.detached and result.exit_code == 1
+    assert result.detached and result.exit_code == 130
     assert result.result("stage.sft").result == "running"  # type: ignore[union-attr]
     assert result.result("stage.rl").result == "not-run"  # type: ignore[union-attr]
     assert any(e.kind == "detached" and "re-attaches" in e.message for e in events)

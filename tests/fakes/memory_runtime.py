@@ -79,6 +79,7 @@ def _digest(*parts: Any) -> str:
 @dataclass
 class MemoryRuntime:
     name: str = "memory"
+    poll_interval_s: float = 0.0  # nothing to wait for: runs advance per poll
     steps_per_poll: int = 5
     default_total: int = 10
     preflight_problems: list[str] = field(default_factory=list)

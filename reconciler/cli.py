@@ -1,0 +1,489 @@
+"""The `retool` command (typer + rich).
+
+    retool validate SPEC                 schema, references and graph checks; touches nothing
+    retool plan SPEC                     what apply would do, why, and what it costs
+    retool apply SPEC|PLAN_FILE          do it (asks first unless --yes; a saved plan applies as is)
+    retool status SPEC                   where every node stands
+    retool render SPEC [stage.X]         the exact commands a stage runs (secrets by name only)
+    retool cancel SPEC stage.X           stop a running stage, keep its checkpoints
+    retool schema                        the spec's JSON Schema (editor completion)
+    retool state show|unlock             inspect state, clear a stale lock
+    retool sandbox serve                 the SandboxFusion-compatible code sandbox
+
+Every `RetoolError` prints as one red line plus its detail and hint, exit code 1; tracebacks
+only with `--debug`. Nothing here imports torch, verl, ray or modal: backends do that lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from reconciler import apply as engine
+from reconciler.apply_view import ApplyView, render_apply_result
+from reconciler.backends import get_runtime, get_store
+from reconciler.errors import RetoolError, StalePlanError, TerminalError
+from reconciler.graph import build_graph
+from reconciler.loader import LoadedSpec, default_state_dir, find_repo_root, load_spec, schema_text
+from reconciler.plan import Plan
+from reconciler.refresh import observe_and_plan, open_runtime, refresh_and_plan
+from reconciler.state.base import LockInfo, StateStore
+from reconciler.state.local import LocalStore, format_age
+from reconciler.status import compute_status, format_duration, render_status
+from reconciler.views import plan_from_json, plan_json, plan_markdown, render_plan
+
+
+DEFAULT_POLL_S = 5.0  # a runtime may set `poll_interval_s` to its own cadence
+
+
+class _Flags:
+    debug = False
+
+
+def out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_error(error: RetoolError) -> None:
+    console = err()
+    console.print(Text(f"error: {error.summary}", style="bold red"))
+    if error.detail:
+        console.print(Text(error.detail))
+    if error.hint:
+        console.print(Text(f"hint: {error.hint}", style="yellow"))
+
+
+class RetoolGroup(TyperGroup):
+    """Turns errors into one clear message and an exit code (STYLE.md #8)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit, typer.Abort):
+            raise
+        except RetoolError as error:
+            if _Flags.debug:
+                traceback.print_exc()
+            print_error(error)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err().print(Text("interrupted", style="yellow"))
+            raise typer.Exit(130) from None
+        except Exception as error:  # a bug: say so briefly; the traceback is one flag away
+            if _Flags.debug:
+                traceback.print_exc()
+            print_error(TerminalError(
+                f"internal error: {type(error).__name__}: {error}", hint="run with --debug for the traceback"
+            ))
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    cls=RetoolGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Declarative, resumable ReTool training: plan, apply, status.",
+)
+state_app = typer.Typer(no_args_is_help=True, help="Inspect recorded state, clear a stale lock.")
+sandbox_app = typer.Typer(no_args_is_help=True, help="The SandboxFusion-compatible code sandbox.")
+app.add_typer(state_app, name="state")
+app.add_typer(sandbox_app, name="sandbox")
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _Flags.debug = debug
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+SpecArg = typer.Argument(..., help="The spec file (YAML).", exists=False, dir_okay=False)
+
+
+def open_spec(path: Path) -> tuple[LoadedSpec, Path, StateStore]:
+    loaded = load_spec(path)
+    state_dir = default_state_dir(loaded)
+    return loaded, state_dir, get_store(loaded.spec, state_dir)
+
+
+def spec_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_plan(plan: Plan, loaded: LoadedSpec, path: Path) -> None:
+    """A saved plan is the JSON plan plus the spec's absolute path and content digest,
+    so `retool apply FILE` applies exactly it, against exactly that spec."""
+    data = json.loads(plan_json(plan.model_copy(update={"spec": str(Path(loaded.path).resolve())})))
+    data["spec_sha256"] = spec_digest(loaded.text)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def saved_plan_data(path: Path) -> dict[str, Any] | None:
+    """The JSON of a saved plan in `path`, or None if `path` is not one (a spec)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or "changes" not in data or "serial" not in data:
+        return None
+    return data
+
+
+def read_saved_plan(path: Path, data: dict[str, Any]) -> tuple[Plan, LoadedSpec]:
+    """The saved plan and its spec; refused if the spec changed since the plan was made."""
+    plan = plan_from_json(json.dumps(data))
+    spec_path = Path(plan.spec)
+    if not spec_path.is_absolute():
+        spec_path = path.parent / spec_path
+    loaded = load_spec(spec_path)
+    if data.get("spec_sha256") not in (None, spec_digest(loaded.text)):
+        raise StalePlanError(
+            "Saved plan is stale", f"the spec {spec_path} changed since the plan was made; run `retool plan` again."
+        )
+    return plan, loaded
+
+
+def parse_addresses(values: list[str] | None) -> set[str] | None:
+    items = {a.strip() for v in values or [] for a in v.split(",") if a.strip()}
+    return items or None
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+# --------------------------------------------------------------------------- validate, schema
+
+
+@app.command()
+def validate(spec: Path = SpecArg) -> None:
+    """Check a spec: schema, references, dependency graph. Touches no state."""
+    loaded = load_spec(spec)
+    graph = build_graph(loaded.spec)
+    kinds: dict[str, int] = {}
+    for node in graph.nodes.values():
+        kinds[node.kind] = kinds.get(node.kind, 0) + 1
+    parts = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in kinds.items())
+    out().print(Text(f"✓ {spec} is valid: {len(graph.nodes)} nodes ({parts})", style="green"))
+
+
+@app.command()
+def schema(output: Path | None = typer.Option(None, "--out", help="Write to FILE instead of stdout.")) -> None:
+    """Print the spec's JSON Schema (point `# yaml-language-server: $schema=` at it)."""
+    text = schema_text()
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        err().print(f"wrote {output}")
+
+
+# --------------------------------------------------------------------------- plan, apply
+
+
+@app.command()
+def plan(
+    spec: Path = SpecArg,
+    json_flag: bool = typer.Option(False, "--json", help="Machine-readable plan on stdout (same as --format json)."),
+    fmt: Format = typer.Option(Format.text, "--format", help="text, json or markdown."),
+    output: Path | None = typer.Option(None, "--out", help="Save the plan; `retool apply FILE` applies exactly it."),
+    detailed_exitcode: bool = typer.Option(
+        False, "--detailed-exitcode", help="Exit 0 when there are no changes, 2 when there are, 1 on error."
+    ),
+    target: list[str] | None = typer.Option(None, "--target", help="Only this address and what it needs (repeatable)."),
+    replace: list[str] | None = typer.Option(None, "--replace", help="Force a rerun of this address (repeatable)."),
+    no_refresh: bool = typer.Option(False, "--no-refresh", help="Plan from recorded state without asking the backend."),
+) -> None:
+    """Show what `retool apply` would do, why, and what it would cost."""
+    loaded, state_dir, store = open_spec(spec)
+    runtime, notes = open_runtime(loaded, state_dir)
+    the_plan = refresh_and_plan(
+        loaded, store.read(), runtime, refresh=not no_refresh,
+        targets=parse_addresses(target), replace=parse_addresses(replace), notes=notes,
+    )
+    if output is not None:
+        save_plan(the_plan, loaded, output)
+    fmt = Format.json if json_flag else fmt
+    if fmt is Format.json:
+        typer.echo(plan_json(the_plan), nl=False)
+    elif fmt is Format.markdown:
+        typer.echo(plan_markdown(the_plan))
+    else:
+        render_plan(the_plan, out())
+        if output is not None:
+            out().print(Text(f"\nSaved the plan to {output}; apply exactly it with `retool apply {output}`."))
+    if detailed_exitcode:
+        raise typer.Exit(2 if the_plan.has_changes else 0)
+
+
+@app.command("apply")
+def apply_cmd(
+    source: Path = typer.Argument(..., metavar="SPEC_OR_PLAN", help="A spec, or a plan saved with `retool plan --out`."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    target: list[str] | None = typer.Option(None, "--target", help="Only this address and what it needs (repeatable)."),
+    replace: list[str] | None = typer.Option(None, "--replace", help="Force a rerun of this address (repeatable)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Launch stages and return; `retool status` follows them."),
+    prune: bool = typer.Option(False, "--prune", help="Delete the data of volumes removed from the spec."),
+    allow_data_loss: bool = typer.Option(False, "--allow-data-loss", help="With --prune: protected volumes too."),
+) -> None:
+    """Make reality match the spec, recording state after every step."""
+    data = saved_plan_data(source)
+    if data is not None and (target or replace):
+        raise TerminalError(
+            "--target and --replace cannot change a saved plan",
+            hint="make a new plan with them: `retool plan SPEC --target ADDR --out FILE`",
+        )
+    saved = read_saved_plan(source, data) if data is not None else None
+    loaded = saved[1] if saved is not None else load_spec(source)
+    state_dir = default_state_dir(loaded)
+    store = get_store(loaded.spec, state_dir)
+    runtime = get_runtime(loaded.spec, state_dir)
+    if saved is not None:
+        the_plan = saved[0]
+    else:
+        the_plan = refresh_and_plan(
+            loaded, store.read(), runtime, targets=parse_addresses(target), replace=parse_addresses(replace)
+        )
+    console = out()
+    render_plan(the_plan, console, show_unchanged=False)
+    state = store.read()
+    running = state is not None and any(r.status == "running" for r in state.nodes.values())
+    if not the_plan.has_changes and not running:
+        console.print(Text("No changes. Nothing to apply.", style="green"))
+        return
+    if saved is None and not yes and not typer.confirm("Apply this plan?", default=False):
+        console.print(Text("Apply cancelled.", style="yellow"))
+        raise typer.Exit(1)
+    with ApplyView(err()) as view:
+        result = engine.apply(
+            the_plan, loaded, store, runtime, wait=not no_wait, prune=prune, allow_data_loss=allow_data_loss,
+            saved=saved is not None, on_event=view, state_dir=str(state_dir),
+            lock_info=LockInfo(command=f"retool apply {source}"),
+            poll_interval=float(getattr(runtime, "poll_interval_s", DEFAULT_POLL_S)),
+        )
+    render_apply_result(result, console)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def cancel(
+    spec: Path = SpecArg,
+    address: str = typer.Argument(..., help="The stage to stop, e.g. stage.sft."),
+) -> None:
+    """Stop a running stage; its checkpoints are kept (apply resumes from them)."""
+    loaded, state_dir, store = open_spec(spec)
+    runtime = get_runtime(loaded.spec, state_dir)
+    engine.cancel(address, loaded, store, runtime, lock_info=LockInfo(command=f"retool cancel {spec} {address}"))
+    out().print(Text(f"cancelled {address}; checkpoints kept (`retool apply` resumes from them)", style="yellow"))
+
+
+# --------------------------------------------------------------------------- status, render
+
+
+@app.command()
+def status(
+    spec: Path = SpecArg,
+    json_flag: bool = typer.Option(False, "--json", help="Machine-readable status on stdout."),
+    watch: float | None = typer.Option(None, "--watch", help="Refresh every N seconds until Ctrl-C.", min=0.5),
+) -> None:
+    """Where every node stands: sync, health, fingerprint, steps, checkpoint, elapsed, cost."""
+    loaded, state_dir, store = open_spec(spec)
+    runtime, notes = open_runtime(loaded, state_dir)
+    console = out()
+    while True:
+        state = store.read()
+        observed, the_plan = observe_and_plan(loaded, state, runtime, notes=notes)
+        report = compute_status(the_plan, loaded.spec, state, observed, lock=store.lock_info())
+        if json_flag:
+            typer.echo(report.model_dump_json(indent=2))
+        else:
+            if watch is not None:
+                console.clear()
+            render_status(report, console)
+        if watch is None:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+
+
+@app.command()
+def render(
+    spec: Path = SpecArg,
+    address: str | None = typer.Argument(None, help="One stage (stage.X); default every stage."),
+    json_flag: bool = typer.Option(False, "--json", help="The commands as JSON."),
+) -> None:
+    """Print the exact commands a stage runs: argv and environment (secrets by name only)."""
+    loaded, state_dir, store = open_spec(spec)
+    runtime = get_runtime(loaded.spec, state_dir)
+    state = store.read()
+    graph = build_graph(loaded.spec)
+    stages = [a for a in graph.order() if graph.nodes[a].kind == "stage"]
+    if address is not None and address not in stages:
+        raise TerminalError(f"{address} is not a stage of this spec", hint="stages: " + ", ".join(stages))
+    the_plan = refresh_and_plan(loaded, state, runtime, refresh=False)
+    rendered: list[dict[str, Any]] = []
+    for addr in [address] if address else stages:
+        change = the_plan.change(addr)
+        restart_id = change.fingerprints.restart_id if change and change.fingerprints else ""
+        total = engine.planned_total_steps(loaded, state, graph.nodes[addr].name)
+        ctx = engine.stage_context(
+            loaded, state, graph.nodes[addr], restart_id=restart_id,
+            total=total if total is not None else (change.total_steps if change else None),
+            resume_from=change.resume_from if change else None, state_dir=str(state_dir),
+        )
+        try:
+            commands = runtime.render_stage(ctx)
+        except NotImplementedError:
+            err().print(Text(f"{addr}: the {loaded.spec.backend} backend does not render commands yet", style="yellow"))
+            continue
+        rendered.append({"address": addr, "restart_id": restart_id, "total_steps": ctx.total_steps,
+                         "resume_from": ctx.resume_from, "commands": [c.model_dump() for c in commands]})
+    if json_flag:
+        typer.echo(json.dumps(rendered, indent=2))
+        return
+    for item in rendered:
+        _print_rendered(item)
+
+
+def _print_rendered(item: dict[str, Any]) -> None:
+    start = "from scratch" if item["resume_from"] is None else f"resuming from step {item['resume_from']}"
+    lines = [f"# {item['address']}: restart id {item['restart_id'][:12]}, {item['total_steps']} steps, {start}"]
+    for cmd in item["commands"]:
+        if cmd["description"]:
+            lines.append(f"# {cmd['description']}")
+        if cmd["secret_env"]:
+            lines.append("# secrets (values never shown): " + ", ".join(cmd["secret_env"]))
+        if cmd["cwd"]:
+            lines.append(f"cd {shlex.quote(cmd['cwd'])}")
+        parts = [f"{k}={shlex.quote(v)}" for k, v in sorted(cmd["env"].items())]
+        parts += [shlex.quote(a) for a in cmd["argv"]]
+        lines.append(" \\\n    ".join(parts))
+        lines.append("")
+    typer.echo("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _state_store(spec: Path | None, state_dir: Path | None) -> StateStore:
+    if state_dir is not None:
+        return LocalStore(state_dir)
+    if spec is not None:
+        return open_spec(spec)[2]
+    return LocalStore(find_repo_root(Path.cwd() / "retool.yaml") / ".retool")
+
+
+StateSpecArg = typer.Argument(None, help="The spec whose state to use; default `.retool/` of this repository.")
+StateDirOpt = typer.Option(None, "--state-dir", help="A local state directory (overrides the spec's).")
+
+
+@state_app.command("show")
+def state_show(
+    spec: Path | None = StateSpecArg,
+    state_dir: Path | None = StateDirOpt,
+    json_flag: bool = typer.Option(False, "--json", help="The raw state JSON."),
+) -> None:
+    """Print the recorded state: serial, lineage, lock, one row per node."""
+    store = _state_store(spec, state_dir)
+    state = store.read()
+    if json_flag:
+        typer.echo(state.model_dump_json(indent=2) if state else "null")
+        return
+    console = out()
+    if state is None:
+        console.print(f"no state in {store.describe()}")
+        return
+    console.print(Text(f"{store.describe()} · serial {state.serial} · lineage {state.lineage}", style="bold"))
+    lock = store.lock_info()
+    if lock is not None:
+        console.print(Text(
+            f"locked {lock.id} by {lock.who} (pid {lock.pid}) running `{lock.command}` for "
+            f"{format_age(time.time() - lock.created_at)}", style="yellow",
+        ))
+    table = Table(box=None, header_style="bold")
+    for col in ("address", "status", "restart id", "steps", "elapsed", "updated", "message"):
+        table.add_column(col)
+    for addr, rec in state.nodes.items():
+        steps = f"{rec.steps_done}/{rec.total_steps}" if rec.kind == "stage" else ""
+        elapsed = (rec.finished_at or time.time()) - rec.started_at if rec.started_at else None
+        table.add_row(
+            addr, rec.status, rec.restart_id[:12], steps, format_duration(elapsed),
+            format_age(time.time() - rec.updated_at) + " ago", Text(rec.message),
+        )
+    console.print(table)
+
+
+@state_app.command("unlock")
+def state_unlock(
+    lock_id: str = typer.Argument(..., metavar="ID", help="The lock ID printed by the refused command."),
+    spec: Path | None = StateSpecArg,
+    state_dir: Path | None = StateDirOpt,
+) -> None:
+    """Clear a lock whose holder is gone. Refuses an ID that is not the held lock's."""
+    store = _state_store(spec, state_dir)
+    holder = store.lock_info()
+    store.unlock(lock_id)
+    who = f" held by {holder.who} (pid {holder.pid}) running `{holder.command}`" if holder else ""
+    out().print(Text(f"unlocked {lock_id}{who}", style="green"))
+
+
+# --------------------------------------------------------------------------- sandbox
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    workers: int | None = typer.Option(None, "--workers", help="Executions at once; default the CPU count."),
+    max_queue: int | None = typer.Option(None, "--max-queue", help="Requests allowed to wait before HTTP 503."),
+    memory_limit_mb: int | None = typer.Option(None, "--memory-limit-mb", help="Default per-execution memory limit."),
+    max_output_bytes: int | None = typer.Option(None, "--max-output-bytes", help="Per-stream output cap."),
+    preload: str | None = typer.Option(None, "--preload", help="Comma-separated modules to pre-import."),
+    token_env: str | None = typer.Option(
+        None, "--token-env", help="Name of the environment variable holding the bearer token (never the token)."
+    ),
+) -> None:
+    """Serve the SandboxFusion contract (POST /run_code, GET /v1/ping)."""
+    import os
+
+    from sandbox.server import serve  # lazy: the sandbox stack is not on plan's path
+
+    options: dict[str, Any] = {
+        "workers": workers, "max_queue": max_queue, "memory_limit_mb": memory_limit_mb,
+        "max_output_bytes": max_output_bytes,
+        "preload": [m.strip() for m in preload.split(",") if m.strip()] if preload is not None else None,
+    }
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if not token:
+            raise TerminalError(f"--token-env {token_env}: that environment variable is not set")
+        options["token"] = token
+    serve(host, port, **{k: v for k, v in options.items() if v is not None})
+
+
+def main() -> None:
+    """Console-script entry point (`retool`)."""
+    app(prog_name="retool")
+
+
+if __name__ == "__main__":
+    main()
