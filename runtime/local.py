@@ -326,7 +326,7 @@ class LocalRuntime:
         if record is not None and procs.is_alive(record.pid, record.start_ticks) and self._ping(record.url):
             if record.config_hash == config_hash:
                 return Outcome(change="unchanged", outputs={"url": record.url, "pid": record.pid})
-            procs.terminate_group(record.pid, grace_s=5)
+            self._stop_sandbox(record)
             change = "updated"
         elif record is not None:
             change = "updated"  # recorded but dead: restart it
@@ -342,6 +342,20 @@ class LocalRuntime:
         )
         _write_json(path, new.model_dump())
         return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")
+
+    @staticmethod
+    def _stop_sandbox(record: SandboxRecord) -> None:
+        try:
+            pgid = os.getpgid(record.pid)
+        except ProcessLookupError:
+            return
+        if pgid == record.pid:
+            procs.terminate_run(pgid, grace_s=5)
+        else:
+            os.kill(record.pid, 15)
+            deadline = time.time() + 5
+            while procs.is_alive(record.pid, record.start_ticks) and time.time() < deadline:
+                time.sleep(0.1)
 
     def _live_sandbox_url(self) -> str | None:
         raw = _read_json(self.state_dir / "sandbox.json")
@@ -429,7 +443,7 @@ class LocalRuntime:
         return RunHandle(
             backend="local", command=planned[-1].argv, pid=info.pid, pgid=info.pgid, log_path=str(log_path),
             extra={
-                "start_ticks": info.start_ticks, "exit_path": str(exit_path), "stage": ctx.stage,
+                "start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path), "stage": ctx.stage,
                 "restart_id": ctx.restart_id, "stage_dir": paths.stage_dir,
                 "metrics_path": str(run_dir / "metrics.jsonl"), "total_steps": ctx.total_steps,
                 "resume_from": ctx.resume_from, "device": "cpu" if self.use_cpu() else "cuda",
@@ -459,11 +473,17 @@ class LocalRuntime:
         if done is None and not procs.is_alive(handle.pid, handle.extra.get("start_ticks")):
             done = procs.read_exit(exit_path)  # it may have finished between the two looks
             if done is None:
+                # Trainer processes that outlived their leader (torchrun workers run in their own
+                # sessions) would race a relaunch over the same checkpoints: stop them first.
+                leftovers = procs.run_members(None, str(handle.extra.get("tag") or ""))
+                if leftovers:
+                    procs.terminate_run(None, str(handle.extra.get("tag") or ""), grace_s=10)
                 tail = procs.tail(log_path, TAIL_LINES)
                 return RunStatus(
                     state="lost", step=step, total=total, metrics=values, log_tail=tail,
                     elapsed_s=None,
                     message=f"process {handle.pid} is gone and left no exit status (killed, or the machine restarted)"
+                    + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
                     + (f"; last log line: {tail[-1]}" if tail else ""),
                 )
         if done is None:
@@ -494,12 +514,13 @@ class LocalRuntime:
             return None
 
     def cancel_stage(self, handle: RunHandle) -> None:
-        if handle.pgid is None or handle.pid is None:
+        if handle.pid is None:
             return
+        tag = str(handle.extra.get("tag") or "")
         exit_path = Path(handle.extra.get("exit_path", ""))
-        if not procs.is_alive(handle.pid, handle.extra.get("start_ticks")) and not procs.group_members(handle.pgid):
+        if not procs.run_members(handle.pgid, tag):
             return
-        killed = procs.terminate_group(handle.pgid)
+        killed = procs.terminate_run(handle.pgid, tag)
         if killed and exit_path.name and procs.read_exit(exit_path) is None:
             procs.write_exit(exit_path, procs.ExitRecord(returncode=-9, signal="SIGKILL", cancelled=True))
 

@@ -7,18 +7,21 @@ beside the log — so a later `poll` can tell a run that finished (exit file, wi
 from one that was lost (no process, no exit file: killed with SIGKILL, machine rebooted).
 
 Liveness checks the pid *and* its kernel start time, so a recycled pid is not mistaken
-for our run. Secrets never pass through here as values: commands carry non-secret env;
+for our run. torchrun starts its workers in sessions of their own, so signalling the
+process group does not reach them; every process of a run therefore carries a run tag in
+its environment (`RETOOL_RUN_TAG`, inherited by all descendants), and `terminate_run`
+signals the group and every tagged process — also orphans whose leader was SIGKILLed. Secrets never pass through here as values: commands carry non-secret env;
 secrets reach the children by inheritance from the launching environment.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -50,6 +53,10 @@ class ProcessInfo(BaseModel):
     pid: int
     pgid: int
     start_ticks: int | None = None
+    tag: str = ""
+
+
+RUN_TAG_ENV = "RETOOL_RUN_TAG"
 
 
 # --------------------------------------------------------------------------- /proc
@@ -115,6 +122,29 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes whose environment carries `RETOOL_RUN_TAG=<tag>` (Linux /proc)."""
+    if not tag:
+        return []
+    needle = f"{RUN_TAG_ENV}={tag}".encode() + b"\0"
+    found: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ or environ.endswith(needle[:-1]):
+            fields = _stat_fields(int(entry.name))
+            if fields and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
 # --------------------------------------------------------------------------- launcher side
 
 
@@ -127,13 +157,15 @@ def start_detached(
     plan_path = exit_path.with_name(exit_path.name.replace(".exit.json", "") + ".plan.json")
     plan_path.write_text(RunPlan(commands=commands, exit_path=str(exit_path)).model_dump_json(indent=2))
     exit_path.unlink(missing_ok=True)
+    tag = uuid.uuid4().hex
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runtime.processes", str(plan_path)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, env=env, cwd=cwd,
+            start_new_session=True, close_fds=True, env={**(env if env is not None else os.environ), RUN_TAG_ENV: tag},
+            cwd=cwd,
         )
-    return ProcessInfo(pid=proc.pid, pgid=proc.pid, start_ticks=start_ticks(proc.pid))
+    return ProcessInfo(pid=proc.pid, pgid=proc.pid, start_ticks=start_ticks(proc.pid), tag=tag)
 
 
 def read_exit(exit_path: Path) -> ExitRecord | None:
@@ -149,28 +181,46 @@ def write_exit(exit_path: Path, record: ExitRecord) -> None:
     os.replace(tmp, exit_path)
 
 
-def terminate_group(pgid: int, *, grace_s: float = 20.0, poll_s: float = 0.2) -> bool:
-    """SIGTERM the group, wait up to `grace_s`, then SIGKILL what is left.
-    Returns True when SIGKILL was needed."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
+def run_members(pgid: int | None, tag: str = "") -> list[int]:
+    """Live processes of a run: its process group plus every process carrying its tag."""
+    members = set(group_members(pgid) if pgid else []) | set(tagged_processes(tag))
+    return sorted(members)
+
+
+def _signal_all(pgid: int | None, pids: list[int], sig: signal.Signals) -> None:
+    if pgid:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def terminate_run(pgid: int | None, tag: str = "", *, grace_s: float = 20.0, poll_s: float = 0.2) -> bool:
+    """SIGTERM the run (group and tagged processes), wait up to `grace_s`, then SIGKILL
+    what is left. Returns True when SIGKILL was needed."""
+    members = run_members(pgid, tag)
+    if not members:
         return False
+    _signal_all(pgid, members, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if not group_members(pgid):
-            _reap(pgid)
+        if not run_members(pgid, tag):
+            if pgid:
+                _reap(pgid)
             return False
         time.sleep(poll_s)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
+    _signal_all(pgid, run_members(pgid, tag), signal.SIGKILL)
     for _ in range(50):
-        if not group_members(pgid):
+        if not run_members(pgid, tag):
             break
         time.sleep(0.1)
-    _reap(pgid)
+    if pgid:
+        _reap(pgid)
     return True
 
 

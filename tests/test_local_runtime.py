@@ -1,0 +1,248 @@
+"""LocalRuntime and runtime.processes with real processes and real directories (no verl
+training here: tests/test_local_sft_e2e.py runs that)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import TerminalError
+from reconciler.spec import Spec
+from reconciler.state.base import RunHandle
+from runtime import processes as procs
+from runtime.base import RunStatus, StageContext
+from runtime.checkpoints import marker_content
+from runtime.local import LocalRuntime
+from tests.local_helpers import write_sft_jsonl
+
+RID = "9a" * 32
+
+
+def spec_for(tmp_path: Path, **extra: object) -> Spec:
+    doc = {
+        "name": "local-test", "local": {"root": "vols"},
+        "secrets": {"wandb": {"env": ["RETOOL_TEST_WANDB_KEY"]}},
+        "volumes": {"data": {"mount": "/data"}, "models": {"mount": "/models"},
+                    "checkpoints": {"mount": "/c"}, "keep": {"mount": "/k", "protect": True}},
+        "sandbox": {},
+        "datasets": {"train": {"source": "path:train.jsonl", "format": "messages"},
+                     "math": {"source": "builtin:tiny_math", "format": "rl"}},
+        "models": {"tiny": {"source": "builtin:tiny-qwen2"}},
+        "stages": {
+            "sft": {"kind": "sft", "model": "model.tiny", "train": "dataset.train", "resources": {"processes_per_node": 1},
+                    "train_batch_size": 8, "micro_batch_size_per_gpu": 8, "ulysses_sequence_parallel_size": 1},
+            "big": {"kind": "sft", "model": "model.tiny", "train": "dataset.train", "secrets": ["wandb"],
+                    "resources": {"gpu": "H100", "gpus_per_node": 8}},
+            "rl": {"kind": "rl", "model": "stage.sft", "train": "dataset.math", "resources": {"processes_per_node": 1},
+                   "train_batch_size": 4, "ppo_mini_batch_size": 4, "ulysses_sequence_parallel_size": 1},
+            "rl_vllm": {"kind": "rl", "model": "stage.sft", "train": "dataset.math", "rollout": {"engine": "vllm"},
+                        "train_batch_size": 4, "ppo_mini_batch_size": 4},
+        },
+    }
+    doc.update(extra)
+    return Spec.model_validate(doc)
+
+
+@pytest.fixture
+def rt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalRuntime:
+    monkeypatch.setenv("RETOOL_LOCAL_DEVICE", "cpu")
+    return LocalRuntime(str(tmp_path / ".retool"))
+
+
+# --------------------------------------------------------------------------- detached processes
+
+
+def start(tmp_path: Path, *scripts: str, name: str = "run") -> RunHandle:
+    """Start `scripts` (python sources) as one detached run; a handle as launch_stage records it."""
+    log = tmp_path / "logs" / f"{name}.log"
+    exit_path = log.with_name(f"{name}.exit.json")
+    commands = [procs.PlannedCommand(argv=[sys.executable, "-c", textwrap.dedent(s)]) for s in scripts]
+    info = procs.start_detached(commands, log_path=log, exit_path=exit_path)
+    return RunHandle(
+        backend="local", pid=info.pid, pgid=info.pgid, log_path=str(log), command=commands[-1].argv,
+        extra={"start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path),
+               "metrics_path": str(tmp_path / "stage" / "metrics.jsonl"), "total_steps": 3},
+    )
+
+
+def poll_until(rt: LocalRuntime, handle: RunHandle, done: callable, timeout: float = 60) -> RunStatus:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = rt.poll_stage(handle)
+        if done(status):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"condition not reached; last status {status}")
+
+
+STEPS = """
+    import sys, time
+    for i in range(1, 4):
+        print(f"step:{i} - train/loss:{4.0 - i} - train/lr:0.001", flush=True)
+        time.sleep(0.2)
+"""
+
+
+def test_run_succeeds_and_metrics_are_parsed(tmp_path: Path, rt: LocalRuntime):
+    handle = start(tmp_path, STEPS)
+    status = poll_until(rt, handle, lambda s: s.state != "running")
+    assert status.state == "succeeded" and (status.step, status.total) == (3, 3)
+    assert status.metrics == {"train/loss": 1.0, "train/lr": 0.001}
+    assert status.elapsed_s is not None and status.elapsed_s > 0
+    assert (tmp_path / "stage" / "metrics.jsonl").read_text().count("\n") == 3
+    record = procs.read_exit(Path(handle.extra["exit_path"]))
+    assert record is not None and record.returncode == 0 and not record.cancelled
+
+
+def test_failure_reports_code_and_error_line_and_stops_the_sequence(tmp_path: Path, rt: LocalRuntime):
+    handle = start(tmp_path, "raise ValueError('boom')", "print('never runs')")
+    status = poll_until(rt, handle, lambda s: s.state != "running")
+    assert status.state == "failed"
+    assert status.message == "exited with code 1: ValueError: boom"
+    assert "never runs" not in Path(handle.log_path).read_text()
+    assert procs.read_exit(Path(handle.extra["exit_path"])).failed_command == 0
+
+
+ORPHAN = """
+    import subprocess, sys, time
+    # like torchrun: a worker in a session of its own, out of reach of the group's signals
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    print("step:1 - train/loss:1.0", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_kill_9_of_the_leader_is_lost_and_leftovers_are_stopped(tmp_path: Path, rt: LocalRuntime):
+    handle = start(tmp_path, ORPHAN)
+    poll_until(rt, handle, lambda s: s.step == 1)
+    tag = handle.extra["tag"]
+    assert len(procs.tagged_processes(tag)) >= 3  # wrapper, script, its own-session child
+    os.kill(handle.pid, signal.SIGKILL)
+    status = poll_until(rt, handle, lambda s: s.state != "running")
+    assert status.state == "lost"
+    assert "left no exit status" in status.message and "leftover" in status.message
+    assert status.log_tail and status.step == 1
+    assert procs.tagged_processes(tag) == []
+
+
+def test_cancel_reaches_processes_in_other_sessions(tmp_path: Path, rt: LocalRuntime):
+    handle = start(tmp_path, ORPHAN)
+    poll_until(rt, handle, lambda s: s.step == 1)
+    rt.cancel_stage(handle)
+    assert procs.tagged_processes(handle.extra["tag"]) == []
+    status = rt.poll_stage(handle)
+    assert status.state == "failed" and status.message == "cancelled (SIGTERM)"
+    rt.cancel_stage(handle)  # nothing left: a no-op
+
+
+def test_a_recycled_pid_is_not_our_run():
+    ticks = procs.start_ticks(os.getpid())
+    assert ticks is not None
+    assert procs.is_alive(os.getpid(), ticks)
+    assert not procs.is_alive(os.getpid(), ticks + 1)
+
+
+def test_tail_splits_carriage_returns(tmp_path: Path):
+    log = tmp_path / "x.log"
+    log.write_text("a\nbar 1%\rbar 50%\rbar 100%\nlast\n")
+    assert procs.tail(log, 3) == ["bar 50%", "bar 100%", "last"]
+    assert procs.tail(tmp_path / "missing.log") == []
+
+
+# --------------------------------------------------------------------------- the runtime's other methods
+
+
+def test_volumes(tmp_path: Path, rt: LocalRuntime):
+    spec = spec_for(tmp_path)
+    out = rt.ensure_volume("data", spec.volumes["data"], spec)
+    assert out.change == "created" and out.outputs["path"] == str(tmp_path / "vols" / "data")
+    assert rt.ensure_volume("data", spec.volumes["data"], spec).change == "unchanged"
+    assert rt.delete_volume("data", spec.volumes["data"], spec).change == "updated"
+    assert not (tmp_path / "vols" / "data").exists()
+    with pytest.raises(TerminalError, match="protected"):
+        rt.delete_volume("keep", spec.volumes["keep"], spec)
+
+
+def test_build_image_records_the_environment(tmp_path: Path, rt: LocalRuntime):
+    spec = spec_for(tmp_path)
+    first = rt.build_image(spec.image, spec)
+    assert first.change == "created"
+    assert first.outputs["packages"]["verl"] == "0.9.1" and first.outputs["device"] == "cpu"
+    assert first.outputs["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert rt.build_image(spec.image, spec).change == "unchanged"
+    pinned = spec.image.model_copy(update={"pip": ["verl==0.8.0"]})
+    assert "verl 0.9.1 (image wants ==0.8.0)" in rt.build_image(pinned, spec).message
+
+
+def test_blocked_reasons(tmp_path: Path, rt: LocalRuntime):
+    spec = spec_for(tmp_path)
+    assert rt.blocked_reason(spec, "stage.sft") is None
+    assert "8× H100 but this machine has 0 GPU" in rt.blocked_reason(spec, "stage.big")
+    assert "needs a GPU" in rt.blocked_reason(spec, "stage.rl_vllm")
+    assert rt.blocked_reason(spec, "dataset.train") is None
+    # the CPU rollout ships with retool: RL is not blocked on CPU
+    assert rt.rollout_engine(spec.stages["rl"]) == "transformers"
+    assert rt.blocked_reason(spec, "stage.rl") is None
+
+
+def test_preflight_and_launch_name_missing_secrets(tmp_path: Path, rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch):
+    spec = spec_for(tmp_path)
+    monkeypatch.delenv("RETOOL_TEST_WANDB_KEY", raising=False)
+    assert any("RETOOL_TEST_WANDB_KEY" in p for p in rt.preflight(spec))
+    monkeypatch.setenv("RETOOL_TEST_WANDB_KEY", "value")
+    assert rt.preflight(spec) == []
+
+
+def test_prepare_dataset_is_idempotent_and_notices_a_changed_file(tmp_path: Path, rt: LocalRuntime):
+    spec = spec_for(tmp_path)
+    write_sft_jsonl(tmp_path / "train.jsonl", rows=6)
+    first = rt.prepare_dataset("train", spec.datasets["train"], spec, str(tmp_path))
+    assert first.change == "created" and first.outputs["rows"] == 6
+    assert first.outputs["path"] == str(tmp_path / "vols" / "data" / "datasets" / "train" / "train.parquet")
+    assert rt.prepare_dataset("train", spec.datasets["train"], spec, str(tmp_path)).change == "unchanged"
+    time.sleep(0.01)
+    write_sft_jsonl(tmp_path / "train.jsonl", rows=4, seed=1)
+    again = rt.prepare_dataset("train", spec.datasets["train"], spec, str(tmp_path))
+    assert again.change == "updated" and again.outputs["rows"] == 4 and again.outputs["digest"] != first.outputs["digest"]
+    capped = spec.datasets["train"].model_copy(update={"max_rows": 2})
+    assert rt.prepare_dataset("train", capped, spec, str(tmp_path)).outputs["rows"] == 2
+
+
+def test_render_and_discover(tmp_path: Path, rt: LocalRuntime):
+    spec = spec_for(tmp_path)
+    ctx = StageContext(spec=spec, spec_dir=str(tmp_path), stage="sft", restart_id=RID, total_steps=12, inputs={
+        "dataset.train": {"path": "/d/train.parquet"}, "model.tiny": {"path": "/m/tiny"}})
+    train, merge = rt.render_stage(ctx)
+    run_dir = tmp_path / "vols" / "checkpoints" / "sft" / RID[:16]
+    assert f"trainer.default_local_dir={run_dir}" in train.argv and "trainer.device=cpu" in train.argv
+    assert merge.argv[-4:] == ["--local_dir", f"{run_dir}/global_step_12", "--target_dir", f"{run_dir}/merged"]
+
+    step = run_dir / "global_step_4"
+    step.mkdir(parents=True)
+    for kind in ("model", "optim", "extra_state"):
+        (step / f"{kind}_world_size_1_rank_0.pt").write_bytes(b"x")
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("4")
+    (run_dir / "retool.json").write_text(marker_content(RID, "sft", 1))
+    foreign = tmp_path / "vols" / "checkpoints" / "sft" / ("77" * 8) / "global_step_9"
+    foreign.mkdir(parents=True)
+    found = rt.discover_checkpoints(spec, "sft", RID)
+    assert [(c.step, c.valid, c.path) for c in found] == [
+        (4, True, str(step)), (9, False, str(foreign)),
+    ]
+
+
+def test_launch_refuses_without_secret_values(tmp_path: Path, rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("RETOOL_TEST_WANDB_KEY", raising=False)
+    monkeypatch.setenv("RETOOL_LOCAL_DEVICE", "cuda")  # pretend a GPU so stage.big renders
+    spec = spec_for(tmp_path)
+    ctx = StageContext(spec=spec, spec_dir=str(tmp_path), stage="big", restart_id=RID, total_steps=2, inputs={
+        "dataset.train": {"path": "/d/train.parquet"}, "model.tiny": {"path": "/m/tiny"}})
+    with pytest.raises(TerminalError, match="RETOOL_TEST_WANDB_KEY"):
+        rt.launch_stage(ctx)
+    assert not (tmp_path / ".retool" / "logs").exists()
