@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from sandbox.executor import ExecutionRequest, Executor
@@ -53,6 +54,12 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
     app = FastAPI(title="retool sandbox", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.executor = executor
     app.state.settings = settings
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the input, which cannot be rendered when it is NaN or Infinity.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.get("/v1/ping")
     async def ping() -> str:

@@ -8,6 +8,10 @@
   sees only its own processes and no other request's temporary files. Built once per slot by
   a helper process; the zygote keeps an fd to each and children join with setns (~0.1 ms,
   where building one per request would cost several ms).
+- The interpreter stays readable: when Python lives under a directory other users cannot
+  enter (e.g. pyenv in /root, mode 0700), that directory is covered in the slot namespace by
+  an empty tmpfs holding bind mounts of just the interpreter's directories - the rest of it
+  (the server user's home, credentials) stays invisible.
 - Separate uids: probed by trying the switch in a throwaway child.
 Each step that the kernel or container refuses is recorded in `Isolation.notes`.
 """
@@ -15,6 +19,10 @@ Each step that the kernel or container refuses is recorded in `Isolation.notes`.
 from __future__ import annotations
 
 import os
+import site
+import stat
+import sys
+from collections import defaultdict
 
 from sandbox import linux
 from sandbox.protocol import Isolation, SlotSpec
@@ -60,13 +68,46 @@ def can_switch_uid(uid: int) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
+def interpreter_paths() -> list[str]:
+    """Directories a program needs to read to import modules (the outermost ones)."""
+    candidates = {sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable)), *site.getsitepackages()}
+    candidates.update(p for p in sys.path if p not in ("", "/"))
+    real = sorted({os.path.realpath(p) for p in candidates if os.path.isdir(p)})
+    outermost: list[str] = []
+    for path in real:
+        if not any(path == top or path.startswith(top + os.sep) for top in outermost):
+            outermost.append(path)
+    return outermost
+
+
+def blocking_directory(path: str) -> str | None:
+    """The first directory on the way to `path` (itself included) that other users cannot enter."""
+    current = "/"
+    for part in [p for p in path.split("/") if p]:
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return current
+    return None
+
+
+def unreachable_interpreter_paths() -> dict[str, list[str]]:
+    """Blocking directory -> the interpreter paths under it."""
+    blocked: dict[str, list[str]] = defaultdict(list)
+    for path in interpreter_paths():
+        blocker = blocking_directory(path)
+        if blocker is not None:
+            blocked[blocker].append(path)
+    return dict(blocked)
+
+
 def build_slot_namespaces(slots: list[SlotSpec], isolation: Isolation) -> dict[int, int]:
     """Mount namespace fd per slot index; empty when the kernel refuses (all or nothing)."""
     namespaces: dict[int, int] = {}
     proc_hidden = True
+    blocked = unreachable_interpreter_paths()
     for slot in slots:
         try:
-            fd, hidden = _slot_namespace(slot.workdir)
+            fd, hidden = _slot_namespace(slot.workdir, blocked)
         except OSError as exc:
             for fd in namespaces.values():
                 os.close(fd)
@@ -81,7 +122,7 @@ def build_slot_namespaces(slots: list[SlotSpec], isolation: Isolation) -> dict[i
     return namespaces
 
 
-def _slot_namespace(workdir: str) -> tuple[int, bool]:
+def _slot_namespace(workdir: str, blocked: dict[str, list[str]]) -> tuple[int, bool]:
     """Build the namespace in a helper child, open it from here, then let the helper exit."""
     report_r, report_w = os.pipe()
     release_r, release_w = os.pipe()
@@ -90,7 +131,7 @@ def _slot_namespace(workdir: str) -> tuple[int, bool]:
         os.close(report_r)
         os.close(release_w)
         try:
-            hidden = _populate_namespace(workdir)
+            hidden = _populate_namespace(workdir, blocked)
             os.write(report_w, b"ok 1" if hidden else b"ok 0")
         except BaseException as exc:
             os.write(report_w, f"error {exc}".encode()[:4000])
@@ -109,9 +150,11 @@ def _slot_namespace(workdir: str) -> tuple[int, bool]:
         os.waitpid(pid, 0)
 
 
-def _populate_namespace(workdir: str) -> bool:
+def _populate_namespace(workdir: str, blocked: dict[str, list[str]]) -> bool:
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing propagates back to the host
+    for blocker, paths in blocked.items():
+        _expose(blocker, paths)
     source_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)  # stays valid once /tmp is covered
     source = f"/proc/self/fd/{source_fd}"
     for target in _SHARED_WRITABLE_DIRS:  # every world-writable place a program could leave files in
@@ -126,3 +169,18 @@ def _populate_namespace(workdir: str) -> bool:
         except OSError:
             continue
     return False
+
+
+def _expose(blocker: str, paths: list[str]) -> None:
+    """Cover `blocker` with an empty tmpfs and bind back only `paths` (inside this namespace)."""
+    if any(path == blocker for path in paths):
+        raise OSError(f"{blocker} itself is closed to other users; cannot expose it")
+    sources = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in paths}  # opened before covering
+    try:
+        linux.mount("tmpfs", blocker, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=755,size=64k")
+        for path, fd in sources.items():
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            linux.mount(f"/proc/self/fd/{fd}", path, None, linux.MS_BIND | linux.MS_REC)
+    finally:
+        for fd in sources.values():
+            os.close(fd)

@@ -24,15 +24,22 @@ def serve(
     max_output_bytes: int = 65536,
     token: str | None = None,
 ) -> None:
-    """Run the server until interrupted (blocking)."""
+    """Run the server until interrupted (blocking).
+
+    Arguments win over `RETOOL_SANDBOX_*` variables, except those left at their defaults, so
+    `RETOOL_SANDBOX_MAX_QUEUE=64 retool sandbox serve ...` still works.
+    """
     import uvicorn
 
     from sandbox.app import create_app
 
-    settings = SandboxSettings.from_env(
-        workers=workers, max_queue=max_queue, preload=preload, memory_limit_mb=memory_limit_mb,
-        max_output_bytes=max_output_bytes, token=token,
-    )
+    given = {
+        "workers": workers, "max_queue": max_queue, "preload": preload, "memory_limit_mb": memory_limit_mb,
+        "max_output_bytes": max_output_bytes, "token": token,
+    }
+    defaults = SandboxSettings.model_construct()
+    overrides = {k: v for k, v in given.items() if v is not None and v != getattr(defaults, k, None)}
+    settings = SandboxSettings.from_env(**overrides)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -41,16 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--max-queue", type=int, default=None)
     parser.add_argument("--preload", default=None, help="comma-separated modules (default numpy,sympy)")
-    parser.add_argument("--memory-limit-mb", type=int, default=1024)
-    parser.add_argument("--max-output-bytes", type=int, default=65536)
+    parser.add_argument("--memory-limit-mb", type=int, default=None)
+    parser.add_argument("--max-output-bytes", type=int, default=None)
     args = parser.parse_args(argv)
-    preload = None if args.preload is None else [m for m in args.preload.split(",") if m]
-    serve(
-        args.host, args.port, workers=args.workers, max_queue=args.max_queue, preload=preload,
-        memory_limit_mb=args.memory_limit_mb, max_output_bytes=args.max_output_bytes,
-    )
+    options = {
+        "workers": args.workers, "max_queue": args.max_queue, "memory_limit_mb": args.memory_limit_mb,
+        "max_output_bytes": args.max_output_bytes,
+        "preload": None if args.preload is None else [m for m in args.preload.split(",") if m],
+    }
+    serve(args.host, args.port, **{k: v for k, v in options.items() if v is not None})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import traceback
 
 from sandbox import linux
-from sandbox.isolation import build_slot_namespaces, can_switch_uid, isolate_network
+from sandbox.isolation import build_slot_namespaces, can_switch_uid, isolate_network, unreachable_interpreter_paths
 from sandbox.protocol import Isolation, ZygoteConfig, ZygoteReady, encode_frame
 from sandbox.supervisor import supervise
 from sandbox.warmup import preload
@@ -35,6 +35,9 @@ def main(argv: list[str]) -> None:
     if uids and not use_uids:
         isolation.notes.append("cannot switch to the slot uids: executions run as the server's user")
     namespaces = build_slot_namespaces(config.slots, isolation)
+    if use_uids and not namespaces and unreachable_interpreter_paths():
+        use_uids = isolation.separate_uid = False  # other uids could not even import the stdlib
+        isolation.notes.append("the interpreter is not readable by other users: executions run as the server's user")
     loaded, failures = preload(config.preload, config.warmup)
     gc.collect()
     gc.freeze()
