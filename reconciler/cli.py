@@ -16,7 +16,6 @@ only with `--debug`. Nothing here imports torch, verl, ray or modal: backends do
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import time
@@ -28,22 +27,21 @@ from typing import Any
 import click
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
 from reconciler import apply as engine
 from reconciler.apply_view import ApplyView, render_apply_result
 from reconciler.backends import get_runtime, get_store
-from reconciler.errors import RetoolError, StalePlanError, TerminalError
+from reconciler.cli_state import state_app
+from reconciler.errors import RetoolError, TerminalError
 from reconciler.graph import build_graph
-from reconciler.loader import LoadedSpec, default_state_dir, find_repo_root, load_spec, schema_text
-from reconciler.plan import Plan
+from reconciler.loader import LoadedSpec, default_state_dir, load_spec, schema_text
 from reconciler.refresh import observe_and_plan, open_runtime, refresh_and_plan
+from reconciler.saved_plan import read_saved_plan, save_plan, saved_plan_data
 from reconciler.state.base import LockInfo, StateStore
-from reconciler.state.local import LocalStore, format_age
-from reconciler.status import compute_status, format_duration, render_status
-from reconciler.views import plan_from_json, plan_json, plan_markdown, render_plan
+from reconciler.status import compute_status, render_status
+from reconciler.views import plan_json, plan_markdown, render_plan
 
 
 DEFAULT_POLL_S = 5.0  # a runtime may set `poll_interval_s` to its own cadence
@@ -99,7 +97,6 @@ app = typer.Typer(
     cls=RetoolGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Declarative, resumable ReTool training: plan, apply, status.",
 )
-state_app = typer.Typer(no_args_is_help=True, help="Inspect recorded state, clear a stale lock.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="The SandboxFusion-compatible code sandbox.")
 app.add_typer(state_app, name="state")
 app.add_typer(sandbox_app, name="sandbox")
@@ -119,43 +116,6 @@ def open_spec(path: Path) -> tuple[LoadedSpec, Path, StateStore]:
     loaded = load_spec(path)
     state_dir = default_state_dir(loaded)
     return loaded, state_dir, get_store(loaded.spec, state_dir)
-
-
-def spec_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def save_plan(plan: Plan, loaded: LoadedSpec, path: Path) -> None:
-    """A saved plan is the JSON plan plus the spec's absolute path and content digest,
-    so `retool apply FILE` applies exactly it, against exactly that spec."""
-    data = json.loads(plan_json(plan.model_copy(update={"spec": str(Path(loaded.path).resolve())})))
-    data["spec_sha256"] = spec_digest(loaded.text)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def saved_plan_data(path: Path) -> dict[str, Any] | None:
-    """The JSON of a saved plan in `path`, or None if `path` is not one (a spec)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(data, dict) or "changes" not in data or "serial" not in data:
-        return None
-    return data
-
-
-def read_saved_plan(path: Path, data: dict[str, Any]) -> tuple[Plan, LoadedSpec]:
-    """The saved plan and its spec; refused if the spec changed since the plan was made."""
-    plan = plan_from_json(json.dumps(data))
-    spec_path = Path(plan.spec)
-    if not spec_path.is_absolute():
-        spec_path = path.parent / spec_path
-    loaded = load_spec(spec_path)
-    if data.get("spec_sha256") not in (None, spec_digest(loaded.text)):
-        raise StalePlanError(
-            "Saved plan is stale", f"the spec {spec_path} changed since the plan was made; run `retool plan` again."
-        )
-    return plan, loaded
 
 
 def parse_addresses(values: list[str] | None) -> set[str] | None:
@@ -379,71 +339,6 @@ def _print_rendered(item: dict[str, Any]) -> None:
         lines.append(" \\\n    ".join(parts))
         lines.append("")
     typer.echo("\n".join(lines))
-
-
-# --------------------------------------------------------------------------- state
-
-
-def _state_store(spec: Path | None, state_dir: Path | None) -> StateStore:
-    if state_dir is not None:
-        return LocalStore(state_dir)
-    if spec is not None:
-        return open_spec(spec)[2]
-    return LocalStore(find_repo_root(Path.cwd() / "retool.yaml") / ".retool")
-
-
-StateSpecArg = typer.Argument(None, help="The spec whose state to use; default `.retool/` of this repository.")
-StateDirOpt = typer.Option(None, "--state-dir", help="A local state directory (overrides the spec's).")
-
-
-@state_app.command("show")
-def state_show(
-    spec: Path | None = StateSpecArg,
-    state_dir: Path | None = StateDirOpt,
-    json_flag: bool = typer.Option(False, "--json", help="The raw state JSON."),
-) -> None:
-    """Print the recorded state: serial, lineage, lock, one row per node."""
-    store = _state_store(spec, state_dir)
-    state = store.read()
-    if json_flag:
-        typer.echo(state.model_dump_json(indent=2) if state else "null")
-        return
-    console = out()
-    if state is None:
-        console.print(f"no state in {store.describe()}")
-        return
-    console.print(Text(f"{store.describe()} · serial {state.serial} · lineage {state.lineage}", style="bold"))
-    lock = store.lock_info()
-    if lock is not None:
-        console.print(Text(
-            f"locked {lock.id} by {lock.who} (pid {lock.pid}) running `{lock.command}` for "
-            f"{format_age(time.time() - lock.created_at)}", style="yellow",
-        ))
-    table = Table(box=None, header_style="bold")
-    for col in ("address", "status", "restart id", "steps", "elapsed", "updated", "message"):
-        table.add_column(col)
-    for addr, rec in state.nodes.items():
-        steps = f"{rec.steps_done}/{rec.total_steps}" if rec.kind == "stage" else ""
-        elapsed = (rec.finished_at or time.time()) - rec.started_at if rec.started_at else None
-        table.add_row(
-            addr, rec.status, rec.restart_id[:12], steps, format_duration(elapsed),
-            format_age(time.time() - rec.updated_at) + " ago", Text(rec.message),
-        )
-    console.print(table)
-
-
-@state_app.command("unlock")
-def state_unlock(
-    lock_id: str = typer.Argument(..., metavar="ID", help="The lock ID printed by the refused command."),
-    spec: Path | None = StateSpecArg,
-    state_dir: Path | None = StateDirOpt,
-) -> None:
-    """Clear a lock whose holder is gone. Refuses an ID that is not the held lock's."""
-    store = _state_store(spec, state_dir)
-    holder = store.lock_info()
-    store.unlock(lock_id)
-    who = f" held by {holder.who} (pid {holder.pid}) running `{holder.command}`" if holder else ""
-    out().print(Text(f"unlocked {lock_id}{who}", style="green"))
 
 
 # --------------------------------------------------------------------------- sandbox
