@@ -6,7 +6,6 @@ checks below are grouped to keep the number of compositions small.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
@@ -163,7 +162,6 @@ def test_base_env_joins_external_modules():
     assert env["VERL_USE_EXTERNAL_MODULES"] == "runtime.rollout.plugin" and "VERL_PLATFORM" not in env
 
 
-@pytest.mark.skipif(importlib.util.find_spec("runtime.verl_rl") is None, reason="runtime.verl_rl (H6) not present")
 def test_rl_render_composes_with_main_ppo(tmp_path):
     from runtime.local import LocalRuntime
 
@@ -183,8 +181,15 @@ def test_rl_render_composes_with_main_ppo(tmp_path):
     })
     from runtime.verl_rl import render_rl
 
-    paths = LocalRuntime(str(tmp_path)).stage_paths(spec, "rl", RID)
-    for cmd in render_rl(ctx, sandbox_url="http://127.0.0.1:9", cpu=True, paths=paths, rollout="transformers"):
-        if "-m" in cmd.argv:
-            cfg = compose_config(cmd.argv, cmd.env)
-            assert cfg["trainer"]["default_local_dir"] == paths.ckpt_dir
+    rt = LocalRuntime(str(tmp_path))
+    paths = rt.stage_paths(spec, "rl", RID)
+    (cmd,) = render_rl(ctx, sandbox_url="http://127.0.0.1:9", cpu=True, paths=paths, rollout="transformers")
+    cfg = compose_config(cmd.argv, cmd.env)
+    assert cfg["trainer"]["default_local_dir"] == paths.ckpt_dir and cfg["trainer"]["device"] == "cpu"
+    assert cfg["actor_rollout_ref"]["model"]["path"] == "/m/tiny"
+    assert cfg["actor_rollout_ref"]["rollout"]["name"] == "transformers"
+    assert cfg["data"]["train_files"] == "/d/math/train.parquet"
+    typo = [*cmd.argv, "actor_rollout_ref.rollout.nn=4"]
+    with pytest.raises(TerminalError) as err:
+        compose_config(typo, cmd.env)
+    assert "nn" in err.value.detail
