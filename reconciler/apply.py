@@ -25,7 +25,7 @@ from reconciler.apply_context import (
     ApplyContext, ApplyEvent, Detached, NodeFailed, Result, planned_total_steps, stage_context,
 )
 from reconciler.apply_stage import StageRunner
-from reconciler.errors import RetoolError, StalePlanError, TerminalError
+from reconciler.errors import RetoolError, StalePlanError, StateLockedError, TerminalError
 from reconciler.fingerprint import output_id
 from reconciler.graph import Node, address_kind, build_graph
 from reconciler.loader import LoadedSpec
@@ -35,7 +35,7 @@ from reconciler.state.base import LockInfo, State, StateStore
 from runtime.base import Outcome, Runtime
 
 __all__ = [
-    "ApplyEvent", "ApplyResult", "NodeResult", "apply", "cancel", "check_plan_fresh",
+    "ApplyEvent", "ApplyResult", "CancelOutcome", "NodeResult", "apply", "cancel", "check_plan_fresh",
     "planned_total_steps", "stage_context",
 ]
 FAILED_RESULTS: frozenset[str] = frozenset({"failed", "blocked"})
@@ -131,11 +131,28 @@ def apply(
             pass  # someone force-unlocked (`retool state unlock`): nothing of ours left to release
 
 
-def cancel(address: str, loaded: LoadedSpec, store: StateStore, runtime: Runtime, *, lock_info: LockInfo | None = None) -> State:
-    """Cancel a stage's running run (`retool cancel stage.X`); its checkpoints are kept."""
+class CancelOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    address: str
+    recorded: bool  # False: an apply holds the lock; it records the cancellation when it polls
+    message: str
+
+
+def cancel(
+    address: str, loaded: LoadedSpec, store: StateStore, runtime: Runtime, *, lock_info: LockInfo | None = None
+) -> CancelOutcome:
+    """Cancel a stage's running run (`retool cancel stage.X`); its checkpoints are kept.
+
+    Works while an apply is waiting on that run (the usual case): the apply holds the lock,
+    so the run is stopped without writing state, and the waiting apply records the end it
+    observes. Otherwise the cancellation is recorded here, under the lock."""
     if address_kind(address) != "stage":
         raise TerminalError(f"Only stages can be cancelled, not {address}", hint="pass an address like `stage.sft`")
-    lock_id = store.lock(lock_info or LockInfo())
+    try:
+        lock_id: str | None = store.lock(lock_info or LockInfo())
+    except StateLockedError:
+        lock_id = None
     try:
         state = store.read()
         rec = state.nodes.get(address) if state else None
@@ -143,17 +160,26 @@ def cancel(address: str, loaded: LoadedSpec, store: StateStore, runtime: Runtime
             status = rec.status if rec else "not in state"
             raise TerminalError(f"{address} has no running run to cancel", f"its recorded status is {status}")
         runtime.cancel_stage(rec.run)
+        if lock_id is None:
+            return CancelOutcome(
+                address=address, recorded=False,
+                message=f"cancelled {address}; the apply waiting on it records the end (checkpoints kept)",
+            )
         rec.status = "cancelled"
         rec.message = "cancelled by `retool cancel`; checkpoints kept"
         rec.finished_at = rec.updated_at = time.time()
         state.serial += 1
         store.write(state)
-        return state
+        return CancelOutcome(
+            address=address, recorded=True,
+            message=f"cancelled {address}; checkpoints kept (`retool apply` resumes from them)",
+        )
     finally:
-        try:
-            store.unlock(lock_id)
-        except RetoolError:
-            pass
+        if lock_id is not None:
+            try:
+                store.unlock(lock_id)
+            except RetoolError:
+                pass
 
 
 # --------------------------------------------------------------------------- the walk

@@ -250,8 +250,8 @@ def cancel(
     """Stop a running stage; its checkpoints are kept (apply resumes from them)."""
     loaded, state_dir, store = open_spec(spec)
     runtime = get_runtime(loaded.spec, state_dir)
-    engine.cancel(address, loaded, store, runtime, lock_info=LockInfo(command=f"retool cancel {spec} {address}"))
-    out().print(Text(f"cancelled {address}; checkpoints kept (`retool apply` resumes from them)", style="yellow"))
+    outcome = engine.cancel(address, loaded, store, runtime, lock_info=LockInfo(command=f"retool cancel {spec} {address}"))
+    out().print(Text(outcome.message, style="yellow"))
 
 
 # --------------------------------------------------------------------------- status, render

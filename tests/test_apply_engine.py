@@ -415,12 +415,29 @@ def test_protected_volume_needs_allow_data_loss(store, rt, tmp_path) -> None:
 
 def test_cancel_stops_a_running_stage_and_keeps_checkpoints(loaded, store, rt) -> None:
     run(loaded, store, rt, wait=False)
-    state = cancel("stage.sft", loaded, store, rt)
-    rec = state.nodes["stage.sft"]
+    outcome = cancel("stage.sft", loaded, store, rt)
+    assert outcome.recorded
+    rec = store.read().nodes["stage.sft"]  # type: ignore[union-attr]
     assert rec.status == "cancelled" and rt.runs["run-0"].state == "failed"
     assert rt.checkpoints[("sft", rec.restart_id)]  # nothing deleted
     plan = plan_for(loaded, store, rt)
     assert plan.change("stage.sft").action == "resume"  # type: ignore[union-attr]
+
+
+def test_cancel_while_an_apply_waits_on_the_run(loaded, store, rt) -> None:
+    """The waiting apply holds the lock: cancel stops the run, the apply records its end."""
+    outcomes = []
+
+    def cancel_from_another_terminal(seconds: float) -> None:
+        if not outcomes:
+            outcomes.append(cancel("stage.sft", loaded, store, rt))
+
+    result = run(loaded, store, rt, sleep=cancel_from_another_terminal)
+    assert outcomes[0].recorded is False and "records the end" in outcomes[0].message
+    assert result.result("stage.sft").result == "failed"  # type: ignore[union-attr]
+    assert result.result("stage.rl").message == "skipped because stage.sft failed"  # type: ignore[union-attr]
+    assert store.read().nodes["stage.sft"].status == "failed"  # type: ignore[union-attr]
+    assert store.lock_info() is None
 
 
 def test_cancel_refuses_what_is_not_running(loaded, store, rt) -> None:
