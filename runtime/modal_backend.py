@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -247,7 +248,7 @@ class ModalRuntime:
         stage = ctx.spec.stages[ctx.stage]
         paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
         if isinstance(stage, SFTStage):
-            train = [render_sft(ctx, paths, cpu=False)]
+            train = [render_sft(ctx, paths, cpu=False, attn_implementation=attention(ctx.spec.image))]
         else:
             from runtime.verl_rl import render_rl
 
@@ -486,6 +487,12 @@ class ModalRuntime:
         except (FileNotFoundError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+
+def attention(image: Image) -> str | None:
+    """verl's default attention is flash-attn 2; an image without it gets PyTorch's sdpa."""
+    names = {re.split(r"[=<>!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-") for req in image.pip}
+    return None if "flash-attn" in names else "sdpa"
 
 
 def in_container(cmd: RenderedCommand) -> RenderedCommand:
