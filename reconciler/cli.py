@@ -40,6 +40,7 @@ from reconciler.loader import LoadedSpec, default_state_dir, load_spec, schema_t
 from reconciler.refresh import observe_and_plan, open_runtime, refresh_and_plan
 from reconciler.saved_plan import read_saved_plan, save_plan, saved_plan_data
 from reconciler.state.base import LockInfo, StateStore
+from reconciler.state.cache import read_state, remember
 from reconciler.status import compute_status, render_status
 from reconciler.views import plan_json, plan_markdown, render_plan
 
@@ -174,9 +175,10 @@ def plan(
     """Show what `retool apply` would do, why, and what it would cost."""
     loaded, state_dir, store = open_spec(spec)
     runtime, notes = open_runtime(loaded, state_dir)
+    state, state_notes = read_state(store, state_dir)
     the_plan = refresh_and_plan(
-        loaded, store.read(), runtime, refresh=not no_refresh,
-        targets=parse_addresses(target), replace=parse_addresses(replace), notes=notes,
+        loaded, state, runtime, refresh=not no_refresh,
+        targets=parse_addresses(target), replace=parse_addresses(replace), notes=[*state_notes, *notes],
     )
     if output is not None:
         save_plan(the_plan, loaded, output)
@@ -238,6 +240,7 @@ def apply_cmd(
             lock_info=LockInfo(command=f"retool apply {source}"),
             poll_interval=float(getattr(runtime, "poll_interval_s", DEFAULT_POLL_S)),
         )
+    remember(state_dir, store, result.state)
     render_apply_result(result, console)
     raise typer.Exit(result.exit_code)
 
@@ -268,9 +271,9 @@ def status(
     runtime, notes = open_runtime(loaded, state_dir)
     console = out()
     while True:
-        state = store.read()
-        observed, the_plan = observe_and_plan(loaded, state, runtime, notes=notes)
-        report = compute_status(the_plan, loaded.spec, state, observed, lock=store.lock_info())
+        state, state_notes = read_state(store, state_dir)
+        observed, the_plan = observe_and_plan(loaded, state, runtime, notes=[*state_notes, *notes])
+        report = compute_status(the_plan, loaded.spec, state, observed, lock=_lock_info(store))
         if json_flag:
             typer.echo(report.model_dump_json(indent=2))
         else:
@@ -283,6 +286,13 @@ def status(
             time.sleep(watch)
         except KeyboardInterrupt:
             return
+
+
+def _lock_info(store: StateStore) -> LockInfo | None:
+    try:
+        return store.lock_info()
+    except RetoolError:
+        return None  # an unreachable shared store: status says so through its notes
 
 
 @app.command()

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from reconciler.backends import set_runtime_override
 from reconciler.cli import app
 from reconciler.errors import TerminalError
-from reconciler.state.base import LockInfo
+from reconciler.state.base import LockInfo, State
 from reconciler.state.local import LocalStore
+from reconciler.state.memory import MemoryStore
 from tests.fakes.memory_runtime import MemoryRuntime
 from tests.fakes.pipeline import spec_dict, write_spec
 from tests.test_state_contract import dead_pid
@@ -199,6 +200,53 @@ def test_no_wait_then_status_then_cancel(spec: Path, rt: MemoryRuntime) -> None:
     data = json.loads(invoke("status", spec, "--json").stdout)
     sft = next(n for n in data["nodes"] if n["address"] == "stage.sft")
     assert sft["health"] == "failed" and sft["action"] == "resume"
+
+
+class SharedStore(MemoryStore):
+    """A shared (non-local) store that can become unreachable, like Modal without a token."""
+
+    reachable = True
+
+    def describe(self) -> str:
+        return "shared test store"
+
+    def _check(self) -> None:
+        if not self.reachable:
+            raise TerminalError("No credentials for the shared store", hint="log in")
+
+    def read(self) -> State | None:
+        self._check()
+        return super().read()
+
+    def lock(self, info: LockInfo) -> str:
+        self._check()
+        return super().lock(info)
+
+    def lock_info(self) -> LockInfo | None:
+        self._check()
+        return super().lock_info()
+
+
+def test_unreachable_shared_store_plans_from_the_local_copy(
+    spec: Path, rt: MemoryRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = SharedStore()
+    monkeypatch.setattr("reconciler.cli.get_store", lambda spec, state_dir: shared)
+    shared.reachable = False
+    result = invoke("plan", spec)
+    assert result.exit_code == 1 and "error: No credentials for the shared store" in result.stderr  # no copy yet
+    shared.reachable = True
+    assert invoke("apply", spec, "--yes").exit_code == 0
+    shared.reachable = False
+    data = json.loads(invoke("plan", spec, "--json").stdout)
+    assert {c["action"] for c in data["changes"]} == {"no-op"}
+    assert data["refreshed"] is False
+    assert any("state store unreachable (No credentials for the shared store); using the local copy of serial 14"
+               in w for w in data["warnings"])
+    status = json.loads(invoke("status", spec, "--json").stdout)
+    assert {n["health"] for n in status["nodes"]} == {"healthy"}
+    result = invoke("apply", spec, "--yes")  # apply never works from the copy
+    assert result.exit_code == 1 and "No credentials for the shared store" in result.stderr
 
 
 # --------------------------------------------------------------------------- locks
