@@ -462,13 +462,23 @@ class Sidecar:
     def __init__(self, proc: Any) -> None:
         self.proc = proc
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the sandbox's process group (it leads one), SIGKILL after the grace period."""
         pid = getattr(self.proc, "pid", None)
-        if pid:
+        if not pid:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, sig)
             except (ProcessLookupError, PermissionError):
-                pass
+                return
+            deadline = time.time() + grace_s
+            while time.time() < deadline:
+                try:
+                    os.killpg(pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                time.sleep(0.1)
 
 
 def start_sidecar(settings: SidecarSettings, log_path: Path, *, ready_timeout_s: float = 180.0) -> Sidecar:
@@ -478,6 +488,7 @@ def start_sidecar(settings: SidecarSettings, log_path: Path, *, ready_timeout_s:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = start_detached(
         "127.0.0.1", settings.port, log_path, workers=settings.workers, memory_limit_mb=settings.memory_limit_mb,
+        max_output_bytes=settings.max_output_bytes, max_queue=settings.max_queue, preload=list(settings.preload),
     )
     url = f"http://127.0.0.1:{settings.port}/v1/ping"
     deadline = time.time() + ready_timeout_s

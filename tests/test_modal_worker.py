@@ -228,3 +228,41 @@ def test_bearer_auth_guards_everything_but_ping() -> None:
     assert call("/run_code", [(b"authorization", b"Bearer s3cret")]) == 200
     assert call("/t/s3cret/run_code") == 200 and seen[-1] == "/run_code"
     assert call("/t/s3cretX/run_code") == 401 and call("/t/wrong/run_code") == 401
+
+
+def test_service_sandbox_serves_the_real_sandbox_behind_its_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sandbox_web` (the ASGI function Modal serves) on a real server on loopback."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from runtime.modal_worker import sandbox_web
+
+    monkeypatch.setenv("RETOOL_SANDBOX_SETTINGS", json.dumps({"workers": 1, "max_queue": 4, "preload": []}))
+    monkeypatch.setenv("RETOOL_SANDBOX_TOKEN_VAR", "SBX_TOKEN")
+    monkeypatch.setenv("SBX_TOKEN", "tok-1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(sandbox_web(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            if server.started:
+                break
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        body = {"code": "print(6 * 7)", "language": "python", "run_timeout": 10}
+        assert httpx.get(f"{base}/v1/ping").text == '"pong"'
+        assert httpx.post(f"{base}/run_code", json=body).status_code == 401
+        via_url = httpx.post(f"{base}/t/tok-1/run_code", json=body, timeout=60)
+        assert via_url.status_code == 200 and via_url.json()["run_result"]["stdout"] == "42\n"
+        via_header = httpx.post(f"{base}/run_code", json=body, headers={"Authorization": "Bearer tok-1"}, timeout=60)
+        assert via_header.json()["status"] == "Success"
+    finally:
+        server.should_exit = True
+        thread.join(30)
