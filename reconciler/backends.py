@@ -91,4 +91,4 @@ def get_store(spec: Spec, state_dir: str | Path) -> StateStore:
         raise TerminalError(
             "The Modal state store cannot be loaded", str(exc), "install the Modal extra: `pip install 'retool[modal]'`"
         ) from exc
-    return ModalStore.from_spec(spec, cache_dir=Path(state_dir) / "cache")  # plan without credentials reads the last seen state
+    return ModalStore.from_spec(spec)

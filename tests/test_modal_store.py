@@ -33,33 +33,21 @@ def test_state_and_backup_live_on_the_volume_the_lock_in_the_dict() -> None:
     assert all(op[0] != "dict_put" or op[1] == "retool-locks" for op in fake.ops)
 
 
-def test_plan_without_credentials_reads_the_last_seen_state(tmp_path: Path) -> None:
-    fake = FakeModal()
-    store = ModalStore("retool-state", "retool-locks", "demo", adapter=fake, cache_dir=tmp_path / "cache")
-    store.write(State(serial=3, lineage="L"))
-    assert (tmp_path / "cache" / ".gitignore").read_text().endswith("*\n")
-    fake.token = False
-    seen = store.read()
-    assert seen is not None and seen.serial == 3
-    with pytest.raises(TerminalError) as exc:  # but nothing that changes state works
-        store.lock(LockInfo())
-    assert "modal token new" in exc.value.hint
-    with pytest.raises(TerminalError):
-        ModalStore("retool-state", "retool-locks", "demo", adapter=fake).read()  # no mirror: a clear error
-
-
-def test_an_unreachable_server_also_plans_from_the_mirror_but_cannot_lock(tmp_path: Path) -> None:
+def test_without_credentials_or_an_answer_every_call_fails_clearly() -> None:
+    """(plan and status then use reconciler.state.cache's local copy; apply stops)"""
     from runtime.modal_adapter import ModalUnreachable
 
     fake = FakeModal()
-    store = ModalStore("v", "d", "k", adapter=fake, cache_dir=tmp_path)
+    store = ModalStore("v", "d", "k", adapter=fake)
     store.write(State(serial=1, lineage="L"))
-    fake.reachable = False
-    assert store.read().serial == 1  # type: ignore[union-attr]
-    with pytest.raises(ModalUnreachable):
-        store.lock(LockInfo())
-    with pytest.raises(ModalUnreachable):
-        store.write(State(serial=2, lineage="L"))
+    fake.token = False
+    with pytest.raises(TerminalError) as exc:
+        store.read()
+    assert "modal token new" in exc.value.hint
+    fake.token, fake.reachable = True, False
+    for call in (store.read, lambda: store.lock(LockInfo()), lambda: store.write(State(serial=2, lineage="L"))):
+        with pytest.raises(ModalUnreachable):
+            call()
 
 
 def test_the_holders_writes_keep_its_lock_fresh() -> None:

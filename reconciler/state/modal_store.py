@@ -16,10 +16,8 @@ must grow, lineage must match): with the lock they make a lost update impossible
 it (a force-unlocked holder still running) the serial check still refuses the older writer.
 Both files go up in one batch upload, so a reader sees the old or the new pair.
 
-With a `cache_dir`, every state read or written is mirrored there (`modal-<key>.json`), and
-a read without Modal credentials (or without an answer) returns that mirror: `retool plan`
-then works from the last state this machine saw (its refresh notes that Modal could not be
-reached), while `apply` still stops at once, since the lock needs Modal.
+Without credentials or an answer every call raises (TerminalError / ModalUnreachable);
+`reconciler.state.cache` then lets plan and status fall back to the last local copy.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from reconciler.errors import TerminalError
 from reconciler.spec import Spec
 from reconciler.state.base import LockInfo, State
 from reconciler.state.local import BACKUP_SUFFIX, STATE_FILE, check_successor, locked_error, parse_state
-from runtime.modal_adapter import ModalAdapter, ModalUnreachable
+from runtime.modal_adapter import ModalAdapter
 
 DEFAULT_LOCK_TTL_S = 24 * 3600.0
 
@@ -41,7 +39,7 @@ DEFAULT_LOCK_TTL_S = 24 * 3600.0
 class ModalStore:
     def __init__(
         self, volume: str, lock_dict: str, key: str, *, adapter: ModalAdapter | None = None,
-        environment: str | None = None, lock_ttl_s: float = DEFAULT_LOCK_TTL_S, cache_dir: str | Path | None = None,
+        environment: str | None = None, lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
     ) -> None:
         if adapter is None:
             from runtime.modal_adapter import SdkAdapter
@@ -52,15 +50,11 @@ class ModalStore:
         self.path = f"{key}/{STATE_FILE}"
         self.backup_path = self.path + BACKUP_SUFFIX
         self._held: LockInfo | None = None
-        self.cache = Path(cache_dir) / f"modal-{key}.json" if cache_dir is not None else None
 
     @classmethod
-    def from_spec(
-        cls, spec: Spec, adapter: ModalAdapter | None = None, cache_dir: str | Path | None = None
-    ) -> "ModalStore":
+    def from_spec(cls, spec: Spec, adapter: ModalAdapter | None = None) -> "ModalStore":
         st = spec.state
-        return cls(st.volume, st.lock_dict, st.key or spec.name, adapter=adapter, environment=spec.modal.environment,
-                   cache_dir=cache_dir)
+        return cls(st.volume, st.lock_dict, st.key or spec.name, adapter=adapter, environment=spec.modal.environment)
 
     def describe(self) -> str:
         return f"Modal volume {self.volume}:/{self.path}"
@@ -74,29 +68,8 @@ class ModalStore:
             return None
 
     def read(self) -> State | None:
-        try:
-            text = self._read_text()
-        except (TerminalError, ModalUnreachable):
-            # No credentials (or no answer): plan from the last state seen here; writes and
-            # the lock still need Modal, so nothing can be changed from a stale copy.
-            if self.cache is None or not self.cache.is_file():
-                raise
-            return parse_state(self.cache.read_text(encoding="utf-8"), f"{self.cache} (last seen copy)")
-        self._mirror(text)
+        text = self._read_text()
         return None if text is None else parse_state(text, self.describe())
-
-    def _mirror(self, text: str | None) -> None:
-        if self.cache is None:
-            return
-        if text is None:
-            self.cache.unlink(missing_ok=True)
-            return
-        if not self.cache.parent.is_dir():
-            self.cache.parent.mkdir(parents=True, exist_ok=True)
-            (self.cache.parent / ".gitignore").write_text("# retool's cache of shared state: never commit it\n*\n")
-        tmp = self.cache.with_name(self.cache.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(self.cache)
 
     def write(self, state: State) -> None:
         old_text = self._read_text()
@@ -109,7 +82,6 @@ class ModalStore:
         if old_text is not None:
             files[self.backup_path] = old_text.encode()
         self.adapter.put_files(self.volume, files, env=self.env)
-        self._mirror(new_text)
         self._extend_lock()
 
     # ----------------------------------------------------------------- lock
