@@ -360,11 +360,12 @@ class SdkAdapter:
         worker = importlib.import_module(WORKER_MODULE)
         app = modal.App(definition.app_name)
         image = self.build_image(definition.image)
-        volumes: dict[str, Any] = {}
-        for fn in definition.functions:
-            for path, name in fn.volumes.items():
-                volumes.setdefault(name, modal.Volume.from_name(name, environment_name=definition.environment,
-                                                                create_if_missing=True))
+        # Volumes are created by ensure_volume, never here: a deleted protected volume must
+        # not come back empty behind the user's back (deploy then fails with NotFoundError).
+        volumes = {
+            name: modal.Volume.from_name(name, environment_name=definition.environment)
+            for fn in definition.functions for name in fn.volumes.values()
+        }
         for fn in definition.functions:
             self._register(app, modal, image, volumes, fn, getattr(worker, fn.entry))
         return app
