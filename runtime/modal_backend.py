@@ -27,8 +27,9 @@ import importlib.util
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
@@ -50,9 +51,9 @@ from runtime.modal_app import (
     StagePayload,
     app_name,
     build_app_definition,
-    mount,
     modal_problems,
     modal_volume_name,
+    mount,
     sandbox_token_env,
     segments_for,
     stage_function_name,

@@ -39,8 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from runtime.metrics import parse_line
-from runtime.verl_common import TRACKER_FILE
-from runtime.verl_sft import MERGE_MODULE
 from runtime.modal_adapter import ModalAdapter
 from runtime.modal_app import (
     RUN_DIR,
@@ -50,6 +48,8 @@ from runtime.modal_app import (
     StagePayload,
     StageResult,
 )
+from runtime.verl_common import TRACKER_FILE
+from runtime.verl_sft import MERGE_MODULE
 
 STOP_GRACE_S = 120.0
 SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"  # read by runtime/recipe/tool_config.yaml

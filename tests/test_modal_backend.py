@@ -15,8 +15,8 @@ from reconciler.loader import load_spec
 from reconciler.spec import Spec
 from runtime.base import StageContext
 from runtime.modal_adapter import ModalUnreachable
-from runtime.modal_backend import ModalRuntime
 from runtime.modal_app import build_app_definition, stage_function_name
+from runtime.modal_backend import ModalRuntime
 from tests.fakes.fake_modal import Containers, FakeModal
 
 REPO = Path(__file__).resolve().parent.parent

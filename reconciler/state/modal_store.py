@@ -52,7 +52,7 @@ class ModalStore:
         self._held: LockInfo | None = None
 
     @classmethod
-    def from_spec(cls, spec: Spec, adapter: ModalAdapter | None = None) -> "ModalStore":
+    def from_spec(cls, spec: Spec, adapter: ModalAdapter | None = None) -> ModalStore:
         st = spec.state
         return cls(st.volume, st.lock_dict, st.key or spec.name, adapter=adapter, environment=spec.modal.environment)
 

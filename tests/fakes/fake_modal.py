@@ -27,6 +27,7 @@ once (no per-container view until commit); no logs; no web traffic reaches web e
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -388,7 +389,7 @@ class Containers:
         vol, rel = volume_path({"volumes": {p["volume"]: p["out_dir"].rsplit("/", 2)[0]}}, p["out_dir"])
         if p["kind"] == "dataset":
             fake.write(vol, f"{rel}/train.parquet", b"PAR1" + p["name"].encode())
-            fake.write(vol, f"{rel}/meta.json", '{"rows": %d}' % self.rows)
+            fake.write(vol, f"{rel}/meta.json", json.dumps({"rows": self.rows}))
             return {"path": f"{p['out_dir']}/train.parquet", "digest": f"d-{p['name']}", "rows": self.rows,
                     "columns": ["messages"], "skipped": 0}
         fake.write(vol, f"{rel}/config.json", "{}")
@@ -423,16 +424,15 @@ class Containers:
                 for kind in ("model", "optim", "extra_state"):
                     fake.write(vol, f"{sub}/{kind}_world_size_{p['world_size']}_rank_{r}.pt", b"w" * 8)
             fake.write(vol, tracker, str(step))
-        fake.write(vol, f"{rel}/_retool/progress.json",
-                   '{"step": %d, "total": %d, "active_s": %f, "metrics": {"train/loss": 0.5}}' % (end, total, 60.0 * end))
+        fake.write(vol, f"{rel}/_retool/progress.json", json.dumps(
+            {"step": end, "total": total, "active_s": 60.0 * end, "metrics": {"train/loss": 0.5}}))
         if end < total:
             nxt = {**p, "segment": int(p["segment"]) + 1}
             next_id = fake.spawn(call.app_name, call.function, nxt)
-            fake.write(vol, f"{rel}/_retool/run.json",
-                       '{"call_id": "%s", "segment": %d}' % (next_id, nxt["segment"]))
+            fake.write(vol, f"{rel}/_retool/run.json", json.dumps({"call_id": next_id, "segment": nxt["segment"]}))
             return {"outcome": "continued", "step": end, "segment": p["segment"], "next_call_id": next_id,
                     "active_s": 60.0 * end}
-        fake.write(vol, f"{rel}/_retool/result.json", '{"outcome": "finished", "step": %d}' % end)
+        fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": end}))
         return {"outcome": "finished", "step": end, "segment": p["segment"], "active_s": 60.0 * end}
 
     def finalize(self, call: FakeCall, fake: FakeModal) -> Any:
