@@ -2,7 +2,7 @@
 
 - `runtime.recipe.code`: the recipe's code extraction and print-wrapping, and what the model
   sees of a sandbox result (pure functions, no verl).
-- `runtime.recipe.sandbox_call`: one SandboxFusion `/run_code` call over httpx.
+- `runtime.recipe.sandbox_call`: one `/run_code` call through `sandbox.client`.
 - `runtime.recipe.tool`: the `code_interpreter` tool as a verl native tool (`BaseTool`),
   declared in `tool_config.yaml` (`actor_rollout_ref.rollout.multi_turn.tool_config_path`).
 - `runtime.recipe.reward`: the recipe's reward (`reward.custom_reward_function`).

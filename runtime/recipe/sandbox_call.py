@@ -1,23 +1,23 @@
-"""One SandboxFusion `/run_code` call, as verl's own client makes it (RECIPE.md, "The
-SandboxFusion HTTP contract"): JSON request, HTTP read timeout = run timeout + 10 s, retried
-on 503/504 and on connection errors."""
+"""One code execution for the tool, through the sandbox's own client (`sandbox.client`,
+which speaks the SandboxFusion `/run_code` contract verl uses: JSON request, HTTP timeout =
+run timeout + 10 s, 503 retried after Retry-After)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-logger = logging.getLogger(__name__)
+from reconciler.errors import RetoolError
+from sandbox.client import run_code_async
 
-RETRY_STATUS = frozenset({503, 504})
+logger = logging.getLogger(__name__)
 
 
 class SandboxSettings(BaseModel):
-    """Where the code runs and with which limits (from tool_config.yaml / the environment)."""
+    """Where the code runs and with which limits (tool_config.yaml, from the environment)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -26,7 +26,6 @@ class SandboxSettings(BaseModel):
     memory_limit_mb: int = Field(1024, ge=16, description="Per-call memory limit.")
     rate_limit: int = Field(128, ge=1, description="Concurrent calls from one worker process (a cap).")
     num_workers: int = Field(128, ge=1, description="HTTP connections kept per worker process.")
-    retries: int = Field(3, ge=1, description="Attempts on 503/504 or connection errors.")
 
     @field_validator("sandbox_url")
     @classmethod
@@ -36,41 +35,16 @@ class SandboxSettings(BaseModel):
             raise ValueError(f"sandbox_url must be an http(s) URL, got {v!r} (is RETOOL_SANDBOX_URL set?)")
         return v
 
-    @property
-    def run_code_url(self) -> str:
-        base = self.sandbox_url.rstrip("/")
-        return base if base.endswith("/run_code") else f"{base}/run_code"
 
-
-def run_code_request(code: str, settings: SandboxSettings) -> dict[str, Any]:
-    """The SandboxFusion request body for one Python execution."""
-    return {
-        "code": code,
-        "language": "python",
-        "compile_timeout": settings.timeout_s,
-        "run_timeout": settings.timeout_s,
-        "memory_limit_MB": settings.memory_limit_mb,
-        "stdin": None,
-        "files": {},
-        "fetch_files": [],
-    }
-
-
-async def run_code(client: httpx.AsyncClient, code: str, settings: SandboxSettings) -> dict[str, Any] | None:
-    """POST one execution; the parsed response, or None when the sandbox could not answer."""
-    body = run_code_request(code, settings)
-    timeout = httpx.Timeout(settings.timeout_s + 10.0, connect=10.0)
-    for attempt in range(1, settings.retries + 1):
-        try:
-            resp = await client.post(settings.run_code_url, json=body, timeout=timeout)
-        except httpx.TransportError as exc:
-            logger.warning("sandbox %s unreachable (attempt %d): %s", settings.run_code_url, attempt, exc)
-        else:
-            if resp.status_code == 200:
-                return resp.json()
-            logger.warning("sandbox answered HTTP %d (attempt %d): %s", resp.status_code, attempt, resp.text[:200])
-            if resp.status_code not in RETRY_STATUS:
-                return None
-        if attempt < settings.retries:
-            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
-    return None
+async def execute(client: httpx.AsyncClient, code: str, settings: SandboxSettings) -> dict[str, Any] | None:
+    """The sandbox's response as a dict, or None when the sandbox could not answer
+    (unreachable, refused, server fault): the recipe treats that like any unfinished run."""
+    try:
+        response = await run_code_async(
+            settings.sandbox_url, code, timeout=settings.timeout_s, memory_limit_mb=settings.memory_limit_mb,
+            client=client,
+        )
+    except RetoolError as exc:
+        logger.warning("code_interpreter: %s", exc)
+        return None
+    return response.model_dump(mode="json")

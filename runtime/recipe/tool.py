@@ -20,7 +20,7 @@ import httpx
 
 from runtime.data.retool_sft import TOOL_NAME, TOOLS
 from runtime.recipe.code import observation, prepare_code
-from runtime.recipe.sandbox_call import SandboxSettings, run_code
+from runtime.recipe.sandbox_call import SandboxSettings, execute
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
@@ -61,7 +61,7 @@ class CodeInterpreterTool(BaseTool):
             return ToolResponse(text="Error: `code` must be a non-empty string."), 0.0, {"sandbox_error": 0}
         client, slots = self._connection()
         async with slots:
-            response = await run_code(client, prepare_code(code), self.settings)
+            response = await execute(client, prepare_code(code), self.settings)
         metrics = {"sandbox_error": int(response is None)}
         if response is None:
             logger.warning("code_interpreter: sandbox gave no answer; the model sees the no-output text")
