@@ -145,6 +145,7 @@ def health_report(executor: Executor) -> dict[str, Any]:
         "status": "ok" if zygote is not None and zygote.alive else "starting",
         "pool_size": pool.size if pool else executor.settings.pool_size(),
         "busy": pool.busy if pool else 0,
+        "prepared": executor.prepared,
         "queue_depth": pool.waiting if pool else 0,
         "max_queue": executor.settings.max_queue,
         **executor.counters.model_dump(),
@@ -159,9 +160,9 @@ def health_report(executor: Executor) -> dict[str, Any]:
 def prometheus_text(executor: Executor) -> str:
     report = health_report(executor)
     lines = []
-    for name in ("executions", "timeouts", "errors", "rejected", "zygote_restarts"):
+    for name in ("executions", "timeouts", "errors", "rejected", "zygote_restarts", "leftovers_killed"):
         lines += [f"# TYPE retool_sandbox_{name}_total counter", f"retool_sandbox_{name}_total {report[name]}"]
-    for name in ("pool_size", "busy", "queue_depth"):
+    for name in ("pool_size", "busy", "prepared", "queue_depth"):
         lines += [f"# TYPE retool_sandbox_{name} gauge", f"retool_sandbox_{name} {report[name]}"]
     lines += ["# TYPE retool_sandbox_network_isolated gauge", f"retool_sandbox_network_isolated {int(report['network_isolated'])}"]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """The program process: lock itself down, wait for the program, run it as `python main.py` would.
 
-It is forked by a supervisor before any request arrives (a fork of a process with numpy and
+It is forked by the slot's forker before any request arrives (a fork of a process with numpy and
 sympy loaded costs milliseconds; paying it between requests keeps it off the latency path):
 
 1. prepare (root, request-independent): own session, the slot's mount namespace, cwd, stdio
@@ -47,7 +47,7 @@ class ChildPlan:
     cwd: str
     uid: int | None
     mount_ns_fd: int | None
-    supervisor_pid: int
+    parent_pid: int  # the forker; if it dies first, so must we
     stdin_fd: int
     stdout_fd: int
     stderr_fd: int
@@ -75,7 +75,7 @@ def run_child(plan: ChildPlan) -> NoReturn:
     try:
         os.write(STATUS_FD, f"done {status}\n".encode())
     except OSError:
-        pass  # the program closed fd 3: the supervisor learns the status from the exit instead
+        pass  # the program closed fd 3: the server learns the status from the exit instead
     os._exit(status)
 
 
@@ -106,7 +106,7 @@ def _prepare(plan: ChildPlan) -> None:
         os.dup2(copy, target)
     for sock in plan.detach:
         sock.detach()
-    os.closerange(GO_FD + 1, _MAX_FD)  # sockets, namespace fds, the supervisor's pipe ends
+    os.closerange(GO_FD + 1, _MAX_FD)  # sockets, namespace fds, the forker's pipe ends
     _reset_signals()
     _reseed()
     _fresh_stdio()
@@ -120,8 +120,8 @@ def _lock_down(plan: ChildPlan, go: Go) -> None:
         os.setresuid(plan.uid, plan.uid, plan.uid)
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges again
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # again: changing uid clears it
-    if os.getppid() != plan.supervisor_pid:
-        raise RuntimeError("the supervisor exited before the program started")
+    if os.getppid() != plan.parent_pid:
+        raise RuntimeError("the forker exited before the program started")
     os.umask(0o077)
     os.environ.clear()
     os.environ.update(go.env)

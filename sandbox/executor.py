@@ -1,10 +1,11 @@
-"""The server's side of execution: the zygote process, the slot pool and the per-request talk.
+"""The server's side of execution: the zygote, one forker per slot, and the per-request work.
 
-Each slot keeps a prepared worker: the zygote was handed one end of a fresh socket pair
-(SCM_RIGHTS), forked a supervisor for it, which forked the program process; the supervisor's
-pid is held as a pidfd (a kill can never hit a recycled pid). A request only sends the `Job`
-and awaits the `Outcome`: both forks happened before it arrived. The slot gets its next worker
-in the background after the supervisor reports it clean. Nothing here blocks the event loop.
+Each slot keeps a prepared program process: its forker (forked from the zygote once) forked it
+ahead of time and handed the server its pipes and pidfd. A request takes a slot, writes its
+files, and drives the program directly from the event loop (`sandbox.program`); the fork
+was paid before the request arrived. Afterwards, in the background: the program is killed if
+still there, the forker reports it reaped (and any leftovers killed), the working directory
+is emptied, the next program process is prepared, and only then is the slot free again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import math
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -22,29 +22,29 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from sandbox import workdir
 from sandbox.pool import SlotPool
+from sandbox.program import ProgramFds, run_program
 from sandbox.protocol import (
     ChildLimits,
-    Cleaned,
-    Hello,
+    Exited,
+    Go,
     Isolation,
-    Job,
     Outcome,
     Prepare,
+    Prepared,
     SlotSpec,
+    SpawnForker,
     ZygoteConfig,
     ZygoteReady,
-    encode_frame,
-    header_size,
-    parse_header,
 )
 from sandbox.settings import MIB, SandboxSettings
 from sandbox.workspace import Workspace, create_workspace
 
-HELLO_TIMEOUT_S = 30.0
-GRACE_S = 15.0  # beyond run_timeout: writing files, draining output, fetching files
-CLEANUP_TIMEOUT_S = 60.0
+PREPARE_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 30.0
 ZYGOTE_START_TIMEOUT_S = 180.0
+_FAULTS = (OSError, EOFError, asyncio.TimeoutError, ValidationError)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Counters(BaseModel):
     errors: int = 0  # sandbox faults (SandboxError)
     rejected: int = 0  # refused with 503: queue full
     zygote_restarts: int = 0
+    leftovers_killed: int = 0  # executions that left processes behind (killed)
 
 
 def program_env() -> dict[str, str]:
@@ -90,7 +91,7 @@ class ZygoteUnavailable(RuntimeError):
 
 
 class ZygoteProcess:
-    """Starts the zygote with a clean environment and hands it request sockets."""
+    """Starts the zygote with a clean environment and asks it for forkers."""
 
     def __init__(self, settings: SandboxSettings, slots: list[SlotSpec]) -> None:
         self._settings = settings
@@ -115,9 +116,8 @@ class ZygoteProcess:
             child.close()
         parent.setblocking(False)
         self._control = parent
-        loop = asyncio.get_running_loop()
         try:
-            data = await asyncio.wait_for(loop.sock_recv(parent, 1 << 20), ZYGOTE_START_TIMEOUT_S)
+            data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(parent, 1 << 20), ZYGOTE_START_TIMEOUT_S)
         except (asyncio.TimeoutError, OSError) as exc:
             self.stop()
             raise ZygoteUnavailable(f"the sandbox zygote did not start: {exc!r}") from exc
@@ -125,23 +125,32 @@ class ZygoteProcess:
             code = self._proc.wait()
             self.stop()
             raise ZygoteUnavailable(f"the sandbox zygote exited during start-up with status {code}")
-        parse_header(data[: header_size()])
-        self.ready = ZygoteReady.model_validate_json(data[header_size() :])
+        self.ready = ZygoteReady.model_validate_json(data)
         return self.ready
 
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None and self._control is not None
 
-    async def dispatch(self, sock: socket.socket) -> None:
+    async def spawn_forker(self, slot: int) -> socket.socket:
+        """A connected socket to a new forker for `slot`."""
         if not self.alive or self._control is None:
             raise ZygoteUnavailable("the sandbox zygote is not running")
-        while True:
-            try:
-                socket.send_fds(self._control, [b"j"], [sock.fileno()])
-                return
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            while True:
+                try:
+                    socket.send_fds(self._control, [SpawnForker(slot=slot).encode()], [theirs.fileno()])
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return ours
 
     def stop(self) -> None:
         if self._control is not None:
@@ -154,34 +163,116 @@ class ZygoteProcess:
             self._proc = None
 
 
-@dataclass
-class Worker:
-    """A supervisor forked for one slot, its program process already waiting: ready for a job."""
+class SlotRunner:
+    """One slot: its forker connection and its prepared program process."""
 
-    slot: SlotSpec
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    pidfd: int
+    def __init__(self, slot: SlotSpec, executor: Executor) -> None:
+        self.slot = slot
+        self._executor = executor
+        self._forker: socket.socket | None = None
+        self.program: ProgramFds | None = None
+        self._running: tuple[ProgramFds, asyncio.Task[Exited]] | None = None
+        self.dirty = False  # a program of this slot may still run: the next forker kills its uid first
 
-    def alive(self) -> bool:
-        return not select.select([self.pidfd], [], [], 0)[0]  # a pidfd turns readable when the process exits
+    async def ensure_prepared(self) -> None:
+        """Make sure a live program process waits in this slot (one retry with a new forker)."""
+        if self.program is not None and _alive(self.program.pidfd):
+            return
+        if self.program is not None:  # killed while waiting (its forker died): start over
+            self.fail()
+        for attempt in range(2):
+            try:
+                if self._forker is None:
+                    self._forker = await self._executor.spawn_forker(self.slot.index)
+                self._forker.send(Prepare(dirty=self.dirty).encode())
+                msg, fds = await asyncio.wait_for(_recv_fds(self._forker, 6), PREPARE_TIMEOUT_S)
+                if len(fds) != 6:
+                    for fd in fds:
+                        os.close(fd)
+                    raise EOFError("the forker closed its socket")
+                self.program = ProgramFds(Prepared.model_validate_json(msg).pid, *fds)
+                self.dirty = False
+                return
+            except (*_FAULTS, ZygoteUnavailable):
+                self.fail()
+                if attempt:
+                    raise
 
-    def discard(self) -> None:
-        _kill(self.pidfd)
-        self.writer.close()
+    async def execute(self, request: ExecutionRequest) -> tuple[Outcome, asyncio.Task[Exited]]:
+        """Run `request` in the prepared program process; returns the outcome and the forker's
+        coming `Exited` report (needed before the slot can be reused)."""
+        program, self.program = self.program, None
+        assert program is not None and self._forker is not None
+        forker = self._forker
+        exited = asyncio.ensure_future(_recv_exited(forker))
+        self._running = (program, exited)
+        executor = self._executor
+        settings, isolation = executor.settings, executor.isolation
+        cwd = "/tmp" if isolation.private_tmp else self.slot.workdir
+        if request.files:
+            await asyncio.to_thread(workdir.write_files, self.slot.workdir, request.files, self.slot_uid)
+        go = Go(
+            code=request.code, filename=os.path.join(cwd, "main.py"), limits=executor.limits(request),
+            env={**program_env(), "HOME": cwd, "TMPDIR": cwd, "PWD": cwd},
+        )
+
+        async def exit_status() -> int:
+            return (await asyncio.wait_for(asyncio.shield(exited), SETTLE_TIMEOUT_S)).status
+
+        outcome = await run_program(program, go, request.stdin, request.run_timeout, settings.max_output_bytes, exit_status)
+        if request.fetch_files:
+            outcome.files = await asyncio.to_thread(
+                workdir.fetch_files, self.slot.workdir, request.fetch_files, self.slot_uid, settings.max_fetch_bytes
+            )
+        return outcome, exited
+
+    async def settle(self) -> bool:
+        """After a run: the program gone, leftovers killed, the workdir empty. True when clean."""
+        assert self._running is not None
+        program, exited = self._running
+        self._running = None
+        program.kill()
+        try:
+            report = await asyncio.wait_for(exited, SETTLE_TIMEOUT_S)
+        finally:
+            program.close()
+        if report.leftovers:
+            self._executor.counters.leftovers_killed += 1
+        if workdir.is_empty(self.slot.workdir):
+            workdir.reset(self.slot.workdir, self.slot_uid)  # only owner and mode to restore: cheap
+        else:
+            await asyncio.to_thread(workdir.reset, self.slot.workdir, self.slot_uid)
+        return True
+
+    def fail(self) -> None:
+        """Drop the forker and any program; the next use starts a new forker that cleans up."""
+        running = self._running
+        for program in (self.program, running[0] if running else None):
+            if program is not None:
+                program.kill()
+                program.close()
+        if running:
+            running[1].cancel()
+        self.program = None
+        self._running = None
+        if self._forker is not None:
+            self._forker.close()
+            self._forker = None
+        self.dirty = True
+
+    @property
+    def slot_uid(self) -> int | None:
+        return self.slot.uid if self._executor.isolation.separate_uid else None
 
 
 class Executor:
-    """Slots, each with a prepared worker; a request takes a slot, uses its worker, and the slot
-    is given a fresh worker in the background before it is offered again."""
-
     def __init__(self, settings: SandboxSettings) -> None:
         self.settings = settings
         self.counters = Counters()
         self.workspace: Workspace | None = None
         self.pool: SlotPool | None = None
         self.zygote: ZygoteProcess | None = None
-        self._workers: dict[int, Worker] = {}
+        self.runners: dict[int, SlotRunner] = {}
         self._restart_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -191,25 +282,22 @@ class Executor:
 
     @property
     def prepared(self) -> int:
-        return len(self._workers)
+        return sum(1 for r in self.runners.values() if r.program is not None)
 
     async def start(self) -> None:
         self.workspace = create_workspace(self.settings)
         self.pool = SlotPool(self.workspace.slots, self.settings.max_queue)
         self.zygote = ZygoteProcess(self.settings, self.workspace.slots)
         await self.zygote.start()
-        workers = await asyncio.gather(*(self._prepare(slot) for slot in self.workspace.slots), return_exceptions=True)
-        for worker in workers:
-            if isinstance(worker, Worker):
-                self._workers[worker.slot.index] = worker
+        self.runners = {slot.index: SlotRunner(slot, self) for slot in self.workspace.slots}
+        await asyncio.gather(*(r.ensure_prepared() for r in self.runners.values()), return_exceptions=True)
 
     async def stop(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for worker in self._workers.values():
-            worker.discard()
-        self._workers.clear()
+        for runner in self.runners.values():
+            runner.fail()
         if self.zygote is not None:
             self.zygote.stop()
         if self.workspace is not None:
@@ -219,109 +307,54 @@ class Executor:
         """Execute one program; raises QueueFullError when the queue is full."""
         assert self.pool is not None, "Executor.start() was not awaited"
         slot = await self.pool.acquire()
-        worker: Worker | None = None
-        handed_off = False
+        runner = self.runners[slot.index]
         try:
-            worker = self._workers.pop(slot.index, None)
-            if worker is None or not worker.alive():
-                if worker is not None:
-                    worker.discard()
-                worker = await self._prepare(slot)
-            worker.writer.write(encode_frame(self._job(request)))
-            await worker.writer.drain()
-            body = await asyncio.wait_for(_read_frame(worker.reader), request.run_timeout + GRACE_S)
-            outcome = Outcome.model_validate_json(body)
-            task = asyncio.create_task(self._recycle(worker))
+            await runner.ensure_prepared()
+            outcome, _ = await runner.execute(request)
+        except (*_FAULTS, ZygoteUnavailable) as exc:
+            runner.fail()
+            self.pool.release(slot)
+            outcome = Outcome(kind="error", message=f"sandbox executor failed: {type(exc).__name__}: {exc}")
+        except BaseException:  # cancelled: never leak the slot
+            runner.fail()
+            self.pool.release(slot)
+            raise
+        else:
+            task = asyncio.create_task(self._recycle(runner))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-            handed_off = True
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValidationError,
-                ZygoteUnavailable) as exc:
-            outcome = Outcome(kind="error", message=f"sandbox executor failed: {type(exc).__name__}: {exc}")
-        finally:
-            if not handed_off:
-                if worker is not None:
-                    worker.discard()
-                self.pool.release(slot, dirty=True)
         self._count(outcome)
         return outcome
 
-    async def _prepare(self, slot: SlotSpec) -> Worker:
-        assert self.pool is not None
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    async def _recycle(self, runner: SlotRunner) -> None:
         try:
-            await self._dispatch(child)
-        except BaseException:
-            parent.close()
-            raise
+            await runner.settle()
+            await runner.ensure_prepared()  # the slot is offered again with a program waiting
+        except (*_FAULTS, ZygoteUnavailable):
+            runner.fail()
         finally:
-            child.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
-        try:
-            writer.write(encode_frame(Prepare(slot=slot, dirty=self.pool.is_dirty(slot))))
-            hello = Hello.model_validate_json(await asyncio.wait_for(_read_frame(reader), HELLO_TIMEOUT_S))
-            # The supervisor now waits for its job, so this pid cannot have been recycled.
-            return Worker(slot=slot, reader=reader, writer=writer, pidfd=os.pidfd_open(hello.pid))
-        except BaseException:
-            writer.close()
-            raise
+            assert self.pool is not None
+            self.pool.release(runner.slot)
 
-    async def _recycle(self, worker: Worker) -> None:
-        """Wait for the used worker's clean-up, give the slot a fresh worker, then free the slot."""
-        assert self.pool is not None
-        clean = False
-        try:
-            body = await asyncio.wait_for(_read_frame(worker.reader), CLEANUP_TIMEOUT_S)
-            clean = Cleaned.model_validate_json(body).ok
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValidationError):
-            clean = False
-        finally:
-            if clean:
-                os.close(worker.pidfd)
-                worker.writer.close()
-            else:
-                worker.discard()
-            if not clean:
-                self.pool.release(worker.slot, dirty=True)
-        if not clean:
-            return
-        self.pool.mark(worker.slot, dirty=False)
-        try:
-            self._workers[worker.slot.index] = await self._prepare(worker.slot)
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValidationError,
-                ZygoteUnavailable):
-            pass  # the next request in this slot prepares one itself
-        finally:
-            self.pool.release(worker.slot, dirty=False)
-
-    async def _dispatch(self, sock: socket.socket) -> None:
+    async def spawn_forker(self, slot: int) -> socket.socket:
         assert self.zygote is not None
-        try:
-            await self.zygote.dispatch(sock)
-            return
-        except (ZygoteUnavailable, OSError):
-            pass
-        async with self._restart_lock:  # one restart for everyone who noticed the death
-            if not self.zygote.alive:
-                self.zygote.stop()
-                self.counters.zygote_restarts += 1
-                await self.zygote.start()
-        await self.zygote.dispatch(sock)
+        if not self.zygote.alive:
+            async with self._restart_lock:  # one restart for everyone who noticed the death
+                if not self.zygote.alive:
+                    self.zygote.stop()
+                    self.counters.zygote_restarts += 1
+                    await self.zygote.start()
+        return await self.zygote.spawn_forker(slot)
 
-    def _job(self, request: ExecutionRequest) -> Job:
+    def limits(self, request: ExecutionRequest) -> ChildLimits:
         s = self.settings
-        limits = ChildLimits(
+        return ChildLimits(
             address_space_bytes=request.memory_limit_mb * MIB,
             stack_bytes=s.stack_mb * MIB,
             cpu_seconds=math.ceil(request.run_timeout) + 1,
             processes=s.max_processes if self.isolation.separate_uid else None,
             file_size_bytes=s.max_file_bytes,
             open_files=s.max_open_files,
-        )
-        return Job(
-            code=request.code, stdin=request.stdin, files=request.files, fetch_files=request.fetch_files,
-            run_timeout=request.run_timeout, max_output_bytes=s.max_output_bytes, max_fetch_bytes=s.max_fetch_bytes,
-            limits=limits, env=program_env(),
         )
 
     def _count(self, outcome: Outcome) -> None:
@@ -333,17 +366,30 @@ class Executor:
                 self.counters.timeouts += 1
 
 
-def _kill(pidfd: int | None) -> None:
-    if pidfd is None:
-        return
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except OSError:
-        pass
-    finally:
-        os.close(pidfd)
+def _alive(pidfd: int) -> bool:
+    return not select.select([pidfd], [], [], 0)[0]  # a pidfd turns readable when its process exits
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    size = parse_header(await reader.readexactly(header_size()))
-    return await reader.readexactly(size)
+async def _recv_fds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    """One SEQPACKET message and its fds, without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, maxfds)
+            if not msg and not fds:
+                raise EOFError("the forker closed its socket")
+            return msg, fds
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(sock, lambda: readable.done() or readable.set_result(None))
+            try:
+                await readable
+            finally:
+                loop.remove_reader(sock)
+
+
+async def _recv_exited(sock: socket.socket) -> Exited:
+    msg, fds = await _recv_fds(sock, 1)
+    for fd in fds:
+        os.close(fd)
+    return Exited.model_validate_json(msg)

@@ -2,9 +2,8 @@
 
 A slot is a working directory (and, when the server is root, a uid of its own). A request
 takes a free slot or waits in FIFO order; when `max_queue` requests already wait, it is
-refused at once (the HTTP layer answers 503 with Retry-After). A slot is released only after
-its supervisor confirmed the clean-up; if it could not, the slot is marked dirty and the
-next execution in it resets it first.
+refused at once (the HTTP layer answers 503 with Retry-After). The executor releases a slot
+only once it is clean again and has its next program process prepared.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ class SlotPool:
         self.max_queue = max_queue
         self._free: deque[SlotSpec] = deque(slots)
         self._waiters: deque[asyncio.Future[SlotSpec]] = deque()
-        self._dirty: set[int] = set()
 
     @property
     def size(self) -> int:
@@ -39,9 +37,6 @@ class SlotPool:
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
 
-    def is_dirty(self, slot: SlotSpec) -> bool:
-        return slot.index in self._dirty
-
     async def acquire(self) -> SlotSpec:
         if self._free and not self.waiting:
             return self._free.popleft()
@@ -53,8 +48,7 @@ class SlotPool:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # got a slot just as we were cancelled
-                slot = waiter.result()
-                self.release(slot, dirty=self.is_dirty(slot))
+                self.release(waiter.result())
             raise
         finally:
             try:
@@ -62,14 +56,7 @@ class SlotPool:
             except ValueError:
                 pass
 
-    def mark(self, slot: SlotSpec, dirty: bool) -> None:
-        if dirty:
-            self._dirty.add(slot.index)
-        else:
-            self._dirty.discard(slot.index)
-
-    def release(self, slot: SlotSpec, dirty: bool) -> None:
-        self.mark(slot, dirty)
+    def release(self, slot: SlotSpec) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

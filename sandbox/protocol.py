@@ -1,30 +1,31 @@
-"""What the server and the executor processes say to each other over Unix sockets and pipes.
+"""What the server and the executor processes say to each other.
 
-Frames are a 4-byte big-endian length and a JSON body. One supervisor serves one execution:
+Processes, and who talks to whom (Unix SEQPACKET sockets: one JSON message per datagram,
+file descriptors attached with SCM_RIGHTS):
 
-    server ─Prepare─▶ supervisor        (forks the program process, which waits)
-    server ◀─Hello──  supervisor        (its pid: the worker is ready for a request)
-    server ──Job───▶  supervisor ─Go─▶ program process (over a pipe)
-    server ◀─Outcome─ supervisor        (as soon as the program is done)
-    server ◀─Cleaned─ supervisor        (leftovers killed, slot emptied: the slot is free again)
+    server ──SpawnForker + socket fd──▶ zygote          (preloaded; forks one forker per slot)
+    server ──Prepare──────────────────▶ forker (slot i) (forks the program process, which waits)
+    server ◀─Prepared + 6 fds─────────  forker          (go, stdin, stdout, stderr, status, pidfd)
+    server ──Go (over the go pipe)────▶ program process (runs the program)
+    server ◀─Exited───────────────────  forker          (program reaped, leftovers killed)
 
-The zygote talks to the server once, at start, with `ZygoteReady`.
+The zygote says `ZygoteReady` once, at start. The forker never sees a program, its input or
+its output - so a program process, forked from it, cannot find another request's data in
+the memory it inherited.
 """
 
 from __future__ import annotations
 
-import socket
-import struct
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_HEADER = struct.Struct(">I")
-MAX_FRAME = 1 << 30
-
 
 class Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
 
 
 class ChildLimits(Msg):
@@ -66,21 +67,21 @@ class ZygoteReady(Msg):
     preload_failures: dict[str, str]
 
 
+class SpawnForker(Msg):
+    slot: int
+
+
 class Prepare(Msg):
-    slot: SlotSpec
-    dirty: bool  # the previous execution in this slot did not clean up: reset first
+    dirty: bool  # the slot's last program may have left processes: kill everything of its uid first
 
 
-class Job(Msg):
-    code: str
-    stdin: str | None
-    files: dict[str, str]  # relative path -> base64 content
-    fetch_files: list[str]
-    run_timeout: float
-    max_output_bytes: int
-    max_fetch_bytes: int
-    limits: ChildLimits
-    env: dict[str, str]
+class Prepared(Msg):
+    pid: int  # the program process, waiting for its Go; fds: go, stdin, stdout, stderr, status, pidfd
+
+
+class Exited(Msg):
+    status: int  # the wait status of the program process
+    leftovers: bool  # processes it left behind were found and killed
 
 
 class Go(Msg):
@@ -92,11 +93,9 @@ class Go(Msg):
     limits: ChildLimits
 
 
-class Hello(Msg):
-    pid: int
-
-
 class Outcome(Msg):
+    """The end of one execution, as the HTTP layer maps it onto SandboxFusion's statuses."""
+
     kind: Literal["finished", "timeout", "error"]
     return_code: int | None = None
     stdout: str = ""
@@ -104,44 +103,3 @@ class Outcome(Msg):
     execution_time: float = 0.0
     files: dict[str, str] = Field(default_factory=dict)
     message: str = ""
-
-
-class Cleaned(Msg):
-    ok: bool
-
-
-def encode_frame(msg: BaseModel) -> bytes:
-    body = msg.model_dump_json().encode()
-    return _HEADER.pack(len(body)) + body
-
-
-def send_msg(sock: socket.socket, msg: BaseModel) -> None:
-    sock.sendall(encode_frame(msg))
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(min(size - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_body(sock: socket.socket) -> bytes:
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes is too large")
-    return _recv_exact(sock, size)
-
-
-def header_size() -> int:
-    return _HEADER.size
-
-
-def parse_header(header: bytes) -> int:
-    (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes is too large")
-    return size

@@ -3,8 +3,8 @@
 Started by the server with a clean environment (so no secret is ever in its memory or its
 /proc/<pid>/environ) and thread counts pinned to 1 before numpy loads, so it stays
 single-threaded and `fork` is safe. It isolates the network, builds the per-slot mount
-namespaces, imports the preload list, freezes the GC (children then leave those pages
-shared) and loops: one control message carrying one socket fd -> fork a supervisor.
+namespaces, imports the preload list, freezes the GC (forks then leave those pages shared)
+and loops: each control message carries one socket -> fork that slot's forker on it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import traceback
 
 from sandbox import linux
+from sandbox.forker import serve_slot
 from sandbox.isolation import build_slot_namespaces, can_switch_uid, isolate_network, unreachable_interpreter_paths
-from sandbox.protocol import Isolation, ZygoteConfig, ZygoteReady, encode_frame
-from sandbox.supervisor import supervise
+from sandbox.protocol import Isolation, SlotSpec, SpawnForker, ZygoteConfig, ZygoteReady
 from sandbox.warmup import preload
 
 
@@ -31,43 +31,48 @@ def main(argv: list[str]) -> None:
     isolate_network(isolation)
     uids = [slot.uid for slot in config.slots if slot.uid is not None]
     use_uids = bool(uids) and len(uids) == len(config.slots) and can_switch_uid(uids[0])
-    isolation.separate_uid = use_uids
     if uids and not use_uids:
         isolation.notes.append("cannot switch to the slot uids: executions run as the server's user")
     namespaces = build_slot_namespaces(config.slots, isolation)
     if use_uids and not namespaces and unreachable_interpreter_paths():
-        use_uids = isolation.separate_uid = False  # other uids could not even import the stdlib
+        use_uids = False  # other uids could not even import the standard library
         isolation.notes.append("the interpreter is not readable by other users: executions run as the server's user")
+    isolation.separate_uid = use_uids
+    slots = {s.index: s if use_uids else s.model_copy(update={"uid": None}) for s in config.slots}
     loaded, failures = preload(config.preload, config.warmup)
     gc.collect()
     gc.freeze()
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forkers are reaped by the kernel
     ready = ZygoteReady(pid=os.getpid(), isolation=isolation, preloaded=loaded, preload_failures=failures)
-    control.send(encode_frame(ready))
-    serve(control, namespaces, use_uids)
+    control.send(ready.encode())
+    serve(control, slots, namespaces)
 
 
-def serve(control: socket.socket, namespaces: dict[int, int], use_uids: bool) -> None:
+def serve(control: socket.socket, slots: dict[int, SlotSpec], namespaces: dict[int, int]) -> None:
     while True:
         try:
-            msg, fds, _, _ = socket.recv_fds(control, 16, 4)
+            msg, fds, _, _ = socket.recv_fds(control, 4096, 1)
         except InterruptedError:
             continue
         if not msg:
             return  # the server closed its end
+        spawn = SpawnForker.model_validate_json(msg)
         for fd in fds:
             if os.fork() == 0:
-                _run_supervisor(control, fd, namespaces, use_uids)
+                _run_forker(control, fd, slots[spawn.slot], namespaces)
             os.close(fd)
 
 
-def _run_supervisor(control: socket.socket, fd: int, namespaces: dict[int, int], use_uids: bool) -> None:
+def _run_forker(control: socket.socket, fd: int, slot: SlotSpec, namespaces: dict[int, int]) -> None:
     code = 0
     try:
         control.close()
-        supervise(socket.socket(fileno=fd), namespaces, use_uids)
-    except (BrokenPipeError, ConnectionResetError, EOFError):
-        code = 1  # the server went away mid-request: nothing to report to
+        for index, ns_fd in namespaces.items():  # keep only this slot's namespace
+            if index != slot.index:
+                os.close(ns_fd)
+        serve_slot(socket.socket(fileno=fd), slot, namespaces.get(slot.index))
+    except (BrokenPipeError, ConnectionResetError):
+        code = 1  # the server went away
     except BaseException:
         traceback.print_exc()
         code = 1

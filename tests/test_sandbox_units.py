@@ -121,16 +121,16 @@ def test_pool_queues_in_order_and_refuses_beyond_the_queue() -> None:
         async def waiter(name: str) -> None:
             slot = await pool.acquire()
             order.append(name)
-            pool.release(slot, dirty=False)
+            pool.release(slot)
 
         tasks = [asyncio.create_task(waiter("a")), asyncio.create_task(waiter("b"))]
         await asyncio.sleep(0)
         assert (pool.busy, pool.waiting) == (1, 2)
         with pytest.raises(QueueFullError):
             await pool.acquire()
-        pool.release(first, dirty=True)
+        pool.release(first)
         await asyncio.gather(*tasks)
-        assert not pool.is_dirty(first)  # the last release was clean
+        assert (pool.busy, pool.waiting) == (0, 0)
         return order
 
     assert asyncio.run(scenario()) == ["a", "b"]
@@ -143,7 +143,7 @@ def test_cancelled_waiter_does_not_lose_the_slot() -> None:
         task = asyncio.create_task(pool.acquire())
         await asyncio.sleep(0)
         task.cancel()
-        pool.release(held, dirty=False)
+        pool.release(held)
         with pytest.raises(asyncio.CancelledError):
             await task
         again = await asyncio.wait_for(pool.acquire(), 1)
