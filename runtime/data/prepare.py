@@ -89,15 +89,16 @@ def _sandbox_runner(url: str) -> Any:
     from sandbox.client import run_code
 
     def run(code: str) -> str:
-        result = run_code(url, code)
-        run_result = result.get("run_result") or {}
-        if result.get("status") != "Success" or run_result.get("status") != "Finished":
+        result = run_code(url, code, timeout=10.0)
+        outcome = result.run_result
+        if result.status.value != "Success" or outcome is None or outcome.status.value != "Finished":
             raise TerminalError(
                 "the sandbox failed to run generated code",
-                f"code {code!r}: status {result.get('status')}, run {run_result.get('status')}, "
-                f"stderr {str(run_result.get('stderr', ''))[-300:]!r}",
+                f"code {code!r}: status {result.status.value}, run {outcome.status.value if outcome else None}, "
+                f"stderr {(outcome.stderr or '')[-300:] if outcome else ''!r}, message {result.message!r}",
             )
-        return str(run_result.get("stdout", "")) + str(run_result.get("stderr", ""))
+        # What the recipe's tool shows the model: stdout + stderr.
+        return (outcome.stdout or "") + (outcome.stderr or "")
 
     return run
 
