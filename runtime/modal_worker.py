@@ -332,8 +332,10 @@ class StageRunner:
         env = {**os.environ, **cmd.get("env", {}), **self.cluster_env}
         log_path = self.run_dir / "logs" / f"segment-{self.p.segment}-rank-{self.rank}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[retool] $ {' '.join(argv)}", flush=True)
+        line = f"[retool] $ {' '.join(argv)}"
+        print(line, flush=True)
         with log_path.open("a", encoding="utf-8") as log:
+            log.write(line + "\n")
             proc = subprocess.Popen(
                 argv, cwd=cmd.get("cwd") or None, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, bufsize=1, start_new_session=True,

@@ -89,7 +89,8 @@ def test_a_finished_attempt_commits_and_reports_its_last_valid_step(tmp_path: Pa
     progress = json.loads((run_dir / "progress.json").read_text())
     assert progress["step"] == 6 and progress["metrics"]["train/loss"] == pytest.approx(1 / 6, abs=1e-4)
     assert json.loads((run_dir / "result.json").read_text())["outcome"] == "finished"
-    assert "step:6 - train/loss" in (run_dir / "logs" / "segment-0-rank-0.log").read_text()
+    log = (run_dir / "logs" / "segment-0-rank-0.log").read_text()
+    assert "step:6 - train/loss" in log and log.startswith("[retool] $ ")  # the command heads its log
     # every volume reloaded first and committed at the end; the merge was left to finalize
     assert fake.ops[:2] == [("reload_volume", "test-checkpoints"), ("reload_volume", "test-data")]
     assert ("commit_volume", "test-checkpoints") in fake.ops
