@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,7 @@ from runtime.verl_sft import render_merge, render_sft
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 TAIL_LINES = 40
+SANDBOX_READY_S = 120.0
 
 
 class MergeRecord(BaseModel):
@@ -332,10 +334,16 @@ class LocalRuntime:
             change = "updated"  # recorded but dead: restart it
         log_path = self.state_dir / "logs" / f"sandbox-{time.strftime('%Y%m%d-%H%M%S')}.log"
         started = sandbox_process.start_detached(
-            "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers,
-            memory_limit_mb=sandbox.memory_limit_mb, max_output_bytes=sandbox.max_output_bytes,
-            max_queue=sandbox.max_queue, preload=list(sandbox.preload),
+            "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers, memory_limit_mb=sandbox.memory_limit_mb,
         )
+        deadline = time.time() + SANDBOX_READY_S
+        while not self._ping(started.url):
+            if time.time() > deadline or not procs.is_alive(started.pid):
+                tail = procs.tail(log_path, 15)
+                raise TerminalError(
+                    f"the sandbox did not answer {started.url}/v1/ping", "\n".join(tail), f"log: {log_path}"
+                )
+            time.sleep(0.5)
         new = SandboxRecord(
             pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
             config_hash=config_hash, log_path=str(log_path),
@@ -501,9 +509,10 @@ class LocalRuntime:
                 message=f"finished at step {step}" if step is not None else "finished",
             )
         why = f"cancelled ({done.signal})" if done.cancelled else f"exited with code {done.returncode}"
+        error = "" if done.cancelled else _error_line(procs.tail(log_path, 400, max_bytes=1 << 20))
         return RunStatus(
             state="failed", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail,
-            message=f"{why}" + (f": {_error_line(tail)}" if not done.cancelled and _error_line(tail) else ""),
+            message=why + (f": {error}" if error else ""),
         )
 
     @staticmethod
@@ -622,10 +631,21 @@ class LocalRuntime:
         return None
 
 
-def _error_line(tail: list[str]) -> str:
-    """The most telling line of a failed run's log tail (the last exception), or ''."""
-    for line in reversed(tail):
-        text = line.strip()
-        if any(word in text for word in ("Error", "Exception", "error:", "Traceback")) and not text.startswith("File "):
-            return text[:300]
-    return ""
+_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception))):(.*)$")
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
+
+
+def _error_line(lines: list[str]) -> str:
+    """The most telling line of a failed run's log: the last exception raised by the trainer
+    (torchrun's own ChildFailedError summary says nothing), with its continuation line when
+    the message spills over. '' when there is none."""
+    found = ""
+    for i, line in enumerate(lines):
+        m = _EXCEPTION.match(line.strip())
+        if not m or m.group(2) == "ChildFailedError":
+            continue
+        text = f"{m.group(2)}:{m.group(3)}".rstrip()
+        if text.endswith(":") and i + 1 < len(lines):
+            text += " " + _RANK_PREFIX.sub("", lines[i + 1].strip())
+        found = text
+    return found[:300]

@@ -246,3 +246,20 @@ def test_launch_refuses_without_secret_values(tmp_path: Path, rt: LocalRuntime, 
     with pytest.raises(TerminalError, match="RETOOL_TEST_WANDB_KEY"):
         rt.launch_stage(ctx)
     assert not (tmp_path / ".retool" / "logs").exists()
+
+
+def test_error_line_names_the_trainer_exception_not_torchruns_summary():
+    from runtime.local import _error_line
+
+    log = [
+        "[rank0]: hydra.errors.InstantiationException: Error in call to target 'verl.workers.config.model.HFModelConfig':",
+        "[rank0]: OSError(\"Repo id must be in the form 'repo_name': '/nonexistent/model'.\")",
+        "E1126 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "  exitcode  : 1 (pid: 10667)",
+    ]
+    assert _error_line(log) == (
+        "InstantiationException: Error in call to target 'verl.workers.config.model.HFModelConfig': "
+        "OSError(\"Repo id must be in the form 'repo_name': '/nonexistent/model'.\")"
+    )
+    assert _error_line(["all good"]) == ""
