@@ -386,16 +386,36 @@ class LocalRuntime:
     # ------------------------------------------------------------------ stages: commands
 
     def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
-        """The training command(s), then the merge `finalize_stage` runs on the final checkpoint."""
+        """The training command(s), then the merge `finalize_stage` runs on the final checkpoint.
+        Inputs not prepared yet are shown where they will be (`retool render` before `apply`)."""
+        ctx = self._with_planned_inputs(ctx)
         stage = ctx.spec.stages[ctx.stage]
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        commands = self._train_commands(ctx, paths)
+        sandbox = self._live_sandbox_url() or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
+        commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
         final = ctx.total_steps if ctx.total_steps is not None else "N"
         source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
         merge = render_merge(source, paths.merged_dir)
         return [*commands, merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})]
 
-    def _train_commands(self, ctx: StageContext, paths: StagePaths) -> list[RenderedCommand]:
+    def _with_planned_inputs(self, ctx: StageContext) -> StageContext:
+        stage = ctx.spec.stages[ctx.stage]
+        val = stage.val if isinstance(stage.val, list) else ([stage.val] if stage.val else [])
+        inputs = dict(ctx.inputs)
+        for address in [stage.model, stage.train, *val]:
+            if inputs.get(address):
+                continue
+            kind, _, name = address.partition(".")
+            if kind == "dataset":
+                path = self.volume_dir(ctx.spec, ctx.spec.datasets[name].volume) / "datasets" / name / "train.parquet"
+                inputs[address] = {"path": str(path)}
+            elif kind == "model":
+                inputs[address] = {"path": str(self.volume_dir(ctx.spec, ctx.spec.models[name].volume) / "models" / name)}
+            elif kind == "stage":
+                inputs[address] = {"model_path": str(self.stage_root(ctx.spec, name) / "<restart id>" / "merged")}
+        return ctx.model_copy(update={"inputs": inputs})
+
+    def _train_commands(self, ctx: StageContext, paths: StagePaths, *, sandbox_url: str | None) -> list[RenderedCommand]:
         stage = ctx.spec.stages[ctx.stage]
         cpu = self.use_cpu()
         if isinstance(stage, SFTStage):
@@ -406,13 +426,12 @@ class LocalRuntime:
             raise TerminalError(f"stage.{ctx.stage} cannot run on this machine", blocker)
         from runtime.verl_rl import render_rl
 
-        url = self._live_sandbox_url()
-        if url is None:
+        if sandbox_url is None:
             raise TerminalError(
                 f"stage.{ctx.stage} needs the sandbox, which is not running",
                 hint="apply the `sandbox` node first (retool apply starts it)",
             )
-        return list(render_rl(ctx, sandbox_url=url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage)))
+        return list(render_rl(ctx, sandbox_url=sandbox_url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage)))
 
     @staticmethod
     def _executable(argv: list[str]) -> list[str]:
@@ -430,7 +449,7 @@ class LocalRuntime:
     def launch_stage(self, ctx: StageContext) -> RunHandle:
         stage = ctx.spec.stages[ctx.stage]
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        commands = self._train_commands(ctx, paths)
+        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
