@@ -106,6 +106,7 @@ class LocalRuntime:
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self._followers: dict[str, met.LogFollower] = {}  # log path -> incremental parser
 
     # ------------------------------------------------------------------ layout
 
@@ -492,7 +493,12 @@ class LocalRuntime:
             raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
         log_path = Path(handle.log_path)
         exit_path = Path(handle.extra.get("exit_path") or log_path.with_name(log_path.stem + ".exit.json"))
-        records = met.sync_file(log_path, Path(handle.extra.get("metrics_path") or log_path.with_suffix(".metrics.jsonl")))
+        follower = self._followers.get(str(log_path))
+        if follower is None:
+            follower = self._followers[str(log_path)] = met.LogFollower(log_path)
+        records = follower.update()
+        if follower.changed:
+            met.write_file(records, Path(handle.extra.get("metrics_path") or log_path.with_suffix(".metrics.jsonl")))
         step = records[-1].step if records else None
         total = handle.extra.get("total_steps")
         values = met.headline(records) or met.latest(records)
@@ -514,7 +520,7 @@ class LocalRuntime:
                     + (f"; last log line: {tail[-1]}" if tail else ""),
                 )
         if done is None:
-            url = self._wandb_url(log_path)
+            url = follower.wandb_url
             return RunStatus(
                 state="running", step=step, total=total, metrics=values, elapsed_s=time.time() - handle.started_at,
                 log_tail=procs.tail(log_path, 5),

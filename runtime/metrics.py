@@ -93,25 +93,70 @@ def wandb_url(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def sync_file(log_path: Path, out_path: Path) -> list[MetricRecord]:
-    """Parse `log_path` and (re)write `out_path` as JSON lines `{"step", ...metrics}`
-    when they changed. Returns the records."""
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return []
-    records = parse_text(text)
+class LogFollower:
+    """Incremental parse of a growing log: each `update()` reads only the bytes appended
+    since the last one (a partial last line waits for its end). Also remembers the W&B URL."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = Path(log_path)
+        self.offset = 0
+        self.pending = ""
+        self.by_step: dict[int, dict[str, float]] = {}
+        self.wandb_url: str | None = None
+        self.changed = False  # whether the last update() saw new metrics
+
+    def update(self) -> list[MetricRecord]:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except OSError:
+            return self.records()
+        self.changed = False
+        if chunk:
+            self.offset += len(chunk)
+            text = self.pending + chunk.decode("utf-8", errors="replace")
+            cut = max(text.rfind("\n"), text.rfind("\r"))
+            complete, self.pending = (text[: cut + 1], text[cut + 1:]) if cut >= 0 else ("", text)
+            for rec in parse_text(complete):
+                self.by_step.setdefault(rec.step, {}).update(rec.values)
+                self.changed = True
+            self.wandb_url = wandb_url(complete) or self.wandb_url
+        return self.records()
+
+    def records(self) -> list[MetricRecord]:
+        return [MetricRecord(step=s, values=dict(v)) for s, v in sorted(self.by_step.items())]
+
+
+def write_file(records: list[MetricRecord], out_path: Path) -> None:
+    """(Re)write `out_path` as JSON lines `{"step", ...metrics}` when its content changed."""
     body = "".join(json.dumps({"step": r.step, **r.values}, sort_keys=True) + "\n" for r in records)
     try:
         if out_path.exists() and out_path.read_text() == body:
-            return records
+            return
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
         tmp.write_text(body)
         os.replace(tmp, out_path)
     except OSError:
         pass  # metrics are a convenience; never fail a poll over them
+
+
+def sync_file(log_path: Path, out_path: Path) -> list[MetricRecord]:
+    """Parse the whole of `log_path` and (re)write `out_path` when it changed. Returns the records."""
+    follower = LogFollower(log_path)
+    records = follower.update()
+    if follower.pending:  # a finished log's last line needs no newline
+        records = _merge(records, parse_text(follower.pending))
+    write_file(records, out_path)
     return records
+
+
+def _merge(a: list[MetricRecord], b: list[MetricRecord]) -> list[MetricRecord]:
+    by_step = {r.step: dict(r.values) for r in a}
+    for r in b:
+        by_step.setdefault(r.step, {}).update(r.values)
+    return [MetricRecord(step=s, values=v) for s, v in sorted(by_step.items())]
 
 
 def read_file(path: Path) -> list[MetricRecord]:

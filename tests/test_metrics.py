@@ -89,3 +89,20 @@ def test_wandb_url():
     text = "wandb: 🚀 View run qwen7b-sft at: https://wandb.ai/me/retool/runs/abc123xy\nstep:1 - a:1\n"
     assert wandb_url(text) == "https://wandb.ai/me/retool/runs/abc123xy"
     assert wandb_url(SFT_LOG) is None
+
+
+def test_log_follower_reads_only_appended_complete_lines(tmp_path: Path):
+    from runtime.metrics import LogFollower
+
+    log = tmp_path / "run.log"
+    log.write_text("step:1 - train/loss:2.0\nstep:2 - train/lo")
+    follower = LogFollower(log)
+    assert [r.step for r in follower.update()] == [1] and follower.changed
+    with open(log, "a") as fh:
+        fh.write("ss:1.5\nwandb: View run at: https://wandb.ai/a/b/runs/xyz\n")
+    records = follower.update()
+    assert [(r.step, r.values) for r in records] == [(1, {"train/loss": 2.0}), (2, {"train/loss": 1.5})]
+    assert follower.wandb_url == "https://wandb.ai/a/b/runs/xyz"
+    follower.update()
+    assert not follower.changed  # nothing new
+    assert LogFollower(tmp_path / "absent.log").update() == []
