@@ -58,7 +58,8 @@ from runtime.verl_sft import render_merge, render_sft
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 TAIL_LINES = 40
-SANDBOX_READY_S = 120.0
+# Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
+LOCAL_SANDBOX_FIELDS = {"workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes", "port", "token_secret"}
 
 
 class MergeRecord(BaseModel):
@@ -321,7 +322,7 @@ class LocalRuntime:
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
         from runtime import sandbox_process
 
-        config_hash = _hash(sandbox.model_dump(mode="json"))
+        config_hash = _hash(sandbox.model_dump(mode="json", include=LOCAL_SANDBOX_FIELDS))
         path = self.state_dir / "sandbox.json"
         raw = _read_json(path)
         record = SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
@@ -334,17 +335,10 @@ class LocalRuntime:
         elif record is not None:
             change = "updated"  # recorded but dead: restart it
         log_path = self.state_dir / "logs" / f"sandbox-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        started = sandbox_process.start_detached(
+        started = sandbox_process.start_detached(  # waits until /v1/ping answers
             "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers, memory_limit_mb=sandbox.memory_limit_mb,
+            max_output_bytes=sandbox.max_output_bytes, max_queue=sandbox.max_queue, preload=list(sandbox.preload),
         )
-        deadline = time.time() + SANDBOX_READY_S
-        while not self._ping(started.url):
-            if time.time() > deadline or not procs.is_alive(started.pid):
-                tail = procs.tail(log_path, 15)
-                raise TerminalError(
-                    f"the sandbox did not answer {started.url}/v1/ping", "\n".join(tail), f"log: {log_path}"
-                )
-            time.sleep(0.5)
         new = SandboxRecord(
             pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
             config_hash=config_hash, log_path=str(log_path),
@@ -354,17 +348,8 @@ class LocalRuntime:
 
     @staticmethod
     def _stop_sandbox(record: SandboxRecord) -> None:
-        try:
-            pgid = os.getpgid(record.pid)
-        except ProcessLookupError:
-            return
-        if pgid == record.pid:
-            procs.terminate_run(pgid, grace_s=5)
-        else:
-            os.kill(record.pid, 15)
-            deadline = time.time() + 5
-            while procs.is_alive(record.pid, record.start_ticks) and time.time() < deadline:
-                time.sleep(0.1)
+        # start_detached made the server the leader of its own process group
+        procs.terminate_run(record.pid, grace_s=10)
 
     def _live_sandbox_url(self) -> str | None:
         raw = _read_json(self.state_dir / "sandbox.json")

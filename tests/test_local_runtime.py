@@ -263,3 +263,35 @@ def test_error_line_names_the_trainer_exception_not_torchruns_summary():
         "OSError(\"Repo id must be in the form 'repo_name': '/nonexistent/model'.\")"
     )
     assert _error_line(["all good"]) == ""
+
+
+def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime):
+    import httpx
+
+    spec = spec_for(tmp_path, sandbox={"workers": 1})
+    first = rt.ensure_sandbox(spec.sandbox, spec)
+    pids = [first.outputs["pid"]]
+    try:
+        assert first.change == "created"
+        assert httpx.get(first.outputs["url"] + "/v1/ping", timeout=5).json() == "pong"
+        assert rt.ensure_sandbox(spec.sandbox, spec).outputs == first.outputs  # found, unchanged
+        assert rt.ensure_sandbox(spec.sandbox, spec).change == "unchanged"
+        modal_only = spec.sandbox.model_copy(update={"replicas": 3})
+        assert rt.ensure_sandbox(modal_only, spec).change == "unchanged"
+
+        changed = spec.sandbox.model_copy(update={"memory_limit_mb": 512})
+        second = rt.ensure_sandbox(changed, spec)
+        pids.append(second.outputs["pid"])
+        assert second.change == "updated" and second.outputs["pid"] != first.outputs["pid"]
+        assert not procs.is_alive(first.outputs["pid"])
+
+        os.killpg(second.outputs["pid"], signal.SIGKILL)  # the sidecar died
+        deadline = time.time() + 10
+        while procs.is_alive(second.outputs["pid"]) and time.time() < deadline:
+            time.sleep(0.1)
+        third = rt.ensure_sandbox(changed, spec)
+        pids.append(third.outputs["pid"])
+        assert third.change == "updated" and third.outputs["pid"] != second.outputs["pid"]
+    finally:
+        for pid in pids:
+            procs.terminate_run(pid, grace_s=5)
