@@ -175,7 +175,7 @@ def plan(
     """Show what `retool apply` would do, why, and what it would cost."""
     loaded, state_dir, store = open_spec(spec)
     runtime, notes = open_runtime(loaded, state_dir)
-    state, state_notes = read_state(store, state_dir)
+    state, state_notes = read_state(store, state_dir, assume_empty_if_unreachable=True)
     the_plan = refresh_and_plan(
         loaded, state, runtime, refresh=not no_refresh,
         targets=parse_addresses(target), replace=parse_addresses(replace), notes=[*state_notes, *notes],

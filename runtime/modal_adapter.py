@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import tomllib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -176,6 +177,27 @@ def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
 # --------------------------------------------------------------------------- the real adapter
 
 
+def modal_token_configured() -> bool:
+    """Whether the Modal client would find a token, read the way it reads them (env vars,
+    then the selected or active profile of MODAL_CONFIG_PATH / ~/.modal.toml) without
+    importing `modal`."""
+    if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
+        return True
+    path = Path(os.environ.get("MODAL_CONFIG_PATH") or Path.home() / ".modal.toml")
+    try:
+        profiles = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    sections = {k: v for k, v in profiles.items() if isinstance(v, dict)}
+    wanted = os.environ.get("MODAL_PROFILE")
+    if wanted:
+        chosen = sections.get(wanted, {})
+    else:
+        active = [v for v in sections.values() if v.get("active")]
+        chosen = active[0] if active else (next(iter(sections.values())) if len(sections) == 1 else {})
+    return bool(chosen.get("token_id") and chosen.get("token_secret"))
+
+
 class SdkAdapter:
     """`ModalAdapter` over the installed `modal` client."""
 
@@ -184,8 +206,16 @@ class SdkAdapter:
 
     # ------------------------------------------------------------ plumbing
 
+    def _modal(self) -> Any:
+        """The `modal` module for calls that reach Modal, imported only once a token exists:
+        without one, nothing (plan, status) should pay for or depend on importing the client."""
+        problem = self.credentials_problem()
+        if problem:
+            raise TerminalError(problem, "", LOGIN_HINT)
+        return self._import_modal()
+
     @staticmethod
-    def _modal() -> Any:
+    def _import_modal() -> Any:
         try:
             import modal
         except ImportError as exc:
@@ -214,9 +244,7 @@ class SdkAdapter:
     def credentials_problem(self) -> str | None:
         if self._in_container():
             return None
-        from modal.config import config  # reads env vars and ~/.modal.toml; no network
-
-        if config.get("token_id") and config.get("token_secret"):
+        if modal_token_configured():
             return None
         return "No Modal credentials: no token in MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml"
 
@@ -338,7 +366,7 @@ class SdkAdapter:
 
     def build_image(self, steps: list[ImageStep]) -> Any:
         """The `modal.Image` for a chain of steps (no network call)."""
-        modal = self._modal()
+        modal = self._import_modal()  # building objects is offline: no token needed
         first, rest = steps[0], steps[1:]
         if first.op != "from_registry":
             raise ValueError("an image chain starts with from_registry")
@@ -356,7 +384,7 @@ class SdkAdapter:
         imports that module and finds the function by its implementation name."""
         import importlib
 
-        modal = self._modal()
+        modal = self._import_modal()  # building objects is offline: no token needed
         worker = importlib.import_module(WORKER_MODULE)
         app = modal.App(definition.app_name)
         image = self.build_image(definition.image)

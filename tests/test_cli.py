@@ -233,8 +233,12 @@ def test_unreachable_shared_store_plans_from_the_local_copy(
     shared = SharedStore()
     monkeypatch.setattr("reconciler.cli.get_store", lambda spec, state_dir: shared)
     shared.reachable = False
-    result = invoke("plan", spec)
-    assert result.exit_code == 1 and "error: No credentials for the shared store" in result.stderr  # no copy yet
+    # No copy yet: plan previews against no state and says so; status refuses to guess.
+    data = json.loads(invoke("plan", spec, "--json").stdout)
+    assert {c["action"] for c in data["changes"]} == {"create"}
+    assert any("no local copy: this plan assumes nothing exists yet" in w for w in data["warnings"])
+    result = invoke("status", spec)
+    assert result.exit_code == 1 and "error: No credentials for the shared store" in result.stderr
     shared.reachable = True
     assert invoke("apply", spec, "--yes").exit_code == 0
     shared.reachable = False

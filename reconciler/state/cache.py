@@ -42,9 +42,13 @@ def remember(state_dir: str | os.PathLike[str], store: StateStore, state: State 
         pass  # a cache that cannot be written only costs the offline fallback
 
 
-def read_state(store: StateStore, state_dir: str | os.PathLike[str]) -> tuple[State | None, list[str]]:
+def read_state(
+    store: StateStore, state_dir: str | os.PathLike[str], *, assume_empty_if_unreachable: bool = False
+) -> tuple[State | None, list[str]]:
     """The store's state, or, when a shared store is unreachable, its last local copy and
-    a note saying so. Without a copy the store's error stands."""
+    a note saying so. Without a copy the store's error stands, unless the caller only
+    previews (`retool plan`): then it plans against no state and says so loudly; a plan
+    saved that way is refused by apply's lineage check."""
     try:
         state = store.read()
     except RetoolError as err:
@@ -54,6 +58,11 @@ def read_state(store: StateStore, state_dir: str | os.PathLike[str]) -> tuple[St
         try:
             cached = parse_state(path.read_text(encoding="utf-8"), str(path))
         except (OSError, RetoolError):
+            if assume_empty_if_unreachable:
+                return None, [
+                    f"state store unreachable ({err.summary}) and no local copy: this plan assumes nothing "
+                    "exists yet; apply re-reads the real state first"
+                ]
             detail = f"{err.detail}\n" if err.detail else ""
             raise TerminalError(
                 err.summary, f"{detail}{store.describe()} is unreachable and there is no local copy of its state",
