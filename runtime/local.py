@@ -31,9 +31,7 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -46,9 +44,19 @@ from typing import Any
 from pydantic import BaseModel
 
 from reconciler.errors import TerminalError, TransientError
-from reconciler.spec import Dataset, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
+from reconciler.spec import (
+    Dataset,
+    Image,
+    Model,
+    RLStage,
+    Sandbox,
+    SFTStage,
+    Spec,
+    Volume,
+)
 from reconciler.state.base import RunHandle
 from runtime import checkpoints as ckpts
+from runtime import local_resources as res
 from runtime import metrics as met
 from runtime import processes as procs
 from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
@@ -56,48 +64,13 @@ from runtime.verl_common import StagePaths, local_gpu_count, secret_env_names
 from runtime.verl_sft import render_merge, render_sft
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
-KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 TAIL_LINES = 40
-# Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
-LOCAL_SANDBOX_FIELDS = {"workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes", "port", "token_secret"}
 
 
 class MergeRecord(BaseModel):
     step: int
     checkpoint: str
     tool_check: dict[str, Any] | None = None
-
-
-class SandboxRecord(BaseModel):
-    pid: int
-    url: str
-    start_ticks: int | None = None
-    config_hash: str
-    log_path: str
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _restart_config(model: Dataset | Model) -> dict[str, Any]:
-    """The fields of a dataset/model whose change means "rebuild" (policy `restart`)."""
-    data = model.model_dump(mode="json")
-    return {k: v for k, v in data.items() if field_policy(type(model), k) == "restart"}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class LocalRuntime:
@@ -195,7 +168,7 @@ class LocalRuntime:
 
     def rollout_engine(self, stage: RLStage) -> str | None:
         """The rollout engine this machine can run for `stage`, or None."""
-        has = lambda m: importlib.util.find_spec(m) is not None  # noqa: E731
+        has = lambda m: importlib.util.find_spec(m) is not None
         transformers_ok = has("runtime.rollout") and has("runtime.rollout.plugin")
         wanted, cpu = stage.rollout.engine, self.use_cpu()
         if wanted in ("vllm", "sglang"):
@@ -228,53 +201,11 @@ class LocalRuntime:
 
     def build_image(self, image: Image, spec: Spec) -> Outcome:
         """Locally there is no image to build: record (and check) the Python environment."""
-        from importlib import metadata
-
-        packages: dict[str, str] = {}
-        for name in KEY_PACKAGES:
-            try:
-                packages[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-        if spec.stages and ("verl" not in packages or "torch" not in packages):
-            raise TerminalError(
-                "this Python environment lacks verl or torch",
-                f"python {sys.executable}",
-                "pip install -c constraints.txt -e '.[train]'",
-            )
-        notes = self._pin_mismatches(image.pip, packages)
         gpus = 0 if self.use_cpu() else local_gpu_count()
-        record = {
-            "python": ".".join(map(str, sys.version_info[:3])),
-            "executable": sys.executable,
-            "packages": packages,
-            "device": f"cuda x{gpus}" if gpus else "cpu",
-        }
-        record["digest"] = _hash(record)
-        path = self.state_dir / "image.json"
-        previous = _read_json(path)
-        change = "unchanged" if previous == record else ("updated" if previous else "created")
-        if change != "unchanged":
-            _write_json(path, record)
-        message = f"python {record['python']}, verl {packages.get('verl')}, torch {packages.get('torch')}, {record['device']}"
-        if notes:
-            message += "; differs from image.pip: " + ", ".join(notes)
-        return Outcome(change=change, outputs=record, message=message)
-
-    @staticmethod
-    def _pin_mismatches(requirements: list[str], installed: dict[str, str]) -> list[str]:
-        from packaging.requirements import InvalidRequirement, Requirement
-
-        notes = []
-        for text in requirements:
-            try:
-                req = Requirement(text)
-            except InvalidRequirement:
-                continue
-            have = installed.get(req.name)
-            if have is not None and req.specifier and have not in req.specifier:
-                notes.append(f"{req.name} {have} (image wants {req.specifier})")
-        return notes
+        return res.record_environment(
+            self.state_dir / "image.json", image, device=f"cuda x{gpus}" if gpus else "cpu",
+            needs_training=bool(spec.stages),
+        )
 
     # ------------------------------------------------------------------ data and models
 
@@ -282,92 +213,28 @@ class LocalRuntime:
         from runtime import data
 
         out_dir = self.volume_dir(spec, dataset.volume) / "datasets" / name
-        stamp = out_dir.parent / f".{name}.prepared.json"
-        config = {"config": _restart_config(dataset), "source": self._source_stat(dataset.source, spec_dir)}
-        existing = data.read_outputs(out_dir)
-        if existing is not None and _read_json(stamp) == {"config": _hash(config), "digest": existing.digest}:
-            return Outcome(change="unchanged", outputs=existing.model_dump(), message=f"{existing.rows} rows")
-        outputs = data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url())
-        _write_json(stamp, {"config": _hash(config), "digest": outputs.digest})
-        return Outcome(
-            change="updated" if existing is not None else "created", outputs=outputs.model_dump(),
-            message=f"{outputs.rows} rows" + (f", {outputs.skipped} skipped" if outputs.skipped else ""),
+        return res.prepare_once(
+            dataset, out_dir, spec_dir, data.read_outputs,
+            lambda: data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url()),
+            lambda o: f"{o.rows} rows" + (f", {o.skipped} skipped" if o.skipped else ""),
         )
 
     def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
         from runtime import models
 
         out_dir = self.volume_dir(spec, model.volume) / "models" / name
-        stamp = out_dir.parent / f".{name}.prepared.json"
-        config = {"config": _restart_config(model), "source": self._source_stat(model.source, spec_dir)}
-        existing = models.read_outputs(out_dir)
-        if existing is not None and _read_json(stamp) == {"config": _hash(config), "digest": existing.digest}:
-            return Outcome(change="unchanged", outputs=existing.model_dump())
-        outputs = models.prepare(name, model, out_dir, Path(spec_dir))
-        _write_json(stamp, {"config": _hash(config), "digest": outputs.digest})
-        return Outcome(change="updated" if existing is not None else "created", outputs=outputs.model_dump())
-
-    @staticmethod
-    def _source_stat(source: str, spec_dir: str) -> list[Any] | None:
-        """Size and mtime of a `path:` source's files (a changed file re-prepares)."""
-        if not source.startswith("path:"):
-            return None
-        path = Path(source[5:]).expanduser()
-        path = path if path.is_absolute() else Path(spec_dir) / path
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return res.prepare_once(
+            model, out_dir, spec_dir, models.read_outputs,
+            lambda: models.prepare(name, model, out_dir, Path(spec_dir)), lambda o: o.path,
+        )
 
     # ------------------------------------------------------------------ sandbox
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
-        from runtime import sandbox_process
-
-        config_hash = _hash(sandbox.model_dump(mode="json", include=LOCAL_SANDBOX_FIELDS))
-        path = self.state_dir / "sandbox.json"
-        raw = _read_json(path)
-        record = SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
-        change = "created"
-        if record is not None and procs.is_alive(record.pid, record.start_ticks) and self._ping(record.url):
-            if record.config_hash == config_hash:
-                return Outcome(change="unchanged", outputs={"url": record.url, "pid": record.pid})
-            self._stop_sandbox(record)
-            change = "updated"
-        elif record is not None:
-            change = "updated"  # recorded but dead: restart it
-        log_path = self.state_dir / "logs" / f"sandbox-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        started = sandbox_process.start_detached(  # waits until /v1/ping answers
-            "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers, memory_limit_mb=sandbox.memory_limit_mb,
-            max_output_bytes=sandbox.max_output_bytes, max_queue=sandbox.max_queue, preload=list(sandbox.preload),
-        )
-        new = SandboxRecord(
-            pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
-            config_hash=config_hash, log_path=str(log_path),
-        )
-        _write_json(path, new.model_dump())
-        return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")
-
-    @staticmethod
-    def _stop_sandbox(record: SandboxRecord) -> None:
-        # start_detached made the server the leader of its own process group
-        procs.terminate_run(record.pid, grace_s=10)
+        return res.ensure_sandbox(sandbox, self.state_dir / "sandbox.json", self.state_dir / "logs")
 
     def _live_sandbox_url(self) -> str | None:
-        raw = _read_json(self.state_dir / "sandbox.json")
-        if not isinstance(raw, dict) or "pid" not in raw:
-            return None
-        record = SandboxRecord.model_validate(raw)
-        if procs.is_alive(record.pid, record.start_ticks) and self._ping(record.url):
-            return record.url
-        return None
-
-    @staticmethod
-    def _ping(url: str) -> bool:
-        import httpx
-
-        try:
-            return httpx.get(url.rstrip("/") + "/v1/ping", timeout=3).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return res.live_sandbox_url(self.state_dir / "sandbox.json")
 
     # ------------------------------------------------------------------ stages: commands
 
@@ -559,13 +426,13 @@ class LocalRuntime:
         stage = ctx.spec.stages[ctx.stage]
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
         merged, stamp_path = Path(paths.merged_dir), Path(paths.stage_dir) / "merged.json"
-        raw = _read_json(stamp_path)
+        raw = res.read_json(stamp_path)
         record = MergeRecord.model_validate(raw) if isinstance(raw, dict) else None
         change = "unchanged"
         if record is None or record.step != checkpoint.step or not (merged / "config.json").is_file():
             self._merge(ctx, checkpoint, merged)
             record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
-            _write_json(stamp_path, record.model_dump())
+            res.write_json(stamp_path, record.model_dump())
             change = "created"
         outputs: dict[str, Any] = {
             "model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path,
@@ -581,7 +448,7 @@ class LocalRuntime:
             check = stage.tool_call_check
             if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
                 record = record.model_copy(update={"tool_check": self._tool_check(merged, check.prompts)})
-                _write_json(stamp_path, record.model_dump())
+                res.write_json(stamp_path, record.model_dump())
             assert record.tool_check is not None
             rate, n, ok = record.tool_check["rate"], record.tool_check["n"], record.tool_check["ok"]
             outputs.update({"tool_call_rate": rate, "tool_call_prompts": n, "tool_call_min_rate": check.min_rate})
@@ -612,7 +479,7 @@ class LocalRuntime:
         with open(log_path, "wb") as log:
             done = subprocess.run(
                 self._executable(cmd.argv), env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=str(merged.parent),
+                stdin=subprocess.DEVNULL, cwd=str(merged.parent), check=False,
             )
         if done.returncode != 0 or not (tmp / "config.json").is_file():
             tail = procs.tail(log_path, 15)

@@ -210,4 +210,4 @@ def sparkline(values: list[float], width: int = 24) -> str:
     if hi == lo:
         return SPARK[len(SPARK) // 2] * len(vals)
     scale = (len(SPARK) - 1) / (hi - lo)
-    return "".join(SPARK[int(round((v - lo) * scale))] for v in vals)
+    return "".join(SPARK[round((v - lo) * scale)] for v in vals)

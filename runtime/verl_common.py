@@ -195,7 +195,7 @@ def compose_config(argv: list[str], env: dict[str, str], *, timeout: float = 180
     module, overrides = entry_point(argv)
     done = subprocess.run(
         [sys.executable, "-m", module, "--cfg", "job", *overrides],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
     )
     if done.returncode != 0:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
@@ -230,7 +230,7 @@ def local_gpu_count() -> int:
     if exe is None:
         return 0
     try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return 0
     if out.returncode != 0:

@@ -54,7 +54,7 @@ def test_verl_selects_the_platform_in_a_fresh_process():
     """)
     env = {**os.environ, **CPU_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert (info["device"], info["backend"], info["dist_backend"], info["current"]) == ("cpu", "gloo", "gloo", "cpu")
@@ -80,7 +80,7 @@ def test_three_sft_steps_on_cpu_through_the_rendered_command(tmp_path: Path):
     ckpt = tmp_path / "ckpt"
     cmd = render_sft(ctx, StagePaths(stage_dir=str(ckpt), ckpt_dir=str(ckpt), merged_dir=str(tmp_path / "m")), cpu=True)
     argv = [str(Path(sys.executable).parent / "torchrun"), *cmd.argv[1:]]
-    done = subprocess.run(argv, env={**os.environ, **cmd.env}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(argv, check=False, env={**os.environ, **cmd.env}, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     from runtime.metrics import parse_text
@@ -92,7 +92,7 @@ def test_three_sft_steps_on_cpu_through_the_rendered_command(tmp_path: Path):
     assert (ckpt / "global_step_3" / "model_world_size_1_rank_0.pt").is_file()
 
     merge = render_merge(str(ckpt / "global_step_3"), str(tmp_path / "merged"))
-    done = subprocess.run([sys.executable, *merge.argv[1:]], env={**os.environ, **merge.env}, capture_output=True,
+    done = subprocess.run([sys.executable, *merge.argv[1:]], check=False, env={**os.environ, **merge.env}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     from transformers import AutoModelForCausalLM
