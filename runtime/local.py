@@ -1,6 +1,7 @@
 """The local backend: volumes are directories, stages are detached process groups on this
 machine (on CPU through runtime.cpu_platform when there is no GPU), the sandbox is a
-local server process.
+local server process. Helpers: runtime.local_resources (environment record, data/models,
+sandbox), runtime.processes (detached runs), runtime.local_finalize (merge, tool check).
 
 Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
 
@@ -33,15 +34,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel
 
 from reconciler.errors import TerminalError, TransientError
 from reconciler.spec import (
@@ -60,17 +56,12 @@ from runtime import local_resources as res
 from runtime import metrics as met
 from runtime import processes as procs
 from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from runtime.local_finalize import finalize_run
 from runtime.verl_common import StagePaths, local_gpu_count, secret_env_names
 from runtime.verl_sft import render_merge, render_sft
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
 TAIL_LINES = 40
-
-
-class MergeRecord(BaseModel):
-    step: int
-    checkpoint: str
-    tool_check: dict[str, Any] | None = None
 
 
 class LocalRuntime:
@@ -386,18 +377,11 @@ class LocalRuntime:
                 message=f"finished at step {step}" if step is not None else "finished",
             )
         why = f"cancelled ({done.signal})" if done.cancelled else f"exited with code {done.returncode}"
-        error = "" if done.cancelled else _error_line(procs.tail(log_path, 400, max_bytes=1 << 20))
+        error = "" if done.cancelled else procs.error_line(procs.tail(log_path, 400, max_bytes=1 << 20))
         return RunStatus(
             state="failed", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail,
             message=why + (f": {error}" if error else ""),
         )
-
-    @staticmethod
-    def _wandb_url(log_path: Path) -> str | None:
-        try:
-            return met.wandb_url(log_path.read_text(errors="replace"))
-        except OSError:
-            return None
 
     def cancel_stage(self, handle: RunHandle) -> None:
         if handle.pid is None:
@@ -421,108 +405,9 @@ class LocalRuntime:
     # ------------------------------------------------------------------ finalize
 
     def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
-        if not checkpoint.valid:
-            raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
-        stage = ctx.spec.stages[ctx.stage]
+        """Merge `checkpoint` into `merged/` (skipped when merged.json names it), then the
+        SFT tool-call check when the spec asks for one (runtime.local_finalize)."""
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        merged, stamp_path = Path(paths.merged_dir), Path(paths.stage_dir) / "merged.json"
-        raw = res.read_json(stamp_path)
-        record = MergeRecord.model_validate(raw) if isinstance(raw, dict) else None
-        change = "unchanged"
-        if record is None or record.step != checkpoint.step or not (merged / "config.json").is_file():
-            self._merge(ctx, checkpoint, merged)
-            record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
-            res.write_json(stamp_path, record.model_dump())
-            change = "created"
-        outputs: dict[str, Any] = {
-            "model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path,
-        }
-        records = met.read_file(Path(paths.stage_dir) / "metrics.jsonl")
-        if records:
-            outputs["final_metrics"] = met.headline(records) or met.latest(records)
-        url = self._latest_wandb_url(ctx)
-        if url:
-            outputs["wandb_url"] = url
-        message = f"merged step {checkpoint.step} into {merged}"
-        if isinstance(stage, SFTStage) and stage.tool_call_check is not None:
-            check = stage.tool_call_check
-            if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
-                record = record.model_copy(update={"tool_check": self._tool_check(merged, check.prompts)})
-                res.write_json(stamp_path, record.model_dump())
-            assert record.tool_check is not None
-            rate, n, ok = record.tool_check["rate"], record.tool_check["n"], record.tool_check["ok"]
-            outputs.update({"tool_call_rate": rate, "tool_call_prompts": n, "tool_call_min_rate": check.min_rate})
-            message += f"; tool-call rate {rate:.2f} ({ok}/{n}, need ≥ {check.min_rate:.2f})"
-            if rate < check.min_rate:
-                examples = "\n".join(
-                    f"- {e['prompt'][:60]!r} -> {e['completion'][:120]!r} ({e['reason'] or 'ok'})"
-                    for e in record.tool_check.get("examples", [])[:4]
-                )
-                raise TerminalError(
-                    f"stage.{ctx.stage}: the merged model emits a well-formed tool call on {rate:.0%} of "
-                    f"{n} held-out prompts, below the required {check.min_rate:.0%}",
-                    examples,
-                    f"train longer (raise `epochs` or `max_steps`: the run resumes) or adjust the data; "
-                    f"the merged model is at {merged}",
-                )
-        return Outcome(change=change, outputs=outputs, message=message)
-
-    def _merge(self, ctx: StageContext, checkpoint: Checkpoint, merged: Path) -> None:
-        source = Path(checkpoint.path)
-        if (source / "actor").is_dir():
-            source = source / "actor"
-        tmp = merged.with_name(merged.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = render_merge(str(source), str(tmp))
-        log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-merge-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:
-            done = subprocess.run(
-                self._executable(cmd.argv), env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=str(merged.parent), check=False,
-            )
-        if done.returncode != 0 or not (tmp / "config.json").is_file():
-            tail = procs.tail(log_path, 15)
-            raise TerminalError(
-                f"merging checkpoint step {checkpoint.step} failed (exit {done.returncode})",
-                "\n".join(tail), f"full log: {log_path}",
-            )
-        if merged.exists():
-            shutil.rmtree(merged)
-        os.replace(tmp, merged)
-
-    @staticmethod
-    def _tool_check(model_dir: Path, prompts: int) -> dict[str, Any]:
-        from runtime.data.retool_sft import TOOLS
-        from runtime.toolcheck import heldout_prompts, tool_call_rate
-
-        result = tool_call_rate(model_dir, heldout_prompts(prompts, seed=0), TOOLS)
-        return {"prompts": prompts, **result.model_dump()}
-
-    def _latest_wandb_url(self, ctx: StageContext) -> str | None:
-        logs = sorted((self.state_dir / "logs").glob(f"{ctx.stage}-{ctx.restart_id[:8]}-*.log"))
-        for log in reversed(logs):
-            url = self._wandb_url(log)
-            if url:
-                return url
-        return None
-
-
-_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception))):(.*)$")
-_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
-
-
-def _error_line(lines: list[str]) -> str:
-    """The most telling line of a failed run's log: the last exception raised by the trainer
-    (torchrun's own ChildFailedError summary says nothing), with its continuation line when
-    the message spills over. '' when there is none."""
-    found = ""
-    for i, line in enumerate(lines):
-        m = _EXCEPTION.match(line.strip())
-        if not m or m.group(2) == "ChildFailedError":
-            continue
-        text = f"{m.group(2)}:{m.group(3)}".rstrip()
-        if text.endswith(":") and i + 1 < len(lines):
-            text += " " + _RANK_PREFIX.sub("", lines[i + 1].strip())
-        found = text
-    return found[:300]
+        return finalize_run(
+            ctx, checkpoint, paths, logs_dir=self.state_dir / "logs", executable=self._executable,
+        )

@@ -17,6 +17,7 @@ secrets reach the children by inheritance from the launching environment.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,6 +244,26 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 65536) -> list[str]:
         return []
     parts = [p.rstrip() for p in data.replace("\r", "\n").split("\n")]
     return [p for p in parts if p.strip()][-lines:]
+
+
+_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception))):(.*)$")
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
+
+
+def error_line(lines: list[str]) -> str:
+    """The most telling line of a failed run's log: the last exception raised by the trainer
+    (torchrun's own ChildFailedError summary says nothing), with its continuation line when
+    the message spills over. '' when there is none."""
+    found = ""
+    for i, line in enumerate(lines):
+        m = _EXCEPTION.match(line.strip())
+        if not m or m.group(2) == "ChildFailedError":
+            continue
+        text = f"{m.group(2)}:{m.group(3)}".rstrip()
+        if text.endswith(":") and i + 1 < len(lines):
+            text += " " + _RANK_PREFIX.sub("", lines[i + 1].strip())
+        found = text
+    return found[:300]
 
 
 # --------------------------------------------------------------------------- wrapper side

@@ -249,8 +249,7 @@ def test_launch_refuses_without_secret_values(tmp_path: Path, rt: LocalRuntime, 
 
 
 def test_error_line_names_the_trainer_exception_not_torchruns_summary():
-    from runtime.local import _error_line
-
+    _error_line = procs.error_line
     log = [
         "[rank0]: hydra.errors.InstantiationException: Error in call to target 'verl.workers.config.model.HFModelConfig':",
         "[rank0]: OSError(\"Repo id must be in the form 'repo_name': '/nonexistent/model'.\")",
