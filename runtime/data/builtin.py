@@ -60,11 +60,19 @@ def expected_sft_messages(problem: Problem) -> list[dict[str, Any]]:
     return convert_solution(user_content(problem), solution_for(problem, str(problem.answer)))
 
 
-def tiny_sft_rows(options: GeneratorOptions, run_code: Callable[[str], str]) -> list[dict[str, Any]]:
-    """messages+tools rows; `run_code(code) -> printed output` executes each solution's code."""
+def tiny_sft_rows(
+    options: GeneratorOptions, run_code: Callable[[str], str], concurrency: int = 4
+) -> list[dict[str, Any]]:
+    """messages+tools rows; `run_code(code) -> printed output` executes each solution's code
+    (`concurrency` calls at a time; the rows keep the generator's order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = generate(options.rows, options.seed)
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        outputs = list(pool.map(run_code, [p.code for p in problems]))
     rows: list[dict[str, Any]] = []
-    for problem in generate(options.rows, options.seed):
-        output = run_code(problem.code).strip()
+    for problem, raw_output in zip(problems, outputs):
+        output = raw_output.strip()
         if output != str(problem.answer):
             raise TerminalError(
                 "the sandbox printed an unexpected result while generating tiny_sft",

@@ -2,7 +2,8 @@
 
 A prepared directory is built in a temporary sibling and renamed into place, so readers
 never see a half-written one. Its identity is `tree_digest`: a sha256 over every file's
-relative path and content hash, excluding the `meta.json` that records it.
+relative path and content hash, excluding the `meta.json` that records it. meta.json also
+records a `manifest` (sizes and mtimes) so later observations need not re-hash.
 """
 
 from __future__ import annotations
@@ -36,6 +37,24 @@ def tree_digest(root: Path, exclude: frozenset[str] = frozenset({META_FILE})) ->
         rel = path.relative_to(root).as_posix()
         h.update(rel.encode("utf-8") + b"\0" + file_sha256(path).encode("ascii") + b"\n")
     return "sha256:" + h.hexdigest()
+
+
+def manifest(root: Path, exclude: frozenset[str] = frozenset({META_FILE})) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of every file: a cheap check that nothing changed
+    since a digest was taken (re-hashing a 15 GB model on every refresh would be slow)."""
+    root = Path(root)
+    out: dict[str, list[int]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel not in exclude:
+            st = path.stat()
+            out[rel] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def unchanged_since_meta(root: Path, meta: dict[str, object]) -> bool:
+    """Whether `root`'s files still match the manifest recorded in its meta.json."""
+    return isinstance(meta.get("manifest"), dict) and manifest(root) == meta["manifest"]
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset
-from runtime.data.files import META_FILE, staged_dir, tree_digest
+from runtime.data.files import META_FILE, manifest, staged_dir, tree_digest, unchanged_since_meta
 from runtime.data.formats import RL_FORMATS, SFT_FORMATS, kind_of, map_rows, schema
 from runtime.data.sources import read_hf, read_path, split_source
 
@@ -122,7 +122,9 @@ def write_dataset(
             path=str(Path(out_dir) / DATA_FILE), digest=digest, rows=table.num_rows,
             columns=table.column_names, skipped=len(skipped),
         )
-        record = {**meta, **outputs.model_dump(exclude={"path"}), "skipped_rows": skipped[:100]}
+        record = {
+            **meta, **outputs.model_dump(exclude={"path"}), "skipped_rows": skipped[:100], "manifest": manifest(tmp),
+        }
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return outputs
 
@@ -134,7 +136,7 @@ def read_outputs(out_dir: Path) -> DatasetOutputs | None:
         meta = json.loads((out_dir / META_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not (out_dir / DATA_FILE).is_file() or tree_digest(out_dir) != meta.get("digest"):
+    if not (out_dir / DATA_FILE).is_file() or not unchanged_since_meta(out_dir, meta):
         return None
     return DatasetOutputs(
         path=str(out_dir / DATA_FILE), digest=meta["digest"], rows=meta["rows"],

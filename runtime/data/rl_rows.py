@@ -15,7 +15,6 @@ One row per problem, in the shape verl's `RLHFDataset` and its `tool_agent` loop
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,11 +124,3 @@ def rl_passthrough_row(row: Mapping[str, Any], index: int, default_source: str) 
     out["ability"] = str(row.get("ability") or "math")
     out["extra_info"]["problem"] = users[-1] if users else ""
     return out
-
-
-_WS = re.compile(r"\s+")
-
-
-def problem_key(text: str) -> str:
-    """Whitespace-insensitive key for de-duplicating problems."""
-    return _WS.sub(" ", text).strip()

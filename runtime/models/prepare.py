@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Model
-from runtime.data.files import META_FILE, link_or_copy, staged_dir, tree_digest
+from runtime.data.files import META_FILE, link_or_copy, manifest, staged_dir, tree_digest, unchanged_since_meta
 from runtime.data.hub import download_failed, require_hub
 from runtime.data.sources import resolve_path, split_source
 
@@ -55,7 +55,10 @@ def prepare(name: str, model: Model, out_dir: Path, spec_dir: Path) -> ModelOutp
             raise TerminalError(f"model {name}: unknown source {model.source!r}")
         validate_model_dir(tmp)
         outputs = ModelOutputs(path=str(out_dir), digest=tree_digest(tmp))
-        meta = {"name": name, "source": model.source, "revision": model.revision, "digest": outputs.digest}
+        meta = {
+            "name": name, "source": model.source, "revision": model.revision, "digest": outputs.digest,
+            "manifest": manifest(tmp),
+        }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return outputs
 
@@ -102,5 +105,6 @@ def read_outputs(out_dir: Path) -> ModelOutputs | None:
         meta = json.loads((out_dir / META_FILE).read_text())
     except (OSError, ValueError):
         return None
-    digest = tree_digest(out_dir)
-    return ModelOutputs(path=str(out_dir), digest=digest) if digest == meta.get("digest") else None
+    if not unchanged_since_meta(out_dir, meta) or not isinstance(meta.get("digest"), str):
+        return None
+    return ModelOutputs(path=str(out_dir), digest=meta["digest"])
