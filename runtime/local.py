@@ -315,6 +315,7 @@ class LocalRuntime:
             backend="local", command=planned[-1].argv, pid=info.pid, pgid=info.pgid, log_path=str(log_path),
             extra={
                 "start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path), "stage": ctx.stage,
+                "kind": stage.kind,
                 "restart_id": ctx.restart_id, "stage_dir": paths.stage_dir,
                 "metrics_path": str(run_dir / "metrics.jsonl"), "total_steps": ctx.total_steps,
                 "resume_from": ctx.resume_from, "device": "cpu" if self.use_cpu() else "cuda",
@@ -371,6 +372,12 @@ class LocalRuntime:
             )
         elapsed = done.finished_at - handle.started_at
         tail = procs.tail(log_path, TAIL_LINES)
+        if done.returncode == 0 and handle.extra.get("kind") == "sft" and total and (step or 0) < total:
+            # SFT data is never filtered, so ending early means verl's loop ran out of epochs.
+            return RunStatus(
+                state="failed", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail,
+                message=f"the trainer exited at step {step} of {total} (it ran out of epochs); apply resumes it",
+            )
         if done.returncode == 0:
             return RunStatus(
                 state="succeeded", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail[-5:],

@@ -61,7 +61,10 @@ def sft_overrides(
         kv("optim.lr_warmup_steps_ratio", opt.warmup_ratio),
         kv("optim.lr_scheduler_type", opt.lr_scheduler),
         kv("optim.clip_grad", opt.clip_grad),
-        kv("trainer.total_epochs", stage.epochs),
+        # One spare epoch: verl resumes a checkpoint taken at an epoch's last step with an
+        # exhausted dataloader, so that epoch yields nothing; total_training_steps still ends
+        # the run exactly where the spec says (and drives the LR schedule).
+        kv("trainer.total_epochs", stage.epochs + 1 if ctx.total_steps is not None else stage.epochs),
         kv("trainer.total_training_steps", ctx.total_steps),
         kv("trainer.save_freq", stage.save_freq),
         # verl validates at test_freq even without a validation set, and then fails.

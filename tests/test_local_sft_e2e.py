@@ -168,3 +168,19 @@ def test_cancel_and_lost(prepared):
     assert status.state == "lost" and "left no exit status" in status.message and status.log_tail
     # torchrun's workers live in their own sessions and survive the group's SIGKILL: poll stopped them
     assert "leftover" in status.message and procs.tagged_processes(handle.extra["tag"]) == []
+
+
+def test_resume_at_an_epoch_boundary_reaches_the_total(prepared):
+    """verl restores a checkpoint taken at an epoch's last step with an exhausted dataloader
+    (that epoch then yields nothing); the rendered spare epoch lets the run still reach its total."""
+    tmp, rt, inputs = prepared
+    rid = "a7" * 32
+    one = make_spec(tmp, epochs=1, train_batch_size=32, micro_batch_size_per_gpu=32)  # 64 rows: 2 steps/epoch
+    ctx = StageContext(spec=one, spec_dir=str(tmp), stage="sft", restart_id=rid, total_steps=2, inputs=inputs)
+    assert wait(rt, rt.launch_stage(ctx)).state == "succeeded"
+    three = make_spec(tmp, epochs=3, train_batch_size=32, micro_batch_size_per_gpu=32)
+    handle = rt.launch_stage(ctx.model_copy(update={"spec": three, "total_steps": 6, "resume_from": 2}))
+    status = wait(rt, handle)
+    assert status.state == "succeeded" and status.step == 6, (status.message, status.log_tail)
+    latest = latest_valid(rt.discover_checkpoints(three, "sft", rid), rid)
+    assert latest is not None and latest.step == 6

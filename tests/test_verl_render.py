@@ -83,7 +83,7 @@ def test_cpu_render_composes_with_every_spec_value_in_place(monkeypatch: pytest.
     assert (engine["strategy"], engine["ulysses_sequence_parallel_size"], engine["seed"]) == ("fsdp2", 1, 11)
     assert (optim["lr"], optim["betas"], optim["weight_decay"]) == (3.0e-3, [0.8, 0.9], 0.05)
     assert (optim["lr_warmup_steps_ratio"], optim["lr_scheduler_type"], optim["clip_grad"]) == (0.2, "constant", 0.5)
-    assert (trainer["total_epochs"], trainer["total_training_steps"]) == (3, 18)
+    assert (trainer["total_epochs"], trainer["total_training_steps"]) == (4, 18)  # a spare epoch, steps decide
     assert (trainer["save_freq"], trainer["test_freq"], trainer["max_ckpt_to_keep"]) == (7, 5, 2)
     assert trainer["logger"] == ["console", "wandb"]
     assert (trainer["project_name"], trainer["experiment_name"], trainer["seed"]) == ("proj", "exp", 11)
@@ -107,6 +107,7 @@ def test_gpu_render_from_upstream_stage_with_user_overrides_last():
     assert cfg["model"]["override_config"] == {"attn_implementation": "eager"}
     assert cfg["model"]["path"] == "/vol/ckpt/sft/x/merged"  # the upstream stage's merged model
     assert cfg["trainer"]["device"] == "cuda" and cfg["trainer"]["total_training_steps"] is None
+    assert cfg["trainer"]["total_epochs"] == 3  # without a step count the epochs decide
     assert cfg["trainer"]["resume_from_path"] is None and cfg["trainer"]["test_freq"] == -1  # no val set
     assert cfg["data"]["num_workers"] == 8  # verl's default off CPU
     assert cfg["data"]["max_token_len_per_gpu"] == 4096
