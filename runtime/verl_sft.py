@@ -102,6 +102,15 @@ def render_sft(
             f"stage.{ctx.stage}: {nnodes} nodes, but retool launches single-node SFT only",
             hint="use resources.nodes: 1 (more GPUs per node instead)",
         )
+    dp = max(1, nproc // stage.ulysses_sequence_parallel_size)
+    per_rank = stage.train_batch_size // dp
+    if per_rank % stage.micro_batch_size_per_gpu:
+        # verl asserts this inside the first step, after minutes of start-up on a big model
+        raise TerminalError(
+            f"stage.{ctx.stage}: micro_batch_size_per_gpu {stage.micro_batch_size_per_gpu} does not divide the "
+            f"per-process batch {per_rank} (train_batch_size {stage.train_batch_size} over {dp} data-parallel ranks)",
+            hint="pick a micro batch that divides train_batch_size / (processes / ulysses_sequence_parallel_size)",
+        )
     argv = [
         "torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
         "-m", SFT_MODULE,

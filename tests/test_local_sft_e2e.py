@@ -184,3 +184,26 @@ def test_resume_at_an_epoch_boundary_reaches_the_total(prepared):
     assert status.state == "succeeded" and status.step == 6, (status.message, status.log_tail)
     latest = latest_valid(rt.discover_checkpoints(three, "sft", rid), rid)
     assert latest is not None and latest.step == 6
+
+
+def test_two_processes_write_both_shards_and_merge(prepared):
+    tmp, rt, inputs = prepared
+    rid = "b8" * 32
+    spec = make_spec(tmp, resources={"processes_per_node": 2}, micro_batch_size_per_gpu=4, save_freq=100)
+    with pytest.raises(TerminalError, match="does not divide the per-process batch 4"):
+        rt.render_stage(StageContext(spec=make_spec(tmp, resources={"processes_per_node": 2}), spec_dir=str(tmp),
+                                     stage="sft", restart_id=rid, total_steps=2, inputs=inputs))
+    ctx = StageContext(spec=spec, spec_dir=str(tmp), stage="sft", restart_id=rid, total_steps=2, inputs=inputs)
+    handle = rt.launch_stage(ctx)
+    assert "--nproc_per_node=2" in handle.command
+    status = wait(rt, handle)
+    assert status.state == "succeeded" and status.step == 2, (status.message, status.log_tail)
+    (ck,) = rt.discover_checkpoints(spec, "sft", rid)
+    assert ck.valid and ck.world_size == 2
+    assert sorted(p.name for p in Path(ck.path).glob("model_world_size_2_rank_*.pt")) == [
+        "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt",
+    ]
+    out = rt.finalize_stage(ctx, ck)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out.outputs["model_path"]).num_parameters() > 0

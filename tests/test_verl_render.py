@@ -194,3 +194,9 @@ def test_rl_render_composes_with_main_ppo(tmp_path):
     with pytest.raises(TerminalError) as err:
         compose_config(typo, cmd.env)
     assert "nn" in err.value.detail
+
+
+def test_micro_batch_must_divide_the_per_process_batch():
+    spec = make_spec(micro_batch_size_per_gpu=3)  # 16 over 2 ranks = 8 per rank
+    with pytest.raises(TerminalError, match="does not divide the per-process batch 8"):
+        render_sft(ctx_for(spec, total_steps=3), PATHS, cpu=True)
