@@ -54,6 +54,7 @@ class Cell:
     latencies: list[float]
     errors: int
     lost: int
+    failures: dict[str, int]  # what went wrong, by kind
 
     @property
     def throughput(self) -> float:
@@ -91,9 +92,12 @@ def expected_outputs() -> dict[str, str]:
     }
 
 
-async def drive(url: str, code: str, expected: str, concurrency: int, total: int) -> tuple[float, list[float], int, int]:
+async def drive(
+    url: str, code: str, expected: str, concurrency: int, total: int
+) -> tuple[float, list[float], int, int, dict[str, int]]:
     body = {"code": code, "language": "python", "run_timeout": 60, "memory_limit_MB": 1024}
     latencies: list[float] = []
+    failures: dict[str, int] = {}
     errors = 0
     answered = 0
     next_index = 0
@@ -107,27 +111,33 @@ async def drive(url: str, code: str, expected: str, concurrency: int, total: int
                 start = time.perf_counter()
                 try:
                     response = await client.post(url + "/run_code", json=body)
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
                     errors += 1
+                    failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                     continue
                 answered += 1
                 latencies.append(time.perf_counter() - start)
                 data = response.json() if response.status_code == 200 else {}
                 if data.get("status") != "Success" or (data.get("run_result") or {}).get("stdout") != expected:
                     errors += 1
+                    kind = f"HTTP {response.status_code} {data.get('status', '')}".strip()
+                    failures[kind] = failures.get(kind, 0) + 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    return seconds, latencies, errors, total - answered
+    return seconds, latencies, errors, total - answered, failures
 
 
 def run_cell(url: str, server: str, workload: str, expected: str, concurrency: int, total: int) -> Cell:
-    seconds, latencies, errors, lost = asyncio.run(drive(url, WORKLOADS[workload], expected, concurrency, total))
-    cell = Cell(workload, concurrency, server, total, seconds, latencies, errors, lost)
+    seconds, latencies, errors, lost, failures = asyncio.run(
+        drive(url, WORKLOADS[workload], expected, concurrency, total)
+    )
+    cell = Cell(workload, concurrency, server, total, seconds, latencies, errors, lost, failures)
     print(
         f"  {workload:6} c={concurrency:<3} {server:8} n={total:<5} {cell.throughput:8.1f} req/s  "
-        f"p50 {cell.percentile(0.5):8.1f} ms  p99 {cell.percentile(0.99):8.1f} ms  errors {errors}  lost {lost}",
+        f"p50 {cell.percentile(0.5):8.1f} ms  p99 {cell.percentile(0.99):8.1f} ms  errors {errors}  lost {lost}"
+        + (f"  {failures}" if failures else ""),
         flush=True,
     )
     return cell

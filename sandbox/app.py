@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -37,6 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/v1/ping"})
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: SandboxSettings | None = None) -> FastAPI:
@@ -73,6 +75,10 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
         except QueueFullError as exc:
             executor.counters.rejected += 1
             return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        except Exception as exc:  # a bug of ours: still SandboxFusion's answer for "the sandbox failed"
+            logger.exception("sandbox execution failed")
+            executor.counters.errors += 1
+            outcome = Outcome(kind="error", message=f"sandbox failure: {type(exc).__name__}: {exc}")
         return to_response(outcome)
 
     @app.get("/health")
@@ -91,7 +97,11 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
 def _validate(body: RunCodeRequest, settings: SandboxSettings) -> ExecutionRequest:
     if body.language not in SUPPORTED_LANGUAGES:
         raise HTTPException(400, f"language {body.language!r} is not supported; this sandbox runs {list(SUPPORTED_LANGUAGES)}")
-    code_bytes = len(body.code.encode("utf-8", "surrogatepass"))
+    try:
+        code_bytes = len(body.code.encode("utf-8"))
+        (body.stdin or "").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPException(422, f"code and stdin must be valid Unicode text: {exc}") from exc
     if code_bytes > settings.max_code_bytes:
         raise HTTPException(413, f"code is {code_bytes} bytes; the limit is {settings.max_code_bytes}")
     files = {path: content for path, content in body.files.items() if content is not None}

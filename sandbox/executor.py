@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from sandbox import workdir
 from sandbox.pool import SlotPool
-from sandbox.program import ProgramFds, run_program
+from sandbox.program import ProgramFds, ProgramNotStarted, run_program
 from sandbox.protocol import (
     ChildLimits,
     Exited,
@@ -172,7 +172,9 @@ class SlotRunner:
         self._forker: socket.socket | None = None
         self.program: ProgramFds | None = None
         self._running: tuple[ProgramFds, asyncio.Task[Exited]] | None = None
-        self.dirty = False  # a program of this slot may still run: the next forker kills its uid first
+        # A program of this slot's uid may still run (e.g. left by a server that was killed):
+        # the next Prepare has the forker kill everything of that uid first.
+        self.dirty = True
 
     async def ensure_prepared(self) -> None:
         """Make sure a live program process waits in this slot (one retry with a new forker)."""
@@ -191,7 +193,9 @@ class SlotRunner:
                         os.close(fd)
                     raise EOFError("the forker closed its socket")
                 self.program = ProgramFds(Prepared.model_validate_json(msg).pid, *fds)
-                self.dirty = False
+                if self.dirty:  # the uid's processes are dead now: empty what they left in the workdir
+                    await asyncio.to_thread(workdir.reset, self.slot.workdir, self.slot_uid)
+                    self.dirty = False
                 return
             except (*_FAULTS, ZygoteUnavailable):
                 self.fail()
@@ -309,9 +313,14 @@ class Executor:
         slot = await self.pool.acquire()
         runner = self.runners[slot.index]
         try:
-            await runner.ensure_prepared()
-            outcome, _ = await runner.execute(request)
-        except (*_FAULTS, ZygoteUnavailable) as exc:
+            try:
+                await runner.ensure_prepared()
+                outcome, _ = await runner.execute(request)
+            except ProgramNotStarted:  # e.g. its forker died with a restarted zygote: nothing ran yet
+                runner.fail()
+                await runner.ensure_prepared()
+                outcome, _ = await runner.execute(request)
+        except (*_FAULTS, ZygoteUnavailable, ProgramNotStarted) as exc:
             runner.fail()
             self.pool.release(slot)
             outcome = Outcome(kind="error", message=f"sandbox executor failed: {type(exc).__name__}: {exc}")

@@ -1,7 +1,7 @@
 """Paths a request may name (`files`, `fetch_files`): relative, inside the working directory.
 
 `check_relative_path` is the pure gate the HTTP layer applies (absolute paths, `..`, empty
-components and NUL bytes are refused). The supervisor, which runs as root, then walks the
+components and NUL bytes are refused). The server, which runs as root, then walks the
 path one component at a time with `O_NOFOLLOW` relative to the working directory's fd, so a
 symlink planted by the program can never redirect a read or write outside it.
 """
@@ -23,6 +23,10 @@ def check_relative_path(path: str) -> tuple[str, ...]:
     """Split `path` into components, refusing anything that is not a plain relative path."""
     if not path or "\x00" in path:
         raise UnsafePathError(f"invalid path {path!r}: empty or contains a NUL byte")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"invalid path {path!r}: not valid Unicode text") from None
     if path.startswith("/") or path.startswith("\\"):
         raise UnsafePathError(f"invalid path {path!r}: absolute paths are not allowed")
     parts = tuple(part for part in path.split("/") if part not in ("", "."))

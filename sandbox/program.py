@@ -24,6 +24,10 @@ _WRITE_CHUNK = 1 << 16
 _STATUS_LIMIT = 1 << 16
 
 
+class ProgramNotStarted(Exception):
+    """The program process failed or vanished before the program began: safe to retry elsewhere."""
+
+
 @dataclass
 class ProgramFds:
     """The server's ends of one program process (from the forker's `Prepared`)."""
@@ -53,10 +57,11 @@ async def run_program(
     fds: ProgramFds, go: Go, stdin: str | None, timeout: float, max_output_bytes: int,
     exit_status: Callable[[], Awaitable[int]],
 ) -> Outcome:
-    """Run the program; `exit_status` yields the wait status once the forker has reaped it."""
+    """Run the program; `exit_status` yields the wait status once the forker has reaped it.
+    Raises ProgramNotStarted when the program never began (nothing of it ran)."""
     run = _Run(fds, max_output_bytes)
     try:
-        return await run.execute(go, (stdin or "").encode("utf-8", "surrogateescape"), timeout, exit_status)
+        return await run.execute(go, (stdin or "").encode("utf-8"), timeout, exit_status)
     finally:
         run.detach()
 
@@ -95,10 +100,9 @@ class _Run:
         if ended == "timeout":
             self.fds.kill()
         self._drain()
-        if self.setup_error or not self.started:
-            if ended == "exited" and not self.setup_error:
-                self.setup_error = f"it exited during set-up (wait status {await exit_status()})"
-            return Outcome(kind="error", message=f"sandbox could not start the program: {self.setup_error or 'no answer'}")
+        if not self.started:
+            self.fds.kill()
+            raise ProgramNotStarted(self.setup_error or f"the program process ended before the program began ({ended})")
         stdout, stderr = (self.streams[fd].text() for fd in (self.fds.out_r, self.fds.err_r))
         if ended == "timeout":
             return Outcome(kind="timeout", stdout=stdout, stderr=stderr, execution_time=elapsed)

@@ -8,6 +8,7 @@ kernel refused on this machine (see /health "isolation") are skipped, never assu
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import time
@@ -398,22 +399,27 @@ def test_ten_megabytes_of_code_is_refused(server: LocalServer, health: dict[str,
     assert_recovered(server, health)
 
 
-def test_killed_supervisor_is_a_sandbox_error_and_the_slot_recovers(server: LocalServer, health: dict[str, Any]) -> None:
+def test_killed_forker_is_a_sandbox_error_and_the_slot_recovers(server: LocalServer, health: dict[str, Any]) -> None:
     if not health["isolation"]["separate_uid"]:
         pytest.skip("finds the execution by its uid")
     import threading
 
     box: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: box.update(run(server, "import time\ntime.sleep(30)", run_timeout=30)))
+    code = "import time\nopen('left-behind.txt', 'w').write('x')\ntime.sleep(30)"
+    thread = threading.Thread(target=lambda: box.update(run(server, code, run_timeout=30)))
     thread.start()
     deadline = time.monotonic() + 20
     while not sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.02)
     (pid, _), *_ = sandbox_processes()
     with open(f"/proc/{pid}/stat") as f:
-        supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
-    os.kill(supervisor, 9)
+        forker = int(f.read().rsplit(")", 1)[1].split()[1])  # the program process's parent
+    os.kill(forker, 9)
     thread.join(60)
     assert box["status"] == "SandboxError"
-    for _ in range(3):  # the dirty slot is reset before its next use
-        assert_recovered(server, health)
+    # Occupy every slot at once, so one of these runs in the slot that failed: it must be empty.
+    listing = "import os, time\ntime.sleep(0.5)\nprint(os.listdir('.'))"
+    with concurrent.futures.ThreadPoolExecutor(health["pool_size"]) as pool:
+        results = list(pool.map(lambda _: run(server, listing), range(health["pool_size"])))
+    assert [r["run_result"]["stdout"] for r in results] == ["[]\n"] * health["pool_size"]
+    assert_recovered(server, health)

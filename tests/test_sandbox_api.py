@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -37,7 +38,9 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
 
 def post(server: LocalServer, body: dict[str, Any], token: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.post(server.url + "/run_code", json=body, headers=headers, timeout=60)
+    headers["content-type"] = "application/json"
+    content = json.dumps(body)  # ASCII-escaped, so lone surrogates can be sent as \udXXX escapes
+    return httpx.post(server.url + "/run_code", content=content, headers=headers, timeout=60)
 
 
 def run(server: LocalServer, code: str, **fields: Any) -> dict[str, Any]:
@@ -149,6 +152,9 @@ def test_files_in_and_out(server: LocalServer) -> None:
         ({"code": "print(1)", "language": "python", "files": {"a": "not base64!"}}, 422),
         ({"code": "print(1)", "language": "python", "files": {"a": "eA==", "a/b": "eA=="}}, 422),
         ({"code": "print(1)", "language": "python", "stdin": 5}, 422),
+        ({"code": "print('\ud800')", "language": "python"}, 422),  # a lone surrogate is not text
+        ({"code": "print(1)", "language": "python", "stdin": "\udc80"}, 422),
+        ({"code": "print(1)", "language": "python", "files": {"a\udc80": "eA=="}}, 422),
     ],
 )
 def test_bad_requests_get_clear_4xx(server: LocalServer, body: dict[str, Any], status: int) -> None:
