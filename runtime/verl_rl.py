@@ -182,6 +182,10 @@ def rl_overrides(ctx: StageContext, paths: StagePaths, *, cpu: bool, rollout: st
             # the task runner, transfer queue, agent-loop and reward workers for one each.
             kv("ray_kwargs.ray_init.num_cpus", 3 * nproc + 8),
             kv("+actor_rollout_ref.model.override_config.attn_implementation", "sdpa"),
+            # Full precision on CPU (bf16 autocast is slow there and would make the actor's
+            # log-probs disagree with the float32 rollout's by ~1e-3).
+            *[kv(f"+{role}.fsdp_config.mixed_precision.{part}_dtype", "fp32")
+              for role in (actor, ref) for part in ("param", "reduce", "buffer")],
             kv(f"{actor}.use_torch_compile", False),
             kv(f"{actor}.fsdp_config.use_torch_compile", False),
             kv(f"{ref}.use_torch_compile", False),

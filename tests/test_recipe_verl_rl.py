@@ -78,6 +78,9 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert trainer["default_local_dir"] == PATHS.ckpt_dir and trainer["resume_mode"] == "auto"
     assert trainer["device"] == "cpu" and trainer["n_gpus_per_node"] == 1 and trainer["val_before_train"] is False
     assert cfg["ray_kwargs"]["ray_init"]["num_gpus"] == 1
+    # full precision on CPU, so the actor's log-probs match the float32 rollout's
+    fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    assert actor["fsdp_config"]["mixed_precision"] == fp32 and arr["ref"]["fsdp_config"]["mixed_precision"] == fp32
 
 
 def test_a_misspelt_raw_override_fails_composition() -> None:
