@@ -1,14 +1,16 @@
-"""The transformers generation engine on a random tiny Qwen2 (CPU, no Ray)."""
+"""The transformers generation engine on a random tiny Qwen2 (no Ray): on CPU, and on CUDA
+too where a GPU is present (the same rollout serves GPU machines without vLLM)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from runtime.rollout.engine import GenerationEngine, GenRequest
+from runtime.rollout.engine import GenerationEngine, GenRequest, default_dtype
 from runtime.rollout.sampling import BatchParams, RowParams, apply_repetition_penalty, choose_next, filter_top_k_top_p
 
 VOCAB = 97
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def tiny_model(seed: int) -> torch.nn.Module:
@@ -22,9 +24,14 @@ def tiny_model(seed: int) -> torch.nn.Module:
     return Qwen2ForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def engine() -> GenerationEngine:
-    return GenerationEngine(tiny_model(0), eos_ids=[], pad_id=0, device="cpu", seed=0)
+def engine(device: str) -> GenerationEngine:
+    return GenerationEngine(tiny_model(0).to(device), eos_ids=[], pad_id=0, device=device, seed=0)
 
 
 PROMPTS = [[5, 9, 13], [7, 1, 2, 3, 4, 8, 40, 41], [60], [11, 12, 13, 14, 15]]
@@ -40,7 +47,7 @@ def test_batched_greedy_equals_one_at_a_time_and_hf_generate(engine: GenerationE
         alone = engine.generate([greedy(prompt, 12)])[0]
         assert res.token_ids == alone.token_ids
         assert res.log_probs == pytest.approx(alone.log_probs, abs=1e-5)
-        hf = engine.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+        hf = engine.model.generate(torch.tensor([prompt], device=engine.device), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                    pad_token_id=0)
         assert res.token_ids == hf[0, len(prompt):].tolist()
         assert res.finish == "length" and len(res.token_ids) == 12
@@ -51,9 +58,9 @@ def test_logprobs_are_what_a_full_forward_pass_gives(engine: GenerationEngine) -
     temp = 0.7
     reqs = [GenRequest(prompt_ids=p, max_tokens=10, params=RowParams(temperature=temp), logprobs=True) for p in PROMPTS]
     for prompt, res in zip(PROMPTS, engine.generate(reqs)):
-        seq = torch.tensor([prompt + res.token_ids])
+        seq = torch.tensor([prompt + res.token_ids], device=engine.device)
         with torch.no_grad():
-            logits = engine.model(seq).logits[0, len(prompt) - 1:-1].float() / temp
+            logits = engine.model(seq).logits[0, len(prompt) - 1:-1].float().cpu() / temp
         expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(res.token_ids)[:, None]).squeeze(1)
         assert torch.allclose(torch.tensor(res.log_probs), expected, atol=1e-5)
 
@@ -65,17 +72,17 @@ def test_stop_tokens_and_budgets(engine: GenerationEngine) -> None:
     assert res[0].finish == "stop" and res[0].token_ids == first[: first.index(stop_at) + 1]
     assert res[1].finish == "length" and len(res[1].token_ids) == 2
     # eos ids of the engine stop every row too
-    eos_engine = GenerationEngine(engine.model, eos_ids=[stop_at], pad_id=0, device="cpu")
+    eos_engine = GenerationEngine(engine.model, eos_ids=[stop_at], pad_id=0, device=engine.device)
     assert eos_engine.generate([greedy(PROMPTS[1], 12)])[0].token_ids[-1] == stop_at
 
 
-def test_sampling_is_seeded_and_top_k_one_is_greedy() -> None:
-    model = tiny_model(1)
+def test_sampling_is_seeded_and_top_k_one_is_greedy(device: str) -> None:
+    model = tiny_model(1).to(device)
     reqs = [GenRequest(prompt_ids=p, max_tokens=8, params=RowParams(temperature=1.0)) for p in PROMPTS]
-    a = GenerationEngine(model, eos_ids=[], pad_id=0, device="cpu", seed=3).generate(reqs)
-    b = GenerationEngine(model, eos_ids=[], pad_id=0, device="cpu", seed=3).generate(reqs)
+    a = GenerationEngine(model, eos_ids=[], pad_id=0, device=device, seed=3).generate(reqs)
+    b = GenerationEngine(model, eos_ids=[], pad_id=0, device=device, seed=3).generate(reqs)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    eng = GenerationEngine(model, eos_ids=[], pad_id=0, device="cpu", seed=4)
+    eng = GenerationEngine(model, eos_ids=[], pad_id=0, device=device, seed=4)
     top1 = eng.generate([GenRequest(prompt_ids=p, max_tokens=8, params=RowParams(temperature=1.0, top_k=1)) for p in PROMPTS])
     greedy_res = eng.generate([greedy(p, 8) for p in PROMPTS])
     assert [r.token_ids for r in top1] == [r.token_ids for r in greedy_res]
@@ -88,9 +95,9 @@ def test_abort_stops_a_batch() -> None:
     assert all(r.finish == "aborted" and len(r.token_ids) == 1 for r in res)
 
 
-def test_load_weights_makes_it_the_other_model() -> None:
-    eng = GenerationEngine(tiny_model(5), eos_ids=[], pad_id=0, device="cpu")
-    other = tiny_model(6)
+def test_load_weights_makes_it_the_other_model(device: str) -> None:
+    eng = GenerationEngine(tiny_model(5).to(device), eos_ids=[], pad_id=0, device=device)
+    other = tiny_model(6)  # weights arrive from the actor as host tensors
     before = eng.generate([greedy(p, 10) for p in PROMPTS])
     target = GenerationEngine(other, eos_ids=[], pad_id=0, device="cpu").generate([greedy(p, 10) for p in PROMPTS])
     # (random tied-embedding models tend to repeat the prompt's last token: compare log-probs)
@@ -102,7 +109,24 @@ def test_load_weights_makes_it_the_other_model() -> None:
     after = eng.generate([greedy(p, 10) for p in PROMPTS])
     assert [r.token_ids for r in after] == [r.token_ids for r in target]
     for a, t in zip(after, target):
-        assert a.log_probs == pytest.approx(t.log_probs, abs=1e-6)
+        assert a.log_probs == pytest.approx(t.log_probs, abs=1e-4 if device == "cuda" else 1e-6)
+
+
+def test_offload_between_rollouts_keeps_results(device: str) -> None:
+    eng = GenerationEngine(tiny_model(9).to(device), eos_ids=[], pad_id=0, device=device)
+    first = eng.generate([greedy(p, 6) for p in PROMPTS])
+    eng.offload()  # what the server does when verl puts the rollout to sleep
+    assert next(eng.model.parameters()).device.type == "cpu"
+    eng.onload()
+    assert next(eng.model.parameters()).device.type == device
+    eng.offload()
+    again = eng.generate([greedy(p, 6) for p in PROMPTS])  # a request wakes it up by itself
+    assert [r.token_ids for r in again] == [r.token_ids for r in first]
+
+
+def test_default_dtype() -> None:
+    assert default_dtype("cpu", "bfloat16") == torch.float32
+    assert default_dtype("cuda", "bfloat16") == torch.bfloat16 and default_dtype("cuda", "float16") == torch.float16
 
 
 def test_load_weights_rejects_unknown_and_partial_updates() -> None:
