@@ -64,7 +64,7 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert actor["ppo_max_token_len_per_gpu"] == 4096
     assert data["train_files"] == "/vol/data/datasets/tiny_math/train.parquet"
     assert data["val_files"] == ["/vol/data/datasets/aime_2024/train.parquet"]
-    assert (data["max_prompt_length"], data["max_response_length"], data["train_batch_size"]) == (256, 256, 4)
+    assert (data["max_prompt_length"], data["max_response_length"], data["train_batch_size"]) == (512, 256, 4)
     assert data["filter_overlong_prompts"] is True and data["truncation"] == "error"
     assert arr["model"]["path"] == "/vol/c/sft/ab/merged"
     assert rollout["name"] == "transformers" and rollout["n"] == 4 and rollout["calculate_log_probs"] is True
