@@ -7,8 +7,10 @@
 Starts `python -m sandbox.server` (default settings: one worker per CPU) and
 `bench/baseline_sandbox.py` on free loopback ports, then for each workload (print(1), a numpy
 computation, sympy.factor) and each concurrency drives N requests through an
-httpx.AsyncClient. A request counts as an error unless it returns HTTP 200, status Success
-and exactly the expected stdout; a response that never arrives is counted as lost.
+httpx.AsyncClient. The two servers take turns, in up to four rounds per cell, so a change in
+the machine's load (other jobs share it) hits both alike. A request counts as an error unless
+it returns HTTP 200, status Success and exactly the expected stdout; a response that never
+arrives is counted as lost.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,8 +31,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sandbox.client import wait_ready  # noqa: E402
-from sandbox.testing import free_port  # noqa: E402
+from sandbox.client import wait_ready
+from sandbox.testing import free_port
 
 WORKLOADS = {
     "print": "print(1)",
@@ -49,12 +50,22 @@ class Cell:
     workload: str
     concurrency: int
     server: str
-    requests: int
-    seconds: float
-    latencies: list[float]
-    errors: int
-    lost: int
-    failures: dict[str, int]  # what went wrong, by kind
+    requests: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    lost: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # what went wrong, by kind
+
+    def add(self, requests: int, seconds: float, latencies: list[float], errors: int, lost: int,
+            failures: dict[str, int]) -> None:
+        self.requests += requests
+        self.seconds += seconds
+        self.latencies += latencies
+        self.errors += errors
+        self.lost += lost
+        for kind, count in failures.items():
+            self.failures[kind] = self.failures.get(kind, 0) + count
 
     @property
     def throughput(self) -> float:
@@ -95,6 +106,7 @@ def expected_outputs() -> dict[str, str]:
 async def drive(
     url: str, code: str, expected: str, concurrency: int, total: int
 ) -> tuple[float, list[float], int, int, dict[str, int]]:
+    """`total` requests at `concurrency`: (seconds, latencies, errors, lost, failures by kind)."""
     body = {"code": code, "language": "python", "run_timeout": 60, "memory_limit_MB": 1024}
     latencies: list[float] = []
     failures: dict[str, int] = {}
@@ -129,18 +141,24 @@ async def drive(
     return seconds, latencies, errors, total - answered, failures
 
 
-def run_cell(url: str, server: str, workload: str, expected: str, concurrency: int, total: int) -> Cell:
-    seconds, latencies, errors, lost, failures = asyncio.run(
-        drive(url, WORKLOADS[workload], expected, concurrency, total)
-    )
-    cell = Cell(workload, concurrency, server, total, seconds, latencies, errors, lost, failures)
-    print(
-        f"  {workload:6} c={concurrency:<3} {server:8} n={total:<5} {cell.throughput:8.1f} req/s  "
-        f"p50 {cell.percentile(0.5):8.1f} ms  p99 {cell.percentile(0.99):8.1f} ms  errors {errors}  lost {lost}"
-        + (f"  {failures}" if failures else ""),
-        flush=True,
-    )
-    return cell
+def run_pair(
+    urls: dict[str, str], workload: str, expected: str, concurrency: int, counts: dict[str, int], rounds: int
+) -> list[Cell]:
+    """Both servers on one cell, in alternating rounds, so a change in the machine's load
+    (other jobs share it) hits both sides alike."""
+    cells = {name: Cell(workload, concurrency, name) for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            n = counts[name] // rounds
+            cells[name].add(n, *asyncio.run(drive(url, WORKLOADS[workload], expected, concurrency, n)))
+    for cell in cells.values():
+        print(
+            f"  {workload:6} c={concurrency:<3} {cell.server:8} n={cell.requests:<5} {cell.throughput:8.1f} req/s  "
+            f"p50 {cell.percentile(0.5):8.1f} ms  p99 {cell.percentile(0.99):8.1f} ms  "
+            f"errors {cell.errors}  lost {cell.lost}" + (f"  {cell.failures}" if cell.failures else ""),
+            flush=True,
+        )
+    return list(cells.values())
 
 
 def table(cells: list[Cell], markdown: bool) -> str:
@@ -180,14 +198,15 @@ def main() -> None:
     with ExitStack() as stack:
         ours = stack.enter_context(started("retool", [sys.executable, "-m", "sandbox.server"]))
         base = stack.enter_context(started("baseline", [sys.executable, str(REPO / "bench" / "baseline_sandbox.py")]))
-        for url, name in ((ours, "retool"), (base, "baseline")):  # warm both (first requests pay imports)
-            run_cell(url, name, "print", expected["print"], 2, 4)
+        urls = {"retool": ours, "baseline": base}
+        run_pair(urls, "print", expected["print"], 2, {"retool": 4, "baseline": 4}, 1)  # warm-up, not reported
         for workload in workloads:
             for concurrency in levels:
                 n = max(ours_n, 2000) if concurrency == 64 and not args.quick else ours_n
-                cells.append(run_cell(ours, "retool", workload, expected[workload], concurrency, n))
                 base_n = max(2 * concurrency, 16 if args.quick else 40)
-                cells.append(run_cell(base, "baseline", workload, expected[workload], concurrency, base_n))
+                rounds = max(1, min(4, base_n // concurrency))  # every round keeps `concurrency` busy
+                counts = {"retool": n, "baseline": base_n}
+                cells += run_pair(urls, workload, expected[workload], concurrency, counts, rounds)
     print(f"load average {os.getloadavg()[0]:.1f} at end\n")
     print(table(cells, markdown=False))
     if args.markdown:

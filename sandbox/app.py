@@ -25,7 +25,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from sandbox.executor import ExecutionRequest, Executor
-from sandbox.models import SUPPORTED_LANGUAGES, CommandRunStatus, RunCodeRequest, RunCodeResponse, RunResult, RunStatus
+from sandbox.models import (
+    SUPPORTED_LANGUAGES,
+    CommandRunStatus,
+    RunCodeRequest,
+    RunCodeResponse,
+    RunResult,
+    RunStatus,
+)
 from sandbox.paths import UnsafePathError, check_file_layout, check_relative_path
 from sandbox.pool import QueueFullError
 from sandbox.protocol import Outcome

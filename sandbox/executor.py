@@ -118,7 +118,7 @@ class ZygoteProcess:
         self._control = parent
         try:
             data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(parent, 1 << 20), ZYGOTE_START_TIMEOUT_S)
-        except (asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.stop()
             raise ZygoteUnavailable(f"the sandbox zygote did not start: {exc!r}") from exc
         if not data:
@@ -202,9 +202,8 @@ class SlotRunner:
                 if attempt:
                     raise
 
-    async def execute(self, request: ExecutionRequest) -> tuple[Outcome, asyncio.Task[Exited]]:
-        """Run `request` in the prepared program process; returns the outcome and the forker's
-        coming `Exited` report (needed before the slot can be reused)."""
+    async def execute(self, request: ExecutionRequest) -> Outcome:
+        """Run `request` in the prepared program process (call `settle` before the next one)."""
         program, self.program = self.program, None
         assert program is not None and self._forker is not None
         forker = self._forker
@@ -228,10 +227,10 @@ class SlotRunner:
             outcome.files = await asyncio.to_thread(
                 workdir.fetch_files, self.slot.workdir, request.fetch_files, self.slot_uid, settings.max_fetch_bytes
             )
-        return outcome, exited
+        return outcome
 
-    async def settle(self) -> bool:
-        """After a run: the program gone, leftovers killed, the workdir empty. True when clean."""
+    async def settle(self) -> None:
+        """After a run: the program gone, its leftovers killed (by the forker), the workdir empty."""
         assert self._running is not None
         program, exited = self._running
         self._running = None
@@ -246,7 +245,6 @@ class SlotRunner:
             workdir.reset(self.slot.workdir, self.slot_uid)  # only owner and mode to restore: cheap
         else:
             await asyncio.to_thread(workdir.reset, self.slot.workdir, self.slot_uid)
-        return True
 
     def fail(self) -> None:
         """Drop the forker and any program; the next use starts a new forker that cleans up."""
@@ -315,11 +313,11 @@ class Executor:
         try:
             try:
                 await runner.ensure_prepared()
-                outcome, _ = await runner.execute(request)
+                outcome = await runner.execute(request)
             except ProgramNotStarted:  # e.g. its forker died with a restarted zygote: nothing ran yet
                 runner.fail()
                 await runner.ensure_prepared()
-                outcome, _ = await runner.execute(request)
+                outcome = await runner.execute(request)
         except (*_FAULTS, ZygoteUnavailable, ProgramNotStarted) as exc:
             runner.fail()
             self.pool.release(slot)
@@ -389,12 +387,17 @@ async def _recv_fds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]
                 raise EOFError("the forker closed its socket")
             return msg, fds
         except BlockingIOError:
-            readable = loop.create_future()
-            loop.add_reader(sock, lambda: readable.done() or readable.set_result(None))
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock, _resolve, readable)
             try:
                 await readable
             finally:
                 loop.remove_reader(sock)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _recv_exited(sock: socket.socket) -> Exited:

@@ -27,7 +27,7 @@ def check_relative_path(path: str) -> tuple[str, ...]:
         path.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePathError(f"invalid path {path!r}: not valid Unicode text") from None
-    if path.startswith("/") or path.startswith("\\"):
+    if path.startswith(("/", "\\")):
         raise UnsafePathError(f"invalid path {path!r}: absolute paths are not allowed")
     parts = tuple(part for part in path.split("/") if part not in ("", "."))
     if not parts:

@@ -94,7 +94,7 @@ class _Run:
         start = time.monotonic()
         try:
             ended = await asyncio.wait_for(asyncio.shield(self.ended), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ended = "timeout"
         elapsed = round(time.monotonic() - start, 6)
         if ended == "timeout":

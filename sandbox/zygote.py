@@ -18,7 +18,12 @@ import traceback
 
 from sandbox import linux
 from sandbox.forker import serve_slot
-from sandbox.isolation import build_slot_namespaces, can_switch_uid, isolate_network, unreachable_interpreter_paths
+from sandbox.isolation import (
+    build_slot_namespaces,
+    can_switch_uid,
+    isolate_network,
+    unreachable_interpreter_paths,
+)
 from sandbox.protocol import Isolation, SlotSpec, SpawnForker, ZygoteConfig, ZygoteReady
 from sandbox.warmup import preload
 

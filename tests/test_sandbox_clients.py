@@ -64,7 +64,8 @@ def test_verl_compute_score_grades_stdin_stdout_cases(server: LocalServer) -> No
 
 def test_sandbox_fusion_package_client(server: LocalServer) -> None:
     import sandbox_fusion
-    from sandbox_fusion import RunCodeRequest, RunStatus, SummaryMapping, run_code as sf_run_code, set_endpoint
+    from sandbox_fusion import RunCodeRequest, RunStatus, SummaryMapping, set_endpoint
+    from sandbox_fusion import run_code as sf_run_code
 
     set_endpoint(server.url)
     response = sf_run_code(
@@ -89,7 +90,8 @@ def test_sandbox_fusion_package_client(server: LocalServer) -> None:
 
 
 def test_sandbox_fusion_async_client(server: LocalServer) -> None:
-    from sandbox_fusion import RunCodeRequest, run_code_async as sf_run_code_async
+    from sandbox_fusion import RunCodeRequest
+    from sandbox_fusion import run_code_async as sf_run_code_async
 
     async def many() -> list[str]:
         requests = [RunCodeRequest(code=f"print({i} ** 2)", language="python") for i in range(8)]

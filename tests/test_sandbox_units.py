@@ -11,7 +11,13 @@ import pytest
 from reconciler.errors import TerminalError
 from sandbox.app import to_response
 from sandbox.output import CappedOutput
-from sandbox.paths import UnsafePathError, check_file_layout, check_relative_path, read_file, write_file
+from sandbox.paths import (
+    UnsafePathError,
+    check_file_layout,
+    check_relative_path,
+    read_file,
+    write_file,
+)
 from sandbox.pool import QueueFullError, SlotPool
 from sandbox.protocol import Outcome, SlotSpec
 from sandbox.settings import SandboxSettings
