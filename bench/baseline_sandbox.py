@@ -53,7 +53,7 @@ def create_app() -> FastAPI:
                     proc.communicate((request.stdin or "").encode()), request.run_timeout
                 )
                 timed_out = False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 stdout, stderr = await proc.communicate()
                 timed_out = True
