@@ -35,6 +35,7 @@ class Workspace:
 
 def create_workspace(settings: SandboxSettings) -> Workspace:
     os.makedirs(settings.work_root, mode=0o711, exist_ok=True)
+    remove_stale_workspaces(settings.work_root)
     root = tempfile.mkdtemp(prefix=f"server-{os.getpid()}-", dir=settings.work_root)
     os.chmod(root, 0o711)  # slot uids may traverse (not list) it when no private /tmp is available
     uids: list[int | None] = [None] * settings.pool_size()
@@ -51,6 +52,20 @@ def create_workspace(settings: SandboxSettings) -> Workspace:
             os.chown(workdir, uid, uid)
         slots.append(SlotSpec(index=index, workdir=workdir, uid=uid))
     return Workspace(root=root, slots=slots, _lock_fd=lock_fd)
+
+
+def remove_stale_workspaces(work_root: str) -> None:
+    """Delete `server-<pid>-*` directories whose server is gone (killed before it could clean up)."""
+    for entry in os.scandir(work_root):
+        parts = entry.name.split("-")
+        if len(parts) < 3 or parts[0] != "server" or not parts[1].isdigit() or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive (another user's process)
 
 
 def _claim_uid_block(work_root: str) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 
 import pytest
 
@@ -21,6 +22,7 @@ from sandbox.paths import (
 from sandbox.pool import QueueFullError, SlotPool
 from sandbox.protocol import Outcome, SlotSpec
 from sandbox.settings import SandboxSettings
+from sandbox.workspace import remove_stale_workspaces
 
 
 @pytest.mark.parametrize("path", ["", "/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\x00b", ".", "./"])
@@ -67,6 +69,16 @@ def test_read_file_never_follows_symlinks(tmp_path) -> None:
         os.close(root_fd)
     assert secret.read_text() == "top secret"
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_stale_workspaces_of_dead_servers_are_removed(tmp_path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f"server-{dead.pid}-abc" / "slot-0").mkdir(parents=True)
+    (tmp_path / f"server-{os.getpid()}-def").mkdir()  # our own: alive, kept
+    (tmp_path / "uid-blocks").mkdir()  # not a workspace, kept
+    remove_stale_workspaces(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"server-{os.getpid()}-def", "uid-blocks"])
 
 
 def test_capped_output_keeps_the_head_and_counts_the_rest() -> None:
