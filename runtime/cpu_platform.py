@@ -13,30 +13,26 @@ What verl needs from a platform on CPU:
   rejects when both halves name `cpu`; `_patch_init_process_group` collapses that one
   string to plain `gloo` and leaves every other backend string alone.
 
-The launch side also sets `VERL_ENGINE_DEVICE=cuda` (verl registers its FSDP engine
-under "cuda" only; the engine then runs on whatever `trainer.device` says) and
-`trainer.device=cpu`, `engine.strategy=fsdp2` (see runtime.verl_common).
+The launch side (runtime.verl_common.base_env, runtime.verl_sft) also sets
+`VERL_ENGINE_DEVICE=cuda` (verl registers its FSDP engine under "cuda" only; the engine
+then runs on whatever `trainer.device` says), `trainer.device=cpu`, `engine.strategy=fsdp2`
+and sdpa attention. Ray-facing answers stay CUDA's: the RL launch declares fake GPUs to Ray.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed
-
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-PLATFORM_NAME = "cpu"
-ENV = {
-    "VERL_USE_EXTERNAL_MODULES": __name__,
-    "VERL_PLATFORM": PLATFORM_NAME,
-    "VERL_ENGINE_DEVICE": "cuda",
-}
+PLATFORM_NAME = "cpu"  # = runtime.verl_common.CPU_PLATFORM_NAME (a test keeps them equal)
 
 
 def _meminfo_bytes() -> tuple[int, int]:

@@ -90,7 +90,7 @@ def test_train_resume_merge(prepared):
     assert (status.step, status.total) == (3, 3) and status.metrics["train/loss"] > 0
     print(f"\n3 steps from scratch: {status.elapsed_s:.1f}s wall")
 
-    found = rt.discover_checkpoints(spec, "sft", RID)
+    found = [c for c in rt.discover_checkpoints(spec, "sft", RID) if c.restart_id == RID]
     assert [(c.step, c.valid) for c in found] == [(2, True), (3, True)]
     latest = latest_valid(found, RID)
     assert latest is not None and latest.world_size == 1
@@ -141,7 +141,7 @@ def test_train_resume_merge(prepared):
     handle = rt.launch_stage(rerun)
     status = wait(rt, handle)
     assert status.state == "succeeded" and status.step == 1
-    assert [c.step for c in rt.discover_checkpoints(spec, "sft", RID)] == [1]
+    assert [c.step for c in rt.discover_checkpoints(spec, "sft", RID) if c.restart_id == RID] == [1]
     assert any((rt.stage_root(spec, "sft") / ".replaced").iterdir())
 
 
@@ -198,7 +198,7 @@ def test_two_processes_write_both_shards_and_merge(prepared):
     assert "--nproc_per_node=2" in handle.command
     status = wait(rt, handle)
     assert status.state == "succeeded" and status.step == 2, (status.message, status.log_tail)
-    (ck,) = rt.discover_checkpoints(spec, "sft", rid)
+    (ck,) = [c for c in rt.discover_checkpoints(spec, "sft", rid) if c.restart_id == rid]  # others' runs are foreign
     assert ck.valid and ck.world_size == 2
     assert sorted(p.name for p in Path(ck.path).glob("model_world_size_2_rank_*.pt")) == [
         "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt",
