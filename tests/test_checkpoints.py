@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.checkpoints import CkptEntry, evaluate, latest_valid, marker_content, scan_local
+from runtime.checkpoints import (
+    CkptEntry,
+    evaluate,
+    latest_valid,
+    marker_content,
+    scan_local,
+)
 
 RID = "a1" * 32
 OTHER = "b2" * 32
