@@ -47,7 +47,7 @@ class TransformersServer:
     def __init__(self, config: Any, model_config: Any, replica_rank: int = 0):
         self.config = omega_conf_to_dataclass(config)
         model_path = _model_path(model_config)
-        trust = bool(_get(model_config, "trust_remote_code", False))
+        trust = bool(model_config.get("trust_remote_code", False))
         device = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, os.environ[ENV_DTYPE]) if os.environ.get(ENV_DTYPE) else default_dtype(
             device, self.config.dtype
@@ -222,24 +222,10 @@ class TransformersServer:
         return None
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    getter = getattr(cfg, "get", None)
-    if callable(getter):
-        try:
-            return getter(key, default)
-        except Exception:
-            pass
-    return getattr(cfg, key, default)
-
-
 def _model_path(model_config: Any) -> str:
-    """The local model directory of verl's model config (a DictConfig or HFModelConfig)."""
-    local = getattr(model_config, "local_path", None)
-    if local:
-        return str(local)
-    path = _get(model_config, "path")
+    """The local model directory of verl's model config (DictConfig or HFModelConfig, both
+    answer `.get`; HFModelConfig has already fetched remote paths to `local_path`)."""
+    path = getattr(model_config, "local_path", None) or model_config.get("path")
     if not path:
         raise ValueError("actor_rollout_ref.model.path is not set")
     return os.path.expanduser(str(path))
