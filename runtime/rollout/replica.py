@@ -12,7 +12,6 @@ trainer on any machine.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ray
@@ -26,25 +25,25 @@ logger = logging.getLogger(__name__)
 
 
 def _placement_of_worker(_: Any) -> tuple[str, str | None, bool]:
-    """(node id, CUDA_VISIBLE_DEVICES, CUDA usable) as seen inside a trainer rank."""
+    """(node id, the GPU Ray assigned, CUDA usable) as seen inside a trainer rank."""
     import torch
 
-    return (
-        ray.get_runtime_context().get_node_id(),
-        os.environ.get("CUDA_VISIBLE_DEVICES"),
-        torch.cuda.is_available(),
-    )
+    ctx = ray.get_runtime_context()
+    gpus = ctx.get_accelerator_ids().get("GPU") or []
+    return ctx.get_node_id(), (str(gpus[0]) if gpus else None), torch.cuda.is_available()
 
 
 class TransformersReplica(RolloutReplica):
     async def launch_servers(self) -> None:
         if self.workers:
-            node_id, visible, cuda = await self.workers[0].__ray_call__.remote(_placement_of_worker)
+            node_id, gpu, cuda = await self.workers[0].__ray_call__.remote(_placement_of_worker)
         else:
-            node_id, visible, cuda = ray.get_runtime_context().get_node_id(), None, False
+            node_id, gpu, cuda = ray.get_runtime_context().get_node_id(), None, False
         env: dict[str, str] = {}
-        if cuda and visible:
-            env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "CUDA_VISIBLE_DEVICES": visible.split(",")[0]}
+        if cuda and gpu is not None:
+            # Share the replica's first GPU with its trainer rank (the server sleeps on the host
+            # while the actor trains).
+            env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "CUDA_VISIBLE_DEVICES": gpu}
         name = server_name(self.replica_rank)
         server = (
             ray.remote(TransformersServer)
