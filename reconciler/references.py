@@ -53,7 +53,8 @@ def _ref(value: Any, kinds: tuple[str, ...], names: dict[str, list[str]], what: 
         return f"{what} must be {allowed}, got {value!r}"
     if name not in names[kind]:
         known = ", ".join(f"{kind}.{n}" for n in names[kind]) or "none declared"
-        return f"unknown reference {value!r} ({kind}s: {known}){suggest(name, names[kind])}"
+        candidates = [f"{k}.{n}" for k in kinds for n in names[k]]  # `model.sft` may mean `stage.sft`
+        return f"unknown reference {value!r} ({kind}s: {known}){suggest(value, candidates)}"
     return None
 
 

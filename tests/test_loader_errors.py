@@ -62,7 +62,7 @@ CASES: list[tuple[str, str, str, int, str, str]] = [
     ("count-without-gpu", "resources: {gpu: H100, gpus_per_node: 8}", "resources: {gpus_per_node: 8}", 28, "stages.sft.resources", "needs a gpu type"),
     ("negative-lr", "lr: 3.0e-3", "lr: -3.0e-3", 27, "stages.sft.optim.lr", "greater than 0"),
     ("unknown-model-ref", "model: model.tiny", "model: model.tiny2", 23, "stages.sft.model", "unknown reference 'model.tiny2'"),
-    ("unknown-dataset-ref", "train: dataset.math", "train: dataset.maths", 33, "stages.rl.train", "did you mean 'math'"),
+    ("unknown-dataset-ref", "train: dataset.math", "train: dataset.maths", 33, "stages.rl.train", "did you mean 'dataset.math'"),
     ("wrong-ref-kind", "train: dataset.sft_data", "train: model.tiny", 24, "stages.sft.train", "must be `dataset.<name>`"),
     ("dependency-cycle", "model: model.tiny", "model: stage.rl", 32, "stages.rl.model", "dependency cycle: stage.rl → stage.sft → stage.rl"),
     ("self-reference", "model: model.tiny", "model: stage.sft", 23, "stages.sft.model", "dependency cycle: stage.sft → stage.sft"),
