@@ -68,6 +68,9 @@ class StageRunner:
             resume_from=resume_from, state_dir=self.ctx.state_dir,
         )
         handle = self.ctx.runtime.launch_stage(run_ctx)
+        reattached = bool(handle.extra.get("reattached"))  # an earlier apply started it, then died
+        if reattached:
+            resume_from = handle.extra.get("resume_from") if isinstance(handle.extra.get("resume_from"), int) else None
         rec = self.ctx.rec(node)
         if rec.restart_id != fp.restart_id or replacing:
             rec.gpu_seconds, rec.cost_usd, rec.outputs, rec.output_id = 0.0, 0.0, {}, None
@@ -79,6 +82,8 @@ class StageRunner:
         rec.started_at = handle.started_at
         rec.finished_at = None
         rec.message = f"resumed from step {resume_from}" if resume_from is not None else "started"
+        if reattached:
+            rec.message = f"re-attached to the run an earlier apply started ({rec.message})"
         self.ctx.commit(rec)
         self.ctx.emit(ApplyEvent(kind="note", address=node.address, message=rec.message, step=resume_from, total=total))
         done = self._follow(node, rec, fp)

@@ -1,7 +1,8 @@
 """The local backend: volumes are directories, stages are detached process groups on this
 machine (on CPU through runtime.cpu_platform when there is no GPU), the sandbox is a
 local server process. Helpers: runtime.local_resources (environment record, data/models,
-sandbox), runtime.processes (detached runs), runtime.local_finalize (merge, tool check).
+sandbox), runtime.processes (detached runs), runtime.local_runs (the active-run record,
+re-attach, a run's state), runtime.local_finalize (merge, tool check).
 
 Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
 
@@ -14,6 +15,7 @@ Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
         global_step_N/, latest_checkpointed_iteration.txt   verl's checkpoints and tracker
         merged/, merged.json                 Hugging Face model of the final checkpoint (+ what was merged)
         metrics.jsonl                        per-step metrics parsed from the log
+        active_run.json                      the handle of the run launched into it (re-attach)
     replaced runs         <volume>/<stage>/.replaced/<restart_id[:16]>-<time>/  (a forced rerun moves, never deletes)
     logs                  <state dir>/logs/<stage>-<restart_id[:8]>-<time>.log  (+ .exit.json, .plan.json)
     sandbox               <state dir>/sandbox.json, <state dir>/logs/sandbox-<time>.log
@@ -23,6 +25,9 @@ Decisions:
 - A launch with `resume_from=None` trains from scratch: checkpoints already under that
   restart identity (a `--replace`) are moved to `.replaced/`. With `resume_from=N` verl is
   told `trainer.resume_from_path=.../global_step_N` (the step the plan named).
+- A launch finds `active_run.json` first: if that run still runs (same pid and start ticks),
+  it returns its handle instead of starting a second run over it (apply died before
+  recording the handle). A directory whose run is alive is never moved aside.
 - The merge runs in `finalize_stage`, not in the detached run: it merges exactly the
   checkpoint the reconciler validated, and is skipped when `merged.json` already names it.
 - `tool_call_check`: finalize measures the merged model; a rate below `min_rate` fails the
@@ -53,6 +58,7 @@ from reconciler.spec import (
 from reconciler.state.base import RunHandle
 from runtime import checkpoints as ckpts
 from runtime import local_resources as res
+from runtime import local_runs as runs
 from runtime import metrics as met
 from runtime import processes as procs
 from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
@@ -61,7 +67,6 @@ from runtime.verl_common import StagePaths, local_gpu_count, secret_env_names
 from runtime.verl_sft import render_merge, render_sft
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
-TAIL_LINES = 40
 
 
 class LocalRuntime:
@@ -291,15 +296,23 @@ class LocalRuntime:
     # ------------------------------------------------------------------ stages: runs
 
     def launch_stage(self, ctx: StageContext) -> RunHandle:
+        """Start the stage detached, or re-attach to the run an earlier launch of the same
+        stage and restart identity started and that still runs (runtime.local_runs)."""
         stage = ctx.spec.stages[ctx.stage]
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        run_dir = Path(paths.stage_dir)
+        prior = runs.read_active(run_dir)
+        if prior is not None and runs.is_running(prior) and prior.extra.get("total_steps") == ctx.total_steps:
+            return prior.model_copy(update={"extra": {**prior.extra, "reattached": True}})
         commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
-        run_dir = Path(paths.stage_dir)
+        if prior is not None:
+            # Nobody recorded that run (or it ended): stop it, and any trainers it left behind.
+            runs.stop(prior)
         if ctx.resume_from is None:
-            self._move_aside(run_dir)
+            runs.move_aside(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
@@ -311,7 +324,7 @@ class LocalRuntime:
             procs.PlannedCommand(argv=self._executable(c.argv), env=c.env, cwd=c.cwd or str(run_dir)) for c in commands
         ]
         info = procs.start_detached(planned, log_path=log_path, exit_path=exit_path, cwd=str(run_dir))
-        return RunHandle(
+        handle = RunHandle(
             backend="local", command=planned[-1].argv, pid=info.pid, pgid=info.pgid, log_path=str(log_path),
             extra={
                 "start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path), "stage": ctx.stage,
@@ -321,74 +334,16 @@ class LocalRuntime:
                 "resume_from": ctx.resume_from, "device": "cpu" if self.use_cpu() else "cuda",
             },
         )
-
-    @staticmethod
-    def _move_aside(run_dir: Path) -> None:
-        """A from-scratch launch over an earlier run of the same identity keeps that run,
-        out of the way, under `.replaced/`."""
-        if not run_dir.is_dir() or not any(p.name != ckpts.MARKER_FILE for p in run_dir.iterdir()):
-            return
-        dest = run_dir.parent / ".replaced" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(run_dir, dest)
+        runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
+        return handle
 
     def poll_stage(self, handle: RunHandle) -> RunStatus:
         if handle.backend != "local" or handle.pid is None or not handle.log_path:
             raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
-        log_path = Path(handle.log_path)
-        exit_path = Path(handle.extra.get("exit_path") or log_path.with_name(log_path.stem + ".exit.json"))
-        follower = self._followers.get(str(log_path))
+        follower = self._followers.get(handle.log_path)
         if follower is None:
-            follower = self._followers[str(log_path)] = met.LogFollower(log_path)
-        records = follower.update()
-        if follower.changed:
-            met.write_file(records, Path(handle.extra.get("metrics_path") or log_path.with_suffix(".metrics.jsonl")))
-        step = records[-1].step if records else None
-        total = handle.extra.get("total_steps")
-        values = met.headline(records) or met.latest(records)
-        done = procs.read_exit(exit_path)
-        if done is None and not procs.is_alive(handle.pid, handle.extra.get("start_ticks")):
-            done = procs.read_exit(exit_path)  # it may have finished between the two looks
-            if done is None:
-                # Trainer processes that outlived their leader (torchrun workers run in their own
-                # sessions) would race a relaunch over the same checkpoints: stop them first.
-                leftovers = procs.run_members(None, str(handle.extra.get("tag") or ""))
-                if leftovers:
-                    procs.terminate_run(None, str(handle.extra.get("tag") or ""), grace_s=10)
-                tail = procs.tail(log_path, TAIL_LINES)
-                return RunStatus(
-                    state="lost", step=step, total=total, metrics=values, log_tail=tail,
-                    elapsed_s=None,
-                    message=f"process {handle.pid} is gone and left no exit status (killed, or the machine restarted)"
-                    + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
-                    + (f"; last log line: {tail[-1]}" if tail else ""),
-                )
-        if done is None:
-            url = follower.wandb_url
-            return RunStatus(
-                state="running", step=step, total=total, metrics=values, elapsed_s=time.time() - handle.started_at,
-                log_tail=procs.tail(log_path, 5),
-                message=(f"step {step}/{total}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
-            )
-        elapsed = done.finished_at - handle.started_at
-        tail = procs.tail(log_path, TAIL_LINES)
-        if done.returncode == 0 and handle.extra.get("kind") == "sft" and total and (step or 0) < total:
-            # SFT data is never filtered, so ending early means verl's loop ran out of epochs.
-            return RunStatus(
-                state="failed", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail,
-                message=f"the trainer exited at step {step} of {total} (it ran out of epochs); apply resumes it",
-            )
-        if done.returncode == 0:
-            return RunStatus(
-                state="succeeded", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail[-5:],
-                message=f"finished at step {step}" if step is not None else "finished",
-            )
-        why = f"cancelled ({done.signal})" if done.cancelled else f"exited with code {done.returncode}"
-        error = "" if done.cancelled else procs.error_line(procs.tail(log_path, 400, max_bytes=1 << 20))
-        return RunStatus(
-            state="failed", step=step, total=total, metrics=values, elapsed_s=elapsed, log_tail=tail,
-            message=why + (f": {error}" if error else ""),
-        )
+            follower = self._followers[handle.log_path] = met.LogFollower(Path(handle.log_path))
+        return runs.observe(handle, follower)
 
     def cancel_stage(self, handle: RunHandle) -> None:
         if handle.pid is None:
@@ -398,8 +353,9 @@ class LocalRuntime:
         if not procs.run_members(handle.pgid, tag):
             return
         killed = procs.terminate_run(handle.pgid, tag)
-        if killed and exit_path.name and procs.read_exit(exit_path) is None:
-            procs.write_exit(exit_path, procs.ExitRecord(returncode=-9, signal="SIGKILL", cancelled=True))
+        if exit_path.name and procs.read_exit(exit_path) is None:  # it died before it could write one
+            sig = "SIGKILL" if killed else "SIGTERM"
+            procs.write_exit(exit_path, procs.ExitRecord(returncode=-9 if killed else -15, signal=sig, cancelled=True))
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
         root = self.stage_root(spec, stage)

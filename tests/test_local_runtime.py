@@ -3,6 +3,7 @@ training here: tests/test_local_sft_e2e.py runs that)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -15,8 +16,9 @@ import pytest
 from reconciler.errors import TerminalError
 from reconciler.spec import Spec
 from reconciler.state.base import RunHandle
+from runtime import local_runs
 from runtime import processes as procs
-from runtime.base import RunStatus, StageContext
+from runtime.base import RenderedCommand, RunStatus, StageContext
 from runtime.checkpoints import marker_content
 from runtime.local import LocalRuntime
 from tests.local_helpers import write_sft_jsonl
@@ -139,6 +141,62 @@ def test_cancel_reaches_processes_in_other_sessions(tmp_path: Path, rt: LocalRun
     status = rt.poll_stage(handle)
     assert status.state == "failed" and status.message == "cancelled (SIGTERM)"
     rt.cancel_stage(handle)  # nothing left: a no-op
+
+
+SLEEPER = "import time; print('step:1 - train/loss:1.0', flush=True); time.sleep(300)"
+
+
+def sleeper_stage(rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, total: int) -> StageContext:
+    """A stage context whose training command is a long sleep, launched through launch_stage's own path."""
+    monkeypatch.setattr(rt, "_train_commands", lambda ctx, paths, sandbox_url: [RenderedCommand(argv=["python", "-c", SLEEPER])])
+    return StageContext(spec=spec_for(tmp_path), spec_dir=str(tmp_path), stage="sft", restart_id=RID, total_steps=total)
+
+
+def test_launch_reattaches_to_a_live_run_nobody_recorded(tmp_path: Path, rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch):
+    ctx = sleeper_stage(rt, monkeypatch, tmp_path, total=3)
+    run_dir = tmp_path / "vols" / "checkpoints" / "sft" / RID[:16]
+    first = rt.launch_stage(ctx)
+    handles = [first]
+    try:
+        record = json.loads((run_dir / local_runs.ACTIVE_RUN_FILE).read_text())
+        assert (record["pid"], record["log_path"]) == (first.pid, first.log_path)
+        assert {k: record["extra"][k] for k in ("start_ticks", "tag", "exit_path", "resume_from", "total_steps")} == {
+            k: first.extra[k] for k in ("start_ticks", "tag", "exit_path", "resume_from", "total_steps")}
+        (run_dir / "global_step_1").mkdir()  # what the run has written so far
+        # apply died before recording `first`: the next apply launches the same stage again
+        again = rt.launch_stage(ctx)
+        handles.append(again)
+        assert (again.pid, again.extra["tag"], again.started_at) == (first.pid, first.extra["tag"], first.started_at)
+        assert again.extra["reattached"] is True
+        assert (run_dir / "global_step_1").is_dir() and not (run_dir.parent / ".replaced").exists()
+        assert len(list((tmp_path / ".retool" / "logs").glob("sft-*.log"))) == 1
+        assert procs.is_alive(first.pid, first.extra["start_ticks"])
+        with pytest.raises(TerminalError, match="still has a running trainer"):
+            local_runs.move_aside(run_dir)
+        # more steps planned than that unrecorded run trains: it is stopped, not joined
+        more = rt.launch_stage(ctx.model_copy(update={"total_steps": 5}))
+        handles.append(more)
+        assert more.pid != first.pid and not procs.is_alive(first.pid, first.extra["start_ticks"])
+        assert procs.tagged_processes(first.extra["tag"]) == []
+        assert (run_dir.parent / ".replaced").is_dir()  # from scratch, over a run that no longer runs
+    finally:
+        for handle in handles:
+            rt.cancel_stage(handle)
+
+
+def test_launch_does_not_reuse_a_record_whose_run_ended(tmp_path: Path, rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch):
+    ctx = sleeper_stage(rt, monkeypatch, tmp_path, total=3)
+    first = rt.launch_stage(ctx)
+    poll_until(rt, first, lambda s: s.step == 1)
+    rt.cancel_stage(first)
+    assert rt.poll_stage(first).state == "failed"
+    second = rt.launch_stage(ctx)
+    try:
+        assert second.pid != first.pid and second.extra["tag"] != first.extra["tag"]
+        assert "reattached" not in second.extra
+        assert procs.is_alive(second.pid, second.extra["start_ticks"])
+    finally:
+        rt.cancel_stage(second)
 
 
 def test_a_recycled_pid_is_not_our_run():
