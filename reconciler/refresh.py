@@ -31,7 +31,10 @@ def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tupl
     if rec.status == "running" and rec.run is not None:
         try:
             status = runtime.poll_stage(rec.run)
-            fields.update(run_state=status.state, step=status.step, message=status.message)
+            fields.update(
+                run_state=status.state, step=status.step, message=status.message,
+                metrics=status.metrics, sparklines=status.sparklines, wandb_url=status.wandb_url,
+            )
         except (RetoolError, OSError) as err:
             notes.append(f"{rec.address}: cannot observe its run ({_why(err)}); shown as recorded")
     if rec.restart_id and name in loaded.spec.stages:

@@ -4,7 +4,9 @@ Per node (DESIGN.md "Status"): sync (in sync / out of sync / missing) comes from
 plan `retool plan` shows, so both agree on what changed and why; health (healthy /
 progressing / failed / lost) from the record and the observed run; plus the fingerprint
 it last ran with and, for stages, step/total, latest valid checkpoint, elapsed time and
-cost so far. `compute_status` is pure; `render_status` draws it with rich.
+cost so far, the latest metrics (loss, lr, grad_norm; RL reward, response length, tool calls)
+with a sparkline of loss/reward and the W&B run URL — the running run's as observed, a
+finished one's as finalize recorded them. `compute_status` is pure; `render_status` draws it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
 from reconciler.spec import Spec
 from reconciler.state.base import LockInfo, NodeRecord, State
 from reconciler.steps import hourly_usd
+from runtime.metrics import display
 
 Sync = Literal["in sync", "out of sync", "missing"]
 Health = Literal["healthy", "progressing", "failed", "lost"]
@@ -46,6 +49,9 @@ class NodeStatus(BaseModel):
     elapsed_s: float | None = None
     cost_usd: float = 0.0
     message: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)  # latest: loss, lr, grad_norm / reward, ...
+    sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} or {"reward": ...}
+    wandb_url: str | None = None
 
 
 class StatusReport(BaseModel):
@@ -101,6 +107,22 @@ def _elapsed(rec: NodeRecord, now: float) -> float | None:
     return max(0.0, end - rec.started_at)
 
 
+def _metrics(rec: NodeRecord | None, seen: ObservedNode | None) -> dict[str, object]:
+    """A stage's latest metrics, sparkline and W&B run: the running run's as observed, or
+    what finalize recorded for the finished one."""
+    if seen is not None and seen.run_state is not None and (seen.metrics or seen.sparklines or seen.wandb_url):
+        values, lines, url = seen.metrics, seen.sparklines, seen.wandb_url
+    elif rec is not None and rec.status == "succeeded":
+        values, lines, url = rec.outputs.get("final_metrics"), rec.outputs.get("sparklines"), rec.outputs.get("wandb_url")
+    else:
+        return {}
+    numbers = {k: float(v) for k, v in (values or {}).items() if isinstance(v, int | float)}
+    return {
+        "metrics": display(numbers), "sparklines": dict(lines) if isinstance(lines, dict) else {},
+        "wandb_url": url if isinstance(url, str) else None,
+    }
+
+
 def _node_status(
     address: str, rec: NodeRecord | None, change: PlannedChange | None, seen: ObservedNode | None,
     spec: Spec, now: float,
@@ -123,6 +145,7 @@ def _node_status(
         fields.update(
             step=step, total=total, latest_checkpoint=latest, elapsed_s=elapsed, cost_usd=round(cost, 2),
             invalid_checkpoints=list(seen.invalid_checkpoints) if seen is not None else [],
+            **_metrics(rec, seen),
         )
     if change is not None and change.action == "delete":
         message = message or "removed from the spec"
@@ -227,5 +250,37 @@ def render_status(report: StatusReport, console: Console) -> None:
         for row in rows:
             if row[-1].plain:
                 console.print(Text(f"  {row[0].plain}: ").append(row[-1]))
+    _render_metrics(report, console)
     if report.cost_usd:
         console.print(Text(f"cost so far: ${report.cost_usd:,.2f}"))
+
+
+def metrics_line(node: NodeStatus) -> Text:
+    """`loss 0.471 ▇▆▅▃▂▁ · grad_norm 0.233 · lr 1e-05`: each latest value, the sparkline
+    after the metric it draws (or at the end when that metric has no latest value)."""
+    line = Text()
+    for i, (name, value) in enumerate(node.metrics.items()):
+        if i:
+            line.append(" · ", style="dim")
+        line.append(f"{name} ", style="dim").append(f"{value:.4g}")
+        if name in node.sparklines:
+            line.append(f" {node.sparklines[name]}", style="cyan")
+    for name, spark in node.sparklines.items():
+        if name not in node.metrics:
+            line.append(f"{' · ' if line.plain else ''}{name} ", style="dim").append(spark, style="cyan")
+    return line
+
+
+def _render_metrics(report: StatusReport, console: Console) -> None:
+    shown = [n for n in report.nodes if n.metrics or n.sparklines or n.wandb_url]
+    if not shown:
+        return
+    console.print(Text("metrics", style="bold"))
+    width = max(len(n.address) for n in shown)
+    for n in shown:
+        pad = f"  {n.address:<{width}}  "
+        if n.metrics or n.sparklines:
+            console.print(Text(pad).append(metrics_line(n)))
+            pad = " " * len(pad)
+        if n.wandb_url:
+            console.print(Text(pad).append("W&B ", style="dim").append(n.wandb_url, style="link " + n.wandb_url))

@@ -42,8 +42,10 @@ class RunStatus(Frozen):
     total: int | None = None
     message: str = ""
     log_tail: list[str] = Field(default_factory=list)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)  # latest values, trainer's keys ("train/loss")
     elapsed_s: float | None = None
+    sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} (SFT) / {"reward": ...} (RL)
+    wandb_url: str | None = None
 
 
 class Checkpoint(Frozen):

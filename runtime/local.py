@@ -342,7 +342,7 @@ class LocalRuntime:
             raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
         follower = self._followers.get(handle.log_path)
         if follower is None:
-            follower = self._followers[handle.log_path] = met.LogFollower(Path(handle.log_path))
+            follower = self._followers[handle.log_path] = runs.follower_for(handle)
         return runs.observe(handle, follower)
 
     def cancel_stage(self, handle: RunHandle) -> None:

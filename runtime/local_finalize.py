@@ -56,8 +56,9 @@ def finalize_run(
         change = "created"
     outputs: dict[str, Any] = {"model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path}
     records = met.read_file(Path(paths.stage_dir) / "metrics.jsonl")
-    if records:
+    if records:  # for `status` (never part of the output identity: that is final_step only)
         outputs["final_metrics"] = met.headline(records) or met.latest(records)
+        outputs["sparklines"] = met.sparklines(records)
     url = latest_wandb_url(logs_dir, ctx.stage, ctx.restart_id)
     if url:
         outputs["wandb_url"] = url

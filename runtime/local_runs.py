@@ -94,6 +94,18 @@ def move_aside(run_dir: Path) -> None:
 # --------------------------------------------------------------------------- observing a run
 
 
+def follower_for(handle: RunHandle) -> met.LogFollower:
+    """A follower of the run's log that starts from the steps the run resumed from (kept in
+    the run dir's metrics.jsonl), so a resumed run's metrics and sparkline cover every step."""
+    follower = met.LogFollower(Path(handle.log_path or ""))
+    resume_from, metrics_path = handle.extra.get("resume_from"), handle.extra.get("metrics_path")
+    if isinstance(resume_from, int) and metrics_path:
+        for rec in met.read_file(Path(metrics_path)):
+            if rec.step <= resume_from:
+                follower.by_step[rec.step] = dict(rec.values)
+    return follower
+
+
 def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     """The run's state now, from its exit file, its process and its log."""
     log_path = Path(handle.log_path or "")
@@ -104,6 +116,7 @@ def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     total = handle.extra.get("total_steps")
     seen = {
         "step": step, "total": total, "metrics": met.headline(records) or met.latest(records),
+        "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
     }
     done = procs.read_exit(exit_path_of(handle))
     if done is None and not procs.is_alive(handle.pid or 0, handle.extra.get("start_ticks")):

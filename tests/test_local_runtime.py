@@ -21,6 +21,7 @@ from runtime import processes as procs
 from runtime.base import RenderedCommand, RunStatus, StageContext
 from runtime.checkpoints import marker_content
 from runtime.local import LocalRuntime
+from runtime.metrics import read_file
 from tests.local_helpers import write_sft_jsonl
 
 RID = "9a" * 32
@@ -100,6 +101,48 @@ def test_run_succeeds_and_metrics_are_parsed(tmp_path: Path, rt: LocalRuntime):
     assert (tmp_path / "stage" / "metrics.jsonl").read_text().count("\n") == 3
     record = procs.read_exit(Path(handle.extra["exit_path"]))
     assert record is not None and record.returncode == 0 and not record.cancelled
+
+
+RUNNING = """
+    import time
+    print("wandb: View run tiny at: https://wandb.ai/me/retool/runs/abc123", flush=True)
+    for i in range(1, 4):
+        print(f"step:{i} - train/loss:{4.0 - i} - train/lr:0.001 - train/grad_norm:0.5", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_status_sees_a_running_runs_metrics_sparkline_and_wandb_url(tmp_path: Path, rt: LocalRuntime):
+    from reconciler.loader import LoadedSpec
+    from reconciler.refresh import observe_stage
+    from reconciler.state.base import NodeRecord
+
+    handle = start(tmp_path, RUNNING)
+    try:
+        status = poll_until(rt, handle, lambda s: s.step == 3)
+        assert status.state == "running" and status.sparklines == {"loss": "█▅▁"}
+        assert status.wandb_url == "https://wandb.ai/me/retool/runs/abc123"
+        loaded = LoadedSpec(path=str(tmp_path / "s.yaml"), spec_dir=str(tmp_path), spec=spec_for(tmp_path), text="")
+        rec = NodeRecord(address="stage.sft", kind="stage", status="running", run=handle, restart_id=RID)
+        seen, notes = observe_stage(loaded, rec, rt)
+        assert notes == [] and seen.run_state == "running" and seen.step == 3
+        assert seen.metrics == {"train/loss": 1.0, "train/grad_norm": 0.5, "train/lr": 0.001}
+        assert (seen.sparklines, seen.wandb_url) == (status.sparklines, status.wandb_url)
+    finally:
+        rt.cancel_stage(handle)
+
+
+def test_a_resumed_runs_metrics_keep_the_steps_before_it(tmp_path: Path, rt: LocalRuntime):
+    metrics = tmp_path / "stage" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    # the first run reached step 3 (checkpoint at 2); the resumed run redoes step 3
+    metrics.write_text("".join(f'{{"step": {i}, "train/loss": {9.0 - i}}}\n' for i in (1, 2, 3)))
+    handle = start(tmp_path, "print('step:3 - train/loss:2.0', flush=True)")
+    handle = handle.model_copy(update={"extra": {**handle.extra, "resume_from": 2}})
+    status = poll_until(rt, handle, lambda s: s.state != "running")
+    assert status.state == "succeeded" and status.step == 3
+    assert [(r.step, r.values["train/loss"]) for r in read_file(metrics)] == [(1, 8.0), (2, 7.0), (3, 2.0)]
+    assert status.sparklines == {"loss": "█▇▁"}
 
 
 def test_failure_reports_code_and_error_line_and_stops_the_sequence(tmp_path: Path, rt: LocalRuntime):

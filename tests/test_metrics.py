@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from runtime.metrics import (
+    display,
     headline,
     last_step,
     latest,
@@ -14,6 +15,7 @@ from runtime.metrics import (
     read_file,
     series,
     sparkline,
+    sparklines,
     sync_file,
     wandb_url,
 )
@@ -28,6 +30,17 @@ SFT_LOG = (
     "step:2 - train/loss:5.4375 - train/grad_norm:3.0455174446105957 - train/lr:0.001\n"
     "Saving checkpoint to: /tmp/h5/ckpt/global_step_2\n"
     "Updated checkpoint tracker: /tmp/h5/ckpt/latest_checkpointed_iteration.txt\n"
+)
+
+# Two main_ppo steps as verl 0.9.1 printed them through Ray on CPU (keys abridged; ANSI colours kept).
+RL_LOG = (
+    "\x1b[36m(TaskRunnerV1 pid=15471)\x1b[0m step:1 - actor/pg_loss:-0.0305 - actor/grad_norm:0.34"
+    " - actor/lr:1e-06 - critic/score/mean:-0.91875 - critic/rewards/mean:-0.91875 - response_length/mean:57.3125"
+    " - num_turns/min:np.int32(2) - num_turns/mean:np.float64(3.625) - timing_s/step:12.88\n"
+    "\x1b[36m(TaskRunnerV1 pid=15471)\x1b[0m step:2 - actor/pg_loss:-0.0931 - actor/grad_norm:0.244"
+    " - actor/lr:1e-06 - val-core/aime_2024/acc/mean@1:np.float64(0.25) - val-aux/aime_2024/tool_calls/mean@1:np.float64(0.0)"
+    " - critic/score/mean:-0.5 - critic/rewards/mean:-0.5 - response_length/mean:61.5625"
+    " - num_turns/mean:np.float64(4.0)\n"
 )
 
 
@@ -106,3 +119,25 @@ def test_log_follower_reads_only_appended_complete_lines(tmp_path: Path):
     follower.update()
     assert not follower.changed  # nothing new
     assert LogFollower(tmp_path / "absent.log").update() == []
+
+
+def test_display_names_for_sft_from_verl_keys():
+    values = headline(parse_text(SFT_LOG))
+    assert display(values) == {"loss": 5.4375, "grad_norm": 3.0455174446105957, "lr": 0.001}
+    assert sparklines(parse_text(SFT_LOG)) == {"loss": "█▁"}
+
+
+def test_display_names_for_rl_reward_length_and_tool_calls():
+    records = parse_text(RL_LOG)
+    assert [r.step for r in records] == [1, 2]
+    values = headline(records)
+    assert values["val-core/aime_2024/acc/mean@1"] == 0.25  # any validation set's accuracy is headline
+    assert display(values) == {
+        "reward": -0.5, "response_length": 61.5625,
+        "tool_calls": 1.0,  # 4 turns: prompt, call, tool output, answer
+        "pg_loss": -0.0931, "grad_norm": 0.244, "lr": 1e-06, "val_acc": 0.25,
+    }
+    assert sparklines(records) == {"reward": "▁█"}
+    two_sets = {"val-core/a/acc/mean@4": 0.5, "val-core/b/acc/mean@4": 0.0}
+    assert display(two_sets) == {"val_acc/a": 0.5, "val_acc/b": 0.0}
+    assert sparklines([]) == {} and display({"gpu_seconds": 60.0}) == {}

@@ -171,3 +171,41 @@ def test_status_of_a_record_with_no_run_handle(loaded: LoadedSpec) -> None:
     # A handle alone, without a running status, does not count as progressing.
     state.nodes["stage.sft"].run = RunHandle(backend="memory", call_id="x")
     assert row(status_of(loaded, state, Observed()), "stage.sft").health is None
+
+
+def test_running_stage_shows_latest_metrics_sparkline_and_wandb_url(loaded: LoadedSpec) -> None:
+    state = running_state(loaded)
+    seen = Observed(nodes={"stage.sft": ObservedNode(
+        run_state="running", step=12,
+        metrics={"train/loss": 0.5, "train/grad_norm": 2.0, "train/lr": 1e-05, "perf/mfu": 0.0},
+        sparklines={"loss": "█▅▁"}, wandb_url="https://wandb.ai/me/retool/runs/abc123",
+    )})
+    report = status_of(loaded, state, seen)
+    sft = row(report, "stage.sft")
+    assert sft.metrics == {"loss": 0.5, "grad_norm": 2.0, "lr": 1e-05}
+    assert (sft.sparklines, sft.wandb_url) == ({"loss": "█▅▁"}, "https://wandb.ai/me/retool/runs/abc123")
+    assert StatusReport.model_validate_json(report.model_dump_json()) == report  # --json carries them
+    text = render(report, 200)
+    assert "stage.sft  loss 0.5 █▅▁ · grad_norm 2 · lr 1e-05" in text
+    assert "W&B https://wandb.ai/me/retool/runs/abc123" in text
+    assert row(report, "stage.rl").metrics == {}
+
+
+def test_finished_stage_shows_what_finalize_recorded(loaded: LoadedSpec) -> None:
+    store, _ = applied(loaded)
+    state = store.read()
+    assert state is not None
+    state.nodes["stage.rl"].outputs.update(
+        final_metrics={"critic/score/mean": -0.5, "response_length/mean": 61.5, "num_turns/mean": 3.0},
+        sparklines={"reward": "▁▅█"},
+    )
+    report = status_of(loaded, state, Observed())
+    rl = row(report, "stage.rl")
+    assert rl.metrics == {"reward": -0.5, "response_length": 61.5, "tool_calls": 0.5}
+    assert rl.sparklines == {"reward": "▁▅█"} and rl.wandb_url is None
+    assert "  stage.rl  reward -0.5 ▁▅█ · response_length 61.5 · tool_calls 0.5" in render(report, 200)
+    # a stage that finished without metrics shows none (and no metrics section at all)
+    assert row(report, "stage.sft").metrics == {} and "\nmetrics\n" in render(report, 200)
+    state.nodes["stage.rl"].outputs.pop("final_metrics")
+    state.nodes["stage.rl"].outputs.pop("sparklines")
+    assert "\nmetrics\n" not in render(status_of(loaded, state, Observed()), 200)
