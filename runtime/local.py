@@ -217,11 +217,12 @@ class LocalRuntime:
 
     def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
         from runtime import models
+        from runtime.hf_quiet import quiet
 
         out_dir = self.volume_dir(spec, model.volume) / "models" / name
         return res.prepare_once(
             model, out_dir, spec_dir, models.read_outputs,
-            lambda: models.prepare(name, model, out_dir, Path(spec_dir)), lambda o: o.path,
+            lambda: quiet(models.prepare, name, model, out_dir, Path(spec_dir)), lambda o: o.path,
         )
 
     # ------------------------------------------------------------------ sandbox

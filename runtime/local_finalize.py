@@ -105,9 +105,10 @@ def merge_checkpoint(
 def measure_tool_calls(model_dir: Path, prompts: int) -> dict[str, Any]:
     """runtime.toolcheck on held-out generated prompts with the code_interpreter schema."""
     from runtime.data.retool_sft import TOOLS
+    from runtime.hf_quiet import quiet
     from runtime.toolcheck import heldout_prompts, tool_call_rate
 
-    result = tool_call_rate(model_dir, heldout_prompts(prompts, seed=0), TOOLS)
+    result = quiet(tool_call_rate, model_dir, heldout_prompts(prompts, seed=0), TOOLS)
     return {"prompts": prompts, **result.model_dump()}
 
 

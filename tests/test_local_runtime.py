@@ -315,6 +315,24 @@ def test_prepare_dataset_is_idempotent_and_notices_a_changed_file(tmp_path: Path
     assert rt.prepare_dataset("train", capped, spec, str(tmp_path)).outputs["rows"] == 2
 
 
+def test_model_building_and_the_tool_check_draw_no_progress_bars(
+    tmp_path: Path, rt: LocalRuntime, capfd: pytest.CaptureFixture[str]
+):
+    from transformers.utils import logging as tf_logging
+
+    from runtime.local_finalize import measure_tool_calls
+
+    assert tf_logging.is_progress_bar_enabled()
+    spec = spec_for(tmp_path)
+    built = rt.prepare_model("tiny", spec.models["tiny"], spec, str(tmp_path))
+    checked = measure_tool_calls(Path(built.outputs["path"]), prompts=2)
+    out, err = capfd.readouterr()
+    assert built.change == "created" and checked["n"] == 2
+    assert "Writing model shards" not in out + err and "Loading weights" not in out + err
+    assert "it/s" not in out + err
+    assert tf_logging.is_progress_bar_enabled()  # the process keeps its own setting
+
+
 def test_render_and_discover(tmp_path: Path, rt: LocalRuntime):
     spec = spec_for(tmp_path)
     ctx = StageContext(spec=spec, spec_dir=str(tmp_path), stage="sft", restart_id=RID, total_steps=12, inputs={
