@@ -56,56 +56,5 @@ def test_untrained_model_makes_no_tool_calls(h4_tiny_model: Path) -> None:
     assert [e.prompt for e in result.examples] == [p[0]["content"] for p in prompts][: len(result.examples)]
 
 
-@pytest.mark.slow
-def test_generated_sft_data_teaches_the_tool_call_format(tmp_path: Path, h4_tiny_model: Path, h4_sandbox_url: str) -> None:
-    """The learnability check: plain PyTorch SFT on builtin tiny_sft (512 rows, 2 epochs,
-    lr 1e-2, batch 16) makes greedy decoding call the tool on held-out prompts."""
-    from reconciler.spec import Dataset
-    from runtime.data.prepare import prepare
-
-    data = prepare("tiny_sft", Dataset(source="builtin:tiny_sft", format="messages", options={"rows": 512, "seed": 0}),
-                   tmp_path / "data", tmp_path, sandbox_url=h4_sandbox_url)
-    trained = train_sft(h4_tiny_model, Path(data.path), tmp_path / "trained", epochs=2, lr=1e-2, batch_size=16)
-    result = tool_call_rate(trained, heldout_prompts(50, seed=0), TOOLS)
-    assert result.rate >= 0.8, result.examples
-
-
-def train_sft(model_dir: Path, parquet: Path, out_dir: Path, *, epochs: int, lr: float, batch_size: int) -> Path:
-    """A minimal SFT loop over verl's own MultiTurnSFTDataset items (its loss mask), AdamW +
-    warm-up + cosine like verl's defaults. Not verl's trainer: that one is H5's test."""
-    import math
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ds = MultiTurnSFTDataset(str(parquet), tok, {"max_length": 512, "truncation": "error"})
-    items = [ds[i] for i in range(len(ds))]
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    steps = epochs * (len(items) // batch_size)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-    )
-    order = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(items), generator=order).tolist()
-        for b in range(len(items) // batch_size):
-            batch = [items[i] for i in perm[b * batch_size:(b + 1) * batch_size]]
-            length = max(int(x["attention_mask"].sum()) for x in batch)
-            ids, attn, mask = (torch.stack([x[k][:length] for x in batch]) for k in ("input_ids", "attention_mask", "loss_mask"))
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-            target_mask = mask[:, 1:].float()
-            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            loss = (losses * target_mask).sum() / target_mask.sum()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+# The learnability claim (≥ 80% well-formed tool calls after the tiny spec's SFT) is asserted
+# through the real pipeline — verl's trainer, the merge, this check — in tests/test_tiny_spec_e2e.py.

@@ -43,8 +43,8 @@ def require_hub(kind: Literal["dataset", "model"], repo_id: str) -> None:
         raise TerminalError(
             f"cannot download {kind} {repo_id!r}: the Hugging Face Hub is unreachable",
             f"GET {url} failed: {type(exc).__name__}: {exc}",
-            f"connect to the internet, set HF_HUB_OFFLINE=1 to use a cached copy, "
-            f"or point the spec at a local copy with `source: path:...`",
+            "connect to the internet, set HF_HUB_OFFLINE=1 to use a cached copy, "
+            "or point the spec at a local copy with `source: path:...`",
         ) from None
 
 
