@@ -63,7 +63,7 @@ from runtime import metrics as met
 from runtime import processes as procs
 from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from runtime.local_finalize import finalize_run
-from runtime.verl_common import StagePaths, local_gpu_count, secret_env_names
+from runtime.verl_common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
 from runtime.verl_sft import render_merge, render_sft
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
@@ -249,21 +249,13 @@ class LocalRuntime:
         return [*commands, merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})]
 
     def _with_planned_inputs(self, ctx: StageContext) -> StageContext:
-        stage = ctx.spec.stages[ctx.stage]
-        val = stage.val if isinstance(stage.val, list) else ([stage.val] if stage.val else [])
-        inputs = dict(ctx.inputs)
-        for address in [stage.model, stage.train, *val]:
-            if inputs.get(address):
-                continue
-            kind, _, name = address.partition(".")
-            if kind == "dataset":
-                path = self.volume_dir(ctx.spec, ctx.spec.datasets[name].volume) / "datasets" / name / "train.parquet"
-                inputs[address] = {"path": str(path)}
-            elif kind == "model":
-                inputs[address] = {"path": str(self.volume_dir(ctx.spec, ctx.spec.models[name].volume) / "models" / name)}
-            elif kind == "stage":
-                inputs[address] = {"model_path": str(self.stage_root(ctx.spec, name) / "<restart id>" / "merged")}
-        return ctx.model_copy(update={"inputs": inputs})
+        spec = ctx.spec
+        return with_planned_inputs(
+            ctx,
+            dataset_dir=lambda n: str(self.volume_dir(spec, spec.datasets[n].volume) / "datasets" / n),
+            model_dir=lambda n: str(self.volume_dir(spec, spec.models[n].volume) / "models" / n),
+            stage_root=lambda n: str(self.stage_root(spec, n)),
+        )
 
     def _train_commands(self, ctx: StageContext, paths: StagePaths, *, sandbox_url: str | None) -> list[RenderedCommand]:
         stage = ctx.spec.stages[ctx.stage]

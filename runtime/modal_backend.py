@@ -51,14 +51,16 @@ from runtime.modal_app import (
     StagePayload,
     app_name,
     build_app_definition,
+    dataset_dir,
     modal_problems,
     modal_volume_name,
+    model_dir,
     mount,
     sandbox_token_env,
     segments_for,
     stage_function_name,
 )
-from runtime.verl_common import StagePaths
+from runtime.verl_common import StagePaths, with_planned_inputs
 from runtime.verl_sft import MERGE_MODULE, render_merge, render_sft
 
 CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
@@ -246,7 +248,12 @@ class ModalRuntime:
     def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
         """Training command(s), then the merge `finalize_stage` runs on one GPU afterwards.
         The stage function receives exactly this list (and skips the merge)."""
-        stage = ctx.spec.stages[ctx.stage]
+        spec = ctx.spec
+        ctx = with_planned_inputs(
+            ctx, dataset_dir=lambda n: dataset_dir(spec, n), model_dir=lambda n: model_dir(spec, n),
+            stage_root=lambda n: f"{mount(spec, spec.stages[n].volume)}/{n}",
+        )
+        stage = spec.stages[ctx.stage]
         paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
         if isinstance(stage, SFTStage):
             train = [render_sft(ctx, paths, cpu=False, attn_implementation=attention(ctx.spec.image))]

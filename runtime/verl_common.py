@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -236,3 +237,26 @@ def local_gpu_count() -> int:
     if out.returncode != 0:
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def with_planned_inputs(
+    ctx: StageContext, *, dataset_dir: Callable[[str], str], model_dir: Callable[[str], str],
+    stage_root: Callable[[str], str],
+) -> StageContext:
+    """`ctx` with every input that has no recorded outputs yet shown where the backend will
+    put it, so `retool render` works before the first apply. The backend supplies its own
+    layout (local directories or container mount paths)."""
+    stage = stage_spec(ctx)
+    val = stage.val if isinstance(stage.val, list) else ([stage.val] if stage.val else [])
+    inputs = dict(ctx.inputs)
+    for address in [stage.model, stage.train, *val]:
+        if inputs.get(address):
+            continue
+        kind, _, name = address.partition(".")
+        if kind == "dataset":
+            inputs[address] = {"path": f"{dataset_dir(name)}/train.parquet"}
+        elif kind == "model":
+            inputs[address] = {"path": model_dir(name)}
+        elif kind == "stage":
+            inputs[address] = {"model_path": f"{stage_root(name)}/<restart id>/merged"}
+    return ctx.model_copy(update={"inputs": inputs})
