@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from reconciler.errors import SpecError
+from reconciler.errors import SpecError, TerminalError
 from reconciler.references import RefProblem, check_references, suggest
 from reconciler.spec import RLStage, SFTStage, Spec
 from reconciler.yamlpos import ParsedYaml, Pos, parse_yaml
@@ -38,6 +38,8 @@ def load_spec(path: str | Path) -> LoadedSpec:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise TerminalError(f"Spec {path} not found", str(err), "pass the path of a spec YAML file") from err
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(str(path), [f"{path}: cannot read spec: {err}"]) from err
     spec = parse_spec_text(text, str(path))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import SpecError
+from reconciler.errors import SpecError, TerminalError
 from reconciler.loader import LoadedSpec, default_state_dir, find_repo_root, load_spec
 
 # Line numbers below refer to this text (line 1 is `name: demo`).
@@ -159,9 +159,12 @@ def test_error_summary_names_the_file_and_count(tmp_path: Path) -> None:
     assert "nothing was changed" in info.value.hint
 
 
-def test_unreadable_file_is_a_spec_error(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="cannot read spec"):
+def test_missing_file_is_a_clear_error_and_unreadable_bytes_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(TerminalError, match="missing.yaml not found"):
         load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec(tmp_path / "binary.yaml")
 
 
 def test_anchors_and_merge_keys_load(tmp_path: Path) -> None:
