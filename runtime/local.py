@@ -260,8 +260,9 @@ class LocalRuntime:
     def _train_commands(self, ctx: StageContext, paths: StagePaths, *, sandbox_url: str | None) -> list[RenderedCommand]:
         stage = ctx.spec.stages[ctx.stage]
         cpu = self.use_cpu()
+        # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
+        attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
         if isinstance(stage, SFTStage):
-            attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
             return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn)]
         blocker = self._rl_blocker(stage)
         if blocker:
@@ -273,7 +274,9 @@ class LocalRuntime:
                 f"stage.{ctx.stage} needs the sandbox, which is not running",
                 hint="apply the `sandbox` node first (retool apply starts it)",
             )
-        return list(render_rl(ctx, sandbox_url=sandbox_url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage)))
+        return list(render_rl(
+            ctx, sandbox_url=sandbox_url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage), attn_implementation=attn,
+        ))
 
     @staticmethod
     def _executable(argv: list[str]) -> list[str]:

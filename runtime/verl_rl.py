@@ -72,8 +72,12 @@ def _rl_stage(ctx: StageContext) -> RLStage:
     return stage
 
 
-def rl_overrides(ctx: StageContext, paths: StagePaths, *, cpu: bool, rollout: str) -> list[str]:
-    """Hydra overrides for verl's main_ppo, the spec's raw `overrides` last."""
+def rl_overrides(
+    ctx: StageContext, paths: StagePaths, *, cpu: bool, rollout: str, attn_implementation: str | None = None
+) -> list[str]:
+    """Hydra overrides for verl's main_ppo, the spec's raw `overrides` last. On GPU verl loads
+    the actor with FlashAttention 2 unless `attn_implementation` says otherwise (the caller
+    passes "sdpa" where flash_attn is not installed); on CPU it is always sdpa."""
     stage = _rl_stage(ctx)
     nnodes, nproc = world(stage)
     algo, ro, val, opt = stage.algorithm, stage.rollout, stage.validation, stage.optim
@@ -195,6 +199,8 @@ def rl_overrides(ctx: StageContext, paths: StagePaths, *, cpu: bool, rollout: st
             kv("reward.num_workers", 1),
             kv("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1),
         ]
+    elif attn_implementation:
+        ours.append(kv("+actor_rollout_ref.model.override_config.attn_implementation", attn_implementation))
     return merge_overrides(ours, list(stage.overrides))
 
 
@@ -216,10 +222,12 @@ def rl_env(ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str) -> d
 
 
 def render_rl(
-    ctx: StageContext, *, sandbox_url: str, cpu: bool, paths: StagePaths, rollout: str | None = None
+    ctx: StageContext, *, sandbox_url: str, cpu: bool, paths: StagePaths, rollout: str | None = None,
+    attn_implementation: str | None = None,
 ) -> list[RenderedCommand]:
     """The RL stage's training command. `rollout` is verl's rollout name when the caller
-    already chose one (the local backend does), else it follows the spec's `rollout.engine`."""
+    already chose one (the local backend does), else it follows the spec's `rollout.engine`;
+    `attn_implementation` as in rl_overrides."""
     stage = _rl_stage(ctx)
     nnodes, _ = world(stage)
     if nnodes != 1:
@@ -228,7 +236,10 @@ def render_rl(
             hint="use resources.nodes: 1 (more GPUs per node instead)",
         )
     name = rollout or choose_rollout(stage.rollout.engine, cpu=cpu)
-    argv = ["python", "-m", PPO_MODULE, *rl_overrides(ctx, paths, cpu=cpu, rollout=name)]
+    argv = [
+        "python", "-m", PPO_MODULE,
+        *rl_overrides(ctx, paths, cpu=cpu, rollout=name, attn_implementation=attn_implementation),
+    ]
     return [
         RenderedCommand(
             argv=argv,

@@ -196,6 +196,42 @@ def test_rl_render_composes_with_main_ppo(tmp_path):
     assert "nn" in err.value.detail
 
 
+def test_rl_render_on_gpu_without_flash_attn_uses_sdpa(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """verl loads the RL actor with FlashAttention 2 on GPU and fails where flash_attn is not
+    installed (seen on an H200 with verl 0.9.1); the local backend then asks for sdpa."""
+    import importlib.util
+
+    from runtime.local import LocalRuntime
+
+    spec = Spec.model_validate({
+        "name": "rl-gpu", "backend": "local", "sandbox": {},
+        "volumes": {"checkpoints": {"mount": "/c"}},
+        "datasets": {"math": {"source": "builtin:tiny_math", "format": "rl"}},
+        "models": {"tiny": {"source": "builtin:tiny-qwen2"}},
+        "stages": {"rl": {"kind": "rl", "model": "model.tiny", "train": "dataset.math",
+                          "resources": {"processes_per_node": 1}, "max_steps": 2, "train_batch_size": 4,
+                          "ppo_mini_batch_size": 4, "ulysses_sequence_parallel_size": 1}},
+    })
+    ctx = StageContext(spec=spec, spec_dir=str(tmp_path), stage="rl", restart_id=RID, total_steps=2, inputs={
+        "dataset.math": {"path": "/d/math/train.parquet"}, "model.tiny": {"path": "/m/tiny"},
+    })
+    key = "+actor_rollout_ref.model.override_config.attn_implementation"
+    monkeypatch.setenv("RETOOL_LOCAL_DEVICE", "cuda")
+    real_find_spec = importlib.util.find_spec
+    for flash_installed, expected in ((False, [f"{key}=sdpa"]), (True, [])):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, installed=flash_installed: (
+            (object() if installed else None) if name == "flash_attn" else real_find_spec(name, *a)))
+        cmd = LocalRuntime(str(tmp_path / "state")).render_stage(ctx)[0]
+        assert [a for a in cmd.argv if a.startswith(key)] == expected
+        assert "trainer.device=cuda" in cmd.argv
+    from runtime.verl_rl import render_rl
+
+    (gpu,) = render_rl(ctx, sandbox_url="http://127.0.0.1:9", cpu=False, paths=PATHS, rollout="transformers",
+                       attn_implementation="sdpa")
+    cfg = compose_config(gpu.argv, gpu.env)
+    assert cfg["actor_rollout_ref"]["model"]["override_config"] == {"attn_implementation": "sdpa"}
+
+
 def test_micro_batch_must_divide_the_per_process_batch():
     spec = make_spec(micro_batch_size_per_gpu=3)  # 16 over 2 ranks = 8 per rank
     with pytest.raises(TerminalError, match="does not divide the per-process batch 8"):
