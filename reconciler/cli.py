@@ -75,7 +75,10 @@ class RetoolGroup(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit, typer.Abort):
+        except (
+            click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+            typer.TyperException, typer.Exit, typer.Abort,  # typer >= 0.24 raises its own click's usage errors
+        ):
             raise
         except RetoolError as error:
             if _Flags.debug:

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reconciler.errors import StalePlanError
+from pydantic import ValidationError
+
+from reconciler.errors import StalePlanError, TerminalError
 from reconciler.loader import LoadedSpec, load_spec
 from reconciler.plan import Plan
 from reconciler.views import plan_from_json, plan_json
@@ -43,7 +45,14 @@ def saved_plan_data(path: Path) -> dict[str, Any] | None:
 
 def read_saved_plan(path: Path, data: dict[str, Any]) -> tuple[Plan, LoadedSpec]:
     """The saved plan and its spec; refused if the spec changed since the plan was made."""
-    plan = plan_from_json(json.dumps(data))
+    try:
+        plan = plan_from_json(json.dumps(data))
+    except ValidationError as error:
+        raise TerminalError(
+            f"{path} is not a valid saved plan",
+            f"{error.error_count()} problem(s), first: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}",
+            "make it again with `retool plan SPEC --out FILE`",
+        ) from None
     spec_path = Path(plan.spec)
     if not spec_path.is_absolute():
         spec_path = path.parent / spec_path

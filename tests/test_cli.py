@@ -358,3 +358,18 @@ def test_plan_imports_no_training_or_cloud_stack(spec: Path) -> None:
         [sys.executable, "-c", code, "plan", str(spec)], env=env, capture_output=True, text=True, cwd=REPO,
     )
     assert "HEAVY [] 0" in proc.stderr, proc.stderr
+
+
+def test_usage_errors_are_usage_errors_not_internal_errors(spec: Path) -> None:
+    result = invoke("plan", spec, "--format", "xml")
+    assert result.exit_code == 2 and "internal error" not in result.stderr
+    assert "'xml' is not one of" in result.stderr
+    assert invoke("plan", spec.parent).exit_code == 2  # a directory, not a spec file
+
+
+def test_a_broken_saved_plan_is_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "plan.json"
+    broken.write_text('{"changes": 3, "serial": "x"}')
+    result = invoke("apply", broken)
+    assert result.exit_code == 1 and "internal error" not in result.stderr
+    assert f"error: {broken} is not a valid saved plan" in result.stderr
