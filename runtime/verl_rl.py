@@ -168,7 +168,9 @@ def rl_overrides(
         kv("trainer.val_before_train", val.before_train and has_val),
         kv("trainer.max_actor_ckpt_to_keep", stage.max_ckpt_to_keep),
         kv("trainer.default_local_dir", paths.ckpt_dir),
-        kv("trainer.resume_mode", "auto"),
+        # verl's PPO trainers (v0 and v1) ignore `resume_from_path` under `auto` and follow the
+        # tracker instead, so the planned step needs `resume_path` (SFT's handler differs).
+        kv("trainer.resume_mode", "auto" if ctx.resume_from is None else "resume_path"),
         kv("trainer.logger", logger_list(stage.logging)),
         kv("trainer.project_name", stage.logging.project),
         kv("trainer.experiment_name", experiment_name(ctx)),
@@ -177,7 +179,7 @@ def rl_overrides(
         kv("trainer.device", "cpu" if cpu else "cuda"),
     ]
     if ctx.resume_from is not None:
-        # auto mode honours an explicit path: resume exactly where the plan said.
+        # resume exactly where the plan said (a checkpoint the reconciler validated).
         ours.append(kv("trainer.resume_from_path", f"{paths.ckpt_dir.rstrip('/')}/global_step_{ctx.resume_from}"))
     if cpu:
         ours += [

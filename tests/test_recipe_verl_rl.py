@@ -97,6 +97,8 @@ def test_raw_overrides_win_and_resume_names_the_checkpoint() -> None:
     args = args_of(cmd.argv)
     assert args["actor_rollout_ref.rollout.n"] == "2" and args["trainer.save_freq"] == "5"
     assert args["trainer.resume_from_path"] == f"{PATHS.ckpt_dir}/global_step_1"
+    # verl's PPO trainer reads resume_from_path only in resume_path mode (auto follows the tracker)
+    assert args["trainer.resume_mode"] == "resume_path"
     assert list(args)[-2:] == ["actor_rollout_ref.rollout.n", "trainer.save_freq"]
 
 
