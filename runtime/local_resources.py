@@ -184,10 +184,12 @@ def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcom
     config_hash = short_hash(sandbox.model_dump(mode="json", include=LOCAL_SANDBOX_FIELDS))
     record = _load(record_path)
     change = "created"
-    if record is not None and procs.is_alive(record.pid, record.start_ticks) and ping(record.url):
-        if record.config_hash == config_hash:
+    if record is not None and procs.is_alive(record.pid, record.start_ticks):
+        if record.config_hash == config_hash and ping(record.url):
             return Outcome(change="unchanged", outputs={"url": record.url, "pid": record.pid})
-        procs.terminate_run(record.pid, grace_s=10)  # the server leads its own process group
+        # Other settings, or alive but not answering (hung): stop it, or it would be left
+        # running and keep holding the port. The server leads its own process group.
+        procs.terminate_run(record.pid, grace_s=10)
         change = "updated"
     elif record is not None:
         change = "updated"  # recorded but dead: restart it

@@ -413,3 +413,30 @@ def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime
     finally:
         for pid in pids:
             procs.terminate_run(pid, grace_s=5)
+
+
+def test_a_hung_recorded_sandbox_is_stopped_before_another_starts(tmp_path: Path, rt: LocalRuntime):
+    import subprocess
+
+    from runtime.local_resources import SandboxRecord, write_json
+    from tests.local_helpers import free_port
+
+    spec = spec_for(tmp_path, sandbox={"workers": 1})
+    # A live recorded sidecar that no longer answers /v1/ping (its own session, as the real one).
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    record = SandboxRecord(
+        pid=hung.pid, url=f"http://127.0.0.1:{free_port()}", start_ticks=procs.start_ticks(hung.pid),
+        config_hash="whatever", log_path=str(tmp_path / "old.log"),
+    )
+    write_json(rt.state_dir / "sandbox.json", record.model_dump())
+    started = None
+    try:
+        started = rt.ensure_sandbox(spec.sandbox, spec)
+        assert started.change == "updated" and started.outputs["pid"] != hung.pid
+        hung.wait(timeout=30)  # stopped, not left behind
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+            hung.wait()
+        if started is not None:
+            procs.terminate_run(started.outputs["pid"], grace_s=5)
