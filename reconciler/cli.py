@@ -222,6 +222,8 @@ def apply_cmd(
     runtime = get_runtime(loaded.spec, state_dir)
     if saved is not None:
         the_plan = saved[0]
+        # Refuse a stale plan before showing it as if it would apply (apply re-checks under the lock).
+        engine.check_plan_fresh(the_plan, store.read(), saved=True)
     else:
         the_plan = refresh_and_plan(
             loaded, store.read(), runtime, targets=parse_addresses(target), replace=parse_addresses(replace)

@@ -161,6 +161,7 @@ def test_saved_plan_applies_exactly_and_then_goes_stale(spec: Path, rt: MemoryRu
     result = invoke("apply", plan_file)
     assert result.exit_code == 1
     assert "error: Saved plan is stale" in result.stderr
+    assert "Plan:" not in result.stdout  # refused before it is shown as if it would apply
     assert "state serial moved from 0 to" in result.stderr and "run `retool plan` again." in result.stderr
 
 
