@@ -29,7 +29,7 @@ from reconciler.errors import RetoolError, StalePlanError, StateLockedError, Ter
 from reconciler.fingerprint import output_id
 from reconciler.graph import Node, address_kind, build_graph
 from reconciler.loader import LoadedSpec
-from reconciler.plan import Plan, PlannedChange
+from reconciler.plan import Plan, PlannedChange, state_owner
 from reconciler.spec import Volume
 from reconciler.state.base import LockInfo, State, StateStore
 from runtime.base import Outcome, Runtime
@@ -119,7 +119,7 @@ def apply(
         check_plan_fresh(plan, state, saved=saved)
         ctx = ApplyContext(
             loaded=loaded, store=store, runtime=runtime, graph=build_graph(loaded.spec),
-            state=state or State(lineage=plan.lineage or str(uuid.uuid4()), spec_name=plan.spec_name),
+            state=state or State(lineage=plan.lineage or str(uuid.uuid4()), spec_name=state_owner(loaded.spec)),
             emit=on_event or (lambda e: None), wait=wait, state_dir=state_dir,
             poll_interval=poll_interval, retries=retries, sleep=sleep, clock=clock,
         )

@@ -129,6 +129,7 @@ def make_plan(
     """Decide what apply would do. `blocked` maps an address to why this backend cannot
     run it; `replace` forces reruns; `targets` limits the plan to those addresses and what
     they depend on."""
+    _check_owner(spec, state)
     graph = build_graph(spec)
     blocked, replace = dict(blocked or {}), set(replace or ())
     recorded = dict(state.nodes) if state else {}
@@ -163,6 +164,24 @@ def make_plan(
         created_at=time.time() if created_at is None else created_at,
         changes=changes, total=total, warnings=_warnings(spec, observed, planner.warnings),
         refreshed=observed.refreshed,
+    )
+
+
+def state_owner(spec: Spec) -> str:
+    """The name a state records as its owner: `state.key`, else the spec's name."""
+    return spec.state.key or spec.name
+
+
+def _check_owner(spec: Spec, state: State | None) -> None:
+    """Two specs sharing one state would treat each other's nodes as their own (and plan
+    deletes for them): refuse instead of guessing."""
+    if state is None or not state.spec_name or state.spec_name == state_owner(spec):
+        return
+    raise TerminalError(
+        f"The state belongs to spec {state.spec_name!r}, not {state_owner(spec)!r}",
+        "two specs sharing one state would plan deletes and reruns of each other's nodes",
+        f"give this spec its own state (`state: {{path: .retool/{spec.name}}}`), or, if you renamed "
+        f"the spec, keep its state with `state: {{key: {state.spec_name}}}`",
     )
 
 

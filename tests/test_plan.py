@@ -389,3 +389,17 @@ def test_plan_path_imports_no_training_stack(with_changes: bool) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", str(with_changes)]
+
+
+# --------------------------------------------------------------------------- state ownership
+
+
+def test_a_state_recorded_by_another_spec_is_refused(done: State) -> None:
+    foreign = done.model_copy(update={"spec_name": "someone-else"})
+    with pytest.raises(TerminalError, match="belongs to spec 'someone-else'") as info:
+        plan_for(state=foreign)
+    assert "state: {key: someone-else}" in info.value.hint
+    own = done.model_copy(update={"spec_name": spec_from(TOY).name})
+    assert actions(plan_for(state=own)) == {}
+    renamed = TOY.replace(f"name: {spec_from(TOY).name}\n", f"name: renamed\nstate: {{key: {spec_from(TOY).name}}}\n", 1)
+    assert actions(plan_for(renamed, state=own)) == {}  # a renamed spec keeps its state through state.key
