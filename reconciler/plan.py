@@ -417,8 +417,12 @@ def _delete(rec: NodeRecord) -> PlannedChange:
     kind = address_kind(rec.address)
     if kind == "volume" and rec.config.get("protect"):
         notes = ["protected volume: kept even with --prune unless --allow-data-loss"]
-    elif kind in ("volume", "dataset", "model", "stage"):
-        notes = ["data kept (--prune deletes it)"]
+    elif kind == "volume":
+        notes = ["data kept (--prune deletes the volume)"]
+    elif kind in ("dataset", "model", "stage"):
+        volume = rec.config.get("volume")
+        where = f" on volume.{volume}" if volume else ""
+        notes = [f"record forgotten; its files stay{where} (--prune deletes volumes only)"]
     else:
         notes = []
     if rec.status == "running":

@@ -268,7 +268,7 @@ def test_removed_nodes_are_deleted_last_and_data_is_kept(done: State) -> None:
     deletes = [c for c in plan.changes if c.action == "delete"]
     assert [c.address for c in deletes] == ["stage.b", "volume.models"]
     assert plan.changes[-2:] == deletes
-    assert deletes[0].notes == ["data kept (--prune deletes it)"]
+    assert deletes[0].notes == ["record forgotten; its files stay on volume.checkpoints (--prune deletes volumes only)"]
     assert deletes[1].notes == ["protected volume: kept even with --prune unless --allow-data-loss"]
     assert actions(plan)["stage.x"] == "create" and actions(plan)["model.m"] == "rerun"
 

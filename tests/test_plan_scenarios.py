@@ -104,7 +104,7 @@ def test_scenario(scenario: Scenario) -> None:
 def test_removed_stage_keeps_its_data() -> None:
     plan = plan_of(SCENARIOS[-1])
     change = plan.change("stage.dapo")
-    assert change is not None and change.notes == ["data kept (--prune deletes it)"]
+    assert change is not None and change.notes == ["record forgotten; its files stay on volume.checkpoints (--prune deletes volumes only)"]
 
 
 def test_sft_logging_change_does_not_rerun_rl() -> None:
