@@ -312,7 +312,7 @@ class LocalRuntime:
         run_dir.mkdir(parents=True, exist_ok=True)
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
-            marker.write_text(ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
+            res.write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
         exit_path = log_path.with_name(log_path.stem + ".exit.json")

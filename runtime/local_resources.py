@@ -32,12 +32,17 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomically (write a temporary file, then rename)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, then rename: a crash leaves the old file or the
+    new one, never a cut-short one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
