@@ -282,11 +282,6 @@ class Resources(SpecModel):
         per_node = self.processes_per_node or self.gpus_per_node or 1
         return per_node * self.nodes
 
-    @property
-    def gpu_string(self) -> str | None:
-        """Modal's GPU string, e.g. `H100:8`."""
-        return f"{self.gpu}:{self.gpus_per_node}" if self.gpu else None
-
 
 class Optim(SpecModel):
     lr: float = F(1e-5, policy="restart", gt=0, description="Peak learning rate.")
