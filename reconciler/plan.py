@@ -278,7 +278,7 @@ class _Planner:
         if rec is None:
             return _Draft("create", ["not yet created"])
         if obs is not None and not obs.exists:
-            return _Draft("create", ["recorded, but no longer exists (removed outside retool)"])
+            return _Draft("create", [f"recorded, but no longer exists: {obs.message or 'removed outside retool'}"])
         if node.address in self.replace:
             return _Draft("rerun", ["forced by --replace"], discard=True)
 

@@ -51,18 +51,35 @@ def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tupl
 
 
 def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) -> Observed:
-    """Observed reality for every recorded stage (volumes and data are trusted as recorded)."""
+    """Observed reality: every recorded stage's run and checkpoints, and whether recorded
+    volumes, data, models and the sandbox still exist (where the backend can tell)."""
     if runtime is None:
         return Observed(refreshed=False, notes=["refresh skipped: planned from recorded state"])
     nodes: dict[str, ObservedNode] = {}
     notes: list[str] = []
     for address, rec in sorted((state.nodes if state else {}).items()):
-        if address_kind(address) != "stage":
-            continue
-        node, problems = observe_stage(loaded, rec, runtime)
-        nodes[address] = node
-        notes.extend(problems)
+        if address_kind(address) == "stage":
+            node, problems = observe_stage(loaded, rec, runtime)
+            nodes[address] = node
+            notes.extend(problems)
+        elif rec.status == "succeeded":
+            gone = observe_presence(loaded, address, runtime, notes)
+            if gone:
+                nodes[address] = ObservedNode(exists=False, message=gone)
     return Observed(nodes=nodes, refreshed=not notes, notes=notes)
+
+
+def observe_presence(loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str]) -> str | None:
+    """Why a recorded volume/dataset/model/sandbox is gone, when the backend can tell
+    (`Runtime.missing_reason` is optional: without it they are trusted as recorded)."""
+    check = getattr(runtime, "missing_reason", None)
+    if check is None:
+        return None
+    try:
+        return check(loaded.spec, address)
+    except (RetoolError, OSError) as err:
+        notes.append(f"{address}: cannot check that it still exists ({_why(err)})")
+        return None
 
 
 def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> tuple[dict[str, str], list[str]]:

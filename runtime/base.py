@@ -129,6 +129,12 @@ class Runtime(Protocol):
         """Read checkpoints from the stage's volume (never from memory)."""
         ...
 
+    def missing_reason(self, spec: Spec, address: str) -> str | None:
+        """Optional (refresh uses it when present): why a recorded node no longer exists
+        (e.g. a dead sandbox sidecar), or None when it is there or cannot be told. Cheap and
+        read-only: plan calls it."""
+        ...
+
     def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
         """After success: merge to a Hugging Face dir, run post-checks.
         outputs: model_path, final_step, plus checks (e.g. tool_call_rate)."""

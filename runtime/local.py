@@ -227,6 +227,14 @@ class LocalRuntime:
 
     # ------------------------------------------------------------------ sandbox
 
+    def missing_reason(self, spec: Spec, address: str) -> str | None:
+        # Only the sidecar is checked: nothing consumes its identity, so recreating it never
+        # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
+        # would change their output identity and rerun every stage downstream).
+        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url():
+            return "the sandbox process is not running"
+        return None
+
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
         return res.ensure_sandbox(sandbox, self.state_dir / "sandbox.json", self.state_dir / "logs")
 

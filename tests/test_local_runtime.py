@@ -392,6 +392,7 @@ def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime
     try:
         assert first.change == "created"
         assert httpx.get(first.outputs["url"] + "/v1/ping", timeout=5).json() == "pong"
+        assert rt.missing_reason(spec, "sandbox") is None
         assert rt.ensure_sandbox(spec.sandbox, spec).outputs == first.outputs  # found, unchanged
         assert rt.ensure_sandbox(spec.sandbox, spec).change == "unchanged"
         modal_only = spec.sandbox.model_copy(update={"replicas": 3})
@@ -407,6 +408,7 @@ def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime
         deadline = time.time() + 10
         while procs.is_alive(second.outputs["pid"]) and time.time() < deadline:
             time.sleep(0.1)
+        assert rt.missing_reason(spec, "sandbox") == "the sandbox process is not running"  # plan: create
         third = rt.ensure_sandbox(changed, spec)
         pids.append(third.outputs["pid"])
         assert third.change == "updated" and third.outputs["pid"] != second.outputs["pid"]

@@ -160,3 +160,33 @@ def test_backend_module_absent_or_incomplete(
 def test_get_store_local(loaded: LoadedSpec, tmp_path: Path) -> None:
     store = get_store(loaded.spec, tmp_path / "state")
     assert isinstance(store, LocalStore) and store.directory == tmp_path / "state"
+
+
+class SidecarWatchingRuntime(MemoryRuntime):
+    """A runtime that can tell when the recorded sandbox died (LocalRuntime does, by pid)."""
+
+    def missing_reason(self, spec: object, address: str) -> str | None:
+        if address == "sandbox" and self.sandbox is None:
+            return "the sandbox process is not running"
+        if address == "volume.data" and getattr(self, "broken", False):
+            raise OSError("permission denied")
+        return None
+
+
+def test_a_dead_sandbox_is_planned_for_creation_and_apply_restarts_it(loaded: LoadedSpec) -> None:
+    store, rt = MemoryStore(), SidecarWatchingRuntime()
+    apply(refresh_and_plan(loaded, None, rt), loaded, store, rt, sleep=lambda s: None)
+    state = store.read()
+    assert state is not None
+    assert {c.action for c in refresh_and_plan(loaded, state, rt).changes} == {"no-op"}
+    rt.sandbox = None  # the sidecar died after the apply
+    plan = refresh_and_plan(loaded, state, rt)
+    sandbox = plan.change("sandbox")
+    assert sandbox is not None and sandbox.action == "create"
+    assert sandbox.reasons == ["recorded, but no longer exists: the sandbox process is not running"]
+    assert {c.address for c in plan.changes if c.action != "no-op"} == {"sandbox"}  # no stage reruns for it
+    apply(plan, loaded, store, rt, sleep=lambda s: None)
+    assert rt.sandbox is not None
+    rt.broken = True  # type: ignore[attr-defined]
+    observed = observe(loaded, store.read(), rt)
+    assert observed.notes == ["volume.data: cannot check that it still exists (OSError: permission denied)"]
