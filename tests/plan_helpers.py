@@ -22,6 +22,18 @@ def spec_from(text: str) -> Spec:
     return parse_spec_text(text, "spec.yaml")
 
 
+def qwen(**updates: Any) -> Spec:
+    """specs/retool-qwen7b.yaml with fields replaced: `stages__dapo__resources__nodes=2`."""
+    data = parse_spec_text(QWEN.read_text(encoding="utf-8"), str(QWEN)).model_dump(mode="json")
+    for dotted, value in updates.items():
+        node = data
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return Spec.model_validate(data)
+
+
 def succeeded_state(spec: Spec, *, seconds_per_step: dict[str, float] | None = None) -> State:
     """State after a clean apply of `spec`: every node succeeded, stages ran to the end."""
     state = State(serial=7, lineage="lineage-test", spec_name=spec.name)

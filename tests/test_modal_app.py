@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.loader import load_spec
-from reconciler.spec import Spec
 from runtime.modal_adapter import SdkAdapter, parse_gpu_rates
+from tests.plan_helpers import qwen
 from runtime.modal_app import (
     build_app_definition,
     image_steps,
@@ -24,17 +24,6 @@ from runtime.modal_app import (
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN = REPO / "specs" / "retool-qwen7b.yaml"
-
-
-def qwen(**updates: object) -> Spec:
-    data = load_spec(QWEN).spec.model_dump(mode="json")
-    for dotted, value in updates.items():
-        node = data
-        keys = dotted.split("__")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    return Spec.model_validate(data)
 
 
 def test_image_chain_in_modal_order_with_local_sources_last() -> None:

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from reconciler.errors import TerminalError
-from reconciler.loader import load_spec
 from reconciler.spec import Spec
 from runtime.base import StageContext
 from runtime.modal_adapter import ModalUnreachable
+from tests.plan_helpers import qwen
 from runtime.modal_app import build_app_definition, stage_function_name
 from runtime.modal_backend import ModalRuntime
 from tests.fakes.fake_modal import Containers, FakeModal
@@ -22,17 +22,6 @@ from tests.fakes.fake_modal import Containers, FakeModal
 REPO = Path(__file__).resolve().parent.parent
 RID = "ab" * 32
 OTHER = "cd" * 32
-
-
-def qwen(**updates: Any) -> Spec:
-    data = load_spec(REPO / "specs" / "retool-qwen7b.yaml").spec.model_dump(mode="json")
-    for dotted, value in updates.items():
-        node = data
-        keys = dotted.split("__")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    return Spec.model_validate(data)
 
 
 def ready(spec: Spec, **fake_kw: Any) -> tuple[FakeModal, ModalRuntime]:
