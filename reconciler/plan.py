@@ -167,6 +167,12 @@ def make_plan(
     )
 
 
+def reached_step(rec: NodeRecord) -> int:
+    """How far a stage got: its final checkpoint step once finished, else its progress."""
+    final = rec.outputs.get("final_step")
+    return final if isinstance(final, int) else rec.steps_done
+
+
 def state_owner(spec: Spec) -> str:
     """The name a state records as its owner: `state.key`, else the spec's name."""
     return spec.state.key or spec.name
@@ -338,7 +344,7 @@ class _Planner:
             return obs.latest_valid_checkpoint, []
         if self.observed.refreshed and obs is not None:
             return None
-        step = rec.outputs.get("final_step") if isinstance(rec.outputs.get("final_step"), int) else rec.steps_done
+        step = reached_step(rec)
         if step:
             return int(step), ["checkpoint not verified (plan made without refreshing)"]
         return None
@@ -346,7 +352,7 @@ class _Planner:
     def _resume(self, node: Node, rec: NodeRecord, obs: Any, diff: list[FieldChange]) -> _Draft:
         stage = self.spec.stages[node.name]
         reasons = _field_reasons(diff, ("resume",)) or ["resume fields changed"]
-        done = rec.outputs.get("final_step") if isinstance(rec.outputs.get("final_step"), int) else rec.steps_done
+        done = reached_step(rec)
         total = self._total_steps(stage)
         if total is not None and total <= done:
             return _Draft("no-op", reasons, [f"already at step {done}: the new total {total} needs no more steps"])
