@@ -125,10 +125,16 @@ def apply(
         )
         return _Walk(plan, ctx, prune=prune, allow_data_loss=allow_data_loss).run()
     finally:
-        try:
-            store.unlock(lock_id)
-        except RetoolError:
-            pass  # someone force-unlocked (`retool state unlock`): nothing of ours left to release
+        release(store, lock_id)
+
+
+def release(store: StateStore, lock_id: str) -> None:
+    """Give the lock back; if someone force-unlocked it (`retool state unlock`), nothing of
+    ours is left to release."""
+    try:
+        store.unlock(lock_id)
+    except RetoolError:
+        pass
 
 
 class CancelOutcome(BaseModel):
@@ -176,10 +182,7 @@ def cancel(
         )
     finally:
         if lock_id is not None:
-            try:
-                store.unlock(lock_id)
-            except RetoolError:
-                pass
+            release(store, lock_id)
 
 
 # --------------------------------------------------------------------------- the walk
