@@ -26,7 +26,7 @@ LIBRARY_PLAN = (
     "import sys\n"
     "from reconciler.loader import load_spec\n"
     "from reconciler.plan import Observed, make_plan\n"
-    "from reconciler.views import plan_text\n"
+    "from reconciler.cli.plan_view import plan_text\n"
     "sys.stdout.write(plan_text(make_plan(load_spec(sys.argv[1]).spec, None, Observed(refreshed=False))))\n"
 )
 

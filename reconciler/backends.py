@@ -17,15 +17,15 @@ from reconciler.errors import TerminalError
 from reconciler.spec import Spec
 from reconciler.state.base import StateStore
 from reconciler.state.local import LocalStore
-from runtime.base import Runtime
+from reconciler.backend import Runtime
 
 RuntimeFactory = Callable[[Spec, str], Runtime]
 OVERRIDE_ENV = "RETOOL_TEST_RUNTIME"
 
 # backend name -> (module, class); each class takes `state_dir=`.
 BACKENDS: dict[str, tuple[str, str]] = {
-    "local": ("runtime.local", "LocalRuntime"),
-    "modal": ("runtime.modal_backend", "ModalRuntime"),
+    "local": ("runtime.local.backend", "LocalRuntime"),
+    "modal": ("runtime.modal.backend", "ModalRuntime"),
 }
 
 _override: RuntimeFactory | None = None

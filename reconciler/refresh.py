@@ -15,7 +15,7 @@ from reconciler.graph import Graph, address_kind, build_graph
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode, Plan, make_plan
 from reconciler.state.base import NodeRecord, State
-from runtime.base import Runtime
+from reconciler.backend import Runtime
 
 
 def _why(err: Exception) -> str:

@@ -28,8 +28,8 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict
 
-from runtime.base import Checkpoint
-from runtime.verl_common import TRACKER_FILE
+from reconciler.backend import Checkpoint
+from runtime.verl.common import TRACKER_FILE
 
 MARKER_FILE = "retool.json"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")

@@ -2,7 +2,7 @@
 
 State is versioned JSON read leniently (unknown keys ignored, missing keys defaulted),
 never pickled. A store has four operations: `read`, `write`, `lock(info) -> id`,
-`unlock(id)`; every store passes the same contract tests (tests/test_state_contract.py).
+`unlock(id)`; every store passes the same contract tests (tests/reconciler/state/test_state_contract.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from reconciler.errors import TerminalError
 from reconciler.spec import Spec
 from reconciler.state.base import LockInfo, State
 from reconciler.state.local import BACKUP_SUFFIX, STATE_FILE, check_successor, locked_error, parse_state
-from runtime.modal_adapter import ModalAdapter
+from runtime.modal.adapter import ModalAdapter
 
 DEFAULT_LOCK_TTL_S = 24 * 3600.0
 
@@ -42,7 +42,7 @@ class ModalStore:
         environment: str | None = None, lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
     ) -> None:
         if adapter is None:
-            from runtime.modal_adapter import SdkAdapter
+            from runtime.modal.adapter import SdkAdapter
 
             adapter = SdkAdapter()
         self.adapter, self.volume, self.lock_dict, self.key = adapter, volume, lock_dict, key

@@ -1,4 +1,4 @@
-"""An in-memory Modal behind the `runtime.modal_adapter.ModalAdapter` protocol.
+"""An in-memory Modal behind the `runtime.modal.adapter.ModalAdapter` protocol.
 
 It models what retool relies on, with Modal's own rules (MODAL.md):
 
@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 from reconciler.errors import TerminalError
 from reconciler.spec import GPU_TYPES
-from runtime.modal_adapter import LOGIN_HINT, CallOutcome, ModalUnreachable, VolumeEntry
-from runtime.modal_app import AppDefinition
+from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalUnreachable, VolumeEntry
+from runtime.modal.app import AppDefinition
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")

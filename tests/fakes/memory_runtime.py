@@ -1,4 +1,4 @@
-"""An in-memory Runtime (runtime/base.py's protocol) with a call record and injectable failures.
+"""An in-memory Runtime (reconciler/backend.py's protocol) with a call record and injectable failures.
 
 It simulates what a backend does, deterministically and without time:
 
@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from reconciler.errors import TerminalError, TransientError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import RunHandle
-from runtime.base import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 
 FailureKind = Literal["transient", "terminal", "crash", "crash_after"]
 FAILURE_KINDS: tuple[FailureKind, ...] = ("transient", "terminal", "crash", "crash_after")

@@ -1,0 +1,141 @@
+"""The runtime interface: what the reconciler asks of a backend.
+
+The reconciler never imports torch, verl, ray or modal; backends do, lazily, inside
+their methods. Every operation is idempotent and says `created | unchanged | updated`
+(STYLE.md #7). Implementations: `runtime.local.LocalRuntime`, `runtime.modal.backend.ModalRuntime`,
+and `tests`' in-memory runtime with injectable failures.
+
+Checkpoint layout (shared by every backend): a stage writes its verl checkpoints to
+`<stage volume>/<stage name>/<restart_id[:16]>/global_step_N`, so checkpoints written under
+another restart identity are never resumed from; they are reported as foreign and kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
+from reconciler.state.base import RunHandle
+
+Change = Literal["created", "unchanged", "updated"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Outcome(Frozen):
+    """Result of an idempotent ensure/prepare call."""
+
+    change: Change
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+
+
+class RunStatus(Frozen):
+    """What a backend observes about a detached run right now."""
+
+    state: Literal["running", "succeeded", "failed", "lost"]
+    step: int | None = None
+    total: int | None = None
+    message: str = ""
+    log_tail: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)  # latest values, trainer's keys ("train/loss")
+    elapsed_s: float | None = None
+    sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} (SFT) / {"reward": ...} (RL)
+    wandb_url: str | None = None
+
+
+class Checkpoint(Frozen):
+    step: int
+    path: str
+    valid: bool
+    reason: str = ""  # why invalid: "missing shard rank 3 of 8", "written under another restart identity"
+    world_size: int | None = None
+    restart_id: str | None = None
+
+
+class StageContext(Frozen):
+    """Everything a backend needs to launch, render or finalize one stage."""
+
+    spec: Spec
+    spec_dir: str  # directory of the spec file (relative `path:` sources resolve against it)
+    stage: str  # stage name (address `stage.<name>`)
+    restart_id: str
+    total_steps: int | None = None
+    resume_from: int | None = None  # checkpoint step to resume from; None = from scratch
+    inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)  # upstream address -> its recorded outputs
+    state_dir: str = ""  # the local state directory (logs, sidecar files)
+
+
+class RenderedCommand(Frozen):
+    """One process the stage runs: argv, environment (secret values never included:
+    secrets appear as names in `secret_env`), and where it runs."""
+
+    argv: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    secret_env: list[str] = Field(default_factory=list)
+    cwd: str | None = None
+    description: str = ""
+
+
+class Runtime(Protocol):
+    """A backend. Methods raise `reconciler.errors.TerminalError` or `TransientError`."""
+
+    name: str
+
+    def preflight(self, spec: Spec) -> list[str]:
+        """Environment problems that stop `apply` before anything changes
+        (credentials, missing tools). Empty when ready. Must return in seconds."""
+        ...
+
+    def blocked_reason(self, spec: Spec, address: str) -> str | None:
+        """Why this node cannot run on this backend (plan shows `blocked`), or None."""
+        ...
+
+    def ensure_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome: ...
+
+    def delete_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome: ...
+
+    def build_image(self, image: Image, spec: Spec) -> Outcome: ...
+
+    def prepare_dataset(self, name: str, dataset: Dataset, spec: Spec, spec_dir: str) -> Outcome:
+        """Materialize a dataset as parquet. outputs: path, digest (of the files), rows."""
+        ...
+
+    def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
+        """Materialize a Hugging Face model directory. outputs: path, digest."""
+        ...
+
+    def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
+        """Start (or find running) the sandbox. outputs: url, pid or app info."""
+        ...
+
+    def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
+        """The exact commands `launch_stage` runs (`retool render`)."""
+        ...
+
+    def launch_stage(self, ctx: StageContext) -> RunHandle:
+        """Start the stage detached; return at once with a handle recorded in state."""
+        ...
+
+    def poll_stage(self, handle: RunHandle) -> RunStatus: ...
+
+    def cancel_stage(self, handle: RunHandle) -> None: ...
+
+    def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
+        """Read checkpoints from the stage's volume (never from memory)."""
+        ...
+
+    def missing_reason(self, spec: Spec, address: str) -> str | None:
+        """Optional (refresh uses it when present): why a recorded node no longer exists
+        (e.g. a dead sandbox sidecar), or None when it is there or cannot be told. Cheap and
+        read-only: plan calls it."""
+        ...
+
+    def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
+        """After success: merge to a Hugging Face dir, run post-checks.
+        outputs: model_path, final_step, plus checks (e.g. tool_call_rate)."""
+        ...

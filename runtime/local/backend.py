@@ -1,0 +1,380 @@
+"""The local backend: volumes are directories, stages are detached process groups on this
+machine (on CPU through runtime.verl.cpu_platform when there is no GPU), the sandbox is a
+local server process. Helpers: runtime.local.resources (environment record, data/models,
+sandbox), runtime.processes (detached runs), runtime.local.runs (the active-run record,
+re-attach, a run's state), runtime.local.finalize (merge, tool check).
+
+Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
+
+    <volumes root>        spec.local.root (relative: to the state dir's parent) or <state dir>/volumes
+    volume                <volumes root>/<volume>/
+    dataset               <volume>/datasets/<name>/{train.parquet, meta.json}  (+ .<name>.prepared.json beside it)
+    model                 <volume>/models/<name>/                              (+ .<name>.prepared.json beside it)
+    stage run dir         <volume>/<stage>/<restart_id[:16]>/
+        retool.json                          marker: full restart id, stage, world size
+        global_step_N/, latest_checkpointed_iteration.txt   verl's checkpoints and tracker
+        merged/, merged.json                 Hugging Face model of the final checkpoint (+ what was merged)
+        metrics.jsonl                        per-step metrics parsed from the log
+        active_run.json                      the handle of the run launched into it (re-attach)
+    replaced runs         <volume>/<stage>/.replaced/<restart_id[:16]>-<time>/  (a forced rerun moves, never deletes)
+    logs                  <state dir>/logs/<stage>-<restart_id[:8]>-<time>.log  (+ .exit.json, .plan.json)
+    sandbox               <state dir>/sandbox.json, <state dir>/logs/sandbox-<time>.log
+    environment record    <state dir>/image.json
+
+Decisions:
+- A launch with `resume_from=None` trains from scratch: checkpoints already under that
+  restart identity (a `--replace`) are moved to `.replaced/`. With `resume_from=N` verl is
+  told `trainer.resume_from_path=.../global_step_N` (the step the plan named).
+- A launch finds `active_run.json` first: if that run still runs (same pid and start ticks),
+  it returns its handle instead of starting a second run over it (apply died before
+  recording the handle). A directory whose run is alive is never moved aside.
+- The merge runs in `finalize_stage`, not in the detached run: it merges exactly the
+  checkpoint the reconciler validated, and is skipped when `merged.json` already names it.
+- `tool_call_check`: finalize measures the merged model; a rate below `min_rate` fails the
+  stage with the rate, examples and a hint (the checkpoints and merged model stay; more
+  epochs resume). The result is cached in merged.json, so a retry does not re-measure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from reconciler.errors import TerminalError, TransientError
+from reconciler.spec import (
+    Dataset,
+    Image,
+    Model,
+    RLStage,
+    Sandbox,
+    SFTStage,
+    Spec,
+    Volume,
+)
+from reconciler.state.base import RunHandle
+from runtime import checkpoints as ckpts
+from runtime.local import resources as res
+from runtime.local import runs
+from runtime import metrics as met
+from runtime import processes as procs
+from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from runtime.local.finalize import finalize_run
+from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
+from runtime.verl.sft import render_merge, render_sft
+
+DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
+
+
+class LocalRuntime:
+    """`reconciler.backend.Runtime` on this machine."""
+
+    name = "local"
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self._followers: dict[str, met.LogFollower] = {}  # log path -> incremental parser
+
+    # ------------------------------------------------------------------ layout
+
+    def volumes_root(self, spec: Spec) -> Path:
+        if spec.local.root:
+            root = Path(spec.local.root).expanduser()
+            return root if root.is_absolute() else (self.state_dir.parent / root).resolve()
+        return self.state_dir / "volumes"
+
+    def volume_dir(self, spec: Spec, volume: str) -> Path:
+        return self.volumes_root(spec) / volume
+
+    def stage_root(self, spec: Spec, stage: str) -> Path:
+        return self.volume_dir(spec, spec.stages[stage].volume) / stage
+
+    def stage_paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
+        run_dir = self.stage_root(spec, stage) / ckpts.restart_dir_name(restart_id)
+        return StagePaths(stage_dir=str(run_dir), ckpt_dir=str(run_dir), merged_dir=str(run_dir / "merged"))
+
+    def use_cpu(self) -> bool:
+        forced = os.environ.get(DEVICE_ENV, "").strip().lower()
+        if forced in ("cpu", "cuda"):
+            return forced == "cpu"
+        return local_gpu_count() == 0
+
+    # ------------------------------------------------------------------ checks
+
+    def preflight(self, spec: Spec) -> list[str]:
+        problems: list[str] = []
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problems.append(f"state directory {self.state_dir} is not writable: {e}")
+        if spec.stages:
+            for module in ("torch", "verl", "transformers"):
+                if importlib.util.find_spec(module) is None:
+                    problems.append(
+                        f"{module} is not installed (install the training extra: "
+                        "pip install -c constraints.txt -e '.[train]')"
+                    )
+        for name, stage in spec.stages.items():
+            try:
+                names = secret_env_names(spec, stage.secrets)
+            except TerminalError as e:
+                problems.append(f"stage.{name}: {e.summary}")
+                continue
+            missing = [n for n in names if not os.environ.get(n)]
+            if missing:
+                problems.append(f"stage.{name} needs environment variable(s) {', '.join(missing)} (secrets)")
+        return problems
+
+    def blocked_reason(self, spec: Spec, address: str) -> str | None:
+        kind, _, name = address.partition(".")
+        if kind != "stage" or name not in spec.stages:
+            return None
+        stage = spec.stages[name]
+        res = stage.resources
+        if res.gpu is not None:
+            have = 0 if self.use_cpu() else local_gpu_count()
+            if have < res.gpus_per_node:
+                return (
+                    f"asks for {res.gpus_per_node}× {res.gpu} but this machine has {have} GPU(s); "
+                    "run it with `backend: modal`, or drop `resources.gpu` to train on this machine"
+                )
+        if isinstance(stage, RLStage):
+            return self._rl_blocker(stage)
+        return None
+
+    def _rl_blocker(self, stage: RLStage) -> str | None:
+        if importlib.util.find_spec("runtime.verl.rl") is None:
+            return "RL launch rendering (runtime.verl.rl) is not part of this installation"
+        engine = self.rollout_engine(stage)
+        if engine is None:
+            wanted = stage.rollout.engine
+            if wanted in ("vllm", "sglang"):
+                if self.use_cpu():
+                    return f"rollout engine {wanted} needs a GPU; this machine has none (use `rollout.engine: auto`)"
+                return f"rollout engine {wanted} is not installed (pip install {wanted})"
+            return (
+                "no rollout engine: verl 0.9.1 registers only vllm/sglang/trtllm (GPU), "
+                + ("none of which is installed, " if not self.use_cpu() else "and this machine has no GPU, ")
+                + "and retool's transformers rollout (runtime.verl.rollout) is not available"
+            )
+        return None
+
+    def rollout_engine(self, stage: RLStage) -> str | None:
+        """The rollout engine this machine can run for `stage`, or None."""
+        has = lambda m: importlib.util.find_spec(m) is not None
+        transformers_ok = has("runtime.verl.rollout") and has("runtime.verl.rollout.plugin")
+        wanted, cpu = stage.rollout.engine, self.use_cpu()
+        if wanted in ("vllm", "sglang"):
+            return wanted if (has(wanted) and not cpu) else None
+        if wanted == "transformers":
+            return "transformers" if transformers_ok else None
+        if not cpu:
+            for engine in ("vllm", "sglang"):
+                if has(engine):
+                    return engine
+        return "transformers" if transformers_ok else None
+
+    # ------------------------------------------------------------------ volumes and environment
+
+    def ensure_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome:
+        path = self.volume_dir(spec, name)
+        if path.is_dir():
+            return Outcome(change="unchanged", outputs={"path": str(path)})
+        path.mkdir(parents=True, exist_ok=True)
+        return Outcome(change="created", outputs={"path": str(path)}, message=f"created {path}")
+
+    def delete_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome:
+        if volume.protect:
+            raise TerminalError(f"volume.{name} is protected", hint="set `protect: false` first if you mean it")
+        path = self.volume_dir(spec, name)
+        if not path.exists():
+            return Outcome(change="unchanged", message=f"{path} does not exist")
+        shutil.rmtree(path)
+        return Outcome(change="updated", message=f"deleted {path}")
+
+    def build_image(self, image: Image, spec: Spec) -> Outcome:
+        """Locally there is no image to build: record (and check) the Python environment."""
+        gpus = 0 if self.use_cpu() else local_gpu_count()
+        return res.record_environment(
+            self.state_dir / "image.json", image, device=f"cuda x{gpus}" if gpus else "cpu",
+            needs_training=bool(spec.stages),
+        )
+
+    # ------------------------------------------------------------------ data and models
+
+    def prepare_dataset(self, name: str, dataset: Dataset, spec: Spec, spec_dir: str) -> Outcome:
+        from runtime import data
+
+        out_dir = self.volume_dir(spec, dataset.volume) / "datasets" / name
+        return res.prepare_once(
+            dataset, out_dir, spec_dir, data.read_outputs,
+            lambda: data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url()),
+            lambda o: f"{o.rows} rows" + (f", {o.skipped} skipped" if o.skipped else ""),
+        )
+
+    def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
+        from runtime import models
+        from runtime.hf_quiet import quiet
+
+        out_dir = self.volume_dir(spec, model.volume) / "models" / name
+        return res.prepare_once(
+            model, out_dir, spec_dir, models.read_outputs,
+            lambda: quiet(models.prepare, name, model, out_dir, Path(spec_dir)), lambda o: o.path,
+        )
+
+    # ------------------------------------------------------------------ sandbox
+
+    def missing_reason(self, spec: Spec, address: str) -> str | None:
+        # Only the sidecar is checked: nothing consumes its identity, so recreating it never
+        # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
+        # would change their output identity and rerun every stage downstream).
+        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url():
+            return "the sandbox process is not running"
+        return None
+
+    def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
+        return res.ensure_sandbox(sandbox, self.state_dir / "sandbox.json", self.state_dir / "logs")
+
+    def _live_sandbox_url(self) -> str | None:
+        return res.live_sandbox_url(self.state_dir / "sandbox.json")
+
+    # ------------------------------------------------------------------ stages: commands
+
+    def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
+        """The training command(s), then the merge `finalize_stage` runs on the final checkpoint.
+        Inputs not prepared yet are shown where they will be (`retool render` before `apply`)."""
+        ctx = self._with_planned_inputs(ctx)
+        stage = ctx.spec.stages[ctx.stage]
+        paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        sandbox = self._live_sandbox_url() or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
+        commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
+        final = ctx.total_steps if ctx.total_steps is not None else "N"
+        source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
+        merge = render_merge(source, paths.merged_dir)
+        return [*commands, merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})]
+
+    def _with_planned_inputs(self, ctx: StageContext) -> StageContext:
+        spec = ctx.spec
+        return with_planned_inputs(
+            ctx,
+            dataset_dir=lambda n: str(self.volume_dir(spec, spec.datasets[n].volume) / "datasets" / n),
+            model_dir=lambda n: str(self.volume_dir(spec, spec.models[n].volume) / "models" / n),
+            stage_root=lambda n: str(self.stage_root(spec, n)),
+        )
+
+    def _train_commands(self, ctx: StageContext, paths: StagePaths, *, sandbox_url: str | None) -> list[RenderedCommand]:
+        stage = ctx.spec.stages[ctx.stage]
+        cpu = self.use_cpu()
+        # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
+        attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
+        if isinstance(stage, SFTStage):
+            return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn)]
+        blocker = self._rl_blocker(stage)
+        if blocker:
+            raise TerminalError(f"stage.{ctx.stage} cannot run on this machine", blocker)
+        from runtime.verl.rl import render_rl
+
+        if sandbox_url is None:
+            raise TerminalError(
+                f"stage.{ctx.stage} needs the sandbox, which is not running",
+                hint="apply the `sandbox` node first (retool apply starts it)",
+            )
+        return list(render_rl(
+            ctx, sandbox_url=sandbox_url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage), attn_implementation=attn,
+        ))
+
+    @staticmethod
+    def _executable(argv: list[str]) -> list[str]:
+        """`torchrun` / `python` of this environment (the venv may not be on PATH)."""
+        bindir = Path(sys.executable).parent
+        if argv and argv[0] == "python":
+            return [sys.executable, *argv[1:]]
+        if argv and argv[0] == "torchrun":
+            exe = bindir / "torchrun"
+            return [str(exe), *argv[1:]] if exe.exists() else [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+        return argv
+
+    # ------------------------------------------------------------------ stages: runs
+
+    def launch_stage(self, ctx: StageContext) -> RunHandle:
+        """Start the stage detached, or re-attach to the run an earlier launch of the same
+        stage and restart identity started and that still runs (runtime.local.runs)."""
+        stage = ctx.spec.stages[ctx.stage]
+        paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        run_dir = Path(paths.stage_dir)
+        prior = runs.read_active(run_dir)
+        if prior is not None and runs.is_running(prior) and prior.extra.get("total_steps") == ctx.total_steps:
+            return prior.model_copy(update={"extra": {**prior.extra, "reattached": True}})
+        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
+        missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
+        if missing:
+            raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
+        if prior is not None:
+            # Nobody recorded that run (or it ended): stop it, and any trainers it left behind.
+            runs.stop(prior)
+        if ctx.resume_from is None:
+            runs.move_aside(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run_dir / ckpts.MARKER_FILE
+        if not marker.exists():
+            res.write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
+        exit_path = log_path.with_name(log_path.stem + ".exit.json")
+        planned = [
+            procs.PlannedCommand(argv=self._executable(c.argv), env=c.env, cwd=c.cwd or str(run_dir)) for c in commands
+        ]
+        info = procs.start_detached(planned, log_path=log_path, exit_path=exit_path, cwd=str(run_dir))
+        handle = RunHandle(
+            backend="local", command=planned[-1].argv, pid=info.pid, pgid=info.pgid, log_path=str(log_path),
+            extra={
+                "start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path), "stage": ctx.stage,
+                "kind": stage.kind,
+                "restart_id": ctx.restart_id, "stage_dir": paths.stage_dir,
+                "metrics_path": str(run_dir / "metrics.jsonl"), "total_steps": ctx.total_steps,
+                "resume_from": ctx.resume_from, "device": "cpu" if self.use_cpu() else "cuda",
+            },
+        )
+        runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
+        return handle
+
+    def poll_stage(self, handle: RunHandle) -> RunStatus:
+        if handle.backend != "local" or handle.pid is None or not handle.log_path:
+            raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
+        follower = self._followers.get(handle.log_path)
+        if follower is None:
+            follower = self._followers[handle.log_path] = runs.follower_for(handle)
+        return runs.observe(handle, follower)
+
+    def cancel_stage(self, handle: RunHandle) -> None:
+        if handle.pid is None:
+            return
+        tag = str(handle.extra.get("tag") or "")
+        exit_path = Path(handle.extra.get("exit_path", ""))
+        if not procs.run_members(handle.pgid, tag):
+            return
+        killed = procs.terminate_run(handle.pgid, tag)
+        if exit_path.name and procs.read_exit(exit_path) is None:  # it died before it could write one
+            sig = "SIGKILL" if killed else "SIGTERM"
+            procs.write_exit(exit_path, procs.ExitRecord(returncode=-9 if killed else -15, signal=sig, cancelled=True))
+
+    def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
+        root = self.stage_root(spec, stage)
+        try:
+            entries = ckpts.scan_local(root)
+        except OSError as e:
+            raise TransientError(f"cannot list checkpoints under {root}", str(e)) from e
+        return ckpts.evaluate(entries, spec.stages[stage].resources.world_size, restart_id, root=str(root))
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
+        """Merge `checkpoint` into `merged/` (skipped when merged.json names it), then the
+        SFT tool-call check when the spec asks for one (runtime.local.finalize)."""
+        paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        return finalize_run(
+            ctx, checkpoint, paths, logs_dir=self.state_dir / "logs", executable=self._executable,
+        )

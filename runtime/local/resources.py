@@ -1,0 +1,211 @@
+"""The local backend's non-stage resources: the recorded Python environment (what `image`
+means on this machine), prepared datasets and models (idempotent through a stamp beside
+each), and the sandbox sidecar process.
+
+Each function observes what exists first and says `created | unchanged | updated`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from reconciler.errors import TerminalError
+from reconciler.spec import Dataset, Image, Model, Sandbox, field_policy
+from runtime import processes as procs
+from reconciler.backend import Outcome
+
+KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
+# Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
+LOCAL_SANDBOX_FIELDS = {"workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes", "port", "token_secret"}
+
+
+def short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, then rename: a crash leaves the old file or the
+    new one, never a cut-short one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- environment ("image")
+
+
+def environment_record(image: Image, *, device: str, needs_training: bool) -> tuple[dict[str, Any], list[str]]:
+    """This interpreter and its key packages (what a local `image` is), and where they
+    differ from `image.pip`'s pins. Raises when training is needed but verl/torch are missing."""
+    from importlib import metadata
+
+    packages: dict[str, str] = {}
+    for name in KEY_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if needs_training and ("verl" not in packages or "torch" not in packages):
+        raise TerminalError(
+            "this Python environment lacks verl or torch", f"python {sys.executable}",
+            "pip install -c constraints.txt -e '.[train]'",
+        )
+    record: dict[str, Any] = {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "executable": sys.executable,
+        "packages": packages,
+        "device": device,
+    }
+    record["digest"] = short_hash(record)
+    return record, pin_mismatches(image.pip, packages)
+
+
+def pin_mismatches(requirements: list[str], installed: dict[str, str]) -> list[str]:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    notes = []
+    for text in requirements:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        have = installed.get(req.name)
+        if have is not None and req.specifier and have not in req.specifier:
+            notes.append(f"{req.name} {have} (image wants {req.specifier})")
+    return notes
+
+
+def record_environment(path: Path, image: Image, *, device: str, needs_training: bool) -> Outcome:
+    record, notes = environment_record(image, device=device, needs_training=needs_training)
+    previous = read_json(path)
+    change = "unchanged" if previous == record else ("updated" if previous else "created")
+    if change != "unchanged":
+        write_json(path, record)
+    pk = record["packages"]
+    message = f"python {record['python']}, verl {pk.get('verl')}, torch {pk.get('torch')}, {device}"
+    if notes:
+        message += "; differs from image.pip: " + ", ".join(notes)
+    return Outcome(change=change, outputs=record, message=message)
+
+
+# --------------------------------------------------------------------------- datasets and models
+
+
+def restart_config(model: Dataset | Model) -> dict[str, Any]:
+    """The fields of a dataset/model whose change means "rebuild" (policy `restart`)."""
+    data = model.model_dump(mode="json")
+    return {k: v for k, v in data.items() if field_policy(type(model), k) == "restart"}
+
+
+def source_stat(source: str, spec_dir: str) -> list[Any] | None:
+    """Size and mtime of a `path:` source's files (a changed file re-prepares)."""
+    if not source.startswith("path:"):
+        return None
+    path = Path(source[5:]).expanduser()
+    path = path if path.is_absolute() else Path(spec_dir) / path
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def prepare_once(
+    config: Dataset | Model, out_dir: Path, spec_dir: str,
+    read: Callable[[Path], BaseModel | None], prepare: Callable[[], BaseModel], describe: Callable[[Any], str],
+) -> Outcome:
+    """Run `prepare` unless `out_dir` already holds what this config produces.
+
+    The stamp `.<name>.prepared.json` beside `out_dir` ties the directory's digest (checked
+    by `read`, which recomputes it) to the restart fields and `path:` source files it was
+    made from; any difference re-prepares."""
+    stamp_path = out_dir.parent / f".{out_dir.name}.prepared.json"
+    stamp = {"config": short_hash({"config": restart_config(config), "source": source_stat(config.source, spec_dir)})}
+    existing = read(out_dir)
+    if existing is not None and read_json(stamp_path) == {**stamp, "digest": getattr(existing, "digest", None)}:
+        return Outcome(change="unchanged", outputs=existing.model_dump(), message=describe(existing))
+    outputs = prepare()
+    write_json(stamp_path, {**stamp, "digest": getattr(outputs, "digest", None)})
+    return Outcome(
+        change="updated" if existing is not None else "created", outputs=outputs.model_dump(), message=describe(outputs)
+    )
+
+
+# --------------------------------------------------------------------------- sandbox sidecar
+
+
+class SandboxRecord(BaseModel):
+    pid: int
+    url: str
+    start_ticks: int | None = None
+    config_hash: str
+    log_path: str
+
+
+def ping(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url.rstrip("/") + "/v1/ping", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _load(path: Path) -> SandboxRecord | None:
+    raw = read_json(path)
+    return SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
+
+
+def live_sandbox_url(record_path: Path) -> str | None:
+    """The recorded sidecar's URL if that very process still runs and answers."""
+    record = _load(record_path)
+    if record is not None and procs.is_alive(record.pid, record.start_ticks) and ping(record.url):
+        return record.url
+    return None
+
+
+def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcome:
+    """Find the recorded sidecar (same process, answering, same settings) or (re)start it."""
+    from runtime import sandbox_process
+
+    config_hash = short_hash(sandbox.model_dump(mode="json", include=LOCAL_SANDBOX_FIELDS))
+    record = _load(record_path)
+    change = "created"
+    if record is not None and procs.is_alive(record.pid, record.start_ticks):
+        if record.config_hash == config_hash and ping(record.url):
+            return Outcome(change="unchanged", outputs={"url": record.url, "pid": record.pid})
+        # Other settings, or alive but not answering (hung): stop it, or it would be left
+        # running and keep holding the port. The server leads its own process group.
+        procs.terminate_run(record.pid, grace_s=10)
+        change = "updated"
+    elif record is not None:
+        change = "updated"  # recorded but dead: restart it
+    log_path = log_dir / f"sandbox-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    started = sandbox_process.start_detached(  # waits until /v1/ping answers
+        "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers, memory_limit_mb=sandbox.memory_limit_mb,
+        max_output_bytes=sandbox.max_output_bytes, max_queue=sandbox.max_queue, preload=list(sandbox.preload),
+    )
+    new = SandboxRecord(
+        pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
+        config_hash=config_hash, log_path=str(log_path),
+    )
+    write_json(record_path, new.model_dump())
+    return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")

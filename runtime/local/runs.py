@@ -1,0 +1,161 @@
+"""A local stage run directory's detached runs: the active-run record that makes a launch
+idempotent, and what a run's process, exit file and log say about it now.
+
+`launch_stage` writes `<run dir>/active_run.json` (the RunHandle it returns: pid, kernel
+start ticks, run tag, log and exit paths, resume_from, total_steps) atomically before it
+returns. If `retool apply` dies after starting the run but before the engine recorded the
+handle, the next launch of the same stage and restart identity finds that record, sees
+the process still running (same pid *and* start ticks, no exit file) and re-attaches to it
+instead of moving the directory aside and starting a second run over the first. A record
+whose run ended is never reused; trainer processes it left behind are stopped first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from reconciler.errors import TerminalError
+from reconciler.state.base import RunHandle
+from runtime import checkpoints as ckpts
+from runtime.local import resources as res
+from runtime import metrics as met
+from runtime import processes as procs
+from reconciler.backend import RunStatus
+
+ACTIVE_RUN_FILE = "active_run.json"
+TAIL_LINES = 40
+
+
+# --------------------------------------------------------------------------- the active-run record
+
+
+def write_active(run_dir: Path, handle: RunHandle) -> None:
+    """Record `handle` as the run training into `run_dir` (atomic: temporary file, rename)."""
+    res.write_json(run_dir / ACTIVE_RUN_FILE, handle.model_dump(mode="json"))
+
+
+def read_active(run_dir: Path) -> RunHandle | None:
+    raw = res.read_json(run_dir / ACTIVE_RUN_FILE)
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return RunHandle.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def exit_path_of(handle: RunHandle) -> Path:
+    log_path = Path(handle.log_path or "")
+    return Path(handle.extra.get("exit_path") or log_path.with_name(log_path.stem + ".exit.json"))
+
+
+def is_running(handle: RunHandle) -> bool:
+    """Whether the run's wrapper is the very process that was started (pid and start ticks)
+    and has not written its exit file yet."""
+    if handle.pid is None or procs.read_exit(exit_path_of(handle)) is not None:
+        return False
+    return procs.is_alive(handle.pid, handle.extra.get("start_ticks"))
+
+
+def live_run(run_dir: Path) -> RunHandle | None:
+    """The recorded run of `run_dir` if it is still running, else None."""
+    handle = read_active(run_dir)
+    return handle if handle is not None and is_running(handle) else None
+
+
+def stop(handle: RunHandle, grace_s: float = 20.0) -> None:
+    """Stop every process of a recorded run (its group and everything carrying its tag)."""
+    tag = str(handle.extra.get("tag") or "")
+    if procs.run_members(handle.pgid if is_running(handle) else None, tag):
+        procs.terminate_run(handle.pgid if is_running(handle) else None, tag, grace_s=grace_s)
+
+
+def move_aside(run_dir: Path) -> None:
+    """A from-scratch launch over an earlier run of the same identity keeps that run, out of
+    the way, under `.replaced/`. Never a directory a live run still writes into."""
+    if not run_dir.is_dir() or not any(p.name != ckpts.MARKER_FILE for p in run_dir.iterdir()):
+        return
+    live = live_run(run_dir)
+    if live is not None:
+        raise TerminalError(
+            f"{run_dir} still has a running trainer (pid {live.pid})",
+            "a from-scratch launch would move its checkpoints away while it writes them",
+            "`retool cancel` the stage first",
+        )
+    dest = run_dir.parent / ".replaced" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run_dir, dest)
+
+
+# --------------------------------------------------------------------------- observing a run
+
+
+def follower_for(handle: RunHandle) -> met.LogFollower:
+    """A follower of the run's log that starts from the steps the run resumed from (kept in
+    the run dir's metrics.jsonl), so a resumed run's metrics and sparkline cover every step."""
+    follower = met.LogFollower(Path(handle.log_path or ""))
+    resume_from, metrics_path = handle.extra.get("resume_from"), handle.extra.get("metrics_path")
+    if isinstance(resume_from, int) and metrics_path:
+        for rec in met.read_file(Path(metrics_path)):
+            if rec.step <= resume_from:
+                follower.by_step[rec.step] = dict(rec.values)
+    return follower
+
+
+def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
+    """The run's state now, from its exit file, its process and its log."""
+    log_path = Path(handle.log_path or "")
+    records = follower.update()
+    if follower.changed:
+        met.write_file(records, Path(handle.extra.get("metrics_path") or log_path.with_suffix(".metrics.jsonl")))
+    step = records[-1].step if records else None
+    total = handle.extra.get("total_steps")
+    seen = {
+        "step": step, "total": total, "metrics": met.headline(records) or met.latest(records),
+        "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
+    }
+    done = procs.read_exit(exit_path_of(handle))
+    if done is None and not procs.is_alive(handle.pid or 0, handle.extra.get("start_ticks")):
+        done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks
+        if done is None:
+            # Trainer processes that outlived their leader (torchrun workers run in their own
+            # sessions) would race a relaunch over the same checkpoints: stop them first.
+            tag = str(handle.extra.get("tag") or "")
+            leftovers = procs.run_members(None, tag)
+            if leftovers:
+                procs.terminate_run(None, tag, grace_s=10)
+            tail = procs.tail(log_path, TAIL_LINES)
+            return RunStatus(
+                state="lost", log_tail=tail, elapsed_s=None, **seen,
+                message=f"process {handle.pid} is gone and left no exit status (killed, or the machine restarted)"
+                + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
+                + (f"; last log line: {tail[-1]}" if tail else ""),
+            )
+    if done is None:
+        url = follower.wandb_url
+        return RunStatus(
+            state="running", elapsed_s=time.time() - handle.started_at, log_tail=procs.tail(log_path, 5), **seen,
+            message=(f"step {step}/{total}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
+        )
+    elapsed = done.finished_at - handle.started_at
+    tail = procs.tail(log_path, TAIL_LINES)
+    if done.returncode == 0 and handle.extra.get("kind") == "sft" and total and (step or 0) < total:
+        # SFT data is never filtered, so ending early means verl's loop ran out of epochs.
+        return RunStatus(
+            state="failed", elapsed_s=elapsed, log_tail=tail, **seen,
+            message=f"the trainer exited at step {step} of {total} (it ran out of epochs); apply resumes it",
+        )
+    if done.returncode == 0:
+        return RunStatus(
+            state="succeeded", elapsed_s=elapsed, log_tail=tail[-5:], **seen,
+            message=f"finished at step {step}" if step is not None else "finished",
+        )
+    why = f"cancelled ({done.signal})" if done.cancelled else f"exited with code {done.returncode}"
+    error = "" if done.cancelled else procs.error_line(procs.tail(log_path, 400, max_bytes=1 << 20))
+    return RunStatus(
+        state="failed", elapsed_s=elapsed, log_tail=tail, **seen, message=why + (f": {error}" if error else ""),
+    )

@@ -1,0 +1,529 @@
+"""The one thin layer between retool and the Modal SDK: the only module that imports `modal`.
+
+`ModalAdapter` is the protocol the backend, the state store and the container worker call;
+`SdkAdapter` implements it with the real client (imported lazily, inside methods, so
+`retool plan` never pays for it); `tests/fakes/fake_modal.py` implements it in memory.
+
+Rules every `SdkAdapter` call follows (MODAL.md, "Offline behaviour"):
+- no token → `TerminalError` at once, saying how to log in (the SDK would raise AuthError);
+- every remote call runs under a short deadline in a daemon thread, because with a token and
+  no reachable server the SDK retries for about a minute: past the deadline the call raises
+  `ModalUnreachable` (a `TransientError`) and the caller decides (status says "unreachable",
+  apply stops; a run is never relaunched because it could not be reached);
+- SDK exceptions are translated: NotFoundError → FileNotFoundError (files) or False/None,
+  AuthError → TerminalError, ConnectionError → ModalUnreachable.
+
+Paths inside volumes are relative to the volume's root (`sft/abc/global_step_5/x.pt`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import tomllib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from reconciler.errors import TerminalError, TransientError
+from runtime.modal.app import WORKER_MODULE, AppDefinition, FunctionSpec, ImageStep
+
+T = TypeVar("T")
+
+LOGIN_HINT = "run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), then try again"
+CALL_TIMEOUT_S = 20.0  # metadata calls: answer in seconds or report the server unreachable
+DATA_TIMEOUT_S = 300.0  # file transfers
+
+
+class ModalUnreachable(TransientError):
+    """Modal did not answer in time, or the connection failed. Nothing was decided."""
+
+
+class VolumeEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str  # relative to the volume root, no leading slash
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0
+
+
+CallState = Literal["running", "succeeded", "failed", "cancelled", "expired"]
+
+
+class CallOutcome(BaseModel):
+    """What `FunctionCall.get(timeout=0)` said about a spawned call."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: CallState
+    result: Any = None  # the function's return value (a JSON-able dict for retool's functions)
+    error: str = ""
+
+
+class ModalAdapter(Protocol):
+    """Everything retool asks of Modal. `env` is the Modal environment (None: the profile's)."""
+
+    # --- credentials and reachability
+    def credentials_problem(self) -> str | None:
+        """Why no call can be made (no token), without any network call; None when a token is set."""
+        ...
+
+    def check_connection(self, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        """One round trip that proves the token works; raises TerminalError / ModalUnreachable."""
+        ...
+
+    # --- volumes (client side)
+    def volume_exists(self, name: str, *, env: str | None = None) -> bool: ...
+
+    def create_volume(self, name: str, *, env: str | None = None) -> bool:
+        """Create if missing; True when it was created now."""
+        ...
+
+    def delete_volume(self, name: str, *, env: str | None = None) -> bool:
+        """Delete if present; True when it existed."""
+        ...
+
+    def listdir(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> list[VolumeEntry]:
+        """Entries under `path` (FileNotFoundError when it does not exist)."""
+        ...
+
+    def read_file(self, volume: str, path: str, *, env: str | None = None) -> bytes:
+        """Whole file (FileNotFoundError when missing)."""
+        ...
+
+    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+        """Upload (overwriting) in one batch: remote path -> bytes or a local file."""
+        ...
+
+    def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None: ...
+
+    # --- dict (locks only: entries expire after 7 idle days)
+    def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False, env: str | None = None) -> bool:
+        """False when `skip_if_exists` and the key exists (atomic put-if-absent)."""
+        ...
+
+    def dict_get(self, name: str, key: str, *, env: str | None = None) -> str | None: ...
+
+    def dict_pop(self, name: str, key: str, *, env: str | None = None) -> str | None: ...
+
+    # --- app and calls
+    def deploy(self, definition: AppDefinition) -> None:
+        """Build the image and deploy the app (idempotent; images are cached by recipe)."""
+        ...
+
+    def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
+        """Spawn one call of a deployed function; returns the FunctionCall id."""
+        ...
+
+    def poll(self, call_id: str) -> CallOutcome: ...
+
+    def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
+        """Like poll, but waits up to `timeout_s` for a result."""
+        ...
+
+    def cancel(self, call_id: str) -> None: ...
+
+    def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str: ...
+
+    def gpu_rates(self) -> dict[str, float]:
+        """USD per GPU-hour by Modal GPU type, from the workspace's billing rates."""
+        ...
+
+    # --- inside a container
+    def reload_volume(self, name: str) -> None: ...
+
+    def commit_volume(self, name: str) -> None: ...
+
+    def current_call_id(self) -> str | None: ...
+
+    def cluster_info(self) -> tuple[int, list[str]]:
+        """(this container's rank, every container's IP) in a clustered function."""
+        ...
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Run `fn` in a daemon thread; give up after `timeout_s` (the thread is abandoned,
+    never joined, so a hung SDK retry loop cannot keep the process alive at exit)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"modal:{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ModalUnreachable(
+            f"Modal did not answer within {timeout_s:g} s ({what})",
+            "the server may be unreachable from here; nothing was changed by this call",
+            "check the network (and MODAL_SERVER_URL if set) and try again",
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- the real adapter
+
+
+def modal_token_configured() -> bool:
+    """Whether the Modal client would find a token, read the way it reads them (env vars,
+    then the selected or active profile of MODAL_CONFIG_PATH / ~/.modal.toml) without
+    importing `modal`."""
+    if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
+        return True
+    path = Path(os.environ.get("MODAL_CONFIG_PATH") or Path.home() / ".modal.toml")
+    try:
+        profiles = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    sections = {k: v for k, v in profiles.items() if isinstance(v, dict)}
+    wanted = os.environ.get("MODAL_PROFILE")
+    if wanted:
+        chosen = sections.get(wanted, {})
+    else:
+        active = [v for v in sections.values() if v.get("active")]
+        chosen = active[0] if active else (next(iter(sections.values())) if len(sections) == 1 else {})
+    return bool(chosen.get("token_id") and chosen.get("token_secret"))
+
+
+class SdkAdapter:
+    """`ModalAdapter` over the installed `modal` client."""
+
+    def __init__(self, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self.call_timeout_s = call_timeout_s
+
+    # ------------------------------------------------------------ plumbing
+
+    def _modal(self) -> Any:
+        """The `modal` module for calls that reach Modal, imported only once a token exists:
+        without one, nothing (plan, status) should pay for or depend on importing the client."""
+        problem = self.credentials_problem()
+        if problem:
+            raise TerminalError(problem, "", LOGIN_HINT)
+        return self._import_modal()
+
+    @staticmethod
+    def _import_modal() -> Any:
+        try:
+            import modal
+        except ImportError as exc:
+            raise TerminalError(
+                "The Modal client is not installed", str(exc), "install it: `pip install 'retool[modal]'`"
+            ) from exc
+        return modal
+
+    def _in_container(self) -> bool:
+        return bool(os.environ.get("MODAL_TASK_ID"))
+
+    def _call(self, fn: Callable[[], T], what: str, timeout_s: float | None = None) -> T:
+        """Credentials check, deadline, and exception translation around one SDK call."""
+        problem = None if self._in_container() else self.credentials_problem()
+        if problem:
+            raise TerminalError(problem, "", LOGIN_HINT)
+        modal = self._modal()
+        exc_mod = modal.exception
+        try:
+            return call_with_deadline(fn, timeout_s or self.call_timeout_s, what)
+        except exc_mod.AuthError as exc:
+            raise TerminalError("Modal rejected the credentials", str(exc), LOGIN_HINT) from exc
+        except exc_mod.ConnectionError as exc:
+            raise ModalUnreachable(f"Cannot reach Modal ({what})", str(exc), "try again when the network is back") from exc
+
+    def credentials_problem(self) -> str | None:
+        if self._in_container():
+            return None
+        if modal_token_configured():
+            return None
+        return "No Modal credentials: no token in MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml"
+
+    def check_connection(self, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        modal = self._modal()
+        self._call(lambda: modal.Client.from_env().hello(), "connect", timeout_s)
+
+    # ------------------------------------------------------------ volumes
+
+    def _volume(self, name: str, env: str | None, create: bool = False) -> Any:
+        return self._modal().Volume.from_name(name, environment_name=env, create_if_missing=create)
+
+    def volume_exists(self, name: str, *, env: str | None = None) -> bool:
+        not_found = self._modal().exception.NotFoundError
+
+        def probe() -> bool:
+            try:
+                self._volume(name, env).hydrate()
+            except not_found:
+                return False
+            return True
+
+        return self._call(probe, f"volume {name}")
+
+    def create_volume(self, name: str, *, env: str | None = None) -> bool:
+        if self.volume_exists(name, env=env):
+            return False
+        modal = self._modal()
+        self._call(
+            lambda: modal.Volume.objects.create(name, allow_existing=True, environment_name=env or ""),
+            f"create volume {name}",
+        )
+        return True
+
+    def delete_volume(self, name: str, *, env: str | None = None) -> bool:
+        if not self.volume_exists(name, env=env):
+            return False
+        modal = self._modal()
+        self._call(
+            lambda: modal.Volume.objects.delete(name, allow_missing=True, environment_name=env or ""),
+            f"delete volume {name}",
+        )
+        return True
+
+    def listdir(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> list[VolumeEntry]:
+        modal = self._modal()
+        not_found = modal.exception.NotFoundError
+        dir_type = modal.volume.FileEntryType.DIRECTORY
+
+        def run() -> list[VolumeEntry]:
+            try:
+                entries = self._volume(volume, env).listdir("/" + path.strip("/"), recursive=recursive)
+            except not_found as exc:
+                raise FileNotFoundError(f"{volume}:{path}") from exc
+            return [
+                VolumeEntry(path=e.path.lstrip("/"), is_dir=e.type == dir_type, size=int(e.size), mtime=float(e.mtime))
+                for e in entries
+            ]
+
+        return self._call(run, f"listdir {volume}:{path}")
+
+    def read_file(self, volume: str, path: str, *, env: str | None = None) -> bytes:
+        not_found = self._modal().exception.NotFoundError
+
+        def run() -> bytes:
+            buf = io.BytesIO()
+            try:
+                for chunk in self._volume(volume, env).read_file("/" + path.strip("/")):
+                    buf.write(chunk)
+            except not_found as exc:
+                raise FileNotFoundError(f"{volume}:{path}") from exc
+            return buf.getvalue()
+
+        return self._call(run, f"read {volume}:{path}", DATA_TIMEOUT_S)
+
+    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+        def run() -> None:
+            with self._volume(volume, env).batch_upload(force=True) as batch:
+                for remote, data in files.items():
+                    target = "/" + remote.strip("/")
+                    if isinstance(data, Path):
+                        if data.is_dir():
+                            batch.put_directory(str(data), target)
+                        else:
+                            batch.put_file(str(data), target)
+                    else:
+                        batch.put_file(io.BytesIO(data), target)
+
+        self._call(run, f"upload to {volume}", DATA_TIMEOUT_S)
+
+    def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
+        not_found = self._modal().exception.NotFoundError
+
+        def run() -> None:
+            try:
+                self._volume(volume, env).remove_file("/" + path.strip("/"), recursive=recursive)
+            except not_found:
+                pass
+
+        self._call(run, f"remove {volume}:{path}")
+
+    # ------------------------------------------------------------ dict
+
+    def _dict(self, name: str, env: str | None) -> Any:
+        return self._modal().Dict.from_name(name, environment_name=env, create_if_missing=True)
+
+    def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False, env: str | None = None) -> bool:
+        return bool(self._call(lambda: self._dict(name, env).put(key, value, skip_if_exists=skip_if_exists), f"dict {name}"))
+
+    def dict_get(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        value = self._call(lambda: self._dict(name, env).get(key, None), f"dict {name}")
+        return None if value is None else str(value)
+
+    def dict_pop(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        value = self._call(lambda: self._dict(name, env).pop(key, None), f"dict {name}")
+        return None if value is None else str(value)
+
+    # ------------------------------------------------------------ app
+
+    def build_image(self, steps: list[ImageStep]) -> Any:
+        """The `modal.Image` for a chain of steps (no network call)."""
+        modal = self._import_modal()  # building objects is offline: no token needed
+        first, rest = steps[0], steps[1:]
+        if first.op != "from_registry":
+            raise ValueError("an image chain starts with from_registry")
+        image = modal.Image.from_registry(first.args[0], **first.options)
+        for step in rest:
+            if step.op == "env":
+                image = image.env(dict(step.env))
+            else:
+                image = getattr(image, step.op)(*step.args, **step.options)
+        return image
+
+    def build_app(self, definition: AppDefinition) -> Any:
+        """The `modal.App` for a definition (no network call): every function is a plain
+        global of `runtime.modal.worker`, registered under its own name; the container
+        imports that module and finds the function by its implementation name."""
+        import importlib
+
+        modal = self._import_modal()  # building objects is offline: no token needed
+        worker = importlib.import_module(WORKER_MODULE)
+        app = modal.App(definition.app_name)
+        image = self.build_image(definition.image)
+        # Volumes are created by ensure_volume, never here: a deleted protected volume must
+        # not come back empty behind the user's back (deploy then fails with NotFoundError).
+        volumes = {
+            name: modal.Volume.from_name(name, environment_name=definition.environment)
+            for fn in definition.functions for name in fn.volumes.values()
+        }
+        for fn in definition.functions:
+            self._register(app, modal, image, volumes, fn, getattr(worker, fn.entry))
+        return app
+
+    @staticmethod
+    def _register(app: Any, modal: Any, image: Any, volumes: dict[str, Any], fn: FunctionSpec, raw: Any) -> None:
+        target: Any = raw
+        if fn.web:
+            target = modal.asgi_app(label=None)(target)
+        if fn.concurrent_inputs:
+            target = modal.concurrent(max_inputs=fn.concurrent_inputs)(target)
+        if fn.cluster_size:
+            target = modal.clustered(size=fn.cluster_size, rdma=True)(target)
+        kwargs: dict[str, Any] = {
+            "image": image,
+            "name": fn.name,
+            "timeout": fn.timeout_s,
+            "volumes": {path: volumes[name] for path, name in fn.volumes.items()},
+            "secrets": [modal.Secret.from_name(s) for s in fn.secrets],
+            # retool's packages come from the image's add_local_python_source step, nothing else
+            "include_source": False,
+        }
+        if fn.env:
+            kwargs["env"] = dict(fn.env)  # non-secret settings only (the SDK ships them as a dict secret)
+        if fn.gpu is not None:
+            kwargs["gpu"] = fn.gpu
+        if fn.cpu is not None:
+            kwargs["cpu"] = fn.cpu
+        if fn.memory_mb is not None:
+            kwargs["memory"] = fn.memory_mb
+        if fn.retries:
+            kwargs["retries"] = modal.Retries(max_retries=fn.retries, initial_delay=10.0, backoff_coefficient=2.0)
+        if fn.min_containers is not None:
+            kwargs["min_containers"] = fn.min_containers
+        if fn.max_containers is not None:
+            kwargs["max_containers"] = fn.max_containers
+        app.function(**kwargs)(target)
+
+    def deploy(self, definition: AppDefinition) -> None:
+        modal = self._modal()
+        self.check_connection()
+        app = self.build_app(definition)
+        # Image builds can take many minutes; the connection was just proven, so no deadline here.
+        with modal.enable_output():
+            app.deploy(name=definition.app_name, environment_name=definition.environment)
+
+    def _function(self, app_name: str, function: str, env: str | None) -> Any:
+        return self._modal().Function.from_name(app_name, function, environment_name=env)
+
+    def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
+        def run() -> str:
+            return str(self._function(app_name, function, env).spawn(payload).object_id)
+
+        return self._call(run, f"spawn {app_name}.{function}", 60.0)
+
+    def _outcome(self, call_id: str, timeout: float) -> CallOutcome:
+        modal = self._modal()
+        exc_mod = modal.exception
+
+        def run() -> CallOutcome:
+            try:
+                value = modal.FunctionCall.from_id(call_id).get(timeout=timeout)
+            except exc_mod.OutputExpiredError:
+                return CallOutcome(state="expired", error="the call's result expired on Modal")
+            except exc_mod.FunctionTimeoutError as exc:
+                return CallOutcome(state="failed", error=f"timed out: {exc}")
+            except (exc_mod.AuthError, exc_mod.ConnectionError):
+                raise
+            except builtins.TimeoutError:
+                return CallOutcome(state="running")
+            except exc_mod.InputCancellation:
+                return CallOutcome(state="cancelled", error="cancelled")
+            except Exception as exc:  # noqa: BLE001 - the remote function's own failure
+                text = f"{type(exc).__name__}: {exc}"
+                state: CallState = "cancelled" if "cancel" in str(exc).lower() else "failed"
+                return CallOutcome(state=state, error=text[-4000:])
+            return CallOutcome(state="succeeded", result=value)
+
+        return self._call(run, f"poll {call_id}", self.call_timeout_s + timeout)
+
+    def poll(self, call_id: str) -> CallOutcome:
+        return self._outcome(call_id, 0)
+
+    def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
+        return self._outcome(call_id, timeout_s)
+
+    def cancel(self, call_id: str) -> None:
+        modal = self._modal()
+        self._call(lambda: modal.FunctionCall.from_id(call_id).cancel(terminate_containers=True), f"cancel {call_id}")
+
+    def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
+        return str(self._call(lambda: self._function(app_name, function, env).get_web_url(), f"url of {function}"))
+
+    def gpu_rates(self) -> dict[str, float]:
+        modal = self._modal()
+        rates = self._call(lambda: dict(modal.Workspace.from_context().billing.rates()), "billing rates")
+        return parse_gpu_rates({k: float(v) for k, v in rates.items()})
+
+    # ------------------------------------------------------------ container side
+
+    def reload_volume(self, name: str) -> None:
+        self._modal().Volume.from_name(name).reload()
+
+    def commit_volume(self, name: str) -> None:
+        self._modal().Volume.from_name(name).commit()
+
+    def current_call_id(self) -> str | None:
+        return self._modal().current_function_call_id()
+
+    def cluster_info(self) -> tuple[int, list[str]]:
+        import modal.experimental
+
+        info = modal.experimental.get_cluster_info()
+        return int(info.rank), list(info.container_ips)
+
+
+def parse_gpu_rates(rates: dict[str, float]) -> dict[str, float]:
+    """Billing-rate keys name a resource (`gpu.h100`, `H100`...) with a per-second price;
+    map them to USD per GPU-hour by Modal GPU type. Keys that name no GPU are ignored."""
+    from reconciler.spec import GPU_TYPES
+
+    out: dict[str, float] = {}
+    by_norm = {t.lower(): t for t in GPU_TYPES if not t.endswith("!")}
+    for key, value in rates.items():
+        norm = key.lower().replace("gpu.", "").replace("gpu_", "").replace("_", "-").replace("!", "")
+        gpu = by_norm.get(norm)
+        if gpu is None or value <= 0:
+            continue
+        per_hour = value * 3600 if value < 0.1 else value  # per-second prices are tiny numbers
+        out[gpu] = per_hour
+        if gpu == "H100":
+            out.setdefault("H100!", per_hour)
+    return out

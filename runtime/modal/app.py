@@ -1,0 +1,427 @@
+"""The deployed Modal app, described as data built from the spec.
+
+`build_app_definition(spec, repo_root)` turns a spec into an `AppDefinition`: one image
+chain and the functions Modal runs (one per stage, plus data preparation, finalize and,
+for `sandbox.placement: service`, the sandbox web endpoint). It is plain pydantic data, so
+tests read exactly what Modal would receive; `runtime.modal.adapter.SdkAdapter.deploy`
+is the only code that turns it into `modal.App` objects.
+
+Image chain, in this order (MODAL.md): `from_registry(base, add_python)` → apt → the
+spec's non-secret env → pip / uv installs → extra commands → `add_local_python_source`
+of retool's own packages LAST (Modal rejects build steps after a non-copied local
+source, but only when it builds remotely). Secrets never enter the image: functions get
+`modal.Secret.from_name` references.
+
+Checks Modal only makes on its servers are made here, at plan time
+(`modal_problems`, `image_warnings`): GPU names (the spec restricts them), timeouts over
+24 h per attempt, missing local sources, secret variables in the image env, mutable tags.
+
+The container side (what each function does once it starts) lives in
+`runtime.modal.worker`; the functions named in `Entry` are its entry points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.spec import Image, RLStage, Spec
+
+MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
+# The container stops training this long before Modal's timeout, so it can commit the
+# volumes and hand over to the next segment instead of being killed mid-write.
+SEGMENT_MARGIN_S = 15 * 60
+SIDECAR_PORT = 8765  # the RL container's sandbox sidecar listens on localhost here by default
+WORKER_MODULE = "runtime.modal.worker"
+CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
+LOCAL_SOURCE_IGNORE = ("**/__pycache__", "**/*.pyc", "**/.pytest_cache")
+
+Entry = Literal["run_stage", "prepare", "finalize", "sandbox_web"]
+ImageOp = Literal[
+    "from_registry", "apt_install", "env", "pip_install", "uv_pip_install", "run_commands",
+    "add_local_python_source",
+]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageStep(Frozen):
+    """One call on `modal.Image`: `op(*args, **options)`."""
+
+    op: ImageOp
+    args: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)  # only for op == "env"
+
+
+class FunctionSpec(Frozen):
+    """One `app.function(...)` registration of an entry point in `runtime.modal.worker`."""
+
+    name: str  # Modal function name within the app
+    entry: Entry
+    gpu: str | list[str] | None = None  # "H100:8", or a fallback list ["H100:8", "A100-80GB:8"]
+    cpu: float | None = None
+    memory_mb: int | None = None
+    timeout_s: int = 3600
+    retries: int = 0
+    volumes: dict[str, str] = Field(default_factory=dict)  # mount path -> Modal volume name
+    secrets: list[str] = Field(default_factory=list)  # Modal secret names
+    env: dict[str, str] = Field(default_factory=dict)  # non-secret settings for the entry point
+    cluster_size: int | None = None  # `@modal.clustered(size=N)` when nodes > 1
+    web: bool = False  # `@modal.asgi_app()`
+    concurrent_inputs: int | None = None  # `@modal.concurrent(max_inputs=N)`
+    min_containers: int | None = None
+    max_containers: int | None = None
+
+
+class AppDefinition(Frozen):
+    app_name: str
+    environment: str | None = None
+    image: list[ImageStep]
+    functions: list[FunctionSpec]
+
+    def function(self, name: str) -> FunctionSpec:
+        for fn in self.functions:
+            if fn.name == name:
+                return fn
+        raise KeyError(name)
+
+    def digest(self) -> str:
+        """Identity of what would be deployed (an unchanged digest needs no redeploy)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def app_name(spec: Spec) -> str:
+    if spec.modal.app_name:
+        return spec.modal.app_name
+    return spec.name if spec.name.startswith("retool") else f"retool-{spec.name}"
+
+
+def modal_volume_name(spec: Spec, key: str) -> str:
+    """Modal volumes are workspace-global: prefix the spec's name so pipelines never share one."""
+    return f"{spec.name}-{key}"
+
+
+def stage_function_name(stage: str) -> str:
+    return f"stage-{stage}"
+
+
+PREPARE_FUNCTION = "prepare"
+FINALIZE_FUNCTION = "finalize"
+SANDBOX_FUNCTION = "sandbox"
+
+
+def mount(spec: Spec, volume_key: str) -> str:
+    return spec.volumes[volume_key].mount
+
+
+def dataset_dir(spec: Spec, name: str) -> str:
+    """Container path of a prepared dataset (LOCAL_API layout under the volume's mount)."""
+    return f"{mount(spec, spec.datasets[name].volume)}/datasets/{name}"
+
+
+def model_dir(spec: Spec, name: str) -> str:
+    return f"{mount(spec, spec.models[name].volume)}/models/{name}"
+
+
+def stage_dir(spec: Spec, stage: str, restart_id: str) -> str:
+    """Container path of a stage's checkpoints: `<mount>/<stage>/<restart_id[:16]>`."""
+    return f"{mount(spec, spec.stages[stage].volume)}/{stage_rel_dir(stage, restart_id)}"
+
+
+def stage_rel_dir(stage: str, restart_id: str) -> str:
+    """The same directory relative to the volume's root (for `Volume.listdir`)."""
+    return f"{stage}/{restart_id[:16]}"
+
+
+def to_volume_path(spec: Spec, container_path: str) -> tuple[str, str]:
+    """`/checkpoints/sft/x` -> (`checkpoints`, `sft/x`): which volume, and where inside it."""
+    best: tuple[str, str] | None = None
+    for key, vol in spec.volumes.items():
+        root = vol.mount.rstrip("/")
+        if container_path == root or container_path.startswith(root + "/"):
+            if best is None or len(spec.volumes[best[0]].mount) < len(root):
+                best = (key, container_path[len(root):].lstrip("/"))
+    if best is None:
+        raise ValueError(f"{container_path} is not under any volume mount")
+    return best
+
+
+def volume_mounts(spec: Spec) -> dict[str, str]:
+    """Every spec volume, mounted at its path: mount -> Modal volume name."""
+    return {vol.mount: modal_volume_name(spec, key) for key, vol in sorted(spec.volumes.items())}
+
+
+# --------------------------------------------------------------------------- image
+
+
+def image_steps(image: Image) -> list[ImageStep]:
+    """The image chain, in Modal's required order, local sources last."""
+    steps = [ImageStep(op="from_registry", args=[image.base], options={"add_python": image.python})]
+    if image.apt:
+        steps.append(ImageStep(op="apt_install", args=list(image.apt)))
+    if image.env:
+        steps.append(ImageStep(op="env", env=dict(sorted(image.env.items()))))
+    if image.pip:
+        op: ImageOp = "uv_pip_install" if image.installer == "uv" else "pip_install"
+        steps.append(ImageStep(op=op, args=list(image.pip)))
+    if image.commands:
+        steps.append(ImageStep(op="run_commands", args=list(image.commands)))
+    if image.local_sources:
+        # Ship package data too (the RL tool config, chat templates): Modal's default ignores non-.py files.
+        steps.append(ImageStep(op="add_local_python_source", args=list(image.local_sources),
+                               options={"ignore": list(LOCAL_SOURCE_IGNORE)}))
+    return steps
+
+
+_DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")
+_MUTABLE_TAGS = {"latest", "stable", "nightly", "edge", "main", "master", "dev", "devel", "rolling"}
+
+
+def image_warnings(image: Image) -> list[str]:
+    """Reproducibility warnings for `plan`: mutable base tags and unpinned requirements."""
+    warnings: list[str] = []
+    base = image.base
+    if not _DIGEST_RE.search(base):
+        tag = base.rsplit("/", 1)[-1].partition(":")[2]
+        if not tag:
+            warnings.append(f"image.base {base!r} has no tag (means :latest): pin a version tag or @sha256 digest")
+        elif tag.lower() in _MUTABLE_TAGS or not re.search(r"\d", tag):
+            warnings.append(f"image.base {base!r} uses the mutable tag {tag!r}: pin a version tag or @sha256 digest")
+    for req in image.pip:
+        if req.startswith(("-", "git+", "http://", "https://", "/", ".")):
+            continue
+        if "==" not in req and "@" not in req:
+            warnings.append(f"image.pip {req!r} is not pinned (`==`): the image may change between builds")
+    return warnings
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
+    """What Modal would reject only on its servers, found here before anything runs."""
+    problems: list[str] = []
+    for name, stage in spec.stages.items():
+        hours = stage.resources.timeout_hours
+        if hours > MAX_TIMEOUT_HOURS:
+            problems.append(
+                f"stages.{name}.resources.timeout_hours: {hours:g} h exceeds Modal's 24 h per attempt "
+                "(longer stages already run as several segments; set it to 24 or less)"
+            )
+        if hours * 3600 <= SEGMENT_MARGIN_S:
+            problems.append(
+                f"stages.{name}.resources.timeout_hours: {hours:g} h leaves no time to train after the "
+                f"{SEGMENT_MARGIN_S // 60}-minute hand-over margin"
+            )
+    root = Path(repo_root)
+    for src in spec.image.local_sources:
+        if not ((root / src / "__init__.py").is_file() or (root / f"{src}.py").is_file()):
+            problems.append(f"image.local_sources: {src!r} is not a Python package or module under {root}")
+    secret_vars = {var for ref in spec.secrets.values() for var in ref.env}
+    for var in sorted(set(spec.image.env) & secret_vars):
+        problems.append(
+            f"image.env.{var}: this variable is provided by a secret; secrets are attached to functions, "
+            "never baked into the image"
+        )
+    for name, stage in spec.stages.items():
+        for var in sorted(set(stage.env) & secret_vars):
+            problems.append(f"stages.{name}.env.{var}: this variable is provided by a secret; list the secret instead")
+    if spec.sandbox is not None and spec.sandbox.placement == "service":
+        key = spec.sandbox.token_secret
+        if key is None:
+            problems.append("sandbox.token_secret: a `service` sandbox needs a secret holding its bearer token")
+        elif key not in spec.secrets:
+            problems.append(f"sandbox.token_secret: {key!r} is not a key of `secrets`")
+    return problems
+
+
+def segments_for(hours: float, timeout_hours: float) -> int:
+    """Attempts of at most one timeout each needed to run `hours` (60 h at 24 h per attempt: 3).
+
+    The same rule the plan's estimate uses; each segment stops `SEGMENT_MARGIN_S` early to
+    commit its checkpoint, which the save cadence covers in practice."""
+    if hours <= 0:
+        return 0
+    return max(1, math.ceil(round(hours / min(timeout_hours, MAX_TIMEOUT_HOURS), 9)))
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def _modal_secret_names(spec: Spec, keys: list[str]) -> list[str]:
+    return [spec.secrets[k].modal_name or k for k in keys if k in spec.secrets]
+
+
+def _hf_secret_keys(spec: Spec) -> list[str]:
+    wanted = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
+    return sorted(k for k, ref in spec.secrets.items() if wanted & set(ref.env))
+
+
+def stage_function(spec: Spec, stage_name: str) -> FunctionSpec:
+    stage = spec.stages[stage_name]
+    res = stage.resources
+    gpu: str | list[str] | None = None
+    if res.gpu is not None:
+        gpus = [f"{t}:{res.gpus_per_node}" for t in [res.gpu, *res.gpu_fallbacks]]
+        gpu = gpus[0] if len(gpus) == 1 else gpus
+    secret_keys = list(stage.secrets)
+    if isinstance(stage, RLStage) and spec.sandbox is not None and spec.sandbox.placement == "service":
+        if spec.sandbox.token_secret and spec.sandbox.token_secret not in secret_keys:
+            secret_keys.append(spec.sandbox.token_secret)
+    return FunctionSpec(
+        name=stage_function_name(stage_name),
+        entry="run_stage",
+        gpu=gpu,
+        cpu=res.cpu,
+        memory_mb=res.memory_mb,
+        timeout_s=int(min(res.timeout_hours, MAX_TIMEOUT_HOURS) * 3600),
+        retries=res.retries,
+        volumes=volume_mounts(spec),
+        secrets=_modal_secret_names(spec, secret_keys),
+        cluster_size=res.nodes if res.nodes > 1 else None,
+    )
+
+
+def finalize_gpu(spec: Spec) -> str | None:
+    """Finalize (merge + tool-call check) runs on one GPU of the first GPU type the stages use."""
+    for stage in spec.stages.values():
+        if stage.resources.gpu is not None:
+            return stage.resources.gpu
+    return None
+
+
+def build_app_definition(spec: Spec) -> AppDefinition:
+    """Everything Modal receives for this spec, as data."""
+    mounts = volume_mounts(spec)
+    hf = _modal_secret_names(spec, _hf_secret_keys(spec))
+    functions = [stage_function(spec, name) for name in spec.stages]
+    functions.append(FunctionSpec(
+        name=PREPARE_FUNCTION, entry="prepare", cpu=8.0, memory_mb=32768, timeout_s=4 * 3600,
+        retries=1, volumes=mounts, secrets=hf,
+    ))
+    functions.append(FunctionSpec(
+        name=FINALIZE_FUNCTION, entry="finalize", gpu=finalize_gpu(spec), cpu=8.0, memory_mb=131072,
+        timeout_s=2 * 3600, retries=1, volumes=mounts, secrets=hf,
+    ))
+    sb = spec.sandbox
+    if sb is not None and sb.placement == "service":
+        functions.append(FunctionSpec(
+            name=SANDBOX_FUNCTION, entry="sandbox_web", cpu=sb.cpu, memory_mb=sb.memory_mb, timeout_s=3600,
+            secrets=_modal_secret_names(spec, [sb.token_secret] if sb.token_secret else []),
+            env=sandbox_env(spec), web=True, concurrent_inputs=sb.max_queue + (sb.workers or int(sb.cpu)),
+            min_containers=sb.replicas, max_containers=sb.replicas,
+        ))
+    return AppDefinition(
+        app_name=app_name(spec), environment=spec.modal.environment, image=image_steps(spec.image),
+        functions=functions,
+    )
+
+
+def sandbox_env(spec: Spec) -> dict[str, str]:
+    """Non-secret settings of the service sandbox, read by `runtime.modal.worker.sandbox_web`."""
+    sb = spec.sandbox
+    assert sb is not None
+    env = {
+        "RETOOL_SANDBOX_SETTINGS": json.dumps(sb.model_dump(mode="json"), sort_keys=True),
+    }
+    token_var = sandbox_token_env(spec)
+    if token_var:
+        env["RETOOL_SANDBOX_TOKEN_VAR"] = token_var
+    return env
+
+
+def sandbox_token_env(spec: Spec) -> str | None:
+    """Name of the environment variable that holds the service sandbox's bearer token."""
+    sb = spec.sandbox
+    if sb is None or sb.placement != "service" or not sb.token_secret or sb.token_secret not in spec.secrets:
+        return None
+    return spec.secrets[sb.token_secret].env[0]
+
+
+# --------------------------------------------------------------------------- payloads
+# What a spawned call receives and returns: plain JSON-able data (Modal pickles it; only
+# builtins cross, so the CLI and the container need not run the same Python).
+
+
+class SidecarSettings(Frozen):
+    """The sandbox the RL container starts on localhost before training."""
+
+    port: int = SIDECAR_PORT
+    workers: int | None = None
+    max_queue: int = 256
+    memory_limit_mb: int = 1024
+    max_output_bytes: int = 65536
+    preload: list[str] = Field(default_factory=list)
+
+
+class StagePayload(Frozen):
+    version: int = 1
+    app_name: str
+    function: str
+    environment: str | None = None
+    stage: str
+    kind: Literal["sft", "rl"]
+    restart_id: str
+    segment: int = 0
+    segments_planned: int = 1
+    total_steps: int | None = None
+    resume_from: int | None = None
+    world_size: int = 1
+    nodes: int = 1
+    commands: list[dict[str, Any]]  # reconciler.backend.RenderedCommand dumps, exactly `retool render`'s
+    checkpoint_dir: str  # container path: <mount>/<stage>/<restart_id[:16]>
+    checkpoint_volume: str  # Modal volume name holding it
+    volumes: dict[str, str]  # Modal volume name -> mount path (reloaded at start, committed at the end)
+    sidecar: SidecarSettings | None = None
+    # service sandbox: the variable holding its token; the container puts the token into
+    # RETOOL_SANDBOX_URL (`<url>/t/<token>`) so the token never enters payloads or state
+    sandbox_token_var: str | None = None
+    # a from-scratch launch over checkpoints of the same identity: the first attempt moves
+    # them to <stage>/.replaced/ (never deletes them)
+    replace_existing: bool = False
+    train_seconds: float  # per attempt: stop, commit and hand over to the next segment after this
+    commit_every_s: float = 600.0
+
+
+class StageResult(Frozen):
+    outcome: Literal["finished", "continued", "failed"]
+    step: int | None = None
+    segment: int = 0
+    next_call_id: str | None = None
+    active_s: float = 0.0  # container seconds of every attempt of every segment so far
+    message: str = ""
+
+
+class PreparePayload(Frozen):
+    kind: Literal["dataset", "model"]
+    name: str
+    config: dict[str, Any]  # the Dataset / Model spec section
+    spec_dir: str  # container directory that `path:` sources resolve against (uploaded inputs)
+    out_dir: str  # container path to materialise into
+    volume: str  # Modal volume name to commit
+
+
+class FinalizePayload(Frozen):
+    stage: str
+    checkpoint_path: str
+    step: int
+    merged_dir: str
+    volume: str
+    commands: list[dict[str, Any]]  # merge command(s), rendered like the stage's
+    tool_call_check: dict[str, Any] | None = None  # ToolCallCheck dump for SFT stages with a check
+
+
+RUN_DIR = "_retool"  # beside global_step_N: run.json, progress.json, result.json, attempts.jsonl, logs/

@@ -1,0 +1,557 @@
+"""The Modal backend: `reconciler.backend.Runtime` on Modal's cloud, through `ModalAdapter`.
+
+Layout on Modal (names from `runtime.modal.app`):
+
+    app          retool-<spec name> (spec.modal.app_name), deployed; functions stage-<name>,
+                 prepare, finalize, sandbox (service placement only)
+    volumes      <spec name>-<volume key>, mounted at the spec's `mount`
+    dataset      <mount>/datasets/<name>/{train.parquet, meta.json}  (+ datasets/.<name>.prepared.json)
+    model        <mount>/models/<name>/                              (+ models/.<name>.prepared.json)
+    uploads      <mount>/_uploads/<dataset|model>/<name>/             (`path:` sources, copied from here)
+    stage run    <mount>/<stage>/<restart_id[:16]>/  retool.json, global_step_N/, tracker,
+                 merged/ + merged.json (finalize), _retool/{run.json, progress.json, result.json, logs/}
+
+Runs: `launch_stage` deploys the app when its definition changed, writes the restart
+marker, spawns `stage-<name>` with exactly `render_stage`'s commands and records the
+FunctionCall id in the RunHandle (and in `_retool/run.json`). `poll_stage` asks the call
+(`get(timeout=0)`) and follows the chain of segments each container spawns when its 24 h
+attempt ends; a call whose result expired is judged from `_retool/` on the volume. A run
+that cannot be reached raises `ModalUnreachable` (transient): the engine keeps it as
+running and never relaunches it. Credentials are checked first, locally, in `preflight`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from reconciler.errors import TerminalError
+from reconciler.spec import Dataset, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
+from reconciler.state.base import RunHandle
+from runtime import checkpoints as ckpts
+from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalAdapter, ModalUnreachable
+from runtime.modal.app import (
+    CONTAINER_SOURCE_ROOT,
+    FINALIZE_FUNCTION,
+    PREPARE_FUNCTION,
+    RUN_DIR,
+    SANDBOX_FUNCTION,
+    SEGMENT_MARGIN_S,
+    AppDefinition,
+    FinalizePayload,
+    PreparePayload,
+    SidecarSettings,
+    StagePayload,
+    app_name,
+    build_app_definition,
+    dataset_dir,
+    modal_problems,
+    modal_volume_name,
+    model_dir,
+    mount,
+    sandbox_token_env,
+    segments_for,
+    stage_function_name,
+)
+from runtime.verl.common import StagePaths, with_planned_inputs
+from runtime.verl.sft import MERGE_MODULE, render_merge, render_sft
+
+CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
+WAIT_SLICE_S = 30.0
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _restart_config(model: Dataset | Model) -> dict[str, Any]:
+    data = model.model_dump(mode="json")
+    return {k: v for k, v in data.items() if field_policy(type(model), k) == "restart"}
+
+
+class ModalRuntime:
+    """`reconciler.backend.Runtime` on Modal."""
+
+    name = "modal"
+
+    def __init__(
+        self, state_dir: str, adapter: ModalAdapter | None = None, *, clock: Callable[[], float] = time.time,
+        ping: Callable[[str], bool] | None = None,
+    ) -> None:
+        if adapter is None:
+            from runtime.modal.adapter import SdkAdapter
+
+            adapter = SdkAdapter()
+        self.state_dir, self.adapter, self.clock = state_dir, adapter, clock
+        self.ping = ping or _http_ping
+        self._deployed: str | None = None  # digest of the definition this process deployed
+        self._rates: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ layout
+
+    def paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
+        run_dir = f"{mount(spec, spec.stages[stage].volume)}/{stage}/{ckpts.restart_dir_name(restart_id)}"
+        return StagePaths(stage_dir=run_dir, ckpt_dir=run_dir, merged_dir=f"{run_dir}/merged")
+
+    @staticmethod
+    def _rel(stage: str, restart_id: str, *parts: str) -> str:
+        return "/".join([stage, ckpts.restart_dir_name(restart_id), *parts])
+
+    def _stage_volume(self, spec: Spec, stage: str) -> str:
+        return modal_volume_name(spec, spec.stages[stage].volume)
+
+    # ------------------------------------------------------------------ checks
+
+    def preflight(self, spec: Spec) -> list[str]:
+        """Fast: credentials are looked at locally first (no network); only with a token
+        is one round trip made, under a short deadline."""
+        problems = modal_problems(spec, _package_root())
+        problem = self.adapter.credentials_problem()
+        if problem:
+            return [*problems, f"{problem}: {LOGIN_HINT}"]
+        try:
+            self.adapter.check_connection(4.0)
+        except (TerminalError, ModalUnreachable) as exc:
+            problems.append(exc.summary + (f" ({exc.hint})" if exc.hint else ""))
+        return problems
+
+    def blocked_reason(self, spec: Spec, address: str) -> str | None:
+        kind, _, name = address.partition(".")
+        if kind == "image":
+            missing = [p for p in modal_problems(spec, _package_root()) if p.startswith("image.")]
+            return "; ".join(missing) or None
+        if kind == "sandbox":
+            bad = [p for p in modal_problems(spec, _package_root()) if p.startswith("sandbox.")]
+            return "; ".join(bad) or None
+        if kind != "stage" or name not in spec.stages:
+            return None
+        stage = spec.stages[name]
+        bad = [p for p in modal_problems(spec, _package_root()) if p.startswith(f"stages.{name}.")]
+        if stage.resources.nodes > 1:
+            bad.append("multi-node stages are not launched yet (verl commands are rendered for one node; "
+                       "use more GPUs per node)")
+        if isinstance(stage, RLStage) and importlib.util.find_spec("runtime.verl.rl") is None:
+            bad.append("RL launch rendering (runtime.verl.rl) is not part of this installation")
+        if stage.resources.gpu is None:
+            bad.append("asks for no GPU; on Modal set resources.gpu and gpus_per_node (e.g. H100, 8)")
+        return "; ".join(bad) or None
+
+    # ------------------------------------------------------------------ volumes and image
+
+    def ensure_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome:
+        vname = modal_volume_name(spec, name)
+        created = self.adapter.create_volume(vname, env=spec.modal.environment)
+        outputs = {"name": vname, "mount": volume.mount}
+        return Outcome(change="created" if created else "unchanged", outputs=outputs,
+                       message=f"Modal volume {vname}" + (" created" if created else ""))
+
+    def delete_volume(self, name: str, volume: Volume, spec: Spec) -> Outcome:
+        vname = modal_volume_name(spec, name)
+        existed = self.adapter.delete_volume(vname, env=spec.modal.environment)
+        return Outcome(change="updated" if existed else "unchanged",
+                       message=f"deleted Modal volume {vname}" if existed else f"{vname} does not exist")
+
+    def definition(self, spec: Spec) -> AppDefinition:
+        return build_app_definition(spec)
+
+    def _ensure_deployed(self, spec: Spec) -> tuple[AppDefinition, bool]:
+        definition = self.definition(spec)
+        digest = definition.digest()
+        if self._deployed == digest:
+            return definition, False
+        self.adapter.deploy(definition)
+        self._deployed = digest
+        return definition, True
+
+    def build_image(self, image: Image, spec: Spec) -> Outcome:
+        """Builds the image by deploying the app (Modal builds images at deploy, cached by recipe)."""
+        definition, _ = self._ensure_deployed(spec)
+        image_digest = _hash([s.model_dump(mode="json") for s in definition.image])
+        return Outcome(
+            change="created", outputs={"app_name": definition.app_name, "image_digest": image_digest,
+                                       "app_digest": definition.digest()},
+            message=f"deployed app {definition.app_name} ({len(definition.functions)} functions)",
+        )
+
+    # ------------------------------------------------------------------ data and models
+
+    def prepare_dataset(self, name: str, dataset: Dataset, spec: Spec, spec_dir: str) -> Outcome:
+        return self._prepare("dataset", name, dataset, dataset.volume, spec, spec_dir)
+
+    def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
+        return self._prepare("model", name, model, model.volume, spec, spec_dir)
+
+    def _prepare(self, kind: str, name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
+        env = spec.modal.environment
+        vol = modal_volume_name(spec, volume_key)
+        folder = "datasets" if kind == "dataset" else "models"
+        stamp_path = f"{folder}/.{name}.prepared.json"
+        local = _local_source(item.source, spec_dir)
+        config = {"config": _restart_config(item), "source": _stat(local) if local else None}
+        stamp = self._read_json(vol, stamp_path, env)
+        if stamp is not None and stamp.get("config") == _hash(config) and stamp.get("outputs"):
+            return Outcome(change="unchanged", outputs=stamp["outputs"], message="already on the volume")
+        root = mount(spec, volume_key)
+        payload_config = item.model_dump(mode="json")
+        staged_dir = f"{root}/_uploads/{kind}/{name}"
+        if local is not None:  # the container cannot see this machine: upload the source first
+            self.adapter.put_files(vol, {f"_uploads/{kind}/{name}/{local.name}": local}, env=env)
+            payload_config["source"] = f"path:{local.name}"
+        self._ensure_deployed(spec)
+        payload = PreparePayload(
+            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,  # type: ignore[arg-type]
+            out_dir=f"{root}/{folder}/{name}", volume=vol,
+        )
+        call_id = self.adapter.spawn(app_name(spec), PREPARE_FUNCTION, payload.model_dump(mode="json"), env=env)
+        outputs = self._wait_result(call_id, f"prepare {kind}.{name}", 4 * 3600)
+        self.adapter.put_files(vol, {stamp_path: json.dumps({"config": _hash(config), "outputs": outputs}).encode()},
+                               env=env)
+        rows = f"{outputs.get('rows')} rows" if "rows" in outputs else ""
+        return Outcome(change="updated" if stamp is not None else "created", outputs=outputs, message=rows)
+
+    def _wait_result(self, call_id: str, what: str, timeout_s: float) -> dict[str, Any]:
+        deadline = self.clock() + timeout_s
+        while True:
+            outcome = self.adapter.wait(call_id, WAIT_SLICE_S)
+            if outcome.state == "succeeded":
+                return dict(outcome.result or {})
+            if outcome.state != "running":
+                raise TerminalError(f"{what} failed on Modal ({outcome.state})", outcome.error[-3000:],
+                                    f"see the call's logs: modal app logs, call {call_id}")
+            if self.clock() > deadline:
+                raise TerminalError(f"{what} did not finish within {timeout_s / 3600:g} h", f"call {call_id}")
+
+    # ------------------------------------------------------------------ sandbox
+
+    def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
+        if sandbox.placement == "sidecar":
+            url = f"http://127.0.0.1:{sandbox.port or SidecarSettings().port}"
+            return Outcome(change="created", outputs={"placement": "sidecar", "url": url},
+                           message="a sidecar: each RL container starts it on localhost and waits for /v1/ping")
+        _, deployed = self._ensure_deployed(spec)
+        url = self.adapter.web_url(app_name(spec), SANDBOX_FUNCTION, env=spec.modal.environment)
+        if not self.ping(url):
+            raise ModalUnreachable(f"the sandbox at {url} does not answer /v1/ping", hint="retry; the endpoint may be starting")
+        return Outcome(change="updated" if deployed else "unchanged",
+                       outputs={"placement": "service", "url": url, "app_name": app_name(spec)},
+                       message=f"sandbox service at {url} (bearer token from its secret)")
+
+    # ------------------------------------------------------------------ stages: commands
+
+    def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
+        """Training command(s), then the merge `finalize_stage` runs on one GPU afterwards.
+        The stage function receives exactly this list (and skips the merge)."""
+        spec = ctx.spec
+        ctx = with_planned_inputs(
+            ctx, dataset_dir=lambda n: dataset_dir(spec, n), model_dir=lambda n: model_dir(spec, n),
+            stage_root=lambda n: f"{mount(spec, spec.stages[n].volume)}/{n}",
+        )
+        stage = spec.stages[ctx.stage]
+        paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
+        if isinstance(stage, SFTStage):
+            train = [render_sft(ctx, paths, cpu=False, attn_implementation=attention(ctx.spec.image))]
+        else:
+            from runtime.verl.rl import render_rl
+
+            engine = "vllm" if stage.rollout.engine == "auto" else stage.rollout.engine
+            train = list(render_rl(ctx, sandbox_url=self._sandbox_url(ctx), cpu=False, paths=paths, rollout=engine))
+        final = ctx.total_steps if ctx.total_steps is not None else "N"
+        source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
+        merge = render_merge(source, paths.merged_dir)
+        merge = merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})
+        return [in_container(c) for c in (*train, merge)]
+
+    def _sandbox_url(self, ctx: StageContext) -> str:
+        sb = ctx.spec.sandbox
+        if sb is None:
+            raise TerminalError(f"stage.{ctx.stage} is an RL stage but the spec declares no `sandbox`")
+        if sb.placement == "sidecar":
+            return f"http://127.0.0.1:{sb.port or SidecarSettings().port}"
+        url = (ctx.inputs.get("sandbox") or {}).get("url")
+        if not url:
+            raise TerminalError("the sandbox service has no recorded URL", hint="apply the `sandbox` node first")
+        return str(url)
+
+    # ------------------------------------------------------------------ stages: runs
+
+    def launch_stage(self, ctx: StageContext) -> RunHandle:
+        spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
+        env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
+        commands = self.render_stage(ctx)
+        existing = self._running_call(spec, ctx.stage, ctx.restart_id)
+        if existing is not None:  # launched before, but the handle never reached the state
+            return existing
+        definition, _ = self._ensure_deployed(spec)
+        res = stage.resources
+        replace = ctx.resume_from is None and any(
+            c.restart_id == ctx.restart_id for c in self.discover_checkpoints(spec, ctx.stage, ctx.restart_id)
+        )
+        hours = (ctx.total_steps or 0) * (stage.seconds_per_step or 0) / 3600
+        sb = spec.sandbox
+        payload = StagePayload(
+            app_name=definition.app_name, function=stage_function_name(ctx.stage), environment=env,
+            stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id,
+            segments_planned=max(1, segments_for(hours, res.timeout_hours)),
+            total_steps=ctx.total_steps, resume_from=ctx.resume_from, world_size=res.world_size, nodes=res.nodes,
+            commands=[c.model_dump(mode="json") for c in commands],
+            checkpoint_dir=self.paths(spec, ctx.stage, ctx.restart_id).ckpt_dir, checkpoint_volume=vol,
+            volumes={modal_volume_name(spec, k): v.mount for k, v in sorted(spec.volumes.items())},
+            sidecar=_sidecar(sb) if isinstance(stage, RLStage) and sb is not None and sb.placement == "sidecar" else None,
+            sandbox_token_var=sandbox_token_env(spec) if isinstance(stage, RLStage) else None,
+            replace_existing=replace,
+            train_seconds=max(60.0, definition.function(stage_function_name(ctx.stage)).timeout_s - SEGMENT_MARGIN_S),
+        )
+        marker = ckpts.marker_content(ctx.restart_id, ctx.stage, res.world_size)
+        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode()}, env=env)
+        call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
+        started = self.clock()
+        run = {"call_id": call_id, "app_name": definition.app_name, "function": payload.function, "segment": 0,
+               "head_call_id": call_id, "launched_at": started}
+        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, RUN_DIR, "run.json"): json.dumps(run).encode()},
+                               env=env)
+        return self._handle(spec, ctx.stage, ctx.restart_id, call_id, definition.app_name, started, ctx.total_steps,
+                            commands[0].argv)
+
+    def _handle(self, spec: Spec, stage: str, restart_id: str, call_id: str, app: str, started: float,
+                total: int | None, argv: list[str]) -> RunHandle:
+        res = spec.stages[stage].resources
+        return RunHandle(
+            backend="modal", call_id=call_id, app_name=app, segment=0, started_at=started, command=list(argv),
+            extra={
+                "stage": stage, "restart_id": restart_id, "volume": self._stage_volume(spec, stage),
+                "run_dir": self._rel(stage, restart_id, RUN_DIR), "environment": spec.modal.environment,
+                "total_steps": total, "gpus": res.gpus_per_node * res.nodes, "gpu": res.gpu,
+                "usd_per_gpu_hour": self.gpu_hour_usd(spec, res.gpu),
+            },
+        )
+
+    def _running_call(self, spec: Spec, stage: str, restart_id: str) -> RunHandle | None:
+        run = self._read_json(self._stage_volume(spec, stage), self._rel(stage, restart_id, RUN_DIR, "run.json"),
+                              spec.modal.environment)
+        if not run or not run.get("call_id"):
+            return None
+        head = str(run.get("head_call_id") or run["call_id"])
+        handle = self._handle(spec, stage, restart_id, head, str(run.get("app_name")), float(run.get("launched_at", 0)),
+                              None, [])
+        return handle if self.poll_stage(handle).state == "running" else None
+
+    def poll_stage(self, handle: RunHandle) -> RunStatus:
+        if handle.backend != "modal" or not handle.call_id:
+            raise TerminalError("this run was not started by the Modal backend", f"handle backend {handle.backend}")
+        call_id, segment = handle.call_id, handle.segment
+        outcome = self.adapter.poll(call_id)
+        for _ in range(CHAIN_LIMIT):
+            if outcome.state == "expired":
+                outcome, call_id, segment = self._from_volume(handle, call_id, segment)
+            result = outcome.result if isinstance(outcome.result, dict) else {}
+            if outcome.state == "succeeded" and result.get("outcome") == "continued" and result.get("next_call_id"):
+                call_id, segment = str(result["next_call_id"]), segment + 1
+                outcome = self.adapter.poll(call_id)
+                continue
+            break
+        return self._status(handle, outcome, segment)
+
+    def _from_volume(self, handle: RunHandle, call_id: str, segment: int) -> tuple[CallOutcome, str, int]:
+        """A call whose result Modal no longer keeps: what its run left on the volume."""
+        vol, run_dir, env = handle.extra.get("volume", ""), handle.extra.get("run_dir", ""), handle.extra.get("environment")
+        run = self._read_json(vol, f"{run_dir}/run.json", env) or {}
+        if run.get("call_id") and run.get("call_id") != call_id and int(run.get("segment", 0)) > segment:
+            nxt = str(run["call_id"])
+            return self.adapter.poll(nxt), nxt, int(run["segment"])
+        result = self._read_json(vol, f"{run_dir}/result.json", env)
+        if result and result.get("outcome") in ("finished", "failed"):
+            return CallOutcome(state="succeeded", result=result), call_id, segment
+        return CallOutcome(state="expired", error="its result expired and the run left no result"), call_id, segment
+
+    def _status(self, handle: RunHandle, outcome: CallOutcome, segment: int) -> RunStatus:
+        progress = self._read_json(handle.extra.get("volume", ""), f"{handle.extra.get('run_dir', '')}/progress.json",
+                                   handle.extra.get("environment")) or {}
+        result = outcome.result if isinstance(outcome.result, dict) else {}
+        step = result.get("step", progress.get("step"))
+        total = handle.extra.get("total_steps") or progress.get("total")
+        active = float(result.get("active_s") or progress.get("active_s") or 0.0)
+        gpus = int(handle.extra.get("gpus") or 0)
+        rate = handle.extra.get("usd_per_gpu_hour")
+        metrics = {k: float(v) for k, v in (progress.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        metrics["gpu_seconds"] = round(active * gpus, 1)
+        if rate is not None:
+            metrics["cost_usd"] = round(active * gpus / 3600 * float(rate), 4)
+        common = dict(step=step, total=total, elapsed_s=active or None, metrics=metrics,
+                      log_tail=list(progress.get("log_tail") or [])[-20:])
+        where = f"segment {segment}" + (f", step {step}/{total}" if step is not None else "")
+        if outcome.state == "running":
+            return RunStatus(state="running", message=f"running on Modal ({where})", **common)
+        if outcome.state == "succeeded" and result.get("outcome") == "finished":
+            return RunStatus(state="succeeded", message=f"finished ({where})", **common)
+        if outcome.state == "succeeded" and result.get("outcome") == "failed":
+            return RunStatus(state="failed", message=str(result.get("message", "failed")), **common)
+        if outcome.state == "expired":
+            return RunStatus(state="lost", message=f"Modal has no result for the run ({outcome.error})", **common)
+        why = "cancelled" if outcome.state == "cancelled" else f"failed ({where})"
+        tail = outcome.error.strip().splitlines()[-1:] if outcome.error else []
+        return RunStatus(state="failed", message=why + (f": {tail[0][:300]}" if tail else ""), **common)
+
+    def cancel_stage(self, handle: RunHandle) -> None:
+        """Cancels the call now running (the last segment of the chain)."""
+        call_id = handle.call_id or ""
+        for _ in range(CHAIN_LIMIT):
+            outcome = self.adapter.poll(call_id)
+            result = outcome.result if isinstance(outcome.result, dict) else {}
+            if outcome.state == "succeeded" and result.get("next_call_id"):
+                call_id = str(result["next_call_id"])
+                continue
+            break
+        self.adapter.cancel(call_id)
+
+    def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
+        env, vol = spec.modal.environment, self._stage_volume(spec, stage)
+        try:
+            listing = self.adapter.listdir(vol, stage, recursive=True, env=env)
+        except FileNotFoundError:
+            return []
+        entries: list[ckpts.CkptEntry] = []
+        for e in listing:
+            rel = e.path[len(stage) + 1:] if e.path.startswith(stage + "/") else e.path
+            parts = rel.split("/")
+            # the same view as runtime.checkpoints.scan_local: four levels, no merged/HF trees, no run files
+            if not rel or len(parts) > 4 or any(p in ckpts.SKIP_DIRS for p in parts) or parts[1:2] == [RUN_DIR]:
+                continue
+            content = None
+            if not e.is_dir and len(parts) == 2 and parts[1] in ckpts.TEXT_FILES:
+                try:
+                    content = self.adapter.read_file(vol, e.path, env=env).decode(errors="replace")[:4096]
+                except FileNotFoundError:
+                    content = None
+            entries.append(ckpts.CkptEntry(path=rel, is_dir=e.is_dir, size=None if e.is_dir else e.size, content=content))
+        root = f"{mount(spec, spec.stages[stage].volume)}/{stage}"
+        return ckpts.evaluate(entries, spec.stages[stage].resources.world_size, restart_id, root=root)
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
+        if not checkpoint.valid:
+            raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
+        spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
+        env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
+        paths = self.paths(spec, ctx.stage, ctx.restart_id)
+        stamp_path = self._rel(ctx.stage, ctx.restart_id, "merged.json")
+        check = stage.tool_call_check if isinstance(stage, SFTStage) else None
+        stamp = self._read_json(vol, stamp_path, env)
+        change = "unchanged"
+        wanted = {"step": checkpoint.step, "checkpoint": checkpoint.path,
+                  "tool_call_check": check.model_dump(mode="json") if check else None}
+        if stamp is None or {k: stamp.get(k) for k in wanted} != wanted:
+            source = checkpoint.path + ("/actor" if isinstance(stage, RLStage) else "")
+            payload = FinalizePayload(
+                stage=ctx.stage, checkpoint_path=checkpoint.path, step=checkpoint.step, merged_dir=paths.merged_dir,
+                volume=vol, commands=[render_merge(source, paths.merged_dir).model_dump(mode="json")],
+                tool_call_check=wanted["tool_call_check"],
+            )
+            self._ensure_deployed(spec)
+            call_id = self.adapter.spawn(app_name(spec), FINALIZE_FUNCTION, payload.model_dump(mode="json"), env=env)
+            stamp = {**wanted, "outputs": self._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)}
+            self.adapter.put_files(vol, {stamp_path: json.dumps(stamp).encode()}, env=env)
+            change = "created"
+        outputs = {"model_path": paths.merged_dir, "final_step": checkpoint.step, "checkpoint": checkpoint.path,
+                   **(stamp.get("outputs") or {})}
+        message = f"merged step {checkpoint.step} into {paths.merged_dir}"
+        if check is not None:
+            rate = float(outputs.get("tool_call_rate", 0.0))
+            outputs["tool_call_min_rate"] = check.min_rate
+            message += f"; tool-call rate {rate:.2f} (need ≥ {check.min_rate:.2f})"
+            if rate < check.min_rate:
+                raise TerminalError(
+                    f"stage.{ctx.stage}: the merged model emits a well-formed tool call on {rate:.0%} of "
+                    f"{outputs.get('tool_call_prompts')} held-out prompts, below the required {check.min_rate:.0%}",
+                    hint=f"train longer (raise `epochs` or `max_steps`: the run resumes); merged model at {paths.merged_dir}",
+                )
+        return Outcome(change=change, outputs=outputs, message=message)
+
+    # ------------------------------------------------------------------ cost
+
+    def gpu_hour_usd(self, spec: Spec, gpu: str | None) -> float | None:
+        """Price of one GPU-hour: Modal's billing rates when reachable, else the spec's table."""
+        if gpu is None:
+            return None
+        if self._rates is None:
+            try:
+                self._rates = self.adapter.gpu_rates()
+            except (TerminalError, ModalUnreachable, OSError):
+                self._rates = {}
+        return self._rates.get(gpu, spec.pricing.gpu_hour_usd.get(gpu))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _read_json(self, volume: str, path: str, env: str | None) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.adapter.read_file(volume, path, env=env))
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def attention(image: Image) -> str | None:
+    """verl's default attention is flash-attn 2; an image without it gets PyTorch's sdpa."""
+    names = {re.split(r"[=<>!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-") for req in image.pip}
+    return None if "flash-attn" in names else "sdpa"
+
+
+def in_container(cmd: RenderedCommand) -> RenderedCommand:
+    """Renderers name files of retool's own packages by their path here (the RL tool config);
+    in the container those packages live under /root (add_local_python_source)."""
+    local = str(_package_root()) + "/"
+
+    def fix(value: str) -> str:
+        return value.replace(local, CONTAINER_SOURCE_ROOT + "/")
+
+    return cmd.model_copy(update={
+        "argv": [fix(a) for a in cmd.argv], "env": {k: fix(v) for k, v in cmd.env.items()},
+        "cwd": fix(cmd.cwd) if cmd.cwd else None,
+    })
+
+
+def _package_root() -> Path:
+    """Where retool's own packages are imported from (what add_local_python_source ships)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _sidecar(sb: Sandbox) -> SidecarSettings:
+    return SidecarSettings(
+        port=sb.port or SidecarSettings().port, workers=sb.workers, max_queue=sb.max_queue,
+        memory_limit_mb=sb.memory_limit_mb, max_output_bytes=sb.max_output_bytes, preload=list(sb.preload),
+    )
+
+
+def _local_source(source: str, spec_dir: str) -> Path | None:
+    if not source.startswith("path:"):
+        return None
+    path = Path(source[5:]).expanduser()
+    path = path if path.is_absolute() else Path(spec_dir) / path
+    if not path.exists():
+        raise TerminalError(f"{source} does not exist", f"looked for {path}", "fix the path (relative to the spec file)")
+    return path
+
+
+def _stat(path: Path) -> list[Any]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _http_ping(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/ping", timeout=10) as resp:  # noqa: S310
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+__all__ = ["ModalRuntime", "MERGE_MODULE"]

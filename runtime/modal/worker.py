@@ -1,0 +1,558 @@
+"""What runs inside Modal's containers: the entry points `runtime.modal.app` registers.
+
+`run_stage` is one attempt of one segment of a training stage:
+
+1. reload every volume (see what other containers committed);
+2. find the latest *valid* committed checkpoint of this restart identity (the same rules
+   as everywhere: `runtime.checkpoints`) and point verl at it — a preempted container
+   restarts with the same input, and a later segment continues where the last one
+   stopped, so the rendered `trainer.resume_*` arguments are replaced when a newer valid
+   checkpoint exists (and resuming is disabled when only broken ones do);
+3. start the sandbox sidecar on localhost and wait for `/v1/ping` (RL with `sidecar`);
+4. run the rendered commands, streaming their output to Modal's log and to
+   `<checkpoint dir>/_retool/logs/`, committing the volumes every `commit_every_s`;
+5. when the attempt's training time runs out (Modal's 24 h limit is near), stop training,
+   commit, spawn the next segment of the same function and return `continued`; when the
+   commands finish, commit and return `finished`.
+
+A crash raises, so Modal's retries (the spec's `retries`) restart the attempt, which
+resumes from the latest committed checkpoint. Problems no retry can fix (a secret not
+attached) are returned as `failed` instead of raised.
+
+Files under `<checkpoint dir>/_retool/`: `run.json` (the call chain), `progress.json`
+(step, total, active seconds), `result.json` (final), `attempts.jsonl`, `logs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runtime.metrics import parse_line
+from runtime.modal.adapter import ModalAdapter
+from runtime.modal.app import (
+    RUN_DIR,
+    FinalizePayload,
+    PreparePayload,
+    SidecarSettings,
+    StagePayload,
+    StageResult,
+)
+from runtime.verl.common import TRACKER_FILE
+from runtime.verl.sft import MERGE_MODULE
+
+STOP_GRACE_S = 120.0
+SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"  # read by runtime/verl/recipe/tool_config.yaml
+LOG_TAIL_LINES = 40
+
+
+class StageFailed(Exception):
+    """A failure no retry can fix: returned to the caller as `failed`, not raised to Modal."""
+
+
+def _adapter() -> ModalAdapter:
+    from runtime.modal.adapter import SdkAdapter
+
+    return SdkAdapter()
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_stage(payload: dict[str, Any]) -> dict[str, Any]:
+    return StageRunner(StagePayload.model_validate(payload), _adapter()).run()
+
+
+def prepare(payload: dict[str, Any]) -> dict[str, Any]:
+    return run_prepare(PreparePayload.model_validate(payload), _adapter())
+
+
+def finalize(payload: dict[str, Any]) -> dict[str, Any]:
+    return run_finalize(FinalizePayload.model_validate(payload), _adapter())
+
+
+def sandbox_web() -> Any:
+    """The service sandbox: retool's sandbox app (sandbox.app) behind the token check."""
+    settings = json.loads(os.environ.get("RETOOL_SANDBOX_SETTINGS", "{}"))
+    token_var = os.environ.get("RETOOL_SANDBOX_TOKEN_VAR", "")
+    token = os.environ.get(token_var, "") if token_var else ""
+    if not token:
+        raise RuntimeError(f"the sandbox token variable {token_var or '(unset)'} is empty: attach its Modal secret")
+    from sandbox.app import create_app
+    from sandbox.settings import SandboxSettings
+
+    keys = ("workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes")
+    options = {k: settings[k] for k in keys if settings.get(k) is not None}
+    return BearerAuth(create_app(SandboxSettings(**options)), token)
+
+
+class BearerAuth:
+    """ASGI middleware: every path but the health check needs the token, either as
+    `Authorization: Bearer <token>` or as a `/t/<token>` path prefix (what the RL container
+    puts into RETOOL_SANDBOX_URL, so verl's tool needs no header support)."""
+
+    OPEN_PATHS = ("/v1/ping",)
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        import hmac
+
+        path = str(scope.get("path", ""))
+        prefix = f"/t/{self.token}"
+        if hmac.compare_digest(path[: len(prefix)], prefix) and path[len(prefix):len(prefix) + 1] in ("", "/"):
+            scope = {**scope, "path": path[len(prefix):] or "/", "raw_path": (path[len(prefix):] or "/").encode()}
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"detail": "missing or wrong sandbox token"}'})
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def latest_valid_step(checkpoint_dir: Path, world_size: int, restart_id: str) -> tuple[int | None, bool]:
+    """(latest valid step, whether any checkpoint directory exists at all), judged by the
+    same rules as every backend (`runtime.checkpoints`) over the stage's folder."""
+    from runtime.checkpoints import evaluate, latest_valid, scan_local
+
+    found = [c for c in evaluate(scan_local(checkpoint_dir.parent), world_size, restart_id) if c.restart_id == restart_id]
+    best = latest_valid(found, restart_id)
+    return (best.step if best else None), bool(found)
+
+
+_RESUME_KEYS = ("trainer.resume_mode", "trainer.resume_from_path")
+
+
+def training_commands(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stage function runs the training; the merge `render_stage` lists after it runs in
+    finalize, on one GPU, on exactly the checkpoint the reconciler validated."""
+    return [c for c in commands if MERGE_MODULE not in c.get("argv", [])]
+
+
+def with_resume(argv: list[str], checkpoint_dir: str, step: int | None, any_checkpoint: bool) -> list[str]:
+    """Point a verl trainer command at the latest valid checkpoint (or away from broken ones)."""
+    if not any(a.startswith("verl.trainer.") for a in argv):
+        return list(argv)
+    if step is None and not any_checkpoint:
+        return list(argv)
+    kept = [a for a in argv if a.lstrip("+~").split("=", 1)[0] not in _RESUME_KEYS]
+    if step is None:
+        return [*kept, "trainer.resume_mode=disable"]
+    return [*kept, "trainer.resume_mode=resume_path", f"trainer.resume_from_path={checkpoint_dir}/global_step_{step}"]
+
+
+# --------------------------------------------------------------------------- one stage attempt
+
+
+class StageRunner:
+    def __init__(self, payload: StagePayload, adapter: ModalAdapter, *, clock: Callable[[], float] = time.time) -> None:
+        self.p, self.adapter, self.clock = payload, adapter, clock
+        self.started = clock()
+        self.dir = Path(payload.checkpoint_dir)
+        self.run_dir = self.dir / RUN_DIR
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.active_before = 0.0  # container seconds of earlier attempts and segments
+        self.rank = 0
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- driver
+
+    def run(self) -> dict[str, Any]:
+        p = self.p
+        for name in p.volumes:
+            self.adapter.reload_volume(name)
+        if p.nodes > 1:
+            self.rank, ips = self.adapter.cluster_info()
+            self.cluster_env = cluster_env(self.rank, ips, p.nodes)
+        else:
+            self.cluster_env = {}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+        handed_over = self._spawned_next() if self.rank == 0 else None
+        if handed_over is not None:  # this segment already ended and spawned the next one
+            return StageResult(outcome="continued", step=start_step, segment=p.segment, next_call_id=handed_over,
+                               message="already handed over").model_dump()
+        self.step = start_step
+        self.active_before = self._earlier_active_seconds()
+        self._append_attempt()
+        try:
+            self._check_secrets()
+            extra_env = self._sandbox_env()
+        except StageFailed as exc:
+            return self._finish_failed(str(exc))
+        if p.replace_existing and p.segment == 0 and self.rank == 0 and self._move_aside_once():
+            start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+            self.step = start_step
+        sidecar = self._start_sidecar() if p.sidecar is not None else None
+        committer = _Periodic(p.commit_every_s, self._commit_all)
+        committer.start()
+        stopped_early = False
+        try:
+            for cmd in training_commands(p.commands):
+                argv = with_resume(list(cmd["argv"]), p.checkpoint_dir, start_step, any_ckpt)
+                cmd = {**cmd, "env": {**cmd.get("env", {}), **extra_env}}
+                status = self._run_command(argv, cmd, self.started + p.train_seconds)
+                if status == "deadline":
+                    stopped_early = True
+                    break
+                if status != 0:
+                    self._write_progress()
+                    raise RuntimeError(
+                        f"{cmd.get('description') or argv[0]} exited with {status}\n" + "\n".join(self.tail)
+                    )
+        finally:
+            committer.stop()
+            if sidecar is not None:
+                sidecar.stop()
+            self._write_progress()
+            self._commit_all()
+        latest, _ = latest_valid_step(self.dir, p.world_size, p.restart_id)
+        if self.rank != 0:
+            return StageResult(outcome="finished", step=latest, segment=p.segment).model_dump()
+        self.step = latest if latest is not None else self.step
+        if stopped_early:
+            return self._hand_over(start_step, latest)
+        result = StageResult(
+            outcome="finished", step=latest, segment=p.segment, active_s=self.active_seconds(), message="commands finished",
+        )
+        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
+        self._commit_all()
+        return result.model_dump()
+
+    def _hand_over(self, start_step: int | None, latest: int | None) -> dict[str, Any]:
+        p = self.p
+        if latest is None or (start_step is not None and latest <= start_step):
+            raise RuntimeError(
+                f"segment {p.segment} ran {p.train_seconds / 3600:.1f} h without saving a new valid checkpoint; "
+                "lower save_freq so each segment saves at least once"
+            )
+        nxt = p.model_copy(update={"segment": p.segment + 1})
+        call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
+        self._write_json("run.json", {
+            "call_id": call_id, "app_name": p.app_name, "function": p.function, "segment": p.segment + 1,
+            "previous_call_id": self.adapter.current_call_id(), "launched_at": self.clock(),
+        })
+        self._commit_all()
+        return StageResult(
+            outcome="continued", step=latest, segment=p.segment, next_call_id=call_id, active_s=self.active_seconds(),
+            message=f"segment {p.segment} stopped at step {latest}; segment {p.segment + 1} continues",
+        ).model_dump()
+
+    def _spawned_next(self) -> str | None:
+        """The next segment's call, if an earlier attempt of this segment already spawned it
+        (and then died before returning): a segment is never trained or spawned twice."""
+        try:
+            run = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if run.get("segment") == self.p.segment + 1 and run.get("call_id"):
+            return str(run["call_id"])
+        return None
+
+    def _finish_failed(self, message: str) -> dict[str, Any]:
+        result = StageResult(
+            outcome="failed", step=self.step, segment=self.p.segment, active_s=self.active_seconds(), message=message,
+        )
+        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
+        self._commit_all()
+        return result.model_dump()
+
+    # ----------------------------------------------------------------- pieces
+
+    def _check_secrets(self) -> None:
+        missing = sorted({n for c in self.p.commands for n in c.get("secret_env", []) if not os.environ.get(n)})
+        if missing:
+            raise StageFailed(
+                f"secret variables not set in the container: {', '.join(missing)}; "
+                "create the Modal secrets named in the spec (`modal secret create NAME VAR=...`)"
+            )
+
+    def _sandbox_env(self) -> dict[str, str]:
+        """A service sandbox is reached as `<url>/t/<token>`; the token comes from the
+        container's secret only, here, never from the payload."""
+        var = self.p.sandbox_token_var
+        if not var:
+            return {}
+        token = os.environ.get(var, "")
+        if not token:
+            raise StageFailed(f"the sandbox token variable {var} is not set: attach the sandbox's Modal secret")
+        out: dict[str, str] = {}
+        for cmd in self.p.commands:
+            url = cmd.get("env", {}).get(SANDBOX_URL_ENV)
+            if url:
+                base = url.rstrip("/").removesuffix("/run_code")
+                out[SANDBOX_URL_ENV] = f"{base}/t/{token}"
+        return out
+
+    def _move_aside_once(self) -> bool:
+        """A forced rerun from scratch: move this identity's earlier checkpoints to
+        `<stage>/.replaced/` (once per launch; a retried attempt keeps its own progress)."""
+        head = self.adapter.current_call_id() or "unknown"
+        done = self.run_dir / f"replaced-for-{head}"
+        if done.exists():
+            return False
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = self.dir.parent / ".replaced" / f"{self.dir.name}-{stamp}"
+        moved = [p for p in self.dir.iterdir() if p.name.startswith("global_step_") or p.name == TRACKER_FILE]
+        if moved:
+            dest.mkdir(parents=True, exist_ok=True)
+            for path in moved:
+                os.replace(path, dest / path.name)
+        done.write_text(stamp, encoding="utf-8")
+        self._commit_all()
+        return True
+
+    def _start_sidecar(self) -> Any:
+        settings = self.p.sidecar
+        assert settings is not None
+        return start_sidecar(settings, self.run_dir / "logs" / f"sandbox-{self.p.segment}.log")
+
+    def _run_command(self, argv: list[str], cmd: dict[str, Any], deadline: float) -> int | str:
+        env = {**os.environ, **cmd.get("env", {}), **self.cluster_env}
+        log_path = self.run_dir / "logs" / f"segment-{self.p.segment}-rank-{self.rank}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        line = f"[retool] $ {' '.join(argv)}"
+        print(line, flush=True)
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(line + "\n")
+            proc = subprocess.Popen(
+                argv, cwd=cmd.get("cwd") or None, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, bufsize=1, start_new_session=True,
+            )
+            reader = threading.Thread(target=self._pump, args=(proc, log), daemon=True)
+            reader.start()
+            while proc.poll() is None:
+                if self.clock() >= deadline:
+                    stop_process_group(proc)
+                    reader.join(10)
+                    return "deadline"
+                time.sleep(1.0)
+            reader.join(10)
+            return proc.returncode
+
+    def _pump(self, proc: subprocess.Popen[str], log: Any) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            log.flush()
+            with self._lock:
+                self.tail.append(line.rstrip("\n"))
+                for part in line.split("\r"):  # tqdm glues its bar to the step line
+                    record = parse_line(part) if "step:" in part else None
+                    if record is not None:
+                        self.step = max(self.step or 0, record.step)
+                        self.metrics.update(record.values)
+
+    def _commit_all(self) -> None:
+        self._write_progress()
+        for name in self.p.volumes:
+            try:
+                self.adapter.commit_volume(name)
+            except Exception as exc:  # noqa: BLE001 - a failed periodic commit is retried next period
+                print(f"[retool] commit of volume {name} failed: {exc}", flush=True)
+
+    def active_seconds(self) -> float:
+        return self.active_before + max(0.0, self.clock() - self.started)
+
+    def _earlier_active_seconds(self) -> float:
+        """What earlier attempts ran, from the progress they last committed (a preempted
+        attempt loses at most one commit period of accounting)."""
+        try:
+            old = json.loads((self.run_dir / "progress.json").read_text(encoding="utf-8"))
+            return float(old.get("active_before", 0.0)) + max(
+                0.0, float(old["updated_at"]) - float(old["attempt_started_at"])
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def _write_progress(self) -> None:
+        if self.rank != 0:
+            return
+        with self._lock:
+            data = {
+                "step": self.step, "total": self.p.total_steps, "segment": self.p.segment,
+                "attempt_started_at": self.started, "updated_at": self.clock(),
+                "active_before": self.active_before, "active_s": self.active_seconds(),
+                "metrics": dict(self.metrics), "log_tail": list(self.tail)[-20:],
+            }
+        self._write_json("progress.json", data)
+
+    def _append_attempt(self) -> None:
+        if self.rank != 0:
+            return
+        line = json.dumps({"segment": self.p.segment, "started_at": self.started, "call_id": self.adapter.current_call_id()})
+        with (self.run_dir / "attempts.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def _write_json(self, name: str, data: dict[str, Any]) -> None:
+        tmp = self.run_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.run_dir / name)
+
+
+def cluster_env(rank: int, ips: list[str], nodes: int, port: int = 29500) -> dict[str, str]:
+    """torchrun reads its rendezvous from PET_* variables; Ray joins RAY_ADDRESS."""
+    master = ips[0] if ips else "127.0.0.1"
+    host = f"[{master}]" if ":" in master else master
+    return {
+        "PET_NNODES": str(nodes), "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": master, "PET_MASTER_PORT": str(port),
+        "RAY_ADDRESS": f"{host}:6379", "RETOOL_NODE_RANK": str(rank),
+    }
+
+
+def stop_process_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the whole group, then SIGKILL what is left after the grace period."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+class _Periodic:
+    def __init__(self, every_s: float, fn: Callable[[], None]) -> None:
+        self.every_s, self.fn = every_s, fn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.fn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# --------------------------------------------------------------------------- sandbox sidecar
+
+
+class Sidecar:
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the sandbox's process group (it leads one), SIGKILL after the grace period."""
+        pid = getattr(self.proc, "pid", None)
+        if not pid:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = time.time() + grace_s
+            while time.time() < deadline:
+                try:
+                    os.killpg(pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                time.sleep(0.1)
+
+
+def start_sidecar(settings: SidecarSettings, log_path: Path, *, ready_timeout_s: float = 180.0) -> Sidecar:
+    """Start the sandbox on localhost and wait until it answers `/v1/ping`."""
+    from runtime.sandbox_process import start_detached
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = start_detached(
+        "127.0.0.1", settings.port, log_path, workers=settings.workers, memory_limit_mb=settings.memory_limit_mb,
+        max_output_bytes=settings.max_output_bytes, max_queue=settings.max_queue, preload=list(settings.preload),
+    )
+    url = f"http://127.0.0.1:{settings.port}/v1/ping"
+    deadline = time.time() + ready_timeout_s
+    last = ""
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - localhost
+                if resp.status == 200 and b"pong" in resp.read():
+                    print(f"[retool] sandbox sidecar ready on port {settings.port}", flush=True)
+                    return Sidecar(proc)
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    Sidecar(proc).stop()
+    raise RuntimeError(f"the sandbox sidecar did not answer {url} within {ready_timeout_s:g} s ({last})")
+
+
+# --------------------------------------------------------------------------- data, models, finalize
+
+
+def run_prepare(p: PreparePayload, adapter: ModalAdapter) -> dict[str, Any]:
+    """Materialise one dataset or model into its volume (the cloud side has internet)."""
+    adapter.reload_volume(p.volume)
+    out_dir = Path(p.out_dir)
+    if p.kind == "dataset":
+        from reconciler.spec import Dataset
+        from runtime.data import prepare as prepare_dataset
+
+        dataset = Dataset.model_validate(p.config)
+        if dataset.source.startswith("builtin:"):
+            from runtime.sandbox_process import ephemeral_sandbox
+
+            with ephemeral_sandbox() as url:
+                out = prepare_dataset(p.name, dataset, out_dir, Path(p.spec_dir), sandbox_url=url)
+        else:
+            out = prepare_dataset(p.name, dataset, out_dir, Path(p.spec_dir))
+    else:
+        from reconciler.spec import Model
+        from runtime.models import prepare as prepare_model
+
+        out = prepare_model(p.name, Model.model_validate(p.config), out_dir, Path(p.spec_dir))
+    adapter.commit_volume(p.volume)
+    return out.model_dump(mode="json")
+
+
+def run_finalize(p: FinalizePayload, adapter: ModalAdapter) -> dict[str, Any]:
+    """Merge the final checkpoint into a Hugging Face directory; run the tool-call check."""
+    adapter.reload_volume(p.volume)
+    for cmd in p.commands:
+        env = {**os.environ, **cmd.get("env", {})}
+        print(f"[retool] $ {' '.join(cmd['argv'])}", flush=True)
+        done = subprocess.run(cmd["argv"], env=env, cwd=cmd.get("cwd") or None, capture_output=True, text=True)
+        sys.stdout.write(done.stdout[-20000:])
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd.get('description') or cmd['argv'][0]} exited with {done.returncode}\n{done.stderr[-4000:]}")
+    outputs: dict[str, Any] = {"model_path": p.merged_dir, "final_step": p.step, "checkpoint": p.checkpoint_path}
+    if p.tool_call_check is not None:
+        from runtime.data.retool_sft import TOOLS
+        from runtime.toolcheck import heldout_prompts, tool_call_rate
+
+        check = tool_call_rate(Path(p.merged_dir), heldout_prompts(int(p.tool_call_check["prompts"]), 0), TOOLS)
+        outputs["tool_call_rate"] = check.rate
+        outputs["tool_call_prompts"] = check.n
+    adapter.commit_volume(p.volume)
+    return outputs

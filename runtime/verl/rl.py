@@ -1,0 +1,252 @@
+"""RL stage -> `python -m verl.trainer.main_ppo` (verl 0.9.1) with the ReTool recipe wired in:
+GRPO with clip-higher and no KL, the multi-turn tool agent loop with our `code_interpreter`
+tool (runtime.verl.recipe.tool_config.yaml) and reward (runtime.verl.recipe.reward), checkpoints in the
+stage's run directory, and the spec's raw `overrides` last.
+
+Rollout engine: `auto` is vLLM (then SGLang) when importable on a GPU machine, otherwise
+retool's transformers rollout (runtime.verl.rollout), registered through
+`VERL_USE_EXTERNAL_MODULES`. On CPU the trainer runs through runtime.verl.cpu_platform, and Ray
+is told of one GPU it does not have (`+ray_kwargs.ray_init.num_gpus`), because verl
+places each trainer rank on a "GPU" resource.
+
+Key names come from verl 0.9.1's `trainer/config/ppo_trainer.yaml`; tests compose every
+rendered command with verl's own hydra config (`--cfg job`), so a wrong key fails there.
+Pure and cheap to import (no torch, no verl).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from reconciler.errors import TerminalError
+from reconciler.spec import RLStage
+from reconciler.backend import RenderedCommand, StageContext
+from runtime.verl.recipe import (
+    ENV_SANDBOX_URL,
+    ENV_TOOL_MEMORY_MB,
+    ENV_TOOL_NUM_WORKERS,
+    ENV_TOOL_RATE_LIMIT,
+    ENV_TOOL_TIMEOUT_S,
+    REWARD_FUNCTION,
+    REWARD_MODULE,
+    TOOL_CONFIG_PATH,
+)
+from runtime.verl.rollout import NAME as TRANSFORMERS_ROLLOUT
+from runtime.verl.rollout import PLUGIN_MODULE
+from runtime.verl.common import (
+    StagePaths,
+    base_env,
+    dataset_file,
+    experiment_name,
+    kv,
+    logger_list,
+    merge_overrides,
+    model_dir,
+    secret_env_names,
+    stage_spec,
+    world,
+)
+
+PPO_MODULE = "verl.trainer.main_ppo"
+AGENT_LOOP = "tool_agent"
+GPU_ENGINES = ("vllm", "sglang")
+
+
+def choose_rollout(engine: str, *, cpu: bool) -> str:
+    """verl's `rollout.name` for the spec's `rollout.engine` on this machine."""
+    if engine in GPU_ENGINES:
+        if cpu:
+            raise TerminalError(f"rollout engine {engine} needs a GPU", hint="use `rollout.engine: auto` on CPU")
+        return engine
+    if engine == "auto" and not cpu:
+        for name in GPU_ENGINES:
+            if importlib.util.find_spec(name) is not None:
+                return name
+    return TRANSFORMERS_ROLLOUT
+
+
+def _rl_stage(ctx: StageContext) -> RLStage:
+    stage = stage_spec(ctx)
+    if not isinstance(stage, RLStage):
+        raise TerminalError(f"stage.{ctx.stage} is not an RL stage")
+    return stage
+
+
+def rl_overrides(
+    ctx: StageContext, paths: StagePaths, *, cpu: bool, rollout: str, attn_implementation: str | None = None
+) -> list[str]:
+    """Hydra overrides for verl's main_ppo, the spec's raw `overrides` last. On GPU verl loads
+    the actor with FlashAttention 2 unless `attn_implementation` says otherwise (the caller
+    passes "sdpa" where flash_attn is not installed); on CPU it is always sdpa."""
+    stage = _rl_stage(ctx)
+    nnodes, nproc = world(stage)
+    algo, ro, val, opt = stage.algorithm, stage.rollout, stage.validation, stage.optim
+    train_file = dataset_file(ctx, stage.train)
+    val_files = [dataset_file(ctx, v) for v in stage.val]
+    has_val = bool(val_files)
+    # Without dynamic batching verl needs per-GPU micro batches: as many samples as the
+    # token budget holds at full length.
+    micro = max(1, stage.ppo_max_token_len_per_gpu // (stage.max_prompt_length + stage.max_response_length))
+    actor, rollout_key, ref = "actor_rollout_ref.actor", "actor_rollout_ref.rollout", "actor_rollout_ref.ref"
+    ours = [
+        # data
+        kv("data.train_files", train_file),
+        # verl always builds a validation set; without one it reuses the train file and never validates.
+        kv("data.val_files", val_files if has_val else train_file),
+        kv("data.train_batch_size", stage.train_batch_size),
+        kv("data.max_prompt_length", stage.max_prompt_length),
+        kv("data.max_response_length", stage.max_response_length),
+        kv("data.filter_overlong_prompts", stage.filter_overlong_prompts),
+        kv("data.truncation", stage.truncation),
+        kv("data.return_raw_chat", True),  # the agent loop renders the chat itself
+        kv("data.seed", stage.seed),
+        # algorithm: GRPO + clip-higher, token-mean, no KL (RECIPE.md)
+        kv("algorithm.adv_estimator", algo.adv_estimator),
+        kv("algorithm.use_kl_in_reward", algo.use_kl_in_reward),
+        # model
+        kv("actor_rollout_ref.model.path", model_dir(ctx, stage.model)),
+        kv("actor_rollout_ref.model.use_remove_padding", True),
+        kv("actor_rollout_ref.model.enable_gradient_checkpointing", stage.gradient_checkpointing),
+        # actor
+        kv(f"{actor}.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
+        kv(f"{actor}.use_kl_loss", algo.use_kl_loss),
+        kv(f"{actor}.clip_ratio_low", algo.clip_ratio_low),
+        kv(f"{actor}.clip_ratio_high", algo.clip_ratio_high),
+        kv(f"{actor}.clip_ratio_c", algo.clip_ratio_c),
+        kv(f"{actor}.loss_agg_mode", algo.loss_agg_mode),
+        kv(f"{actor}.ppo_mini_batch_size", stage.ppo_mini_batch_size),
+        kv(f"{actor}.use_dynamic_bsz", stage.use_dynamic_bsz),
+        kv(f"{actor}.ppo_max_token_len_per_gpu", stage.ppo_max_token_len_per_gpu),
+        kv(f"{actor}.ppo_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
+        kv(f"{actor}.ulysses_sequence_parallel_size", stage.ulysses_sequence_parallel_size),
+        kv(f"{actor}.data_loader_seed", stage.seed),
+        kv(f"{actor}.fsdp_config.param_offload", stage.param_offload),
+        kv(f"{actor}.fsdp_config.optimizer_offload", stage.optimizer_offload),
+        kv(f"{actor}.fsdp_config.seed", stage.seed),
+        kv(f"{actor}.optim.lr", opt.lr),
+        kv(f"{actor}.optim.betas", list(opt.betas)),
+        kv(f"{actor}.optim.weight_decay", opt.weight_decay),
+        kv(f"{actor}.optim.lr_warmup_steps_ratio", opt.warmup_ratio),
+        kv(f"{actor}.optim.lr_scheduler_type", opt.lr_scheduler),
+        kv(f"{actor}.optim.clip_grad", opt.clip_grad),
+        # reference policy (only built when a KL term is on)
+        kv(f"{ref}.log_prob_max_token_len_per_gpu", stage.log_prob_max_token_len_per_gpu),
+        kv(f"{ref}.log_prob_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
+        kv(f"{ref}.fsdp_config.param_offload", stage.param_offload),
+        # rollout
+        kv(f"{rollout_key}.name", rollout),
+        kv(f"{rollout_key}.mode", "async"),
+        kv(f"{rollout_key}.n", ro.n),
+        kv(f"{rollout_key}.temperature", ro.temperature),
+        kv(f"{rollout_key}.top_p", ro.top_p),
+        kv(f"{rollout_key}.seed", stage.seed),
+        kv(f"{rollout_key}.tensor_model_parallel_size", ro.tensor_parallel_size),
+        kv(f"{rollout_key}.gpu_memory_utilization", ro.gpu_memory_utilization),
+        kv(f"{rollout_key}.log_prob_max_token_len_per_gpu", stage.log_prob_max_token_len_per_gpu),
+        kv(f"{rollout_key}.log_prob_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
+        # rollout log-probs let verl log the rollout-vs-actor probability difference
+        kv(f"{rollout_key}.calculate_log_probs", True),
+        kv(f"{rollout_key}.multi_turn.enable", True),
+        kv(f"{rollout_key}.multi_turn.format", ro.format),
+        kv(f"{rollout_key}.multi_turn.max_assistant_turns", ro.max_assistant_turns),
+        kv(f"{rollout_key}.multi_turn.max_user_turns", ro.max_user_turns),
+        kv(f"{rollout_key}.multi_turn.max_tool_response_length", ro.max_tool_response_length),
+        kv(f"{rollout_key}.multi_turn.tool_config_path", str(TOOL_CONFIG_PATH)),
+        kv(f"{rollout_key}.agent.default_agent_loop", AGENT_LOOP),
+        kv(f"{rollout_key}.val_kwargs.n", val.n),
+        kv(f"{rollout_key}.val_kwargs.temperature", val.temperature),
+        kv(f"{rollout_key}.val_kwargs.top_p", val.top_p),
+        kv(f"{rollout_key}.val_kwargs.do_sample", val.temperature > 0),
+        # reward
+        kv("reward.custom_reward_function.path", REWARD_MODULE),
+        kv("reward.custom_reward_function.name", REWARD_FUNCTION),
+        # trainer
+        kv("trainer.total_epochs", stage.epochs),
+        kv("trainer.total_training_steps", ctx.total_steps if ctx.total_steps is not None else stage.max_steps),
+        kv("trainer.save_freq", stage.save_freq),
+        kv("trainer.test_freq", stage.test_freq if has_val else -1),
+        kv("trainer.val_before_train", val.before_train and has_val),
+        kv("trainer.max_actor_ckpt_to_keep", stage.max_ckpt_to_keep),
+        kv("trainer.default_local_dir", paths.ckpt_dir),
+        # verl's PPO trainers (v0 and v1) ignore `resume_from_path` under `auto` and follow the
+        # tracker instead, so the planned step needs `resume_path` (SFT's handler differs).
+        kv("trainer.resume_mode", "auto" if ctx.resume_from is None else "resume_path"),
+        kv("trainer.logger", logger_list(stage.logging)),
+        kv("trainer.project_name", stage.logging.project),
+        kv("trainer.experiment_name", experiment_name(ctx)),
+        kv("trainer.nnodes", nnodes),
+        kv("trainer.n_gpus_per_node", nproc),
+        kv("trainer.device", "cpu" if cpu else "cuda"),
+    ]
+    if ctx.resume_from is not None:
+        # resume exactly where the plan said (a checkpoint the reconciler validated).
+        ours.append(kv("trainer.resume_from_path", f"{paths.ckpt_dir.rstrip('/')}/global_step_{ctx.resume_from}"))
+    if cpu:
+        ours += [
+            kv("+ray_kwargs.ray_init.num_gpus", nproc),  # verl places each rank on a "GPU" resource
+            # Logical CPUs for Ray's bookkeeping, not cores: each rank's bundle asks for 3, and
+            # the task runner, transfer queue, agent-loop and reward workers for one each.
+            kv("ray_kwargs.ray_init.num_cpus", 3 * nproc + 8),
+            kv("+actor_rollout_ref.model.override_config.attn_implementation", "sdpa"),
+            # Full precision on CPU (bf16 autocast is slow there and would make the actor's
+            # log-probs disagree with the float32 rollout's by ~1e-3).
+            *[kv(f"+{role}.fsdp_config.mixed_precision.{part}_dtype", "fp32")
+              for role in (actor, ref) for part in ("param", "reduce", "buffer")],
+            kv(f"{actor}.use_torch_compile", False),
+            kv(f"{actor}.fsdp_config.use_torch_compile", False),
+            kv(f"{ref}.use_torch_compile", False),
+            # Few cores: one of each helper process instead of verl's eight.
+            kv("data.dataloader_num_workers", 0),
+            kv(f"{rollout_key}.agent.num_workers", 1),
+            kv("reward.num_workers", 1),
+            kv("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1),
+        ]
+    elif attn_implementation:
+        ours.append(kv("+actor_rollout_ref.model.override_config.attn_implementation", attn_implementation))
+    return merge_overrides(ours, list(stage.overrides))
+
+
+def rl_env(ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str) -> dict[str, str]:
+    """Environment of the trainer process (Ray passes it to every worker)."""
+    stage = _rl_stage(ctx)
+    modules = (PLUGIN_MODULE,) if rollout == TRANSFORMERS_ROLLOUT else ()
+    env = base_env(ctx, cpu=cpu, external_modules=modules)
+    tool = stage.tool
+    recipe_env = {
+        ENV_SANDBOX_URL: sandbox_url,
+        ENV_TOOL_TIMEOUT_S: repr(tool.timeout_s),
+        ENV_TOOL_MEMORY_MB: str(tool.memory_limit_mb),
+        ENV_TOOL_RATE_LIMIT: str(tool.rate_limit),
+        ENV_TOOL_NUM_WORKERS: str(tool.num_workers),
+    }
+    # The stage's own `env` still wins (base_env applied it last; keep that order).
+    return {**recipe_env, **env, **{k: v for k, v in stage.env.items()}}
+
+
+def render_rl(
+    ctx: StageContext, *, sandbox_url: str, cpu: bool, paths: StagePaths, rollout: str | None = None,
+    attn_implementation: str | None = None,
+) -> list[RenderedCommand]:
+    """The RL stage's training command. `rollout` is verl's rollout name when the caller
+    already chose one (the local backend does), else it follows the spec's `rollout.engine`;
+    `attn_implementation` as in rl_overrides."""
+    stage = _rl_stage(ctx)
+    nnodes, _ = world(stage)
+    if nnodes != 1:
+        raise TerminalError(
+            f"stage.{ctx.stage}: {nnodes} nodes, but retool launches single-node RL only",
+            hint="use resources.nodes: 1 (more GPUs per node instead)",
+        )
+    name = rollout or choose_rollout(stage.rollout.engine, cpu=cpu)
+    argv = [
+        "python", "-m", PPO_MODULE,
+        *rl_overrides(ctx, paths, cpu=cpu, rollout=name, attn_implementation=attn_implementation),
+    ]
+    return [
+        RenderedCommand(
+            argv=argv,
+            env=rl_env(ctx, sandbox_url=sandbox_url, cpu=cpu, rollout=name),
+            secret_env=secret_env_names(ctx.spec, stage.secrets),
+            description=f"verl GRPO (main_ppo) of stage.{ctx.stage} on {'CPU' if cpu else 'GPU'}, rollout {name}",
+        )
+    ]
