@@ -68,9 +68,8 @@ class StageRunner:
             resume_from=resume_from, state_dir=self.ctx.state_dir,
         )
         handle = self.ctx.runtime.launch_stage(run_ctx)
-        reattached = bool(handle.extra.get("reattached"))  # an earlier apply started it, then died
-        if reattached:
-            resume_from = handle.extra.get("resume_from") if isinstance(handle.extra.get("resume_from"), int) else None
+        if handle.reattached:  # an earlier apply started it, then died
+            resume_from = handle.resume_from
         rec = self.ctx.rec(node)
         if rec.restart_id != fp.restart_id or replacing:
             rec.gpu_seconds, rec.cost_usd, rec.outputs, rec.output_id = 0.0, 0.0, {}, None
@@ -82,7 +81,7 @@ class StageRunner:
         rec.started_at = handle.started_at
         rec.finished_at = None
         rec.message = f"resumed from step {resume_from}" if resume_from is not None else "started"
-        if reattached:
+        if handle.reattached:
             rec.message = f"re-attached to the run an earlier apply started ({rec.message})"
         self.ctx.commit(rec)
         self.ctx.emit(ApplyEvent(kind="note", address=node.address, message=rec.message, step=resume_from, total=total))
@@ -173,7 +172,7 @@ class StageRunner:
         """Measured speed and spend of the attempt that just ended, counted once per run
         (the handle remembers it, so a crash before finalizing cannot count it twice)."""
         assert rec.run is not None
-        if "accounted_s" in rec.run.extra:
+        if rec.run.accounted_s is not None:
             return
         elapsed = status.elapsed_s if status.elapsed_s is not None else max(0.0, self.ctx.clock() - rec.run.started_at)
         stage = self.ctx.spec.stages[node.name]
@@ -183,7 +182,7 @@ class StageRunner:
             rec.seconds_per_step = round(elapsed / steps_run, 3)
         rec.gpu_seconds += elapsed * gpu_count(stage.resources)
         rec.cost_usd = round(rec.cost_usd + elapsed / 3600 * (hourly_usd(stage.resources, self.ctx.spec.pricing) or 0.0), 4)
-        rec.run = rec.run.model_copy(update={"extra": {**rec.run.extra, "accounted_s": elapsed}})
+        rec.run = rec.run.model_copy(update={"accounted_s": elapsed})
 
     def _latest_checkpoint(self, node: Node, restart_id: str) -> Checkpoint | None:
         found = self.ctx.retry(lambda: self.ctx.runtime.discover_checkpoints(self.ctx.spec, node.name, restart_id))

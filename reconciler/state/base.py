@@ -17,6 +17,12 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Re-exported: state records hold a RunHandle.
+from reconciler.state.run_handle import LocalRun as LocalRun
+from reconciler.state.run_handle import ModalRun as ModalRun
+from reconciler.state.run_handle import OpaqueRun as OpaqueRun
+from reconciler.state.run_handle import RunHandle as RunHandle
+
 STATE_VERSION = 1
 
 NodeStatus = Literal["pending", "running", "succeeded", "failed", "lost", "cancelled"]
@@ -26,21 +32,6 @@ class Lenient(BaseModel):
     """State is read leniently: newer writers may add keys older readers ignore."""
 
     model_config = ConfigDict(extra="ignore")
-
-
-class RunHandle(Lenient):
-    """How to find a detached run again: a local process group or a Modal call."""
-
-    backend: Literal["local", "modal", "memory"]
-    started_at: float = Field(default_factory=time.time)
-    command: list[str] = Field(default_factory=list)
-    pid: int | None = None  # local: leader of the process group
-    pgid: int | None = None
-    log_path: str | None = None
-    call_id: str | None = None  # modal: FunctionCall.object_id
-    app_name: str | None = None
-    segment: int = 0  # modal: which 24 h segment this call is
-    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 class NodeRecord(Lenient):

@@ -55,7 +55,7 @@ from reconciler.spec import (
     Spec,
     Volume,
 )
-from reconciler.state.base import RunHandle
+from reconciler.state.base import LocalRun, RunHandle
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime.local import runs
@@ -306,8 +306,8 @@ class LocalRuntime:
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
         run_dir = Path(paths.stage_dir)
         prior = runs.read_active(run_dir)
-        if prior is not None and runs.is_running(prior) and prior.extra.get("total_steps") == ctx.total_steps:
-            return prior.model_copy(update={"extra": {**prior.extra, "reattached": True}})
+        if prior is not None and runs.is_running(prior) and prior.total_steps == ctx.total_steps:
+            return prior.model_copy(update={"reattached": True})
         commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
@@ -329,34 +329,30 @@ class LocalRuntime:
         ]
         info = procs.start_detached(planned, log_path=log_path, exit_path=exit_path, cwd=str(run_dir))
         handle = RunHandle(
-            backend="local", command=planned[-1].argv, pid=info.pid, pgid=info.pgid, log_path=str(log_path),
-            extra={
-                "start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path), "stage": ctx.stage,
-                "kind": stage.kind,
-                "restart_id": ctx.restart_id, "stage_dir": paths.stage_dir,
-                "metrics_path": str(run_dir / "metrics.jsonl"), "total_steps": ctx.total_steps,
-                "resume_from": ctx.resume_from, "device": "cpu" if self.use_cpu() else "cuda",
-            },
+            ref=LocalRun(
+                pid=info.pid, pgid=info.pgid, start_ticks=info.start_ticks, tag=info.tag, log_path=str(log_path),
+                exit_path=str(exit_path), metrics_path=str(run_dir / "metrics.jsonl"), stage_dir=paths.stage_dir,
+                device="cpu" if self.use_cpu() else "cuda",
+            ),
+            stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id, command=planned[-1].argv,
+            total_steps=ctx.total_steps, resume_from=ctx.resume_from,
         )
         runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
         return handle
 
     def poll_stage(self, handle: RunHandle) -> RunStatus:
-        if handle.backend != "local" or handle.pid is None or not handle.log_path:
-            raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
-        follower = self._followers.get(handle.log_path)
+        ref = runs.local_ref(handle)
+        follower = self._followers.get(ref.log_path)
         if follower is None:
-            follower = self._followers[handle.log_path] = runs.follower_for(handle)
+            follower = self._followers[ref.log_path] = runs.follower_for(handle)
         return runs.observe(handle, follower)
 
     def cancel_stage(self, handle: RunHandle) -> None:
-        if handle.pid is None:
+        ref = runs.local_ref(handle)
+        exit_path = runs.exit_path_of(handle)
+        if not procs.run_members(ref.pgid, ref.tag):
             return
-        tag = str(handle.extra.get("tag") or "")
-        exit_path = Path(handle.extra.get("exit_path", ""))
-        if not procs.run_members(handle.pgid, tag):
-            return
-        killed = procs.terminate_run(handle.pgid, tag)
+        killed = procs.terminate_run(ref.pgid, ref.tag)
         if exit_path.name and procs.read_exit(exit_path) is None:  # it died before it could write one
             sig = "SIGKILL" if killed else "SIGTERM"
             procs.write_exit(exit_path, procs.ExitRecord(returncode=-9 if killed else -15, signal=sig, cancelled=True))

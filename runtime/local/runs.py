@@ -1,8 +1,8 @@
 """A local stage run directory's detached runs: the active-run record that makes a launch
 idempotent, and what a run's process, exit file and log say about it now.
 
-`launch_stage` writes `<run dir>/active_run.json` (the RunHandle it returns: pid, kernel
-start ticks, run tag, log and exit paths, resume_from, total_steps) atomically before it
+`launch_stage` writes `<run dir>/active_run.json` (the RunHandle it returns: its LocalRun
+reference — pid, kernel start ticks, run tag, log and exit paths — and resume_from, total_steps) atomically before it
 returns. If `retool apply` dies after starting the run but before the engine recorded the
 handle, the next launch of the same stage and restart identity finds that record, sees
 the process still running (same pid *and* start ticks, no exit file) and re-attaches to it
@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from reconciler.errors import TerminalError
-from reconciler.state.base import RunHandle
+from reconciler.state.base import LocalRun, RunHandle
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime import metrics as met
@@ -48,17 +48,26 @@ def read_active(run_dir: Path) -> RunHandle | None:
         return None
 
 
+def local_ref(handle: RunHandle) -> LocalRun:
+    """The process-group reference of a run this backend started."""
+    if not isinstance(handle.ref, LocalRun):
+        raise TerminalError("this run was not started by the local backend", f"handle backend {handle.backend}")
+    return handle.ref
+
+
 def exit_path_of(handle: RunHandle) -> Path:
-    log_path = Path(handle.log_path or "")
-    return Path(handle.extra.get("exit_path") or log_path.with_name(log_path.stem + ".exit.json"))
+    ref = local_ref(handle)
+    log_path = Path(ref.log_path)
+    return Path(ref.exit_path or log_path.with_name(log_path.stem + ".exit.json"))
 
 
 def is_running(handle: RunHandle) -> bool:
     """Whether the run's wrapper is the very process that was started (pid and start ticks)
     and has not written its exit file yet."""
-    if handle.pid is None or procs.read_exit(exit_path_of(handle)) is not None:
+    ref = local_ref(handle)
+    if procs.read_exit(exit_path_of(handle)) is not None:
         return False
-    return procs.is_alive(handle.pid, handle.extra.get("start_ticks"))
+    return procs.is_alive(ref.pid, ref.start_ticks)
 
 
 def live_run(run_dir: Path) -> RunHandle | None:
@@ -69,9 +78,10 @@ def live_run(run_dir: Path) -> RunHandle | None:
 
 def stop(handle: RunHandle, grace_s: float = 20.0) -> None:
     """Stop every process of a recorded run (its group and everything carrying its tag)."""
-    tag = str(handle.extra.get("tag") or "")
-    if procs.run_members(handle.pgid if is_running(handle) else None, tag):
-        procs.terminate_run(handle.pgid if is_running(handle) else None, tag, grace_s=grace_s)
+    ref = local_ref(handle)
+    pgid = ref.pgid if is_running(handle) else None
+    if procs.run_members(pgid, ref.tag):
+        procs.terminate_run(pgid, ref.tag, grace_s=grace_s)
 
 
 def move_aside(run_dir: Path) -> None:
@@ -82,7 +92,7 @@ def move_aside(run_dir: Path) -> None:
     live = live_run(run_dir)
     if live is not None:
         raise TerminalError(
-            f"{run_dir} still has a running trainer (pid {live.pid})",
+            f"{run_dir} still has a running trainer (pid {local_ref(live).pid})",
             "a from-scratch launch would move its checkpoints away while it writes them",
             "`retool cancel` the stage first",
         )
@@ -97,10 +107,11 @@ def move_aside(run_dir: Path) -> None:
 def follower_for(handle: RunHandle) -> met.LogFollower:
     """A follower of the run's log that starts from the steps the run resumed from (kept in
     the run dir's metrics.jsonl), so a resumed run's metrics and sparkline cover every step."""
-    follower = met.LogFollower(Path(handle.log_path or ""))
-    resume_from, metrics_path = handle.extra.get("resume_from"), handle.extra.get("metrics_path")
-    if isinstance(resume_from, int) and metrics_path:
-        for rec in met.read_file(Path(metrics_path)):
+    ref = local_ref(handle)
+    follower = met.LogFollower(Path(ref.log_path))
+    resume_from = handle.resume_from
+    if resume_from is not None and ref.metrics_path:
+        for rec in met.read_file(Path(ref.metrics_path)):
             if rec.step <= resume_from:
                 follower.by_step[rec.step] = dict(rec.values)
     return follower
@@ -108,30 +119,30 @@ def follower_for(handle: RunHandle) -> met.LogFollower:
 
 def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     """The run's state now, from its exit file, its process and its log."""
-    log_path = Path(handle.log_path or "")
+    ref = local_ref(handle)
+    log_path = Path(ref.log_path)
     records = follower.update()
     if follower.changed:
-        met.write_file(records, Path(handle.extra.get("metrics_path") or log_path.with_suffix(".metrics.jsonl")))
+        met.write_file(records, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")))
     step = records[-1].step if records else None
-    total = handle.extra.get("total_steps")
+    total = handle.total_steps
     seen = {
         "step": step, "total": total, "metrics": met.headline(records) or met.latest(records),
         "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
     }
     done = procs.read_exit(exit_path_of(handle))
-    if done is None and not procs.is_alive(handle.pid or 0, handle.extra.get("start_ticks")):
+    if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
         done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks
         if done is None:
             # Trainer processes that outlived their leader (torchrun workers run in their own
             # sessions) would race a relaunch over the same checkpoints: stop them first.
-            tag = str(handle.extra.get("tag") or "")
-            leftovers = procs.run_members(None, tag)
+            leftovers = procs.run_members(None, ref.tag)
             if leftovers:
-                procs.terminate_run(None, tag, grace_s=10)
+                procs.terminate_run(None, ref.tag, grace_s=10)
             tail = procs.tail(log_path, TAIL_LINES)
             return RunStatus(
                 state="lost", log_tail=tail, elapsed_s=None, **seen,
-                message=f"process {handle.pid} is gone and left no exit status (killed, or the machine restarted)"
+                message=f"process {ref.pid} is gone and left no exit status (killed, or the machine restarted)"
                 + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
                 + (f"; last log line: {tail[-1]}" if tail else ""),
             )
@@ -143,7 +154,7 @@ def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
         )
     elapsed = done.finished_at - handle.started_at
     tail = procs.tail(log_path, TAIL_LINES)
-    if done.returncode == 0 and handle.extra.get("kind") == "sft" and total and (step or 0) < total:
+    if done.returncode == 0 and handle.kind == "sft" and total and (step or 0) < total:
         # SFT data is never filtered, so ending early means verl's loop ran out of epochs.
         return RunStatus(
             state="failed", elapsed_s=elapsed, log_tail=tail, **seen,

@@ -33,7 +33,7 @@ from typing import Any
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
-from reconciler.state.base import RunHandle
+from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalAdapter, ModalUnreachable
@@ -321,15 +321,16 @@ class ModalRuntime:
 
     def _handle(self, spec: Spec, stage: str, restart_id: str, call_id: str, app: str, started: float,
                 total: int | None, argv: list[str]) -> RunHandle:
-        res = spec.stages[stage].resources
+        definition = spec.stages[stage]
+        res = definition.resources
         return RunHandle(
-            backend="modal", call_id=call_id, app_name=app, segment=0, started_at=started, command=list(argv),
-            extra={
-                "stage": stage, "restart_id": restart_id, "volume": self._stage_volume(spec, stage),
-                "run_dir": self._rel(stage, restart_id, RUN_DIR), "environment": spec.modal.environment,
-                "total_steps": total, "gpus": res.gpus_per_node * res.nodes, "gpu": res.gpu,
-                "usd_per_gpu_hour": self.gpu_hour_usd(spec, res.gpu),
-            },
+            ref=ModalRun(
+                call_id=call_id, app_name=app, segment=0, volume=self._stage_volume(spec, stage),
+                run_dir=self._rel(stage, restart_id, RUN_DIR), environment=spec.modal.environment,
+                gpus=res.gpus_per_node * res.nodes, gpu=res.gpu, usd_per_gpu_hour=self.gpu_hour_usd(spec, res.gpu),
+            ),
+            stage=stage, kind=definition.kind, restart_id=restart_id, started_at=started, command=list(argv),
+            total_steps=total,
         )
 
     def _running_call(self, spec: Spec, stage: str, restart_id: str) -> RunHandle | None:
@@ -343,9 +344,8 @@ class ModalRuntime:
         return handle if self.poll_stage(handle).state == "running" else None
 
     def poll_stage(self, handle: RunHandle) -> RunStatus:
-        if handle.backend != "modal" or not handle.call_id:
-            raise TerminalError("this run was not started by the Modal backend", f"handle backend {handle.backend}")
-        call_id, segment = handle.call_id, handle.segment
+        ref = modal_ref(handle)
+        call_id, segment = ref.call_id, ref.segment
         outcome = self.adapter.poll(call_id)
         for _ in range(CHAIN_LIMIT):
             if outcome.state == "expired":
@@ -360,7 +360,8 @@ class ModalRuntime:
 
     def _from_volume(self, handle: RunHandle, call_id: str, segment: int) -> tuple[CallOutcome, str, int]:
         """A call whose result Modal no longer keeps: what its run left on the volume."""
-        vol, run_dir, env = handle.extra.get("volume", ""), handle.extra.get("run_dir", ""), handle.extra.get("environment")
+        ref = modal_ref(handle)
+        vol, run_dir, env = ref.volume, ref.run_dir, ref.environment
         run = self._read_json(vol, f"{run_dir}/run.json", env) or {}
         if run.get("call_id") and run.get("call_id") != call_id and int(run.get("segment", 0)) > segment:
             nxt = str(run["call_id"])
@@ -371,14 +372,13 @@ class ModalRuntime:
         return CallOutcome(state="expired", error="its result expired and the run left no result"), call_id, segment
 
     def _status(self, handle: RunHandle, outcome: CallOutcome, segment: int) -> RunStatus:
-        progress = self._read_json(handle.extra.get("volume", ""), f"{handle.extra.get('run_dir', '')}/progress.json",
-                                   handle.extra.get("environment")) or {}
+        ref = modal_ref(handle)
+        progress = self._read_json(ref.volume, f"{ref.run_dir}/progress.json", ref.environment) or {}
         result = outcome.result if isinstance(outcome.result, dict) else {}
         step = result.get("step", progress.get("step"))
-        total = handle.extra.get("total_steps") or progress.get("total")
+        total = handle.total_steps or progress.get("total")
         active = float(result.get("active_s") or progress.get("active_s") or 0.0)
-        gpus = int(handle.extra.get("gpus") or 0)
-        rate = handle.extra.get("usd_per_gpu_hour")
+        gpus, rate = ref.gpus, ref.usd_per_gpu_hour
         metrics = {k: float(v) for k, v in (progress.get("metrics") or {}).items() if isinstance(v, (int, float))}
         metrics["gpu_seconds"] = round(active * gpus, 1)
         if rate is not None:
@@ -400,7 +400,7 @@ class ModalRuntime:
 
     def cancel_stage(self, handle: RunHandle) -> None:
         """Cancels the call now running (the last segment of the chain)."""
-        call_id = handle.call_id or ""
+        call_id = modal_ref(handle).call_id
         for _ in range(CHAIN_LIMIT):
             outcome = self.adapter.poll(call_id)
             result = outcome.result if isinstance(outcome.result, dict) else {}
@@ -555,3 +555,10 @@ def _http_ping(url: str) -> bool:
 
 
 __all__ = ["ModalRuntime", "MERGE_MODULE"]
+
+
+def modal_ref(handle: RunHandle) -> ModalRun:
+    """The function-call reference of a run this backend started."""
+    if not isinstance(handle.ref, ModalRun) or not handle.ref.call_id:
+        raise TerminalError("this run was not started by the Modal backend", f"handle backend {handle.backend}")
+    return handle.ref

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler.state.base import State
+from reconciler.state.base import LocalRun, State
 from runtime import processes as procs
 from tests.local_helpers import write_sft_jsonl
 
@@ -82,11 +82,12 @@ def stop_everything(state_dir: Path) -> None:
     """Stop the training run and the sandbox, whatever state the test left them in."""
     rec = read_state(state_dir).get("nodes", {}).get("stage.sft", {})
     run_handle = rec.get("run") or {}
-    if run_handle.get("pid"):
-        procs.terminate_run(run_handle.get("pgid"), str(run_handle.get("extra", {}).get("tag") or ""), grace_s=10)
+    ref = run_handle.get("ref") or {}
+    if ref.get("pid"):
+        procs.terminate_run(ref.get("pgid"), str(ref.get("tag") or ""), grace_s=10)
     for record in state_dir.glob("volumes/checkpoints/sft/*/active_run.json"):
-        extra = json.loads(record.read_text()).get("extra", {})
-        procs.terminate_run(None, str(extra.get("tag") or ""), grace_s=10)
+        recorded = json.loads(record.read_text()).get("ref", {})
+        procs.terminate_run(None, str(recorded.get("tag") or ""), grace_s=10)
     sandbox = state_dir / "sandbox.json"
     if sandbox.exists():
         procs.terminate_run(json.loads(sandbox.read_text())["pid"], grace_s=5)
@@ -100,11 +101,11 @@ def test_kill_9_of_apply_while_sft_trains_then_apply_reattaches(tmp_path: Path) 
     try:
         def running() -> dict[str, Any] | None:
             rec = read_state(state_dir).get("nodes", {}).get("stage.sft", {})
-            return rec if rec.get("status") == "running" and (rec.get("run") or {}).get("pid") else None
+            return rec if rec.get("status") == "running" and ((rec.get("run") or {}).get("ref") or {}).get("pid") else None
 
         rec = wait_for("stage.sft to be recorded running", running)
         handle = rec["run"]
-        log = Path(handle["log_path"])
+        log = Path(handle["ref"]["log_path"])
         wait_for("the first training step", lambda: "step:1 " in log.read_text(errors="replace"), timeout=300)
         assert apply.poll() is None, (tmp_path / "apply-1.out").read_text()
         os.kill(apply.pid, signal.SIGKILL)
@@ -130,7 +131,7 @@ def test_kill_9_of_apply_while_sft_trains_then_apply_reattaches(tmp_path: Path) 
         state = State.model_validate(read_state(state_dir))
         done = state.nodes["stage.sft"]
         assert done.status == "succeeded" and done.steps_done == STEPS
-        assert done.run is not None and (done.run.pid, done.run.extra["tag"]) == (handle["pid"], handle["extra"]["tag"])
+        assert done.run is not None and done.run.ref == LocalRun.model_validate(handle["ref"])
         logs = [p for p in (state_dir / "logs").glob("sft-*.log") if "-merge-" not in p.name]
         assert logs == [log]  # one training run for this identity: re-attached, never relaunched
         assert log.read_text(errors="replace").count("[retool] command 1/") == 1

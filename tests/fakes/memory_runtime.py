@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from reconciler.errors import TerminalError, TransientError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import RunHandle
+from reconciler.state.base import OpaqueRun, RunHandle
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 
 FailureKind = Literal["transient", "terminal", "crash", "crash_after"]
@@ -251,10 +251,10 @@ class MemoryRuntime:
 
     @staticmethod
     def _handle(run: FakeRun) -> RunHandle:
-        return RunHandle(backend="memory", call_id=run.run_id, extra={"stage": run.stage})
+        return RunHandle(ref=OpaqueRun(run_id=run.run_id), stage=run.stage)
 
     def _run(self, handle: RunHandle) -> FakeRun | None:
-        return self.runs.get(handle.call_id or "")
+        return self.runs.get(handle.ref.run_id) if isinstance(handle.ref, OpaqueRun) else None
 
     def poll_stage(self, handle: RunHandle) -> RunStatus:
         def effect() -> RunStatus:
@@ -265,7 +265,7 @@ class MemoryRuntime:
                 self._advance(run)
             return RunStatus(state=run.state, step=run.step, total=run.total, elapsed_s=float(run.polls))
 
-        return self._call("poll_stage", f"stage.{handle.extra.get('stage', '')}", effect)
+        return self._call("poll_stage", f"stage.{handle.stage}", effect)
 
     def _advance(self, run: FakeRun) -> None:
         run.polls += 1
@@ -289,7 +289,7 @@ class MemoryRuntime:
             if run is not None and run.state == "running":
                 run.state = "failed"
 
-        self._call("cancel_stage", f"stage.{handle.extra.get('stage', '')}", effect)
+        self._call("cancel_stage", f"stage.{handle.stage}", effect)
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
         def effect() -> list[Checkpoint]:

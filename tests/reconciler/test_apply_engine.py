@@ -90,7 +90,7 @@ def test_state_is_written_after_every_transition(loaded, store, rt) -> None:
     # The run handle was on disk while the stage was running, before it finished.
     running = [s for s in store.history if s.nodes.get("stage.sft") and s.nodes["stage.sft"].status == "running"]
     assert running and running[0].nodes["stage.sft"].run is not None
-    assert running[0].nodes["stage.sft"].run.call_id == "run-0"  # type: ignore[union-attr]
+    assert running[0].nodes["stage.sft"].run.ref.run_id == "run-0"  # type: ignore[union-attr]
 
 
 def test_second_apply_changes_nothing_and_writes_nothing(loaded, store, rt) -> None:

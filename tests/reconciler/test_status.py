@@ -13,7 +13,7 @@ from reconciler.apply.engine import apply
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode
 from reconciler.refresh import observe_and_plan
-from reconciler.state.base import LockInfo, NodeRecord, RunHandle, State
+from reconciler.state.base import LockInfo, NodeRecord, OpaqueRun, RunHandle, State
 from reconciler.state.memory import MemoryStore
 from reconciler.status import NodeStatus, StatusReport, compute_status, render_status
 from tests.fakes.memory_runtime import MemoryRuntime
@@ -169,7 +169,7 @@ def test_status_of_a_record_with_no_run_handle(loaded: LoadedSpec) -> None:
     sft = row(status_of(loaded, state, Observed()), "stage.sft")
     assert sft.health is None and sft.fingerprint is None and sft.elapsed_s is None
     # A handle alone, without a running status, does not count as progressing.
-    state.nodes["stage.sft"].run = RunHandle(backend="memory", call_id="x")
+    state.nodes["stage.sft"].run = RunHandle(ref=OpaqueRun(run_id="x"))
     assert row(status_of(loaded, state, Observed()), "stage.sft").health is None
 
 

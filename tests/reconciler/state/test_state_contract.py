@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import StateLockedError, TerminalError
-from reconciler.state.base import LockInfo, NodeRecord, RunHandle, State, StateStore
+from reconciler.state.base import LocalRun, LockInfo, NodeRecord, RunHandle, State, StateStore
 from reconciler.state.local import LocalStore
 from reconciler.state.memory import MemoryStore
 
@@ -69,7 +69,7 @@ def sample_state(serial: int = 1, lineage: str = "lineage-a") -> State:
             "stage.sft": NodeRecord(
                 address="stage.sft", kind="stage", status="running", restart_id="r" * 64,
                 outputs={"final_step": 40}, steps_done=40, total_steps=100,
-                run=RunHandle(backend="local", pid=1234, pgid=1234, command=["torchrun", "x"]),
+                run=RunHandle(ref=LocalRun(pid=1234, pgid=1234, log_path="/tmp/sft.log"), command=["torchrun", "x"]),
             ),
             "volume.data": NodeRecord(address="volume.data", kind="volume", status="succeeded"),
         },
@@ -89,7 +89,7 @@ def test_write_then_read_round_trips(opener: Opener) -> None:
     got = opener().read()
     assert got is not None
     assert got.model_dump() == state.model_dump()
-    assert got.nodes["stage.sft"].run is not None and got.nodes["stage.sft"].run.pid == 1234
+    assert got.nodes["stage.sft"].run is not None and got.nodes["stage.sft"].run.ref == LocalRun(pid=1234, pgid=1234, log_path="/tmp/sft.log")
 
 
 def test_successive_serials_are_accepted(opener: Opener) -> None:

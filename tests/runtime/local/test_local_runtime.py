@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Spec
-from reconciler.state.base import RunHandle
+from reconciler.state.base import LocalRun, RunHandle
 from runtime.local import runs as local_runs
 from runtime import processes as procs
 from reconciler.backend import RenderedCommand, RunStatus, StageContext
@@ -68,9 +68,9 @@ def start(tmp_path: Path, *scripts: str, name: str = "run") -> RunHandle:
     commands = [procs.PlannedCommand(argv=[sys.executable, "-c", textwrap.dedent(s)]) for s in scripts]
     info = procs.start_detached(commands, log_path=log, exit_path=exit_path)
     return RunHandle(
-        backend="local", pid=info.pid, pgid=info.pgid, log_path=str(log), command=commands[-1].argv,
-        extra={"start_ticks": info.start_ticks, "tag": info.tag, "exit_path": str(exit_path),
-               "metrics_path": str(tmp_path / "stage" / "metrics.jsonl"), "total_steps": 3},
+        ref=LocalRun(pid=info.pid, pgid=info.pgid, start_ticks=info.start_ticks, tag=info.tag, log_path=str(log),
+                     exit_path=str(exit_path), metrics_path=str(tmp_path / "stage" / "metrics.jsonl")),
+        command=commands[-1].argv, total_steps=3,
     )
 
 
@@ -99,7 +99,7 @@ def test_run_succeeds_and_metrics_are_parsed(tmp_path: Path, rt: LocalRuntime):
     assert status.metrics == {"train/loss": 1.0, "train/lr": 0.001}
     assert status.elapsed_s is not None and status.elapsed_s > 0
     assert (tmp_path / "stage" / "metrics.jsonl").read_text().count("\n") == 3
-    record = procs.read_exit(Path(handle.extra["exit_path"]))
+    record = procs.read_exit(Path(handle.ref.exit_path))
     assert record is not None and record.returncode == 0 and not record.cancelled
 
 
@@ -138,7 +138,7 @@ def test_a_resumed_runs_metrics_keep_the_steps_before_it(tmp_path: Path, rt: Loc
     # the first run reached step 3 (checkpoint at 2); the resumed run redoes step 3
     metrics.write_text("".join(f'{{"step": {i}, "train/loss": {9.0 - i}}}\n' for i in (1, 2, 3)))
     handle = start(tmp_path, "print('step:3 - train/loss:2.0', flush=True)")
-    handle = handle.model_copy(update={"extra": {**handle.extra, "resume_from": 2}})
+    handle = handle.model_copy(update={"resume_from": 2})
     status = poll_until(rt, handle, lambda s: s.state != "running")
     assert status.state == "succeeded" and status.step == 3
     assert [(r.step, r.values["train/loss"]) for r in read_file(metrics)] == [(1, 8.0), (2, 7.0), (3, 2.0)]
@@ -150,8 +150,8 @@ def test_failure_reports_code_and_error_line_and_stops_the_sequence(tmp_path: Pa
     status = poll_until(rt, handle, lambda s: s.state != "running")
     assert status.state == "failed"
     assert status.message == "exited with code 1: ValueError: boom"
-    assert "never runs" not in Path(handle.log_path).read_text()
-    assert procs.read_exit(Path(handle.extra["exit_path"])).failed_command == 0
+    assert "never runs" not in Path(handle.ref.log_path).read_text()
+    assert procs.read_exit(Path(handle.ref.exit_path)).failed_command == 0
 
 
 ORPHAN = """
@@ -166,9 +166,9 @@ ORPHAN = """
 def test_kill_9_of_the_leader_is_lost_and_leftovers_are_stopped(tmp_path: Path, rt: LocalRuntime):
     handle = start(tmp_path, ORPHAN)
     poll_until(rt, handle, lambda s: s.step == 1)
-    tag = handle.extra["tag"]
+    tag = handle.ref.tag
     assert len(procs.tagged_processes(tag)) >= 3  # wrapper, script, its own-session child
-    os.kill(handle.pid, signal.SIGKILL)
+    os.kill(handle.ref.pid, signal.SIGKILL)
     status = poll_until(rt, handle, lambda s: s.state != "running")
     assert status.state == "lost"
     assert "left no exit status" in status.message and "leftover" in status.message
@@ -180,7 +180,7 @@ def test_cancel_reaches_processes_in_other_sessions(tmp_path: Path, rt: LocalRun
     handle = start(tmp_path, ORPHAN)
     poll_until(rt, handle, lambda s: s.step == 1)
     rt.cancel_stage(handle)
-    assert procs.tagged_processes(handle.extra["tag"]) == []
+    assert procs.tagged_processes(handle.ref.tag) == []
     status = rt.poll_stage(handle)
     assert status.state == "failed" and status.message == "cancelled (SIGTERM)"
     rt.cancel_stage(handle)  # nothing left: a no-op
@@ -202,25 +202,23 @@ def test_launch_reattaches_to_a_live_run_nobody_recorded(tmp_path: Path, rt: Loc
     handles = [first]
     try:
         record = json.loads((run_dir / local_runs.ACTIVE_RUN_FILE).read_text())
-        assert (record["pid"], record["log_path"]) == (first.pid, first.log_path)
-        assert {k: record["extra"][k] for k in ("start_ticks", "tag", "exit_path", "resume_from", "total_steps")} == {
-            k: first.extra[k] for k in ("start_ticks", "tag", "exit_path", "resume_from", "total_steps")}
+        assert RunHandle.model_validate(record) == first  # the whole handle, typed reference included
         (run_dir / "global_step_1").mkdir()  # what the run has written so far
         # apply died before recording `first`: the next apply launches the same stage again
         again = rt.launch_stage(ctx)
         handles.append(again)
-        assert (again.pid, again.extra["tag"], again.started_at) == (first.pid, first.extra["tag"], first.started_at)
-        assert again.extra["reattached"] is True
+        assert (again.ref.pid, again.ref.tag, again.started_at) == (first.ref.pid, first.ref.tag, first.started_at)
+        assert again.reattached is True
         assert (run_dir / "global_step_1").is_dir() and not (run_dir.parent / ".replaced").exists()
         assert len(list((tmp_path / ".retool" / "logs").glob("sft-*.log"))) == 1
-        assert procs.is_alive(first.pid, first.extra["start_ticks"])
+        assert procs.is_alive(first.ref.pid, first.ref.start_ticks)
         with pytest.raises(TerminalError, match="still has a running trainer"):
             local_runs.move_aside(run_dir)
         # more steps planned than that unrecorded run trains: it is stopped, not joined
         more = rt.launch_stage(ctx.model_copy(update={"total_steps": 5}))
         handles.append(more)
-        assert more.pid != first.pid and not procs.is_alive(first.pid, first.extra["start_ticks"])
-        assert procs.tagged_processes(first.extra["tag"]) == []
+        assert more.ref.pid != first.ref.pid and not procs.is_alive(first.ref.pid, first.ref.start_ticks)
+        assert procs.tagged_processes(first.ref.tag) == []
         assert (run_dir.parent / ".replaced").is_dir()  # from scratch, over a run that no longer runs
     finally:
         for handle in handles:
@@ -235,9 +233,9 @@ def test_launch_does_not_reuse_a_record_whose_run_ended(tmp_path: Path, rt: Loca
     assert rt.poll_stage(first).state == "failed"
     second = rt.launch_stage(ctx)
     try:
-        assert second.pid != first.pid and second.extra["tag"] != first.extra["tag"]
-        assert "reattached" not in second.extra
-        assert procs.is_alive(second.pid, second.extra["start_ticks"])
+        assert second.ref.pid != first.ref.pid and second.ref.tag != first.ref.tag
+        assert second.reattached is False
+        assert procs.is_alive(second.ref.pid, second.ref.start_ticks)
     finally:
         rt.cancel_stage(second)
 

@@ -84,7 +84,7 @@ def test_train_resume_merge(prepared):
     t0 = time.time()
     handle = rt.launch_stage(ctx)
     assert time.time() - t0 < 10  # detached: returns at once
-    assert handle.pid and handle.pgid == handle.pid and Path(handle.log_path).parent == tmp / ".retool" / "logs"
+    assert handle.ref.pid and handle.ref.pgid == handle.ref.pid and Path(handle.ref.log_path).parent == tmp / ".retool" / "logs"
     status = wait(rt, handle)
     assert status.state == "succeeded", (status.message, status.log_tail)
     assert (status.step, status.total) == (3, 3) and status.metrics["train/loss"] > 0
@@ -102,7 +102,7 @@ def test_train_resume_merge(prepared):
     handle = rt.launch_stage(ctx5)
     status = wait(rt, handle)
     assert status.state == "succeeded", (status.message, status.log_tail)
-    log = Path(handle.log_path).read_text()
+    log = Path(handle.ref.log_path).read_text()
     assert "global_step_3 (step 3)" in log or "Loaded model from" in log
     from runtime.metrics import parse_text
 
@@ -156,18 +156,18 @@ def test_cancel_and_lost(prepared):
     rt.cancel_stage(handle)
     status = rt.poll_stage(handle)
     assert status.state == "failed" and status.message.startswith("cancelled")
-    assert procs.tagged_processes(handle.extra["tag"]) == []  # torchrun's workers too
+    assert procs.tagged_processes(handle.ref.tag) == []  # torchrun's workers too
     rt.cancel_stage(handle)  # idempotent
 
     handle = rt.launch_stage(ctx)
     assert wait_for_step(rt, handle, 1).state == "running"
-    os.killpg(handle.pgid, signal.SIGKILL)  # nothing gets to write an exit status
+    os.killpg(handle.ref.pgid, signal.SIGKILL)  # nothing gets to write an exit status
     deadline = time.time() + 30
     while (status := rt.poll_stage(handle)).state == "running" and time.time() < deadline:
         time.sleep(0.5)
     assert status.state == "lost" and "left no exit status" in status.message and status.log_tail
     # torchrun's workers live in their own sessions and survive the group's SIGKILL: poll stopped them
-    assert "leftover" in status.message and procs.tagged_processes(handle.extra["tag"]) == []
+    assert "leftover" in status.message and procs.tagged_processes(handle.ref.tag) == []
 
 
 def test_resume_at_an_epoch_boundary_reaches_the_total(prepared):

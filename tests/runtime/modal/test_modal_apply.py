@@ -90,7 +90,7 @@ def test_qwen7b_applies_end_to_end_with_what_modal_should_receive(loaded: Loaded
                             restart_id=rec.restart_id, total=rec.total_steps, resume_from=None, state_dir="/unused")
         assert call.payload["commands"] == [c.model_dump(mode="json") for c in rt.render_stage(ctx)]
         assert call.payload["checkpoint_dir"] == f"/checkpoints/{name}/{rec.restart_id[:16]}"
-        assert rec.run is not None and rec.run.call_id == call.call_id and rec.run.app_name == "retool-qwen7b"
+        assert rec.run is not None and rec.run.ref.call_id == call.call_id and rec.run.ref.app_name == "retool-qwen7b"
     dapo_cmd = spawned(fake, "stage-dapo")[0].payload["commands"][0]
     assert "/root/runtime/verl/recipe/tool_config.yaml" in " ".join(dapo_cmd["argv"])  # container paths, not ours
     assert dapo_cmd["env"]["RETOOL_SANDBOX_URL"].startswith("http://127.0.0.1:")
@@ -130,7 +130,7 @@ def test_a_killed_cli_reattaches_by_call_id_and_never_relaunches(loaded: LoadedS
     rec = store.read().nodes["stage.sft"]  # type: ignore[union-attr]
     assert rec.status == "running" and rec.run is not None
     (call,) = spawned(fake, "stage-sft")
-    assert rec.run.call_id == call.call_id
+    assert rec.run.ref.call_id == call.call_id
     assert not any(r.address == "stage.dapo" and r.result == "succeeded" for r in result.results)
 
     c.advance(fake, call.call_id)  # training finishes on Modal while nobody watches
@@ -173,7 +173,7 @@ def test_long_stages_run_as_chained_segments(loaded: LoadedSpec, fake: FakeModal
     sft_calls = spawned(fake, "stage-sft")
     assert [c.payload["segment"] for c in sft_calls] == [0, 1, 2]  # 372 steps: 150 + 150 + 72
     rec = store.read().nodes["stage.sft"]  # type: ignore[union-attr]
-    assert rec.run.call_id == sft_calls[0].call_id and rec.steps_done == 372  # type: ignore[union-attr]
+    assert rec.run.ref.call_id == sft_calls[0].call_id and rec.steps_done == 372  # type: ignore[union-attr]
     status = rt.poll_stage(rec.run)  # type: ignore[arg-type]
     assert status.state == "succeeded" and "segment 2" in status.message
 

@@ -83,10 +83,10 @@ def launched(spec: Spec, **kw: Any) -> tuple[FakeModal, ModalRuntime, Any]:
 
 def test_launch_records_the_call_and_marks_the_run_on_the_volume() -> None:
     fake, rt, handle = launched(qwen())
-    assert handle.backend == "modal" and handle.call_id in fake.calls and handle.app_name == "retool-qwen7b"
+    assert handle.backend == "modal" and handle.ref.call_id in fake.calls and handle.ref.app_name == "retool-qwen7b"
     vol = fake.volumes["retool-qwen7b-checkpoints"]
     assert json.loads(vol[f"sft/{RID[:16]}/retool.json"])["restart_id"] == RID
-    assert json.loads(vol[f"sft/{RID[:16]}/_retool/run.json"])["call_id"] == handle.call_id
+    assert json.loads(vol[f"sft/{RID[:16]}/_retool/run.json"])["call_id"] == handle.ref.call_id
     status = rt.poll_stage(handle)
     assert status.state == "running" and status.total == 372
 
@@ -96,14 +96,14 @@ def test_a_second_launch_of_a_running_identity_returns_the_same_call() -> None:
     spec = qwen()
     fake, rt, handle = launched(spec)
     again = ModalRuntime("/unused", adapter=fake).launch_stage(sft_ctx(spec))
-    assert again.call_id == handle.call_id and len(fake.calls) == 1
+    assert again.ref.call_id == handle.ref.call_id and len(fake.calls) == 1
 
 
 def test_an_expired_result_is_read_from_the_run_files() -> None:
     spec = qwen()
     fake, rt, handle = launched(spec)
-    Containers().advance(fake, handle.call_id)
-    fake.expire(handle.call_id)
+    Containers().advance(fake, handle.ref.call_id)
+    fake.expire(handle.ref.call_id)
     status = rt.poll_stage(handle)
     assert status.state == "succeeded" and status.step == 372
     fake.volumes["retool-qwen7b-checkpoints"].pop(f"sft/{RID[:16]}/_retool/result.json")
@@ -114,8 +114,8 @@ def test_cancel_stops_the_segment_now_running() -> None:
     spec = qwen()
     fake, rt, handle = launched(spec)
     c = Containers(steps_per_call=100)
-    c.advance(fake, handle.call_id)  # segment 0 ends and spawns segment 1
-    nxt = fake.calls[handle.call_id].result["next_call_id"]
+    c.advance(fake, handle.ref.call_id)  # segment 0 ends and spawns segment 1
+    nxt = fake.calls[handle.ref.call_id].result["next_call_id"]
     assert rt.poll_stage(handle).message.startswith("running on Modal (segment 1")
     rt.cancel_stage(handle)
     assert fake.calls[nxt].state == "cancelled"
@@ -125,7 +125,7 @@ def test_cancel_stops_the_segment_now_running() -> None:
 
 def test_a_failed_call_reports_the_remote_error() -> None:
     fake, rt, handle = launched(qwen())
-    fake.fail(handle.call_id, "RuntimeError: verl SFT exited with 1\nCUDA out of memory")
+    fake.fail(handle.ref.call_id, "RuntimeError: verl SFT exited with 1\nCUDA out of memory")
     status = rt.poll_stage(handle)
     assert status.state == "failed" and "CUDA out of memory" in status.message
 
@@ -134,7 +134,7 @@ def test_cost_uses_billing_rates_else_the_price_table() -> None:
     spec = qwen()
     fake, rt, handle = launched(spec)
     fake.rates = None  # already cached as unavailable: the spec's table
-    Containers().advance(fake, handle.call_id)
+    Containers().advance(fake, handle.ref.call_id)
     status = rt.poll_stage(handle)
     assert status.metrics["gpu_seconds"] == pytest.approx(60.0 * 372 * 8)
     assert status.metrics["cost_usd"] == pytest.approx(60.0 * 372 * 8 / 3600 * 3.95)
@@ -147,7 +147,7 @@ def test_poll_through_an_outage_raises_transient_and_changes_nothing() -> None:
     fake.reachable = False
     with pytest.raises(ModalUnreachable):
         rt.poll_stage(handle)
-    assert fake.calls[handle.call_id].state == "running"
+    assert fake.calls[handle.ref.call_id].state == "running"
 
 
 # --------------------------------------------------------------------------- data, sandbox, checks

@@ -66,7 +66,7 @@ def test_tiny_sft_runs_on_one_modal_gpu(tmp_path: Path, adapter) -> None:  # typ
         result = apply(plan, loaded, store, runtime, poll_interval=15.0, state_dir=str(tmp_path / ".retool"))
         assert result.ok, [r.message for r in result.results if r.result == "failed"]
         rec = store.read().nodes["stage.sft"]  # type: ignore[union-attr]
-        assert rec.status == "succeeded" and rec.steps_done > 0 and rec.run and rec.run.call_id
+        assert rec.status == "succeeded" and rec.steps_done > 0 and rec.run and rec.run.ref.call_id
         found = runtime.discover_checkpoints(loaded.spec, "sft", rec.restart_id)
         assert any(c.valid and c.step == rec.steps_done for c in found)
         merged = adapter.listdir(modal_volume_name(loaded.spec, "checkpoints"),
