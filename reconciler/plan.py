@@ -19,6 +19,7 @@ Per node (DESIGN.md, "Fingerprints and change policy"):
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -110,6 +111,19 @@ class Plan(Frozen):
         for c in self.changes:
             out[c.action] = out.get(c.action, 0) + 1
         return out
+
+    def to_json(self) -> str:
+        """`{"spec", "serial", "changes": [{"address", "action", "reasons", "diff", "resume_from", ...}], ...}`,
+        plus `has_changes` and per-action `summary` counts (`retool plan --json`, saved plans)."""
+        data = self.model_dump(mode="json")
+        data["has_changes"] = self.has_changes
+        data["summary"] = self.counts()
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """A plan written by `to_json`; the extra keys (`has_changes`, `summary`) are ignored."""
+        return cls.model_validate_json(text)
 
 
 # --------------------------------------------------------------------------- entry point

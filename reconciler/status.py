@@ -24,7 +24,7 @@ from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
 from reconciler.spec import Spec
 from reconciler.state.base import LockInfo, NodeRecord, State
 from reconciler.steps import hourly_usd
-from runtime.metrics import display
+from reconciler.metric_names import display
 
 Sync = Literal["in sync", "out of sync", "missing"]
 Health = Literal["healthy", "progressing", "failed", "lost"]

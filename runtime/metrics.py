@@ -20,6 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from reconciler.metric_names import VAL_ACC
+
 STEP_LINE = re.compile(r"(?:^|[\s\]|)])step:(\d+) - (.+)$")
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)\b", re.IGNORECASE)
 WANDB_URL = re.compile(r"https://(?:[\w.-]*\.)?wandb\.ai/\S+/runs/[\w-]+")
@@ -31,19 +33,6 @@ HEADLINE_KEYS = (
     "train/loss", "val/loss", "train/grad_norm", "train/lr",
     "critic/score/mean", "critic/rewards/mean",
     "response_length/mean", "num_turns/mean", "actor/pg_loss", "actor/grad_norm", "actor/lr",
-)
-VAL_ACC = re.compile(r"^val-core/(.+)/acc/mean@\d+$")
-
-# Short names `status` shows, each from the first key present (SFT, then RL).
-DISPLAY: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss", ("train/loss",)),
-    ("val_loss", ("val/loss",)),
-    ("reward", ("critic/score/mean", "critic/rewards/mean")),
-    ("response_length", ("response_length/mean",)),
-    ("tool_calls", ("num_turns/mean",)),  # per response: verl counts 2 turns + 2 per tool call
-    ("pg_loss", ("actor/pg_loss",)),
-    ("grad_norm", ("train/grad_norm", "actor/grad_norm")),
-    ("lr", ("train/lr", "actor/lr")),
 )
 # The sparkline per run kind: SFT loss, RL reward.
 SPARKLINE_KEYS = (("loss", "train/loss"), ("reward", "critic/score/mean"))
@@ -205,21 +194,6 @@ def headline(records: list[MetricRecord]) -> dict[str, float]:
     values = latest(records)
     keys = [*HEADLINE_KEYS, *sorted(k for k in values if VAL_ACC.match(k))]
     return {k: values[k] for k in keys if k in values}
-
-
-def display(values: dict[str, float]) -> dict[str, float]:
-    """verl's metric keys -> the short names `status` shows (loss, lr, grad_norm; reward,
-    response_length, tool_calls per response, val_acc[/<dataset>]), in display order."""
-    out: dict[str, float] = {}
-    for name, keys in DISPLAY:
-        key = next((k for k in keys if k in values), None)
-        if key is None:
-            continue
-        out[name] = max(0.0, (values[key] - 2) / 2) if key == "num_turns/mean" else values[key]
-    accs = sorted((m.group(1), v) for k, v in values.items() if (m := VAL_ACC.match(k)))
-    for dataset, value in accs:
-        out["val_acc" if len(accs) == 1 else f"val_acc/{dataset}"] = value
-    return out
 
 
 def sparklines(records: list[MetricRecord], width: int = 24) -> dict[str, str]:

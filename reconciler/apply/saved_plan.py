@@ -1,6 +1,6 @@
 """Saved plans (`retool plan --out FILE`, `retool apply FILE`).
 
-A saved plan is the JSON plan (reconciler/views.plan_json) plus the spec's absolute path
+A saved plan is the JSON plan (`Plan.to_json`) plus the spec's absolute path
 and the SHA-256 of its text, so applying it applies exactly that plan against exactly that
 spec; the state serial it carries makes apply refuse it once state moved on.
 """
@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from reconciler.errors import StalePlanError, TerminalError
 from reconciler.loader import LoadedSpec, load_spec
 from reconciler.plan import Plan
-from reconciler.cli.plan_view import plan_from_json, plan_json
 
 
 def spec_digest(text: str) -> str:
@@ -27,7 +26,7 @@ def spec_digest(text: str) -> str:
 def save_plan(plan: Plan, loaded: LoadedSpec, path: Path) -> None:
     """A saved plan is the JSON plan plus the spec's absolute path and content digest,
     so `retool apply FILE` applies exactly it, against exactly that spec."""
-    data = json.loads(plan_json(plan.model_copy(update={"spec": str(Path(loaded.path).resolve())})))
+    data = json.loads(plan.model_copy(update={"spec": str(Path(loaded.path).resolve())}).to_json())
     data["spec_sha256"] = spec_digest(loaded.text)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -46,7 +45,7 @@ def saved_plan_data(path: Path) -> dict[str, Any] | None:
 def read_saved_plan(path: Path, data: dict[str, Any]) -> tuple[Plan, LoadedSpec]:
     """The saved plan and its spec; refused if the spec changed since the plan was made."""
     try:
-        plan = plan_from_json(json.dumps(data))
+        plan = Plan.from_json(json.dumps(data))
     except ValidationError as error:
         raise TerminalError(
             f"{path} is not a valid saved plan",

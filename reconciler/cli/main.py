@@ -42,7 +42,7 @@ from reconciler.apply.saved_plan import read_saved_plan, save_plan, saved_plan_d
 from reconciler.state.base import LockInfo, StateStore
 from reconciler.state.cache import read_state, remember
 from reconciler.status import compute_status, render_status
-from reconciler.cli.plan_view import plan_json, plan_markdown, render_plan
+from reconciler.cli.plan_view import plan_markdown, render_plan
 
 
 DEFAULT_POLL_S = 5.0  # a runtime may set `poll_interval_s` to its own cadence
@@ -187,7 +187,7 @@ def plan(
         save_plan(the_plan, loaded, output)
     fmt = Format.json if json_flag else fmt
     if fmt is Format.json:
-        typer.echo(plan_json(the_plan), nl=False)
+        typer.echo(the_plan.to_json(), nl=False)
     elif fmt is Format.markdown:
         typer.echo(plan_markdown(the_plan))
     else:

@@ -7,7 +7,6 @@ Text is built from `rich.text.Text` pieces, never markup strings, so spec values
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rich.console import Console
@@ -136,23 +135,6 @@ class _Null:
 
     def flush(self) -> None:
         pass
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def plan_json(plan: Plan) -> str:
-    """`{"spec", "serial", "changes": [{"address", "action", "reasons", "diff", "resume_from", ...}], ...}`,
-    plus `has_changes` and per-action `summary` counts. `plan_from_json` reads it back."""
-    data = plan.model_dump(mode="json")
-    data["has_changes"] = plan.has_changes
-    data["summary"] = plan.counts()
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def plan_from_json(text: str) -> Plan:
-    """A saved plan (`retool plan --out FILE`); extra keys (`summary`) are ignored."""
-    return Plan.model_validate_json(text)
 
 
 # --------------------------------------------------------------------------- Markdown

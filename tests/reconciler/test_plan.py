@@ -13,7 +13,7 @@ import pytest
 from reconciler.errors import TerminalError
 from reconciler.plan import Observed, ObservedNode, Plan, make_plan
 from reconciler.state.base import NodeRecord, State
-from reconciler.cli.plan_view import plan_from_json, plan_json, plan_markdown, plan_text
+from reconciler.cli.plan_view import plan_markdown, plan_text
 from tests.plan_helpers import QWEN, REPO, observed_at_end, spec_from, succeeded_state
 
 #   volume.data ─> dataset.d (1000 rows) ─┬──────────┐
@@ -313,13 +313,13 @@ def test_plan_is_pure(done: State) -> None:
 
 def test_json_round_trips_and_has_the_documented_shape(done: State) -> None:
     plan = plan_for(edited("epochs: 2", "epochs: 3"), done, observed_at_end(done))
-    data = json.loads(plan_json(plan))
+    data = json.loads(plan.to_json())
     assert {"spec", "serial", "changes", "total", "warnings", "has_changes", "summary"} <= set(data)
     change = next(c for c in data["changes"] if c["address"] == "stage.a")
     assert {"address", "action", "reasons", "diff", "resume_from", "estimate", "fingerprints"} <= set(change)
     assert change["action"] == "resume" and change["resume_from"] == 200
     assert data["summary"] == {"no-op": 7, "resume": 1, "rerun": 1}
-    assert plan_from_json(plan_json(plan)) == plan
+    assert Plan.from_json(plan.to_json()) == plan
 
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reconciler.metric_names import display
 from runtime.metrics import (
-    display,
     headline,
     last_step,
     latest,
