@@ -45,7 +45,7 @@ def _env_override() -> RuntimeFactory | None:
     if not module_name or not attr:
         raise TerminalError(f"{OVERRIDE_ENV}={target!r} is not `module:factory`")
     try:
-        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise TerminalError(f"{OVERRIDE_ENV}={target!r} cannot be loaded", str(exc)) from exc
 
@@ -77,7 +77,7 @@ def get_runtime(spec: Spec, state_dir: str | Path) -> Runtime:
             f"The {spec.backend} backend is incomplete", f"{module_name} defines no {class_name}",
             "update retool to a version that ships this backend",
         )
-    return runtime_class(state_dir=str(state_dir))  # type: ignore[no-any-return]
+    return runtime_class(state_dir=str(state_dir))
 
 
 def get_store(spec: Spec, state_dir: str | Path) -> StateStore:

@@ -21,7 +21,7 @@ from reconciler.references import RefProblem, check_references, suggest
 from reconciler.spec import RLStage, SFTStage, Spec
 from reconciler.yamlpos import ParsedYaml, Pos, parse_yaml
 
-YamlPath = tuple[str | int, ...]
+YamlPath = tuple[str | int | float, ...]
 
 
 class LoadedSpec(BaseModel):

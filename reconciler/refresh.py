@@ -47,7 +47,7 @@ def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tupl
             ]
         except (RetoolError, OSError) as err:
             notes.append(f"{rec.address}: cannot read its checkpoints ({_why(err)})")
-    return ObservedNode(**fields), notes  # type: ignore[arg-type]
+    return ObservedNode(**fields), notes
 
 
 def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) -> Observed:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-Path = tuple[str | int, ...]
+Path = tuple[str | int | float, ...]  # YAML mapping keys may be any plain scalar
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

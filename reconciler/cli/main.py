@@ -72,7 +72,7 @@ def print_error(error: RetoolError) -> None:
 class RetoolGroup(TyperGroup):
     """Turns errors into one clear message and an exit code (STYLE.md #8)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context is not `click.Context`
         try:
             return super().invoke(ctx)
         except (

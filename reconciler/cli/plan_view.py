@@ -7,6 +7,7 @@ Text is built from `rich.text.Text` pieces, never markup strings, so spec values
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from rich.console import Console
@@ -124,17 +125,9 @@ def render_plan(plan: Plan, console: Console, *, show_unchanged: bool = True) ->
 
 def plan_text(plan: Plan, *, width: int = 100) -> str:
     """The rich rendering as plain text (no colour): golden files, logs, `--out` previews."""
-    console = Console(width=width, color_system=None, force_terminal=False, record=True, file=_Null())
+    console = Console(width=width, color_system=None, force_terminal=False, record=True, file=io.StringIO())
     render_plan(plan, console)
     return console.export_text(styles=False)
-
-
-class _Null:
-    def write(self, _: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -153,7 +146,7 @@ def plan_markdown(plan: Plan) -> str:
     if changed:
         out += ["| | Address | Action | Why | Estimate |", "|---|---|---|---|---|"]
         for c in changed:
-            action = c.action
+            action: str = c.action
             if c.action == "resume" and c.resume_from is not None:
                 action += f" from step {c.resume_from}"
             if c.action == "rerun" and c.discard_steps:
