@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from reconciler.errors import TerminalError
+from reconciler.errors import RetoolError, TerminalError, TransientError
+from sandbox.errors import SandboxError, SandboxUnavailableError
 
 READY_TIMEOUT_S = 180.0  # a cold machine imports numpy and sympy before the server answers
 TOKEN_ENV = "RETOOL_SANDBOX_TOKEN"  # the token travels by environment, never on the command line
@@ -59,6 +60,21 @@ class SandboxProcess(BaseModel):
             if not self.alive():
                 break
         _reap(self.pid)
+
+
+def as_retool_error(exc: SandboxError) -> RetoolError:
+    """The sandbox package's error as retool's: unavailable is transient, the rest terminal."""
+    kind = TransientError if isinstance(exc, SandboxUnavailableError) else TerminalError
+    return kind(exc.summary, exc.detail, exc.hint)
+
+
+@contextmanager
+def retool_errors() -> Iterator[None]:
+    """Raise sandbox errors from the block as retool errors (the runtime boundary)."""
+    try:
+        yield
+    except SandboxError as exc:
+        raise as_retool_error(exc) from exc
 
 
 def _reap(pid: int) -> None:

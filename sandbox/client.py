@@ -4,8 +4,8 @@
     resp.run_result.stdout  # "1\\n"
 
 `url` may be the server's base URL or end in `/run_code`. A 503 (queue full) is retried after
-its Retry-After, a few times; connection failures and 5xx raise TransientError, refused
-requests (4xx) raise TerminalError. A program that fails is not an error here: it comes back
+its Retry-After, a few times; connection failures and 5xx raise SandboxUnavailableError,
+refused requests (4xx) raise SandboxRefusedError (`sandbox.errors`). A program that fails is not an error here: it comes back
 as a response with status Failed (or SandboxError when the sandbox itself broke).
 """
 
@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from reconciler.errors import TerminalError, TransientError
+from sandbox.errors import SandboxRefusedError, SandboxUnavailableError
 from sandbox.models import RunCodeResponse
 
 HTTP_MARGIN_S = 10.0  # like verl: the HTTP timeout is the run timeout plus a margin
@@ -46,7 +46,7 @@ def run_code(
                 run_code_url(url), json=body, headers=_headers(token), timeout=timeout + HTTP_MARGIN_S
             )
         except httpx.HTTPError as exc:
-            raise TransientError(f"sandbox at {url} is unreachable", str(exc), "is the sandbox server running?") from exc
+            raise SandboxUnavailableError(f"sandbox at {url} is unreachable", str(exc), "is the sandbox server running?") from exc
         delay = _busy_delay(response, attempt)
         if delay is None:
             return _parse(response, url)
@@ -77,7 +77,7 @@ async def run_code_async(
                     run_code_url(url), json=body, headers=_headers(token), timeout=timeout + HTTP_MARGIN_S
                 )
             except httpx.HTTPError as exc:
-                raise TransientError(f"sandbox at {url} is unreachable", str(exc), "is the sandbox server running?") from exc
+                raise SandboxUnavailableError(f"sandbox at {url} is unreachable", str(exc), "is the sandbox server running?") from exc
             delay = _busy_delay(response, attempt)
             if delay is None:
                 return _parse(response, url)
@@ -89,7 +89,7 @@ async def run_code_async(
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> None:
-    """Block until `GET /v1/ping` answers "pong"; TransientError after `timeout` seconds."""
+    """Block until `GET /v1/ping` answers "pong"; SandboxUnavailableError after `timeout` seconds."""
     ping = base_url(url) + "/v1/ping"
     deadline = time.monotonic() + timeout
     last = "no answer yet"
@@ -102,7 +102,7 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
         except (httpx.HTTPError, ValueError) as exc:
             last = str(exc) or type(exc).__name__
         if time.monotonic() >= deadline:
-            raise TransientError(f"sandbox at {url} not ready after {timeout:.0f} s", last, "check the server's log")
+            raise SandboxUnavailableError(f"sandbox at {url} not ready after {timeout:.0f} s", last, "check the server's log")
         time.sleep(0.1)
 
 
@@ -144,8 +144,8 @@ def _parse(response: httpx.Response, url: str) -> RunCodeResponse:
         return RunCodeResponse.model_validate_json(response.content)
     detail = response.text[:2000]
     if 400 <= response.status_code < 500:
-        raise TerminalError(f"sandbox refused the request (HTTP {response.status_code})", detail)
-    raise TransientError(f"sandbox at {url} failed (HTTP {response.status_code})", detail)
+        raise SandboxRefusedError(f"sandbox refused the request (HTTP {response.status_code})", detail)
+    raise SandboxUnavailableError(f"sandbox at {url} failed (HTTP {response.status_code})", detail)
 
 
 def _sync_client() -> httpx.Client:

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandbox.errors import SandboxSettingsError
+
 ENV_PREFIX = "RETOOL_SANDBOX_"
 MIB = 1024 * 1024
 
@@ -75,9 +77,7 @@ class SandboxSettings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            from reconciler.errors import TerminalError
-
-            raise TerminalError(
+            raise SandboxSettingsError(
                 "invalid sandbox settings",
                 str(exc),
                 f"check the {ENV_PREFIX}* environment variables and the serve options",

@@ -386,7 +386,10 @@ def sandbox_serve(
         if not token:
             raise TerminalError(f"--token-env {token_env}: that environment variable is not set")
         options["token"] = token
-    serve(host, port, **{k: v for k, v in options.items() if v is not None})
+    from runtime.sandbox_process import retool_errors
+
+    with retool_errors():  # e.g. invalid RETOOL_SANDBOX_* settings: one clear line
+        serve(host, port, **{k: v for k, v in options.items() if v is not None})
 
 
 def main() -> None:

@@ -86,10 +86,12 @@ def _builtin_rows(generator: str, dataset: Dataset, sandbox_url: str | None) -> 
 
 
 def _sandbox_runner(url: str) -> Any:
+    from runtime.sandbox_process import retool_errors
     from sandbox.client import run_code
 
     def run(code: str) -> str:
-        result = run_code(url, code, timeout=10.0)
+        with retool_errors():
+            result = run_code(url, code, timeout=10.0)
         outcome = result.run_result
         if result.status.value != "Success" or outcome is None or outcome.status.value != "Finished":
             raise TerminalError(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconciler.errors import TerminalError, TransientError
+from sandbox.errors import SandboxRefusedError, SandboxUnavailableError
 from sandbox.client import run_code, run_code_async, wait_ready
 from sandbox.testing import LocalServer, free_port, local_server
 
@@ -118,15 +118,15 @@ def test_our_client(server: LocalServer) -> None:
 
 def test_our_client_with_token(guarded: LocalServer) -> None:
     assert run_code(guarded.url, "print('in')", token=TOKEN).run_result.stdout == "in\n"
-    with pytest.raises(TerminalError, match="HTTP 401"):
+    with pytest.raises(SandboxRefusedError, match="HTTP 401"):
         run_code(guarded.url, "print('in')")
-    with pytest.raises(TerminalError, match="HTTP 422"):
+    with pytest.raises(SandboxRefusedError, match="HTTP 422"):
         run_code(guarded.url + "/run_code", "print(1)", token=TOKEN, files={"../x": "eA=="})
 
 
 def test_unreachable_server_is_transient() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TransientError):
+    with pytest.raises(SandboxUnavailableError):
         run_code(url, "print(1)", timeout=1)
-    with pytest.raises(TransientError, match="not ready"):
+    with pytest.raises(SandboxUnavailableError, match="not ready"):
         wait_ready(url, timeout=0.5)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from reconciler.errors import TerminalError
+from sandbox.errors import SandboxSettingsError
 from sandbox.app import to_response
 from sandbox.output import CappedOutput
 from sandbox.paths import (
@@ -125,7 +125,7 @@ def test_settings_from_environment() -> None:
     assert (settings.workers, settings.preload, settings.token, settings.max_queue) == (3, ["math", "json"], "t", 7)
     assert SandboxSettings.from_env(env, max_queue=9).max_queue == 9
     assert SandboxSettings.from_env({}).pool_size() == (os.cpu_count() or 1)
-    with pytest.raises(TerminalError, match="invalid sandbox settings"):
+    with pytest.raises(SandboxSettingsError, match="invalid sandbox settings"):
         SandboxSettings.from_env({"RETOOL_SANDBOX_WORKERS": "zero"})
 
 
@@ -181,3 +181,19 @@ def test_status_mapping_matches_sandboxfusion() -> None:
     )
     broken = to_response(Outcome(kind="error", message="zygote died"))
     assert (broken.status.value, broken.run_result.status.value, broken.message) == ("SandboxError", "Error", "zygote died")
+
+
+def test_the_sandbox_package_imports_nothing_of_ours() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "sandbox"
+    ours = {"reconciler", "runtime", "bench", "tests"}
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ours]
+    assert found == []

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from reconciler.errors import RetoolError
 from sandbox.client import run_code_async
+from sandbox.errors import SandboxError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ async def execute(client: httpx.AsyncClient, code: str, settings: SandboxSetting
             settings.sandbox_url, code, timeout=settings.timeout_s, memory_limit_mb=settings.memory_limit_mb,
             client=client,
         )
-    except RetoolError as exc:
+    except SandboxError as exc:
         logger.warning("code_interpreter: %s", exc)
         return None
     return response.model_dump(mode="json")

@@ -46,3 +46,28 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
             start_detached("127.0.0.1", port, tmp_path / "s.log", workers=1, preload=[], ready_timeout_s=60)
     assert "exited with status" in err.value.summary
     assert str(tmp_path / "s.log") in err.value.hint
+
+
+def test_sandbox_errors_become_retool_errors_at_the_runtime_boundary() -> None:
+    from reconciler.errors import TransientError
+    from runtime.sandbox_process import retool_errors
+    from sandbox.client import run_code
+    from sandbox.errors import SandboxRefusedError, SandboxSettingsError
+    from sandbox.settings import SandboxSettings
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    with pytest.raises(TransientError, match="unreachable") as unreachable:
+        with retool_errors():
+            run_code(url, "print(1)")
+    assert unreachable.value.hint == "is the sandbox server running?"
+    with pytest.raises(TerminalError, match="invalid sandbox settings"):
+        with retool_errors():
+            SandboxSettings.from_env({"RETOOL_SANDBOX_WORKERS": "zero"})
+    with pytest.raises(TerminalError, match="HTTP 401") as refused:
+        with retool_errors():
+            raise SandboxRefusedError("sandbox refused the request (HTTP 401)", "missing token")
+    assert refused.value.detail == "missing token" and not isinstance(refused.value, TransientError)
+    assert issubclass(SandboxSettingsError, Exception)
