@@ -32,11 +32,12 @@ from reconciler.loader import LoadedSpec
 from reconciler.plan import Plan, PlannedChange, state_owner
 from reconciler.spec import Volume
 from reconciler.state.base import LockInfo, State, StateStore
+from reconciler.state.lease import holding, release
 from reconciler.backend import Outcome, Runtime
 
 __all__ = [
     "ApplyEvent", "ApplyResult", "CancelOutcome", "NodeResult", "apply", "cancel", "check_plan_fresh",
-    "planned_total_steps", "stage_context",
+    "planned_total_steps", "release", "stage_context",
 ]
 FAILED_RESULTS: frozenset[str] = frozenset({"failed", "blocked"})
 
@@ -102,6 +103,7 @@ def apply(
     saved: bool = False,
     on_event: Callable[[ApplyEvent], None] | None = None,
     lock_info: LockInfo | None = None,
+    lock_id: str | None = None,
     state_dir: str = "",
     poll_interval: float = 5.0,
     retries: int = 3,
@@ -112,29 +114,26 @@ def apply(
 
     Raises StateLockedError when another apply holds the lock, StalePlanError when the
     state moved since the plan, TerminalError when the backend's preflight fails; node
-    failures do not raise: they are in the result (exit code 1)."""
-    lock_id = store.lock(lock_info or LockInfo())
-    try:
-        state = store.read()
-        check_plan_fresh(plan, state, saved=saved)
-        ctx = ApplyContext(
-            loaded=loaded, store=store, runtime=runtime, graph=build_graph(loaded.spec),
-            state=state or State(lineage=plan.lineage or str(uuid.uuid4()), spec_name=state_owner(loaded.spec)),
-            emit=on_event or (lambda e: None), wait=wait, state_dir=state_dir,
-            poll_interval=poll_interval, retries=retries, sleep=sleep, clock=clock,
-        )
-        return _Walk(plan, ctx, prune=prune, allow_data_loss=allow_data_loss).run()
-    finally:
-        release(store, lock_id)
+    failures do not raise: they are in the result (exit code 1).
 
-
-def release(store: StateStore, lock_id: str) -> None:
-    """Give the lock back; if someone force-unlocked it (`retool state unlock`), nothing of
-    ours is left to release."""
-    try:
-        store.unlock(lock_id)
-    except RetoolError:
-        pass
+    `lock_id`: the caller already holds the lock (the CLI takes it before planning, so a
+    refused apply prints no plan) and releases it; otherwise apply holds it itself."""
+    if lock_id is None:
+        with holding(store, lock_info or LockInfo()) as held:
+            return apply(
+                plan, loaded, store, runtime, wait=wait, prune=prune, allow_data_loss=allow_data_loss, saved=saved,
+                on_event=on_event, lock_id=held, state_dir=state_dir, poll_interval=poll_interval, retries=retries,
+                sleep=sleep, clock=clock,
+            )
+    state = store.read()
+    check_plan_fresh(plan, state, saved=saved)
+    ctx = ApplyContext(
+        loaded=loaded, store=store, runtime=runtime, graph=build_graph(loaded.spec),
+        state=state or State(lineage=plan.lineage or str(uuid.uuid4()), spec_name=state_owner(loaded.spec)),
+        emit=on_event or (lambda e: None), wait=wait, state_dir=state_dir,
+        poll_interval=poll_interval, retries=retries, sleep=sleep, clock=clock,
+    )
+    return _Walk(plan, ctx, prune=prune, allow_data_loss=allow_data_loss).run()
 
 
 class CancelOutcome(BaseModel):

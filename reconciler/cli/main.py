@@ -41,6 +41,7 @@ from reconciler.refresh import observe_and_plan, open_runtime, refresh_and_plan
 from reconciler.apply.saved_plan import read_saved_plan, save_plan, saved_plan_data
 from reconciler.state.base import LockInfo, StateStore
 from reconciler.state.cache import read_state, remember
+from reconciler.state.lease import holding
 from reconciler.status import compute_status, render_status
 from reconciler.cli.plan_view import plan_markdown, render_plan
 
@@ -220,34 +221,39 @@ def apply_cmd(
     state_dir = default_state_dir(loaded)
     store = get_store(loaded.spec, state_dir)
     runtime = get_runtime(loaded.spec, state_dir)
-    if saved is not None:
-        the_plan = saved[0]
-        # Refuse a stale plan before showing it as if it would apply (apply re-checks under the lock).
-        engine.check_plan_fresh(the_plan, store.read(), saved=True)
-    else:
-        the_plan = refresh_and_plan(
-            loaded, store.read(), runtime, targets=parse_addresses(target), replace=parse_addresses(replace)
-        )
-    console = out()
-    render_plan(the_plan, console, show_unchanged=False)
-    state = store.read()
-    running = state is not None and any(r.status == "running" for r in state.nodes.values())
-    if not the_plan.has_changes and not running:
-        console.print(Text("No changes. Nothing to apply.", style="green"))
-        return
-    if saved is None and not yes and not typer.confirm("Apply this plan?", default=False):
-        console.print(Text("Apply cancelled.", style="yellow"))
-        raise typer.Exit(1)
-    with ApplyView(err()) as view:
-        result = engine.apply(
-            the_plan, loaded, store, runtime, wait=not no_wait, prune=prune, allow_data_loss=allow_data_loss,
-            saved=saved is not None, on_event=view, state_dir=str(state_dir),
-            lock_info=LockInfo(command=f"retool apply {source}"),
-            poll_interval=float(getattr(runtime, "poll_interval_s", DEFAULT_POLL_S)),
-        )
-    remember(state_dir, store, result.state)
-    render_apply_result(result, console)
-    raise typer.Exit(result.exit_code)
+    # The lock comes first: a refused apply prints no plan, and nothing changes between the
+    # plan shown and the apply of it.
+    with holding(store, LockInfo(command=f"retool apply {source}")) as lock_id:
+        if store.taken_over is not None:
+            err().print(Text(store.taken_over.note, style="yellow"))
+        if saved is not None:
+            the_plan = saved[0]
+            # Refuse a stale plan before showing it as if it would apply (apply re-checks under the lock).
+            engine.check_plan_fresh(the_plan, store.read(), saved=True)
+        else:
+            the_plan = refresh_and_plan(
+                loaded, store.read(), runtime, targets=parse_addresses(target), replace=parse_addresses(replace)
+            )
+        console = out()
+        render_plan(the_plan, console, show_unchanged=False)
+        state = store.read()
+        running = state is not None and any(r.status == "running" for r in state.nodes.values())
+        if not the_plan.has_changes and not running:
+            console.print(Text("No changes. Nothing to apply.", style="green"))
+            return
+        if saved is None and not yes and not typer.confirm("Apply this plan?", default=False):
+            console.print(Text("Apply cancelled.", style="yellow"))
+            raise typer.Exit(1)
+        with ApplyView(err()) as view:
+            result = engine.apply(
+                the_plan, loaded, store, runtime, wait=not no_wait, prune=prune, allow_data_loss=allow_data_loss,
+                saved=saved is not None, on_event=view, state_dir=str(state_dir),
+                lock_id=lock_id,
+                poll_interval=float(getattr(runtime, "poll_interval_s", DEFAULT_POLL_S)),
+            )
+        remember(state_dir, store, result.state)
+        render_apply_result(result, console)
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()

@@ -78,12 +78,35 @@ class LockInfo(Lenient):
     pid: int = Field(default_factory=os.getpid)
     command: str = Field(default_factory=lambda: " ".join(["retool", *sys.argv[1:]]))
     created_at: float = Field(default_factory=time.time)
-    expires_at: float | None = None  # shared stores: a lock past this is stale
+    expires_at: float | None = None  # shared stores: a lock past this is free (its heartbeat stopped)
+
+
+class Takeover(Lenient):
+    """A lock whose holder is provably gone (the OS released a dead process's lock, or a
+    shared lock's heartbeat stopped and it expired), taken by the next apply: it says so."""
+
+    previous: LockInfo
+    why: str  # "died" or "expired 3m ago"
+
+    @property
+    def note(self) -> str:
+        p = self.previous
+        who = f"pid {p.pid}" if p.pid else "unknown pid"
+        where = f" on {p.host}" if p.host and p.host != socket.gethostname() else ""
+        return f"previous apply ({who}{where}, `{p.command}`) {self.why}; continuing"
 
 
 class StateStore(Protocol):
     """Where state lives. `write` refuses a state whose serial is not newer, or whose
-    lineage differs from the stored one (a different pipeline's state)."""
+    lineage differs from the stored one (a different pipeline's state).
+
+    The lock: `lock(info) -> id` takes it or raises StateLockedError naming a live holder;
+    when it took over the lock of a holder that is gone it sets `taken_over`. A store whose
+    lock expires (`heartbeat_s` not None) needs `renew(id)` at least that often while held
+    (reconciler/state/lease.py does it from a thread); `unlock(id)` releases it."""
+
+    heartbeat_s: float | None
+    taken_over: Takeover | None
 
     def describe(self) -> str: ...
 
@@ -94,5 +117,7 @@ class StateStore(Protocol):
     def lock(self, info: LockInfo) -> str: ...
 
     def unlock(self, lock_id: str) -> None: ...
+
+    def renew(self, lock_id: str) -> None: ...
 
     def lock_info(self) -> LockInfo | None: ...

@@ -23,7 +23,7 @@ from reconciler.state.local import LocalStore
 from reconciler.state.memory import MemoryStore
 from tests.fakes.memory_runtime import MemoryRuntime
 from tests.fakes.pipeline import spec_dict, write_spec
-from tests.reconciler.state.test_state_contract import dead_pid
+from tests.reconciler.state.test_state_contract import hold_local_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -270,13 +270,30 @@ def test_held_lock_names_its_holder_and_unlock_needs_the_right_id(spec: Path, rt
     assert invoke("apply", spec, "--yes").exit_code == 0
 
 
-def test_stale_lock_is_reported_with_the_unlock_command(spec: Path, rt: MemoryRuntime) -> None:
-    stale = LockInfo(pid=dead_pid())
-    store_of(spec).lock(stale)
-    result = invoke("apply", spec, "--yes")
+def test_live_holder_refuses_apply_before_any_plan_is_printed(spec: Path, rt: MemoryRuntime) -> None:
+    holder = hold_local_lock(spec.parent / ".retool")
+    try:
+        result = invoke("apply", spec, "--yes")
+    finally:
+        holder.kill()
+        holder.wait()
     assert result.exit_code == 1
-    assert f"stale lock held by dead pid {stale.pid}" in result.stderr
-    assert f"retool state unlock {stale.id}" in result.stderr
+    assert "error: State is locked by" in result.stderr and f"(pid {holder.pid})" in result.stderr
+    assert "retool apply held.yaml" in result.stderr
+    assert result.stdout == "" and not rt.calls  # no plan, no refresh: the lock comes first
+
+
+def test_a_killed_holders_lock_frees_itself_and_apply_continues(spec: Path, rt: MemoryRuntime) -> None:
+    holder = hold_local_lock(spec.parent / ".retool")
+    holder.kill()
+    holder.wait()
+    result = invoke("apply", spec, "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert f"previous apply (pid {holder.pid}, `retool apply held.yaml`) died; continuing" in result.stderr
+    assert "Apply complete" in result.stdout
+    assert store_of(spec).lock_info() is None
+    again = invoke("apply", spec, "--yes")  # the note is said once: the dead holder's info is gone
+    assert again.exit_code == 0 and "died" not in again.stderr
 
 
 # --------------------------------------------------------------------------- status, state, render

@@ -78,3 +78,64 @@ def test_dict_entries_expire_when_idle_so_state_never_lives_there() -> None:
     now[0] += DICT_TTL_S + 1  # a week without a read or write
     assert store.lock_info() is None  # the lock entry is gone...
     assert store.read().serial == 5  # type: ignore[union-attr]  # ...the state on the volume is not
+
+
+# --------------------------------------------------------------------------- expiry and heartbeat
+
+
+def test_a_dead_runners_lock_expires_within_minutes_and_the_next_apply_takes_it() -> None:
+    """A CI runner cancelled mid-apply stops renewing; after the TTL (5 min by default)
+    the next apply takes the lock over with a note, without `retool state unlock`."""
+    now = [1000.0]
+    fake = FakeModal(clock=lambda: now[0])
+    runner = ModalStore("v", "d", "k", adapter=fake, clock=lambda: now[0])
+    laptop = ModalStore("v", "d", "k", adapter=fake, clock=lambda: now[0])
+    assert runner.lock_ttl_s == 300 and runner.heartbeat_s == 60
+    dead = LockInfo(command="retool apply specs/x.yaml --yes --no-wait")
+    runner.lock(dead)
+    now[0] += 240
+    runner.renew(dead.id)  # a heartbeat 4 minutes in keeps it
+    now[0] += 299
+    with pytest.raises(StateLockedError, match="retool apply specs/x.yaml"):
+        laptop.lock(LockInfo())
+    now[0] += 2  # the runner died right after its last heartbeat: 301 s without one
+    mine = LockInfo()
+    assert laptop.lock(mine) == mine.id
+    assert laptop.taken_over is not None and laptop.taken_over.previous.id == dead.id
+    assert "stopped renewing its lock (expired 1s ago); continuing" in laptop.taken_over.note
+    assert laptop.lock_info().id == mine.id  # type: ignore[union-attr]
+    runner.renew(dead.id)  # a late heartbeat of the old holder does not resurrect its lock
+    assert laptop.lock_info().id == mine.id  # type: ignore[union-attr]
+
+
+def test_only_one_apply_takes_over_an_expired_lock() -> None:
+    """Two appliers see the same expired lock; a put-if-absent claim per expired lock id
+    lets exactly one remove it."""
+    now = [0.0]
+    fake = FakeModal(clock=lambda: now[0])
+    ModalStore("v", "d", "k", adapter=fake, clock=lambda: now[0]).lock(LockInfo(id="deadbeef0001"))
+    now[0] += 301
+    fake.dict_put("d", "k#takeover-deadbeef0001", "other-apply", skip_if_exists=True)  # the other one got there first
+    with pytest.raises(StateLockedError, match="another apply is taking it over"):
+        ModalStore("v", "d", "k", adapter=fake, clock=lambda: now[0]).lock(LockInfo())
+    assert ModalStore("v", "d", "k", adapter=fake).lock_info().id == "deadbeef0001"  # type: ignore[union-attr]
+
+
+def test_holding_renews_from_a_thread_while_the_apply_runs() -> None:
+    """reconciler.state.lease.holding: the heartbeat thread renews until the block ends,
+    then the lock is released and the thread is gone."""
+    import threading
+
+    from reconciler.state.lease import holding
+
+    fake = FakeModal()
+    store = ModalStore("v", "d", "k", adapter=fake, lock_ttl_s=0.05)  # beats every 10 ms
+    with holding(store, LockInfo()) as lock_id:
+        first = store.lock_info().expires_at  # type: ignore[union-attr]
+        deadline = time.time() + 30
+        while store.lock_info().expires_at == first and time.time() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        assert store.lock_info().expires_at > first  # type: ignore[union-attr, operator]
+        assert store.lock_info().id == lock_id  # type: ignore[union-attr]
+    assert store.lock_info() is None
+    assert not [t for t in threading.enumerate() if t.name == "retool-lock-heartbeat"]
