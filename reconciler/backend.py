@@ -14,16 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from reconciler.records import Frozen
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import RunHandle
 
 Change = Literal["created", "unchanged", "updated"]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Outcome(Frozen):
@@ -55,6 +52,13 @@ class Checkpoint(Frozen):
     reason: str = ""  # why invalid: "missing shard rank 3 of 8", "written under another restart identity"
     world_size: int | None = None
     restart_id: str | None = None
+
+
+def latest_resumable(checkpoints: list[Checkpoint], restart_id: str) -> Checkpoint | None:
+    """The checkpoint a run of `restart_id` resumes from: the newest valid one written under
+    that identity (a backend that cannot tell the identity reports None, and is trusted)."""
+    valid = [c for c in checkpoints if c.valid and c.restart_id in (None, restart_id)]
+    return max(valid, key=lambda c: c.step) if valid else None
 
 
 class StageContext(Frozen):

@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from reconciler.diff import FieldChange, diff_configs
 from reconciler.errors import TerminalError
+from reconciler.records import Frozen
 from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
 from reconciler.graph import KIND_RANK, Graph, Node, address_kind, build_graph, sort_key
 from reconciler.spec import RLStage, SFTStage, Spec
@@ -43,10 +44,6 @@ RunState = Literal["running", "succeeded", "failed", "lost"]
 
 # Actions after which a node's output identity is new (consumers must rerun).
 OUTPUT_CHANGING: frozenset[str] = frozenset({"create", "rerun", "resume"})
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
 
 
 class ObservedNode(Frozen):
@@ -122,8 +119,12 @@ class Plan(Frozen):
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """A plan written by `to_json`; the extra keys (`has_changes`, `summary`) are ignored."""
-        return cls.model_validate_json(text)
+        """A plan written by `to_json`; its derived keys (`has_changes`, `summary`) and a saved
+        plan's `spec_sha256` are not part of the plan."""
+        data = json.loads(text)
+        for derived in ("has_changes", "summary", "spec_sha256"):
+            data.pop(derived, None)
+        return cls.model_validate(data)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -15,7 +15,7 @@ from reconciler.graph import Graph, address_kind, build_graph
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode, Plan, make_plan
 from reconciler.state.base import NodeRecord, State
-from reconciler.backend import Runtime
+from reconciler.backend import Runtime, latest_resumable
 
 
 def _why(err: Exception) -> str:
@@ -40,8 +40,8 @@ def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tupl
     if rec.restart_id and name in loaded.spec.stages:
         try:
             found = runtime.discover_checkpoints(loaded.spec, name, rec.restart_id)
-            valid = [c.step for c in found if c.valid and c.restart_id in (None, rec.restart_id)]
-            fields["latest_valid_checkpoint"] = max(valid) if valid else None
+            latest = latest_resumable(found, rec.restart_id)
+            fields["latest_valid_checkpoint"] = latest.step if latest is not None else None
             fields["invalid_checkpoints"] = [
                 f"global_step_{c.step}: {c.reason or 'invalid'}" for c in sorted(found, key=lambda c: c.step) if not c.valid
             ]

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict
 
-from reconciler.backend import Checkpoint
+from reconciler.backend import Checkpoint, latest_resumable
 from runtime.verl.common import TRACKER_FILE
 
 MARKER_FILE = "retool.json"
@@ -171,8 +171,8 @@ def evaluate(entries: list[CkptEntry], world_size: int, restart_id: str, *, root
 
 
 def latest_valid(checkpoints: list[Checkpoint], restart_id: str) -> Checkpoint | None:
-    valid = [c for c in checkpoints if c.valid and c.restart_id == restart_id]
-    return max(valid, key=lambda c: c.step) if valid else None
+    """The newest checkpoint a run of `restart_id` may resume from (the contract's one rule)."""
+    return latest_resumable(checkpoints, restart_id)
 
 
 def scan_local(root: Path) -> list[CkptEntry]:

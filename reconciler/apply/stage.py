@@ -15,7 +15,7 @@ from reconciler.graph import Node
 from reconciler.plan import PlannedChange
 from reconciler.state.base import NodeRecord, RunHandle
 from reconciler.steps import gpu_count, hourly_usd
-from reconciler.backend import Checkpoint, RunStatus
+from reconciler.backend import Checkpoint, RunStatus, latest_resumable
 
 
 class StageRunner:
@@ -186,8 +186,7 @@ class StageRunner:
 
     def _latest_checkpoint(self, node: Node, restart_id: str) -> Checkpoint | None:
         found = self.ctx.retry(lambda: self.ctx.runtime.discover_checkpoints(self.ctx.spec, node.name, restart_id))
-        valid = [c for c in found if c.valid and c.restart_id in (None, restart_id)]
-        return max(valid, key=lambda c: c.step) if valid else None
+        return latest_resumable(found, restart_id)
 
     def cancel_run(self, rec: NodeRecord, why: str) -> None:
         """Stop a recorded run that must not go on (old identity, replaced, removed)."""
