@@ -29,8 +29,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from reconciler.records import Frozen
 from reconciler.spec import Image, RLStage, Spec
 
 MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
@@ -47,10 +48,6 @@ ImageOp = Literal[
     "from_registry", "apt_install", "env", "pip_install", "uv_pip_install", "run_commands",
     "add_local_python_source",
 ]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class ImageStep(Frozen):
