@@ -99,6 +99,18 @@ def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> 
     return blocked, notes
 
 
+def spec_warnings(loaded: LoadedSpec, runtime: Runtime | None) -> list[str]:
+    """The backend's offline warnings about the spec (`Runtime.spec_warnings` is optional:
+    e.g. Modal's image packages that compile from source, requests above its thresholds)."""
+    check = getattr(runtime, "spec_warnings", None)
+    if check is None:
+        return []
+    try:
+        return list(check(loaded.spec))
+    except (RetoolError, OSError) as err:
+        return [f"cannot check the spec against the {loaded.spec.backend} backend ({_why(err)})"]
+
+
 def open_runtime(loaded: LoadedSpec, state_dir: str | Path) -> tuple[Runtime | None, list[str]]:
     """The spec's runtime, or None plus why (plan goes on from recorded state)."""
     try:
@@ -125,6 +137,9 @@ def observe_and_plan(
     extra = [*(notes or []), *block_notes]
     if extra:
         observed = observed.model_copy(update={"notes": [*extra, *observed.notes], "refreshed": False})
+    warnings = spec_warnings(loaded, runtime)
+    if warnings:  # what this backend may refuse or rebuild later; the refresh itself is unaffected
+        observed = observed.model_copy(update={"notes": [*observed.notes, *warnings]})
     plan = make_plan(
         loaded.spec, state, observed, blocked=blocked, replace=replace or set(), targets=targets,
         spec_path=loaded.path,

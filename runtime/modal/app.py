@@ -6,15 +6,16 @@ for `sandbox.placement: service`, the sandbox web endpoint). It is plain pydanti
 tests read exactly what Modal would receive; `runtime.modal.adapter.SdkAdapter.deploy`
 is the only code that turns it into `modal.App` objects.
 
-Image chain, in this order (MODAL.md): `from_registry(base, add_python)` → apt → the
-spec's non-secret env → pip / uv installs → extra commands → `add_local_python_source`
-of retool's own packages LAST (Modal rejects build steps after a non-copied local
-source, but only when it builds remotely). Secrets never enter the image: functions get
-`modal.Secret.from_name` references.
+The image chain (`runtime.modal.images`): `from_registry(base)` → apt → the spec's
+non-secret env → pip / uv installs (nothing a known base image already provides; its
+framework without dependencies) → extra commands → `add_local_python_source` of retool's
+own packages LAST. Secrets never enter the image: functions get `modal.Secret.from_name`
+references.
 
-Checks Modal only makes on its servers are made here, at plan time
-(`modal_problems`, `image_warnings`): GPU names (the spec restricts them), timeouts over
-24 h per attempt, missing local sources, secret variables in the image env, mutable tags.
+Checks Modal only makes on its servers are made here, at plan time: `modal_problems`
+(blocking: GPU types and counts, timeouts, cluster sizes -- `runtime.modal.limits` --, missing
+local sources, secret variables in the image env) and `modal_warnings` (mutable tags,
+unpinned or compiled packages, CPU/memory requests above retool's thresholds).
 
 The container side (what each function does once it starts) lives in
 `runtime.modal.worker`; the functions named in `Entry` are its entry points.
@@ -25,14 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
+from reconciler.spec import RLStage, Spec
 from reconciler.records import Frozen
-from reconciler.spec import Image, RLStage, Spec
+from runtime.modal.images import ImageStep, image_problems, image_steps, image_warnings
+from runtime.modal.limits import function_problems, size_warnings
 
 MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
 # The container stops training this long before Modal's timeout, so it can commit the
@@ -41,22 +43,8 @@ SEGMENT_MARGIN_S = 15 * 60
 SIDECAR_PORT = 8765  # the RL container's sandbox sidecar listens on localhost here by default
 WORKER_MODULE = "runtime.modal.worker"
 CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
-LOCAL_SOURCE_IGNORE = ("**/__pycache__", "**/*.pyc", "**/.pytest_cache")
 
 Entry = Literal["run_stage", "prepare", "finalize", "sandbox_web"]
-ImageOp = Literal[
-    "from_registry", "apt_install", "env", "pip_install", "uv_pip_install", "run_commands",
-    "add_local_python_source",
-]
-
-
-class ImageStep(Frozen):
-    """One call on `modal.Image`: `op(*args, **options)`."""
-
-    op: ImageOp
-    args: list[str] = Field(default_factory=list)
-    options: dict[str, Any] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)  # only for op == "env"
 
 
 class FunctionSpec(Frozen):
@@ -161,57 +149,16 @@ def volume_mounts(spec: Spec) -> dict[str, str]:
     return {vol.mount: modal_volume_name(spec, key) for key, vol in sorted(spec.volumes.items())}
 
 
-# --------------------------------------------------------------------------- image
-
-
-def image_steps(image: Image) -> list[ImageStep]:
-    """The image chain, in Modal's required order, local sources last."""
-    steps = [ImageStep(op="from_registry", args=[image.base], options={"add_python": image.python})]
-    if image.apt:
-        steps.append(ImageStep(op="apt_install", args=list(image.apt)))
-    if image.env:
-        steps.append(ImageStep(op="env", env=dict(sorted(image.env.items()))))
-    if image.pip:
-        op: ImageOp = "uv_pip_install" if image.installer == "uv" else "pip_install"
-        steps.append(ImageStep(op=op, args=list(image.pip)))
-    if image.commands:
-        steps.append(ImageStep(op="run_commands", args=list(image.commands)))
-    if image.local_sources:
-        # Ship package data too (the RL tool config, chat templates): Modal's default ignores non-.py files.
-        steps.append(ImageStep(op="add_local_python_source", args=list(image.local_sources),
-                               options={"ignore": list(LOCAL_SOURCE_IGNORE)}))
-    return steps
-
-
-_DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")
-_MUTABLE_TAGS = {"latest", "stable", "nightly", "edge", "main", "master", "dev", "devel", "rolling"}
-
-
-def image_warnings(image: Image) -> list[str]:
-    """Reproducibility warnings for `plan`: mutable base tags and unpinned requirements."""
-    warnings: list[str] = []
-    base = image.base
-    if not _DIGEST_RE.search(base):
-        tag = base.rsplit("/", 1)[-1].partition(":")[2]
-        if not tag:
-            warnings.append(f"image.base {base!r} has no tag (means :latest): pin a version tag or @sha256 digest")
-        elif tag.lower() in _MUTABLE_TAGS or not re.search(r"\d", tag):
-            warnings.append(f"image.base {base!r} uses the mutable tag {tag!r}: pin a version tag or @sha256 digest")
-    for req in image.pip:
-        if req.startswith(("-", "git+", "http://", "https://", "/", ".")):
-            continue
-        if "==" not in req and "@" not in req:
-            warnings.append(f"image.pip {req!r} is not pinned (`==`): the image may change between builds")
-    return warnings
-
-
 # --------------------------------------------------------------------------- validation
 
 
 def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
     """What Modal would reject only on its servers, found here before anything runs."""
-    problems: list[str] = []
+    problems: list[str] = list(image_problems(spec.image))
     for name, stage in spec.stages.items():
+        fn = stage_function(spec, name)
+        for why in function_problems(gpu=fn.gpu, timeout_s=fn.timeout_s, cluster_size=fn.cluster_size):
+            problems.append(f"stages.{name}.resources: {why}")
         hours = stage.resources.timeout_hours
         if hours > MAX_TIMEOUT_HOURS:
             problems.append(
@@ -243,6 +190,18 @@ def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
         elif key not in spec.secrets:
             problems.append(f"sandbox.token_secret: {key!r} is not a key of `secrets`")
     return problems
+
+
+def modal_warnings(spec: Spec) -> list[str]:
+    """What may fail or change later without blocking now (validate and plan show them)."""
+    warnings = list(image_warnings(spec.image))
+    for name, stage in spec.stages.items():
+        res = stage.resources
+        warnings += [f"stages.{name}.resources: {w}" for w in size_warnings(cpu=res.cpu, memory_mb=res.memory_mb)]
+    if spec.sandbox is not None and spec.sandbox.placement == "service":
+        sb = spec.sandbox
+        warnings += [f"sandbox: {w}" for w in size_warnings(cpu=sb.cpu, memory_mb=sb.memory_mb)]
+    return warnings
 
 
 def segments_for(hours: float, timeout_hours: float) -> int:

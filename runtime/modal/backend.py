@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalAdapter, ModalUnreachable
+from runtime.modal.images import base_facts, parse_requirement
 from runtime.modal.app import (
     CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
@@ -53,6 +53,7 @@ from runtime.modal.app import (
     build_app_definition,
     dataset_dir,
     modal_problems,
+    modal_warnings,
     modal_volume_name,
     model_dir,
     mount,
@@ -121,6 +122,14 @@ class ModalRuntime:
         except (TerminalError, ModalUnreachable) as exc:
             problems.append(exc.summary + (f" ({exc.hint})" if exc.hint else ""))
         return problems
+
+    def spec_problems(self, spec: Spec) -> list[str]:
+        """What Modal would refuse at deploy, found offline (`retool validate` fails on them)."""
+        return modal_problems(spec, _package_root())
+
+    def spec_warnings(self, spec: Spec) -> list[str]:
+        """What may fail or drift later (validate and plan print them; nothing is blocked)."""
+        return modal_warnings(spec)
 
     def blocked_reason(self, spec: Spec, address: str) -> str | None:
         kind, _, name = address.partition(".")
@@ -499,8 +508,10 @@ class ModalRuntime:
 
 def attention(image: Image) -> str | None:
     """verl's default attention is flash-attn 2; an image without it gets PyTorch's sdpa."""
-    names = {re.split(r"[=<>!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-") for req in image.pip}
-    return None if "flash-attn" in names else "sdpa"
+    names = {req.name for req in map(parse_requirement, image.pip) if req is not None}
+    facts = base_facts(image.base)
+    provided = facts is not None and "flash-attn" in facts.provides
+    return None if "flash-attn" in names or provided else "sdpa"
 
 
 def in_container(cmd: RenderedCommand) -> RenderedCommand:

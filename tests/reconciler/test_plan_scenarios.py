@@ -66,8 +66,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("SFT experiment name", edit(("experiment: qwen7b-sft", "experiment: qwen7b-sft-v2")), {"stage.sft": "update"}),
     Scenario("SFT save_freq 62 → 31", edit(("save_freq: 62", "save_freq: 31")), {"stage.sft": "update"}),
     Scenario("RL GPUs per node 8 → 4", edit(
-        ("resources: {gpu: H100, gpus_per_node: 8, cpu: 32, memory_mb: 524288",
-         "resources: {gpu: H100, gpus_per_node: 4, cpu: 32, memory_mb: 524288"),
+        ("resources: {gpu: H100, gpus_per_node: 8, cpu: 32, memory_mb: 327680",
+         "resources: {gpu: H100, gpus_per_node: 4, cpu: 32, memory_mb: 327680"),
     ), {"stage.dapo": "rerun"}),
     Scenario("SFT GPUs per node 8 → 4", edit(
         ("resources: {gpu: H100, gpus_per_node: 8, cpu: 32, memory_mb: 262144",

@@ -19,6 +19,7 @@ from runtime.modal.app import (
     image_steps,
     image_warnings,
     modal_problems,
+    modal_warnings,
     segments_for,
 )
 
@@ -27,15 +28,60 @@ QWEN = REPO / "specs" / "retool-qwen7b.yaml"
 
 
 def test_image_chain_in_modal_order_with_local_sources_last() -> None:
-    spec = qwen(image__apt=["git"], image__commands=["echo hi"])
+    spec = qwen(image__base="nvidia/cuda:12.8.1-devel-ubuntu22.04", image__apt=["git"], image__commands=["echo hi"])
     steps = image_steps(spec.image)
     assert [s.op for s in steps] == [
         "from_registry", "apt_install", "env", "uv_pip_install", "run_commands", "add_local_python_source",
     ]
     assert steps[0].args == ["nvidia/cuda:12.8.1-devel-ubuntu22.04"] and steps[0].options == {"add_python": "3.12"}
-    assert steps[3].args == ["verl[vllm]==0.9.1", "flash-attn==2.8.3"]
+    assert steps[3].args == ["verl[vllm]==0.9.1", "flash-attn==2.8.3", "transformers==5.9.0"]
     assert steps[-1].args == ["reconciler", "runtime", "sandbox"]
     assert image_steps(qwen(image__installer="pip").image)[2].op == "pip_install"
+
+
+def test_the_7b_image_starts_from_verls_vllm_image_and_compiles_nothing() -> None:
+    """verl's application image carries torch, vLLM and flash-attn: the chain uses its own
+    Python, skips what it provides, adds verl pinned without dependencies, retool last."""
+    spec = load_spec(QWEN).spec
+    steps = image_steps(spec.image)
+    assert steps[0].args == ["verlai/verl:vllm024.dev2"] and steps[0].options == {}  # no second Python
+    installs = [(s.op, s.args, s.options.get("extra_options", "")) for s in steps if s.op.endswith("pip_install")]
+    assert installs == [
+        ("uv_pip_install", ["transformers==5.9.0"], "--break-system-packages"),
+        ("uv_pip_install", ["verl==0.9.1"], "--no-deps --break-system-packages"),
+    ]
+    assert steps[-1].op == "add_local_python_source"
+    assert not any("flash-attn" in a for _, args, _ in installs for a in args)
+    assert image_warnings(spec.image) == [] and modal_problems(spec, REPO) == []
+    # the same pins on a plain CUDA image: flash-attn would compile, and validate/plan say so
+    plain = qwen(image__base="nvidia/cuda:12.8.1-devel-ubuntu22.04").image
+    assert any(w.startswith("image.pip 'flash-attn==2.8.3' has no wheel") and "verlai/verl:vllm024.dev2" in w
+               for w in image_warnings(plain))
+    # another flash-attn than the image's compiles too; apex from the image does not
+    other = qwen(image__pip=["verl==0.9.1", "flash-attn==2.7.4", "apex"]).image
+    warned = [w for w in image_warnings(other) if "no wheel" in w]
+    assert len(warned) == 1 and "has 2.8.3" in warned[0]
+    # the image runs Python 3.12: asking Modal to add another is refused at plan time
+    assert modal_problems(qwen(image__python="3.11"), REPO) == [
+        "image.python: verlai/verl:vllm024.dev2 runs its own Python 3.12 (its torch, vLLM and flash-attn live there); "
+        "set image.python to '3.12'"
+    ]
+
+
+def test_resource_requests_are_checked_against_modals_documented_limits() -> None:
+    spec = qwen(stages__sft__resources__gpu="A10G", stages__dapo__resources__nodes=40)
+    problems = modal_problems(spec, REPO)
+    assert "stages.sft.resources: 'A10G:8': Modal allows at most 4 A10G GPUs per container" in problems
+    assert "stages.dapo.resources: 40 nodes exceed Modal's 32 nodes per cluster" in problems
+    assert any("40 x 8 GPUs exceed Modal's 256 GPUs per cluster" in p for p in problems)
+    half = modal_problems(qwen(stages__dapo__resources__nodes=2, stages__dapo__resources__gpus_per_node=4), REPO)
+    assert "stages.dapo.resources: 'H100:4': each clustered container must take all 8 GPUs of its host" in half
+    # CPU and memory: Modal publishes no maximum, so large requests warn and never block
+    big = qwen(stages__dapo__resources__memory_mb=524288, stages__sft__resources__cpu=96)
+    assert modal_problems(big, REPO) == []
+    warned = modal_warnings(big)
+    assert any(w.startswith("stages.dapo.resources: memory 524288 MiB (512 GiB) is above 336 GiB") for w in warned)
+    assert any(w.startswith("stages.sft.resources: cpu 96 cores is above 64") for w in warned)
 
 
 def test_functions_carry_gpu_strings_volumes_secret_names_and_24h_timeouts() -> None:
@@ -44,7 +90,7 @@ def test_functions_carry_gpu_strings_volumes_secret_names_and_24h_timeouts() -> 
     sft, dapo = d.function("stage-sft"), d.function("stage-dapo")
     assert sft.gpu == "H100:8" and dapo.gpu == "H100:8"
     assert sft.entry == "run_stage" and sft.timeout_s == 86400 and sft.retries == 2
-    assert (sft.cpu, sft.memory_mb, dapo.memory_mb) == (32.0, 262144, 524288)
+    assert (sft.cpu, sft.memory_mb, dapo.memory_mb) == (32.0, 262144, 327680)
     assert sft.volumes == {
         "/checkpoints": "retool-qwen7b-checkpoints", "/data": "retool-qwen7b-data", "/models": "retool-qwen7b-models",
     }
@@ -101,12 +147,13 @@ def test_plan_time_checks_catch_what_modal_checks_remotely(tmp_path: Path) -> No
 
 def test_mutable_tags_and_unpinned_requirements_warn() -> None:
     assert image_warnings(load_spec(QWEN).spec.image) == []
+    assert any("mutable tag 'vllm024.latest'" in w for w in image_warnings(qwen(image__base="verlai/verl:vllm024.latest").image))
     warned = image_warnings(qwen(image__base="nvidia/cuda:latest", image__pip=["verl", "numpy==2.1"]).image)
     assert any("mutable tag 'latest'" in w for w in warned)
     assert any("'verl' is not pinned" in w for w in warned) and not any("numpy" in w for w in warned)
     assert any("no tag" in w for w in image_warnings(qwen(image__base="ubuntu").image))
     digest = "ubuntu@sha256:" + "a" * 64
-    assert image_warnings(qwen(image__base=digest).image) == []
+    assert image_warnings(qwen(image__base=digest, image__pip=["verl==0.9.1"]).image) == []
 
 
 def test_billing_rates_map_to_gpu_hour_prices() -> None:

@@ -77,7 +77,10 @@ def test_qwen7b_applies_end_to_end_with_what_modal_should_receive(loaded: Loaded
     # one deploy; image steps in order, local sources last; GPU strings; secrets by name
     assert len(fake.deploys) == 1
     app = fake.deploys[0]
-    assert [s.op for s in app.image] == ["from_registry", "env", "uv_pip_install", "add_local_python_source"]
+    assert [s.op for s in app.image] == [
+        "from_registry", "env", "uv_pip_install", "uv_pip_install", "add_local_python_source",
+    ]
+    assert app.image[0].args == ["verlai/verl:vllm024.dev2"] and app.image[3].args == ["verl==0.9.1"]
     assert app.image[-1].args == ["reconciler", "runtime", "sandbox"]
     assert app.function("stage-sft").gpu == "H100:8" and app.function("stage-dapo").gpu == "H100:8"
     assert app.function("stage-dapo").secrets == ["wandb", "huggingface"]
