@@ -54,7 +54,7 @@ def base_env(ctx: StageContext, *, cpu: bool, external_modules: tuple[str, ...] 
 
     Order: the image's env, then retool's settings, then the stage's own `env` (the user
     wins). On CPU the platform module and engine selector of runtime.verl.cpu_platform are set;
-    `external_modules` (e.g. H6's rollout registration) join the CPU platform in
+    `external_modules` (e.g. the transformers rollout's registration) join the CPU platform in
     VERL_USE_EXTERNAL_MODULES."""
     stage = stage_spec(ctx)
     env: dict[str, str] = dict(ctx.spec.image.env)

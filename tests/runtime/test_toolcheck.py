@@ -48,9 +48,9 @@ def test_heldout_prompts_are_deterministic_distinct_and_never_in_training_sets()
     assert not training & set(problems)
 
 
-def test_untrained_model_makes_no_tool_calls(h4_tiny_model: Path) -> None:
+def test_untrained_model_makes_no_tool_calls(tiny_model_dir: Path) -> None:
     prompts = heldout_prompts(6, seed=3)
-    result = tool_call_rate(h4_tiny_model, prompts, TOOLS, max_new_tokens=24, batch_size=4)
+    result = tool_call_rate(tiny_model_dir, prompts, TOOLS, max_new_tokens=24, batch_size=4)
     assert (result.n, result.ok, result.rate) == (6, 0, 0.0)
     assert result.examples and all(not e.ok and e.reason for e in result.examples)
     assert [e.prompt for e in result.examples] == [p[0]["content"] for p in prompts][: len(result.examples)]

@@ -55,13 +55,13 @@ def test_local_aime_jsonl_becomes_rl_parquet(tmp_path: Path) -> None:
     assert (meta["rows"], meta["digest"], meta["source"], meta["format"]) == (30, out.digest, "path:data/aime_2024.jsonl", "aime_2024")
 
 
-def test_rl_parquet_loads_through_verl_rlhf_dataset(tmp_path: Path, h4_tiny_model: Path) -> None:
+def test_rl_parquet_loads_through_verl_rlhf_dataset(tmp_path: Path, tiny_model_dir: Path) -> None:
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
     out = prepare("aime", Dataset(source="path:data/aime_2024.jsonl", format="aime_2024", max_rows=4), tmp_path / "a", SPEC_DIR)
-    tok = AutoTokenizer.from_pretrained(str(h4_tiny_model))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     config = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 4096, "filter_overlong_prompts": True,
                                "cache_dir": str(tmp_path / "cache")})
     ds = RLHFDataset(out.path, tok, config)
@@ -128,7 +128,7 @@ def test_missing_path_is_a_terminal_error(tmp_path: Path) -> None:
 
 
 def test_messages_jsonl_with_json_string_fields_is_normalised_and_verl_trains_on_assistant_turns(
-    tmp_path: Path, h4_tiny_model: Path
+    tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     row = {
         "messages": [
@@ -146,14 +146,14 @@ def test_messages_jsonl_with_json_string_fields_is_normalised_and_verl_trains_on
     stored = pq.read_table(out.path).to_pylist()[0]
     assert stored["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"code": "print(6*7)"}
     assert stored["tools"] == TOOLS
-    tok, ds = sft_dataset(out.path, h4_tiny_model)
+    tok, ds = sft_dataset(out.path, tiny_model_dir)
     assert trained_text(tok, ds[0]) == (
         'Compute it.\n<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6*7)"}}\n</tool_call>'
         "<|im_end|>\n\\boxed{42}<|im_end|>\n"
     )
 
 
-def test_retool_sft_hugging_face_layout(tmp_path: Path, h4_tiny_model: Path) -> None:
+def test_retool_sft_hugging_face_layout(tmp_path: Path, tiny_model_dir: Path) -> None:
     import pyarrow as pa
 
     solution = "Let me check.\n<code>\n```python\nprint(2**10)\n```\n</code>\n<interpreter>\n1024\n</interpreter>\n<answer>\\boxed{1024}</answer>"
@@ -168,15 +168,15 @@ def test_retool_sft_hugging_face_layout(tmp_path: Path, h4_tiny_model: Path) -> 
     assert messages[0]["content"] == "What is 2^10?"
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"code": "print(2**10)"}
     assert messages[2]["content"] == "1024"
-    _, ds = sft_dataset(out.path, h4_tiny_model)
+    _, ds = sft_dataset(out.path, tiny_model_dir)
     assert len(ds) == 2 and int(ds[0]["loss_mask"].sum()) > 0
 
 
 def test_builtin_tiny_sft_runs_code_in_the_real_sandbox_and_loads_in_verl(
-    tmp_path: Path, h4_tiny_model: Path, h4_sandbox_url: str
+    tmp_path: Path, tiny_model_dir: Path, session_sandbox_url: str
 ) -> None:
     spec = Dataset(source="builtin:tiny_sft", format="messages", options={"rows": 24, "seed": 0})
-    out = prepare("tiny_sft", spec, tmp_path / "sft", SPEC_DIR, sandbox_url=h4_sandbox_url)
+    out = prepare("tiny_sft", spec, tmp_path / "sft", SPEC_DIR, sandbox_url=session_sandbox_url)
     assert (out.rows, out.columns) == (24, ["messages", "tools"])
     rows = pq.read_table(out.path).to_pylist()
     for row in rows:
@@ -184,11 +184,11 @@ def test_builtin_tiny_sft_runs_code_in_the_real_sandbox_and_loads_in_verl(
         assert call["content"] == CALL_PHRASE
         assert final["content"] == f"The answer is \\boxed{{{tool['content']}}}."
         assert tool["content"].lstrip("-").isdigit()
-    tok, ds = sft_dataset(out.path, h4_tiny_model)
+    tok, ds = sft_dataset(out.path, tiny_model_dir)
     assert len(ds) == 24
     assert max(int(ds[i]["attention_mask"].sum()) for i in range(24)) <= 512
     assert trained_text(tok, ds[0]).startswith(CALL_PHRASE + "\n<tool_call>\n")
-    again = prepare("tiny_sft", spec, tmp_path / "sft2", SPEC_DIR, sandbox_url=h4_sandbox_url)
+    again = prepare("tiny_sft", spec, tmp_path / "sft2", SPEC_DIR, sandbox_url=session_sandbox_url)
     assert again.digest == out.digest  # the generator and the sandbox are deterministic
 
 

@@ -15,25 +15,25 @@ from runtime.data.files import tree_digest
 from runtime.models import prepare, read_outputs, validate_model_dir
 
 
-def test_builtin_is_written_atomically_with_meta_and_digest(tmp_path: Path, h4_tiny_model: Path) -> None:
+def test_builtin_is_written_atomically_with_meta_and_digest(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = prepare("tiny", Model(source="builtin:tiny-qwen2"), tmp_path / "tiny", tmp_path)
     assert out.path == str(tmp_path / "tiny")
-    assert out.digest == tree_digest(h4_tiny_model)  # same options and seed -> same files
+    assert out.digest == tree_digest(tiny_model_dir)  # same options and seed -> same files
     assert json.loads((tmp_path / "tiny" / "meta.json").read_text())["digest"] == out.digest
     assert read_outputs(tmp_path / "tiny") == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 
-def test_builtin_options_change_the_digest(tmp_path: Path, h4_tiny_model: Path) -> None:
+def test_builtin_options_change_the_digest(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = prepare("t", Model(source="builtin:tiny-qwen2", options={"seed": 3, "tokenizer_corpus_rows": 200}), tmp_path / "t", tmp_path)
-    assert out.digest != tree_digest(h4_tiny_model)
+    assert out.digest != tree_digest(tiny_model_dir)
 
 
-def test_path_source_copies_a_model_dir(tmp_path: Path, h4_tiny_model: Path) -> None:
+def test_path_source_copies_a_model_dir(tmp_path: Path, tiny_model_dir: Path) -> None:
     src = tmp_path / "src"
-    shutil.copytree(h4_tiny_model, src)
+    shutil.copytree(tiny_model_dir, src)
     out = prepare("local", Model(source="path:src"), tmp_path / "vol" / "local", tmp_path)
-    assert out.digest == tree_digest(h4_tiny_model)
+    assert out.digest == tree_digest(tiny_model_dir)
     (src / "config.json").unlink()  # the prepared copy does not depend on the source afterwards
     validate_model_dir(Path(out.path))
 

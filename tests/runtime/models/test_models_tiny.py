@@ -18,15 +18,15 @@ CONVERSATION = convert_solution(
 )
 
 
-def test_loads_as_qwen2_tokenizer_and_model_and_generates(h4_tiny_model: Path) -> None:
+def test_loads_as_qwen2_tokenizer_and_model_and_generates(tiny_model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(h4_tiny_model))
-    model = AutoModelForCausalLM.from_pretrained(str(h4_tiny_model))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert type(tok).__name__ == "Qwen2Tokenizer"
     assert type(model).__name__ == "Qwen2ForCausalLM"
-    assert 150_000 <= parameter_count(h4_tiny_model) <= 400_000
+    assert 150_000 <= parameter_count(tiny_model_dir) <= 400_000
     assert len(tok) <= model.config.vocab_size == 2048
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
     for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<tool_response>"):
@@ -37,10 +37,10 @@ def test_loads_as_qwen2_tokenizer_and_model_and_generates(h4_tiny_model: Path) -
     assert torch.equal(out[:, : prompt["input_ids"].shape[1]], prompt["input_ids"])
 
 
-def test_chat_template_renders_tools_and_hermes_calls(h4_tiny_model: Path) -> None:
+def test_chat_template_renders_tools_and_hermes_calls(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(h4_tiny_model))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     text = tok.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=False)
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n")
     assert "<tools>\n" + json.dumps(TOOLS[0], ensure_ascii=False) + "\n</tools>" in text
@@ -54,11 +54,11 @@ def test_chat_template_renders_tools_and_hermes_calls(h4_tiny_model: Path) -> No
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_verl_hermes_parser_reads_the_rendered_call(h4_tiny_model: Path) -> None:
+def test_verl_hermes_parser_reads_the_rendered_call(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
     from verl.experimental.agent_loop.tool_parser import ToolParser
 
-    tok = AutoTokenizer.from_pretrained(str(h4_tiny_model))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     text = tok.apply_chat_template(CONVERSATION, tokenize=False)
     start = text.index("Let me compute")
     response_ids = tok(text[start:text.index("<|im_end|>", start)], add_special_tokens=False)["input_ids"]
@@ -68,12 +68,12 @@ def test_verl_hermes_parser_reads_the_rendered_call(h4_tiny_model: Path) -> None
     assert content.strip() == "Let me compute this with code."
 
 
-def test_messages_render_independently_as_verl_sft_requires(h4_tiny_model: Path) -> None:
+def test_messages_render_independently_as_verl_sft_requires(tiny_model_dir: Path) -> None:
     """verl tokenizes each message alone (system prompt stripped) and asserts the concatenation
     equals the whole conversation; arguments may also arrive as a JSON string."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(h4_tiny_model))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     from runtime.models.chat_template import DEFAULT_SYSTEM
 
     system = tok.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}], tokenize=False)
@@ -87,9 +87,9 @@ def test_messages_render_independently_as_verl_sft_requires(h4_tiny_model: Path)
     assert tok.apply_chat_template(as_string, tools=TOOLS, tokenize=False) == whole
 
 
-def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path, h4_tiny_model: Path) -> None:
+def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
     again = build_tiny_qwen2(tmp_path / "again", seed=0)
-    assert tree_digest(again) == tree_digest(h4_tiny_model)
+    assert tree_digest(again) == tree_digest(tiny_model_dir)
     other = build_tiny_qwen2(tmp_path / "other", seed=1)
     assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
 
