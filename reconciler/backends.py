@@ -27,6 +27,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "local": ("runtime.local.backend", "LocalRuntime"),
     "modal": ("runtime.modal.backend", "ModalRuntime"),
 }
+# The Modal SDK adapter the shared state store is handed (it imports `modal` lazily itself).
+MODAL_ADAPTER = ("runtime.modal.adapter", "SdkAdapter")
 
 _override: RuntimeFactory | None = None
 
@@ -85,10 +87,13 @@ def get_store(spec: Spec, state_dir: str | Path) -> StateStore:
     on a Modal Volume (teams and CI; imports the Modal SDK only when used)."""
     if spec.state.store == "local":
         return LocalStore(state_dir)
+    from reconciler.state.modal_store import ModalStore
+
+    module_name, class_name = MODAL_ADAPTER
     try:
-        from reconciler.state.modal_store import ModalStore
+        adapter = getattr(importlib.import_module(module_name), class_name)()
     except ModuleNotFoundError as exc:
         raise TerminalError(
             "The Modal state store cannot be loaded", str(exc), "install the Modal extra: `pip install 'retool[modal]'`"
         ) from exc
-    return ModalStore.from_spec(spec)
+    return ModalStore.from_spec(spec, adapter)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -42,22 +43,35 @@ from reconciler.spec import Spec
 from reconciler.errors import StateLockedError
 from reconciler.state.base import LockInfo, State, Takeover
 from reconciler.state.local import BACKUP_SUFFIX, STATE_FILE, check_successor, format_age, locked_error, parse_state
-from runtime.modal.adapter import ModalAdapter
 
 DEFAULT_LOCK_TTL_S = 300.0  # a dead holder's lock frees itself this long after its last heartbeat
 TAKEOVER_SUFFIX = "#takeover-"
 
 
+class VolumeAndDict(Protocol):
+    """What the store needs of Modal, handed in by whoever builds it (reconciler.backends
+    gives it runtime.modal.adapter's SDK adapter; tests give the fake of that adapter)."""
+
+    def create_volume(self, name: str, *, env: str | None = None) -> bool: ...
+
+    def read_file(self, volume: str, path: str, *, env: str | None = None) -> bytes: ...
+
+    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None: ...
+
+    def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False,
+                 env: str | None = None) -> bool: ...
+
+    def dict_get(self, name: str, key: str, *, env: str | None = None) -> str | None: ...
+
+    def dict_pop(self, name: str, key: str, *, env: str | None = None) -> str | None: ...
+
+
 class ModalStore:
     def __init__(
-        self, volume: str, lock_dict: str, key: str, *, adapter: ModalAdapter | None = None,
+        self, volume: str, lock_dict: str, key: str, *, adapter: VolumeAndDict,
         environment: str | None = None, lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if adapter is None:
-            from runtime.modal.adapter import SdkAdapter
-
-            adapter = SdkAdapter()
         self.adapter, self.volume, self.lock_dict, self.key = adapter, volume, lock_dict, key
         self.env, self.lock_ttl_s, self.clock = environment, lock_ttl_s, clock
         self.heartbeat_s: float | None = lock_ttl_s / 5
@@ -67,7 +81,7 @@ class ModalStore:
         self._held: LockInfo | None = None
 
     @classmethod
-    def from_spec(cls, spec: Spec, adapter: ModalAdapter | None = None) -> ModalStore:
+    def from_spec(cls, spec: Spec, adapter: VolumeAndDict) -> ModalStore:
         st = spec.state
         return cls(st.volume, st.lock_dict, st.key or spec.name, adapter=adapter, environment=spec.modal.environment)
 
