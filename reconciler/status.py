@@ -110,13 +110,16 @@ def _elapsed(rec: NodeRecord, now: float) -> float | None:
 def _metrics(rec: NodeRecord | None, seen: ObservedNode | None) -> dict[str, object]:
     """A stage's latest metrics, sparkline and W&B run: the running run's as observed, or
     what finalize recorded for the finished one."""
+    values: object
+    lines: object
+    url: object
     if seen is not None and seen.run_state is not None and (seen.metrics or seen.sparklines or seen.wandb_url):
         values, lines, url = seen.metrics, seen.sparklines, seen.wandb_url
     elif rec is not None and rec.status == "succeeded":
         values, lines, url = rec.outputs.get("final_metrics"), rec.outputs.get("sparklines"), rec.outputs.get("wandb_url")
     else:
         return {}
-    numbers = {k: float(v) for k, v in (values or {}).items() if isinstance(v, int | float)}
+    numbers = {k: float(v) for k, v in (values if isinstance(values, dict) else {}).items() if isinstance(v, int | float)}
     return {
         "metrics": display(numbers), "sparklines": dict(lines) if isinstance(lines, dict) else {},
         "wandb_url": url if isinstance(url, str) else None,
@@ -160,7 +163,7 @@ def _node_status(
         reasons=list(change.reasons) if change is not None else [],
         fingerprint=rec.restart_id[:FINGERPRINT_CHARS] if rec and rec.restart_id else None,
         message=message,
-        **fields,  # type: ignore[arg-type]
+        **fields,
     )
 
 

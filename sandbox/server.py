@@ -39,7 +39,7 @@ def serve(
     }
     defaults = SandboxSettings.model_construct()
     overrides = {k: v for k, v in given.items() if v is not None and v != getattr(defaults, k, None)}
-    settings = SandboxSettings.from_env(**overrides)
+    settings = SandboxSettings.from_env(None, **overrides)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
 
 
