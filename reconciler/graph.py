@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import SpecError
 from reconciler.references import find_cycle
-from reconciler.spec import RLStage, Spec, field_policy
+from reconciler.spec import EvalStage, RLStage, Spec, field_policy
 
 NodeKind = Literal["volume", "image", "sandbox", "dataset", "model", "stage"]
 
@@ -157,9 +157,12 @@ def build_graph(spec: Spec) -> Graph:
     for name, m in spec.models.items():
         nodes.append(_node("model", name, m, f"models.{name}", [f"volume.{m.volume}"]))
     for name, st in spec.stages.items():
-        val = st.val if isinstance(st.val, list) else ([st.val] if st.val else [])
-        deps = [st.model, st.train, *val, f"volume.{st.volume}", "image"]
-        if isinstance(st, RLStage) and spec.sandbox is not None:
+        if isinstance(st, EvalStage):
+            deps = [st.model, *st.datasets, f"volume.{st.volume}", "image"]
+        else:
+            val = st.val if isinstance(st.val, list) else ([st.val] if st.val else [])
+            deps = [st.model, st.train, *val, f"volume.{st.volume}", "image"]
+        if isinstance(st, (RLStage, EvalStage)) and spec.sandbox is not None:
             deps.append("sandbox")
         nodes.append(_node("stage", name, st, f"stages.{name}", deps))
     by_address = {n.address: n for n in nodes}

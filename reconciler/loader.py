@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from reconciler.errors import SpecError, TerminalError
 from reconciler.references import RefProblem, check_references, suggest
-from reconciler.spec import RLStage, SFTStage, Spec
+from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
 from reconciler.yamlpos import ParsedYaml, Pos, parse_yaml
 
 YamlPath = tuple[str | int | float, ...]
@@ -171,10 +171,10 @@ def _schema_problem(parsed: ParsedYaml, e: Any) -> tuple[Pos, str, str]:
     if etype == "stage_kind":
         kind = e["input"].get("kind") if isinstance(e["input"], dict) else None
         if isinstance(kind, str):
-            msg = f"{msg} (got {kind!r}){suggest(kind, ['sft', 'rl'])}"
+            msg = f"{msg} (got {kind!r}){suggest(kind, ['sft', 'rl', 'eval'])}"
             path = (*path, "kind")
         elif isinstance(e["input"], dict):
-            msg = "missing `kind:` (`sft` or `rl`)"
+            msg = "missing `kind:` (`sft`, `rl` or `eval`)"
     return _locate(parsed, path, key=False), _dotted(path), msg
 
 
@@ -220,8 +220,8 @@ def _step(tp: Any, part: Any) -> Any:
             return typing.get_args(alt)[1]
         if origin in (list, tuple):
             return typing.get_args(alt)[0]
-    if part in ("sft", "rl"):
-        return SFTStage if part == "sft" else RLStage
+    if part in ("sft", "rl", "eval"):
+        return {"sft": SFTStage, "rl": RLStage, "eval": EvalStage}[part]
     return None
 
 

@@ -31,7 +31,7 @@ from reconciler.errors import TerminalError
 from reconciler.records import Frozen
 from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
 from reconciler.graph import KIND_RANK, Graph, Node, address_kind, build_graph, sort_key
-from reconciler.spec import RLStage, SFTStage, Spec
+from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
 from reconciler.state.base import NodeRecord, State
 from reconciler.steps import Estimate, add, dataset_rows, estimate, total_steps
 
@@ -370,6 +370,9 @@ class _Planner:
         done = reached_step(rec)
         total = self._total_steps(stage)
         if total is not None and total <= done:
+            if isinstance(stage, EvalStage):
+                note = f"already {done} samples per problem: {total} need no new draws (the recorded results keep all {done})"
+                return _Draft("no-op", reasons, [note])
             return _Draft("no-op", reasons, [f"already at step {done}: the new total {total} needs no more steps"])
         ckpt = self._checkpoint(rec, obs)
         if ckpt is None:
@@ -391,7 +394,9 @@ class _Planner:
 
     # -- steps and cost
 
-    def _total_steps(self, stage: SFTStage | RLStage) -> int | None:
+    def _total_steps(self, stage: SFTStage | RLStage | EvalStage) -> int | None:
+        if isinstance(stage, EvalStage):
+            return total_steps(stage, None)
         ds_addr = stage.train
         dataset = self.spec.datasets.get(ds_addr.partition(".")[2])
         if dataset is None:
@@ -401,7 +406,7 @@ class _Planner:
         return total_steps(stage, dataset_rows(dataset, rec.outputs if fresh and rec else None))
 
     def _seconds_per_step(
-        self, stage: SFTStage | RLStage, rec: NodeRecord | None
+        self, stage: SFTStage | RLStage | EvalStage, rec: NodeRecord | None
     ) -> tuple[float | None, Literal["measured", "spec", "none"]]:
         if rec is not None and rec.seconds_per_step:
             return rec.seconds_per_step, "measured"
@@ -409,7 +414,7 @@ class _Planner:
             return stage.seconds_per_step, "spec"
         return None, "none"
 
-    def _estimate(self, stage: SFTStage | RLStage, rec: NodeRecord | None, steps: int) -> Estimate:
+    def _estimate(self, stage: SFTStage | RLStage | EvalStage, rec: NodeRecord | None, steps: int) -> Estimate:
         sps, source = self._seconds_per_step(stage, rec)
         res = stage.resources
         if res.gpu is not None and res.gpu not in self.spec.pricing.gpu_hour_usd:

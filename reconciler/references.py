@@ -5,7 +5,9 @@ together with schema errors (Terraform collects every diagnostic before reportin
 - `stages.X.train` / `val` name existing `dataset.Y`s;
 - every `volume:` names a volume declared in `volumes`;
 - every `secrets:` entry (and `sandbox.token_secret`) names a key of `secrets`;
-- an RL stage needs a `sandbox`;
+- an eval stage's `datasets` name existing RL-format `dataset.Y`s, and its `model` is not
+  another eval stage (an eval produces no model);
+- an RL or eval stage needs a `sandbox`;
 - stages consuming stages form no cycle.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from reconciler.spec import Dataset, Model, RLStage, SFTStage
+from reconciler.spec import Dataset, EvalStage, Model, RLStage, SFTStage
 
 Path = tuple[str | int, ...]
 
@@ -114,19 +116,29 @@ def check_references(data: Any) -> list[RefProblem]:
             volume_ref("models", name, body, _default(Model, "volume"))
 
     edges: dict[str, list[str]] = {}
-    has_rl = False
+    needs_sandbox: list[str] = []
     for name, body in stages.items():
         if not isinstance(body, dict):
             continue
         kind = body.get("kind")
-        has_rl = has_rl or kind == "rl"
-        stage_model = RLStage if kind == "rl" else SFTStage
+        if kind in ("rl", "eval"):
+            needs_sandbox.append(name)
+        stage_model = {"rl": RLStage, "eval": EvalStage}.get(kind, SFTStage) if isinstance(kind, str) else SFTStage
         model = body.get("model")
         msg = _ref(model, ("model", "stage"), names, "model")
         if msg:
             problems.append(RefProblem(path=("stages", name, "model"), message=msg))
         elif isinstance(model, str) and model.startswith("stage."):
-            edges.setdefault(name, []).append(model.partition(".")[2])
+            upstream = model.partition(".")[2]
+            edges.setdefault(name, []).append(upstream)
+            up_body = stages.get(upstream)
+            if isinstance(up_body, dict) and up_body.get("kind") == "eval":
+                problems.append(RefProblem(
+                    path=("stages", name, "model"),
+                    message=f"{model} is an eval stage: it produces no model (name a model or a training stage)",
+                ))
+        if kind == "eval":
+            problems += _eval_datasets(name, body, names, datasets)
         msg = _ref(body.get("train"), ("dataset",), names, "train")
         if msg:
             problems.append(RefProblem(path=("stages", name, "train"), message=msg))
@@ -156,12 +168,13 @@ def check_references(data: Any) -> list[RefProblem]:
             problems.append(
                 RefProblem(path=("sandbox", "token_secret"), message=f"secret {token!r} is not declared in `secrets`")
             )
-    if has_rl and sandbox is None:
-        rl = next(n for n, b in stages.items() if isinstance(b, dict) and b.get("kind") == "rl")
+    if needs_sandbox and sandbox is None:
+        first = needs_sandbox[0]
+        what = "an RL" if stages[first].get("kind") == "rl" else "an eval"
         problems.append(
             RefProblem(
-                path=("stages", rl, "kind"),
-                message="an RL stage calls the code sandbox: declare a top-level `sandbox:` (e.g. `sandbox: {placement: sidecar}`)",
+                path=("stages", first, "kind"),
+                message=f"{what} stage calls the code sandbox: declare a top-level `sandbox:` (e.g. `sandbox: {{placement: sidecar}}`)",
             )
         )
 
@@ -174,3 +187,31 @@ def check_references(data: Any) -> list[RefProblem]:
             )
         )
     return problems
+
+
+# Dataset formats whose prepared rows are RL rows (prompt + reward_model.ground_truth).
+RL_FORMATS: frozenset[str] = frozenset({"dapo_math", "aime_2024", "aime_2025", "rl"})
+
+
+def _eval_datasets(
+    name: str, body: dict[str, Any], names: dict[str, list[str]], datasets: dict[str, Any]
+) -> list[RefProblem]:
+    """An eval stage's `datasets`: existing datasets whose rows carry a ground truth."""
+    items = body.get("datasets")
+    if not isinstance(items, list):
+        return []  # the schema reports a missing or mistyped list
+    out: list[RefProblem] = []
+    for i, item in enumerate(items):
+        msg = _ref(item, ("dataset",), names, "datasets")
+        if msg:
+            out.append(RefProblem(path=("stages", name, "datasets", i), message=msg))
+            continue
+        ds = datasets.get(str(item).partition(".")[2])
+        fmt = ds.get("format") if isinstance(ds, dict) else None
+        if isinstance(fmt, str) and fmt not in RL_FORMATS:
+            out.append(RefProblem(
+                path=("stages", name, "datasets", i),
+                message=f"{item} has format {fmt!r}: evaluation needs problems with answers "
+                f"(format {', '.join(sorted(RL_FORMATS))})",
+            ))
+    return out

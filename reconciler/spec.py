@@ -449,6 +449,63 @@ class RLStage(StageCommon):
         return self
 
 
+class EvalResources(Resources):
+    """Compute for an eval stage: samples do not depend on the GPU count (no checkpoint
+    world size), so every field here is `update`."""
+
+    gpus_per_node: int = F(0, policy="update", ge=0, le=8, description="GPUs for generation (vLLM tensor parallel on Modal).")
+    nodes: int = F(1, policy="update", ge=1, le=1, description="Always 1: an eval stage runs on one machine.")
+    processes_per_node: int | None = F(None, policy="update", ge=1, le=1, description="Always 1 (one generation process).")
+
+
+class EvalStage(SpecModel):
+    """Evaluate a model on math problems with the code interpreter: sample with RL's chat
+    template, tool schema and hermes tool loop, grade with the recipe's scorer, record
+    mean@n, unbiased pass@k and maj@n per dataset, keep every sample."""
+
+    kind: Literal["eval"] = F("eval", policy="restart", description="Evaluation (samples, grades, pass@k).")
+    model: str = F(
+        ..., policy="restart",
+        description="Model to evaluate: `model.<name>`, or a training `stage.<name>` (its final merged checkpoint).",
+    )
+    datasets: list[str] = F(
+        ..., policy="restart", min_length=1,
+        description="Problems: `dataset.<name>` list in RL row format (aime_2024, aime_2025, dapo_math, rl).",
+    )
+    samples: int = F(
+        32, policy="resume", ge=1,
+        description="Samples per problem. More resume (samples drawn are kept); fewer is a no-op.",
+    )
+    temperature: float = F(1.0, policy="restart", ge=0, description="Sampling temperature (recipe validation: 1.0).")
+    top_p: float = F(0.6, policy="restart", gt=0, le=1, description="Nucleus sampling (recipe validation: 0.6).")
+    max_prompt_length: int = F(2048, policy="restart", ge=16, description="Prompt token cap; longer prompts are left-truncated.")
+    max_response_length: int = F(16384, policy="restart", ge=16, description="Response token cap (all turns, tool output included).")
+    max_assistant_turns: int = F(16, policy="restart", ge=1, description="Multi-turn cap (assistant turns), as in RL.")
+    max_user_turns: int = F(16, policy="restart", ge=1, description="Multi-turn cap (tool turns), as in RL.")
+    max_tool_response_length: int = F(256, policy="restart", ge=1, description="Tool output shown to the model (characters).")
+    seed: int = F(42, policy="restart", description="Sampling seed.")
+    volume: str = F("checkpoints", policy="restart", description="Volume holding samples.jsonl and results.json.")
+    engine: Literal["auto", "vllm", "transformers"] = F(
+        "auto", policy="update", description="`auto`: vLLM on Modal GPUs, retool's transformers engine elsewhere.",
+    )
+    batch_size: int = F(64, policy="update", ge=1, description="Conversations decoded together (transformers engine).")
+    gpu_memory_utilization: float = F(0.9, policy="update", gt=0, le=1, description="vLLM memory fraction.")
+    tool: ToolSettings = F(default_factory=ToolSettings, policy="update", description="code_interpreter tool.")
+    resources: EvalResources = F(default_factory=EvalResources, policy="update", description="Compute for this stage.")
+    secrets: list[str] = F(default_factory=list, policy="update", description="Keys of `secrets` this stage needs.")
+    env: dict[str, str] = F(default_factory=dict, policy="update", description="Extra non-secret environment.")
+    seconds_per_step: float | None = F(
+        None, policy="update", gt=0, description="Estimate of one sample round (one sample per problem), until measured.",
+    )
+
+    @field_validator("datasets")
+    @classmethod
+    def _distinct(cls, items: list[str]) -> list[str]:
+        if len(set(items)) != len(items):
+            raise ValueError("datasets are listed more than once")
+        return items
+
+
 def _stage_kind(v: Any) -> str | None:
     if isinstance(v, dict):
         return v.get("kind")
@@ -456,8 +513,10 @@ def _stage_kind(v: Any) -> str | None:
 
 
 Stage = Annotated[
-    Union[Annotated[SFTStage, Tag("sft")], Annotated[RLStage, Tag("rl")]],
-    Discriminator(_stage_kind, custom_error_type="stage_kind", custom_error_message="kind must be `sft` or `rl`"),
+    Union[Annotated[SFTStage, Tag("sft")], Annotated[RLStage, Tag("rl")], Annotated[EvalStage, Tag("eval")]],
+    Discriminator(
+        _stage_kind, custom_error_type="stage_kind", custom_error_message="kind must be `sft`, `rl` or `eval`"
+    ),
 ]
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from reconciler.spec import Dataset, Pricing, Resources, RLStage, SFTStage
+from reconciler.spec import Dataset, EvalStage, Pricing, Resources, RLStage, SFTStage
 
 
 class Estimate(BaseModel):
@@ -25,9 +25,11 @@ class Estimate(BaseModel):
     source: Literal["measured", "spec", "none"] = "none"
 
 
-def total_steps(stage_spec: SFTStage | RLStage, train_rows: int | None) -> int | None:
+def total_steps(stage_spec: SFTStage | RLStage | EvalStage, train_rows: int | None) -> int | None:
     """Optimizer steps the stage runs in total; None when the data size is unknown and
-    no `max_steps` bounds it."""
+    no `max_steps` bounds it. An eval stage's steps are sample rounds: `samples`."""
+    if isinstance(stage_spec, EvalStage):
+        return stage_spec.samples
     if train_rows is None:
         return stage_spec.max_steps
     total = (train_rows // stage_spec.train_batch_size) * stage_spec.epochs

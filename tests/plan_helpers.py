@@ -50,7 +50,8 @@ def succeeded_state(spec: Spec, *, seconds_per_step: dict[str, float] | None = N
             outputs = {"digest": digest(["weights", node.name])}
         elif node.kind == "stage":
             stage = spec.stages[node.name]
-            rows = state.nodes[stage.train].outputs["rows"]
+            train = getattr(stage, "train", None)  # eval stages have none: their steps are sample rounds
+            rows = state.nodes[train].outputs["rows"] if train else None
             steps = total_steps(stage, rows) or 0
             outputs = {"final_step": steps}
         state.nodes[addr] = NodeRecord(

@@ -14,7 +14,7 @@ from reconciler.errors import TransientError
 from reconciler.fingerprint import Fingerprints, fingerprint, upstream_output_ids
 from reconciler.graph import Graph, Node
 from reconciler.loader import LoadedSpec
-from reconciler.spec import Spec
+from reconciler.spec import EvalStage, Spec
 from reconciler.state.base import NodeRecord, State, StateStore
 from reconciler.steps import dataset_rows, total_steps
 from reconciler.backend import Runtime, StageContext
@@ -79,6 +79,8 @@ def stage_context(
 def planned_total_steps(loaded: LoadedSpec, state: State | None, stage_name: str) -> int | None:
     """Total steps of a stage from its training data's measured (else expected) rows."""
     stage = loaded.spec.stages[stage_name]
+    if isinstance(stage, EvalStage):
+        return total_steps(stage, None)  # sample rounds
     train = stage.train.split(".", 1)[1]
     rec = state.nodes.get(stage.train) if state else None
     return total_steps(stage, dataset_rows(loaded.spec.datasets[train], rec.outputs if rec else None))

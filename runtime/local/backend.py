@@ -43,10 +43,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.errors import TerminalError, TransientError
 from reconciler.spec import (
     Dataset,
+    EvalStage,
     Image,
     Model,
     RLStage,
@@ -65,6 +67,9 @@ from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, 
 from runtime.local.finalize import finalize_run
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
 from runtime.verl.sft import render_merge, render_sft
+
+if TYPE_CHECKING:
+    from runtime.eval.job import EvalJob
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
 
@@ -143,6 +148,11 @@ class LocalRuntime:
                 )
         if isinstance(stage, RLStage):
             return self._rl_blocker(stage)
+        if isinstance(stage, EvalStage) and stage.engine == "vllm":
+            if self.use_cpu():
+                return "eval engine vllm needs a GPU; this machine has none (use `engine: auto`)"
+            if importlib.util.find_spec("vllm") is None:
+                return "eval engine vllm is not installed (pip install vllm, or use `engine: auto`)"
         return None
 
     def _rl_blocker(self, stage: RLStage) -> str | None:
@@ -251,6 +261,8 @@ class LocalRuntime:
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
         sandbox = self._live_sandbox_url() or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
         commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
+        if isinstance(stage, EvalStage):
+            return commands  # no merge: an eval produces samples and metrics, not a model
         final = ctx.total_steps if ctx.total_steps is not None else "N"
         source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
         merge = render_merge(source, paths.merged_dir)
@@ -272,6 +284,10 @@ class LocalRuntime:
         attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
         if isinstance(stage, SFTStage):
             return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn)]
+        if isinstance(stage, EvalStage):
+            from runtime.eval.render import eval_command
+
+            return [eval_command(ctx, self._eval_job(ctx, paths, sandbox_url))]
         blocker = self._rl_blocker(stage)
         if blocker:
             raise TerminalError(f"stage.{ctx.stage} cannot run on this machine", blocker)
@@ -321,6 +337,11 @@ class LocalRuntime:
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
             res.write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
+        if isinstance(stage, EvalStage):
+            from runtime.eval.job import JOB_FILE
+
+            job = self._eval_job(ctx, paths, self._live_sandbox_url())
+            res.write_text_atomic(run_dir / JOB_FILE, job.model_dump_json(indent=2) + "\n")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
         exit_path = log_path.with_name(log_path.stem + ".exit.json")
@@ -358,6 +379,8 @@ class LocalRuntime:
             procs.write_exit(exit_path, procs.ExitRecord(returncode=-9 if killed else -15, signal=sig, cancelled=True))
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
+        if isinstance(spec.stages[stage], EvalStage):
+            return self._eval_checkpoints(spec, stage, restart_id)
         root = self.stage_root(spec, stage)
         try:
             entries = ckpts.scan_local(root)
@@ -371,6 +394,45 @@ class LocalRuntime:
         """Merge `checkpoint` into `merged/` (skipped when merged.json names it), then the
         SFT tool-call check when the spec asks for one (runtime.local.finalize)."""
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
+        if isinstance(ctx.spec.stages[ctx.stage], EvalStage):
+            from runtime.eval.finalize import eval_outputs
+
+            return eval_outputs(Path(paths.stage_dir), ctx.total_steps or 0, checkpoint)
         return finalize_run(
             ctx, checkpoint, paths, logs_dir=self.state_dir / "logs", executable=self._executable,
+        )
+
+    # ------------------------------------------------------------------ eval stages
+
+    def _eval_job(self, ctx: StageContext, paths: StagePaths, sandbox_url: str | None) -> "EvalJob":
+        from runtime.eval.render import eval_job
+
+        if sandbox_url is None:
+            raise TerminalError(
+                f"stage.{ctx.stage} needs the sandbox, which is not running",
+                hint="apply the `sandbox` node first (retool apply starts it)",
+            )
+        cpu = self.use_cpu()
+        return eval_job(
+            ctx, out_dir=paths.stage_dir, sandbox_url=sandbox_url, gpus=0 if cpu else local_gpu_count(),
+            device="cpu" if cpu else "cuda",
+        )
+
+    def _eval_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
+        """An eval run's complete sample rounds (runtime.eval.discover)."""
+        from runtime.eval.discover import eval_checkpoint
+        from runtime.eval.job import PROGRESS_FILE
+
+        run_dir = Path(self.stage_paths(spec, stage, restart_id).stage_dir)
+
+        def text(name: str) -> str | None:
+            try:
+                return (run_dir / name).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise TransientError(f"cannot read {run_dir / name}", str(e)) from e
+
+        return eval_checkpoint(
+            run_dir=str(run_dir), restart_id=restart_id, marker=text(ckpts.MARKER_FILE), progress=text(PROGRESS_FILE)
         )

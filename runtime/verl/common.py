@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Logging, RLStage, SFTStage, Spec
+from reconciler.spec import EvalStage, Logging, RLStage, SFTStage, Spec
 from reconciler.backend import StageContext
 
 # Module names verl imports in every process when named in VERL_USE_EXTERNAL_MODULES.
@@ -42,7 +42,7 @@ class StagePaths(BaseModel):
     merged_dir: str
 
 
-def stage_spec(ctx: StageContext) -> SFTStage | RLStage:
+def stage_spec(ctx: StageContext) -> SFTStage | RLStage | EvalStage:
     try:
         return ctx.spec.stages[ctx.stage]
     except KeyError:
@@ -247,9 +247,13 @@ def with_planned_inputs(
     put it, so `retool render` works before the first apply. The backend supplies its own
     layout (local directories or container mount paths)."""
     stage = stage_spec(ctx)
-    val = stage.val if isinstance(stage.val, list) else ([stage.val] if stage.val else [])
+    if isinstance(stage, EvalStage):
+        needed = [stage.model, *stage.datasets]
+    else:
+        val = stage.val if isinstance(stage.val, list) else ([stage.val] if stage.val else [])
+        needed = [stage.model, stage.train, *val]
     inputs = dict(ctx.inputs)
-    for address in [stage.model, stage.train, *val]:
+    for address in needed:
         if inputs.get(address):
             continue
         kind, _, name = address.partition(".")

@@ -73,7 +73,7 @@ CASES: list[tuple[str, str, str, int, str, str]] = [
     ("tab-indentation", "    kind: sft\n", "\tkind: sft\n", 22, "", "tab character"),
     ("bad-override", "    secrets: [wandb]\n", "    secrets: [wandb]\n    overrides: [bad override]\n", 30, "stages.sft.overrides", "override 'bad override'"),
     ("override-without-value", "    secrets: [wandb]\n", "    secrets: [wandb]\n    overrides: [trainer.foo]\n", 30, "stages.sft.overrides", "`key=value`"),
-    ("unknown-kind", "kind: rl", "kind: ppo", 31, "stages.rl.kind", "kind must be `sft` or `rl` (got 'ppo')"),
+    ("unknown-kind", "kind: rl", "kind: ppo", 31, "stages.rl.kind", "kind must be `sft`, `rl` or `eval` (got 'ppo')"),
     ("missing-kind", "    kind: rl\n", "", 30, "stages.rl", "missing `kind:`"),
     ("unknown-key", "optim: {lr: 3.0e-3}", "optimizer: {lr: 3.0e-3}", 27, "stages.sft.optimizer", "did you mean 'optim'"),
     ("unknown-nested-key", "optim: {lr: 3.0e-3}", "optim: {lr: 3.0e-3, betas2: [0.9, 0.9]}", 27, "stages.sft.optim.betas2", "did you mean 'betas'"),

@@ -1,0 +1,137 @@
+"""Generation engines for evaluation: token ids in, token ids out, one sampling setting.
+
+- `TransformersEngine`: the batched, KV-cached transformers engine of RL's CPU rollout
+  (`runtime.verl.rollout.engine.GenerationEngine`), on CUDA when present, else CPU;
+- `VllmEngine`: vLLM's offline `LLM` on the stage's GPUs (tensor parallel = GPU count),
+  what the Modal backend uses. vLLM is not installed on development machines: its tests
+  are skipped there and the engine says clearly when it is missing.
+
+Neither imports verl; torch, transformers and vllm are imported when an engine is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from reconciler.errors import TerminalError
+
+Finish = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    seed: int
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish: Finish  # "stop": an end-of-turn token; "length": the token budget ran out
+
+
+class Engine(Protocol):
+    """What the tool loop needs of an engine."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
+        """One completion per prompt, at most `max_tokens[i]` tokens each."""
+        ...
+
+
+def pick_engine(wanted: str, *, gpus: int) -> str:
+    """The engine to run: `auto` is vLLM when there are GPUs and vLLM is installed, else
+    transformers. Asking for vLLM where it cannot run is an error, not a silent fallback."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if wanted == "vllm":
+        if not has_vllm:
+            raise TerminalError("eval engine vllm is not installed", hint="pip install vllm, or set `engine: transformers`")
+        if gpus == 0:
+            raise TerminalError("eval engine vllm needs a GPU", hint="set `engine: auto` or `engine: transformers`")
+        return "vllm"
+    if wanted == "auto" and gpus > 0 and has_vllm:
+        return "vllm"
+    return "transformers"
+
+
+class TransformersEngine:
+    """RL's transformers rollout engine, driven in batches of `batch_size` prompts."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: str, sampling: Sampling, *, batch_size: int, device: str | None = None) -> None:
+        import torch
+
+        from runtime.verl.rollout.engine import GenerationEngine, default_dtype
+        from runtime.verl.rollout.sampling import RowParams
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.engine = GenerationEngine.load(
+            model_dir, device=self.device, dtype=default_dtype(self.device, None), seed=sampling.seed
+        )
+        self.params = RowParams(temperature=sampling.temperature, top_p=sampling.top_p)
+        self.batch_size = batch_size
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
+        from runtime.verl.rollout.engine import GenRequest
+
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.batch_size):
+            requests = [
+                GenRequest(prompt_ids=list(p), max_tokens=int(m), params=self.params)
+                for p, m in zip(prompts[start:start + self.batch_size], max_tokens[start:start + self.batch_size])
+            ]
+            for r in self.engine.generate(requests):
+                out.append(Completion(token_ids=r.token_ids, finish="stop" if r.finish == "stop" else "length"))
+        return out
+
+
+def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for one request: a seed per request
+    (the stage's seed offset by the request's position), so a batch is reproducible."""
+    return {
+        "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": max(1, int(max_tokens)),
+        "seed": sampling.seed + index, "skip_special_tokens": False,
+    }
+
+
+class VllmEngine:
+    """vLLM's offline engine over the stage's GPUs (continuous batching does the grouping)."""
+
+    name = "vllm"
+
+    def __init__(
+        self, model_dir: str, sampling: Sampling, *, tensor_parallel_size: int, gpu_memory_utilization: float,
+        max_model_len: int,
+    ) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise TerminalError("vllm is not installed", hint="install vllm in the image, or set `engine: transformers`")
+        from vllm import LLM
+
+        self.sampling = sampling
+        self.llm = LLM(
+            model=model_dir, tensor_parallel_size=max(1, tensor_parallel_size), seed=sampling.seed,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+        )
+        self._calls = 0
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        base = self._calls * 1_000_003  # a new seed block per call: later turns draw afresh
+        self._calls += 1
+        params = [SamplingParams(**vllm_sampling_args(self.sampling, m, base + i)) for i, m in enumerate(max_tokens)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [
+            Completion(
+                token_ids=list(o.outputs[0].token_ids),
+                finish="length" if o.outputs[0].finish_reason == "length" else "stop",
+            )
+            for o in outputs
+        ]

@@ -1,0 +1,121 @@
+"""The eval tool loop with real parts: the builtin tiny Qwen2 and its chat template, RL's
+transformers engine on CPU, the recipe's code rules and a real sandbox on loopback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.data.retool_sft import TOOLS
+from runtime.eval.engine import Sampling, TransformersEngine, pick_engine
+from runtime.eval.toolloop import Conversation, LoopLimits, ToolCall, ToolLoop, parse_tool_calls, truncate_middle
+from runtime.eval.tools import BAD_CODE, SandboxTools
+from runtime.verl.recipe.sandbox_call import SandboxSettings
+
+LIMITS = LoopLimits(
+    max_prompt_length=512, max_response_length=48, max_assistant_turns=4, max_user_turns=4, max_tool_response_length=32
+)
+QUESTION = [{"role": "user", "content": "What is 6 * 7?\nThe answer format must be: \\boxed{'The final answer goes here.'}"}]
+
+
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_parse_tool_calls_like_verls_hermes_parser() -> None:
+    text = (
+        'Let me compute.\n<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(6*7)"}}\n</tool_call>'
+        "<tool_call>not json</tool_call>"
+    )
+    (call,) = parse_tool_calls(text)
+    assert call.name == "code_interpreter" and json.loads(call.arguments) == {"code": "print(6*7)"}
+    assert parse_tool_calls("<tool_call> unterminated") == []
+    assert parse_tool_calls("no call") == []
+
+
+def test_truncate_middle_like_verl() -> None:
+    assert truncate_middle("short", 32) == "short"
+    assert truncate_middle("a" * 10 + "b" * 10, 10) == "aaaaa...(truncated)...bbbbb"
+
+
+def test_sandbox_tools_answer_like_rls_tool(session_sandbox_url: str) -> None:
+    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=3, rate_limit=2, num_workers=2))
+    out = tools([
+        ToolCall("code_interpreter", json.dumps({"code": "x = 6 * 7\nx"})),  # the recipe wraps the last line in print
+        ToolCall("code_interpreter", json.dumps({"code": "```python\nprint('fenced')\n```"})),
+        ToolCall("code_interpreter", json.dumps({"code": "  "})),
+        ToolCall("python", json.dumps({"code": "1"})),
+        ToolCall("code_interpreter", "{not json"),
+        ToolCall("code_interpreter", json.dumps({"code": "import time\ntime.sleep(30)"})),
+    ])
+    assert out[0] == "42\n"
+    assert out[1] == "fenced\n"
+    assert out[2] == BAD_CODE
+    assert out[3].startswith("Unknown function 'python'")
+    assert out[4].startswith("Invalid JSON in arguments for 'code_interpreter'")
+    assert out[5] == "no stdout here"  # the sandbox's time limit: the recipe's fixed text
+    assert tools.calls == 3
+
+
+def test_tool_turn_tokens_continue_the_templates_rendering(tokenizer, session_sandbox_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Prompt + generated assistant turn + tool turn == the chat template's rendering of
+    that conversation (verl's continuous-token rule), and the tool really ran."""
+    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=10))
+    loop = ToolLoop(tokenizer, None, TOOLS, LoopLimits(512, 4096, 4, 4, 256), tools)  # type: ignore[arg-type]
+    conv = loop.start(QUESTION)
+    call = {"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}
+    assistant_text = "I will compute.\n<tool_call>\n" + json.dumps(call) + "\n</tool_call><|im_end|>"
+    conv.response_ids = tokenizer.encode(assistant_text, add_special_tokens=False)
+    conv.assistant_turns = 1
+    conv.pending = parse_tool_calls(assistant_text)
+    loop._tools([conv])
+    assert conv.user_turns == 1 and not conv.done
+    expected = tokenizer.apply_chat_template(
+        [*QUESTION, {"role": "assistant", "content": "I will compute.", "tool_calls": [{"type": "function", "function": call}]},
+         {"role": "tool", "content": "42\n"}],
+        tools=TOOLS, add_generation_prompt=True, tokenize=False,
+    )
+    assert tokenizer.decode(conv.prompt_ids + conv.response_ids) == expected
+
+
+def test_a_tool_turn_that_overflows_the_budget_ends_the_sample(tokenizer, session_sandbox_url: str) -> None:  # type: ignore[no-untyped-def]
+    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=10))
+    loop = ToolLoop(tokenizer, None, TOOLS, LIMITS, tools)  # type: ignore[arg-type]
+    conv = Conversation(messages=list(QUESTION), prompt_ids=[1, 2, 3], response_ids=[5] * 40, assistant_turns=1)
+    conv.pending = [ToolCall("code_interpreter", json.dumps({"code": "print('x' * 500)"}))]
+    loop._tools([conv])
+    assert conv.done and conv.truncated and conv.user_turns == 0 and len(conv.response_ids) == 40
+
+
+def test_loop_on_the_tiny_model_respects_every_budget(tiny_model_dir: Path, tokenizer, session_sandbox_url: str) -> None:  # type: ignore[no-untyped-def]
+    engine = TransformersEngine(str(tiny_model_dir), Sampling(temperature=1.0, top_p=1.0, seed=0), batch_size=4, device="cpu")
+    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=10))
+    loop = ToolLoop(tokenizer, engine, TOOLS, LIMITS, tools)
+    convs = [loop.start(QUESTION) for _ in range(6)]
+    loop.run(convs)
+    for conv in convs:
+        assert conv.done
+        assert 1 <= conv.assistant_turns <= LIMITS.max_assistant_turns
+        assert len(conv.response_ids) <= LIMITS.max_response_length
+        if len(conv.response_ids) >= LIMITS.max_response_length:
+            assert conv.truncated
+        assert conv.num_turns == conv.user_turns + conv.assistant_turns + 1
+        assert isinstance(loop.response_text(conv), str)
+    # an untrained model rambles: the 48-token budget cuts most samples
+    assert any(c.truncated for c in convs)
+
+
+def test_pick_engine() -> None:
+    assert pick_engine("auto", gpus=0) == "transformers"
+    assert pick_engine("transformers", gpus=8) == "transformers"
+    from reconciler.errors import TerminalError
+
+    with pytest.raises(TerminalError):
+        pick_engine("vllm", gpus=0)
