@@ -24,25 +24,19 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from reconciler.apply import engine
-from reconciler.cli.apply_view import ApplyView, render_apply_result
 from reconciler.backends import get_runtime, get_store
 from reconciler.cli.state_commands import state_app
 from reconciler.errors import RetoolError, TerminalError
 from reconciler.graph import build_graph
 from reconciler.loader import LoadedSpec, default_state_dir, load_spec, schema_text
 from reconciler.refresh import observe_and_plan, open_runtime, refresh_and_plan
-from reconciler.apply.saved_plan import read_saved_plan, save_plan, saved_plan_data
 from reconciler.state.base import LockInfo, StateStore
 from reconciler.state.cache import read_state, remember
-from reconciler.state.lease import holding
-from reconciler.status import compute_status, render_status
 from reconciler.cli.plan_view import plan_markdown, render_plan
 
 
@@ -77,7 +71,6 @@ class RetoolGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except (
-            click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
             typer.TyperException, typer.Exit, typer.Abort,  # typer >= 0.24 raises its own click's usage errors
         ):
             raise
@@ -185,6 +178,8 @@ def plan(
         targets=parse_addresses(target), replace=parse_addresses(replace), notes=[*state_notes, *notes],
     )
     if output is not None:
+        from reconciler.apply.saved_plan import save_plan
+
         save_plan(the_plan, loaded, output)
     fmt = Format.json if json_flag else fmt
     if fmt is Format.json:
@@ -210,6 +205,12 @@ def apply_cmd(
     allow_data_loss: bool = typer.Option(False, "--allow-data-loss", help="With --prune: protected volumes too."),
 ) -> None:
     """Make reality match the spec, recording state after every step."""
+    # Imported here: `plan`, `status` and `validate` never need the engine or its progress view.
+    from reconciler.apply import engine
+    from reconciler.apply.saved_plan import read_saved_plan, saved_plan_data
+    from reconciler.cli.apply_view import ApplyView, render_apply_result
+    from reconciler.state.lease import holding
+
     data = saved_plan_data(source)
     if data is not None and (target or replace):
         raise TerminalError(
@@ -262,6 +263,8 @@ def cancel(
     address: str = typer.Argument(..., help="The stage to stop, e.g. stage.sft."),
 ) -> None:
     """Stop a running stage; its checkpoints are kept (apply resumes from them)."""
+    from reconciler.apply import engine
+
     loaded, state_dir, store = open_spec(spec)
     runtime = get_runtime(loaded.spec, state_dir)
     outcome = engine.cancel(address, loaded, store, runtime, lock_info=LockInfo(command=f"retool cancel {spec} {address}"))
@@ -278,6 +281,8 @@ def status(
     watch: float | None = typer.Option(None, "--watch", help="Refresh every N seconds until Ctrl-C.", min=0.5),
 ) -> None:
     """Where every node stands: sync, health, fingerprint, steps, checkpoint, elapsed, cost."""
+    from reconciler.status import compute_status, render_status
+
     loaded, state_dir, store = open_spec(spec)
     runtime, notes = open_runtime(loaded, state_dir)
     console = out()
@@ -313,6 +318,8 @@ def render(
     json_flag: bool = typer.Option(False, "--json", help="The commands as JSON."),
 ) -> None:
     """Print the exact commands a stage runs: argv and environment (secrets by name only)."""
+    from reconciler.apply import engine
+
     loaded, state_dir, store = open_spec(spec)
     runtime = get_runtime(loaded.spec, state_dir)
     # Rendering needs no backend access: recorded state (or its local copy) is enough.
