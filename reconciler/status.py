@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.graph import address_kind
 from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
 from reconciler.spec import Spec
@@ -67,6 +68,7 @@ class StatusReport(BaseModel):
     lock: LockInfo | None = None
     nodes: list[NodeStatus] = Field(default_factory=list)
     cost_usd: float = 0.0
+    evaluations: EvalTable = Field(default_factory=EvalTable)  # eval stages' metrics per dataset
 
     @property
     def in_sync(self) -> bool:
@@ -183,7 +185,7 @@ def compute_status(
         spec=plan.spec, spec_name=plan.spec_name, backend=plan.backend,
         serial=state.serial if state else 0, lineage=state.lineage if state else "",
         refreshed=observed.refreshed, notes=list(observed.notes), lock=lock, nodes=nodes,
-        cost_usd=round(sum(n.cost_usd for n in nodes), 2),
+        cost_usd=round(sum(n.cost_usd for n in nodes), 2), evaluations=eval_table(spec, state),
     )
 
 
@@ -254,6 +256,7 @@ def render_status(report: StatusReport, console: Console) -> None:
             if row[-1].plain:
                 console.print(Text(f"  {row[0].plain}: ").append(row[-1]))
     _render_metrics(report, console)
+    render_evaluations(report.evaluations, console)
     if report.cost_usd:
         console.print(Text(f"cost so far: ${report.cost_usd:,.2f}"))
 
@@ -287,3 +290,37 @@ def _render_metrics(report: StatusReport, console: Console) -> None:
             pad = " " * len(pad)
         if n.wandb_url:
             console.print(Text(pad).append("W&B ", style="dim").append(n.wandb_url, style="link " + n.wandb_url))
+
+
+def render_evaluations(table: EvalTable, console: Console) -> None:
+    """`evaluation`: one row per (eval stage, dataset), one column per metric; an expected
+    value sits beside the reached one (`0.412 (>= 0.4 ✓)`). pass@k shows its largest k."""
+    if not table.rows:
+        return
+    console.print(Text("evaluation", style="bold"))
+    grid = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("stage", "model", "dataset", "n", *SUMMARY):
+        grid.add_column(col, no_wrap=True)
+    for stage in table.stages():
+        for dataset in table.datasets(stage):
+            curve = table.pass_curve(stage, dataset)
+            cells: list[Text] = []
+            for metric in SUMMARY:
+                name = f"pass@{curve[-1][0]}" if metric == "pass@k" and curve else metric
+                row = table.row(stage, dataset, name)
+                cells.append(_eval_cell(row.value, row.expected, row.met, name) if row is not None else Text(""))
+            first = next(r for r in table.rows if r.stage == stage and r.dataset == dataset)
+            grid.add_row(Text(stage), Text(first.model), Text(dataset), Text(str(first.samples)), *cells)
+    console.print(grid)
+    for item in table.unmatched:
+        console.print(Text(f"  expected metric not recorded: {item}", style="yellow"))
+
+
+def _eval_cell(value: float, expected: str | None, met: bool | None, metric: str) -> Text:
+    shown = f"{value:.1f}" if metric == "response_length" else f"{value:.3f}"
+    if metric.startswith("pass@") and metric != "pass@k":
+        shown = f"{metric[5:]}: {shown}"
+    cell = Text(shown)
+    if expected is not None:
+        cell.append(f" ({expected} {'✓' if met else '✗'})", style="green" if met else "red")
+    return cell
