@@ -5,6 +5,7 @@
     retool apply SPEC|PLAN_FILE          do it (asks first unless --yes; a saved plan applies as is)
     retool status SPEC                   where every node stands
     retool render SPEC [stage.X]         the exact commands a stage runs (secrets by name only)
+    retool report SPEC --out FILE        one HTML page: training curves, evaluations, pass@k
     retool cancel SPEC stage.X           stop a running stage, keep its checkpoints
     retool schema                        the spec's JSON Schema (editor completion)
     retool state show|unlock             inspect state, clear a stale lock
@@ -309,6 +310,23 @@ def _lock_info(store: StateStore) -> LockInfo | None:
         return store.lock_info()
     except RetoolError:
         return None  # an unreachable shared store: status says so through its notes
+
+
+@app.command()
+def report(
+    spec: Path = SpecArg,
+    output: Path = typer.Option(Path("report.html"), "--out", help="Where to write the HTML page."),
+) -> None:
+    """One self-contained HTML page: training curves, the evaluation table, pass@k curves."""
+    from reconciler.cli.report import gather_report, render_report
+
+    loaded, state_dir, store = open_spec(spec)
+    runtime, _ = open_runtime(loaded, state_dir)
+    state, notes = read_state(store, state_dir, assume_empty_if_unreachable=True)
+    for note in notes:
+        err().print(Text(f"warning: {note}", style="yellow"))
+    output.write_text(render_report(gather_report(loaded.spec, state, runtime)), encoding="utf-8")
+    out().print(Text(f"wrote {output}", style="green"))
 
 
 @app.command()

@@ -139,6 +139,11 @@ class LocalRuntime:
             return None
         stage = spec.stages[name]
         res = stage.resources
+        if res.nodes > 1:
+            return (
+                f"asks for {res.nodes} nodes, but the local backend runs on one machine; run it with "
+                "`backend: modal` (a clustered function), or set resources.nodes: 1"
+            )
         if res.gpu is not None:
             have = 0 if self.use_cpu() else local_gpu_count()
             if have < res.gpus_per_node:

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import TerminalError, TransientError
+from runtime.cluster.layout import ClusterInfo
 from runtime.modal.app import WORKER_MODULE, AppDefinition, FunctionSpec, ImageStep
 
 T = TypeVar("T")
@@ -141,8 +142,8 @@ class ModalAdapter(Protocol):
 
     def current_call_id(self) -> str | None: ...
 
-    def cluster_info(self) -> tuple[int, list[str]]:
-        """(this container's rank, every container's IP) in a clustered function."""
+    def cluster_info(self) -> ClusterInfo:
+        """This container's rank, its cluster's id and every container's address, in a clustered function."""
         ...
 
 
@@ -503,11 +504,15 @@ class SdkAdapter:
     def current_call_id(self) -> str | None:
         return self._modal().current_function_call_id()
 
-    def cluster_info(self) -> tuple[int, list[str]]:
+    def cluster_info(self) -> ClusterInfo:
+        # modal 1.6.4: the container's cluster context, set at start-up without an RPC
+        # (rank, cluster_id, container_ips (IPv6), container_ipv4_ips); `modal.Cluster.from_context()`
+        # reads the same context
         import modal.experimental
 
         info = modal.experimental.get_cluster_info()
-        return int(info.rank), list(info.container_ips)
+        return ClusterInfo(rank=int(info.rank), cluster_id=str(info.cluster_id), ips=list(info.container_ips),
+                           ipv4_ips=list(info.container_ipv4_ips))
 
 
 def parse_gpu_rates(rates: dict[str, float]) -> dict[str, float]:

@@ -337,6 +337,8 @@ class StagePayload(Frozen):
     resume_from: int | None = None
     world_size: int = 1
     nodes: int = 1
+    # multi-node: how long rank 0 waits for every rank to check in (and each rank for rank 0)
+    join_timeout_s: float = 600.0
     commands: list[dict[str, Any]]  # reconciler.backend.RenderedCommand dumps, exactly `retool render`'s
     checkpoint_dir: str  # container path: <mount>/<stage>/<restart_id[:16]>
     checkpoint_volume: str  # Modal volume name holding it

@@ -37,6 +37,7 @@ from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalAdapter, ModalUnreachable
 from runtime.modal.images import base_facts, parse_requirement
+from runtime.cluster.liveness import alive_count, liveness_text
 from runtime.modal.app import (
     CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
@@ -64,6 +65,7 @@ from runtime.modal.app import (
 from runtime.verl.common import StagePaths, with_planned_inputs
 from runtime.verl.sft import MERGE_MODULE, render_merge, render_sft
 
+CLUSTER_GPUS_PER_NODE = 8  # a clustered container takes its whole host (8 GPUs on Modal's H100/A100/B200 hosts)
 CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
 WAIT_SLICE_S = 30.0
 
@@ -143,9 +145,10 @@ class ModalRuntime:
             return None
         stage = spec.stages[name]
         bad = [p for p in modal_problems(spec, _package_root()) if p.startswith(f"stages.{name}.")]
-        if stage.resources.nodes > 1:
-            bad.append("multi-node stages are not launched yet (verl commands are rendered for one node; "
-                       "use more GPUs per node)")
+        if stage.resources.nodes > 1 and stage.resources.gpus_per_node < CLUSTER_GPUS_PER_NODE:
+            # modal.clustered: every container requests all GPUs of its host
+            bad.append(f"a {stage.resources.nodes}-node stage runs as a Modal cluster whose containers take every "
+                       f"GPU of their host: set resources.gpus_per_node: {CLUSTER_GPUS_PER_NODE}")
         if isinstance(stage, RLStage) and importlib.util.find_spec("runtime.verl.rl") is None:
             bad.append("RL launch rendering (runtime.verl.rl) is not part of this installation")
         if stage.resources.gpu is None:
@@ -396,6 +399,10 @@ class ModalRuntime:
                       log_tail=list(progress.get("log_tail") or [])[-20:])
         where = f"segment {segment}" + (f", step {step}/{total}" if step is not None else "")
         if outcome.state == "running":
+            nodes = liveness_text(progress.get("ranks"), self.clock(), updated_at=progress.get("updated_at"))
+            if nodes:  # a multi-node stage: what rank 0 sees of every rank
+                metrics["nodes_alive"] = float(alive_count(progress.get("ranks")))
+                where += f"; {nodes}"
             return RunStatus(state="running", message=f"running on Modal ({where})", **common)
         if outcome.state == "succeeded" and result.get("outcome") == "finished":
             return RunStatus(state="succeeded", message=f"finished ({where})", **common)

@@ -36,7 +36,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
@@ -49,9 +49,13 @@ from runtime.modal.app import (
     StageResult,
 )
 from runtime.verl.common import TRACKER_FILE
+
+if TYPE_CHECKING:
+    from runtime.cluster.node import ClusterNode
 from runtime.verl.sft import MERGE_MODULE
 
 STOP_GRACE_S = 120.0
+CLUSTER_STOP_GRACE_S = 20.0  # a rank stopping because its cluster broke: nothing to save
 SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"  # read by runtime/verl/recipe/tool_config.yaml
 LOG_TAIL_LINES = 40
 
@@ -174,6 +178,7 @@ class StageRunner:
         self.metrics: dict[str, float] = {}
         self.active_before = 0.0  # container seconds of earlier attempts and segments
         self.rank = 0
+        self.node: ClusterNode | None = None
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- driver
@@ -182,15 +187,31 @@ class StageRunner:
         p = self.p
         for name in p.volumes:
             self.adapter.reload_volume(name)
-        if p.nodes > 1:
-            self.rank, ips = self.adapter.cluster_info()
-            self.cluster_env = cluster_env(self.rank, ips, p.nodes)
-        else:
-            self.cluster_env = {}
+        if p.nodes > 1:  # one container of a clustered call: its rank picks its role (runtime.cluster)
+            from runtime.cluster.node import ClusterNode
+
+            self.node = ClusterNode(self.adapter.cluster_info(), p.nodes, kind=p.kind, run_dir=self.run_dir,
+                                    join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
+            self.rank = self.node.rank
+        try:
+            return self._run()
+        finally:
+            if self.node is not None:
+                self.node.close()
+
+    def _run(self) -> dict[str, Any]:
+        p, node = self.p, self.node
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        plan = node.join() if node is not None else None  # rank 0 waits for every rank; others get its plan
+        if plan is not None and "ended" in plan:  # rank 0 had nothing to train (already handed over)
+            return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {plan['ended']}").model_dump()
         start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+        if plan is not None:  # every rank resumes from the step rank 0 chose
+            start_step, any_ckpt = plan.get("start_step"), bool(plan.get("any_ckpt"))
         handed_over = self._spawned_next() if self.rank == 0 else None
         if handed_over is not None:  # this segment already ended and spawned the next one
+            if node is not None:
+                node.finish("handed over")
             return StageResult(outcome="continued", step=start_step, segment=p.segment, next_call_id=handed_over,
                                message="already handed over").model_dump()
         self.step = start_step
@@ -200,6 +221,8 @@ class StageRunner:
             self._check_secrets()
             extra_env = self._sandbox_env()
         except StageFailed as exc:
+            if node is not None:
+                node.finish("failed")
             return self._finish_failed(str(exc))
         if p.replace_existing and p.segment == 0 and self.rank == 0 and self._move_aside_once():
             start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
@@ -208,14 +231,29 @@ class StageRunner:
         committer = _Periodic(p.commit_every_s, self._commit_all)
         committer.start()
         stopped_early = False
+        commands = [{**c, "env": {**c.get("env", {}), **extra_env}} for c in training_commands(p.commands)]
         try:
-            for cmd in training_commands(p.commands):
+            if node is not None and node.is_leader:
+                rl = next(((list(c["argv"]), dict(c["env"])) for c in commands if p.kind == "rl"), None)
+                node.start({"start_step": start_step, "any_ckpt": any_ckpt}, rl_command=rl)
+            for cmd in commands:
                 argv = with_resume(list(cmd["argv"]), p.checkpoint_dir, start_step, any_ckpt)
-                cmd = {**cmd, "env": {**cmd.get("env", {}), **extra_env}}
-                status = self._run_command(argv, cmd, self.started + p.train_seconds)
+                if node is not None:
+                    argv, env = node.command(argv, dict(cmd["env"]))
+                    cmd = {**cmd, "env": env}
+                # a member follows rank 0: its commands end when rank 0's do, never on its own clock
+                deadline = self.started + p.train_seconds if self.rank == 0 else float("inf")
+                status = self._run_command(argv, cmd, deadline)
                 if status == "deadline":
                     stopped_early = True
                     break
+                if node is not None and not node.is_leader and (status == "interrupted" or status != 0):
+                    if node.member_outcome() in ("finished", "deadline"):
+                        break  # rank 0 ended its commands: a member's node stops with them
+                if status == "interrupted":
+                    from runtime.cluster.layout import ClusterError
+
+                    raise ClusterError(f"rank {self.rank}: {node.interrupt() if node else ''}\n" + "\n".join(self.tail))
                 if status != 0:
                     self._write_progress()
                     raise RuntimeError(
@@ -227,9 +265,13 @@ class StageRunner:
                 sidecar.stop()
             self._write_progress()
             self._commit_all()
+        if node is not None and not node.is_leader:
+            outcome = node.member_outcome()  # rank 0 ended its commands (or was lost: raises)
+            node.confirm_committed()  # this rank's shards are on the volume: rank 0 may report
+            return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {outcome}").model_dump()
+        if node is not None:
+            node.finish("deadline" if stopped_early else "finished")  # waits for every rank's commit
         latest, _ = latest_valid_step(self.dir, p.world_size, p.restart_id)
-        if self.rank != 0:
-            return StageResult(outcome="finished", step=latest, segment=p.segment).model_dump()
         self.step = latest if latest is not None else self.step
         if stopped_early:
             return self._hand_over(start_step, latest)
@@ -326,10 +368,13 @@ class StageRunner:
     def _start_sidecar(self) -> Any:
         settings = self.p.sidecar
         assert settings is not None
-        return start_sidecar(settings, self.run_dir / "logs" / f"sandbox-{self.p.segment}.log")
+        if self.node is not None:  # every node runs its own sidecar (nodes sharing a host: their own port)
+            settings = settings.model_copy(update={"port": settings.port + self.node.ports.sidecar_offset})
+        name = f"sandbox-{self.p.segment}" + (f"-rank-{self.rank}" if self.node is not None else "")
+        return start_sidecar(settings, self.run_dir / "logs" / f"{name}.log")
 
     def _run_command(self, argv: list[str], cmd: dict[str, Any], deadline: float) -> int | str:
-        env = {**os.environ, **cmd.get("env", {}), **self.cluster_env}
+        env = {**os.environ, **cmd.get("env", {})}
         log_path = self.run_dir / "logs" / f"segment-{self.p.segment}-rank-{self.rank}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         line = f"[retool] $ {' '.join(argv)}"
@@ -347,6 +392,10 @@ class StageRunner:
                     stop_process_group(proc)
                     reader.join(10)
                     return "deadline"
+                if self.node is not None and self.node.interrupt():  # a lost rank, or rank 0 ended
+                    stop_process_group(proc, CLUSTER_STOP_GRACE_S)
+                    reader.join(10)
+                    return "interrupted"
                 time.sleep(1.0)
             reader.join(10)
             return proc.returncode
@@ -398,6 +447,8 @@ class StageRunner:
                 "active_before": self.active_before, "active_s": self.active_seconds(),
                 "metrics": dict(self.metrics), "log_tail": list(self.tail)[-20:],
             }
+        if self.node is not None:
+            data["ranks"] = self.node.liveness()  # per-rank liveness, as rank 0 sees it
         self._write_json("progress.json", data)
 
     def _append_attempt(self) -> None:
@@ -411,16 +462,6 @@ class StageRunner:
         tmp = self.run_dir / f".{name}.tmp"
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
         os.replace(tmp, self.run_dir / name)
-
-
-def cluster_env(rank: int, ips: list[str], nodes: int, port: int = 29500) -> dict[str, str]:
-    """torchrun reads its rendezvous from PET_* variables; Ray joins RAY_ADDRESS."""
-    master = ips[0] if ips else "127.0.0.1"
-    host = f"[{master}]" if ":" in master else master
-    return {
-        "PET_NNODES": str(nodes), "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": master, "PET_MASTER_PORT": str(port),
-        "RAY_ADDRESS": f"{host}:6379", "RETOOL_NODE_RANK": str(rank),
-    }
 
 
 def stop_process_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:

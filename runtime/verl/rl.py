@@ -181,12 +181,15 @@ def rl_overrides(
     if ctx.resume_from is not None:
         # resume exactly where the plan said (a checkpoint the reconciler validated).
         ours.append(kv("trainer.resume_from_path", f"{paths.ckpt_dir.rstrip('/')}/global_step_{ctx.resume_from}"))
-    if cpu:
+    if cpu and nnodes == 1:  # on N nodes each node declares these at `ray start` (runtime.cluster.layout)
         ours += [
             kv("+ray_kwargs.ray_init.num_gpus", nproc),  # verl places each rank on a "GPU" resource
             # Logical CPUs for Ray's bookkeeping, not cores: each rank's bundle asks for 3, and
             # the task runner, transfer queue, agent-loop and reward workers for one each.
             kv("ray_kwargs.ray_init.num_cpus", 3 * nproc + 8),
+        ]
+    if cpu:
+        ours += [
             kv("+actor_rollout_ref.model.override_config.attn_implementation", "sdpa"),
             # Full precision on CPU (bf16 autocast is slow there and would make the actor's
             # log-probs disagree with the float32 rollout's by ~1e-3).
@@ -231,12 +234,6 @@ def render_rl(
     already chose one (the local backend does), else it follows the spec's `rollout.engine`;
     `attn_implementation` as in rl_overrides."""
     stage = _rl_stage(ctx)
-    nnodes, _ = world(stage)
-    if nnodes != 1:
-        raise TerminalError(
-            f"stage.{ctx.stage}: {nnodes} nodes, but retool launches single-node RL only",
-            hint="use resources.nodes: 1 (more GPUs per node instead)",
-        )
     name = rollout or choose_rollout(stage.rollout.engine, cpu=cpu)
     argv = [
         "python", "-m", PPO_MODULE,

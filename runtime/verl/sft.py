@@ -94,15 +94,12 @@ def sft_overrides(
 def render_sft(
     ctx: StageContext, paths: StagePaths, *, cpu: bool, attn_implementation: str | None = None
 ) -> RenderedCommand:
-    """The training command of an SFT stage (single node: `torchrun --standalone`)."""
+    """The training command of an SFT stage: `torchrun --standalone` on one node; on N nodes
+    `torchrun --nnodes=N`, to which each node adds its `--node_rank` and rank 0's address
+    when it starts (runtime.cluster)."""
     stage = stage_spec(ctx)
     nnodes, nproc = world(stage)
-    if nnodes != 1:
-        raise TerminalError(
-            f"stage.{ctx.stage}: {nnodes} nodes, but retool launches single-node SFT only",
-            hint="use resources.nodes: 1 (more GPUs per node instead)",
-        )
-    dp = max(1, nproc // stage.ulysses_sequence_parallel_size)
+    dp = max(1, nnodes * nproc // stage.ulysses_sequence_parallel_size)
     per_rank = stage.train_batch_size // dp
     if per_rank % stage.micro_batch_size_per_gpu:
         # verl asserts this inside the first step, after minutes of start-up on a big model
@@ -112,7 +109,8 @@ def render_sft(
             hint="pick a micro batch that divides train_batch_size / (processes / ulysses_sequence_parallel_size)",
         )
     argv = [
-        "torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
+        "torchrun", *(["--standalone", "--nnodes=1"] if nnodes == 1 else [f"--nnodes={nnodes}"]),
+        f"--nproc_per_node={nproc}",
         "-m", SFT_MODULE,
         *sft_overrides(ctx, paths, cpu=cpu, attn_implementation=attn_implementation),
     ]

@@ -17,7 +17,9 @@ It models what retool relies on, with Modal's own rules (MODAL.md):
   until the test finishes it (`complete`, `fail`, `preempt`...) or a registered handler
   (the container's behaviour) returns; `poll` is `get(timeout=0)`: running, succeeded,
   failed, cancelled, or expired (results expire; unknown ids read as expired);
-- the container side (reload, commit, cluster info, current call id) is recorded.
+- the container side (reload, commit, cluster info, current call id) is recorded;
+- clustered functions (`cluster_size=N`) need GPUs; tests/fakes/fake_cluster.py runs them
+  for real as N local processes.
 
 Fidelity limits: no image is built (steps are checked, not run); a spawned call does not
 run the real worker unless a handler does; volume writes from a "container" are visible at
@@ -36,6 +38,7 @@ from typing import Any, Literal
 
 from reconciler.errors import TerminalError
 from reconciler.spec import GPU_TYPES
+from runtime.cluster.layout import ClusterInfo
 from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalUnreachable, VolumeEntry
 from runtime.modal.app import AppDefinition
 
@@ -81,7 +84,7 @@ class FakeModal:
     rates: dict[str, float] | None = None  # billing rates (USD/GPU-hour); None: the API is unavailable
     clock: Callable[[], float] = field(default=lambda: 0.0)
     call_id_in_container: str | None = None
-    cluster: tuple[int, list[str]] = (0, [])
+    cluster: ClusterInfo = field(default_factory=lambda: ClusterInfo(rank=0))  # what cluster_info() answers in a container
 
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     dicts: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # key -> (value, last access)
@@ -89,6 +92,8 @@ class FakeModal:
     deploys: list[AppDefinition] = field(default_factory=list)
     calls: dict[str, FakeCall] = field(default_factory=dict)
     handlers: dict[str, Handler] = field(default_factory=dict)  # function name -> container behaviour
+    # call id -> follows a call's containers on poll/cancel (tests/fakes/fake_cluster.py)
+    watchers: dict[str, Callable[[FakeCall, str], None]] = field(default_factory=dict)
     ops: list[tuple[str, ...]] = field(default_factory=list)  # every adapter call, in order
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -255,6 +260,9 @@ class FakeModal:
             for secret in fn.secrets:
                 if secret not in self.secrets:
                     raise FakeModalError(f"NotFoundError: Secret {secret!r} not found")
+            if fn.cluster_size and fn.cluster_size > 1 and not fn.gpu:
+                # modal.clustered: "each container must request all GPUs on its host; CPU-only clusters are not supported"
+                raise FakeModalError(f"InvalidError: clustered function {fn.name} must request GPUs")
             for name in fn.volumes.values():
                 if name not in self.volumes:
                     raise FakeModalError(f"NotFoundError: Volume {name!r} not found")
@@ -293,6 +301,8 @@ class FakeModal:
         call = self._call(call_id)
         if call is None:
             return CallOutcome(state="expired", error="unknown call id")
+        if call_id in self.watchers:
+            self.watchers[call_id](call, "poll")
         return CallOutcome(state=call.state, result=call.result, error=call.error)
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
@@ -302,6 +312,8 @@ class FakeModal:
         self._remote("cancel", call_id)
         call = self._call(call_id)
         if call is not None and call.state == "running":
+            if call_id in self.watchers:
+                self.watchers[call_id](call, "cancel")  # terminate_containers=True
             call.state, call.error = "cancelled", "cancelled"
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
@@ -347,7 +359,7 @@ class FakeModal:
     def current_call_id(self) -> str | None:
         return self.call_id_in_container
 
-    def cluster_info(self) -> tuple[int, list[str]]:
+    def cluster_info(self) -> ClusterInfo:
         return self.cluster
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from runtime.modal.app import StagePayload
-from runtime.modal.worker import BearerAuth, StageRunner, cluster_env, training_commands, with_resume
+from runtime.modal.worker import BearerAuth, StageRunner, training_commands, with_resume
 from tests.fakes.fake_modal import FakeModal
 
 TRAINER = textwrap.dedent(
@@ -194,12 +194,6 @@ def test_with_resume_only_touches_verl_trainers() -> None:
     assert with_resume(["python", "x.py"], "/c", 40, True) == ["python", "x.py"]
     cmds = [{"argv": ["torchrun", "-m", "verl.trainer.sft_trainer"]}, {"argv": ["python", "-m", "verl.model_merger"]}]
     assert training_commands(cmds) == cmds[:1]
-
-
-def test_cluster_env_gives_torchrun_and_ray_their_rendezvous() -> None:
-    env = cluster_env(1, ["fd00::1", "fd00::2"], 2)
-    assert (env["PET_NNODES"], env["PET_NODE_RANK"], env["PET_MASTER_ADDR"]) == ("2", "1", "fd00::1")
-    assert env["RAY_ADDRESS"] == "[fd00::1]:6379"
 
 
 def test_bearer_auth_guards_everything_but_ping() -> None:

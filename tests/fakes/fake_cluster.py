@@ -1,0 +1,225 @@
+"""Clustered Modal functions run for real, as N local processes ("containers") on loopback.
+
+`ClusterRunner.install(fake, [function names])` makes FakeModal's `spawn` of a function
+deployed with `cluster_size=N` (`@modal.clustered(size=N)`) start N processes, each running
+the real container entry point `runtime.modal.worker.run_stage(payload)` with its own
+cluster info (rank r, every container at 127.0.0.1, one cluster id per attempt), the
+function's secrets in its environment, and the volumes as the host directories the
+payload's mounts name. What it models of modal 1.6.4 (`modal.clustered` docs):
+
+- the input is broadcast to every container; only rank 0's return value is the result;
+- a container that dies (or fails) ends the attempt: the others are stopped, and while the
+  function's `retries` allow, the whole cluster starts again (new cluster id), never the
+  lost container alone; otherwise the call fails with that container's error.
+  (Whether Modal restarts one container or all is not documented; the worker never
+  trains a partial cluster either way, and tests/runtime/modal/test_cluster_roles.py
+  covers a rank joining alone.)
+
+Every process of a container carries `RETOOL_RUN_TAG=<container tag>` (inherited by
+torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one container,
+and `close()` leaves nothing running. Fidelity limits: one host, so ports are shifted per
+rank (runtime.cluster.layout); volumes are shared at once (no commit/reload delay); a
+container cannot spawn the next 24 h segment (the rehearsal trains within one segment).
+
+Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.cluster.layout import PORT_BASE_ENV, ClusterInfo
+from runtime.processes import RUN_TAG_ENV, tagged_processes, terminate_run
+
+CLUSTER_ENV = "RETOOL_FAKE_CLUSTER"
+CALL_ENV = "RETOOL_FAKE_CALL_ID"
+OPS_ENV = "RETOOL_FAKE_OPS"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class _Container:
+    rank: int
+    tag: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class _Attempt:
+    number: int
+    cluster_id: str
+    containers: list[_Container]
+    result_path: Path
+
+
+@dataclass
+class ClusterRunner:
+    root: Path  # payloads, results and container logs go here
+    port_base: int
+    device_env: Callable[[int], dict[str, str]] = field(default=lambda rank: {})
+    attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
+
+    def install(self, fake: Any, functions: list[str]) -> None:
+        for name in functions:
+            fake.handlers[name] = self.start
+        self.fake = fake
+
+    # ----------------------------------------------------------------- Modal's side
+
+    def start(self, call: Any, fake: Any) -> Any:
+        from tests.fakes.fake_modal import RUNNING
+
+        fn = fake.deployed[call.app_name].function(call.function)
+        self._launch(call, size=fn.cluster_size or 1)
+        fake.watchers[call.call_id] = self.refresh
+        return RUNNING
+
+    def _launch(self, call: Any, size: int) -> None:
+        number = len(self.attempts.get(call.call_id, [])) + 1
+        cluster_id = f"cu-{call.call_id}-{number}"
+        base = self.root / call.call_id / f"attempt-{number}"
+        base.mkdir(parents=True, exist_ok=True)
+        payload_path = base / "payload.json"
+        payload_path.write_text(json.dumps(call.payload))
+        result_path = base / "result.json"
+        containers: list[_Container] = []
+        for rank in range(size):
+            info = ClusterInfo(rank=rank, cluster_id=cluster_id, ips=["127.0.0.1"] * size,
+                               ipv4_ips=["127.0.0.1"] * size)
+            tag = f"fake-{call.call_id}-a{number}-r{rank}"
+            env = {**os.environ, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
+                   RUN_TAG_ENV: tag, PORT_BASE_ENV: str(self.port_base), OPS_ENV: str(base / f"ops-{rank}.jsonl"),
+                   "PYTHONPATH": str(REPO), **self.device_env(rank)}
+            log = base / f"container-{rank}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.fakes.fake_cluster", str(payload_path), str(result_path)],
+                    env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            containers.append(_Container(rank, tag, proc, log))
+        self.attempts.setdefault(call.call_id, []).append(_Attempt(number, cluster_id, containers, result_path))
+
+    def refresh(self, call: Any, event: str) -> None:
+        """Called by FakeModal on poll/cancel: follow the current attempt's containers."""
+        if call.state != "running":
+            return
+        attempt = self.attempts[call.call_id][-1]
+        if event == "cancel":
+            self._stop(attempt)
+            return
+        codes = [c.proc.poll() for c in attempt.containers]
+        failed = [c for c, code in zip(attempt.containers, codes) if code not in (None, 0)]
+        if failed:
+            self._stop(attempt)
+            retries = self.fake.deployed[call.app_name].function(call.function).retries
+            if len(self.attempts[call.call_id]) <= retries:  # the whole cluster starts again
+                call.attempts += 1
+                self._launch(call, size=len(attempt.containers))
+                return
+            first = failed[0]
+            call.state, call.error = "failed", f"rank {first.rank} exited with {first.proc.returncode}: " + _tail(first.log)
+            return
+        if codes[0] == 0:
+            # only rank 0's return value comes back; the others end with it
+            deadline = time.time() + 60
+            while time.time() < deadline and any(c.proc.poll() is None for c in attempt.containers):
+                time.sleep(0.2)
+            self._stop(attempt)
+            call.state, call.result = "succeeded", json.loads(attempt.result_path.read_text())
+
+    def _stop(self, attempt: _Attempt) -> None:
+        for c in attempt.containers:
+            terminate_run(c.proc.pid, c.tag, grace_s=20.0)
+            c.proc.poll()
+
+    # ----------------------------------------------------------------- test controls
+
+    def kill(self, call_id: str, rank: int) -> None:
+        """The container of `rank` dies at once (preemption, a lost host): every process in it."""
+        c = self.attempts[call_id][-1].containers[rank]
+        for pid in {c.proc.pid, *tagged_processes(c.tag)}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        c.proc.wait()
+
+    def container_log(self, call_id: str, rank: int, attempt: int = -1) -> str:
+        return _tail(self.attempts[call_id][attempt].containers[rank].log, 200)
+
+    def ops(self, call_id: str, rank: int, attempt: int = -1) -> list[list[str]]:
+        path = self.attempts[call_id][attempt].result_path.parent / f"ops-{rank}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def live_tags(self) -> list[str]:
+        return [c.tag for runs in self.attempts.values() for a in runs for c in a.containers if tagged_processes(c.tag)]
+
+    def close(self) -> None:
+        for runs in self.attempts.values():
+            for attempt in runs:
+                self._stop(attempt)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- the container side
+
+
+class ContainerAdapter:
+    """What `runtime.modal.worker` asks Modal from inside a container, answered locally."""
+
+    def __init__(self) -> None:
+        self.info = ClusterInfo.model_validate_json(os.environ[CLUSTER_ENV])
+        self.ops_path = Path(os.environ[OPS_ENV])
+
+    def _record(self, *op: str) -> None:
+        with self.ops_path.open("a") as fh:
+            fh.write(json.dumps([*op, time.time()]) + "\n")
+
+    def reload_volume(self, name: str) -> None:
+        self._record("reload_volume", name)
+
+    def commit_volume(self, name: str) -> None:
+        self._record("commit_volume", name)
+
+    def current_call_id(self) -> str | None:
+        return os.environ.get(CALL_ENV)
+
+    def cluster_info(self) -> ClusterInfo:
+        return self.info
+
+    def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
+        raise RuntimeError("the rehearsal's containers cannot spawn a next segment (train within one segment)")
+
+
+def main(argv: list[str]) -> int:
+    from runtime.modal.app import StagePayload
+    from runtime.modal.worker import StageRunner
+
+    payload = StagePayload.model_validate_json(Path(argv[0]).read_text())
+    adapter = ContainerAdapter()
+    result = StageRunner(payload, adapter).run()  # type: ignore[arg-type]
+    if adapter.info.rank == 0:
+        tmp = Path(argv[1]).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
