@@ -6,13 +6,22 @@ The listing is rooted at a stage's folder on its volume, `<volume>/<stage>/`:
     <restart_id[:16]>/latest_checkpointed_iteration.txt  verl's tracker (rank 0 writes it last, atomically)
     <restart_id[:16]>/global_step_N/model_world_size_W_rank_R.pt   (SFT)
     <restart_id[:16]>/global_step_N/actor/model_world_size_W_rank_R.pt   (RL)
+    <restart_id[:16]>/global_step_N/retool_complete.json   completion marker, written last
 
 A checkpoint is valid when it was written under the current restart identity, every rank
 R < W has its model shard (and its optimizer / extra-state shard when any rank has one),
-no shard is empty, W matches the stage's world size, and verl's tracker has reached N
-(verl updates the tracker only after a checkpoint is complete, so a step beyond it is
-still being written or was interrupted). Checkpoints under other restart identities are
-reported as foreign and never resumed from.
+no shard is empty, W matches the stage's world size, verl's tracker has reached N (verl
+updates the tracker only after a checkpoint is complete, so a step beyond it is still
+being written or was interrupted), and its completion marker names step N, world size W
+and the current restart identity. Checkpoints under other restart identities are reported
+as foreign and never resumed from.
+
+The completion marker (runtime.verl.save_marker, inside verl's own processes) is removed
+before the first shard of a save is written and written after the last shard of every
+rank, so a save of `global_step_N` over an older copy that dies between shards (old and new
+shards mixed, every file present) is never taken for complete. A checkpoint without a
+marker — interrupted, or saved by a retool before markers existed — is invalid with that
+reason: resuming from a checkpoint that cannot be shown whole is the one thing never done.
 
 `scan_local(root)` builds the listing from a local directory; the Modal backend builds
 the same `CkptEntry` list from `Volume.listdir`.
@@ -32,6 +41,9 @@ from reconciler.backend import Checkpoint, latest_resumable
 from runtime.verl.common import TRACKER_FILE
 
 MARKER_FILE = "retool.json"
+COMPLETE_FILE = "retool_complete.json"  # in global_step_N/: this save finished on every rank
+# Writes COMPLETE_FILE inside verl's processes; every SFT and RL launch lists it in VERL_USE_EXTERNAL_MODULES.
+SAVE_MARKER_MODULE = "runtime.verl.save_marker"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 SHARD = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 # Contents worth reading during a scan (tiny text files).
@@ -59,6 +71,7 @@ class StepFiles:
     step_dir: str  # relative path of global_step_N
     shards: dict[str, dict[int, int | None]] = field(default_factory=dict)  # kind -> rank -> size
     world_sizes: set[int] = field(default_factory=set)
+    complete: str | None = None  # the completion marker's content, None when absent
 
 
 def restart_dir_name(restart_id: str) -> str:
@@ -67,6 +80,55 @@ def restart_dir_name(restart_id: str) -> str:
 
 def marker_content(restart_id: str, stage: str, world_size: int) -> str:
     return json.dumps({"restart_id": restart_id, "stage": stage, "world_size": world_size}, sort_keys=True)
+
+
+class SaveComplete(BaseModel):
+    """The completion marker of one save: which step, by how many ranks, under which
+    restart identity (copied from the run directory's `retool.json`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: int
+    world_size: int
+    restart_id: str
+    written_at: float = 0.0
+
+
+def wants_content(rel_path: str) -> bool:
+    """Whether a scan must read this file (relative to the stage's folder): the tracker and
+    restart marker of a restart directory, and each step's completion marker."""
+    parts = PurePosixPath(rel_path).parts
+    if len(parts) == 2:
+        return parts[1] in TEXT_FILES
+    return len(parts) == 3 and parts[2] == COMPLETE_FILE and STEP_DIR.match(parts[1]) is not None
+
+
+def write_complete(step_dir: str | os.PathLike[str], step: int, world_size: int, restart_id: str, *, now: float) -> None:
+    """Mark `step_dir` complete (atomically: temp file, fsync, rename)."""
+    target = Path(step_dir) / COMPLETE_FILE
+    tmp = target.with_name(f".{COMPLETE_FILE}.{os.getpid()}.tmp")
+    body = SaveComplete(step=step, world_size=world_size, restart_id=restart_id, written_at=now).model_dump_json()
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(body + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+
+
+def clear_complete(step_dir: str | os.PathLike[str]) -> None:
+    """Before a save writes anything into `step_dir`: it is not complete until marked again."""
+    try:
+        os.unlink(Path(step_dir) / COMPLETE_FILE)
+    except FileNotFoundError:
+        pass
+
+
+def restart_id_of(run_dir: str | os.PathLike[str]) -> str:
+    """The full restart identity recorded in a run directory's `retool.json` ("" if none)."""
+    try:
+        return _marker_restart_id(Path(run_dir, MARKER_FILE).read_text(encoding="utf-8")) or ""
+    except OSError:
+        return ""
 
 
 def _marker_restart_id(content: str | None) -> str | None:
@@ -108,6 +170,9 @@ def _collect(entries: list[CkptEntry]) -> tuple[dict[tuple[str, int], StepFiles]
         step = int(m.group(1))
         sf = steps.setdefault((rdir, step), StepFiles(step=step, restart_dir=rdir, step_dir=f"{rdir}/{parts[1]}"))
         rest = parts[2:]
+        if rest == (COMPLETE_FILE,) and not e.is_dir:
+            sf.complete = e.content if e.content is not None else ""
+            continue
         if rest and rest[0] == "actor":  # RL: the actor's shards live one level down
             rest = rest[1:]
         if len(rest) != 1 or e.is_dir:
@@ -120,7 +185,7 @@ def _collect(entries: list[CkptEntry]) -> tuple[dict[tuple[str, int], StepFiles]
     return steps, trackers, markers
 
 
-def _problem(sf: StepFiles, world_size: int, tracker: int | None) -> str:
+def _problem(sf: StepFiles, world_size: int, tracker: int | None, restart_id: str = "") -> str:
     """Why a checkpoint is incomplete, or "" when it is complete."""
     if not sf.world_sizes or "model" not in sf.shards:
         return "no model shards"
@@ -143,6 +208,25 @@ def _problem(sf: StepFiles, world_size: int, tracker: int | None) -> str:
         return f"{TRACKER_FILE} missing: the save never completed"
     if sf.step > tracker:
         return f"newer than {TRACKER_FILE} (step {tracker}): still being written or interrupted"
+    return _completion_problem(sf, w, restart_id)
+
+
+def _completion_problem(sf: StepFiles, world_size: int, restart_id: str) -> str:
+    if sf.complete is None:
+        return (
+            f"no completion marker ({COMPLETE_FILE}): its save was interrupted, or it was written by a "
+            "retool without completion markers"
+        )
+    try:
+        done = SaveComplete.model_validate_json(sf.complete)
+    except ValueError:
+        return f"unreadable completion marker ({COMPLETE_FILE})"
+    if done.step != sf.step:
+        return f"completion marker is for step {done.step}"
+    if done.world_size != world_size:
+        return f"completion marker says {done.world_size} ranks wrote it, the shards say {world_size}"
+    if restart_id and done.restart_id != restart_id:
+        return f"completion marker is from another restart identity ({done.restart_id[:16] or 'none'})"
     return ""
 
 
@@ -163,7 +247,7 @@ def evaluate(entries: list[CkptEntry], world_size: int, restart_id: str, *, root
                 reason=f"written under another restart identity ({owner[:16]})",
             ))
             continue
-        reason = _problem(sf, world_size, _tracker_step(trackers.get(rdir)))
+        reason = _problem(sf, world_size, _tracker_step(trackers.get(rdir)), restart_id)
         out.append(Checkpoint(
             step=step, path=path, valid=not reason, reason=reason, world_size=ws, restart_id=restart_id,
         ))
@@ -193,7 +277,7 @@ def scan_local(root: Path) -> list[CkptEntry]:
             except OSError:
                 continue  # pruned while we looked
             content = None
-            if f in TEXT_FILES and depth == 1:
+            if wants_content((rel / f).as_posix()):
                 try:
                     content = p.read_text(errors="replace")[:4096]
                 except OSError:

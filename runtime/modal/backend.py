@@ -440,7 +440,7 @@ class ModalRuntime:
             if not rel or len(parts) > 4 or any(p in ckpts.SKIP_DIRS for p in parts) or parts[1:2] == [RUN_DIR]:
                 continue
             content = None
-            if not e.is_dir and len(parts) == 2 and parts[1] in ckpts.TEXT_FILES:
+            if not e.is_dir and ckpts.wants_content(rel):
                 try:
                     content = self.adapter.read_file(vol, e.path, env=env).decode(errors="replace")[:4096]
                 except FileNotFoundError:

@@ -33,6 +33,7 @@ from runtime.verl.recipe import (
 )
 from runtime.verl.rollout import NAME as TRANSFORMERS_ROLLOUT
 from runtime.verl.rollout import PLUGIN_MODULE
+from runtime.checkpoints import SAVE_MARKER_MODULE
 from runtime.verl.common import (
     StagePaths,
     base_env,
@@ -212,7 +213,7 @@ def rl_overrides(
 def rl_env(ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str) -> dict[str, str]:
     """Environment of the trainer process (Ray passes it to every worker)."""
     stage = _rl_stage(ctx)
-    modules = (PLUGIN_MODULE,) if rollout == TRANSFORMERS_ROLLOUT else ()
+    modules = (*((PLUGIN_MODULE,) if rollout == TRANSFORMERS_ROLLOUT else ()), SAVE_MARKER_MODULE)
     env = base_env(ctx, cpu=cpu, external_modules=modules)
     tool = stage.tool
     recipe_env = {

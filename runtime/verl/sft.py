@@ -11,6 +11,7 @@ from __future__ import annotations
 from reconciler.errors import TerminalError
 from reconciler.spec import SFTStage
 from reconciler.backend import RenderedCommand, StageContext
+from runtime.checkpoints import SAVE_MARKER_MODULE
 from runtime.verl.common import (
     StagePaths,
     base_env,
@@ -116,7 +117,7 @@ def render_sft(
     ]
     return RenderedCommand(
         argv=argv,
-        env=base_env(ctx, cpu=cpu),
+        env=base_env(ctx, cpu=cpu, external_modules=(SAVE_MARKER_MODULE,)),
         secret_env=secret_env_names(ctx.spec, stage.secrets),
         description=f"verl SFT of stage.{ctx.stage} on {'CPU' if cpu else 'GPU'} ({nproc} process{'es' if nproc > 1 else ''})",
     )

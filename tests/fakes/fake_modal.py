@@ -436,6 +436,9 @@ class Containers:
                 for kind in ("model", "optim", "extra_state"):
                     fake.write(vol, f"{sub}/{kind}_world_size_{p['world_size']}_rank_{r}.pt", b"w" * 8)
             fake.write(vol, tracker, str(step))
+            # runtime.verl.save_marker's completion marker, written last like inside verl
+            fake.write(vol, f"{rel}/global_step_{step}/retool_complete.json", json.dumps(
+                {"step": step, "world_size": int(p["world_size"]), "restart_id": p["restart_id"]}))
         fake.write(vol, f"{rel}/_retool/progress.json", json.dumps(
             {"step": end, "total": total, "active_s": 60.0 * end, "metrics": {"train/loss": 0.5}}))
         if end < total:

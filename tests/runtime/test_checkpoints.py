@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.checkpoints import (
+    COMPLETE_FILE,
     CkptEntry,
+    SaveComplete,
     evaluate,
     latest_valid,
     marker_content,
     scan_local,
+    wants_content,
+    write_complete,
 )
 
 RID = "a1" * 32
@@ -17,7 +21,11 @@ OTHER = "b2" * 32
 CUR = RID[:16]
 
 
-def shards(rdir: str, step: int, world: int, *, sub: str = "", kinds=("model", "optim", "extra_state"), skip=()) -> list[CkptEntry]:
+def shards(
+    rdir: str, step: int, world: int, *, sub: str = "", kinds=("model", "optim", "extra_state"), skip=(),
+    complete: bool = True, restart_id: str | None = None,
+) -> list[CkptEntry]:
+    """A save's files; `complete` adds its completion marker (written last by the save)."""
     base = f"{rdir}/global_step_{step}{sub}"
     out = [CkptEntry(path=f"{rdir}/global_step_{step}", is_dir=True)]
     for kind in kinds:
@@ -26,7 +34,14 @@ def shards(rdir: str, step: int, world: int, *, sub: str = "", kinds=("model", "
                 continue
             out.append(CkptEntry(path=f"{base}/{kind}_world_size_{world}_rank_{rank}.pt", size=100))
     out.append(CkptEntry(path=f"{base}/huggingface", is_dir=True))
+    if complete:
+        out.append(done(rdir, step, world, restart_id or (RID if rdir == CUR else OTHER)))
     return out
+
+
+def done(rdir: str, step: int, world: int, restart_id: str = RID) -> CkptEntry:
+    body = SaveComplete(step=step, world_size=world, restart_id=restart_id).model_dump_json()
+    return CkptEntry(path=f"{rdir}/global_step_{step}/{COMPLETE_FILE}", size=len(body), content=body)
 
 
 def tracker(rdir: str, step: int | str) -> CkptEntry:
@@ -119,6 +134,7 @@ def test_scan_local_reads_a_real_directory(tmp_path: Path):
         (d / "huggingface" / "config.json").write_text("{}")
         for kind in ("model", "optim", "extra_state"):
             (d / f"{kind}_world_size_1_rank_0.pt").write_bytes(b"x" * 10)
+        write_complete(d, step, 1, RID, now=0.0)
     (run / "global_step_3").mkdir()  # a save that never got its shards
     (run / "latest_checkpointed_iteration.txt").write_text("2")
     (run / "retool.json").write_text(marker_content(RID, "sft", 1))
@@ -132,3 +148,43 @@ def test_scan_local_reads_a_real_directory(tmp_path: Path):
     assert cks[1].valid and cks[2].valid
     assert not cks[3].valid and cks[3].reason == "no model shards"
     assert scan_local(tmp_path / "absent") == []
+
+
+# --------------------------------------------------------------------------- completion markers
+
+
+def test_a_torn_resave_with_every_file_present_is_not_complete():
+    """Step 4 is being saved again over an older copy: the old marker went first, so old and
+    new shards side by side (all present, none empty, tracker already at 4) are invalid."""
+    entries = shards(CUR, 2, 2) + shards(CUR, 4, 2, complete=False) + [tracker(CUR, 4), marker(CUR, RID)]
+    cks = by_step(evaluate(entries, 2, RID))
+    assert cks[2].valid
+    assert not cks[4].valid and cks[4].reason.startswith(f"no completion marker ({COMPLETE_FILE})")
+    assert latest_valid(list(cks.values()), RID).step == 2
+
+
+def test_checkpoints_from_before_completion_markers_are_invalid_with_the_reason():
+    (ck,) = evaluate(shards(CUR, 6, 1, complete=False) + [tracker(CUR, 6)], 1, RID)
+    assert not ck.valid and "written by a retool without completion markers" in ck.reason
+
+
+def test_completion_marker_must_name_this_step_world_size_and_identity():
+    base = shards(CUR, 5, 2, complete=False) + [tracker(CUR, 5)]
+    cases = {
+        "completion marker is for step 3": done(CUR, 3, 2).model_copy(update={"path": f"{CUR}/global_step_5/{COMPLETE_FILE}"}),
+        "completion marker says 1 ranks wrote it, the shards say 2": done(CUR, 5, 1),
+        f"completion marker is from another restart identity ({OTHER[:16]})": done(CUR, 5, 2, OTHER),
+        f"unreadable completion marker ({COMPLETE_FILE})": CkptEntry(path=f"{CUR}/global_step_5/{COMPLETE_FILE}", content="{"),
+    }
+    for reason, entry in cases.items():
+        (ck,) = evaluate(base + [entry], 2, RID)
+        assert (ck.valid, ck.reason) == (False, reason)
+    (ck,) = evaluate(base + [done(CUR, 5, 2)], 2, RID)
+    assert ck.valid
+
+
+def test_scans_read_the_completion_marker_of_each_step():
+    assert wants_content(f"{CUR}/global_step_12/{COMPLETE_FILE}")
+    assert wants_content(f"{CUR}/latest_checkpointed_iteration.txt") and wants_content(f"{CUR}/retool.json")
+    assert not wants_content(f"{CUR}/global_step_12/model_world_size_1_rank_0.pt")
+    assert not wants_content(f"{CUR}/merged/{COMPLETE_FILE}")

@@ -19,7 +19,7 @@ from reconciler.state.base import LocalRun, RunHandle
 from runtime.local import runs as local_runs
 from runtime import processes as procs
 from reconciler.backend import RenderedCommand, RunStatus, StageContext
-from runtime.checkpoints import marker_content
+from runtime.checkpoints import marker_content, write_complete
 from runtime.local.backend import LocalRuntime
 from runtime.metrics import read_file
 from tests.local_helpers import write_sft_jsonl
@@ -345,6 +345,7 @@ def test_render_and_discover(tmp_path: Path, rt: LocalRuntime):
     for kind in ("model", "optim", "extra_state"):
         (step / f"{kind}_world_size_1_rank_0.pt").write_bytes(b"x")
     (run_dir / "latest_checkpointed_iteration.txt").write_text("4")
+    write_complete(step, 4, 1, RID, now=0.0)
     (run_dir / "retool.json").write_text(marker_content(RID, "sft", 1))
     foreign = tmp_path / "vols" / "checkpoints" / "sft" / ("77" * 8) / "global_step_9"
     foreign.mkdir(parents=True)

@@ -13,6 +13,7 @@ import pytest
 from reconciler.errors import TerminalError
 from reconciler.spec import Spec
 from reconciler.backend import StageContext
+from runtime.checkpoints import COMPLETE_FILE, SaveComplete
 from runtime.modal.adapter import ModalUnreachable
 from tests.plan_helpers import qwen
 from runtime.modal.app import build_app_definition, stage_function_name
@@ -46,6 +47,8 @@ def write_ckpt(fake: FakeModal, rid: str, step: int, ranks: range = range(8), tr
     for r in ranks:
         for kind in ("model", "optim", "extra_state"):
             fake.write(vol, f"sft/{rid[:16]}/global_step_{step}/{kind}_world_size_8_rank_{r}.pt", b"x" * 4)
+    fake.write(vol, f"sft/{rid[:16]}/global_step_{step}/{COMPLETE_FILE}",
+               SaveComplete(step=step, world_size=8, restart_id=rid).model_dump_json())
     if tracker is not None:
         fake.write(vol, f"sft/{rid[:16]}/latest_checkpointed_iteration.txt", str(tracker))
 

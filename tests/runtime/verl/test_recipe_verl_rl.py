@@ -49,7 +49,9 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     (cmd,) = render_rl(tiny_ctx(), sandbox_url=URL, cpu=True, paths=PATHS)
     assert cmd.argv[:3] == ["python", "-m", "verl.trainer.main_ppo"]
     env = cmd.env
-    assert env["VERL_USE_EXTERNAL_MODULES"].split(",") == ["runtime.verl.cpu_platform", PLUGIN_MODULE]
+    assert env["VERL_USE_EXTERNAL_MODULES"].split(",") == [
+        "runtime.verl.cpu_platform", PLUGIN_MODULE, "runtime.verl.save_marker",
+    ]
     assert env["VERL_PLATFORM"] == "cpu" and env["RAY_AUTH_MODE"] == "disabled"
     assert env[ENV_SANDBOX_URL] == URL and env[ENV_TOOL_TIMEOUT_S] == "10.0" and env[ENV_TOOL_RATE_LIMIT] == "4"
 

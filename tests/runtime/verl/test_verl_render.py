@@ -92,7 +92,8 @@ def test_cpu_render_composes_with_every_spec_value_in_place(monkeypatch: pytest.
     assert trainer["resume_from_path"] == f"{PATHS.ckpt_dir}/global_step_7"
     assert (trainer["device"], trainer["n_gpus_per_node"]) == ("cpu", 2)
     env = cmd.env
-    assert env["VERL_USE_EXTERNAL_MODULES"] == "runtime.verl.cpu_platform" and env["VERL_PLATFORM"] == "cpu"
+    assert env["VERL_USE_EXTERNAL_MODULES"] == "runtime.verl.cpu_platform,runtime.verl.save_marker"
+    assert env["VERL_PLATFORM"] == "cpu"
     assert env["VERL_ENGINE_DEVICE"] == "cuda" and env["RAY_AUTH_MODE"] == "disabled" and env["EXTRA"] == "1"
 
 
