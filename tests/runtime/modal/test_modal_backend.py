@@ -199,11 +199,15 @@ def test_preflight_without_token_needs_no_network() -> None:
 
 
 def test_blocked_reasons_come_from_local_checks_only() -> None:
-    spec = qwen(stages__dapo__resources__timeout_hours=30, stages__sft__resources__nodes=2)
+    spec = qwen(stages__dapo__resources__timeout_hours=30, stages__sft__resources__nodes=2,
+                stages__sft__resources__gpus_per_node=4)
     fake, rt = ready(spec)
     fake.token = False  # no network needed to know
     assert "exceeds Modal's 24 h" in (rt.blocked_reason(spec, "stage.dapo") or "")
-    assert "multi-node" in (rt.blocked_reason(spec, "stage.sft") or "")
+    # a Modal cluster's containers take whole hosts; two full nodes run (runtime.cluster)
+    assert "take every GPU of their host: set resources.gpus_per_node: 8" in (rt.blocked_reason(spec, "stage.sft") or "")
+    two_nodes = qwen(stages__sft__resources__nodes=2)
+    assert rt.blocked_reason(two_nodes, "stage.sft") is None
     assert rt.blocked_reason(spec, "volume.data") is None and rt.blocked_reason(spec, "image") is None
     cpu = qwen(stages__sft__resources={"cpu": 4})
     assert "asks for no GPU" in (rt.blocked_reason(cpu, "stage.sft") or "")
