@@ -5,7 +5,8 @@ with it. The module attribute `app` is built lazily from `RETOOL_SANDBOX_*` vari
 `uvicorn sandbox.app:app` and Modal's `@modal.asgi_app()` can serve it as it is.
 
 Bad input is always a clear 4xx: 400 unsupported language, 401 missing token, 413 code or body
-too large, 422 malformed fields (non-finite or non-positive timeouts, unsafe paths, bad base64);
+too large, 422 malformed fields (non-finite or non-positive timeouts, unsafe paths - `..`,
+absolute ones without a private view, /proc /sys /dev - bad base64);
 503 + Retry-After when the queue is full. Timeouts above the server maximum are clamped.
 """
 
@@ -33,10 +34,11 @@ from sandbox.models import (
     RunResult,
     RunStatus,
 )
-from sandbox.paths import UnsafePathError, check_file_layout, check_relative_path
+from sandbox.paths import UnsafePathError, check_file_layout, check_path
 from sandbox.pool import QueueFullError
 from sandbox.protocol import Outcome
 from sandbox.settings import SandboxSettings
+from sandbox.view import in_kernel_tree
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -76,7 +78,7 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
 
     @app.post("/run_code", response_model=RunCodeResponse)
     async def run_code(body: RunCodeRequest) -> Any:
-        request = _validate(body, settings)
+        request = _validate(body, settings, executor.isolation.private_root)
         try:
             outcome = await executor.run(request)
         except QueueFullError as exc:
@@ -101,7 +103,8 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
     return app
 
 
-def _validate(body: RunCodeRequest, settings: SandboxSettings) -> ExecutionRequest:
+def _validate(body: RunCodeRequest, settings: SandboxSettings, private_root: bool) -> ExecutionRequest:
+    """The request checked and clamped; absolute paths only where programs have a private view."""
     if body.language not in SUPPORTED_LANGUAGES:
         raise HTTPException(400, f"language {body.language!r} is not supported; this sandbox runs {list(SUPPORTED_LANGUAGES)}")
     try:
@@ -113,9 +116,11 @@ def _validate(body: RunCodeRequest, settings: SandboxSettings) -> ExecutionReque
         raise HTTPException(413, f"code is {code_bytes} bytes; the limit is {settings.max_code_bytes}")
     files = {path: content for path, content in body.files.items() if content is not None}
     try:
-        check_file_layout(files)
-        for path in body.fetch_files:
-            check_relative_path(path)
+        check_file_layout(files, allow_absolute=private_root)
+        for path in [*files, *body.fetch_files]:
+            absolute, parts = check_path(path, allow_absolute=private_root)
+            if absolute and in_kernel_tree(parts):
+                raise UnsafePathError(f"invalid path {path!r}: /proc, /sys and /dev are not part of the program's files")
     except UnsafePathError as exc:
         raise HTTPException(422, str(exc)) from exc
     for path, content in files.items():

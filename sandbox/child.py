@@ -3,15 +3,16 @@
 It is forked by the slot's forker before any request arrives (a fork of a process with numpy and
 sympy loaded costs milliseconds; paying it between requests keeps it off the latency path):
 
-1. prepare (root, request-independent): own session, the slot's mount namespace, cwd, stdio
+1. prepare (root, request-independent): own session, its private view of the filesystem
+   (`sandbox.view`; or the slot's mount namespace where overlays are refused), cwd, stdio
    pipes, every other fd closed, signals reset, PRNGs reseeded; then block on the go pipe;
-2. on `Go`: resource limits, drop to the slot's uid, no_new_privs, clean environment,
-   address-space limit last; write "started";
+2. on `Go`: write the request's files (still root, inside the view), resource limits, drop to
+   the slot's uid, no_new_privs, clean environment, address-space limit last; write "started";
 3. run the program, finalise like CPython (threads, atexit, __del__, flush), write "done <rc>"
    *before* exiting, because tearing down a big address space takes milliseconds.
 
-Lines on the status fd (fd 3): "error <why>" (never started: a sandbox fault), "started",
-"done <rc>". The program could write there too; the worst it can do is end its own run early.
+Lines on the status fd (fd 3): "error <why>" (never started: a sandbox fault), "refused <why>"
+(the request's files could not be written), "started", "done <rc>". The program could write there too; the worst it can do is end its own run early.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import types
 from dataclasses import dataclass
 from typing import NoReturn
 
-from sandbox import linux
+from sandbox import linux, workdir
 from sandbox.protocol import ChildLimits, Go
+from sandbox.view import ViewPlan, enter_view
 
 SETUP_FAILED_EXIT = 125
 STATUS_FD = 3
@@ -56,6 +58,11 @@ class ChildPlan:
     # Socket objects of the parent processes: detached (not closed) here, so their finalisers can
     # never close an fd number that the program has reused for its own files.
     detach: tuple[socket.socket, ...] = ()
+    view: ViewPlan | None = None  # build a private view of the filesystem (instead of mount_ns_fd)
+
+
+class FilesRefused(Exception):
+    """The request's files could not be written (e.g. a path through a symlink): nothing ran."""
 
 
 def run_child(plan: ChildPlan) -> NoReturn:
@@ -63,12 +70,14 @@ def run_child(plan: ChildPlan) -> NoReturn:
         _prepare(plan)
         go = Go.model_validate_json(_read_all(GO_FD))
         os.close(GO_FD)
+        _write_files(plan, go)
         _lock_down(plan, go)
         os.write(STATUS_FD, b"started\n")
     except BaseException as exc:  # report anything, then never run the program
         fd = STATUS_FD if _is_open(STATUS_FD) else plan.status_fd
+        word = "refused" if isinstance(exc, FilesRefused) else "error"
         try:
-            os.write(fd, f"error {type(exc).__name__}: {exc}".replace("\n", " ").encode()[:4000] + b"\n")
+            os.write(fd, f"{word} {type(exc).__name__}: {exc}".replace("\n", " ").encode()[:4000] + b"\n")
         finally:
             os._exit(SETUP_FAILED_EXIT)
     status = _run_program(go.code, go.filename)
@@ -97,7 +106,9 @@ def _read_all(fd: int) -> bytes:
 def _prepare(plan: ChildPlan) -> None:
     os.setsid()  # own session and process group: killpg reaches every process that stays in it
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if plan.mount_ns_fd is not None:
+    if plan.view is not None:
+        enter_view(plan.view)  # a private copy-on-write view of the whole filesystem
+    elif plan.mount_ns_fd is not None:
         linux.setns(plan.mount_ns_fd, linux.CLONE_NEWNS)  # the slot's private /tmp and /proc
     os.chdir(plan.cwd)
     sources = (plan.stdin_fd, plan.stdout_fd, plan.stderr_fd, plan.status_fd, plan.go_fd)
@@ -110,6 +121,14 @@ def _prepare(plan: ChildPlan) -> None:
     _reset_signals()
     _reseed()
     _fresh_stdio()
+
+
+def _write_files(plan: ChildPlan, go: Go) -> None:
+    if go.files:
+        try:
+            workdir.write_files(plan.cwd, go.files, plan.uid)
+        except (OSError, ValueError) as exc:
+            raise FilesRefused(f"could not write the request's files: {exc}") from exc
 
 
 def _lock_down(plan: ChildPlan, go: Go) -> None:

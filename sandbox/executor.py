@@ -1,11 +1,12 @@
 """The server's side of execution: the zygote, one forker per slot, and the per-request work.
 
 Each slot keeps a prepared program process: its forker (forked from the zygote once) forked it
-ahead of time and handed the server its pipes and pidfd. A request takes a slot, writes its
-files, and drives the program directly from the event loop (`sandbox.program`); the fork
-was paid before the request arrived. Afterwards, in the background: the program is killed if
-still there, the forker reports it reaped (and any leftovers killed), the working directory
-is emptied, the next program process is prepared, and only then is the slot free again.
+ahead of time and handed the server its pipes and pidfd; it has built its private view of the
+filesystem meanwhile. A request takes a slot and drives the program directly from the event
+loop (`sandbox.program`; the program process writes the request's files itself); the fork was
+paid before the request arrived. Afterwards, in the background: the program is killed if still
+there, the forker reports it reaped (and any leftovers killed), empties the slot's directory
+and prepares the next program process, and only then is the slot free again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from sandbox import workdir
 from sandbox.pool import SlotPool
-from sandbox.program import ProgramFds, ProgramNotStarted, run_program
+from sandbox.program import ProgramFds, ProgramNotStarted, ProgramRefused, run_program
 from sandbox.protocol import (
     ChildLimits,
     Exited,
@@ -39,6 +40,7 @@ from sandbox.protocol import (
     ZygoteReady,
 )
 from sandbox.settings import MIB, SandboxSettings
+from sandbox.view import slot_layout
 from sandbox.workspace import Workspace, create_workspace
 
 PREPARE_TIMEOUT_S = 60.0
@@ -103,8 +105,9 @@ class ZygoteProcess:
     async def start(self) -> ZygoteReady:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = ZygoteConfig(
-            control_fd=child.fileno(), preload=list(self._settings.preload), warmup=self._settings.warmup,
-            slots=self._slots,
+            control_fd=child.fileno(), work_root=self._settings.work_root,
+            filesystem_view=self._settings.filesystem_view, preload=list(self._settings.preload),
+            warmup=self._settings.warmup, slots=self._slots,
         )
         env = {**program_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         try:
@@ -193,9 +196,7 @@ class SlotRunner:
                         os.close(fd)
                     raise EOFError("the forker closed its socket")
                 self.program = ProgramFds(Prepared.model_validate_json(msg).pid, *fds)
-                if self.dirty:  # the uid's processes are dead now: empty what they left in the workdir
-                    await asyncio.to_thread(workdir.reset, self.slot.workdir, self.slot_uid)
-                    self.dirty = False
+                self.dirty = False  # the forker killed the uid's processes and emptied the slot
                 return
             except (*_FAULTS, ZygoteUnavailable):
                 self.fail()
@@ -212,11 +213,9 @@ class SlotRunner:
         executor = self._executor
         settings, isolation = executor.settings, executor.isolation
         cwd = "/tmp" if isolation.private_tmp else self.slot.workdir
-        if request.files:
-            await asyncio.to_thread(workdir.write_files, self.slot.workdir, request.files, self.slot_uid)
         go = Go(
-            code=request.code, filename=os.path.join(cwd, "main.py"), limits=executor.limits(request),
-            env={**program_env(), "HOME": cwd, "TMPDIR": cwd, "PWD": cwd},
+            code=request.code, filename=os.path.join(cwd, "main.py"), files=request.files,
+            limits=executor.limits(request), env={**program_env(), "HOME": cwd, "TMPDIR": cwd, "PWD": cwd},
         )
 
         async def exit_status() -> int:
@@ -224,13 +223,16 @@ class SlotRunner:
 
         outcome = await run_program(program, go, request.stdin, request.run_timeout, settings.max_output_bytes, exit_status)
         if request.fetch_files:
+            upper = slot_layout(self.slot.scratch)[0] if isolation.private_root else None
             outcome.files = await asyncio.to_thread(
-                workdir.fetch_files, self.slot.workdir, request.fetch_files, self.slot_uid, settings.max_fetch_bytes
+                workdir.fetch_files, self.slot.workdir, upper, request.fetch_files, self.slot_uid,
+                settings.max_fetch_bytes,
             )
         return outcome
 
     async def settle(self) -> None:
-        """After a run: the program gone, its leftovers killed (by the forker), the workdir empty."""
+        """After a run: the program gone, its leftovers killed (the forker empties the slot at
+        the next Prepare)."""
         assert self._running is not None
         program, exited = self._running
         self._running = None
@@ -241,10 +243,6 @@ class SlotRunner:
             program.close()
         if report.leftovers:
             self._executor.counters.leftovers_killed += 1
-        if workdir.is_empty(self.slot.workdir):
-            workdir.reset(self.slot.workdir, self.slot_uid)  # only owner and mode to restore: cheap
-        else:
-            await asyncio.to_thread(workdir.reset, self.slot.workdir, self.slot_uid)
 
     def fail(self) -> None:
         """Drop the forker and any program; the next use starts a new forker that cleans up."""
@@ -318,6 +316,9 @@ class Executor:
                 runner.fail()
                 await runner.ensure_prepared()
                 outcome = await runner.execute(request)
+        except ProgramRefused as exc:  # the request's files could not be written; the slot is fine
+            outcome = Outcome(kind="error", message=f"sandbox could not set up the request: {exc}")
+            self._recycle_later(runner)
         except (*_FAULTS, ZygoteUnavailable, ProgramNotStarted) as exc:
             runner.fail()
             self.pool.release(slot)
@@ -327,11 +328,14 @@ class Executor:
             self.pool.release(slot)
             raise
         else:
-            task = asyncio.create_task(self._recycle(runner))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._recycle_later(runner)
         self._count(outcome)
         return outcome
+
+    def _recycle_later(self, runner: SlotRunner) -> None:
+        task = asyncio.create_task(self._recycle(runner))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _recycle(self, runner: SlotRunner) -> None:
         try:

@@ -3,7 +3,10 @@
 - Network: the zygote moves itself into a new, empty network namespace (loopback down), so
   every execution forked from it has no network at all. Needs root; otherwise it tries an
   unprivileged user namespace; if both are refused, `Isolation.network` stays False.
-- Per-slot mount namespaces: in each, /tmp, /var/tmp, /dev/shm (and /run/lock) are the slot's
+- A private copy-on-write view of the whole filesystem per execution (`sandbox.view`): probed
+  once here (a throwaway child builds one and writes into it); when the kernel refuses
+  overlays, the per-slot namespaces below are the fallback.
+- Per-slot mount namespaces (the fallback): /tmp, /var/tmp, /dev/shm (and /run/lock) are the slot's
   own working directory and /proc is a fresh instance with `hidepid=invisible`, so a program
   sees only its own processes and no other request's temporary files. Built once per slot by
   a helper process; the zygote keeps an fd to each and children join with setns (~0.1 ms,
@@ -24,7 +27,7 @@ import stat
 import sys
 from collections import defaultdict
 
-from sandbox import linux
+from sandbox import linux, view
 from sandbox.protocol import Isolation, SlotSpec
 
 _SHARED_WRITABLE_DIRS = ("/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue", "/tmp")
@@ -184,3 +187,65 @@ def _expose(blocker: str, paths: list[str]) -> None:
     finally:
         for fd in sources.values():
             os.close(fd)
+
+
+def build_views(slots: list[SlotSpec], work_root: str, isolation: Isolation) -> dict[int, view.ViewPlan]:
+    """A view plan per slot index, or {} when a probe view cannot be built (all or nothing)."""
+    blocked = unreachable_interpreter_paths()
+    root_dev = os.stat("/").st_dev
+    bound = [p for p in interpreter_paths() if os.stat(p).st_dev != root_dev]
+    real_root = os.path.realpath(work_root)
+    covered = ("/tmp", *view.TMP_ALIASES)  # all of these are the program's own /tmp in its view
+    hidden = [] if any(real_root == c or real_root.startswith(c + "/") for c in covered) else [real_root]
+    writable = view.writable_top_dirs(hidden, list(blocked))
+    plans = {}
+    for slot in slots:
+        upper, work, root, _ = view.slot_layout(slot.scratch)
+        plans[slot.index] = view.ViewPlan(
+            upper=upper, work=work, root=root, exposed=blocked, bound=bound, hidden=hidden, writable=writable
+        )
+    if not plans:
+        return {}
+    first = slots[0]
+    try:
+        proc_hidden = _probe_view(plans[first.index], first.uid)
+        view.reset_upper(plans[first.index].upper, first.uid, opaque=True, writable=writable)
+    except OSError as exc:
+        isolation.notes.append(f"private filesystem view unavailable ({exc}): absolute paths are refused")
+        view.reset_upper(plans[first.index].upper, first.uid, opaque=False)
+        return {}
+    isolation.private_root = isolation.private_tmp = True
+    isolation.proc_hidden = proc_hidden
+    if not proc_hidden:
+        isolation.notes.append("could not mount a private /proc: other processes stay visible (not their environment)")
+    return plans
+
+
+def _probe_view(plan: view.ViewPlan, uid: int | None) -> bool:
+    """Build a view in a throwaway child, write into it; True when /proc hides other processes."""
+    view.reset_upper(plan.upper, uid, opaque=True, writable=plan.writable)
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        try:
+            hidden = view.enter_view(plan)
+            if os.listdir("/tmp"):
+                raise OSError("the host's /tmp shows through the view")
+            with open("/tmp/probe", "w") as f:
+                f.write("ok")
+            os.write(report_w, b"ok 1" if hidden else b"ok 0")
+        except BaseException as exc:
+            os.write(report_w, f"error {exc}".encode()[:4000])
+        os._exit(0)
+    os.close(report_w)
+    try:
+        report = os.read(report_r, 4096).decode()
+    finally:
+        os.close(report_r)
+        os.waitpid(pid, 0)
+    if not report.startswith("ok"):
+        raise OSError(report.removeprefix("error ") or "the probe died")
+    if not os.path.isfile(os.path.join(plan.upper, "tmp", "probe")):
+        raise OSError("a file written in the view did not reach the upper layer")
+    return report.endswith("1")

@@ -1,9 +1,11 @@
-"""Paths a request may name (`files`, `fetch_files`): relative, inside the working directory.
+"""Paths a request may name (`files`, `fetch_files`): relative to the working directory, or
+absolute inside the program's private view of the filesystem (when the server has one).
 
-`check_relative_path` is the pure gate the HTTP layer applies (absolute paths, `..`, empty
-components and NUL bytes are refused). The server, which runs as root, then walks the
-path one component at a time with `O_NOFOLLOW` relative to the working directory's fd, so a
-symlink planted by the program can never redirect a read or write outside it.
+`check_path` is the pure gate the HTTP layer applies (`..`, empty components and NUL bytes are
+always refused; absolute paths only where allowed). Whoever then touches the files (the
+program process as root inside its view, the server in the slot's upper directory) walks the
+path one component at a time with `O_NOFOLLOW` from a directory fd, so a symlink - planted by
+the program or present on the host - is never followed on the way.
 """
 
 from __future__ import annotations
@@ -19,29 +21,41 @@ class UnsafePathError(ValueError):
     """The path could escape the working directory or is malformed."""
 
 
-def check_relative_path(path: str) -> tuple[str, ...]:
-    """Split `path` into components, refusing anything that is not a plain relative path."""
+def check_path(path: str, *, allow_absolute: bool) -> tuple[bool, tuple[str, ...]]:
+    """(absolute?, components) of `path`, refusing anything that could escape or names nothing."""
     if not path or "\x00" in path:
         raise UnsafePathError(f"invalid path {path!r}: empty or contains a NUL byte")
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePathError(f"invalid path {path!r}: not valid Unicode text") from None
-    if path.startswith(("/", "\\")):
-        raise UnsafePathError(f"invalid path {path!r}: absolute paths are not allowed")
+    if path.startswith("\\"):
+        raise UnsafePathError(f"invalid path {path!r}: backslash paths are not allowed")
+    absolute = path.startswith("/")
+    if absolute and not allow_absolute:
+        raise UnsafePathError(
+            f"invalid path {path!r}: absolute paths need the private filesystem view, which this server lacks "
+            "(see /health isolation.notes)"
+        )
     parts = tuple(part for part in path.split("/") if part not in ("", "."))
     if not parts:
         raise UnsafePathError(f"invalid path {path!r}: names no file")
     if any(part == ".." for part in parts):
         raise UnsafePathError(f"invalid path {path!r}: '..' is not allowed")
-    return parts
+    return absolute, parts
 
 
-def check_file_layout(paths: Iterable[str]) -> None:
+def check_relative_path(path: str) -> tuple[str, ...]:
+    """Split `path` into components, refusing anything that is not a plain relative path."""
+    return check_path(path, allow_absolute=False)[1]
+
+
+def check_file_layout(paths: Iterable[str], *, allow_absolute: bool = False) -> None:
     """Refuse a set of files where one path is another's directory (cannot all be written)."""
     seen: set[tuple[str, ...]] = set()
     for path in paths:
-        seen.add(check_relative_path(path))
+        absolute, parts = check_path(path, allow_absolute=allow_absolute)
+        seen.add(("/", *parts) if absolute else parts)
     for parts in seen:
         for cut in range(1, len(parts)):
             if parts[:cut] in seen:
@@ -69,14 +83,15 @@ def _open_parent(root_fd: int, parts: tuple[str, ...], create: bool, owner: int 
         raise
 
 
-def write_file(root_fd: int, path: str, data: bytes, owner: int | None) -> None:
-    """Create `path` under the directory `root_fd` (it must not exist yet) and chown it to `owner`."""
-    parts = check_relative_path(path)
+def write_file(root_fd: int, parts: tuple[str, ...], data: bytes, owner: int | None) -> None:
+    """Write `parts` under the directory `root_fd` (replacing a regular file) and chown it to `owner`."""
     parent = _open_parent(root_fd, parts, create=True, owner=owner)
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(parts[-1], flags, 0o600, dir_fd=parent)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{'/'.join(parts)} exists and is not a regular file")
             if owner is not None:
                 os.fchown(fd, owner, owner)
             view = memoryview(data)
@@ -88,12 +103,11 @@ def write_file(root_fd: int, path: str, data: bytes, owner: int | None) -> None:
         os.close(parent)
 
 
-def read_file(root_fd: int, path: str, limit: int, owners: Iterable[int]) -> bytes | None:
+def read_file(root_fd: int, parts: tuple[str, ...], limit: int, owners: Iterable[int]) -> bytes | None:
     """Read a regular file under `root_fd`; None when missing, not regular, foreign or over `limit` bytes.
 
     `owners` are the uids the file may belong to: a hard link to someone else's file is refused.
     """
-    parts = check_relative_path(path)
     try:
         parent = _open_parent(root_fd, parts, create=False, owner=None)
     except OSError:

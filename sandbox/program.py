@@ -28,6 +28,10 @@ class ProgramNotStarted(Exception):
     """The program process failed or vanished before the program began: safe to retry elsewhere."""
 
 
+class ProgramRefused(Exception):
+    """The request itself could not be set up (its files could not be written): not retried."""
+
+
 @dataclass
 class ProgramFds:
     """The server's ends of one program process (from the forker's `Prepared`)."""
@@ -75,6 +79,7 @@ class _Run:
         self.ended: asyncio.Future[str] = self.loop.create_future()
         self.started = False
         self.setup_error = ""
+        self.refused = False
         self.done_code: int | None = None
         self._status = bytearray()
         self._writers: list[int] = []
@@ -102,6 +107,8 @@ class _Run:
         self._drain()
         if not self.started:
             self.fds.kill()
+            if self.refused:
+                raise ProgramRefused(self.setup_error)
             raise ProgramNotStarted(self.setup_error or f"the program process ended before the program began ({ended})")
         stdout, stderr = (self.streams[fd].text() for fd in (self.fds.out_r, self.fds.err_r))
         if ended == "timeout":
@@ -157,8 +164,9 @@ class _Run:
         if not self.started:
             if line == "started":
                 self.started = True
-            elif line.startswith("error "):
-                self.setup_error = line.removeprefix("error ")
+            elif line.startswith(("error ", "refused ")):
+                word, _, self.setup_error = line.partition(" ")
+                self.refused = word == "refused"
                 self._end("error")
         elif line.startswith("done ") and self.done_code is None:
             try:

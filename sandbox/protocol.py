@@ -39,12 +39,15 @@ class ChildLimits(Msg):
 
 class SlotSpec(Msg):
     index: int
-    workdir: str  # host path of the slot's working directory
+    scratch: str  # host path of the slot's directory: upper/ (upper/tmp is the workdir), work/, root/
+    workdir: str  # host path of the slot's working directory (the program's /tmp)
     uid: int | None  # None: executions keep the server's uid
 
 
 class ZygoteConfig(Msg):
     control_fd: int
+    work_root: str  # hidden inside the programs' views
+    filesystem_view: bool  # try the private view (else: per-slot namespaces with a private /tmp)
     preload: list[str]
     warmup: bool
     slots: list[SlotSpec]
@@ -55,6 +58,7 @@ class Isolation(Msg):
 
     network: bool = False  # executions run in an empty network namespace
     separate_uid: bool = False  # each slot runs as its own unprivileged uid
+    private_root: bool = False  # a private copy-on-write view of the whole filesystem per execution
     private_tmp: bool = False  # /tmp, /var/tmp, /dev/shm are the slot's own working directory
     proc_hidden: bool = False  # /proc shows only the execution's own processes
     notes: list[str] = Field(default_factory=list)
@@ -89,6 +93,7 @@ class Go(Msg):
 
     code: str
     filename: str
+    files: dict[str, str] = Field(default_factory=dict)  # path (relative to the cwd, or absolute) -> base64
     env: dict[str, str]
     limits: ChildLimits
 

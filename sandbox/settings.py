@@ -20,6 +20,24 @@ ENV_PREFIX = "RETOOL_SANDBOX_"
 MIB = 1024 * 1024
 
 
+SHM_MIN_FREE = 1024 * MIB
+
+
+def default_work_root() -> str:
+    """/dev/shm/retool-sandbox where /dev/shm is a tmpfs with at least 1 GiB free, else under the
+    temporary directory. On a tmpfs, mounting each program's overlay takes ~0.1 ms instead of
+    ~4 ms on ext4 (overlayfs tests its work directory on every mount)."""
+    try:
+        stats = os.statvfs("/dev/shm")
+        with open("/proc/self/mounts") as f:
+            on_tmpfs = any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in f)
+        if on_tmpfs and stats.f_bavail * stats.f_frsize >= SHM_MIN_FREE and os.access("/dev/shm", os.W_OK):
+            return "/dev/shm/retool-sandbox"
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), "retool-sandbox")
+
+
 class SandboxSettings(BaseModel):
     """How the sandbox server runs and the limits it puts on each execution."""
 
@@ -47,13 +65,16 @@ class SandboxSettings(BaseModel):
     max_fetch_bytes: int = Field(16 * MIB, ge=0, description="Total bytes returned through fetch_files.")
     stack_mb: int = Field(8, ge=1, le=1024, description="Stack limit; small so threads start under the memory cap.")
     work_root: str = Field(
-        default_factory=lambda: os.path.join(tempfile.gettempdir(), "retool-sandbox"),
-        description="Directory that holds the per-worker working directories.",
+        default_factory=lambda: default_work_root(),
+        description="Directory that holds the per-worker directories (default: on /dev/shm when it is a large tmpfs).",
     )
     uid_base: int = Field(
         1_500_000, ge=1000, description="First uid of the range executions run as when the server is root."
     )
     isolate_users: bool = Field(True, description="When root, run each worker slot as its own unprivileged uid.")
+    filesystem_view: bool = Field(
+        True, description="Give each execution a private copy-on-write view of the whole filesystem (overlayfs, root)."
+    )
 
     def pool_size(self) -> int:
         return self.workers or os.cpu_count() or 1

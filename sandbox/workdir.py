@@ -1,63 +1,52 @@
-"""A slot's working directory, as the server (root) handles it around one execution:
-write the request's files into it, read fetch_files out of it, empty it afterwards.
+"""A request's files around one execution: written by the program process (root, inside its
+view, before it drops privileges) and read back by the server from the slot's directory.
 
 All path handling goes through `sandbox.paths` (no symlink is ever followed), so what a
-program planted there cannot redirect the server's reads or writes.
+program planted, or what the host has, cannot redirect a read or a write.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import shutil
 
-from sandbox.paths import read_file, write_file
+from sandbox.paths import check_path, read_file, write_file
+from sandbox.view import upper_path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_files(workdir: str, files: dict[str, str], owner: int | None) -> None:
-    """Write base64 `files` (paths already validated) as new files owned by `owner`."""
-    root_fd = os.open(workdir, _DIR_FLAGS)
-    try:
-        for path, content in files.items():
-            write_file(root_fd, path, base64.b64decode(content), owner)
-    finally:
-        os.close(root_fd)
+def write_files(cwd: str, files: dict[str, str], owner: int | None) -> None:
+    """Write base64 `files` (validated by the server) owned by `owner`: relative paths under
+    `cwd`, absolute ones from this process's root (its private view)."""
+    for path, content in files.items():
+        absolute, parts = check_path(path, allow_absolute=True)
+        root_fd = os.open("/" if absolute else cwd, _DIR_FLAGS)
+        try:
+            write_file(root_fd, parts, base64.b64decode(content), owner)
+        finally:
+            os.close(root_fd)
 
 
-def fetch_files(workdir: str, paths: list[str], owner: int | None, budget: int) -> dict[str, str]:
-    """Base64 contents of the regular files among `paths` that the program's uid owns."""
+def fetch_files(
+    workdir: str, upper: str | None, paths: list[str], owner: int | None, budget: int
+) -> dict[str, str]:
+    """Base64 contents of the regular files among `paths` that the program's uid owns.
+
+    With a view (`upper` given), relative paths are under its /tmp and absolute ones are
+    looked up in the upper layer, which holds exactly what the program wrote."""
     owners = {os.getuid() if owner is None else owner}
     found: dict[str, str] = {}
-    root_fd = os.open(workdir, _DIR_FLAGS)
+    root_fd = os.open(upper if upper is not None else workdir, _DIR_FLAGS)
     try:
         for path in paths:
-            data = read_file(root_fd, path, budget, owners)
+            absolute, parts = check_path(path, allow_absolute=upper is not None)
+            if upper is not None:
+                parts = upper_path(parts) if absolute else ("tmp", *parts)
+            data = read_file(root_fd, parts, budget, owners)
             if data is not None:
                 budget -= len(data)
                 found[path] = base64.b64encode(data).decode()
     finally:
         os.close(root_fd)
     return found
-
-
-def is_empty(workdir: str) -> bool:
-    with os.scandir(workdir) as entries:
-        return next(entries, None) is None
-
-
-def reset(workdir: str, owner: int | None) -> None:
-    """Remove everything inside `workdir` and give it back to `owner` with mode 0700."""
-    root_fd = os.open(workdir, _DIR_FLAGS)
-    try:
-        for entry in os.scandir(root_fd):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.name, dir_fd=root_fd)
-            else:
-                os.unlink(entry.name, dir_fd=root_fd)
-        if owner is not None:
-            os.fchown(root_fd, owner, owner)
-        os.fchmod(root_fd, 0o700)
-    finally:
-        os.close(root_fd)

@@ -1,4 +1,5 @@
-"""The server's slots on disk: one working directory per worker and, when root, one uid each.
+"""The server's slots on disk: one directory per worker (the upper layer of its programs' views,
+whose `tmp` is the working directory) and, when root, one uid each.
 
 Uids come from a block claimed with an flock under `work_root`, so two sandbox servers on one
 machine never share a uid — killing "every process of this uid" can only ever hit the
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sandbox.protocol import SlotSpec
 from sandbox.settings import SandboxSettings
+from sandbox.view import slot_layout
 
 UID_BLOCK = 256  # >= the largest pool (SandboxSettings.workers <= 256)
 UID_BLOCKS = 4096
@@ -46,11 +48,15 @@ def create_workspace(settings: SandboxSettings) -> Workspace:
         uids = [first + i for i in range(settings.pool_size())]
     slots = []
     for index, uid in enumerate(uids):
-        workdir = os.path.join(root, f"slot-{index}")
-        os.mkdir(workdir, 0o700)
+        scratch = os.path.join(root, f"slot-{index}")
+        upper, work, mount_point, workdir = slot_layout(scratch)
+        # The upper layer's own mode is the view's "/" (0755); its tmp is the slot uid's (0700).
+        for path, mode in ((scratch, 0o711), (upper, 0o755), (work, 0o700), (mount_point, 0o755), (workdir, 0o700)):
+            os.mkdir(path, mode)
+            os.chmod(path, mode)  # whatever the umask
         if uid is not None:
             os.chown(workdir, uid, uid)
-        slots.append(SlotSpec(index=index, workdir=workdir, uid=uid))
+        slots.append(SlotSpec(index=index, scratch=scratch, workdir=workdir, uid=uid))
     return Workspace(root=root, slots=slots, _lock_fd=lock_fd)
 
 

@@ -210,10 +210,13 @@ def test_server_secrets_are_not_readable(server: LocalServer, health: dict[str, 
     "fields",
     [
         {"files": {"../evil.txt": base64.b64encode(b"x").decode()}},
-        {"files": {"/tmp/evil.txt": base64.b64encode(b"x").decode()}},
+        {"files": {"/tmp/../etc/evil.txt": base64.b64encode(b"x").decode()}},
         {"files": {"a/../../evil.txt": base64.b64encode(b"x").decode()}},
+        {"files": {"/proc/self/evil.txt": base64.b64encode(b"x").decode()}},
+        {"files": {"/dev/evil": base64.b64encode(b"x").decode()}},
         {"fetch_files": ["../../etc/passwd"]},
-        {"fetch_files": ["/etc/passwd"]},
+        {"fetch_files": ["/etc/../etc/passwd"]},
+        {"fetch_files": ["/proc/1/environ"]},
     ],
 )
 def test_path_escapes_in_the_request_are_refused(server: LocalServer, health: dict[str, Any], fields: dict[str, Any]) -> None:
@@ -423,3 +426,82 @@ def test_killed_forker_is_a_sandbox_error_and_the_slot_recovers(server: LocalSer
         results = list(pool.map(lambda _: run(server, listing), range(health["pool_size"])))
     assert [r["run_result"]["stdout"] for r in results] == ["[]\n"] * health["pool_size"]
     assert_recovered(server, health)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_absolute_paths_live_in_a_private_view_of_the_whole_filesystem(
+    server: LocalServer, health: dict[str, Any]
+) -> None:
+    if not health["isolation"]["private_root"]:
+        response = httpx.post(server.url + "/run_code", json={"code": "1", "language": "python", "fetch_files": ["/mnt/b"]})
+        assert response.status_code == 422 and "private filesystem view" in response.text
+        pytest.skip("no private filesystem view here (overlayfs refused): absolute paths are refused instead")
+    name = f"view-{uuid.uuid4().hex}"
+    host_marker = f"/tmp/{name}-host"
+    with open(host_marker, "w") as f:  # the host's /tmp must not show through
+        f.write("host")
+    try:
+        paths = [f"/mnt/{name}", f"/opt/{name}/deep/file", f"/var/tmp/{name}", f"/dev/shm/{name}-shm", f"{name}-rel"]
+        code = (
+            "import os, json\n"
+            f"for p in {paths!r}:\n"
+            "    os.makedirs(os.path.dirname(p) or '.', exist_ok=True)\n"
+            "    open(p, 'w').write('from ' + p)\n"
+            f"print(json.dumps([os.path.exists({host_marker!r}), open('/srv/{name}.in').read(), open('in/{name}').read()]))\n"
+        )
+        files = {f"/srv/{name}.in": b64(b"absolute input"), f"in/{name}": b64(b"relative input")}
+        result = run(server, code, files=files, fetch_files=[*paths, "/etc/passwd", f"/tmp/{name}-rel"])
+        assert result["status"] == "Success", result
+        assert json.loads(result["run_result"]["stdout"]) == [False, "absolute input", "relative input"]
+        expected = {p: b64(f"from {p}".encode()) for p in paths}
+        expected[f"/tmp/{name}-rel"] = expected[f"{name}-rel"]  # the working directory is /tmp
+        assert result["files"] == expected  # /etc/passwd: not written by the program, not returned
+        for path in [f"/mnt/{name}", f"/opt/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}-shm", f"/srv/{name}.in"]:
+            assert not os.path.exists(path), path  # nothing outside the slot changed
+        seen = f"import os\nprint([p for p in {[*paths, f'/srv/{name}.in']!r} if os.path.exists(p)])"
+        for _ in range(4):  # every slot gets a turn: each run starts from an empty upper layer
+            assert run(server, seen)["run_result"]["stdout"] == "[]\n"
+    finally:
+        os.unlink(host_marker)
+    assert_recovered(server, health)
+
+
+def test_no_escape_from_the_view_through_symlinks(server: LocalServer, health: dict[str, Any]) -> None:
+    if not health["isolation"]["private_root"]:
+        pytest.skip("no private filesystem view here")
+    code = "import os\nos.symlink('/etc', '/tmp/etc')\nos.symlink('/etc/hostname', '/mnt/host')\nprint('ok')"
+    result = run(server, code, fetch_files=["/tmp/etc/hostname", "/mnt/host", "etc/hostname"])
+    assert (result["status"], result["files"]) == ("Success", {})  # symlinks are never followed
+    # /lib is a symlink on merged-/usr systems: a request file through it is refused, not followed.
+    if os.path.islink("/lib"):
+        target = f"/lib/retool-{uuid.uuid4().hex}"
+        refused = run(server, "print(1)", files={target: b64(b"x")})
+        assert refused["status"] == "SandboxError" and "could not write" in refused["message"], refused
+        assert not os.path.exists(target)
+    assert_recovered(server, health)
+
+
+def test_without_the_view_the_slot_namespace_still_gives_a_private_tmp(tmp_path) -> None:
+    """The fallback where overlays are refused (forced here with filesystem_view=false)."""
+    with local_server(
+        workers=1, preload=[], filesystem_view=False, uid_base=UID_BASE + 256 * 8, work_root=str(tmp_path)
+    ) as fallback:
+        isolation = httpx.get(fallback.url + "/health").json()["isolation"]
+        assert not isolation["private_root"] and any("filesystem_view=false" in n for n in isolation["notes"])
+        refused = httpx.post(fallback.url + "/run_code", json={"code": "1", "language": "python", "files": {"/mnt/b": "eA=="}})
+        assert refused.status_code == 422 and "private filesystem view" in refused.text
+        name = f"fallback-{uuid.uuid4().hex}"
+        code = f"import os\nprint(open('in/{name}').read(), os.getcwd())\nopen('/var/tmp/{name}', 'w').write('out')"
+        result = run(fallback, code, files={f"in/{name}": b64(b"input")}, fetch_files=[name])
+        assert result["status"] == "Success", result
+        cwd = "/tmp" if isolation["private_tmp"] else None
+        assert result["run_result"]["stdout"].split()[0] == "input"
+        if cwd:
+            assert result["run_result"]["stdout"].split()[1] == cwd
+            assert result["files"] == {name: b64(b"out")}  # /var/tmp is the workdir too
+            assert not os.path.exists(f"/var/tmp/{name}")
+        again = run(fallback, f"import os\nprint(os.path.exists('in/{name}'))")
+        assert again["run_result"]["stdout"] == "False\n"  # emptied between runs

@@ -52,19 +52,26 @@ def test_read_file_never_follows_symlinks(tmp_path) -> None:
     os.mkfifo(work / "fifo")
     root_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        write_file(root_fd, "sub/dir/ok.txt", b"fine", owner=None)
+        def parts(path: str) -> tuple[str, ...]:
+            return tuple(path.split("/"))
+
+        write_file(root_fd, parts("sub/dir/ok.txt"), b"fine", owner=None)
         me = {os.getuid()}
-        assert read_file(root_fd, "sub/dir/ok.txt", 100, me) == b"fine"
-        assert read_file(root_fd, "link", 100, me) is None
-        assert read_file(root_fd, "dirlink/secret.txt", 100, me) is None
-        assert read_file(root_fd, "fifo", 100, me) is None  # and does not block
-        assert read_file(root_fd, "missing", 100, me) is None
-        assert read_file(root_fd, "sub/dir/ok.txt", 3, me) is None  # over the size limit
-        assert read_file(root_fd, "sub/dir/ok.txt", 100, {os.getuid() + 1}) is None  # foreign owner
-        with pytest.raises(FileExistsError):
-            write_file(root_fd, "link", b"overwrite through the link?", owner=None)
+        assert read_file(root_fd, parts("sub/dir/ok.txt"), 100, me) == b"fine"
+        assert read_file(root_fd, parts("link"), 100, me) is None
+        assert read_file(root_fd, parts("dirlink/secret.txt"), 100, me) is None
+        assert read_file(root_fd, parts("fifo"), 100, me) is None  # and does not block
+        assert read_file(root_fd, parts("missing"), 100, me) is None
+        assert read_file(root_fd, parts("sub/dir/ok.txt"), 3, me) is None  # over the size limit
+        assert read_file(root_fd, parts("sub/dir/ok.txt"), 100, {os.getuid() + 1}) is None  # foreign owner
+        with pytest.raises(OSError):  # O_NOFOLLOW: ELOOP, never the target
+            write_file(root_fd, parts("link"), b"overwrite through the link?", owner=None)
         with pytest.raises(OSError):
-            write_file(root_fd, "dirlink/escape.txt", b"x", owner=None)
+            write_file(root_fd, parts("dirlink/escape.txt"), b"x", owner=None)
+        with pytest.raises(OSError):  # not a regular file: refused, and the open does not block
+            write_file(root_fd, parts("fifo"), b"x", owner=None)
+        write_file(root_fd, parts("sub/dir/ok.txt"), b"new", owner=None)  # a regular file is replaced
+        assert read_file(root_fd, parts("sub/dir/ok.txt"), 100, me) == b"new"
     finally:
         os.close(root_fd)
     assert secret.read_text() == "top secret"
@@ -131,7 +138,7 @@ def test_settings_from_environment() -> None:
 
 def test_pool_queues_in_order_and_refuses_beyond_the_queue() -> None:
     async def scenario() -> list[str]:
-        slots = [SlotSpec(index=0, workdir="/nonexistent", uid=None)]
+        slots = [SlotSpec(index=0, scratch="/nonexistent", workdir="/nonexistent/upper/tmp", uid=None)]
         pool = SlotPool(slots, max_queue=2)
         first = await pool.acquire()
         order: list[str] = []
@@ -156,7 +163,7 @@ def test_pool_queues_in_order_and_refuses_beyond_the_queue() -> None:
 
 def test_cancelled_waiter_does_not_lose_the_slot() -> None:
     async def scenario() -> int:
-        pool = SlotPool([SlotSpec(index=0, workdir="/x", uid=None)], max_queue=4)
+        pool = SlotPool([SlotSpec(index=0, scratch="/x", workdir="/x/upper/tmp", uid=None)], max_queue=4)
         held = await pool.acquire()
         task = asyncio.create_task(pool.acquire())
         await asyncio.sleep(0)
@@ -197,3 +204,41 @@ def test_the_sandbox_package_imports_nothing_of_ours() -> None:
                 names = [node.module]
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ours]
     assert found == []
+
+
+def test_absolute_paths_only_where_a_view_exists_and_never_into_kernel_trees() -> None:
+    from sandbox.paths import UnsafePathError, check_path
+    from sandbox.view import in_kernel_tree, upper_path
+
+    assert check_path("/mnt/b", allow_absolute=True) == (True, ("mnt", "b"))
+    assert check_path("a/./b", allow_absolute=True) == (False, ("a", "b"))
+    for path in ("/mnt/b", "/"):
+        with pytest.raises(UnsafePathError):
+            check_path(path, allow_absolute=path == "/")
+    with pytest.raises(UnsafePathError, match="'..'"):
+        check_path("/tmp/../etc/passwd", allow_absolute=True)
+    assert upper_path(("var", "tmp", "x")) == upper_path(("dev", "shm", "x")) == ("tmp", "x")
+    assert upper_path(("mnt", "b")) == ("mnt", "b")
+    assert [in_kernel_tree(p) for p in [("proc", "1"), ("dev", "sda"), ("sys",), ("dev", "shm", "x"), ("mnt",)]] == [
+        True, True, True, False, False,
+    ]
+
+
+def test_reset_upper_empties_the_layer_and_keeps_tmp_and_the_writable_dirs(tmp_path) -> None:
+    from sandbox.view import reset_upper
+
+    upper = tmp_path / "upper"
+    (upper / "tmp" / "deep").mkdir(parents=True)
+    (upper / "tmp" / "deep" / "f").write_text("x")
+    (upper / "etc").mkdir()
+    (upper / "etc" / "passwd").write_text("changed")
+    (upper / "mnt").mkdir()
+    (upper / "mnt" / "b").write_text("sauce")
+    (upper / "link").symlink_to(tmp_path)
+    tmp_inode = (upper / "tmp").stat().st_ino
+    reset_upper(str(upper), None, opaque=False, writable={"mnt": 0o755})
+    assert sorted(p.name for p in upper.iterdir()) == ["mnt", "tmp"]
+    assert list((upper / "tmp").iterdir()) == [] and list((upper / "mnt").iterdir()) == []
+    assert (upper / "tmp").stat().st_ino == tmp_inode  # kept: a bind mount of it stays valid
+    assert oct((upper / "tmp").stat().st_mode & 0o777) == "0o700"
+    assert tmp_path.exists()  # the symlink was removed, not followed
