@@ -13,30 +13,51 @@ from typing import Any
 from reconciler.backend import Checkpoint, Outcome
 from reconciler.errors import TerminalError
 from runtime.eval import samples as sample_file
-from runtime.eval.job import PROGRESS_FILE, Progress, Results, read_model
+from runtime.eval.job import PROGRESS_FILE, Progress, Results
 from runtime.eval.metrics import dataset_metrics
 from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE
 
 
 def eval_outputs(run_dir: Path, n: int, checkpoint: Checkpoint) -> Outcome:
-    """outputs: `results` (dataset -> metrics), `samples`, paths, speed, `final_step`."""
-    progress = read_model(run_dir / PROGRESS_FILE, Progress)
-    if progress is None or not progress.problems:
-        raise TerminalError(f"{run_dir / PROGRESS_FILE} is missing or unreadable", hint="rerun the stage (--replace)")
-    drawn = sample_file.read(run_dir / SAMPLES_FILE)
+    """`eval_outcome` over a local run directory."""
+
+    def text(name: str) -> str | None:
+        try:
+            return (run_dir / name).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
+    return eval_outcome(
+        str(run_dir), n, checkpoint, progress=text(PROGRESS_FILE), samples=text(SAMPLES_FILE), results=text(RESULTS_FILE)
+    )
+
+
+def eval_outcome(
+    run_dir: str, n: int, checkpoint: Checkpoint, *, progress: str | None, samples: str | None, results: str | None,
+) -> Outcome:
+    """outputs: `results` (dataset -> metrics), `samples`, paths, speed, `final_step`; from
+    the texts of the run's progress.json, samples.jsonl and results.json (any backend)."""
     try:
-        metrics = {d: dataset_metrics(d, drawn, n) for d in progress.problems}
+        seen = Progress.model_validate_json(progress) if progress else None
+    except ValueError:
+        seen = None
+    if seen is None or not seen.problems:
+        raise TerminalError(f"{run_dir}/{PROGRESS_FILE} is missing or unreadable", hint="rerun the stage (--replace)")
+    drawn = sample_file.parse(samples or "")
+    try:
+        metrics = {d: dataset_metrics(d, drawn, n) for d in seen.problems}
     except ValueError as e:
         raise TerminalError(f"the eval run left too few samples for {n} per problem", str(e)) from e
-    speed = read_model(run_dir / RESULTS_FILE, Results)
+    try:
+        speed = Results.model_validate_json(results) if results else None
+    except ValueError:
+        speed = None
     outputs: dict[str, Any] = {
         "results": {d: m.model_dump(mode="json") for d, m in metrics.items()},
         "samples": n, "final_step": checkpoint.step,
-        "samples_path": str(run_dir / SAMPLES_FILE), "results_path": str(run_dir / RESULTS_FILE),
-        "run_dir": str(run_dir),
+        "samples_path": f"{run_dir}/{SAMPLES_FILE}", "results_path": f"{run_dir}/{RESULTS_FILE}", "run_dir": run_dir,
     }
     if speed is not None:
         outputs.update(engine=speed.engine, tokens_per_s=speed.tokens_per_s, device=speed.device)
-    summary = "; ".join(f"{d} mean@{n} {m.mean_at_n:.3f}, pass@{max(int(k) for k in m.pass_at_k)} "
-                        f"{m.pass_at_k[str(max(int(k) for k in m.pass_at_k))]:.3f}" for d, m in metrics.items())
+    summary = "; ".join(f"{d} mean@{n} {m.mean_at_n:.3f}, maj@{n} {m.maj_at_n:.3f}" for d, m in metrics.items())
     return Outcome(change="created", outputs=outputs, message=f"{n} samples per problem: {summary}")

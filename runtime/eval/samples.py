@@ -61,17 +61,22 @@ def read(path: Path) -> list[Sample]:
     """Every sample in the file, first occurrence of each key kept, torn lines skipped."""
     if not path.is_file():
         return []
-    seen: dict[tuple[str, int, int], Sample] = {}
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                sample = Sample.model_validate(json.loads(line))
-            except (ValueError, ValidationError):
-                continue  # a line cut short by a crash
-            seen.setdefault(sample.key, sample)
+        return parse(f)
+
+
+def parse(lines: Iterable[str] | str) -> list[Sample]:
+    """Samples from JSON lines (a file's text or its lines): see `read`."""
+    seen: dict[tuple[str, int, int], Sample] = {}
+    for line in lines.splitlines() if isinstance(lines, str) else lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            sample = Sample.model_validate(json.loads(line))
+        except (ValueError, ValidationError):
+            continue  # a line cut short by a crash
+        seen.setdefault(sample.key, sample)
     return list(seen.values())
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from reconciler.spec import RLStage, Spec
+from reconciler.spec import EvalStage, RLStage, Spec
 from reconciler.records import Frozen
 from runtime.modal.images import ImageStep, image_problems, image_steps, image_warnings
 from runtime.modal.limits import function_problems, size_warnings
@@ -234,7 +234,7 @@ def stage_function(spec: Spec, stage_name: str) -> FunctionSpec:
         gpus = [f"{t}:{res.gpus_per_node}" for t in [res.gpu, *res.gpu_fallbacks]]
         gpu = gpus[0] if len(gpus) == 1 else gpus
     secret_keys = list(stage.secrets)
-    if isinstance(stage, RLStage) and spec.sandbox is not None and spec.sandbox.placement == "service":
+    if isinstance(stage, (RLStage, EvalStage)) and spec.sandbox is not None and spec.sandbox.placement == "service":
         if spec.sandbox.token_secret and spec.sandbox.token_secret not in secret_keys:
             secret_keys.append(spec.sandbox.token_secret)
     return FunctionSpec(
@@ -329,7 +329,7 @@ class StagePayload(Frozen):
     function: str
     environment: str | None = None
     stage: str
-    kind: Literal["sft", "rl"]
+    kind: Literal["sft", "rl", "eval"]
     restart_id: str
     segment: int = 0
     segments_planned: int = 1

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Dataset, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
+from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
 from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
@@ -62,6 +62,11 @@ from runtime.modal.app import (
     segments_for,
     stage_function_name,
 )
+from runtime.eval.discover import eval_checkpoint
+from runtime.eval.finalize import eval_outcome
+from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob
+from runtime.eval.render import eval_command, eval_job
+from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE
 from runtime.verl.common import StagePaths, with_planned_inputs
 from runtime.verl.sft import MERGE_MODULE, render_merge, render_sft
 
@@ -267,6 +272,8 @@ class ModalRuntime:
         )
         stage = spec.stages[ctx.stage]
         paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
+        if isinstance(stage, EvalStage):  # samples and metrics, no merge (runtime.eval)
+            return [in_container(eval_command(ctx, self._eval_job(ctx)))]
         if isinstance(stage, SFTStage):
             train = [render_sft(ctx, paths, cpu=False, attn_implementation=attention(ctx.spec.image))]
         else:
@@ -280,10 +287,18 @@ class ModalRuntime:
         merge = merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})
         return [in_container(c) for c in (*train, merge)]
 
+    def _eval_job(self, ctx: StageContext) -> EvalJob:
+        """The eval runner's job, with container paths; vLLM over the stage's GPUs."""
+        gpus = ctx.spec.stages[ctx.stage].resources.gpus_per_node
+        return eval_job(
+            ctx, out_dir=self.paths(ctx.spec, ctx.stage, ctx.restart_id).stage_dir, sandbox_url=self._sandbox_url(ctx),
+            gpus=gpus, device="cuda" if gpus else "cpu",
+        )
+
     def _sandbox_url(self, ctx: StageContext) -> str:
         sb = ctx.spec.sandbox
         if sb is None:
-            raise TerminalError(f"stage.{ctx.stage} is an RL stage but the spec declares no `sandbox`")
+            raise TerminalError(f"stage.{ctx.stage} calls the code sandbox but the spec declares no `sandbox`")
         if sb.placement == "sidecar":
             return f"http://127.0.0.1:{sb.port or SidecarSettings().port}"
         url = (ctx.inputs.get("sandbox") or {}).get("url")
@@ -315,11 +330,16 @@ class ModalRuntime:
             commands=[c.model_dump(mode="json") for c in commands],
             checkpoint_dir=self.paths(spec, ctx.stage, ctx.restart_id).ckpt_dir, checkpoint_volume=vol,
             volumes={modal_volume_name(spec, k): v.mount for k, v in sorted(spec.volumes.items())},
-            sidecar=_sidecar(sb) if isinstance(stage, RLStage) and sb is not None and sb.placement == "sidecar" else None,
-            sandbox_token_var=sandbox_token_env(spec) if isinstance(stage, RLStage) else None,
+            sidecar=_sidecar(sb) if isinstance(stage, (RLStage, EvalStage)) and sb is not None and sb.placement == "sidecar" else None,
+            sandbox_token_var=sandbox_token_env(spec) if isinstance(stage, (RLStage, EvalStage)) else None,
             replace_existing=replace,
             train_seconds=max(60.0, definition.function(stage_function_name(ctx.stage)).timeout_s - SEGMENT_MARGIN_S),
         )
+        if isinstance(stage, EvalStage):  # the runner reads its job from the run directory
+            files = {self._rel(ctx.stage, ctx.restart_id, JOB_FILE): self._eval_job(ctx).model_dump_json(indent=2).encode()}
+            if ctx.resume_from is None:  # from scratch: earlier samples go to .replaced/, never reused
+                files.update(self._set_aside_eval(ctx.stage, ctx.restart_id, vol, env, self.clock()))
+            self.adapter.put_files(vol, files, env=env)
         marker = ckpts.marker_content(ctx.restart_id, ctx.stage, res.world_size)
         self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode()}, env=env)
         call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
@@ -428,6 +448,12 @@ class ModalRuntime:
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
         env, vol = spec.modal.environment, self._stage_volume(spec, stage)
+        if isinstance(spec.stages[stage], EvalStage):  # complete sample rounds (runtime.eval.discover)
+            return eval_checkpoint(
+                run_dir=self.paths(spec, stage, restart_id).stage_dir, restart_id=restart_id,
+                marker=self._read_text(vol, self._rel(stage, restart_id, ckpts.MARKER_FILE), env),
+                progress=self._read_text(vol, self._rel(stage, restart_id, PROGRESS_FILE), env),
+            )
         try:
             listing = self.adapter.listdir(vol, stage, recursive=True, env=env)
         except FileNotFoundError:
@@ -457,6 +483,13 @@ class ModalRuntime:
         spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
         env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
         paths = self.paths(spec, ctx.stage, ctx.restart_id)
+        if isinstance(stage, EvalStage):  # metrics from the samples on the volume; nothing to merge
+            return eval_outcome(
+                paths.stage_dir, ctx.total_steps or stage.samples, checkpoint,
+                progress=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, PROGRESS_FILE), env),
+                samples=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, SAMPLES_FILE), env),
+                results=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, RESULTS_FILE), env),
+            )
         stamp_path = self._rel(ctx.stage, ctx.restart_id, "merged.json")
         check = stage.tool_call_check if isinstance(stage, SFTStage) else None
         stamp = self._read_json(vol, stamp_path, env)
@@ -504,6 +537,24 @@ class ModalRuntime:
         return self._rates.get(gpu, spec.pricing.gpu_hour_usd.get(gpu))
 
     # ------------------------------------------------------------------ helpers
+
+    def _set_aside_eval(self, stage: str, restart_id: str, vol: str, env: str | None, now: float) -> dict[str, bytes]:
+        """Files that keep an eval run's earlier samples under `<stage>/.replaced/` and
+        empty them in the run directory (a rerun from scratch draws every sample anew)."""
+        files: dict[str, bytes] = {}
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+        for name in (SAMPLES_FILE, PROGRESS_FILE, RESULTS_FILE):
+            old = self._read_text(vol, self._rel(stage, restart_id, name), env)
+            if old:
+                files[f"{stage}/.replaced/{ckpts.restart_dir_name(restart_id)}-{stamp}/{name}"] = old.encode()
+                files[self._rel(stage, restart_id, name)] = b"" if name == SAMPLES_FILE else b"{}"
+        return files
+
+    def _read_text(self, volume: str, path: str, env: str | None) -> str | None:
+        try:
+            return self.adapter.read_file(volume, path, env=env).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
 
     def _read_json(self, volume: str, path: str, env: str | None) -> dict[str, Any] | None:
         try:
