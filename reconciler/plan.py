@@ -248,7 +248,10 @@ class _Planner:
         stage = self.spec.stages.get(node.name) if node.kind == "stage" else None
         total = self._total_steps(stage) if stage else None
         notes = list(draft.notes)
-        if obs is not None:
+        if obs is not None and self.intended[node.address] in OUTPUT_CHANGING:
+            # Noted in the plan that starts the stage, where they matter (what it resumes
+            # from), not again on every plan that leaves it alone: a rerun's old identity
+            # stays on the volume for good. `retool status` lists them every time.
             notes += [f"invalid checkpoint {c} (not resumed from)" for c in obs.invalid_checkpoints]
         est, discard_steps, discard_hours = Estimate(), 0, 0.0
         if stage is not None:
@@ -350,6 +353,8 @@ class _Planner:
                 return _Draft("resume", [reason], notes, resume_from=step)
             if rec.steps_done > 0:
                 return _Draft("rerun", [reason, "no valid checkpoint to resume from"], discard=True)
+            if rec.run is not None:  # it was launched (then cancelled, failed or lost) before any step
+                return _Draft("rerun", [reason, "no step was reached: from the start"])
         return _Draft("create" if rec.steps_done == 0 else "rerun", [reason], discard=rec.steps_done > 0)
 
     def _checkpoint(self, rec: NodeRecord, obs: Any) -> tuple[int, list[str]] | None:

@@ -10,8 +10,11 @@ Rules every `SdkAdapter` call follows (MODAL.md, "Offline behaviour"):
   no reachable server the SDK retries for about a minute: past the deadline the call raises
   `ModalUnreachable` (a `TransientError`) and the caller decides (status says "unreachable",
   apply stops; a run is never relaunched because it could not be reached);
-- SDK exceptions are translated: NotFoundError → FileNotFoundError (files) or False/None,
-  AuthError → TerminalError, ConnectionError → ModalUnreachable.
+- SDK exceptions are translated by meaning (`translate`): unreachable (ConnectionError,
+  ServiceError, InternalError, rate limits: `ModalUnreachable`, retry later, nothing
+  decided), gone (a missing file or volume: FileNotFoundError / `VolumeNotFound`; an unknown
+  call id: `CallNotFound`), terminal (AuthError, PermissionDeniedError, VersionError:
+  `TerminalError`). Polling classifies the call itself (`CallOutcome.state`).
 
 Paths inside volumes are relative to the volume's root (`sft/abc/global_step_5/x.pt`).
 """
@@ -29,7 +32,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from reconciler.errors import TerminalError, TransientError
+from reconciler.errors import RetoolError, TerminalError, TransientError
 from runtime.cluster.layout import ClusterInfo
 from runtime.modal.app import WORKER_MODULE, AppDefinition, FunctionSpec, ImageStep
 
@@ -44,6 +47,23 @@ class ModalUnreachable(TransientError):
     """Modal did not answer in time, or the connection failed. Nothing was decided."""
 
 
+class VolumeNotFound(TerminalError):
+    """A write to a Modal volume that does not exist (the SDK's NotFoundError on upload)."""
+
+
+class CallNotFound(TerminalError):
+    """Modal knows no function call with this id (another workspace or environment, or never made)."""
+
+
+class FunctionStats(BaseModel):
+    """`Function.get_current_stats()`: inputs waiting, and containers running, right now."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backlog: int = 0
+    runners: int = 0
+
+
 class VolumeEntry(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -53,7 +73,10 @@ class VolumeEntry(BaseModel):
     mtime: float = 0.0
 
 
-CallState = Literal["running", "succeeded", "failed", "cancelled", "expired"]
+# expired: Modal no longer keeps the result; lost: Modal lost the input (InternalFailure: a
+# preempted or failed worker after its retries) -- both are judged from what the run left
+# on its volume, and relaunched from the checkpoint when it left no result.
+CallState = Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"]
 
 
 class CallOutcome(BaseModel):
@@ -98,12 +121,15 @@ class ModalAdapter(Protocol):
         ...
 
     def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
-        """Upload (overwriting) in one batch: remote path -> bytes or a local file."""
+        """Upload (overwriting) in one batch: remote path -> bytes or a local file.
+        `VolumeNotFound` when the volume does not exist (nothing is created)."""
         ...
 
-    def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None: ...
+    def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
+        """Remove a file or directory; FileNotFoundError when it is not there."""
+        ...
 
-    # --- dict (locks only: entries expire after 7 idle days)
+    # --- dict (locks and launch keys only: entries expire after 7 idle days)
     def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False, env: str | None = None) -> bool:
         """False when `skip_if_exists` and the key exists (atomic put-if-absent)."""
         ...
@@ -121,13 +147,29 @@ class ModalAdapter(Protocol):
         """Spawn one call of a deployed function; returns the FunctionCall id."""
         ...
 
-    def poll(self, call_id: str) -> CallOutcome: ...
+    def poll(self, call_id: str) -> CallOutcome:
+        """`get(timeout=0)`, classified; `CallNotFound` for an id Modal does not know,
+        `ModalUnreachable` when Modal cannot be asked (the call's fate is unknown)."""
+        ...
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
         """Like poll, but waits up to `timeout_s` for a result."""
         ...
 
     def cancel(self, call_id: str) -> None: ...
+
+    def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
+        """Inputs queued and containers running for a deployed function (a spawn whose answer
+        was lost shows up here before its container starts)."""
+        ...
+
+    def secret_problem(self, name: str, keys: list[str], *, env: str | None = None) -> str | None:
+        """Why the Modal secret `name` cannot provide `keys` (missing, or keys absent); None when it can."""
+        ...
+
+    def build_image_now(self, steps: list[ImageStep]) -> str:
+        """Build the image chain eagerly (no function runs); returns the image id."""
+        ...
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str: ...
 
@@ -234,13 +276,13 @@ class SdkAdapter:
         if problem:
             raise TerminalError(problem, "", LOGIN_HINT)
         modal = self._modal()
-        exc_mod = modal.exception
         try:
             return call_with_deadline(fn, timeout_s or self.call_timeout_s, what)
-        except exc_mod.AuthError as exc:
-            raise TerminalError("Modal rejected the credentials", str(exc), LOGIN_HINT) from exc
-        except exc_mod.ConnectionError as exc:
-            raise ModalUnreachable(f"Cannot reach Modal ({what})", str(exc), "try again when the network is back") from exc
+        except Exception as exc:  # noqa: BLE001 - translated by meaning, or re-raised as is
+            translated = translate(modal.exception, exc, what)
+            if translated is None or translated is exc:
+                raise
+            raise translated from exc
 
     def credentials_problem(self) -> str | None:
         if self._in_container():
@@ -322,8 +364,17 @@ class SdkAdapter:
         return self._call(run, f"read {volume}:{path}", DATA_TIMEOUT_S)
 
     def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+        not_found = self._modal().exception.NotFoundError
+
         def run() -> None:
-            with self._volume(volume, env).batch_upload(force=True) as batch:
+            try:
+                upload(self._volume(volume, env))
+            except not_found as exc:
+                raise VolumeNotFound(f"Modal volume {volume} does not exist", str(exc),
+                                     "`retool apply` creates the spec's volumes; check modal.environment") from exc
+
+        def upload(vol: Any) -> None:
+            with vol.batch_upload(force=True) as batch:
                 for remote, data in files.items():
                     target = "/" + remote.strip("/")
                     if isinstance(data, Path):
@@ -340,10 +391,12 @@ class SdkAdapter:
         not_found = self._modal().exception.NotFoundError
 
         def run() -> None:
+            # modal 1.6.4's remove_file turns the server's NotFoundError into the built-in
+            # FileNotFoundError; a missing volume raises NotFoundError when it hydrates.
             try:
                 self._volume(volume, env).remove_file("/" + path.strip("/"), recursive=recursive)
-            except not_found:
-                pass
+            except not_found as exc:
+                raise FileNotFoundError(f"{volume}:{path}") from exc
 
         self._call(run, f"remove {volume}:{path}")
 
@@ -457,20 +510,8 @@ class SdkAdapter:
         def run() -> CallOutcome:
             try:
                 value = modal.FunctionCall.from_id(call_id).get(timeout=timeout)
-            except exc_mod.OutputExpiredError:
-                return CallOutcome(state="expired", error="the call's result expired on Modal")
-            except exc_mod.FunctionTimeoutError as exc:
-                return CallOutcome(state="failed", error=f"timed out: {exc}")
-            except (exc_mod.AuthError, exc_mod.ConnectionError):
-                raise
-            except builtins.TimeoutError:
-                return CallOutcome(state="running")
-            except exc_mod.InputCancellation:
-                return CallOutcome(state="cancelled", error="cancelled")
-            except Exception as exc:  # noqa: BLE001 - the remote function's own failure
-                text = f"{type(exc).__name__}: {exc}"
-                state: CallState = "cancelled" if "cancel" in str(exc).lower() else "failed"
-                return CallOutcome(state=state, error=text[-4000:])
+            except BaseException as exc:  # noqa: BLE001 - InputCancellation is a BaseException
+                return call_outcome(exc_mod, exc, call_id)
             return CallOutcome(state="succeeded", result=value)
 
         return self._call(run, f"poll {call_id}", self.call_timeout_s + timeout)
@@ -484,6 +525,36 @@ class SdkAdapter:
     def cancel(self, call_id: str) -> None:
         modal = self._modal()
         self._call(lambda: modal.FunctionCall.from_id(call_id).cancel(terminate_containers=True), f"cancel {call_id}")
+
+    def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
+        def run() -> FunctionStats:
+            stats = self._function(app_name, function, env).get_current_stats()
+            return FunctionStats(backlog=int(stats.backlog), runners=int(stats.num_total_runners))
+
+        return self._call(run, f"stats of {app_name}.{function}")
+
+    def secret_problem(self, name: str, keys: list[str], *, env: str | None = None) -> str | None:
+        modal = self._modal()
+        exc_mod = modal.exception
+
+        def run() -> str | None:
+            try:  # the server checks `required_keys` when the reference hydrates
+                modal.Secret.from_name(name, environment_name=env, required_keys=list(keys)).hydrate()
+            except (exc_mod.NotFoundError, exc_mod.InvalidError) as exc:
+                return str(exc) or f"secret {name} not found"
+            return None
+
+        return self._call(run, f"secret {name}")
+
+    def build_image_now(self, steps: list[ImageStep]) -> str:
+        modal = self._modal()
+        self.check_connection()
+        image = self.build_image(steps)
+        # A first build pulls the base image and installs packages: minutes, so no deadline
+        # (the connection was just proven); later builds are cached by recipe.
+        with modal.enable_output():
+            image.build()
+        return str(image.object_id)
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
         return str(self._call(lambda: self._function(app_name, function, env).get_web_url(), f"url of {function}"))
@@ -513,6 +584,51 @@ class SdkAdapter:
         info = modal.experimental.get_cluster_info()
         return ClusterInfo(rank=int(info.rank), cluster_id=str(info.cluster_id), ips=list(info.container_ips),
                            ipv4_ips=list(info.container_ipv4_ips))
+
+
+def translate(exc_mod: Any, exc: BaseException, what: str) -> RetoolError | None:
+    """An SDK exception by what it means for the caller; None: not the SDK's (re-raise it)."""
+    if isinstance(exc, RetoolError):
+        return exc
+    if isinstance(exc, exc_mod.AuthError):
+        return TerminalError("Modal rejected the credentials", str(exc), LOGIN_HINT)
+    if isinstance(exc, (exc_mod.PermissionDeniedError, exc_mod.VersionError)):
+        return TerminalError(f"Modal refused {what}: {type(exc).__name__}", str(exc))
+    unreachable = (exc_mod.ConnectionError, exc_mod.ServiceError, exc_mod.InternalError, exc_mod.ResourceExhaustedError,
+                   builtins.ConnectionError)
+    if isinstance(exc, unreachable):
+        return ModalUnreachable(f"Cannot reach Modal ({what}): {type(exc).__name__}", str(exc),
+                                "nothing was decided; try again when Modal answers")
+    return None
+
+
+def call_outcome(exc_mod: Any, exc: BaseException, call_id: str) -> CallOutcome:
+    """What `FunctionCall.get(timeout=...)` raising `exc` says about the call (modal 1.6.4:
+    `poll_function` raises the built-in TimeoutError while it runs, OutputExpiredError once its
+    result is gone; `_process_result` raises FunctionTimeoutError, InternalFailure (Modal lost
+    the input), the function's own exception, or RemoteError for a terminated/cancelled call).
+    Errors that say nothing about the call (the connection, the credentials) are raised."""
+    if isinstance(exc, builtins.TimeoutError) and not isinstance(exc, exc_mod.Error):
+        return CallOutcome(state="running")
+    if isinstance(exc, exc_mod.OutputExpiredError):
+        return CallOutcome(state="expired", error="the call's result expired on Modal")
+    if isinstance(exc, exc_mod.InternalFailure):
+        return CallOutcome(state="lost", error=f"Modal lost the call's input: {exc}"[-4000:])
+    if isinstance(exc, (exc_mod.NotFoundError, exc_mod.InvalidError)):
+        raise CallNotFound(f"Modal knows no function call {call_id}", str(exc),
+                           "was it started in another workspace or environment (modal.environment)?") from exc
+    if isinstance(exc, exc_mod.InputCancellation):
+        return CallOutcome(state="cancelled", error="cancelled")
+    if isinstance(exc, exc_mod.FunctionTimeoutError):
+        return CallOutcome(state="failed", error=f"timed out: {exc}")
+    translated = translate(exc_mod, exc, f"poll {call_id}")
+    if translated is not None:
+        raise translated from exc
+    if not isinstance(exc, Exception):
+        raise exc  # KeyboardInterrupt, SystemExit
+    text = f"{type(exc).__name__}: {exc}"
+    state: CallState = "cancelled" if "cancel" in str(exc).lower() else "failed"
+    return CallOutcome(state=state, error=text[-4000:])
 
 
 def parse_gpu_rates(rates: dict[str, float]) -> dict[str, float]:

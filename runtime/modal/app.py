@@ -34,6 +34,7 @@ from pydantic import Field
 from reconciler.spec import EvalStage, RLStage, Spec
 from reconciler.records import Frozen
 from runtime.modal.images import ImageStep, image_problems, image_steps, image_warnings
+from runtime.modal.launches import LaunchKey
 from runtime.modal.limits import function_problems, size_warnings
 
 MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
@@ -352,6 +353,7 @@ class StagePayload(Frozen):
     replace_existing: bool = False
     train_seconds: float  # per attempt: stop, commit and hand over to the next segment after this
     commit_every_s: float = 600.0
+    launch: LaunchKey | None = None  # how the call registers itself (runtime.modal.launches)
 
 
 class StageResult(Frozen):

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, 
 from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
-from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalAdapter, ModalUnreachable
+from runtime.modal import launches
+from runtime.modal.adapter import LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable
 from runtime.modal.images import base_facts, parse_requirement
 from runtime.cluster.liveness import alive_count, liveness_text
 from runtime.modal.app import (
@@ -309,6 +311,9 @@ class ModalRuntime:
     # ------------------------------------------------------------------ stages: runs
 
     def launch_stage(self, ctx: StageContext) -> RunHandle:
+        """Idempotent per stage identity (runtime.modal.launches): re-attaches to a running
+        call of this identity, refuses while an earlier launch whose answer was lost may still
+        be queued, and records the launch's intent before spawning."""
         spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
         env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
         commands = self.render_stage(ctx)
@@ -316,6 +321,9 @@ class ModalRuntime:
         if existing is not None:  # launched before, but the handle never reached the state
             return existing
         definition, _ = self._ensure_deployed(spec)
+        usd = self.gpu_hour_usd(spec, stage.resources.gpu)  # before spawning: nothing may fail after it
+        launch = launches.LaunchKey(registry=launches.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
+                           key=launches.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
         res = stage.resources
         replace = ctx.resume_from is None and any(
             c.restart_id == ctx.restart_id for c in self.discover_checkpoints(spec, ctx.stage, ctx.restart_id)
@@ -334,6 +342,7 @@ class ModalRuntime:
             sandbox_token_var=sandbox_token_env(spec) if isinstance(stage, (RLStage, EvalStage)) else None,
             replace_existing=replace,
             train_seconds=max(60.0, definition.function(stage_function_name(ctx.stage)).timeout_s - SEGMENT_MARGIN_S),
+            launch=launch,
         )
         if isinstance(stage, EvalStage):  # the runner reads its job from the run directory
             files = {self._rel(ctx.stage, ctx.restart_id, JOB_FILE): self._eval_job(ctx).model_dump_json(indent=2).encode()}
@@ -341,67 +350,122 @@ class ModalRuntime:
                 files.update(self._set_aside_eval(ctx.stage, ctx.restart_id, vol, env, self.clock()))
             self.adapter.put_files(vol, files, env=env)
         marker = ckpts.marker_content(ctx.restart_id, ctx.stage, res.world_size)
-        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode()}, env=env)
-        call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
         started = self.clock()
+        intent = launches.intent(launch.launch_id, payload.function, started)
+        self.adapter.put_files(vol, {
+            self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode(),
+            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, launches.LAUNCH_FILE): json.dumps(intent).encode(),
+        }, env=env)
+        try:
+            call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
+        except ModalUnreachable as exc:
+            raise ModalUnreachable(
+                f"stage.{ctx.stage}: no answer to its launch; the run may have started", exc.summary,
+                "run `retool apply` again: it finds the run by its launch key and re-attaches (it never starts a "
+                "second run of the same stage)",
+            ) from exc
+        handle = self._handle(spec, ctx.stage, ctx.restart_id, call_id, definition.app_name, started, ctx.total_steps,
+                              commands[0].argv, usd=usd)
+        try:  # best effort: the container registers itself at start too, and run.json says the same
+            launches.register(self.adapter, launch, call_id, 0, started, env=env)
+        except (ModalUnreachable, TerminalError):
+            pass
         run = {"call_id": call_id, "app_name": definition.app_name, "function": payload.function, "segment": 0,
-               "head_call_id": call_id, "launched_at": started}
+               "head_call_id": call_id, "launched_at": started, "launch_id": launch.launch_id}
         self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, RUN_DIR, "run.json"): json.dumps(run).encode()},
                                env=env)
-        return self._handle(spec, ctx.stage, ctx.restart_id, call_id, definition.app_name, started, ctx.total_steps,
-                            commands[0].argv)
+        return handle
 
     def _handle(self, spec: Spec, stage: str, restart_id: str, call_id: str, app: str, started: float,
-                total: int | None, argv: list[str]) -> RunHandle:
+                total: int | None, argv: list[str], *, segment: int = 0, usd: float | None = None,
+                reattached: bool = False) -> RunHandle:
         definition = spec.stages[stage]
         res = definition.resources
         return RunHandle(
             ref=ModalRun(
-                call_id=call_id, app_name=app, segment=0, volume=self._stage_volume(spec, stage),
+                call_id=call_id, app_name=app, segment=segment, volume=self._stage_volume(spec, stage),
                 run_dir=self._rel(stage, restart_id, RUN_DIR), environment=spec.modal.environment,
-                gpus=res.gpus_per_node * res.nodes, gpu=res.gpu, usd_per_gpu_hour=self.gpu_hour_usd(spec, res.gpu),
+                gpus=res.gpus_per_node * res.nodes, gpu=res.gpu,
+                usd_per_gpu_hour=usd if usd is not None else self.gpu_hour_usd(spec, res.gpu),
             ),
             stage=stage, kind=definition.kind, restart_id=restart_id, started_at=started, command=list(argv),
-            total_steps=total,
+            total_steps=total, reattached=reattached,
         )
 
     def _running_call(self, spec: Spec, stage: str, restart_id: str) -> RunHandle | None:
-        run = self._read_json(self._stage_volume(spec, stage), self._rel(stage, restart_id, RUN_DIR, "run.json"),
-                              spec.modal.environment)
-        if not run or not run.get("call_id"):
-            return None
-        head = str(run.get("head_call_id") or run["call_id"])
-        handle = self._handle(spec, stage, restart_id, head, str(run.get("app_name")), float(run.get("launched_at", 0)),
-                              None, [])
-        return handle if self.poll_stage(handle).state == "running" else None
+        """A running call of this stage identity (re-attach to it), found through the launch
+        registry and run.json; raises ModalUnreachable while an earlier launch whose answer was
+        lost may still be queued, or when Modal cannot be asked."""
+        env, vol, app = spec.modal.environment, self._stage_volume(spec, stage), app_name(spec)
+        run = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, "run.json"), env) or {}
+        pending = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, launches.LAUNCH_FILE), env) or {}
+        reg = launches.lookup(self.adapter, launches.registry_name(app), launches.stage_key(app, stage, restart_id),
+                              env=env)
+        candidates: list[tuple[str, int, float]] = []
+        if reg is not None:
+            candidates.append((reg.call_id, reg.segment, reg.at))
+        if run.get("call_id"):
+            candidates.append((str(run.get("head_call_id") or run["call_id"]), 0, float(run.get("launched_at", 0))))
+        for call_id, segment, at in dict.fromkeys(candidates):
+            handle = self._handle(spec, stage, restart_id, call_id, str(run.get("app_name") or app), at, None, [],
+                                  segment=segment, reattached=True)
+            try:
+                if self.poll_stage(handle).state == "running":
+                    return handle
+            except CallNotFound:
+                continue
+        matched = {reg.launch_id if reg else None, run.get("launch_id")}
+        if pending.get("launch_id") and pending["launch_id"] not in matched:
+            stats = self.adapter.function_stats(app, stage_function_name(stage), env=env)
+            if stats.backlog or stats.runners:
+                raise ModalUnreachable(
+                    f"stage.{stage}: an earlier launch ({pending['launch_id']}) got no answer and may still be waiting "
+                    "for its GPUs; not starting a second run",
+                    f"{stage_function_name(stage)} has {stats.backlog} queued input(s) and {stats.runners} container(s)",
+                    "try again in a few minutes (the run registers itself when it starts); to give it up, stop it in "
+                    "Modal's dashboard first",
+                )
+        return None
 
     def poll_stage(self, handle: RunHandle) -> RunStatus:
+        """Errors by meaning: Modal unreachable -> ModalUnreachable (the engine keeps the run
+        and asks again); the call gone (result expired, input lost, id unknown) -> judged from
+        what the run left on its volume, else `lost` (relaunched from its checkpoint); the
+        run's own failure -> `failed` with the reason."""
         ref = modal_ref(handle)
         call_id, segment = ref.call_id, ref.segment
-        outcome = self.adapter.poll(call_id)
+        outcome = self._poll(call_id)
         for _ in range(CHAIN_LIMIT):
-            if outcome.state == "expired":
-                outcome, call_id, segment = self._from_volume(handle, call_id, segment)
+            if outcome.state in ("expired", "lost"):
+                outcome, call_id, segment = self._from_volume(handle, call_id, segment, outcome)
             result = outcome.result if isinstance(outcome.result, dict) else {}
             if outcome.state == "succeeded" and result.get("outcome") == "continued" and result.get("next_call_id"):
                 call_id, segment = str(result["next_call_id"]), segment + 1
-                outcome = self.adapter.poll(call_id)
+                outcome = self._poll(call_id)
                 continue
             break
         return self._status(handle, outcome, segment)
 
-    def _from_volume(self, handle: RunHandle, call_id: str, segment: int) -> tuple[CallOutcome, str, int]:
-        """A call whose result Modal no longer keeps: what its run left on the volume."""
+    def _poll(self, call_id: str) -> CallOutcome:
+        try:
+            return self.adapter.poll(call_id)
+        except CallNotFound as exc:
+            return CallOutcome(state="lost", error=exc.summary)
+
+    def _from_volume(self, handle: RunHandle, call_id: str, segment: int,
+                     gone: CallOutcome | None = None) -> tuple[CallOutcome, str, int]:
+        """A call whose result Modal no longer has (expired, lost, unknown): what its run left on the volume."""
         ref = modal_ref(handle)
         vol, run_dir, env = ref.volume, ref.run_dir, ref.environment
         run = self._read_json(vol, f"{run_dir}/run.json", env) or {}
         if run.get("call_id") and run.get("call_id") != call_id and int(run.get("segment", 0)) > segment:
             nxt = str(run["call_id"])
-            return self.adapter.poll(nxt), nxt, int(run["segment"])
+            return self._poll(nxt), nxt, int(run["segment"])
         result = self._read_json(vol, f"{run_dir}/result.json", env)
         if result and result.get("outcome") in ("finished", "failed"):
             return CallOutcome(state="succeeded", result=result), call_id, segment
-        return CallOutcome(state="expired", error="its result expired and the run left no result"), call_id, segment
+        why = gone.error if gone is not None and gone.error else "its result expired"
+        return CallOutcome(state="expired", error=f"{why}; the run left no result"), call_id, segment
 
     def _status(self, handle: RunHandle, outcome: CallOutcome, segment: int) -> RunStatus:
         ref = modal_ref(handle)
@@ -438,7 +502,9 @@ class ModalRuntime:
         """Cancels the call now running (the last segment of the chain)."""
         call_id = modal_ref(handle).call_id
         for _ in range(CHAIN_LIMIT):
-            outcome = self.adapter.poll(call_id)
+            outcome = self._poll(call_id)
+            if outcome.state == "lost":
+                return  # Modal knows no such call: nothing runs to cancel
             result = outcome.result if isinstance(outcome.result, dict) else {}
             if outcome.state == "succeeded" and result.get("next_call_id"):
                 call_id = str(result["next_call_id"])
@@ -532,7 +598,9 @@ class ModalRuntime:
         if self._rates is None:
             try:
                 self._rates = self.adapter.gpu_rates()
-            except (TerminalError, ModalUnreachable, OSError):
+            except ModalUnreachable:  # ask again next time; the spec's table meanwhile
+                return spec.pricing.gpu_hour_usd.get(gpu)
+            except Exception:  # noqa: BLE001 - a price is optional: any other billing error means "use the table"
                 self._rates = {}
         return self._rates.get(gpu, spec.pricing.gpu_hour_usd.get(gpu))
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
+from runtime.modal.live_logs import LiveLogs
 from runtime.modal.app import (
     RUN_DIR,
     FinalizePayload,
@@ -180,6 +181,7 @@ class StageRunner:
         self.rank = 0
         self.node: ClusterNode | None = None
         self._lock = threading.Lock()
+        self.logs = LiveLogs(self.run_dir / "logs")  # open logs stay off the volume (see live_logs)
 
     # ----------------------------------------------------------------- driver
 
@@ -202,6 +204,9 @@ class StageRunner:
     def _run(self) -> dict[str, Any]:
         p, node = self.p, self.node
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        duplicate = self._register_launch() if self.rank == 0 else None
+        if duplicate is not None:
+            return duplicate
         plan = node.join() if node is not None else None  # rank 0 waits for every rank; others get its plan
         if plan is not None and "ended" in plan:  # rank 0 had nothing to train (already handed over)
             return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {plan['ended']}").model_dump()
@@ -301,6 +306,34 @@ class StageRunner:
             message=f"segment {p.segment} stopped at step {latest}; segment {p.segment + 1} continues",
         ).model_dump()
 
+    def _register_launch(self) -> dict[str, Any] | None:
+        """Register this call under its stage identity (runtime.modal.launches), so a launch
+        whose spawn answer was lost is found; a duplicate of a run that is still going stops
+        here, before training."""
+        launch = self.p.launch
+        if launch is None:
+            return None
+        from runtime.modal import launches
+
+        me = self.adapter.current_call_id() or ""
+        try:
+            current = launches.lookup(self.adapter, launch.registry, launch.key, env=self.p.environment)
+            if current is not None and current.launch_id != launch.launch_id and current.call_id != me:
+                try:
+                    other = self.adapter.poll(current.call_id).state
+                except Exception:  # noqa: BLE001 - an unknown or unreachable call is not running here
+                    other = "unknown"
+                if other == "running":
+                    return StageResult(
+                        outcome="failed", segment=self.p.segment,
+                        message=f"another run of this stage is running (call {current.call_id}, launch "
+                                f"{current.launch_id}); this duplicate stopped without training",
+                    ).model_dump()
+            launches.register(self.adapter, launch, me, self.p.segment, self.clock(), env=self.p.environment)
+        except Exception as exc:  # noqa: BLE001 - the run.json chain still finds this call
+            print(f"[retool] could not register launch {launch.launch_id}: {exc}", flush=True)
+        return None
+
     def _spawned_next(self) -> str | None:
         """The next segment's call, if an earlier attempt of this segment already spawned it
         (and then died before returning): a segment is never trained or spawned twice."""
@@ -371,12 +404,11 @@ class StageRunner:
         if self.node is not None:  # every node runs its own sidecar (nodes sharing a host: their own port)
             settings = settings.model_copy(update={"port": settings.port + self.node.ports.sidecar_offset})
         name = f"sandbox-{self.p.segment}" + (f"-rank-{self.rank}" if self.node is not None else "")
-        return start_sidecar(settings, self.run_dir / "logs" / f"{name}.log")
+        return start_sidecar(settings, self.logs.live(f"{name}.log"))
 
     def _run_command(self, argv: list[str], cmd: dict[str, Any], deadline: float) -> int | str:
         env = {**os.environ, **cmd.get("env", {})}
-        log_path = self.run_dir / "logs" / f"segment-{self.p.segment}-rank-{self.rank}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs.live(f"segment-{self.p.segment}-rank-{self.rank}.log")
         line = f"[retool] $ {' '.join(argv)}"
         print(line, flush=True)
         with log_path.open("a", encoding="utf-8") as log:
@@ -417,6 +449,7 @@ class StageRunner:
 
     def _commit_all(self) -> None:
         self._write_progress()
+        self.logs.sync()
         for name in self.p.volumes:
             try:
                 self.adapter.commit_volume(name)

@@ -5,19 +5,28 @@ It models what retool relies on, with Modal's own rules (MODAL.md):
 - credentials: with no token every remote call raises `TerminalError` at once (the SDK's
   AuthError, translated the way `SdkAdapter` does); `reachable=False` makes every remote
   call raise `ModalUnreachable` (what `SdkAdapter`'s deadline raises);
-- volumes: trees of files (`{path: bytes}`, directories implied by paths); `listdir` of a
-  missing path raises FileNotFoundError, `remove` of a non-empty directory needs
-  `recursive`; operations on a volume that does not exist raise FileNotFoundError;
+- volumes: trees of files (`{path: bytes}`, directories implied by paths); `listdir`,
+  `read_file` and `remove` of a missing path raise the built-in FileNotFoundError (modal
+  1.6.4's `remove_file` converts the server's NotFoundError to it), `remove` of a non-empty
+  directory needs `recursive`; reads on a volume that does not exist raise
+  FileNotFoundError, uploads raise `VolumeNotFound` (the SDK's NotFoundError, translated);
 - dicts: `put(skip_if_exists=True)` is an atomic put-if-absent; entries expire after
   7 days without a read or write (clock injectable);
 - deploy: rejects what Modal's servers reject — build steps after `add_local_python_source`,
-  unknown GPU types, timeouts over 24 h, bad function names, secrets or volumes that do not
+  GPU types or counts outside Modal's documented list (`runtime.modal.limits`, case-insensitive
+  like the client), timeouts over 24 h, bad function names, secrets or volumes that do not
   exist; it records every definition deployed;
 - calls: `spawn` needs a deployed app and function and returns an `fc-…` id; a call runs
   until the test finishes it (`complete`, `fail`, `preempt`...) or a registered handler
   (the container's behaviour) returns; `poll` is `get(timeout=0)`: running, succeeded,
-  failed, cancelled, or expired (results expire; unknown ids read as expired);
-- the container side (reload, commit, cluster info, current call id) is recorded;
+  failed, cancelled, expired (results expire) or lost (`lose`: Modal's InternalFailure); an
+  unknown id raises `CallNotFound`; `lost_spawn_answers=N` makes the next N spawns start
+  their call and then raise `ModalUnreachable` (the answer missed the adapter's deadline);
+- the container side (reload, commit, cluster info, current call id) is recorded (with a
+  volume's mount in `mounts`, `reload_volume` raises RuntimeError while a file under it is
+  open in this process or its children, and `commit_volume` reloads after committing, so it
+  raises too: modal 1.6.4 `Volume.reload`/`commit`, "there are open files preventing the
+  operation");
 - clustered functions (`cluster_size=N`) need GPUs; tests/fakes/fake_cluster.py runs them
   for real as N local processes.
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,14 +47,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from reconciler.errors import TerminalError
-from reconciler.spec import GPU_TYPES
 from runtime.cluster.layout import ClusterInfo
-from runtime.modal.adapter import LOGIN_HINT, CallOutcome, ModalUnreachable, VolumeEntry
+from runtime.modal.adapter import (
+    LOGIN_HINT, CallNotFound, CallOutcome, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound,
+)
+from runtime.modal.limits import gpu_problem
 from runtime.modal.app import AppDefinition
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
-GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9-]+!?)(:(?P<count>\d+))?$")
 
 
 class FakeModalError(Exception):
@@ -65,7 +76,7 @@ class FakeCall:
     function: str
     payload: dict[str, Any]
     env: dict[str, str]  # what the container would see from its secrets
-    state: Literal["running", "succeeded", "failed", "cancelled", "expired"] = "running"
+    state: Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"] = "running"
     result: Any = None
     error: str = ""
     attempts: int = 1
@@ -87,6 +98,10 @@ class FakeModal:
     cluster: ClusterInfo = field(default_factory=lambda: ClusterInfo(rank=0))  # what cluster_info() answers in a container
 
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
+    lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
+    images_built: list[list[Any]] = field(default_factory=list)
+    on_commit: Callable[[str], None] | None = None  # test hook: called with the volume name on each commit
     dicts: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # key -> (value, last access)
     deployed: dict[str, AppDefinition] = field(default_factory=dict)
     deploys: list[AppDefinition] = field(default_factory=list)
@@ -171,7 +186,9 @@ class FakeModal:
 
     def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
         self._remote("put_files", volume, *sorted(files))
-        target = self._vol(volume)
+        if volume not in self.volumes:
+            raise VolumeNotFound(f"Modal volume {volume} does not exist")
+        target = self.volumes[volume]
         for remote, data in files.items():
             key = remote.strip("/")
             if isinstance(data, Path):
@@ -188,6 +205,8 @@ class FakeModal:
         files = self._vol(volume)
         key = path.strip("/")
         under = [f for f in files if f.startswith(key + "/")]
+        if key not in files and not under:
+            raise FileNotFoundError(f"{volume}:{path}")
         if under and not recursive:
             raise FakeModalError(f"InvalidError: {path} is a non-empty directory (pass recursive=True)")
         for f in under:
@@ -254,9 +273,9 @@ class FakeModal:
             if fn.timeout_s > 86400:
                 raise FakeModalError(f"InvalidError: timeout {fn.timeout_s}s of {fn.name} exceeds 24 hours")
             for gpu in [fn.gpu] if isinstance(fn.gpu, str) else (fn.gpu or []):
-                m = GPU_RE.match(gpu)
-                if not m or m.group("type") not in GPU_TYPES:
-                    raise FakeModalError(f"InvalidError: unknown GPU type {gpu!r}")
+                why = gpu_problem(gpu)  # Modal's documented types and counts
+                if why:
+                    raise FakeModalError(f"InvalidError: {why}")
             for secret in fn.secrets:
                 if secret not in self.secrets:
                     raise FakeModalError(f"NotFoundError: Secret {secret!r} not found")
@@ -279,6 +298,9 @@ class FakeModal:
         call = FakeCall(f"fc-{next(self._ids):06d}", app_name, function, payload, {**fn.env, **values})
         self.calls[call.call_id] = call
         self._run_handler(call)
+        if self.lost_spawn_answers > 0:  # the call exists; its id never reaches the caller
+            self.lost_spawn_answers -= 1
+            raise ModalUnreachable(f"Modal did not answer within 60 s (spawn {app_name}.{function})")
         return call.call_id
 
     def _run_handler(self, call: FakeCall) -> None:
@@ -300,7 +322,7 @@ class FakeModal:
         self._remote("poll", call_id)
         call = self._call(call_id)
         if call is None:
-            return CallOutcome(state="expired", error="unknown call id")
+            raise CallNotFound(f"Modal knows no function call {call_id}")
         if call_id in self.watchers:
             self.watchers[call_id](call, "poll")
         return CallOutcome(state=call.state, result=call.result, error=call.error)
@@ -315,6 +337,27 @@ class FakeModal:
             if call_id in self.watchers:
                 self.watchers[call_id](call, "cancel")  # terminate_containers=True
             call.state, call.error = "cancelled", "cancelled"
+
+    def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
+        self._remote("function_stats", app_name, function)
+        if app_name not in self.deployed:
+            raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
+        running = len(self.running_calls(function))
+        return FunctionStats(backlog=running, runners=running)
+
+    def secret_problem(self, name: str, keys: list[str], *, env: str | None = None) -> str | None:
+        self._remote("secret_problem", name)
+        if name not in self.secrets:
+            return f"Secret '{name}' not found in environment '{env or 'main'}'"
+        missing = [k for k in keys if k not in self.secrets[name]]
+        return f"Secret '{name}' is missing keys {', '.join(missing)}" if missing else None
+
+    def build_image_now(self, steps: list[Any]) -> str:
+        self._remote("build_image_now")
+        probe = AppDefinition(app_name="image-build", image=steps, functions=[])
+        self._validate(probe)
+        self.images_built.append(list(steps))
+        return f"im-{len(self.images_built):06d}"
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
         self._remote("web_url", app_name, function)
@@ -339,6 +382,10 @@ class FakeModal:
     def expire(self, call_id: str) -> None:
         self.calls[call_id].state, self.calls[call_id].result = "expired", None
 
+    def lose(self, call_id: str) -> None:
+        """Modal lost the input (InternalFailure after its retries)."""
+        self.calls[call_id].state, self.calls[call_id].result = "lost", None
+
     def preempt(self, call_id: str) -> None:
         """The container died; Modal restarts the same input (the call stays running)."""
         call = self.calls[call_id]
@@ -352,15 +399,55 @@ class FakeModal:
 
     def reload_volume(self, name: str) -> None:
         self.ops.append(("reload_volume", name))
+        self._refuse_open_files(name)
 
     def commit_volume(self, name: str) -> None:
         self.ops.append(("commit_volume", name))
+        if self.on_commit is not None:
+            self.on_commit(name)
+        self._refuse_open_files(name)  # modal 1.6.4: commit() reloads after committing
+
+    def _refuse_open_files(self, name: str) -> None:
+        mount = self.mounts.get(name)
+        if mount is None:
+            return
+        found = open_files_under(mount)
+        if found:
+            self.ops.append(("refused_open_files", name, found[0]))
+            raise RuntimeError(f"there are open files preventing the operation: {found[0]} is open")
 
     def current_call_id(self) -> str | None:
         return self.call_id_in_container
 
     def cluster_info(self) -> ClusterInfo:
         return self.cluster
+
+
+def open_files_under(root: Path) -> list[str]:
+    """Files under `root` held open by this process or its descendants (Linux /proc)."""
+    root = Path(root).resolve()
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pids, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    found: list[str] = []
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = Path(os.readlink(fd))
+            except OSError:
+                continue
+            if target.is_absolute() and target.is_relative_to(root):
+                found.append(str(target))
+    return sorted(set(found))
 
 
 # --------------------------------------------------------------------------- simulated containers
