@@ -67,6 +67,7 @@ class ClusterRunner:
     root: Path  # payloads, results and container logs go here
     port_base: int
     device_env: Callable[[int], dict[str, str]] = field(default=lambda rank: {})
+    teardown_grace_s: float = 60.0
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
 
     def install(self, fake: Any, functions: list[str]) -> None:
@@ -120,6 +121,11 @@ class ClusterRunner:
         codes = [c.proc.poll() for c in attempt.containers]
         failed = [c for c, code in zip(attempt.containers, codes) if code not in (None, 0)]
         if failed:
+            # the survivors get a moment to notice on their own (the worker stops a cluster that
+            # lost a rank) before the cluster is torn down
+            deadline = time.time() + self.teardown_grace_s
+            while time.time() < deadline and any(c.proc.poll() is None for c in attempt.containers):
+                time.sleep(0.2)
             self._stop(attempt)
             retries = self.fake.deployed[call.app_name].function(call.function).retries
             if len(self.attempts[call.call_id]) <= retries:  # the whole cluster starts again

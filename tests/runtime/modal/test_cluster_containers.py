@@ -1,0 +1,184 @@
+"""A clustered stage function run as 2 local "containers" (tests/fakes/fake_cluster.py): the
+real worker in each, real torchrun rendezvous between them on loopback (gloo), a small
+trainer in verl's interface. One container is killed mid-run: the whole cluster restarts
+and resumes from the latest checkpoint with shards from both ranks. (The same with real
+verl, SFT and RL: tests/e2e/test_multinode_rehearsal.py, marked slow.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime import checkpoints as ckpts
+from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep, StagePayload
+from tests.fakes.fake_cluster import ClusterRunner
+from tests.fakes.fake_modal import FakeModal
+
+# verl's interface where the worker touches it: default_local_dir, resume_mode/resume_from_path,
+# shards per rank, tracker, `step:N - key:value` lines; the collective fails when a peer dies.
+TRAINER = textwrap.dedent(
+    """
+    import json, os, sys, time, pathlib
+    import torch, torch.distributed as dist
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = pathlib.Path(args["trainer.default_local_dir"])
+    total, save = int(args["trainer.total_training_steps"]), int(args["trainer.save_freq"])
+    start = 0
+    if args.get("trainer.resume_mode") == "resume_path":
+        start = int(args["trainer.resume_from_path"].rsplit("_", 1)[1])
+    if rank == 0:
+        with open(out / "_retool" / "argv.jsonl", "a") as fh:
+            fh.write(json.dumps(sys.argv[1:]) + "\\n")
+    rid = json.loads((out / "retool.json").read_text())["restart_id"]
+    for step in range(start + 1, total + 1):
+        t = torch.tensor([1.0])
+        dist.all_reduce(t)
+        assert t.item() == world
+        if rank == 0:
+            print(f"step:{step} - train/loss:{1.0 / step:.4f}", flush=True)
+        if step % save == 0 or step == total:
+            d = out / f"global_step_{step}"
+            d.mkdir(parents=True, exist_ok=True)
+            for kind in ("model", "optim", "extra_state"):
+                (d / f"{kind}_world_size_{world}_rank_{rank}.pt").write_bytes(b"w" * 16)
+            dist.barrier()
+            if rank == 0:
+                (out / "t.tmp").write_text(str(step))
+                os.replace(out / "t.tmp", out / "latest_checkpointed_iteration.txt")
+                done = {"step": step, "world_size": world, "restart_id": rid, "written_at": time.time()}
+                (d / "retool_complete.json").write_text(json.dumps(done))
+        time.sleep(float(args.get("sleep", "0")))
+    dist.destroy_process_group()
+    """
+)
+RID = "c1" * 32
+
+
+def free_port_base() -> int:
+    """A base with its rendezvous and torchrun ports free (the rest of the plan is above it)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1]) // 100 * 100
+        if 20000 <= base <= 60000 and all(_free(base + i) for i in range(5)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[FakeModal, ClusterRunner]]:
+    fake = FakeModal(secrets={"wandb": {"WANDB_API_KEY": "k"}})
+    fake.create_volume("ckpts")
+    fake.deploy(AppDefinition(
+        app_name="retool-test", image=[ImageStep(op="from_registry", args=["x:1"])],
+        functions=[FunctionSpec(name="stage-sft", entry="run_stage", gpu="H100:8", cluster_size=2, retries=1,
+                                volumes={str(tmp_path / "vol"): "ckpts"}, secrets=["wandb"])],
+    ))
+    runner = ClusterRunner(root=tmp_path / "containers", port_base=free_port_base())
+    runner.install(fake, ["stage-sft"])
+    try:
+        yield fake, runner
+    finally:
+        runner.close()
+
+
+def payload(tmp_path: Path, total: int = 6, save: int = 2, sleep: float = 0.0) -> StagePayload:
+    ckpt = tmp_path / "vol" / "sft" / RID[:16]
+    (ckpt / "_retool").mkdir(parents=True, exist_ok=True)
+    (ckpt / ckpts.MARKER_FILE).write_text(ckpts.marker_content(RID, "sft", 2))
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", str(script),
+            "verl.trainer.sft_trainer", f"trainer.default_local_dir={ckpt}", f"trainer.total_training_steps={total}",
+            f"trainer.save_freq={save}", "trainer.resume_mode=auto", f"sleep={sleep}"]
+    return StagePayload(
+        app_name="retool-test", function="stage-sft", stage="sft", kind="sft", restart_id=RID, total_steps=total,
+        world_size=2, nodes=2, checkpoint_dir=str(ckpt), checkpoint_volume="ckpts", volumes={"ckpts": str(tmp_path / "vol")},
+        commands=[{"argv": argv, "env": {"PYTHONUNBUFFERED": "1"}, "secret_env": ["WANDB_API_KEY"],
+                   "description": "trainer"}],
+        train_seconds=3600.0, commit_every_s=3600.0, join_timeout_s=120.0,
+    )
+
+
+def wait(fake: FakeModal, call_id: str, until: float, done: object = None) -> str:
+    while time.monotonic() < until:
+        state = fake.poll(call_id).state
+        if state != "running" or (callable(done) and done()):
+            return state
+        time.sleep(0.5)
+    raise AssertionError("the clustered call did not finish in time")
+
+
+def test_two_containers_train_as_one_and_a_lost_container_restarts_the_whole_cluster(
+    tmp_path: Path, cluster: tuple[FakeModal, ClusterRunner]
+) -> None:
+    fake, runner = cluster
+    p = payload(tmp_path, total=6, save=2, sleep=1.5)
+    ckpt = Path(p.checkpoint_dir)
+    call_id = fake.spawn("retool-test", "stage-sft", p.model_dump(mode="json"))
+    deadline = time.monotonic() + 240
+    # let both ranks save step 2 (and the tracker), then kill rank 1's container mid-run
+    state = wait(fake, call_id, deadline, done=lambda: (ckpt / "global_step_2" / "retool_complete.json").exists())
+    assert state == "running", runner.container_log(call_id, 0)
+    runner.kill(call_id, 1)
+    assert wait(fake, call_id, deadline) == "succeeded", runner.container_log(call_id, 0)
+
+    call = fake.calls[call_id]
+    assert call.attempts == 2 and len(runner.attempts[call_id]) == 2  # the whole cluster started again
+    first, second = runner.attempts[call_id]
+    assert first.cluster_id != second.cluster_id
+    result = call.result
+    assert result["outcome"] == "finished" and result["step"] == 6
+    # rank 0 of the first attempt saw rank 1 go and stopped, instead of training alone
+    log0 = runner.container_log(call_id, 0, attempt=0)
+    assert "rank 1 of the cluster was lost mid-run" in log0
+    # the second attempt resumed both ranks from one valid checkpoint with shards from both ranks
+    argvs = [json.loads(line) for line in (ckpt / "_retool" / "argv.jsonl").read_text().splitlines()]
+    assert len(argvs) == 2 and "trainer.resume_mode=resume_path" in argvs[1]
+    resumed = int(next(a for a in argvs[1] if a.startswith("trainer.resume_from_path=")).rsplit("_", 1)[1])
+    assert resumed >= 2
+    for r in (0, 1):
+        assert (ckpt / "global_step_6" / f"model_world_size_2_rank_{r}.pt").is_file()
+    # rank 0 ran torchrun as node 0 with its own address; rank 1 as node 1 pointing at it
+    log1 = runner.container_log(call_id, 1)
+    assert "--node_rank=1" in log1 and "--master_addr=127.0.0.1" in log1
+    # the member committed its volume before rank 0 reported the result
+    commits1 = [op for op in runner.ops(call_id, 1) if op[0] == "commit_volume"]
+    assert commits1 and commits1[-1][2] <= second.result_path.stat().st_mtime
+    progress = json.loads((ckpt / "_retool" / "progress.json").read_text())
+    assert set(progress["ranks"]) == {"0", "1"}
+    # nothing of either container is left running
+    assert runner.live_tags() == []
+
+
+def test_a_cluster_that_cannot_form_fails_naming_the_missing_rank(tmp_path: Path,
+                                                                  cluster: tuple[FakeModal, ClusterRunner]) -> None:
+    fake, runner = cluster
+    fake.deployed["retool-test"] = fake.deployed["retool-test"].model_copy(update={"functions": [
+        fake.deployed["retool-test"].functions[0].model_copy(update={"retries": 0})]})
+    p = payload(tmp_path).model_copy(update={"join_timeout_s": 3.0})
+    call_id = fake.spawn("retool-test", "stage-sft", p.model_dump(mode="json"))
+    runner.kill(call_id, 1)  # rank 1's container never comes up
+    state = wait(fake, call_id, time.monotonic() + 120)
+    assert state == "failed"
+    assert "rank 1 of 2 did not join rank 0 within 3 s" in runner.container_log(call_id, 0)
+    assert not (Path(p.checkpoint_dir) / "_retool" / "argv.jsonl").exists()  # nothing trained
+    assert runner.live_tags() == []
