@@ -6,6 +6,7 @@
     retool status SPEC                   where every node stands
     retool render SPEC [stage.X]         the exact commands a stage runs (secrets by name only)
     retool report SPEC --out FILE        one HTML page: training curves, evaluations, pass@k
+    retool doctor SPEC                   is the workspace ready for the first apply (token, secrets, image...)
     retool cancel SPEC stage.X           stop a running stage, keep its checkpoints
     retool schema                        the spec's JSON Schema (editor completion)
     retool state show|unlock             inspect state, clear a stale lock
@@ -31,6 +32,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from reconciler.backends import get_runtime, get_store
+from reconciler.cli.doctor import doctor
 from reconciler.cli.state_commands import state_app
 from reconciler.errors import RetoolError, TerminalError
 from reconciler.graph import build_graph
@@ -99,6 +101,7 @@ app = typer.Typer(
 sandbox_app = typer.Typer(no_args_is_help=True, help="The SandboxFusion-compatible code sandbox.")
 app.add_typer(state_app, name="state")
 app.add_typer(sandbox_app, name="sandbox")
+app.command("doctor")(doctor)
 
 
 @app.callback()
@@ -133,9 +136,17 @@ class Format(str, Enum):
 
 @app.command()
 def validate(spec: Path = SpecArg) -> None:
-    """Check a spec: schema, references, dependency graph. Touches no state."""
+    """Check a spec: schema, references, dependency graph, the backend's offline rules. Touches no state."""
+    from reconciler.cli.backend_checks import backend_findings
+    from reconciler.errors import SpecError
+
     loaded = load_spec(spec)
     graph = build_graph(loaded.spec)
+    findings = backend_findings(loaded)
+    for warning in findings.warnings:
+        err().print(Text(f"warning: {warning}", style="yellow"))
+    if findings.problems:
+        raise SpecError(str(spec), findings.problems)
     kinds: dict[str, int] = {}
     for node in graph.nodes.values():
         kinds[node.kind] = kinds.get(node.kind, 0) + 1

@@ -140,6 +140,13 @@ class ModalRuntime:
         """What may fail or drift later (validate and plan print them; nothing is blocked)."""
         return modal_warnings(spec)
 
+    def doctor_checks(self, spec: Spec, open_store: Callable[[], Any], *, build_image: bool = True) -> list[Any]:
+        """`retool doctor`: rows of runtime.modal.doctor.Check (token, secrets, GPUs, image, volumes, state)."""
+        from runtime.modal.doctor import modal_checks
+
+        return modal_checks(spec, self.adapter, open_store, repo_root=_package_root(), build_image=build_image,
+                            store_on_modal=spec.state.store == "modal")
+
     def blocked_reason(self, spec: Spec, address: str) -> str | None:
         kind, _, name = address.partition(".")
         if kind == "image":

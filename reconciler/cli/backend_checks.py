@@ -1,0 +1,51 @@
+"""What `retool validate` asks the spec's backend, offline: problems it would refuse
+(`Runtime.spec_problems`, e.g. Modal's GPU and timeout limits) and warnings
+(`Runtime.spec_warnings`, e.g. pip entries that compile from source). Both methods are
+optional; a backend that cannot be loaded adds a warning, never a failure.
+
+Problems come back as `file:line:col field: message`, located at the field they name.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from reconciler.backends import get_runtime
+from reconciler.errors import RetoolError
+from reconciler.loader import LoadedSpec, default_state_dir
+from reconciler.yamlpos import Pos, parse_yaml
+
+
+class Findings(BaseModel):
+    problems: list[str] = []
+    warnings: list[str] = []
+
+
+def backend_findings(loaded: LoadedSpec) -> Findings:
+    try:
+        runtime = get_runtime(loaded.spec, default_state_dir(loaded))
+    except RetoolError as exc:
+        return Findings(warnings=[f"the {loaded.spec.backend} backend's checks were skipped ({exc.summary})"])
+    problems = getattr(runtime, "spec_problems", None)
+    warnings = getattr(runtime, "spec_warnings", None)
+    return Findings(
+        problems=[located(loaded, p) for p in (problems(loaded.spec) if problems else [])],
+        warnings=list(warnings(loaded.spec) if warnings else []),
+    )
+
+
+def located(loaded: LoadedSpec, problem: str) -> str:
+    """`stages.sft.resources: ...` -> `spec.yaml:63:5 stages.sft.resources: ...`."""
+    field, sep, _ = problem.partition(": ")
+    pos = locate(loaded, field) if sep else Pos(line=1, col=1)
+    return f"{loaded.path}:{pos.line}:{pos.col} {problem}"
+
+
+def locate(loaded: LoadedSpec, dotted: str) -> Pos:
+    parsed = parse_yaml(loaded.text)
+    parts: tuple[str | int, ...] = tuple(dotted.split("."))
+    for n in range(len(parts), 0, -1):
+        pos = parsed.keys.get(parts[:n]) or parsed.values.get(parts[:n])
+        if pos is not None:
+            return pos
+    return parsed.root_pos
