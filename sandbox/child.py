@@ -11,6 +11,11 @@ sympy loaded costs milliseconds; paying it between requests keeps it off the lat
 3. run the program, finalise like CPython (threads, atexit, __del__, flush), write "done <rc>"
    *before* exiting, because tearing down a big address space takes milliseconds.
 
+The code is also written to main.py in the working directory (as SandboxFusion writes its
+file) and compiled from its UTF-8 bytes, so encoding cookies, a BOM and line endings mean what
+they mean to `python main.py`, and an uncaught exception goes to CPython's own printer, which
+reads the source lines from that file: tracebacks are byte-identical to a plain run.
+
 Lines on the status fd (fd 3): "error <why>" (never started: a sandbox fault), "refused <why>"
 (the request's files could not be written), "started", "done <rc>". The program could write there too; the worst it can do is end its own run early.
 """
@@ -21,7 +26,6 @@ import atexit
 import builtins
 import fcntl
 import gc
-import linecache
 import os
 import resource
 import signal
@@ -68,6 +72,7 @@ class FilesRefused(Exception):
 def run_child(plan: ChildPlan) -> NoReturn:
     try:
         _prepare(plan)
+        spare = _spare_depth()  # before the request: from the depth _run_program runs the code at
         go = Go.model_validate_json(_read_all(GO_FD))
         os.close(GO_FD)
         _write_files(plan, go)
@@ -80,11 +85,14 @@ def run_child(plan: ChildPlan) -> NoReturn:
             os.write(fd, f"{word} {type(exc).__name__}: {exc}".replace("\n", " ").encode()[:4000] + b"\n")
         finally:
             os._exit(SETUP_FAILED_EXIT)
-    status = _run_program(go.code, go.filename)
+    status = _run_program(go.code, go.filename, spare)
     try:
         os.write(STATUS_FD, f"done {status}\n".encode())
     except OSError:
         pass  # the program closed fd 3: the server learns the status from the exit instead
+    if status == -signal.SIGINT:  # like CPython after an uncaught KeyboardInterrupt: die by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
 
 
@@ -124,11 +132,11 @@ def _prepare(plan: ChildPlan) -> None:
 
 
 def _write_files(plan: ChildPlan, go: Go) -> None:
-    if go.files:
-        try:
-            workdir.write_files(plan.cwd, go.files, plan.uid)
-        except (OSError, ValueError) as exc:
-            raise FilesRefused(f"could not write the request's files: {exc}") from exc
+    try:
+        workdir.write_files(plan.cwd, go.files, plan.uid)
+        workdir.write_source(plan.cwd, os.path.basename(go.filename), go.code, plan.uid)
+    except (OSError, ValueError) as exc:
+        raise FilesRefused(f"could not write the request's files: {exc}") from exc
 
 
 def _lock_down(plan: ChildPlan, go: Go) -> None:
@@ -192,33 +200,46 @@ def _fresh_stdio() -> None:
     sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
 
 
-def _run_program(code: str, filename: str) -> int:
+def _run_program(code: str, filename: str, spare: int) -> int:
     main = types.ModuleType("__main__")
     main.__dict__.update(__file__=filename, __builtins__=builtins, __cached__=None)
     sys.modules["__main__"] = main
     sys.argv = [filename]
     sys.path[0] = os.path.dirname(filename)
-    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    # `python main.py` runs the module with one frame on the stack; ours sits on the runner's
+    # frames: raise the limit by their number, so a RecursionError comes at the same depth.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + (limit - 2 - spare))
     status = 0
     try:
-        exec(compile(code, filename, "exec", dont_inherit=True), main.__dict__)
+        exec(compile(code.encode("utf-8"), filename, "exec", dont_inherit=True), main.__dict__)
     except SystemExit as exc:
         status = _exit_status(exc)
     except BaseException as exc:
         _report(exc)
-        status = 1
+        status = -signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
     return _shutdown(main, status)
 
 
+def _spare_depth() -> int:
+    """How many nested calls a module run the way _run_program runs it could make (call from
+    the same depth as _run_program); `python main.py` allows the recursion limit minus two."""
+
+    def down(depth: int) -> int:
+        try:
+            return down(depth + 1)
+        except RecursionError:
+            return depth
+
+    return int(eval("down(0)", {"down": down}))  # eval: the same C call + frame as exec
+
+
 def _report(exc: BaseException) -> None:
-    """Print the traceback as `python main.py` would: without this runner's frame."""
+    """Print the traceback as `python main.py` would: without this runner's frame, through
+    CPython's own printer (sys.excepthook), which reads the source from main.py."""
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
     exc = exc.with_traceback(tb)
-    if sys.excepthook is sys.__excepthook__:
-        # The built-in hook reads source lines from disk; main.py exists only in linecache.
-        traceback.print_exception(type(exc), exc, tb)
-    else:
-        sys.excepthook(type(exc), exc, tb)
+    sys.excepthook(type(exc), exc, tb)
 
 
 def _exit_status(exc: SystemExit) -> int:

@@ -28,6 +28,15 @@ def write_files(cwd: str, files: dict[str, str], owner: int | None) -> None:
             os.close(root_fd)
 
 
+def write_source(cwd: str, name: str, code: str, owner: int | None) -> None:
+    """The program's code as `name` in `cwd` (UTF-8), where `python name` would read it."""
+    cwd_fd = os.open(cwd, _DIR_FLAGS)
+    try:
+        write_file(cwd_fd, (name,), code.encode("utf-8"), owner)
+    finally:
+        os.close(cwd_fd)
+
+
 def fetch_files(
     workdir: str, upper: str | None, paths: list[str], owner: int | None, budget: int
 ) -> dict[str, str]:

@@ -136,10 +136,10 @@ def test_files_in_and_out(server: LocalServer) -> None:
     )
     result = run(server, code, files=files, fetch_files=["out/result.txt", "missing.txt"])
     assert result["status"] == "Success", result
-    assert result["run_result"]["stdout"] == "['data', 'helper.py', 'out']\n"
+    assert result["run_result"]["stdout"] == "['data', 'helper.py', 'main.py', 'out']\n"
     assert result["files"] == {"out/result.txt": base64.b64encode(b"42").decode()}
     again = run(server, "import os\nprint(os.listdir('.'))")
-    assert again["run_result"]["stdout"] == "[]\n"  # nothing carried into the next execution
+    assert again["run_result"]["stdout"] == "['main.py']\n"  # nothing carried over: only its own code
 
 
 @pytest.mark.parametrize(
