@@ -549,7 +549,9 @@ class SdkAdapter:
     def build_image_now(self, steps: list[ImageStep]) -> str:
         modal = self._modal()
         self.check_connection()
-        image = self.build_image(steps)
+        # retool's own sources (add_local_python_source, not copied) are mounted when a
+        # function starts, not built: the layers before them are what can fail to build.
+        image = self.build_image([s for s in steps if s.op != "add_local_python_source"])
         # A first build pulls the base image and installs packages: minutes, so no deadline
         # (the connection was just proven); later builds are cached by recipe.
         with modal.enable_output():
