@@ -65,6 +65,14 @@ def hourly_usd(resources: Resources, pricing: Pricing) -> float | None:
     return None if price is None else price * gpu_count(resources)
 
 
+def segments_for(hours: float, timeout_hours: float) -> int:
+    """Attempts of at most `timeout_hours` each needed to run `hours` (60 h at 24 h per
+    attempt: 3). The plan's estimate and the Modal backend's segment chain use this one rule."""
+    if hours <= 0:
+        return 0
+    return max(1, math.ceil(round(hours / timeout_hours, 9)))
+
+
 def estimate(
     steps: int, resources: Resources, pricing: Pricing, seconds_per_step: float | None,
     source: Literal["measured", "spec", "none"],
@@ -80,7 +88,7 @@ def estimate(
         steps=steps,
         gpu_hours=round(wall_hours * gpu_count(resources), 4),
         usd=round(wall_hours * per_hour, 2),
-        segments=max(1, math.ceil(wall_hours / resources.timeout_hours - 1e-9)),
+        segments=max(1, segments_for(wall_hours, resources.timeout_hours)),
         seconds_per_step=seconds_per_step,
         source=source,
     )

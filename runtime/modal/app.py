@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,19 +131,6 @@ def stage_rel_dir(stage: str, restart_id: str) -> str:
     return f"{stage}/{restart_id[:16]}"
 
 
-def to_volume_path(spec: Spec, container_path: str) -> tuple[str, str]:
-    """`/checkpoints/sft/x` -> (`checkpoints`, `sft/x`): which volume, and where inside it."""
-    best: tuple[str, str] | None = None
-    for key, vol in spec.volumes.items():
-        root = vol.mount.rstrip("/")
-        if container_path == root or container_path.startswith(root + "/"):
-            if best is None or len(spec.volumes[best[0]].mount) < len(root):
-                best = (key, container_path[len(root):].lstrip("/"))
-    if best is None:
-        raise ValueError(f"{container_path} is not under any volume mount")
-    return best
-
-
 def volume_mounts(spec: Spec) -> dict[str, str]:
     """Every spec volume, mounted at its path: mount -> Modal volume name."""
     return {vol.mount: modal_volume_name(spec, key) for key, vol in sorted(spec.volumes.items())}
@@ -203,16 +189,6 @@ def modal_warnings(spec: Spec) -> list[str]:
         sb = spec.sandbox
         warnings += [f"sandbox: {w}" for w in size_warnings(cpu=sb.cpu, memory_mb=sb.memory_mb)]
     return warnings
-
-
-def segments_for(hours: float, timeout_hours: float) -> int:
-    """Attempts of at most one timeout each needed to run `hours` (60 h at 24 h per attempt: 3).
-
-    The same rule the plan's estimate uses; each segment stops `SEGMENT_MARGIN_S` early to
-    commit its checkpoint, which the save cadence covers in practice."""
-    if hours <= 0:
-        return 0
-    return max(1, math.ceil(round(hours / min(timeout_hours, MAX_TIMEOUT_HOURS), 9)))
 
 
 # --------------------------------------------------------------------------- functions

@@ -36,11 +36,13 @@ from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, 
 from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from reconciler.steps import segments_for
 from runtime.modal import launches
 from runtime.modal.adapter import LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable
 from runtime.modal.images import base_facts, parse_requirement
 from runtime.cluster.liveness import alive_count, liveness_text
 from runtime.modal.app import (
+    MAX_TIMEOUT_HOURS,
     CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
     PREPARE_FUNCTION,
@@ -61,7 +63,6 @@ from runtime.modal.app import (
     model_dir,
     mount,
     sandbox_token_env,
-    segments_for,
     stage_function_name,
 )
 from runtime.eval.discover import eval_checkpoint
@@ -340,7 +341,7 @@ class ModalRuntime:
         payload = StagePayload(
             app_name=definition.app_name, function=stage_function_name(ctx.stage), environment=env,
             stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id,
-            segments_planned=max(1, segments_for(hours, res.timeout_hours)),
+            segments_planned=max(1, segments_for(hours, min(res.timeout_hours, MAX_TIMEOUT_HOURS))),
             total_steps=ctx.total_steps, resume_from=ctx.resume_from, world_size=res.world_size, nodes=res.nodes,
             commands=[c.model_dump(mode="json") for c in commands],
             checkpoint_dir=self.paths(spec, ctx.stage, ctx.restart_id).ckpt_dir, checkpoint_volume=vol,

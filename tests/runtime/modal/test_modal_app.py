@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.loader import load_spec
+from reconciler.steps import segments_for
 from runtime.modal.adapter import SdkAdapter, parse_gpu_rates
 from tests.plan_helpers import qwen
 from runtime.modal.app import (
@@ -20,7 +21,6 @@ from runtime.modal.app import (
     image_warnings,
     modal_problems,
     modal_warnings,
-    segments_for,
 )
 
 REPO = Path(__file__).resolve().parents[3]
