@@ -33,7 +33,7 @@ from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
 from reconciler.graph import KIND_RANK, Graph, Node, address_kind, build_graph, sort_key
 from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
 from reconciler.state.base import NodeRecord, State
-from reconciler.steps import Estimate, add, dataset_rows, estimate, total_steps
+from reconciler.steps import Estimate, add, estimate, stage_total_steps
 
 __all__ = [
     "Action", "Estimate", "Observed", "ObservedNode", "Plan", "PlannedChange", "RunState", "make_plan",
@@ -255,7 +255,8 @@ class _Planner:
             notes += [f"invalid checkpoint {c} (not resumed from)" for c in obs.invalid_checkpoints]
         est, discard_steps, discard_hours = Estimate(), 0, 0.0
         if stage is not None:
-            if draft.action in OUTPUT_CHANGING:
+            # A blocked stage keeps the estimate of what it would do, so the plan prices it anyway.
+            if draft.action in OUTPUT_CHANGING or self.intended[node.address] in OUTPUT_CHANGING:
                 start = draft.resume_from or 0
                 if total is None:
                     notes.append(f"steps unknown until {stage.train} is prepared (set its expected_rows)")
@@ -400,15 +401,9 @@ class _Planner:
     # -- steps and cost
 
     def _total_steps(self, stage: SFTStage | RLStage | EvalStage) -> int | None:
-        if isinstance(stage, EvalStage):
-            return total_steps(stage, None)
-        ds_addr = stage.train
-        dataset = self.spec.datasets.get(ds_addr.partition(".")[2])
-        if dataset is None:
-            return stage.max_steps
-        rec = self.record(ds_addr)
-        fresh = rec is not None and rec.status == "succeeded" and self.intended.get(ds_addr) not in OUTPUT_CHANGING
-        return total_steps(stage, dataset_rows(dataset, rec.outputs if fresh and rec else None))
+        rec = None if isinstance(stage, EvalStage) else self.record(stage.train)
+        fresh = rec is not None and rec.status == "succeeded" and self.intended.get(rec.address) not in OUTPUT_CHANGING
+        return stage_total_steps(self.spec, stage, rec.outputs if fresh and rec else None)
 
     def _seconds_per_step(
         self, stage: SFTStage | RLStage | EvalStage, rec: NodeRecord | None

@@ -309,6 +309,50 @@ class Logging(SpecModel):
     experiment: str | None = F(None, policy="update", description="Experiment/run name; default `<spec>-<stage>`.")
 
 
+class Expectation(SpecModel):
+    """What a stage should reach on one metric, and where that number comes from.
+
+    `retool status` compares it with the latest value of `metric` the run reported (for
+    validation metrics: once validation ran). Used by training stages (`expect:`) and eval
+    stages alike; it changes nothing about the run, so every field is `update`."""
+
+    metric: str = F(
+        ..., policy="update", min_length=1,
+        description="Metric key as the trainer logs it, e.g. `val-core/aime_2024/acc/mean@30`.",
+    )
+    at_least: float | None = F(None, policy="update", description="Met when the reached value is at least this.")
+    at_most: float | None = F(None, policy="update", description="Met when the reached value is at most this.")
+    at_step: int | None = F(
+        None, policy="update", ge=0, description="Step at which the source reported the number (shown, not enforced)."
+    )
+    source: str = F(
+        ..., policy="update", min_length=1,
+        description="Where the number comes from (paper, README, table), so a reader can check it.",
+    )
+
+    @model_validator(mode="after")
+    def _bound(self) -> "Expectation":
+        if self.at_least is None and self.at_most is None:
+            raise ValueError("an expectation needs `at_least` or `at_most`")
+        if self.at_least is not None and self.at_most is not None and self.at_least > self.at_most:
+            raise ValueError(f"at_least {self.at_least} is above at_most {self.at_most}")
+        return self
+
+    def met_by(self, value: float) -> bool:
+        """Whether `value` satisfies the bound(s)."""
+        low = self.at_least is None or value >= self.at_least
+        high = self.at_most is None or value <= self.at_most
+        return low and high
+
+    def bound_text(self) -> str:
+        """`>= 0.4`, `<= 2`, or `0.4..0.6`."""
+        if self.at_least is not None and self.at_most is not None:
+            return f"{self.at_least:g}..{self.at_most:g}"
+        if self.at_least is not None:
+            return f">= {self.at_least:g}"
+        return f"<= {self.at_most:g}"
+
+
 class StageCommon(SpecModel):
     model: str = F(
         ..., policy="restart", description="Initial weights: `model.<name>` or an upstream `stage.<name>`."
@@ -332,6 +376,10 @@ class StageCommon(SpecModel):
     )
     seconds_per_step: float | None = F(
         None, policy="update", gt=0, description="Estimate used until a recorded run measured it."
+    )
+    expect: list[Expectation] = F(
+        default_factory=list, policy="update",
+        description="What the stage should reach (metric, bound, source); `retool status` shows expected vs reached.",
     )
 
     @field_validator("overrides")
@@ -388,6 +436,51 @@ class Algorithm(SpecModel):
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = F(
         "token-mean", policy="restart", description="Loss aggregation."
     )
+    kl_coef: float = F(0.0, policy="restart", ge=0, description="KL-in-reward coefficient (recipe: 0, KL off).")
+    kl_loss_coef: float = F(0.0, policy="restart", ge=0, description="KL-loss coefficient (recipe: 0, KL off).")
+    gamma: float = F(1.0, policy="restart", ge=0, le=1, description="GAE discount (PPO; recipe: 1.0).")
+    lam: float = F(1.0, policy="restart", ge=0, le=1, description="GAE lambda (PPO; recipe: 1.0).")
+
+
+class Critic(SpecModel):
+    """The value model PPO trains (`algorithm.adv_estimator: gae`), started from the actor's
+    initial weights as in the recipe. Defaults: the recipe's Qwen2.5-32B PPO values."""
+
+    lr: float = F(2e-6, policy="restart", gt=0, description="Critic learning rate.")
+    warmup_steps: int = F(
+        20, policy="restart", ge=0, description="Steps the critic trains before the actor's first update."
+    )
+    ppo_max_token_len_per_gpu: int = F(
+        73728, policy="restart", ge=1, description="Critic tokens per GPU (recipe: 4 x (prompt + response))."
+    )
+    ulysses_sequence_parallel_size: int = F(4, policy="restart", ge=1, description="Ulysses sequence parallelism.")
+    param_offload: bool = F(True, policy="update", description="FSDP parameter offload.")
+    optimizer_offload: bool = F(True, policy="update", description="FSDP optimizer offload.")
+    gradient_checkpointing: bool = F(True, policy="update", description="Trade compute for memory.")
+
+
+class RecipeOptions(SpecModel):
+    """Departures from the published ReTool recipe's tool and reward, all off by default
+    (the README's "Differences from the official recipe" lists them)."""
+
+    lenient_fences: bool = F(
+        False, policy="restart",
+        description="Tool: when the code has no ```python block, also run the first ```py or bare ``` block's body "
+        "(the recipe sends such code with its fences).",
+    )
+    strip_answer: bool = F(
+        False, policy="restart",
+        description="Reward: ignore whitespace around the \\boxed{} answer and the ground truth (the recipe: "
+        "`\\boxed{ 204 }` is wrong).",
+    )
+    answer_window: int = F(
+        100, policy="restart", ge=1,
+        description="Reward: the last \\boxed{} is searched in this many final characters (the recipe: 100).",
+    )
+
+    @property
+    def is_recipe(self) -> bool:
+        return self == RecipeOptions()
 
 
 class Rollout(SpecModel):
@@ -410,6 +503,9 @@ class Validation(SpecModel):
     temperature: float = F(1.0, policy="update", ge=0, description="Validation temperature.")
     top_p: float = F(0.6, policy="update", gt=0, le=1, description="Validation nucleus sampling.")
     before_train: bool = F(True, policy="update", description="Validate before the first step.")
+    log_generations: int = F(
+        20, policy="update", ge=0, description="Validation samples logged as a table (W&B and the like; recipe 7B: 20)."
+    )
 
 
 class ToolSettings(SpecModel):
@@ -431,7 +527,11 @@ class RLStage(StageCommon):
     truncation: Literal["error", "left", "right"] = F("error", policy="restart", description="Over-long prompts.")
     use_dynamic_bsz: bool = F(True, policy="restart", description="Token-based dynamic batching.")
     ppo_max_token_len_per_gpu: int = F(18432, policy="restart", ge=1, description="Actor tokens per GPU.")
-    log_prob_max_token_len_per_gpu: int = F(73728, policy="update", ge=1, description="Ref/rollout log-prob tokens per GPU.")
+    log_prob_max_token_len_per_gpu: int = F(
+        73728, policy="update", ge=1,
+        description="Reference-model log-prob tokens per GPU (recipe: 4 x (prompt + response); the reference model "
+        "exists only with a KL term). The actor's own log-prob pass uses ppo_max_token_len_per_gpu, as in the recipe.",
+    )
     ulysses_sequence_parallel_size: int = F(4, policy="restart", ge=1, description="Ulysses sequence parallelism.")
     param_offload: bool = F(True, policy="update", description="FSDP parameter offload.")
     optimizer_offload: bool = F(True, policy="update", description="FSDP optimizer offload.")
@@ -441,6 +541,24 @@ class RLStage(StageCommon):
     rollout: Rollout = F(default_factory=Rollout, policy="restart", description="Rollout engine and sampling.")
     validation: Validation = F(default_factory=Validation, policy="update", description="Validation sampling.")
     tool: ToolSettings = F(default_factory=ToolSettings, policy="update", description="code_interpreter tool.")
+    critic: Critic | None = F(
+        None, policy="restart", description="Value model; required by (and only used with) `adv_estimator: gae`."
+    )
+    recipe: RecipeOptions = F(
+        default_factory=RecipeOptions, policy="restart",
+        description="Departures from the recipe's tool and reward (all off by default).",
+    )
+
+    @model_validator(mode="after")
+    def _critic(self) -> "RLStage":
+        if self.algorithm.adv_estimator == "gae" and self.critic is None:
+            raise ValueError(
+                "adv_estimator gae trains a value model: add a `critic:` block (`critic: {}` takes the recipe's "
+                "32B PPO values)"
+            )
+        if self.algorithm.adv_estimator != "gae" and self.critic is not None:
+            raise ValueError(f"`critic` is only used with adv_estimator gae, not {self.algorithm.adv_estimator}")
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> "RLStage":

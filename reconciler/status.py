@@ -22,7 +22,7 @@ from rich.text import Text
 from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.graph import address_kind
 from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
-from reconciler.spec import Spec
+from reconciler.spec import Expectation, RLStage, SFTStage, Spec
 from reconciler.state.base import LockInfo, NodeRecord, State
 from reconciler.steps import hourly_usd
 from reconciler.metric_names import display
@@ -31,6 +31,19 @@ Sync = Literal["in sync", "out of sync", "missing"]
 Health = Literal["healthy", "progressing", "failed", "lost"]
 FINGERPRINT_CHARS = 12
 FINGERPRINT_SHOWN = 8  # in the table; --json has FINGERPRINT_CHARS
+
+
+class ExpectationStatus(BaseModel):
+    """One `expect:` entry next to what the run reported: `met`, `below`, or `not measured` (no value yet)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: str
+    expected: str  # ">= 0.4"
+    at_step: int | None = None
+    source: str
+    reached: float | None = None
+    verdict: Literal["met", "below", "not measured"] = "not measured"
 
 
 class NodeStatus(BaseModel):
@@ -53,6 +66,7 @@ class NodeStatus(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)  # latest: loss, lr, grad_norm / reward, ...
     sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} or {"reward": ...}
     wandb_url: str | None = None
+    expectations: list[ExpectationStatus] = Field(default_factory=list)  # the stage's `expect:`, vs reached
 
 
 class StatusReport(BaseModel):
@@ -109,9 +123,9 @@ def _elapsed(rec: NodeRecord, now: float) -> float | None:
     return max(0.0, end - rec.started_at)
 
 
-def _metrics(rec: NodeRecord | None, seen: ObservedNode | None) -> dict[str, object]:
-    """A stage's latest metrics, sparkline and W&B run: the running run's as observed, or
-    what finalize recorded for the finished one."""
+def _latest(rec: NodeRecord | None, seen: ObservedNode | None) -> tuple[dict[str, float], object, object] | None:
+    """(latest values by verl key, sparklines, W&B URL): the running run's as observed, or
+    what finalize recorded for the finished one; None when there are none."""
     values: object
     lines: object
     url: object
@@ -120,8 +134,29 @@ def _metrics(rec: NodeRecord | None, seen: ObservedNode | None) -> dict[str, obj
     elif rec is not None and rec.status == "succeeded":
         values, lines, url = rec.outputs.get("final_metrics"), rec.outputs.get("sparklines"), rec.outputs.get("wandb_url")
     else:
-        return {}
+        return None
     numbers = {k: float(v) for k, v in (values if isinstance(values, dict) else {}).items() if isinstance(v, int | float)}
+    return numbers, lines, url
+
+
+def _expectations(expect: list[Expectation], numbers: dict[str, float]) -> list[ExpectationStatus]:
+    out: list[ExpectationStatus] = []
+    for e in expect:
+        reached = numbers.get(e.metric)
+        verdict = "not measured" if reached is None else ("met" if e.met_by(reached) else "below")
+        out.append(ExpectationStatus(
+            metric=e.metric, expected=e.bound_text(), at_step=e.at_step, source=e.source, reached=reached,
+            verdict=verdict,  # type: ignore[arg-type]
+        ))
+    return out
+
+
+def _metrics(rec: NodeRecord | None, seen: ObservedNode | None) -> dict[str, object]:
+    """A stage's latest metrics (short names), sparkline and W&B run."""
+    latest = _latest(rec, seen)
+    if latest is None:
+        return {}
+    numbers, lines, url = latest
     return {
         "metrics": display(numbers), "sparklines": dict(lines) if isinstance(lines, dict) else {},
         "wandb_url": url if isinstance(url, str) else None,
@@ -152,6 +187,11 @@ def _node_status(
             invalid_checkpoints=list(seen.invalid_checkpoints) if seen is not None else [],
             **_metrics(rec, seen),
         )
+        # Training stages; eval stages' expectations sit in the evaluation table (reconciler.evaluations).
+        trained = spec.stages.get(name)
+        expect = trained.expect if isinstance(trained, SFTStage | RLStage) else []
+        if expect:
+            fields["expectations"] = _expectations(expect, (_latest(rec, seen) or ({}, None, None))[0])
     if change is not None and change.action == "delete":
         message = message or "removed from the spec"
     elif change is not None and change.action == "blocked":
@@ -256,6 +296,7 @@ def render_status(report: StatusReport, console: Console) -> None:
             if row[-1].plain:
                 console.print(Text(f"  {row[0].plain}: ").append(row[-1]))
     _render_metrics(report, console)
+    _render_expectations(report, console)
     render_evaluations(report.evaluations, console)
     if report.cost_usd:
         console.print(Text(f"cost so far: ${report.cost_usd:,.2f}"))
@@ -324,3 +365,26 @@ def _eval_cell(value: float, expected: str | None, met: bool | None, metric: str
     if expected is not None:
         cell.append(f" ({expected} {'✓' if met else '✗'})", style="green" if met else "red")
     return cell
+
+
+_VERDICT_STYLE = {"met": "green", "below": "red", "not measured": "dim"}
+
+
+def _render_expectations(report: StatusReport, console: Console) -> None:
+    """`stage.dapo  val-core/aime_2024/acc/mean@30 >= 0.4 (at step 150) · reached 0.433 · met`,
+    the source dimmed beneath."""
+    shown = [n for n in report.nodes if n.expectations]
+    if not shown:
+        return
+    console.print(Text("expected", style="bold"))
+    width = max(len(n.address) for n in shown)
+    for n in shown:
+        for e in n.expectations:
+            line = Text(f"  {n.address:<{width}}  ").append(f"{e.metric} {e.expected}")
+            if e.at_step is not None:
+                line.append(f" (at step {e.at_step})", style="dim")
+            line.append(" · reached ", style="dim").append("-" if e.reached is None else f"{e.reached:.4g}")
+            verdict = "below so far" if e.verdict == "below" and n.health == "progressing" else e.verdict
+            line.append(" · ", style="dim").append(verdict, style=_VERDICT_STYLE[e.verdict])
+            console.print(line, soft_wrap=True)
+            console.print(Text(f"  {'':<{width}}  source: {e.source}", style="dim"), soft_wrap=True)

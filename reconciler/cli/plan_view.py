@@ -60,7 +60,7 @@ def gpu_text(config: dict[str, Any]) -> str:
 
 def estimate_text(change: PlannedChange) -> str | None:
     est = change.estimate
-    if change.action not in RUNS or est.steps <= 0:
+    if (change.action not in RUNS and change.action != "blocked") or est.steps <= 0:
         return None
     on = gpu_text(change.config)
     if est.seconds_per_step is None:
@@ -81,7 +81,7 @@ def detail_lines(change: PlannedChange) -> list[str]:
         lines.append(f"discards {change.discard_steps} finished steps ({hours(change.discard_gpu_hours)})")
     est = estimate_text(change)
     if est:
-        lines.append(f"estimate: {est}")
+        lines.append(f"estimate{' once unblocked' if change.action == 'blocked' else ''}: {est}")
     lines += [f"note: {n}" for n in change.notes]
     return lines
 
@@ -119,6 +119,10 @@ def render_plan(plan: Plan, console: Console, *, show_unchanged: bool = True) ->
     console.print()
     console.print(Text(summary_line(plan), style="bold"))
     console.print(Text(total_line(plan.total)))
+    blocked = [c.estimate for c in plan.changes if c.action == "blocked" and c.estimate.steps > 0]
+    if blocked:
+        gpu_h, usd = sum(e.gpu_hours for e in blocked), sum(e.usd for e in blocked)
+        console.print(Text(f"Blocked stages, once they can run: {hours(gpu_h)}, {money(usd)}.", style="yellow"))
     for warning in plan.warnings:
         console.print(Text(f"warning: {warning}", style="yellow"))
 

@@ -19,17 +19,19 @@ from typing import Any
 
 TOOL_NAME = "code_interpreter"
 
-# The tool schema rendered into the system prompt (OpenAI function format, as verl expects).
+# The tool schema rendered into the system prompt (OpenAI function format, as verl expects):
+# the recipe's (its sandbox_fusion_tool_config.yaml `tool_schema`, which its SFT preprocessing
+# also writes into the `tools` column), used for the SFT data and by the RL tool alike.
 TOOLS: list[dict[str, Any]] = [
     {
         "type": "function",
         "function": {
             "name": TOOL_NAME,
-            "description": "A tool for executing Python code. Prints what the code prints.",
+            "description": "A tool for executing code.",
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "code": {"type": "string", "description": "The Python code to execute."},
+                    "code": {"type": "string", "description": "The code to execute."},
                 },
                 "required": ["code"],
             },

@@ -186,16 +186,19 @@ def entry_point(argv: list[str]) -> tuple[str, list[str]]:
     return argv[i + 1], argv[i + 2:]
 
 
-def compose_config(argv: list[str], env: dict[str, str], *, timeout: float = 180.0) -> dict[str, Any]:
+def compose_config(
+    argv: list[str], env: dict[str, str], *, timeout: float = 180.0, resolve: bool = False
+) -> dict[str, Any]:
     """Compose a rendered command's config with verl's own hydra setup (`--cfg job`: hydra
     prints the job config and exits before training). An unknown key or a malformed value
-    raises TerminalError carrying hydra's message. Needs verl installed."""
+    raises TerminalError carrying hydra's message. `resolve` resolves interpolations (the
+    values verl will read). Needs verl installed."""
     import os
     import sys
 
     module, overrides = entry_point(argv)
     done = subprocess.run(
-        [sys.executable, "-m", module, "--cfg", "job", *overrides],
+        [sys.executable, "-m", module, "--cfg", "job", *(["--resolve"] if resolve else []), *overrides],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,
     )
     if done.returncode != 0:

@@ -1,7 +1,16 @@
 """RL stage -> `python -m verl.trainer.main_ppo` (verl 0.9.1) with the ReTool recipe wired in:
-GRPO with clip-higher and no KL, the multi-turn tool agent loop with our `code_interpreter`
-tool (runtime.verl.recipe.tool_config.yaml) and reward (runtime.verl.recipe.reward), checkpoints in the
-stage's run directory, and the spec's raw `overrides` last.
+GRPO with clip-higher and no KL (or PPO with a critic: `adv_estimator: gae`), the multi-turn
+tool agent loop with our `code_interpreter` tool (runtime.verl.recipe.tool_config.yaml) and
+reward (runtime.verl.recipe.reward), checkpoints in the stage's run directory, and the spec's
+raw `overrides` last. Every flag of the recipe's scripts is rendered with its value or listed
+in runtime.verl.recipe.differences (tests compare them flag by flag).
+
+Token budgets, as verl 0.9.1's engine workers read them: `rollout.log_prob_max_token_len_per_gpu`
+is the actor's own old-log-prob pass (the recipe leaves it at its default, the actor's
+`ppo_max_token_len_per_gpu`), `ref.log_prob_max_token_len_per_gpu` the reference model's
+(built only with a KL term; the recipe's 4 x (prompt + response)), and the critic's train
+and value passes both use `critic.ppo_infer_max_token_len_per_gpu` (rendered equal to the
+recipe's `critic.ppo_max_token_len_per_gpu`).
 
 Rollout engine: `auto` is vLLM (then SGLang) when importable on a GPU machine, otherwise
 retool's transformers rollout (runtime.verl.rollout), registered through
@@ -26,6 +35,7 @@ from runtime.verl.recipe import (
     ENV_TOOL_MEMORY_MB,
     ENV_TOOL_NUM_WORKERS,
     ENV_TOOL_RATE_LIMIT,
+    ENV_TOOL_LENIENT_FENCES,
     ENV_TOOL_TIMEOUT_S,
     REWARD_FUNCTION,
     REWARD_MODULE,
@@ -104,6 +114,9 @@ def rl_overrides(
         # algorithm: GRPO + clip-higher, token-mean, no KL (RECIPE.md)
         kv("algorithm.adv_estimator", algo.adv_estimator),
         kv("algorithm.use_kl_in_reward", algo.use_kl_in_reward),
+        kv("algorithm.kl_ctrl.kl_coef", algo.kl_coef),
+        kv("algorithm.gamma", algo.gamma),
+        kv("algorithm.lam", algo.lam),
         # model
         kv("actor_rollout_ref.model.path", model_dir(ctx, stage.model)),
         kv("actor_rollout_ref.model.use_remove_padding", True),
@@ -111,6 +124,7 @@ def rl_overrides(
         # actor
         kv(f"{actor}.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
         kv(f"{actor}.use_kl_loss", algo.use_kl_loss),
+        kv(f"{actor}.kl_loss_coef", algo.kl_loss_coef),
         kv(f"{actor}.clip_ratio_low", algo.clip_ratio_low),
         kv(f"{actor}.clip_ratio_high", algo.clip_ratio_high),
         kv(f"{actor}.clip_ratio_c", algo.clip_ratio_c),
@@ -133,7 +147,6 @@ def rl_overrides(
         # reference policy (only built when a KL term is on)
         kv(f"{ref}.log_prob_max_token_len_per_gpu", stage.log_prob_max_token_len_per_gpu),
         kv(f"{ref}.log_prob_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
-        kv(f"{ref}.fsdp_config.param_offload", stage.param_offload),
         # rollout
         kv(f"{rollout_key}.name", rollout),
         kv(f"{rollout_key}.mode", "async"),
@@ -143,7 +156,8 @@ def rl_overrides(
         kv(f"{rollout_key}.seed", stage.seed),
         kv(f"{rollout_key}.tensor_model_parallel_size", ro.tensor_parallel_size),
         kv(f"{rollout_key}.gpu_memory_utilization", ro.gpu_memory_utilization),
-        kv(f"{rollout_key}.log_prob_max_token_len_per_gpu", stage.log_prob_max_token_len_per_gpu),
+        # the actor's old-log-prob pass: the recipe leaves it at the actor's training budget
+        kv(f"{rollout_key}.log_prob_max_token_len_per_gpu", stage.ppo_max_token_len_per_gpu),
         kv(f"{rollout_key}.log_prob_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
         # rollout log-probs let verl log the rollout-vs-actor probability difference
         kv(f"{rollout_key}.calculate_log_probs", True),
@@ -157,7 +171,6 @@ def rl_overrides(
         kv(f"{rollout_key}.val_kwargs.n", val.n),
         kv(f"{rollout_key}.val_kwargs.temperature", val.temperature),
         kv(f"{rollout_key}.val_kwargs.top_p", val.top_p),
-        kv(f"{rollout_key}.val_kwargs.do_sample", val.temperature > 0),
         # reward
         kv("reward.custom_reward_function.path", REWARD_MODULE),
         kv("reward.custom_reward_function.name", REWARD_FUNCTION),
@@ -167,6 +180,7 @@ def rl_overrides(
         kv("trainer.save_freq", stage.save_freq),
         kv("trainer.test_freq", stage.test_freq if has_val else -1),
         kv("trainer.val_before_train", val.before_train and has_val),
+        kv("trainer.log_val_generations", val.log_generations),
         kv("trainer.max_actor_ckpt_to_keep", stage.max_ckpt_to_keep),
         kv("trainer.default_local_dir", paths.ckpt_dir),
         # verl's PPO trainers (v0 and v1) ignore `resume_from_path` under `auto` and follow the
@@ -179,6 +193,12 @@ def rl_overrides(
         kv("trainer.n_gpus_per_node", nproc),
         kv("trainer.device", "cpu" if cpu else "cuda"),
     ]
+    ours += _critic_overrides(ctx, stage, cpu=cpu)
+    if not stage.recipe.is_recipe:
+        # verl passes reward_kwargs to compute_score (runtime.verl.recipe.reward) on every call.
+        kwargs = "+reward.custom_reward_function.reward_kwargs"
+        ours += [kv(f"{kwargs}.answer_window", stage.recipe.answer_window),
+                 kv(f"{kwargs}.strip_answer", stage.recipe.strip_answer)]
     if ctx.resume_from is not None:
         # resume exactly where the plan said (a checkpoint the reconciler validated).
         ours.append(kv("trainer.resume_from_path", f"{paths.ckpt_dir.rstrip('/')}/global_step_{ctx.resume_from}"))
@@ -210,6 +230,39 @@ def rl_overrides(
     return merge_overrides(ours, list(stage.overrides))
 
 
+def _critic_overrides(ctx: StageContext, stage: RLStage, *, cpu: bool) -> list[str]:
+    """PPO's value model (`adv_estimator: gae`), started from the actor's initial weights."""
+    critic = stage.critic
+    if critic is None:
+        return []
+    out = [
+        kv("critic.strategy", "fsdp2"),  # as the actor: one FSDP version for every role
+        kv("critic.optim.lr", critic.lr),
+        kv("critic.model.path", model_dir(ctx, stage.model)),
+        kv("critic.model.use_remove_padding", True),
+        kv("critic.model.enable_gradient_checkpointing", critic.gradient_checkpointing),
+        kv("critic.ppo_max_token_len_per_gpu", critic.ppo_max_token_len_per_gpu),
+        # verl 0.9.1's v1 trainer sizes the critic's train and value batches by this key alone.
+        kv("+critic.ppo_infer_max_token_len_per_gpu", critic.ppo_max_token_len_per_gpu),
+        # the recipe's (now deprecated) key, and the engine's key the critic actually reads
+        kv("critic.ulysses_sequence_parallel_size", critic.ulysses_sequence_parallel_size),
+        kv("critic.fsdp.ulysses_sequence_parallel_size", critic.ulysses_sequence_parallel_size),
+        kv("critic.fsdp.param_offload", critic.param_offload),
+        kv("critic.fsdp.optimizer_offload", critic.optimizer_offload),
+        kv("critic.fsdp.seed", stage.seed),
+        kv("critic.data_loader_seed", stage.seed),
+        kv("trainer.critic_warmup", critic.warmup_steps),
+        kv("trainer.max_critic_ckpt_to_keep", stage.max_ckpt_to_keep),
+    ]
+    if cpu:
+        out += [
+            kv("+critic.model.override_config.attn_implementation", "sdpa"),
+            *[kv(f"+critic.fsdp.mixed_precision.{part}_dtype", "fp32") for part in ("param", "reduce", "buffer")],
+            kv("critic.fsdp.use_torch_compile", False),
+        ]
+    return out
+
+
 def rl_env(ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str) -> dict[str, str]:
     """Environment of the trainer process (Ray passes it to every worker)."""
     stage = _rl_stage(ctx)
@@ -222,6 +275,7 @@ def rl_env(ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str) -> d
         ENV_TOOL_MEMORY_MB: str(tool.memory_limit_mb),
         ENV_TOOL_RATE_LIMIT: str(tool.rate_limit),
         ENV_TOOL_NUM_WORKERS: str(tool.num_workers),
+        ENV_TOOL_LENIENT_FENCES: "true" if stage.recipe.lenient_fences else "false",
     }
     # The stage's own `env` still wins (base_env applied it last; keep that order).
     return {**recipe_env, **env, **{k: v for k, v in stage.env.items()}}
@@ -245,6 +299,9 @@ def render_rl(
             argv=argv,
             env=rl_env(ctx, sandbox_url=sandbox_url, cpu=cpu, rollout=name),
             secret_env=secret_env_names(ctx.spec, stage.secrets),
-            description=f"verl GRPO (main_ppo) of stage.{ctx.stage} on {'CPU' if cpu else 'GPU'}, rollout {name}",
+            description=(
+                f"verl {'PPO' if stage.critic else stage.algorithm.adv_estimator.upper()} (main_ppo) of "
+                f"stage.{ctx.stage} on {'CPU' if cpu else 'GPU'}, rollout {name}"
+            ),
         )
     ]

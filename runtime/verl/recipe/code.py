@@ -1,13 +1,18 @@
-"""The recipe's rules for a code_interpreter call (RECIPE.md, "Tool behaviour in the recipe").
+"""The recipe's rules for a code_interpreter call (RECIPE.md item 5, the recipe's
+`CustomSandboxFusionTool.execute`), as pure functions.
 
-1. If the model's `code` argument holds a fenced ```python block, only the first one runs.
-2. If the last non-empty line does not start with `print`, it is wrapped in `print(...)`,
-   so a trailing expression shows its value the way a notebook cell would. The check is on
-   the raw line, as in the recipe: an indented last line is wrapped too (and then fails to
-   compile, which the model sees as a traceback).
+1. If the model's `code` holds a ```python fence, only the first such block runs, with
+   surrounding whitespace stripped: `re.findall(r"```python(.*?)```", code, re.DOTALL)[0].strip()`.
+   Any other code (```py or bare fences included) is sent as it is. The spec option
+   `recipe.lenient_fences` also takes the first ```py or bare ``` block when there is no
+   ```python one.
+2. From the last line up, lines equal to "" are skipped and the first other line is wrapped
+   in `print(...)` unless it starts with `print`, so a trailing expression shows its value.
+   The checks are on the raw line, as in the recipe: an indented or whitespace-only last line
+   is wrapped too (and then fails to compile, or prints an empty line).
 3. The model sees stdout + stderr when the sandbox's `run_result.status` is `Finished`
    (a non-zero exit included), and the fixed text `no stdout here` otherwise (time limit,
-   sandbox fault, no run result).
+   sandbox fault, no answer).
 """
 
 from __future__ import annotations
@@ -17,21 +22,28 @@ from typing import Any
 
 NO_OUTPUT = "no stdout here"
 
-# ```python / ```py / ``` fences; the body is everything up to the next closing fence.
-_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)\n?```", re.DOTALL)
+_PYTHON_FENCE = re.compile(r"```python(.*?)```", re.DOTALL)
+# lenient_fences: a ```py or bare ``` fence line (nothing but spaces after the tag).
+_OTHER_FENCE = re.compile(r"```(?:py)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
-def extract_code(code: str) -> str:
-    """The body of the first fenced python block, or the code as given when there is none."""
-    match = _FENCE.search(code)
-    return match.group(1) if match else code
+def extract_code(code: str, *, lenient_fences: bool = False) -> str:
+    """The first ```python block's body, stripped; or the code as given when there is none."""
+    matches = _PYTHON_FENCE.findall(code)
+    if matches:
+        return matches[0].strip()
+    if lenient_fences:
+        other = _OTHER_FENCE.findall(code)
+        if other:
+            return other[0].strip()
+    return code
 
 
 def wrap_last_line(code: str) -> str:
-    """Wrap the last non-empty line in `print(...)` unless it already starts with `print`."""
+    """Wrap the last line that is not "" in `print(...)` unless it already starts with `print`."""
     lines = code.split("\n")
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].strip() == "":
+        if lines[i] == "":
             continue
         if not lines[i].startswith("print"):
             lines[i] = f"print({lines[i]})"
@@ -39,9 +51,20 @@ def wrap_last_line(code: str) -> str:
     return "\n".join(lines)
 
 
-def prepare_code(code: str) -> str:
+def prepare_code(code: str, *, lenient_fences: bool = False) -> str:
     """What the sandbox runs for a model-written `code` argument."""
-    return wrap_last_line(extract_code(code))
+    return wrap_last_line(extract_code(code, lenient_fences=lenient_fences))
+
+
+def code_argument(parameters: dict[str, Any]) -> str:
+    """The `code` argument the way the recipe's tool reads it: a missing key raises KeyError and
+    a value that is not a string TypeError, which verl's tool agent loop turns into the text
+    the model sees (`Error executing tool 'code_interpreter': ...`)."""
+    code = parameters["code"]
+    if not isinstance(code, str):
+        _PYTHON_FENCE.findall(code)  # raises the recipe's TypeError (its first use of `code`)
+        raise TypeError(f"code must be a string, got {type(code).__name__}")  # bytes: unreachable from JSON
+    return code
 
 
 def observation(response: dict[str, Any] | None) -> str:

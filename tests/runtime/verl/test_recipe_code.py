@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from runtime.verl.recipe.code import NO_OUTPUT, extract_code, observation, prepare_code, wrap_last_line
+import pytest
+
+from runtime.verl.recipe.code import NO_OUTPUT, code_argument, extract_code, observation, prepare_code, wrap_last_line
 
 
 def test_first_python_block_is_taken() -> None:
@@ -10,9 +12,18 @@ def test_first_python_block_is_taken() -> None:
     assert extract_code(code) == "x = 2\nx * 3"
 
 
-def test_py_and_bare_fences_count_as_python() -> None:
-    assert extract_code("```py\nprint(1)\n```") == "print(1)"
-    assert extract_code("```\nprint(2)\n```") == "print(2)"
+def test_only_python_fences_count_as_in_the_recipe() -> None:
+    assert extract_code("```py\nprint(1)\n```") == "```py\nprint(1)\n```"
+    assert extract_code("```\nprint(2)\n```") == "```\nprint(2)\n```"
+    assert extract_code("```python print(3)```") == "print(3)"  # no newline needed; the body is stripped
+    assert extract_code("```python3\nprint(4)\n```") == "3\nprint(4)"  # the recipe's regex, literally
+
+
+def test_lenient_fences_option_also_takes_py_and_bare_fences() -> None:
+    assert extract_code("```py\nprint(1)\n```", lenient_fences=True) == "print(1)"
+    assert extract_code("```\nprint(2)\n```", lenient_fences=True) == "print(2)"
+    # a ```python block still wins, wherever it is
+    assert extract_code("```\nprint(2)\n```\n```python\nprint(5)\n```", lenient_fences=True) == "print(5)"
 
 
 def test_unfenced_code_is_kept() -> None:
@@ -23,8 +34,13 @@ def test_last_expression_is_printed() -> None:
     assert wrap_last_line("x = 2\nx * 3") == "x = 2\nprint(x * 3)"
 
 
-def test_trailing_blank_lines_are_skipped_and_kept() -> None:
-    assert wrap_last_line("x = 2\nx + 1\n\n  \n") == "x = 2\nprint(x + 1)\n\n  \n"
+def test_trailing_empty_lines_are_skipped_and_kept() -> None:
+    assert wrap_last_line("x = 2\nx + 1\n\n\n") == "x = 2\nprint(x + 1)\n\n\n"
+
+
+def test_a_whitespace_only_last_line_is_wrapped_as_in_the_recipe() -> None:
+    # the recipe skips only lines equal to "": a line of spaces is the one it wraps
+    assert wrap_last_line("x = 2\nx + 1\n\n  \n") == "x = 2\nx + 1\n\nprint(  )\n"
 
 
 def test_print_line_is_left_alone() -> None:
@@ -36,6 +52,14 @@ def test_check_is_on_the_raw_line_as_in_the_recipe() -> None:
     # An indented last line does not start with `print`, so it is wrapped (and later fails
     # to compile in the sandbox; the model sees the traceback).
     assert wrap_last_line("for i in range(2):\n    print(i)") == "for i in range(2):\nprint(    print(i))"
+
+
+def test_code_argument_fails_like_the_recipe() -> None:
+    assert code_argument({"code": "x"}) == "x"
+    with pytest.raises(KeyError):
+        code_argument({"source": "x"})
+    with pytest.raises(TypeError, match="expected string or bytes-like object, got 'int'"):
+        code_argument({"code": 5})
 
 
 def test_empty_code_stays_empty() -> None:

@@ -74,7 +74,13 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert mt["enable"] is True and mt["format"] == "hermes" and mt["max_assistant_turns"] == 4
     assert mt["max_tool_response_length"] == 256 and mt["tool_config_path"] == str(TOOL_CONFIG_PATH)
     assert rollout["agent"]["default_agent_loop"] == "tool_agent"
-    assert rollout["val_kwargs"]["top_p"] == 0.6 and rollout["val_kwargs"]["do_sample"] is True
+    # verl's default, as in the recipe: the agent loop samples validation at val_kwargs' temperature anyway
+    assert rollout["val_kwargs"]["top_p"] == 0.6 and rollout["val_kwargs"]["do_sample"] is False
+    # the actor's old-log-prob pass has the actor's token budget (the recipe's 4x is the reference model's)
+    assert rollout["log_prob_max_token_len_per_gpu"] == actor["ppo_max_token_len_per_gpu"]
+    assert "critic_warmup" in trainer and cfg["critic"]["enable"] is None  # GRPO: no critic rendered
+    assert "reward_kwargs" not in cfg["reward"]["custom_reward_function"]  # the recipe's reward, unparameterised
+    assert env["RETOOL_TOOL_LENIENT_FENCES"] == "false"
     assert cfg["reward"]["custom_reward_function"] == {"path": "pkg://runtime.verl.recipe.reward", "name": "compute_score"}
     assert trainer["total_training_steps"] == 2 and trainer["save_freq"] == 1
     assert trainer["default_local_dir"] == PATHS.ckpt_dir and trainer["resume_mode"] == "auto"
@@ -142,3 +148,74 @@ def test_rollout_choice() -> None:
     assert choose_rollout("vllm", cpu=False) == "vllm"
     with pytest.raises(TerminalError):
         choose_rollout("sglang", cpu=True)
+
+
+def test_ppo_stage_with_recipe_options_composes_on_cpu() -> None:
+    """`adv_estimator: gae` with a `critic:` block: verl's critic gets the recipe's PPO values, and
+    the budget verl 0.9.1 really reads for it (ppo_infer_max_token_len_per_gpu). The `recipe:`
+    options reach the reward (reward_kwargs) and the tool (environment)."""
+    edit = {"algorithm": {"adv_estimator": "gae", "gamma": 0.99, "lam": 0.95},
+            "critic": {"lr": 3e-6, "warmup_steps": 2, "ppo_max_token_len_per_gpu": 2048,
+                       "ulysses_sequence_parallel_size": 1},
+            "recipe": {"lenient_fences": True, "strip_answer": True, "answer_window": 300}}
+    (cmd,) = render_rl(tiny_ctx(edit), sandbox_url=URL, cpu=True, paths=PATHS)
+    assert "PPO" in cmd.description and cmd.env["RETOOL_TOOL_LENIENT_FENCES"] == "true"
+    cfg = compose_config(cmd.argv, cmd.env)
+    assert cfg["reward"]["custom_reward_function"]["reward_kwargs"] == {"answer_window": 300, "strip_answer": True}
+    critic, algo = cfg["critic"], cfg["algorithm"]
+    assert algo["adv_estimator"] == "gae" and (algo["gamma"], algo["lam"]) == (0.99, 0.95)
+    assert critic["strategy"] == "fsdp2" and critic["optim"]["lr"] == 3e-6
+    assert critic["model"]["path"] == "/vol/c/sft/ab/merged"  # the actor's initial weights, as in the recipe
+    assert critic["ppo_max_token_len_per_gpu"] == 2048 and critic["ppo_infer_max_token_len_per_gpu"] == 2048
+    assert critic["fsdp"]["ulysses_sequence_parallel_size"] == 1
+    assert critic["fsdp"]["mixed_precision"]["param_dtype"] == "fp32"
+    assert cfg["trainer"]["critic_warmup"] == 2
+
+
+def test_critic_needs_gae_and_gae_needs_a_critic() -> None:
+    with pytest.raises(ValueError, match="critic"):
+        tiny_ctx({"algorithm": {"adv_estimator": "gae"}})
+    with pytest.raises(ValueError, match="only used with adv_estimator gae"):
+        tiny_ctx({"critic": {}})
+
+
+def test_32b_stages_compose_with_the_recipes_values() -> None:
+    """The 32B spec's stages are blocked until multi-node launches exist; their overrides
+    (rendered for 2 nodes) carry the recipe's 32B values, and the PPO one composes with verl."""
+    from runtime.verl.rl import rl_overrides
+    from runtime.verl.sft import sft_overrides
+
+    spec = parse_spec_text((SPECS / "retool-qwen32b.yaml").read_text())
+    inputs = {
+        "dataset.dapo_math": {"path": "/data/datasets/dapo_math/train.parquet"},
+        "dataset.aime_2025": {"path": "/data/datasets/aime_2025/train.parquet"},
+        "dataset.retool_sft": {"path": "/data/datasets/retool_sft/train.parquet"},
+        "model.qwen32b": {"path": "/models/models/qwen32b"},
+        "stage.sft": {"model_path": "/checkpoints/sft/x/merged"},
+    }
+
+    def ctx(stage: str, total: int) -> StageContext:
+        return StageContext(spec=spec, spec_dir=str(SPECS), stage=stage, restart_id=RID, total_steps=total, inputs=inputs)
+
+    def composed(module: str, overrides: list[str]) -> dict:
+        return compose_config(["python", "-m", module, *overrides], {})
+
+    ppo = composed("verl.trainer.main_ppo", rl_overrides(ctx("ppo", 250), PATHS, cpu=False, rollout="vllm"))
+    arr, critic = ppo["actor_rollout_ref"], ppo["critic"]
+    assert ppo["algorithm"]["adv_estimator"] == "gae" and ppo["trainer"]["critic_warmup"] == 20
+    assert (ppo["data"]["train_batch_size"], arr["actor"]["ppo_mini_batch_size"], arr["rollout"]["n"]) == (1024, 256, 1)
+    assert arr["actor"]["ppo_max_token_len_per_gpu"] == 36864 and critic["ppo_max_token_len_per_gpu"] == 73728
+    assert critic["optim"]["lr"] == 2e-6 and critic["fsdp"]["param_offload"] is True
+    assert arr["rollout"]["multi_turn"]["max_assistant_turns"] == 8 and ppo["trainer"]["nnodes"] == 2
+
+    grpo = args_of(["python", "-m", "verl.trainer.main_ppo", *rl_overrides(ctx("grpo", 150), PATHS, cpu=False, rollout="vllm")])
+    a, r = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout."
+    assert (grpo["data.train_batch_size"], grpo[a + "ppo_mini_batch_size"], grpo[r + "n"]) == ("512", "64", "16")
+    assert grpo[a + "ulysses_sequence_parallel_size"] == "8" and grpo[a + "ppo_max_token_len_per_gpu"] == "18432"
+    assert grpo["actor_rollout_ref.ref.log_prob_max_token_len_per_gpu"] == "73728"
+    assert grpo["trainer.log_val_generations"] == "100" and grpo["trainer.test_freq"] == "5"
+    assert not any(k.startswith(("critic.", "+critic.")) for k in grpo)
+
+    sft = args_of(["torchrun", "-m", "verl.trainer.sft_trainer", *sft_overrides(ctx("sft", 372), PATHS, cpu=False)])
+    assert (sft["trainer.nnodes"], sft["trainer.n_gpus_per_node"], sft["trainer.total_training_steps"]) == ("2", "8", "372")
+    assert sft["model.path"] == "/models/models/qwen32b" and sft["engine.ulysses_sequence_parallel_size"] == "4"

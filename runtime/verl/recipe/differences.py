@@ -1,0 +1,205 @@
+"""Where retool's run of the official ReTool recipe differs from the recipe's scripts, and why.
+
+The recipe's Qwen2.5-7B scripts (verl-project/verl-recipe `retool/run_qwen2_7b_sft.sh` and
+`retool/run_qwen2_7b_dapo.sh`) were written for verl 0.6.1; retool renders them for verl
+0.9.1. Every flag of those scripts, and every verl 0.6.1 default retool also sets, is rendered
+with the recipe's value or listed here. tests/runtime/verl/test_recipe_flags.py checks that
+flag by flag against a checked-in copy of the scripts' effective values, and that the README's
+"Differences from the official recipe" table is `markdown_table()` verbatim.
+
+Kinds (what the test checks):
+- `renamed`: verl 0.9.1 moved the key; the value under `key` equals the recipe's;
+- `changed`: retool's value (under `key`, or the recipe's key) differs from the recipe's;
+- `dropped`: retool sets nothing for the recipe's key (another mechanism does its job);
+- `added`: retool sets a key the recipe's verl has no counterpart for;
+- `behaviour`: not a flag (the tool, the reward, the launcher); documented only;
+- `option`: an improvement the spec can turn on; off by default, so the recipe runs as published.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Kind = Literal["renamed", "changed", "dropped", "added", "behaviour", "option"]
+Stage = Literal["sft", "rl"]
+
+
+class Difference(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    stage: Stage
+    kind: Kind
+    recipe_key: str | None = None  # verl 0.6.1's key as the recipe sets it (or its default)
+    key: str | None = None  # the key retool renders for verl 0.9.1
+    recipe: str  # the recipe's value or behaviour, as the README shows it
+    ours: str  # retool's
+    reason: str
+
+
+_PATHS = "Paths: retool's volumes (prepared data, models, one checkpoint directory per restart identity)."
+_SEED = ("Seeds: the spec's one `seed` (default 42) drives data order, mini-batch shuffling, FSDP init and "
+         "sampling; the recipe leaves verl 0.6.1's defaults.")
+_FSDP2 = ("FSDP2 for every role and stage: FSDP1 fails on CPU and one strategy keeps checkpoints alike; verl "
+          "0.9.1 recommends FSDP2.")
+
+DIFFERENCES: tuple[Difference, ...] = (
+    # ------------------------------------------------------------------ SFT
+    Difference(stage="sft", kind="behaviour", recipe="`torchrun -m verl.trainer.fsdp_sft_trainer`",
+               ours="`torchrun --standalone -m verl.trainer.sft_trainer`",
+               reason="verl 0.9.1 replaced the FSDP SFT trainer with the engine-based one (same launcher shape: "
+                      "1 node x 8 processes)."),
+    Difference(stage="sft", kind="changed", recipe_key="data.train_files", key="data.train_files",
+               recipe="`$DATA_ROOT/dataset/wuxibin/ReTool-SFT/...parquet`", ours="`/data/datasets/retool_sft/train.parquet`",
+               reason=_PATHS + " retool's `retool_sft` format is the recipe's preprocessing."),
+    Difference(stage="sft", kind="changed", recipe_key="data.val_files", key="data.val_files",
+               recipe="the training file", ours="`null` (the spec's `val`, if any)",
+               reason="The recipe computes a validation loss on its own training file at the last step: a number "
+                      "about data it trained on, costing minutes on 16k-token rows. Logging only."),
+    Difference(stage="sft", kind="dropped", recipe_key="data.multiturn.enable",
+               recipe="`true`", ours="-",
+               reason="verl 0.9.1's SFT trainer has no `data.multiturn.*`: chat messages are always multi-turn."),
+    Difference(stage="sft", kind="renamed", recipe_key="data.multiturn.messages_key", key="data.messages_key",
+               recipe="`messages`", ours="`messages`", reason="Renamed in verl 0.9.1."),
+    Difference(stage="sft", kind="renamed", recipe_key="data.multiturn.tools_key", key="data.tools_key",
+               recipe="`tools`", ours="`tools`", reason="Renamed in verl 0.9.1."),
+    Difference(stage="sft", kind="added", key="data.use_dynamic_bsz", recipe="(sample-count micro batches)",
+               ours="`false`",
+               reason="verl 0.9.1 batches SFT by token budget by default; the recipe's trainer batches by sample "
+                      "count (`micro_batch_size_per_gpu: 4`), which this keeps."),
+    Difference(stage="sft", kind="changed", recipe_key="model.partial_pretrain", key="model.path",
+               recipe="`$HDFS_ROOT/model/Qwen2.5-7B-Instruct`", ours="`/models/models/qwen7b`",
+               reason="Renamed in verl 0.9.1. " + _PATHS),
+    Difference(stage="sft", kind="renamed", recipe_key="use_remove_padding", key="model.use_remove_padding",
+               recipe="`true`", ours="`true`", reason="Moved under `model.` in verl 0.9.1."),
+    Difference(stage="sft", kind="changed", recipe_key="model.strategy", key="engine.strategy",
+               recipe="`fsdp`", ours="`fsdp2`", reason="Moved under `engine.` in verl 0.9.1. " + _FSDP2),
+    Difference(stage="sft", kind="renamed", recipe_key="model.fsdp_config.model_dtype", key="engine.model_dtype",
+               recipe="`fp32` (default)", ours="`fp32` (default)", reason="Moved under `engine.` in verl 0.9.1."),
+    Difference(stage="sft", kind="renamed", recipe_key="ulysses_sequence_parallel_size",
+               key="engine.ulysses_sequence_parallel_size", recipe="`4`", ours="`4`",
+               reason="Moved under `engine.` in verl 0.9.1."),
+    Difference(stage="sft", kind="added", key="engine.seed", recipe="-", ours="`42`", reason=_SEED),
+    Difference(stage="sft", kind="renamed", recipe_key="optim.lr_scheduler", key="optim.lr_scheduler_type",
+               recipe="`cosine` (default)", ours="`cosine`", reason="Renamed in verl 0.9.1."),
+    Difference(stage="sft", kind="changed", recipe_key="trainer.total_epochs", key="trainer.total_epochs",
+               recipe="`6`", ours="`7`",
+               reason="One spare epoch: verl resumes a checkpoint taken at an epoch's last step with an exhausted "
+                      "dataloader, so that epoch would yield nothing. `total_training_steps` still ends the run "
+                      "at the recipe's last step."),
+    Difference(stage="sft", kind="changed", recipe_key="trainer.total_training_steps",
+               key="trainer.total_training_steps", recipe="`null` (6 epochs x 62 steps)", ours="`372`",
+               reason="The same 372 steps, written out: it ends the run and drives the LR schedule exactly as the "
+                      "recipe's 6 epochs do."),
+    Difference(stage="sft", kind="changed", recipe_key="trainer.project_name", key="trainer.project_name",
+               recipe="`wuxibin-multiturn-sft`", ours="`retool`", reason="Naming only (the recipe author's W&B project)."),
+    Difference(stage="sft", kind="changed", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
+               recipe="`multiturn-sft-qwen-2.5-7b-instruct`", ours="`qwen7b-sft`", reason="Naming only."),
+    Difference(stage="sft", kind="changed", recipe_key="trainer.seed", key="trainer.seed",
+               recipe="`1` (default; unread by the 0.6.1 SFT trainer)", ours="`42`", reason=_SEED),
+    Difference(stage="sft", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
+               recipe="`$DATA_ROOT/checkpoint/multiturn-sft-qwen-2.5-7b-instruct`",
+               ours="`/checkpoints/sft/<restart id>`", reason=_PATHS),
+    Difference(stage="sft", kind="renamed", recipe_key="trainer.checkpoint.save_contents",
+               key="checkpoint.save_contents", recipe="`[model, optimizer, extra]` (default)",
+               ours="`[model, optimizer, extra]` (default)",
+               reason="Moved to the top level in verl 0.9.1. retool merges the final checkpoint into a Hugging Face "
+                      "model for RL (the recipe points RL at the raw checkpoint directory)."),
+    # ------------------------------------------------------------------ RL
+    Difference(stage="rl", kind="behaviour", recipe="`export VLLM_USE_V1=1`", ours="-",
+               reason="The vLLM versions verl 0.9.1 runs have only the V1 engine."),
+    Difference(stage="rl", kind="changed", recipe_key="data.train_files", key="data.train_files",
+               recipe="`['$DATA_ROOT/dataset/BytedTsinghua-SIA/DAPO-Math-17k']`",
+               ours="`/data/datasets/dapo_math/train.parquet`", reason=_PATHS),
+    Difference(stage="rl", kind="changed", recipe_key="data.val_files", key="data.val_files",
+               recipe="`[aime_2025, aime_2024]` dataset directories",
+               ours="`[aime_2024, aime_2025]` prepared parquet files",
+               reason=_PATHS + " Order as the spec lists `val` (it orders the logged metrics only)."),
+    Difference(stage="rl", kind="dropped", recipe_key="data.custom_cls.path", recipe="`recipe/retool/retool.py`",
+               ours="- (verl's dataset)",
+               reason="retool's dataset step writes the rows the recipe's `CustomRLHFDataset` builds (the answer-format "
+                      "suffix, `reward_model.ground_truth`, `data_source`, `agent_name: tool_agent`)."),
+    Difference(stage="rl", kind="dropped", recipe_key="data.custom_cls.name", recipe="`CustomRLHFDataset`",
+               ours="- (verl's dataset)", reason="As `data.custom_cls.path`."),
+    Difference(stage="rl", kind="changed", recipe_key="data.seed", key="data.seed",
+               recipe="`1` (the sampler's fallback)", ours="`42`", reason=_SEED),
+    Difference(stage="rl", kind="changed", recipe_key="custom_reward_function.path",
+               key="reward.custom_reward_function.path", recipe="`recipe/retool/retool.py`",
+               ours="`pkg://runtime.verl.recipe.reward`",
+               reason="Moved under `reward.` in verl 0.9.1. retool's module is the recipe's `compute_score` (verl's "
+                      "`math_dapo` with `strict_box_verify=True`, then the tool-call bonus), tested identical."),
+    Difference(stage="rl", kind="renamed", recipe_key="custom_reward_function.name",
+               key="reward.custom_reward_function.name", recipe="`compute_score`", ours="`compute_score`",
+               reason="Moved under `reward.` in verl 0.9.1."),
+    Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.model.path", key="actor_rollout_ref.model.path",
+               recipe="`.../multiturn-sft-qwen-2.5-7b-instruct/global_step_372`",
+               ours="`/checkpoints/sft/<restart id>/merged`",
+               reason=_PATHS + " The SFT stage's final checkpoint, merged into a Hugging Face model."),
+    Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.actor.strategy",
+               key="actor_rollout_ref.actor.strategy", recipe="`fsdp` (default)", ours="`fsdp2`", reason=_FSDP2),
+    Difference(stage="rl", kind="added", key="actor_rollout_ref.actor.data_loader_seed", recipe="-", ours="`42`",
+               reason=_SEED),
+    Difference(stage="rl", kind="added", key="actor_rollout_ref.actor.fsdp_config.seed", recipe="-", ours="`42`",
+               reason=_SEED),
+    Difference(stage="rl", kind="added", key="actor_rollout_ref.rollout.seed", recipe="-", ours="`42`", reason=_SEED),
+    Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.rollout.calculate_log_probs",
+               key="actor_rollout_ref.rollout.calculate_log_probs", recipe="`false` (default)", ours="`true`",
+               reason="The rollout's log-probs let verl log the rollout-vs-actor probability gap; they do not enter "
+                      "the loss."),
+    Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.rollout.multi_turn.tool_config_path",
+               key="actor_rollout_ref.rollout.multi_turn.tool_config_path",
+               recipe="`recipe/retool/sandbox_fusion_tool_config.yaml`",
+               ours="`runtime/verl/recipe/tool_config.yaml`",
+               reason="verl 0.9.1 removed `SandboxFusionTool`, which the recipe's tool extends. retool's tool applies "
+                      "the recipe's code rules with the recipe's schema and limits, tested identical through a real "
+                      "sandbox."),
+    Difference(stage="rl", kind="changed", recipe_key="trainer.total_training_steps",
+               key="trainer.total_training_steps", recipe="`null` (one epoch)", ours="`400` (`max_steps`)",
+               reason="One epoch of DAPO-Math-17k (17k prompts repeated ~100x, 1.79M rows) is ~28k steps at batch "
+                      "64; the spec caps it."),
+    Difference(stage="rl", kind="changed", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
+               recipe="`qwen2.5-7b_dapo`", ours="`qwen7b-dapo`", reason="Naming only."),
+    Difference(stage="rl", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
+               recipe="`$DATA_ROOT/checkpoint/qwen2.5-7b_dapo`", ours="`/checkpoints/dapo/<restart id>`",
+               reason=_PATHS),
+    Difference(stage="rl", kind="behaviour", recipe="the model's `timeout` / `language` tool arguments are honoured",
+               ours="ignored (the spec's `tool.timeout_s`, Python)",
+               reason="The schema offers only `code`; a model-chosen timeout could stall a rollout."),
+    Difference(stage="rl", kind="behaviour", recipe="`rate_limit: 128` concurrent calls across the cluster (a Ray actor)",
+               ours="128 per agent-loop worker process",
+               reason="No cluster-wide Ray actor; it changes throughput, not what the model sees. The sandbox's own "
+                      "queue bounds the load."),
+    Difference(stage="rl", kind="behaviour", recipe="`extra_info[\"num_turns\"]` missing raises `KeyError`",
+               ours="no tool bonus", reason="verl 0.9.1's agent loop always passes it; the reward also logs "
+                                            "`tool_calls`."),
+    Difference(stage="rl", kind="option", key="recipe.lenient_fences", recipe="only ```` ```python ```` fences",
+               ours="`false`: the same",
+               reason="`true` also runs the first ```` ```py ```` or bare ```` ``` ```` block when there is no "
+                      "```` ```python ```` one."),
+    Difference(stage="rl", kind="option", key="recipe.strip_answer", recipe="`\\boxed{ 204 }` is wrong",
+               ours="`false`: the same", reason="`true` ignores whitespace around the boxed answer."),
+    Difference(stage="rl", kind="option", key="recipe.answer_window", recipe="final 100 characters",
+               ours="`100`: the same", reason="A larger window finds an answer followed by more text."),
+)
+
+
+def by_stage(stage: Stage) -> list[Difference]:
+    return [d for d in DIFFERENCES if d.stage == stage]
+
+
+def markdown_table() -> str:
+    """The README's table (the test checks the README holds it verbatim)."""
+    rows = ["| Stage | Flag / behaviour | Recipe (verl 0.6.1) | retool (verl 0.9.1) | Why |",
+            "|---|---|---|---|---|"]
+    for d in DIFFERENCES:
+        if d.kind in ("renamed", "changed") and d.recipe_key and d.key and d.recipe_key != d.key:
+            flag = f"`{d.recipe_key}` → `{d.key}`"
+        elif d.recipe_key or d.key:
+            flag = f"`{d.recipe_key or d.key}`"
+        else:
+            flag = f"({d.kind})"
+        if d.kind == "option":
+            flag = f"option `{d.key}`"
+        rows.append(f"| {d.stage} | {flag} | {d.recipe} | {d.ours} | {d.reason} |")
+    return "\n".join(rows) + "\n"
