@@ -113,7 +113,7 @@ def start_detached(
     host: str, port: int | None, log_path: Path, *, workers: int | None = None,
     memory_limit_mb: int | None = None, max_output_bytes: int | None = None, max_queue: int | None = None,
     preload: list[str] | None = None, token: str | None = None, python: str | None = None,
-    ready_timeout_s: float | None = READY_TIMEOUT_S,
+    ready_timeout_s: float | None = READY_TIMEOUT_S, settings_env: dict[str, str] | None = None,
 ) -> SandboxProcess:
     """Start the server in a new session writing to `log_path`; `port=None` picks a free one.
 
@@ -123,7 +123,7 @@ def start_detached(
     port = port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = {**os.environ, **(settings_env or {})}  # settings_env: RETOOL_SANDBOX_* for the server
     if token:
         env[TOKEN_ENV] = token
     argv = server_argv(

@@ -2,7 +2,8 @@
 
 `create_app(settings)` builds an app whose executor starts with the app (lifespan) and stops
 with it. The module attribute `app` is built lazily from `RETOOL_SANDBOX_*` variables, so
-`uvicorn sandbox.app:app` and Modal's `@modal.asgi_app()` can serve it as it is.
+`uvicorn sandbox.app:app` and Modal's `@modal.asgi_app()` can serve it as it is. With
+`owner_dir` or `idle_timeout_s` set, the server ends by itself (`sandbox.lifetime`).
 
 Bad input is always a clear 4xx: 400 unsupported language, 401 missing token, 413 code or body
 too large, 422 malformed fields (non-finite or non-positive timeouts, unsafe paths - `..`,
@@ -12,6 +13,7 @@ absolute ones without a private view, /proc /sys /dev - bad base64);
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -26,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from sandbox.executor import ExecutionRequest, Executor
+from sandbox.lifetime import Lifetime, watch
 from sandbox.models import (
     SUPPORTED_LANGUAGES,
     CommandRunStatus,
@@ -53,13 +56,17 @@ logger = logging.getLogger(__name__)
 def create_app(settings: SandboxSettings | None = None) -> FastAPI:
     settings = settings or SandboxSettings.from_env()
     executor = Executor(settings)
+    lifetime = Lifetime(settings.owner_dir, settings.idle_timeout_s, settings.lease_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await executor.start()
+        watcher = asyncio.create_task(watch(lifetime, executor.activity)) if lifetime.active else None
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await executor.stop()
 
     app = FastAPI(title="retool sandbox", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -176,6 +183,10 @@ def health_report(executor: Executor) -> dict[str, Any]:
         "preloaded": ready.preloaded if ready else [],
         "preload_failures": ready.preload_failures if ready else {},
         "zygote_pid": ready.pid if ready else None,
+        "lifetime": {
+            "owner_dir": executor.settings.owner_dir, "idle_timeout_s": executor.settings.idle_timeout_s,
+            "lease_dir": executor.settings.lease_dir, "in_flight": executor.activity.in_flight,
+        },
     }
 
 

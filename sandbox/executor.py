@@ -24,6 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from sandbox import workdir
+from sandbox.lifetime import Activity
 from sandbox.pool import SlotPool
 from sandbox.program import ProgramFds, ProgramNotStarted, ProgramRefused, run_program
 from sandbox.protocol import (
@@ -269,6 +270,7 @@ class Executor:
     def __init__(self, settings: SandboxSettings) -> None:
         self.settings = settings
         self.counters = Counters()
+        self.activity = Activity()
         self.workspace: Workspace | None = None
         self.pool: SlotPool | None = None
         self.zygote: ZygoteProcess | None = None
@@ -306,6 +308,14 @@ class Executor:
     async def run(self, request: ExecutionRequest) -> Outcome:
         """Execute one program; raises QueueFullError when the queue is full."""
         assert self.pool is not None, "Executor.start() was not awaited"
+        self.activity.begin()
+        try:
+            return await self._run(request)
+        finally:
+            self.activity.end()
+
+    async def _run(self, request: ExecutionRequest) -> Outcome:
+        assert self.pool is not None
         slot = await self.pool.acquire()
         runner = self.runners[slot.index]
         try:

@@ -72,6 +72,13 @@ class SandboxSettings(BaseModel):
         1_500_000, ge=1000, description="First uid of the range executions run as when the server is root."
     )
     isolate_users: bool = Field(True, description="When root, run each worker slot as its own unprivileged uid.")
+    idle_timeout_s: float | None = Field(
+        None, gt=0, description="Exit after this long with no request (unless a lease in lease_dir is alive)."
+    )
+    owner_dir: str | None = Field(None, description="Exit as soon as this directory is gone (a project's state dir).")
+    lease_dir: str | None = Field(
+        None, description="Files '<pid> <start ticks>' of processes that hold the server up against idle_timeout_s."
+    )
     filesystem_view: bool = Field(
         True, description="Give each execution a private copy-on-write view of the whole filesystem (overlayfs, root)."
     )
@@ -90,7 +97,7 @@ class SandboxSettings(BaseModel):
                 continue
             if field.annotation == list[str]:
                 values[name] = [item.strip() for item in raw.split(",") if item.strip()]
-            elif name == "token" or name == "workers":
+            elif name in ("token", "workers", "idle_timeout_s", "owner_dir", "lease_dir"):
                 values[name] = raw or None
             else:
                 values[name] = raw

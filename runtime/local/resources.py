@@ -150,6 +150,15 @@ def prepare_once(
 
 
 # --------------------------------------------------------------------------- sandbox sidecar
+#
+# The sidecar never outlives its use: it exits by itself when the state directory it belongs
+# to is gone, and after SIDECAR_IDLE_TIMEOUT_S without a request once no lease holds it up.
+# Each apply that ensures it takes a lease (its own pid), so it stays while that apply waits
+# on the stages that call it; a later plan sees it gone and plans its `create` again.
+
+SIDECAR_IDLE_TIMEOUT_S = 600.0
+SIDECAR_LIFETIME = {"idle_timeout_s": SIDECAR_IDLE_TIMEOUT_S, "owner_dir": True, "leases": True}  # in the hash:
+# a sidecar started without these rules (by an older retool) is replaced, not kept forever.
 
 
 class SandboxRecord(BaseModel):
@@ -186,7 +195,11 @@ def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcom
     """Find the recorded sidecar (same process, answering, same settings) or (re)start it."""
     from runtime import sandbox_process
 
-    config_hash = short_hash(sandbox.model_dump(mode="json", include=LOCAL_SANDBOX_FIELDS))
+    config_hash = short_hash({
+        **sandbox.model_dump(mode="json", include=LOCAL_SANDBOX_FIELDS), "lifetime": SIDECAR_LIFETIME,
+    })
+    state_dir = record_path.parent
+    take_lease(state_dir)  # before anything is started: the sidecar must not idle out under us
     record = _load(record_path)
     change = "created"
     if record is not None and procs.is_alive(record.pid, record.start_ticks):
@@ -202,6 +215,7 @@ def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcom
     started = sandbox_process.start_detached(  # waits until /v1/ping answers
         "127.0.0.1", sandbox.port, log_path, workers=sandbox.workers, memory_limit_mb=sandbox.memory_limit_mb,
         max_output_bytes=sandbox.max_output_bytes, max_queue=sandbox.max_queue, preload=list(sandbox.preload),
+        settings_env=sidecar_lifetime_env(state_dir),
     )
     new = SandboxRecord(
         pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
@@ -209,3 +223,24 @@ def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcom
     )
     write_json(record_path, new.model_dump())
     return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")
+
+
+def lease_dir(state_dir: Path) -> Path:
+    return state_dir / "sandbox-leases"
+
+
+def sidecar_lifetime_env(state_dir: Path) -> dict[str, str]:
+    """The server's own rules for ending (sandbox.lifetime), as RETOOL_SANDBOX_* variables."""
+    return {
+        "RETOOL_SANDBOX_OWNER_DIR": str(state_dir.resolve()),
+        "RETOOL_SANDBOX_IDLE_TIMEOUT_S": str(SIDECAR_IDLE_TIMEOUT_S),
+        "RETOOL_SANDBOX_LEASE_DIR": str(lease_dir(state_dir).resolve()),
+    }
+
+
+def take_lease(state_dir: Path, pid: int | None = None) -> Path:
+    """Hold the sidecar up while process `pid` (default: this one) runs: '<pid> <start ticks>'."""
+    pid = os.getpid() if pid is None else pid
+    path = lease_dir(state_dir) / str(pid)
+    write_text_atomic(path, f"{pid} {procs.start_ticks(pid) or ''}".strip() + "\n")
+    return path
