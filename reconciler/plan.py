@@ -33,7 +33,7 @@ from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
 from reconciler.graph import KIND_RANK, Graph, Node, address_kind, build_graph, sort_key
 from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
 from reconciler.state.base import NodeRecord, State
-from reconciler.steps import Estimate, add, dataset_rows, estimate, total_steps
+from reconciler.steps import Estimate, add, estimate, stage_total_steps
 
 __all__ = [
     "Action", "Estimate", "Observed", "ObservedNode", "Plan", "PlannedChange", "RunState", "make_plan",
@@ -401,15 +401,9 @@ class _Planner:
     # -- steps and cost
 
     def _total_steps(self, stage: SFTStage | RLStage | EvalStage) -> int | None:
-        if isinstance(stage, EvalStage):
-            return total_steps(stage, None)
-        ds_addr = stage.train
-        dataset = self.spec.datasets.get(ds_addr.partition(".")[2])
-        if dataset is None:
-            return stage.max_steps
-        rec = self.record(ds_addr)
-        fresh = rec is not None and rec.status == "succeeded" and self.intended.get(ds_addr) not in OUTPUT_CHANGING
-        return total_steps(stage, dataset_rows(dataset, rec.outputs if fresh and rec else None))
+        rec = None if isinstance(stage, EvalStage) else self.record(stage.train)
+        fresh = rec is not None and rec.status == "succeeded" and self.intended.get(rec.address) not in OUTPUT_CHANGING
+        return stage_total_steps(self.spec, stage, rec.outputs if fresh and rec else None)
 
     def _seconds_per_step(
         self, stage: SFTStage | RLStage | EvalStage, rec: NodeRecord | None

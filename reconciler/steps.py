@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from reconciler.spec import Dataset, EvalStage, Pricing, Resources, RLStage, SFTStage
+from reconciler.spec import Dataset, EvalStage, Pricing, Resources, RLStage, SFTStage, Spec
 
 
 class Estimate(BaseModel):
@@ -36,6 +36,20 @@ def total_steps(stage_spec: SFTStage | RLStage | EvalStage, train_rows: int | No
     if stage_spec.max_steps is not None:
         total = min(total, stage_spec.max_steps)
     return total
+
+
+def stage_total_steps(
+    spec: Spec, stage: SFTStage | RLStage | EvalStage, train_outputs: dict[str, Any] | None
+) -> int | None:
+    """Total steps of a stage: from its train dataset's measured rows (`train_outputs`, that
+    dataset's recorded outputs while they still hold), else its expected rows. The plan and
+    the apply engine both count with this."""
+    if isinstance(stage, EvalStage):
+        return total_steps(stage, None)  # sample rounds
+    dataset = spec.datasets.get(stage.train.partition(".")[2])
+    if dataset is None:
+        return stage.max_steps
+    return total_steps(stage, dataset_rows(dataset, train_outputs))
 
 
 def dataset_rows(dataset: Dataset, recorded_outputs: dict[str, Any] | None) -> int | None:

@@ -16,7 +16,7 @@ from reconciler.graph import Graph, Node
 from reconciler.loader import LoadedSpec
 from reconciler.spec import EvalStage, Spec
 from reconciler.state.base import NodeRecord, State, StateStore
-from reconciler.steps import dataset_rows, total_steps
+from reconciler.steps import stage_total_steps
 from reconciler.backend import Runtime, StageContext
 
 T = TypeVar("T")
@@ -79,11 +79,8 @@ def stage_context(
 def planned_total_steps(loaded: LoadedSpec, state: State | None, stage_name: str) -> int | None:
     """Total steps of a stage from its training data's measured (else expected) rows."""
     stage = loaded.spec.stages[stage_name]
-    if isinstance(stage, EvalStage):
-        return total_steps(stage, None)  # sample rounds
-    train = stage.train.split(".", 1)[1]
-    rec = state.nodes.get(stage.train) if state else None
-    return total_steps(stage, dataset_rows(loaded.spec.datasets[train], rec.outputs if rec else None))
+    rec = None if isinstance(stage, EvalStage) or state is None else state.nodes.get(stage.train)
+    return stage_total_steps(loaded.spec, stage, rec.outputs if rec else None)
 
 
 @dataclass
