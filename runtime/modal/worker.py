@@ -320,10 +320,10 @@ class StageRunner:
             current = launches.lookup(self.adapter, launch.registry, launch.key, env=self.p.environment)
             if current is not None and current.launch_id != launch.launch_id and current.call_id != me:
                 try:
-                    other = self.adapter.poll(current.call_id).state
+                    other_running = self.adapter.poll(current.call_id).state == "running"
                 except Exception:  # noqa: BLE001 - an unknown or unreachable call is not running here
-                    other = "unknown"
-                if other == "running":
+                    other_running = False
+                if other_running:
                     return StageResult(
                         outcome="failed", segment=self.p.segment,
                         message=f"another run of this stage is running (call {current.call_id}, launch "
