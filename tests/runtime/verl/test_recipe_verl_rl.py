@@ -180,8 +180,8 @@ def test_critic_needs_gae_and_gae_needs_a_critic() -> None:
 
 
 def test_32b_stages_compose_with_the_recipes_values() -> None:
-    """The 32B spec's stages are blocked until multi-node launches exist; their overrides
-    (rendered for 2 nodes) carry the recipe's 32B values, and the PPO one composes with verl."""
+    """The 32B spec's stages (2 nodes each) carry the recipe's 32B values, and the PPO one
+    composes with verl."""
     from runtime.verl.rl import rl_overrides
     from runtime.verl.sft import sft_overrides
 
