@@ -10,7 +10,6 @@ duration of a `with` block and stops the group on exit.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import RetoolError, TerminalError, TransientError
+from runtime.processes import terminate_run
 from sandbox.errors import SandboxError, SandboxUnavailableError
 
 READY_TIMEOUT_S = 180.0  # a cold machine imports numpy and sympy before the server answers
@@ -48,18 +48,7 @@ class SandboxProcess(BaseModel):
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after `grace_s`; reap our child."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and self.alive():
-                _reap(self.pid)
-                time.sleep(0.05)
-            if not self.alive():
-                break
-        _reap(self.pid)
+        terminate_run(self.pid, grace_s=grace_s, poll_s=0.05)
 
 
 def as_retool_error(exc: SandboxError) -> RetoolError:
@@ -75,14 +64,6 @@ def retool_errors() -> Iterator[None]:
         yield
     except SandboxError as exc:
         raise as_retool_error(exc) from exc
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if `pid` is our child (a zombie still counts as alive)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
