@@ -7,7 +7,6 @@ Each function observes what exists first and says `created | unchanged | updated
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,17 +18,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Dataset, Image, Model, Sandbox, field_policy
+from reconciler.spec import Dataset, Image, Model, Sandbox
 from runtime import processes as procs
 from reconciler.backend import Outcome
+from runtime.stamps import restart_config, short_hash
 
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 # Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
 LOCAL_SANDBOX_FIELDS = {"workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes", "port", "token_secret"}
-
-
-def short_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -110,12 +106,6 @@ def record_environment(path: Path, image: Image, *, device: str, needs_training:
 
 
 # --------------------------------------------------------------------------- datasets and models
-
-
-def restart_config(model: Dataset | Model) -> dict[str, Any]:
-    """The fields of a dataset/model whose change means "rebuild" (policy `restart`)."""
-    data = model.model_dump(mode="json")
-    return {k: v for k, v in data.items() if field_policy(type(model), k) == "restart"}
 
 
 def source_stat(source: str, spec_dir: str) -> list[Any] | None:

@@ -22,7 +22,6 @@ running and never relaunches it. Credentials are checked first, locally, in `pre
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume, field_policy
+from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
 from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
@@ -72,19 +71,11 @@ from runtime.eval.render import eval_command, eval_job
 from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE
 from runtime.verl.common import StagePaths, with_planned_inputs
 from runtime.verl.sft import MERGE_MODULE, render_merge, render_sft
+from runtime.stamps import restart_config, short_hash
 
 CLUSTER_GPUS_PER_NODE = 8  # a clustered container takes its whole host (8 GPUs on Modal's H100/A100/B200 hosts)
 CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
 WAIT_SLICE_S = 30.0
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _restart_config(model: Dataset | Model) -> dict[str, Any]:
-    data = model.model_dump(mode="json")
-    return {k: v for k, v in data.items() if field_policy(type(model), k) == "restart"}
 
 
 class ModalRuntime:
@@ -200,7 +191,7 @@ class ModalRuntime:
     def build_image(self, image: Image, spec: Spec) -> Outcome:
         """Builds the image by deploying the app (Modal builds images at deploy, cached by recipe)."""
         definition, _ = self._ensure_deployed(spec)
-        image_digest = _hash([s.model_dump(mode="json") for s in definition.image])
+        image_digest = short_hash([s.model_dump(mode="json") for s in definition.image])
         return Outcome(
             change="created", outputs={"app_name": definition.app_name, "image_digest": image_digest,
                                        "app_digest": definition.digest()},
@@ -221,9 +212,9 @@ class ModalRuntime:
         folder = "datasets" if kind == "dataset" else "models"
         stamp_path = f"{folder}/.{name}.prepared.json"
         local = _local_source(item.source, spec_dir)
-        config = {"config": _restart_config(item), "source": _stat(local) if local else None}
+        config = {"config": restart_config(item), "source": _stat(local) if local else None}
         stamp = self._read_json(vol, stamp_path, env)
-        if stamp is not None and stamp.get("config") == _hash(config) and stamp.get("outputs"):
+        if stamp is not None and stamp.get("config") == short_hash(config) and stamp.get("outputs"):
             return Outcome(change="unchanged", outputs=stamp["outputs"], message="already on the volume")
         root = mount(spec, volume_key)
         payload_config = item.model_dump(mode="json")
@@ -238,7 +229,7 @@ class ModalRuntime:
         )
         call_id = self.adapter.spawn(app_name(spec), PREPARE_FUNCTION, payload.model_dump(mode="json"), env=env)
         outputs = self._wait_result(call_id, f"prepare {kind}.{name}", 4 * 3600)
-        self.adapter.put_files(vol, {stamp_path: json.dumps({"config": _hash(config), "outputs": outputs}).encode()},
+        self.adapter.put_files(vol, {stamp_path: json.dumps({"config": short_hash(config), "outputs": outputs}).encode()},
                                env=env)
         rows = f"{outputs.get('rows')} rows" if "rows" in outputs else ""
         return Outcome(change="updated" if stamp is not None else "created", outputs=outputs, message=rows)
