@@ -177,7 +177,7 @@ def make_plan(
         spec=spec_path, spec_name=spec.name, backend=spec.backend,
         serial=state.serial if state else 0, lineage=state.lineage if state else "",
         created_at=time.time() if created_at is None else created_at,
-        changes=changes, total=total, warnings=_warnings(spec, observed, planner.warnings),
+        changes=changes, total=total, warnings=_warnings(observed, planner.warnings),
         refreshed=observed.refreshed,
     )
 
@@ -456,14 +456,10 @@ def _delete(rec: NodeRecord) -> PlannedChange:
     return PlannedChange(address=rec.address, action="delete", reasons=["removed from the spec"], notes=notes, config=rec.config)
 
 
-def _warnings(spec: Spec, observed: Observed, extra: list[str]) -> list[str]:
+def _warnings(observed: Observed, extra: list[str]) -> list[str]:
+    """The plan's warnings. What a backend has to say about the spec itself (e.g. Modal: a
+    mutable image tag, packages that compile) arrives as refresh notes in `observed`."""
     out: list[str] = []
-    base = spec.image.base
-    if "@" not in base:
-        last = base.rsplit("/", 1)[-1]
-        tag = last.partition(":")[2]
-        if not tag or tag == "latest":
-            out.append(f"image.base {base!r} uses a mutable tag: pin a version or a digest for reproducible builds")
     if not observed.refreshed:
         out.append("not refreshed: the plan trusts the recorded state (running calls and checkpoints were not checked)")
     out += observed.notes

@@ -294,11 +294,11 @@ def test_targets_scope_the_plan_to_their_dependencies(done: State) -> None:
         plan_for(TOY, None, targets={"stage.c"})
 
 
-def test_mutable_image_tags_warn() -> None:
+def test_the_core_plan_has_no_image_opinions() -> None:
+    # Image checks belong to the backend that builds images (Modal: tests/runtime/modal/
+    # test_modal_apply.py::test_the_plan_warns_about_a_mutable_image_tag); the local backend builds none.
     assert plan_for(TOY).warnings == []
-    for base in ("python", "python:latest", "ghcr.io/org/img:latest"):
-        assert any("mutable tag" in w for w in plan_for(edited('"python:3.12-slim"', f'"{base}"')).warnings), base
-    assert plan_for(edited('"python:3.12-slim"', '"python@sha256:abc"')).warnings == []
+    assert plan_for(edited('"python:3.12-slim"', '"python:latest"')).warnings == []
 
 
 def test_plan_is_pure(done: State) -> None:

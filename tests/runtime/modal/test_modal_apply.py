@@ -202,3 +202,15 @@ def test_apply_without_credentials_stops_before_changing_anything(loaded: Loaded
         apply(plan, loaded, store, rt, sleep=lambda s: None)
     assert "No Modal credentials" in str(exc.value) and "modal token new" in str(exc.value)
     assert fake.ops == [] and store.read() is None and fake.volumes == {}
+
+
+@pytest.mark.parametrize("base", ["verlai/verl", "verlai/verl:latest", "ghcr.io/org/img:latest"])
+def test_the_plan_warns_about_a_mutable_image_tag(loaded: LoadedSpec, fake: FakeModal, base: str) -> None:
+    rt = ModalRuntime("/unused", adapter=fake)
+    pinned = refresh_and_plan(loaded, None, rt)
+    assert not any("image.base" in w for w in pinned.warnings)
+    edited = loaded.model_copy(update={"spec": loaded.spec.model_copy(
+        update={"image": loaded.spec.image.model_copy(update={"base": base})})})
+    warned = refresh_and_plan(edited, None, rt)
+    assert any(w.startswith(f"image.base {base!r}") and "pin a version tag or @sha256 digest" in w
+               for w in warned.warnings), warned.warnings
