@@ -125,3 +125,17 @@ def test_validate_runs_the_backends_offline_rules(workspace: FakeModal, tmp_path
     assert "warning: image.pip 'flash-attn==2.8.3' has no wheel" in result.output
     ok = CliRunner().invoke(app, ["validate", str(QWEN)])
     assert ok.exit_code == 0 and "warning" not in ok.output
+
+
+def test_plan_carries_the_backends_warnings(workspace: FakeModal, tmp_path: Path) -> None:
+    from reconciler.refresh import refresh_and_plan
+
+    (tmp_path / "data").mkdir()
+    spec_path = tmp_path / "qwen.yaml"
+    spec_path.write_text(QWEN.read_text().replace("base: verlai/verl:vllm024.dev2",
+                                                  "base: nvidia/cuda:12.8.1-devel-ubuntu22.04"))
+    loaded = load_spec(spec_path)
+    plan = refresh_and_plan(loaded, None, ModalRuntime(str(tmp_path), adapter=workspace))
+    assert any(w.startswith("image.pip 'flash-attn==2.8.3' has no wheel") for w in plan.warnings)
+    clean = refresh_and_plan(load_spec(QWEN), None, ModalRuntime(str(tmp_path), adapter=workspace))
+    assert not any("has no wheel" in w for w in clean.warnings)
