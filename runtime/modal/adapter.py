@@ -527,8 +527,13 @@ class SdkAdapter:
         self._call(lambda: modal.FunctionCall.from_id(call_id).cancel(terminate_containers=True), f"cancel {call_id}")
 
     def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
+        not_found = self._modal().exception.NotFoundError
+
         def run() -> FunctionStats:
-            stats = self._function(app_name, function, env).get_current_stats()
+            try:
+                stats = self._function(app_name, function, env).get_current_stats()
+            except not_found:  # no such function deployed: nothing can be queued for it
+                return FunctionStats()
             return FunctionStats(backlog=int(stats.backlog), runners=int(stats.num_total_runners))
 
         return self._call(run, f"stats of {app_name}.{function}")

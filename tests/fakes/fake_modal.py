@@ -341,7 +341,7 @@ class FakeModal:
     def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
         self._remote("function_stats", app_name, function)
         if app_name not in self.deployed:
-            raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
+            return FunctionStats()  # SdkAdapter: no such function, nothing queued for it
         running = len(self.running_calls(function))
         return FunctionStats(backlog=running, runners=running)
 

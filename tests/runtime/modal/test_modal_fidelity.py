@@ -224,3 +224,15 @@ def test_sdk_deadline_reports_unreachable_quickly(sdk: Any, monkeypatch: pytest.
     monkeypatch.setattr(sdk.FunctionCall, "from_id", staticmethod(lambda call_id, *a, **k: Hanging()))
     with pytest.raises(ModalUnreachable, match="did not answer"):
         SdkAdapter(call_timeout_s=0.2).poll("fc-1")
+
+
+def test_sdk_stats_of_a_function_not_deployed_are_empty(sdk: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Missing:
+        def get_current_stats(self) -> Any:
+            raise sdk.exception.NotFoundError("Function 'stage-sft' not found")
+
+    adapter = SdkAdapter()
+    monkeypatch.setattr(adapter, "_function", lambda *a, **k: Missing())
+    stats = adapter.function_stats("retool-x", "stage-sft")
+    assert (stats.backlog, stats.runners) == (0, 0)
+    assert (FakeModal().function_stats("retool-x", "stage-sft").backlog, 0) == (0, 0)
