@@ -68,6 +68,7 @@ class ClusterRunner:
     port_base: int
     device_env: Callable[[int], dict[str, str]] = field(default=lambda rank: {})
     teardown_grace_s: float = 60.0
+    failures: list[str] = field(default_factory=list)  # which container ended each failed attempt
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
 
     def install(self, fake: Any, functions: list[str]) -> None:
@@ -121,6 +122,8 @@ class ClusterRunner:
         codes = [c.proc.poll() for c in attempt.containers]
         failed = [c for c, code in zip(attempt.containers, codes) if code not in (None, 0)]
         if failed:
+            self.failures.append(f"{call.call_id} attempt {attempt.number}: " + ", ".join(
+                f"rank {c.rank} exited with {c.proc.returncode}" for c in failed) + f" at {time.time():.0f}")
             # the survivors get a moment to notice on their own (the worker stops a cluster that
             # lost a rank) before the cluster is torn down
             deadline = time.time() + self.teardown_grace_s
@@ -146,6 +149,15 @@ class ClusterRunner:
     def _stop(self, attempt: _Attempt) -> None:
         for c in attempt.containers:
             terminate_run(c.proc.pid, c.tag, grace_s=20.0)
+            # a process forked while the sweep ran (a Ray worker being started) is caught here
+            deadline = time.time() + 15
+            while (left := tagged_processes(c.tag)) and time.time() < deadline:
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                time.sleep(0.2)
             c.proc.poll()
 
     # ----------------------------------------------------------------- test controls
@@ -174,6 +186,28 @@ class ClusterRunner:
         for runs in self.attempts.values():
             for attempt in runs:
                 self._stop(attempt)
+
+
+def free_port_base() -> int:
+    """A port base whose first ports (rendezvous, torchrun, Ray GCS/client/dashboard) are free;
+    the per-node ports above it are spread widely enough not to meet another run's."""
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1]) // 100 * 100
+        if 20000 <= base <= 60000 and all(free(base + i) for i in range(5)):
+            return base
+    raise RuntimeError("no free port range on loopback")
 
 
 def _tail(path: Path, lines: int = 30) -> str:

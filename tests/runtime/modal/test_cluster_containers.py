@@ -7,7 +7,6 @@ verl, SFT and RL: tests/e2e/test_multinode_rehearsal.py, marked slow.)"""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import textwrap
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from runtime import checkpoints as ckpts
 from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep, StagePayload
-from tests.fakes.fake_cluster import ClusterRunner
+from tests.fakes.fake_cluster import ClusterRunner, free_port_base
 from tests.fakes.fake_modal import FakeModal
 
 # verl's interface where the worker touches it: default_local_dir, resume_mode/resume_from_path,
@@ -61,26 +60,6 @@ TRAINER = textwrap.dedent(
     """
 )
 RID = "c1" * 32
-
-
-def free_port_base() -> int:
-    """A base with its rendezvous and torchrun ports free (the rest of the plan is above it)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1]) // 100 * 100
-        if 20000 <= base <= 60000 and all(_free(base + i) for i in range(5)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture
