@@ -1,10 +1,11 @@
 """Where retool's run of the official ReTool recipe differs from the recipe's scripts, and why.
 
-The recipe's Qwen2.5-7B scripts (verl-project/verl-recipe `retool/run_qwen2_7b_sft.sh` and
-`retool/run_qwen2_7b_dapo.sh`) were written for verl 0.6.1; retool renders them for verl
-0.9.1. Every flag of those scripts, and every verl 0.6.1 default retool also sets, is rendered
-with the recipe's value or listed here. tests/runtime/verl/test_recipe_flags.py checks that
-flag by flag against a checked-in copy of the scripts' effective values, and that the README's
+The recipe's scripts (verl-project/verl-recipe `retool/run_qwen2_7b_{sft,dapo}.sh`, and
+`retool/run_qwen2-32b_{sft,dapo,ppo}.sh`) were written for verl 0.6.1; retool renders them for
+verl 0.9.1 (specs/retool-qwen7b.yaml, specs/retool-qwen32b.yaml). Every flag of those scripts,
+and every verl 0.6.1 default retool also sets, is rendered with the recipe's value or listed
+here, for both specs (`scope`) or one. tests/runtime/verl/test_recipe_flags.py checks that flag
+by flag against checked-in copies of the scripts' effective values, and that the README's
 "Differences from the official recipe" table is `markdown_table()` verbatim.
 
 Kinds (what the test checks):
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 Kind = Literal["renamed", "changed", "dropped", "added", "behaviour", "option"]
 Stage = Literal["sft", "rl"]
+Scope = Literal["both", "7b", "32b"]
 
 
 class Difference(BaseModel):
@@ -31,6 +33,7 @@ class Difference(BaseModel):
 
     stage: Stage
     kind: Kind
+    scope: Scope = "both"  # which spec's scripts it concerns
     recipe_key: str | None = None  # verl 0.6.1's key as the recipe sets it (or its default)
     key: str | None = None  # the key retool renders for verl 0.9.1
     recipe: str  # the recipe's value or behaviour, as the README shows it
@@ -69,7 +72,7 @@ DIFFERENCES: tuple[Difference, ...] = (
                reason="verl 0.9.1 batches SFT by token budget by default; the recipe's trainer batches by sample "
                       "count (`micro_batch_size_per_gpu: 4`), which this keeps."),
     Difference(stage="sft", kind="changed", recipe_key="model.partial_pretrain", key="model.path",
-               recipe="`$HDFS_ROOT/model/Qwen2.5-7B-Instruct`", ours="`/models/models/qwen7b`",
+               recipe="`$HDFS_ROOT/model/Qwen2.5-7B-Instruct` (32B: `…-32B-Instruct`)", ours="`/models/models/qwen7b`",
                reason="Renamed in verl 0.9.1. " + _PATHS),
     Difference(stage="sft", kind="renamed", recipe_key="use_remove_padding", key="model.use_remove_padding",
                recipe="`true`", ours="`true`", reason="Moved under `model.` in verl 0.9.1."),
@@ -94,18 +97,24 @@ DIFFERENCES: tuple[Difference, ...] = (
                       "recipe's 6 epochs do."),
     Difference(stage="sft", kind="changed", recipe_key="trainer.project_name", key="trainer.project_name",
                recipe="`wuxibin-multiturn-sft`", ours="`retool`", reason="Naming only (the recipe author's W&B project)."),
-    Difference(stage="sft", kind="changed", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
+    Difference(stage="sft", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`multiturn-sft-qwen-2.5-7b-instruct`", ours="`qwen7b-sft`", reason="Naming only."),
     Difference(stage="sft", kind="changed", recipe_key="trainer.seed", key="trainer.seed",
                recipe="`1` (default; unread by the 0.6.1 SFT trainer)", ours="`42`", reason=_SEED),
     Difference(stage="sft", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
-               recipe="`$DATA_ROOT/checkpoint/multiturn-sft-qwen-2.5-7b-instruct`",
+               recipe="`$DATA_ROOT/checkpoint/multiturn-sft-qwen-2.5-<size>-instruct`",
                ours="`/checkpoints/sft/<restart id>`", reason=_PATHS),
     Difference(stage="sft", kind="renamed", recipe_key="trainer.checkpoint.save_contents",
                key="checkpoint.save_contents", recipe="`[model, optimizer, extra]` (default)",
                ours="`[model, optimizer, extra]` (default)",
                reason="Moved to the top level in verl 0.9.1. retool merges the final checkpoint into a Hugging Face "
                       "model for RL (the recipe points RL at the raw checkpoint directory)."),
+    Difference(stage="sft", kind="changed", scope="32b", recipe_key="trainer.save_freq", key="trainer.save_freq",
+               recipe="unset: one checkpoint, at the last step", ours="`62` (once per epoch)",
+               reason="A 2-node run of ~18 h must resume after a preemption; checkpoints do not change the result."),
+    Difference(stage="sft", kind="changed", scope="32b", recipe_key="trainer.nnodes", key="trainer.nnodes",
+               recipe="`1` (default; the 0.6.1 SFT trainer reads `torchrun --nnodes=2`)", ours="`2`",
+               reason="verl 0.9.1's SFT trainer reads `trainer.nnodes`; the world is the recipe's, 2 x 8 processes."),
     # ------------------------------------------------------------------ RL
     Difference(stage="rl", kind="behaviour", recipe="`export VLLM_USE_V1=1`", ours="-",
                reason="The vLLM versions verl 0.9.1 runs have only the V1 engine."),
@@ -113,8 +122,8 @@ DIFFERENCES: tuple[Difference, ...] = (
                recipe="`['$DATA_ROOT/dataset/BytedTsinghua-SIA/DAPO-Math-17k']`",
                ours="`/data/datasets/dapo_math/train.parquet`", reason=_PATHS),
     Difference(stage="rl", kind="changed", recipe_key="data.val_files", key="data.val_files",
-               recipe="`[aime_2025, aime_2024]` dataset directories",
-               ours="`[aime_2024, aime_2025]` prepared parquet files",
+               recipe="`[aime_2025, aime_2024]` dataset directories (32B: `[aime_2025]`)",
+               ours="the spec's `val` as prepared parquet files",
                reason=_PATHS + " Order as the spec lists `val` (it orders the logged metrics only)."),
     Difference(stage="rl", kind="dropped", recipe_key="data.custom_cls.path", recipe="`recipe/retool/retool.py`",
                ours="- (verl's dataset)",
@@ -133,7 +142,7 @@ DIFFERENCES: tuple[Difference, ...] = (
                key="reward.custom_reward_function.name", recipe="`compute_score`", ours="`compute_score`",
                reason="Moved under `reward.` in verl 0.9.1."),
     Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.model.path", key="actor_rollout_ref.model.path",
-               recipe="`.../multiturn-sft-qwen-2.5-7b-instruct/global_step_372`",
+               recipe="`.../multiturn-sft-qwen-2.5-<size>-instruct/global_step_372`",
                ours="`/checkpoints/sft/<restart id>/merged`",
                reason=_PATHS + " The SFT stage's final checkpoint, merged into a Hugging Face model."),
     Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.actor.strategy",
@@ -155,14 +164,37 @@ DIFFERENCES: tuple[Difference, ...] = (
                       "the recipe's code rules with the recipe's schema and limits, tested identical through a real "
                       "sandbox."),
     Difference(stage="rl", kind="changed", recipe_key="trainer.total_training_steps",
-               key="trainer.total_training_steps", recipe="`null` (one epoch)", ours="`400` (`max_steps`)",
+               key="trainer.total_training_steps", recipe="`null` (one epoch)",
+               ours="`max_steps`: 400 (7B); 150 and 250 (32B GRPO, PPO)",
                reason="One epoch of DAPO-Math-17k (17k prompts repeated ~100x, 1.79M rows) is ~28k steps at batch "
-                      "64; the spec caps it."),
-    Difference(stage="rl", kind="changed", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
+                      "64 (~3.5k at 512); the spec caps it, the 32B ones at the steps the recipe's README reports."),
+    Difference(stage="rl", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`qwen2.5-7b_dapo`", ours="`qwen7b-dapo`", reason="Naming only."),
     Difference(stage="rl", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
-               recipe="`$DATA_ROOT/checkpoint/qwen2.5-7b_dapo`", ours="`/checkpoints/dapo/<restart id>`",
+               recipe="`$DATA_ROOT/checkpoint/<experiment>`", ours="`/checkpoints/<stage>/<restart id>`",
                reason=_PATHS),
+    Difference(stage="rl", kind="changed", scope="32b", recipe_key="trainer.project_name", key="trainer.project_name",
+               recipe="`wuxibin_retool`", ours="`retool`", reason="Naming only (the recipe author's W&B project)."),
+    Difference(stage="rl", kind="changed", scope="32b", recipe_key="critic.model.path", key="critic.model.path",
+               recipe="the SFT checkpoint directory", ours="`/checkpoints/sft/<restart id>/merged`",
+               reason=_PATHS + " The critic starts from the actor's initial weights, as in the recipe."),
+    Difference(stage="rl", kind="changed", scope="32b", recipe_key="critic.strategy", key="critic.strategy",
+               recipe="`fsdp` (default)", ours="`fsdp2`", reason=_FSDP2),
+    Difference(stage="rl", kind="renamed", scope="32b", recipe_key="critic.model.fsdp_config.param_offload",
+               key="critic.fsdp.param_offload", recipe="`true`", ours="`true`", reason="Moved to `critic.fsdp` in verl 0.9.1."),
+    Difference(stage="rl", kind="renamed", scope="32b", recipe_key="critic.model.fsdp_config.optimizer_offload",
+               key="critic.fsdp.optimizer_offload", recipe="`true`", ours="`true`",
+               reason="Moved to `critic.fsdp` in verl 0.9.1."),
+    Difference(stage="rl", kind="added", scope="32b", key="critic.ppo_infer_max_token_len_per_gpu", recipe="-",
+               ours="`73728` (= `critic.ppo_max_token_len_per_gpu`)",
+               reason="verl 0.9.1's trainer sizes the critic's train and value batches by this key alone (default "
+                      "32768); it carries the recipe's budget."),
+    Difference(stage="rl", kind="added", scope="32b", key="critic.fsdp.ulysses_sequence_parallel_size", recipe="-",
+               ours="`4` (= `critic.ulysses_sequence_parallel_size`)",
+               reason="verl 0.9.1's critic engine reads Ulysses from `critic.fsdp`; the recipe's key is rendered too."),
+    Difference(stage="rl", kind="added", scope="32b", key="critic.fsdp.seed", recipe="-", ours="`42`", reason=_SEED),
+    Difference(stage="rl", kind="added", scope="32b", key="critic.data_loader_seed", recipe="-", ours="`42`",
+               reason=_SEED),
     Difference(stage="rl", kind="behaviour", recipe="the model's `timeout` / `language` tool arguments are honoured",
                ours="ignored (the spec's `tool.timeout_s`, Python)",
                reason="The schema offers only `code`; a model-chosen timeout could stall a rollout."),
@@ -184,8 +216,8 @@ DIFFERENCES: tuple[Difference, ...] = (
 )
 
 
-def by_stage(stage: Stage) -> list[Difference]:
-    return [d for d in DIFFERENCES if d.stage == stage]
+def by_stage(stage: Stage, scope: Literal["7b", "32b"] = "7b") -> list[Difference]:
+    return [d for d in DIFFERENCES if d.stage == stage and d.scope in ("both", scope)]
 
 
 def markdown_table() -> str:
@@ -201,5 +233,6 @@ def markdown_table() -> str:
             flag = f"({d.kind})"
         if d.kind == "option":
             flag = f"option `{d.key}`"
-        rows.append(f"| {d.stage} | {flag} | {d.recipe} | {d.ours} | {d.reason} |")
+        where = d.stage if d.scope == "both" else f"{d.stage} ({d.scope.upper()})"
+        rows.append(f"| {where} | {flag} | {d.recipe} | {d.ours} | {d.reason} |")
     return "\n".join(rows) + "\n"

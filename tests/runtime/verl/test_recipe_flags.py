@@ -1,10 +1,12 @@
-"""specs/retool-qwen7b.yaml against the official recipe's 7B scripts, flag by flag.
+"""The recipe specs against the official recipe's scripts, flag by flag.
 
 `retool render` prints the commands the 7B spec runs; verl 0.9.1's own hydra composes them
 (`--cfg job --resolve`: the values verl will read, defaults included). Every effective value of
 the recipe's scripts (recipe_reference/qwen2_7b.yaml) must be there, or be listed in
 runtime.verl.recipe.differences with its reason; every flag retool renders must be the
-recipe's or listed; and the README's table must be that list.
+recipe's or listed; and the README's table must be that list. The 32B spec's rendered flags
+are checked the same way against the 32B scripts (recipe_reference/qwen2_32b.yaml), without
+composing (its defaults are the 7B scripts' and are checked above).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from runtime.verl.recipe.differences import DIFFERENCES, Difference, by_stage, m
 
 ROOT = Path(__file__).resolve().parents[3]
 SPEC = ROOT / "specs" / "retool-qwen7b.yaml"
+SPEC_32B = ROOT / "specs" / "retool-qwen32b.yaml"
 REFERENCE = yaml.safe_load((Path(__file__).with_name("recipe_reference") / "qwen2_7b.yaml").read_text())
+REFERENCE_32B = yaml.safe_load((Path(__file__).with_name("recipe_reference") / "qwen2_32b.yaml").read_text())
 MISSING = object()
 FLAG_KINDS = ("renamed", "changed", "dropped", "added")
 
@@ -37,13 +41,12 @@ def effective(stage: str) -> dict[str, Any]:
     return {**REFERENCE[stage]["defaults"], **REFERENCE[stage]["set"]}
 
 
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, dict[str, Any]]:
+def render(spec: Path) -> dict[str, dict[str, Any]]:
     """stage name -> its training command, as `retool render --json` prints it (no Modal access:
     the unreachable state store counts as empty)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
     done = subprocess.run(
-        [sys.executable, "-m", "reconciler.cli", "render", str(SPEC), "--json"],
+        [sys.executable, "-m", "reconciler.cli", "render", str(spec), "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True,
     )
     items = json.loads(done.stdout)
@@ -51,11 +54,18 @@ def rendered() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, Any]]:
+    return render(SPEC)
+
+
+@pytest.fixture(scope="module")
 def composed(rendered: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        "sft": compose_config(rendered["sft"]["argv"], rendered["sft"]["env"], resolve=True),
-        "rl": compose_config(rendered["dapo"]["argv"], rendered["dapo"]["env"], resolve=True),
-    }
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two hydra compositions, a few seconds each, side by side
+        sft = pool.submit(compose_config, rendered["sft"]["argv"], rendered["sft"]["env"], resolve=True)
+        rl = pool.submit(compose_config, rendered["dapo"]["argv"], rendered["dapo"]["env"], resolve=True)
+        return {"sft": sft.result(), "rl": rl.result()}
 
 
 def lookup(config: dict[str, Any], key: str) -> Any:
@@ -82,33 +92,58 @@ def rendered_keys(command: dict[str, Any]) -> dict[str, Any]:
     return {o.key_or_group: o.value() for o in parsed}
 
 
-def listed(stage: str) -> dict[str, Difference]:
-    return {d.recipe_key: d for d in by_stage(stage) if d.recipe_key}  # type: ignore[misc]
+def listed(stage: str, scope: str = "7b") -> dict[str, Difference]:
+    return {d.recipe_key: d for d in by_stage(stage, scope) if d.recipe_key}  # type: ignore[arg-type, misc]
+
+
+def mismatches(recipe: dict[str, Any], value_of: Any, differences: dict[str, Difference]) -> list[str]:
+    """Each recipe value against retool's (`value_of(key)`): equal, or as its entry says."""
+    problems: list[str] = []
+    for key, want in recipe.items():
+        d = differences.get(key)
+        if d is None:
+            got = value_of(key)
+            if not same(got, want):
+                problems.append(f"{key}: recipe {want!r}, retool {'(unset)' if got is MISSING else repr(got)}, "
+                                "and not in DIFFERENCES")
+        elif d.kind == "renamed":
+            got = value_of(d.key or "")
+            if not same(got, want):
+                problems.append(f"{key} -> {d.key}: listed as renamed, but {got!r} != {want!r}")
+        elif d.kind == "changed":
+            if same(value_of(d.key or key), want):
+                problems.append(f"{key}: listed as changed, but retool renders the recipe's {want!r} (stale entry)")
+        elif d.kind == "dropped":
+            if d.key is not None or same(value_of(key), want):
+                problems.append(f"{key}: listed as dropped, but the recipe's value is there")
+        else:
+            problems.append(f"{key}: a {d.kind} entry cannot name a recipe key")
+    return problems
 
 
 @pytest.mark.parametrize("stage", ["sft", "rl"])
 def test_every_recipe_value_is_rendered_or_listed(stage: str, composed: dict[str, dict[str, Any]]) -> None:
-    config, differences = composed[stage], listed(stage)
-    problems: list[str] = []
-    for key, want in effective(stage).items():
-        d = differences.get(key)
-        if d is None:
-            got = lookup(config, key)
-            if not same(got, want):
-                problems.append(f"{key}: recipe {want!r}, retool {got!r}, and not in DIFFERENCES")
-        elif d.kind == "renamed":
-            got = lookup(config, d.key or "")
-            if not same(got, want):
-                problems.append(f"{key} -> {d.key}: listed as renamed, but {got!r} != {want!r}")
-        elif d.kind == "changed":
-            if same(lookup(config, d.key or key), want):
-                problems.append(f"{key}: listed as changed, but retool renders the recipe's {want!r} (stale entry)")
-        elif d.kind == "dropped":
-            if d.key is not None or same(lookup(config, key), want):
-                problems.append(f"{key}: listed as dropped, but the recipe's value is there")
-        else:
-            problems.append(f"{key}: a {d.kind} entry cannot name a recipe key")
+    problems = mismatches(effective(stage), lambda key: lookup(composed[stage], key), listed(stage))
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def rendered_32b() -> dict[str, dict[str, Any]]:
+    return render(SPEC_32B)
+
+
+@pytest.mark.parametrize("name,stage", [("sft", "sft"), ("grpo", "rl"), ("ppo", "rl")])
+def test_32b_flags_are_the_recipes_or_listed(name: str, stage: str, rendered_32b: dict[str, dict[str, Any]]) -> None:
+    reference = REFERENCE_32B[name]
+    recipe = {**reference.get("defaults", {}), **reference["set"]}
+    ours = rendered_keys(rendered_32b[name])
+    problems = mismatches(recipe, lambda key: ours.get(key, MISSING), listed(stage, "32b"))
+    known = set(recipe) | set(effective(stage)) | {d.key for d in by_stage(stage, "32b") if d.key}  # type: ignore[arg-type]
+    problems += [f"{k}: rendered, but neither the recipe's nor in DIFFERENCES" for k in sorted(ours) if k not in known]
+    assert not problems, "\n".join(problems)
+    if name == "sft":
+        launcher, argv = reference["launcher"], rendered_32b["sft"]["argv"]
+        assert f"--nnodes={launcher['nnodes']}" in argv and f"--nproc_per_node={launcher['nproc_per_node']}" in argv
 
 
 @pytest.mark.parametrize("stage,name", [("sft", "sft"), ("rl", "dapo")])
@@ -135,13 +170,22 @@ def test_the_token_budgets_mean_what_the_recipe_means(composed: dict[str, dict[s
     assert arr["ref"]["log_prob_max_token_len_per_gpu"] == 73728
 
 
-def test_entries_name_real_flags_and_options(rendered: dict[str, dict[str, Any]]) -> None:
-    names = {"sft": "sft", "rl": "dapo"}
+def test_entries_name_real_flags_and_options(
+    rendered: dict[str, dict[str, Any]], rendered_32b: dict[str, dict[str, Any]]
+) -> None:
+    commands = {("sft", "7b"): [rendered["sft"]], ("rl", "7b"): [rendered["dapo"]],
+                ("sft", "32b"): [rendered_32b["sft"]], ("rl", "32b"): [rendered_32b["grpo"], rendered_32b["ppo"]]}
+    scripts = {("sft", "7b"): [effective("sft")], ("rl", "7b"): [effective("rl")],
+               ("sft", "32b"): [REFERENCE_32B["sft"]["set"], REFERENCE_32B["sft"]["defaults"]],
+               ("rl", "32b"): [REFERENCE_32B[n][part] for n in ("grpo", "ppo") for part in ("set", "defaults")]}
     for d in DIFFERENCES:
+        scopes = ["7b", "32b"] if d.scope == "both" else [d.scope]
         if d.kind in FLAG_KINDS and d.recipe_key:
-            assert d.recipe_key in effective(d.stage), f"{d.recipe_key}: not a flag of the recipe's {d.stage} script"
+            assert any(d.recipe_key in values for s in scopes for values in scripts[(d.stage, s)]), (
+                f"{d.recipe_key}: not a flag of the recipe's {d.stage} scripts ({d.scope})")
         if d.kind == "added":
-            assert d.key in rendered_keys(rendered[names[d.stage]]), f"{d.key}: listed as added but not rendered"
+            assert any(d.key in rendered_keys(c) for s in scopes for c in commands[(d.stage, s)]), (
+                f"{d.key}: listed as added but not rendered")
         if d.kind == "option":
             assert d.key and d.key.startswith("recipe.") and d.key.split(".", 1)[1] in RecipeOptions.model_fields
 
