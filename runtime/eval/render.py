@@ -13,7 +13,7 @@ from reconciler.backend import RenderedCommand, StageContext
 from reconciler.errors import TerminalError
 from reconciler.spec import EvalStage
 from runtime.eval.job import JOB_FILE, EvalJob
-from runtime.verl.common import dataset_file, model_dir
+from runtime.verl.common import dataset_file, initial_weights_dir
 
 
 def eval_stage(ctx: StageContext) -> EvalStage:
@@ -29,7 +29,7 @@ def eval_job(
     """The job for `ctx`'s eval stage; `ctx.inputs` holds the model's and datasets' outputs."""
     stage = eval_stage(ctx)
     return EvalJob(
-        stage=ctx.stage, model_dir=model_dir(ctx, stage.model),
+        stage=ctx.stage, model_dir=initial_weights_dir(ctx, stage.model),
         datasets={d.partition(".")[2]: dataset_file(ctx, d) for d in stage.datasets},
         samples=ctx.total_steps or stage.samples, temperature=stage.temperature, top_p=stage.top_p, seed=stage.seed,
         max_prompt_length=stage.max_prompt_length, max_response_length=stage.max_response_length,

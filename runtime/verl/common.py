@@ -116,7 +116,7 @@ def dataset_file(ctx: StageContext, address: str) -> str:
     return path if path.endswith(".parquet") else path.rstrip("/") + "/train.parquet"
 
 
-def model_dir(ctx: StageContext, address: str) -> str:
+def initial_weights_dir(ctx: StageContext, address: str) -> str:
     """Initial weights: a prepared model's `path`, or an upstream stage's merged `model_path`."""
     outputs = input_outputs(ctx, address)
     key = "model_path" if address.startswith("stage.") else "path"

@@ -52,7 +52,7 @@ from runtime.verl.common import (
     kv,
     logger_list,
     merge_overrides,
-    model_dir,
+    initial_weights_dir,
     secret_env_names,
     stage_spec,
     world,
@@ -118,7 +118,7 @@ def rl_overrides(
         kv("algorithm.gamma", algo.gamma),
         kv("algorithm.lam", algo.lam),
         # model
-        kv("actor_rollout_ref.model.path", model_dir(ctx, stage.model)),
+        kv("actor_rollout_ref.model.path", initial_weights_dir(ctx, stage.model)),
         kv("actor_rollout_ref.model.use_remove_padding", True),
         kv("actor_rollout_ref.model.enable_gradient_checkpointing", stage.gradient_checkpointing),
         # actor
@@ -238,7 +238,7 @@ def _critic_overrides(ctx: StageContext, stage: RLStage, *, cpu: bool) -> list[s
     out = [
         kv("critic.strategy", "fsdp2"),  # as the actor: one FSDP version for every role
         kv("critic.optim.lr", critic.lr),
-        kv("critic.model.path", model_dir(ctx, stage.model)),
+        kv("critic.model.path", initial_weights_dir(ctx, stage.model)),
         kv("critic.model.use_remove_padding", True),
         kv("critic.model.enable_gradient_checkpointing", critic.gradient_checkpointing),
         kv("critic.ppo_max_token_len_per_gpu", critic.ppo_max_token_len_per_gpu),

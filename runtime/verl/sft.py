@@ -20,7 +20,7 @@ from runtime.verl.common import (
     kv,
     logger_list,
     merge_overrides,
-    model_dir,
+    initial_weights_dir,
     secret_env_names,
     stage_spec,
     world,
@@ -50,7 +50,7 @@ def sft_overrides(
         kv("data.micro_batch_size_per_gpu", stage.micro_batch_size_per_gpu),
         # The recipe's micro batch is a sample count; verl's token-budget batching would ignore it.
         kv("data.use_dynamic_bsz", False),
-        kv("model.path", model_dir(ctx, stage.model)),
+        kv("model.path", initial_weights_dir(ctx, stage.model)),
         kv("model.use_remove_padding", stage.use_remove_padding),
         kv("model.enable_gradient_checkpointing", stage.gradient_checkpointing),
         kv("engine.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
