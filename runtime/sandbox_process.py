@@ -120,14 +120,14 @@ def start_detached(
     started = SandboxProcess(pid=proc.pid, url=f"http://{connect_host}:{port}", port=port, log_path=str(log_path))
     if ready_timeout_s is not None:
         try:
-            wait_ready(started, ready_timeout_s)
+            wait_until_serving(started, ready_timeout_s)
         except BaseException:
             started.stop(grace_s=2.0)
             raise
     return started
 
 
-def wait_ready(proc: SandboxProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
+def wait_until_serving(proc: SandboxProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Block until the server answers `/v1/ping`; TerminalError (with the log tail) if it
     exits first or stays silent for `timeout_s`."""
     import httpx

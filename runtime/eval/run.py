@@ -79,7 +79,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
 
     from runtime.data.retool_sft import TOOLS
     from runtime.eval.tools import SandboxTools
-    from runtime.verl.recipe.sandbox_call import SandboxSettings
+    from runtime.verl.recipe.sandbox_call import SandboxCallSettings
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
     write_json(out / PROGRESS_FILE, Progress(problems=counts, rounds=rounds, drawn=len(have), target=job.samples).model_dump())
     counting = CountingEngine(engine or build_engine(job))
     tok = tokenizer or AutoTokenizer.from_pretrained(job.model_dir)
-    tools = SandboxTools(SandboxSettings(
+    tools = SandboxTools(SandboxCallSettings(
         sandbox_url=job.sandbox_url, timeout_s=job.tool_timeout_s, memory_limit_mb=job.tool_memory_limit_mb,
         rate_limit=job.tool_rate_limit, num_workers=job.tool_num_workers,
     ))

@@ -17,7 +17,7 @@ import httpx
 from runtime.data.retool_sft import TOOL_NAME
 from runtime.eval.toolloop import ToolCall
 from runtime.verl.recipe.code import observation, prepare_code
-from runtime.verl.recipe.sandbox_call import SandboxSettings, execute
+from runtime.verl.recipe.sandbox_call import SandboxCallSettings, execute
 
 BAD_CODE = "Error: `code` must be a non-empty string."  # the recipe tool's answer
 
@@ -25,7 +25,7 @@ BAD_CODE = "Error: `code` must be a non-empty string."  # the recipe tool's answ
 class SandboxTools:
     """A `ToolRunner` backed by the sandbox at `settings.sandbox_url`."""
 
-    def __init__(self, settings: SandboxSettings) -> None:
+    def __init__(self, settings: SandboxCallSettings) -> None:
         self.settings = settings
         self.calls = 0
         self.sandbox_errors = 0

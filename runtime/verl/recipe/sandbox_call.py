@@ -16,7 +16,7 @@ from sandbox.errors import SandboxError
 logger = logging.getLogger(__name__)
 
 
-class SandboxSettings(BaseModel):
+class SandboxCallSettings(BaseModel):
     """Where the code runs and with which limits (tool_config.yaml, from the environment)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -36,7 +36,7 @@ class SandboxSettings(BaseModel):
         return v
 
 
-async def execute(client: httpx.AsyncClient, code: str, settings: SandboxSettings) -> dict[str, Any] | None:
+async def execute(client: httpx.AsyncClient, code: str, settings: SandboxCallSettings) -> dict[str, Any] | None:
     """The sandbox's response as a dict, or None when the sandbox could not answer
     (unreachable, refused, server fault): the recipe treats that like any unfinished run."""
     try:

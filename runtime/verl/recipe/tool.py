@@ -29,7 +29,7 @@ from runtime.data.retool_sft import TOOL_NAME, TOOLS
 from pydantic import BaseModel, ConfigDict
 
 from runtime.verl.recipe.code import code_argument, observation, prepare_code
-from runtime.verl.recipe.sandbox_call import SandboxSettings, execute
+from runtime.verl.recipe.sandbox_call import SandboxCallSettings, execute
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
@@ -54,7 +54,7 @@ class CodeInterpreterTool(BaseTool):
     """Runs the model's code in the SandboxFusion-compatible sandbox, with the recipe's rules."""
 
     def __init__(self, config: dict[str, Any], tool_schema: OpenAIFunctionToolSchema | None = None):
-        self.settings = SandboxSettings.model_validate(config)
+        self.settings = SandboxCallSettings.model_validate(config)
         self.options = RecipeToolOptions.model_validate(config)
         super().__init__(config, tool_schema)
         # Created on first use, inside the agent loop worker's event loop.
