@@ -35,11 +35,11 @@ from sandbox.models import (
     RunCodeRequest,
     RunCodeResponse,
     RunResult,
-    RunStatus,
+    RunCodeStatus,
 )
 from sandbox.paths import UnsafePathError, check_file_layout, check_path
 from sandbox.pool import QueueFullError
-from sandbox.protocol import Outcome
+from sandbox.protocol import ExecutionOutcome
 from sandbox.settings import SandboxSettings
 from sandbox.view import in_kernel_tree
 
@@ -94,7 +94,7 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
         except Exception as exc:  # a bug of ours: still SandboxFusion's answer for "the sandbox failed"
             logger.exception("sandbox execution failed")
             executor.counters.errors += 1
-            outcome = Outcome(kind="error", message=f"sandbox failure: {type(exc).__name__}: {exc}")
+            outcome = ExecutionOutcome(kind="error", message=f"sandbox failure: {type(exc).__name__}: {exc}")
         return to_response(outcome)
 
     @app.get("/health")
@@ -146,24 +146,24 @@ def _validate(body: RunCodeRequest, settings: SandboxSettings, private_root: boo
     )
 
 
-def to_response(outcome: Outcome) -> RunCodeResponse:
+def to_response(outcome: ExecutionOutcome) -> RunCodeResponse:
     """Map an execution outcome onto SandboxFusion's statuses."""
     if outcome.kind == "error":
         result = RunResult(
             status=CommandRunStatus.Error, execution_time=outcome.execution_time, stdout="", stderr=outcome.message
         )
-        return RunCodeResponse(status=RunStatus.SandboxError, message=outcome.message, run_result=result)
+        return RunCodeResponse(status=RunCodeStatus.SandboxError, message=outcome.message, run_result=result)
     if outcome.kind == "timeout":
         result = RunResult(
             status=CommandRunStatus.TimeLimitExceeded, execution_time=outcome.execution_time, return_code=None,
             stdout=outcome.stdout, stderr=outcome.stderr,
         )
-        return RunCodeResponse(status=RunStatus.Failed, run_result=result, files=outcome.files)
+        return RunCodeResponse(status=RunCodeStatus.Failed, run_result=result, files=outcome.files)
     result = RunResult(
         status=CommandRunStatus.Finished, execution_time=outcome.execution_time, return_code=outcome.return_code,
         stdout=outcome.stdout, stderr=outcome.stderr,
     )
-    status = RunStatus.Success if outcome.return_code == 0 else RunStatus.Failed
+    status = RunCodeStatus.Success if outcome.return_code == 0 else RunCodeStatus.Failed
     return RunCodeResponse(status=status, run_result=result, files=outcome.files)
 
 

@@ -32,7 +32,7 @@ from sandbox.protocol import (
     Exited,
     Go,
     Isolation,
-    Outcome,
+    ExecutionOutcome,
     Prepare,
     Prepared,
     SlotSpec,
@@ -204,7 +204,7 @@ class SlotRunner:
                 if attempt:
                     raise
 
-    async def execute(self, request: ExecutionRequest) -> Outcome:
+    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
         """Run `request` in the prepared program process (call `settle` before the next one)."""
         program, self.program = self.program, None
         assert program is not None and self._forker is not None
@@ -305,7 +305,7 @@ class Executor:
         if self.workspace is not None:
             self.workspace.close()
 
-    async def run(self, request: ExecutionRequest) -> Outcome:
+    async def run(self, request: ExecutionRequest) -> ExecutionOutcome:
         """Execute one program; raises QueueFullError when the queue is full."""
         assert self.pool is not None, "Executor.start() was not awaited"
         self.activity.begin()
@@ -314,7 +314,7 @@ class Executor:
         finally:
             self.activity.end()
 
-    async def _run(self, request: ExecutionRequest) -> Outcome:
+    async def _run(self, request: ExecutionRequest) -> ExecutionOutcome:
         assert self.pool is not None
         slot = await self.pool.acquire()
         runner = self.runners[slot.index]
@@ -327,12 +327,12 @@ class Executor:
                 await runner.ensure_prepared()
                 outcome = await runner.execute(request)
         except ProgramRefused as exc:  # the request's files could not be written; the slot is fine
-            outcome = Outcome(kind="error", message=f"sandbox could not set up the request: {exc}")
+            outcome = ExecutionOutcome(kind="error", message=f"sandbox could not set up the request: {exc}")
             self._recycle_later(runner)
         except (*_FAULTS, ZygoteUnavailable, ProgramNotStarted) as exc:
             runner.fail()
             self.pool.release(slot)
-            outcome = Outcome(kind="error", message=f"sandbox executor failed: {type(exc).__name__}: {exc}")
+            outcome = ExecutionOutcome(kind="error", message=f"sandbox executor failed: {type(exc).__name__}: {exc}")
         except BaseException:  # cancelled: never leak the slot
             runner.fail()
             self.pool.release(slot)
@@ -378,7 +378,7 @@ class Executor:
             open_files=s.max_open_files,
         )
 
-    def _count(self, outcome: Outcome) -> None:
+    def _count(self, outcome: ExecutionOutcome) -> None:
         if outcome.kind == "error":
             self.counters.errors += 1
         else:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 SUPPORTED_LANGUAGES = ("python",)
 
 
-class RunStatus(str, Enum):
+class RunCodeStatus(str, Enum):
     Success = "Success"  # the program ran and exited 0
     Failed = "Failed"  # non-zero exit, death by signal, or time limit
     SandboxError = "SandboxError"  # the sandbox itself failed; the program's fate is unknown
@@ -57,7 +57,7 @@ class RunCodeRequest(BaseModel):
 
 
 class RunCodeResponse(BaseModel):
-    status: RunStatus
+    status: RunCodeStatus
     message: str = ""
     compile_result: RunResult | None = None
     run_result: RunResult | None = None

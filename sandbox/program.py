@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sandbox.output import CappedOutput
-from sandbox.protocol import Go, Outcome
+from sandbox.protocol import Go, ExecutionOutcome
 
 _WRITE_CHUNK = 1 << 16
 _STATUS_LIMIT = 1 << 16
@@ -60,7 +60,7 @@ class ProgramFds:
 async def run_program(
     fds: ProgramFds, go: Go, stdin: str | None, timeout: float, max_output_bytes: int,
     exit_status: Callable[[], Awaitable[int]],
-) -> Outcome:
+) -> ExecutionOutcome:
     """Run the program; `exit_status` yields the wait status once the forker has reaped it.
     Raises ProgramNotStarted when the program never began (nothing of it ran)."""
     run = _Run(fds, max_output_bytes)
@@ -87,7 +87,7 @@ class _Run:
 
     async def execute(
         self, go: Go, stdin: bytes, timeout: float, exit_status: Callable[[], Awaitable[int]]
-    ) -> Outcome:
+    ) -> ExecutionOutcome:
         for fd in self.streams:
             os.set_blocking(fd, False)
             self._read(fd, functools.partial(self._on_output, fd))
@@ -112,9 +112,9 @@ class _Run:
             raise ProgramNotStarted(self.setup_error or f"the program process ended before the program began ({ended})")
         stdout, stderr = (self.streams[fd].text() for fd in (self.fds.out_r, self.fds.err_r))
         if ended == "timeout":
-            return Outcome(kind="timeout", stdout=stdout, stderr=stderr, execution_time=elapsed)
+            return ExecutionOutcome(kind="timeout", stdout=stdout, stderr=stderr, execution_time=elapsed)
         code = self.done_code if ended == "done" else os.waitstatus_to_exitcode(await exit_status())
-        return Outcome(kind="finished", return_code=code, stdout=stdout, stderr=stderr, execution_time=elapsed)
+        return ExecutionOutcome(kind="finished", return_code=code, stdout=stdout, stderr=stderr, execution_time=elapsed)
 
     def detach(self) -> None:
         """Stop watching every fd (the caller closes them) and close our own."""

@@ -98,7 +98,7 @@ class Go(Msg):
     limits: ChildLimits
 
 
-class Outcome(Msg):
+class ExecutionOutcome(Msg):
     """The end of one execution, as the HTTP layer maps it onto SandboxFusion's statuses."""
 
     kind: Literal["finished", "timeout", "error"]

@@ -20,7 +20,7 @@ from sandbox.paths import (
     write_file,
 )
 from sandbox.pool import QueueFullError, SlotPool
-from sandbox.protocol import Outcome, SlotSpec
+from sandbox.protocol import ExecutionOutcome, SlotSpec
 from sandbox.settings import SandboxSettings
 from sandbox.workspace import remove_stale_workspaces
 
@@ -178,15 +178,15 @@ def test_cancelled_waiter_does_not_lose_the_slot() -> None:
 
 
 def test_status_mapping_matches_sandboxfusion() -> None:
-    ok = to_response(Outcome(kind="finished", return_code=0, stdout="1\n"))
+    ok = to_response(ExecutionOutcome(kind="finished", return_code=0, stdout="1\n"))
     assert (ok.status.value, ok.run_result.status.value, ok.run_result.return_code) == ("Success", "Finished", 0)
-    failed = to_response(Outcome(kind="finished", return_code=3))
+    failed = to_response(ExecutionOutcome(kind="finished", return_code=3))
     assert (failed.status.value, failed.run_result.status.value) == ("Failed", "Finished")
-    slow = to_response(Outcome(kind="timeout", stdout="partial"))
+    slow = to_response(ExecutionOutcome(kind="timeout", stdout="partial"))
     assert (slow.status.value, slow.run_result.status.value, slow.run_result.return_code) == (
         "Failed", "TimeLimitExceeded", None,
     )
-    broken = to_response(Outcome(kind="error", message="zygote died"))
+    broken = to_response(ExecutionOutcome(kind="error", message="zygote died"))
     assert (broken.status.value, broken.run_result.status.value, broken.message) == ("SandboxError", "Error", "zygote died")
 
 
