@@ -2,8 +2,9 @@
 
 The reconciler never imports torch, verl, ray or modal; backends do, lazily, inside
 their methods. Every operation is idempotent and says `created | unchanged | updated`
-(STYLE.md #7). Implementations: `runtime.local.LocalRuntime`, `runtime.modal.backend.ModalRuntime`,
-and `tests`' in-memory runtime with injectable failures.
+(STYLE.md #7). Implementations: `runtime.local.backend.LocalRuntime`, `runtime.modal.backend.ModalRuntime`,
+and `tests`' in-memory runtime with injectable failures. Beyond `Runtime`, a backend may offer
+the `OptionalCapabilities` (looked up by name, done without when absent).
 
 Checkpoint layout (shared by every backend): a stage writes its verl checkpoints to
 `<stage volume>/<stage name>/<restart_id[:16]>/global_step_N`, so checkpoints written under
@@ -12,6 +13,7 @@ another restart identity are never resumed from; they are reported as foreign an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from pydantic import Field
@@ -133,13 +135,36 @@ class Runtime(Protocol):
         """Read checkpoints from the stage's volume (never from memory)."""
         ...
 
-    def missing_reason(self, spec: Spec, address: str) -> str | None:
-        """Optional (refresh uses it when present): why a recorded node no longer exists
-        (e.g. a dead sandbox sidecar), or None when it is there or cannot be told. Cheap and
-        read-only: plan calls it."""
-        ...
-
     def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
         """After success: merge to a Hugging Face dir, run post-checks.
         outputs: model_path, final_step, plus checks (e.g. tool_call_rate)."""
+        ...
+
+
+class OptionalCapabilities(Protocol):
+    """Methods a backend MAY add to the Runtime contract. Callers look each one up with
+    `getattr(runtime, name, None)` and do without it when absent (the in-memory test runtime
+    has none of them; the local one has `missing_reason` and `read_metrics`; Modal the checks)."""
+
+    poll_interval_s: float  # how often apply polls a running stage (default 5 s)
+
+    def missing_reason(self, spec: Spec, address: str) -> str | None:
+        """Why a recorded node no longer exists (e.g. a dead sandbox sidecar), or None when it
+        is there or cannot be told. Cheap and read-only: plan calls it (refresh)."""
+        ...
+
+    def spec_problems(self, spec: Spec) -> list[str]:
+        """What the backend would refuse, found offline (`retool validate` fails on them)."""
+        ...
+
+    def spec_warnings(self, spec: Spec) -> list[str]:
+        """What may fail or drift later (validate and plan print them; nothing is blocked)."""
+        ...
+
+    def doctor_checks(self, spec: Spec, open_store: Callable[[], Any], *, build_image: bool = True) -> list[Any]:
+        """`retool doctor`: one row per check of a real workspace (credentials, secrets, GPUs, ...)."""
+        ...
+
+    def read_metrics(self, spec: Spec, stage: str, restart_id: str) -> list[tuple[int, dict[str, float]]]:
+        """A run's per-step metrics, for `retool report`."""
         ...
