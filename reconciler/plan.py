@@ -259,7 +259,8 @@ class _Planner:
             if draft.action in OUTPUT_CHANGING or self.intended[node.address] in OUTPUT_CHANGING:
                 start = draft.resume_from or 0
                 if total is None:
-                    notes.append(f"steps unknown until {stage.train} is prepared (set its expected_rows)")
+                    if not isinstance(stage, EvalStage):  # an eval stage always knows its rounds (samples)
+                        notes.append(f"steps unknown until {stage.train} is prepared (set its expected_rows)")
                 else:
                     est = self._estimate(stage, rec, total - start)
             if draft.discard and rec is not None:

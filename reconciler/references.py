@@ -97,10 +97,8 @@ def check_references(data: Any) -> list[RefProblem]:
     names = {"dataset": list(datasets), "model": list(models), "stage": list(stages)}
 
     def volume_ref(section: str, name: str, body: dict[str, Any], default: str) -> None:
-        if "volume" in body:
-            vol, path = body["volume"], (section, name, "volume")
-        else:
-            vol, path = default, (section, name)
+        path: Path = (section, name, "volume") if "volume" in body else (section, name)
+        vol = body["volume"] if "volume" in body else default
         if isinstance(vol, str) and vol not in volumes:
             known = ", ".join(volumes) or "none declared"
             implicit = "" if "volume" in body else " (the default)"
@@ -123,7 +121,8 @@ def check_references(data: Any) -> list[RefProblem]:
         kind = body.get("kind")
         if kind in ("rl", "eval"):
             needs_sandbox.append(name)
-        stage_model = {"rl": RLStage, "eval": EvalStage}.get(kind, SFTStage) if isinstance(kind, str) else SFTStage
+        kinds: dict[str, type[BaseModel]] = {"rl": RLStage, "eval": EvalStage}
+        stage_model = kinds.get(kind, SFTStage) if isinstance(kind, str) else SFTStage
         model = body.get("model")
         msg = _ref(model, ("model", "stage"), names, "model")
         if msg:

@@ -146,7 +146,7 @@ def _expectations(expect: list[Expectation], numbers: dict[str, float]) -> list[
         verdict = "not measured" if reached is None else ("met" if e.met_by(reached) else "below")
         out.append(ExpectationStatus(
             metric=e.metric, expected=e.bound_text(), at_step=e.at_step, source=e.source, reached=reached,
-            verdict=verdict,  # type: ignore[arg-type]
+            verdict=verdict,
         ))
     return out
 

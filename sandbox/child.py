@@ -195,9 +195,12 @@ def _reseed() -> None:
 
 
 def _fresh_stdio() -> None:
-    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
+    # The program's sys.__stdout__ & co. must be its own descriptors too (typeshed marks them Final).
+    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)  # type: ignore[misc]
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)  # type: ignore[misc]
+    sys.stderr = sys.__stderr__ = open(  # type: ignore[misc]
+        2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1
+    )
 
 
 def _run_program(code: str, filename: str, spare: int) -> int:
@@ -257,7 +260,7 @@ def _shutdown(main: types.ModuleType, status: int) -> int:
     threading = sys.modules.get("threading")
     try:
         if threading is not None:
-            threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads, like Py_Finalize
+            threading._shutdown()  # join non-daemon threads, like Py_Finalize
         atexit._run_exitfuncs()
         main.__dict__.clear()  # drops the program's objects: unclosed files flush in __del__
         gc.collect()

@@ -214,7 +214,7 @@ def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
         )
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 # --------------------------------------------------------------------------- the real adapter
