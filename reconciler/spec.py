@@ -609,6 +609,15 @@ class EvalStage(SpecModel):
     batch_size: int = F(64, policy="update", ge=1, description="Conversations decoded together (transformers engine).")
     gpu_memory_utilization: float = F(0.9, policy="update", gt=0, le=1, description="vLLM memory fraction.")
     tool: ToolSettings = F(default_factory=ToolSettings, policy="update", description="code_interpreter tool.")
+    recipe: RecipeOptions = F(
+        default_factory=RecipeOptions, policy="restart",
+        description="Departures from the recipe's tool and reward (all off by default): grade as the RL stage does.",
+    )
+    expect: list[Expectation] = F(
+        default_factory=list, policy="update",
+        description="Expected results: `metric` is `<dataset>/<metric>` (e.g. `aime_2024/mean@n`, `aime_2025/pass@16`, "
+        "`aime_2024/maj@n`); `retool status` shows them beside the reached values.",
+    )
     resources: EvalResources = F(default_factory=EvalResources, policy="update", description="Compute for this stage.")
     secrets: list[str] = F(default_factory=list, policy="update", description="Keys of `secrets` this stage needs.")
     env: dict[str, str] = F(default_factory=dict, policy="update", description="Extra non-secret environment.")

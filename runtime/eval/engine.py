@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 from reconciler.errors import TerminalError
 
 Finish = Literal["stop", "length"]
+SMALL_MODEL_PARAMS = 50_000_000  # below this, CPU decoding runs on one thread
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class TransformersEngine:
         )
         self.params = RowParams(temperature=sampling.temperature, top_p=sampling.top_p)
         self.batch_size = batch_size
+        if self.device == "cpu" and sum(p.numel() for p in self.engine.model.parameters()) < SMALL_MODEL_PARAMS:
+            # A small model's matmuls are too small to split across threads; on a loaded
+            # machine the threads' spinning made decoding ~9x slower (measured: 105 vs 916 tok/s).
+            torch.set_num_threads(1)
 
     def generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
         from runtime.verl.rollout.engine import GenRequest

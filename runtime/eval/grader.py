@@ -22,13 +22,16 @@ class Grade(BaseModel):
     answer: str | None
 
 
-def grade(data_source: str, response: str, ground_truth: str, num_turns: int) -> Grade:
-    """The recipe's verdict on one decoded response."""
+def grade(
+    data_source: str, response: str, ground_truth: str, num_turns: int, *, options: dict[str, Any] | None = None,
+) -> Grade:
+    """The recipe's verdict on one decoded response; `options` are the spec's `recipe:`
+    reward options (`answer_window`, `strip_answer`), passed as RL passes them."""
     from runtime.verl.recipe.reward import compute_score
 
     result: Any = compute_score(
         data_source=data_source, solution_str=response, ground_truth=ground_truth,
-        extra_info={"num_turns": num_turns},
+        extra_info={"num_turns": num_turns}, **(options or {}),
     )
     if isinstance(result, dict):
         score = float(result["score"])

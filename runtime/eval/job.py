@@ -53,6 +53,9 @@ class EvalJob(BaseModel):
     tool_memory_limit_mb: int = 1024
     tool_rate_limit: int = 128
     tool_num_workers: int = 128
+    lenient_fences: bool = False  # the spec's `recipe:` options (tool and reward), as in RL
+    strip_answer: bool = False
+    answer_window: int = 100
     out_dir: str
 
 

@@ -38,6 +38,8 @@ def eval_job(
         gpus=gpus, device=device, gpu_memory_utilization=stage.gpu_memory_utilization, sandbox_url=sandbox_url,
         tool_timeout_s=stage.tool.timeout_s, tool_memory_limit_mb=stage.tool.memory_limit_mb,
         tool_rate_limit=stage.tool.rate_limit, tool_num_workers=stage.tool.num_workers, out_dir=out_dir,
+        lenient_fences=stage.recipe.lenient_fences, strip_answer=stage.recipe.strip_answer,
+        answer_window=stage.recipe.answer_window,
     )
 
 

@@ -99,7 +99,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
     tools = SandboxTools(SandboxCallSettings(
         sandbox_url=job.sandbox_url, timeout_s=job.tool_timeout_s, memory_limit_mb=job.tool_memory_limit_mb,
         rate_limit=job.tool_rate_limit, num_workers=job.tool_num_workers,
-    ))
+    ), lenient_fences=job.lenient_fences)
     limits = LoopLimits(
         max_prompt_length=job.max_prompt_length, max_response_length=job.max_response_length,
         max_assistant_turns=job.max_assistant_turns, max_user_turns=job.max_user_turns,
@@ -113,7 +113,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
         keys = todo[start:start + chunk]
         convs = [loop.start(problems[d][p].messages) for d, p, _ in keys]
         loop.run(convs)
-        drawn = [_graded(loop, conv, key, problems) for conv, key in zip(convs, keys)]
+        drawn = [_graded(loop, conv, key, problems, reward_options(job)) for conv, key in zip(convs, keys)]
         sample_file.append(path, drawn)
         have += drawn
         for s in drawn:
@@ -146,11 +146,21 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
     return results
 
 
-def _graded(loop: ToolLoop, conv: Conversation, key: tuple[str, int, int], problems: dict[str, list[Problem]]) -> Sample:
+def reward_options(job: EvalJob) -> dict[str, Any]:
+    """The reward's keyword options RL passes (runtime.verl.rl): none when the recipe's own."""
+    if not job.strip_answer and job.answer_window == EvalJob.model_fields["answer_window"].default:
+        return {}
+    return {"answer_window": job.answer_window, "strip_answer": job.strip_answer}
+
+
+def _graded(
+    loop: ToolLoop, conv: Conversation, key: tuple[str, int, int], problems: dict[str, list[Problem]],
+    options: dict[str, Any],
+) -> Sample:
     dataset, index, k = key
     problem = problems[dataset][index]
     text = loop.response_text(conv)
-    verdict = grade(problem.data_source or dataset, text, problem.ground_truth, conv.num_turns)
+    verdict = grade(problem.data_source or dataset, text, problem.ground_truth, conv.num_turns, options=options)
     return Sample(
         dataset=dataset, problem=index, sample=k, response=text, answer=verdict.answer,
         ground_truth=problem.ground_truth, correct=verdict.correct, score=verdict.score,
@@ -177,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job", help=f"the job file ({JOB_FILE})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per sandbox call drowns the draws
     job = EvalJob.model_validate_json(Path(args.job).read_text(encoding="utf-8"))
     run(job)
     return 0

@@ -1,9 +1,10 @@
 """The recipe's `code_interpreter`, run for the eval tool loop through the spec's sandbox.
 
 Each call gets what RL's tool agent would give it: an unknown function name or arguments
-that are not JSON get verl's error text; a `code` that is not a non-empty string gets the
-recipe tool's error text; otherwise the recipe's code rules (`prepare_code`), one sandbox
-call (`sandbox_call.execute`, the tool's own client code) and the recipe's `observation`.
+that are not JSON get verl's error text; arguments the recipe's tool cannot read
+(`code_argument` raises) get verl's `Error executing tool ...` text; otherwise the recipe's
+code rules (`prepare_code`, with the spec's `recipe.lenient_fences`), one sandbox call
+(`sandbox_call.execute`, the tool's own client code) and the recipe's `observation`.
 A wave's calls run concurrently, at most `rate_limit` at a time (the tool's cap).
 """
 
@@ -16,17 +17,15 @@ import httpx
 
 from runtime.data.retool_sft import TOOL_NAME
 from runtime.eval.toolloop import ToolCall
-from runtime.verl.recipe.code import observation, prepare_code
+from runtime.verl.recipe.code import code_argument, observation, prepare_code
 from runtime.verl.recipe.sandbox_call import SandboxCallSettings, execute
-
-BAD_CODE = "Error: `code` must be a non-empty string."  # the recipe tool's answer
-
 
 class SandboxTools:
     """A `ToolRunner` backed by the sandbox at `settings.sandbox_url`."""
 
-    def __init__(self, settings: SandboxCallSettings) -> None:
+    def __init__(self, settings: SandboxCallSettings, *, lenient_fences: bool = False) -> None:
         self.settings = settings
+        self.lenient_fences = lenient_fences
         self.calls = 0
         self.sandbox_errors = 0
 
@@ -48,11 +47,12 @@ class SandboxTools:
             args = json.loads(call.arguments)
         except (json.JSONDecodeError, TypeError) as e:
             return f"Invalid JSON in arguments for '{call.name}': {e}"
-        code = args.get("code") if isinstance(args, dict) else None
-        if not isinstance(code, str) or not code.strip():
-            return BAD_CODE
+        try:
+            code = prepare_code(code_argument(args), lenient_fences=self.lenient_fences)
+        except Exception as e:  # what verl's agent loop shows for a tool that raises
+            return f"Error executing tool '{call.name}': {e}"
         self.calls += 1
         async with slots:
-            response = await execute(client, prepare_code(code), self.settings)
+            response = await execute(client, code, self.settings)
         self.sandbox_errors += int(response is None)
         return observation(response)

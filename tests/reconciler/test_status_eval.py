@@ -56,3 +56,23 @@ def test_status_shows_the_table_and_json_has_it() -> None:
     line = next(ln for ln in text.splitlines() if ln.startswith("stage.eval_sft") and " aime " in ln)
     for cell in ("stage.sft", "0.375", "4: 0.625", "0.400", "1.500", "812.2", "0.050"):
         assert cell in line, (cell, line)
+
+
+def test_expectations_sit_beside_the_reached_values() -> None:
+    spec, state = _state()
+    data = spec.model_dump(mode="json")
+    data["stages"]["eval_sft"]["expect"] = [
+        {"metric": "aime/mean@4", "at_least": 0.4, "source": "a paper"},  # @4 is this stage's n
+        {"metric": "math/pass@2", "at_least": 0.4, "source": "a paper"},
+        {"metric": "aime/pass@64", "at_least": 0.1, "source": "never recorded"},
+    ]
+    spec = type(spec).model_validate(data)
+    table = eval_table(spec, state)
+    mean = table.row("stage.eval_sft", "aime", "mean@n")
+    assert mean is not None and (mean.expected, mean.met, mean.source) == (">= 0.4", False, "a paper")
+    assert table.row("stage.eval_sft", "math", "pass@2").met is True  # type: ignore[union-attr]
+    assert table.unmatched == ["stage.eval_sft: aime/pass@64"]
+    buf = io.StringIO()
+    observed = observed_at_end(state)
+    render_status(compute_status(make_plan(spec, state, observed), spec, state, observed, now=10.0), Console(file=buf, width=220, no_color=True))
+    assert "0.375 (>= 0.4 ✗)" in buf.getvalue() and "expected metric not recorded: stage.eval_sft: aime/pass@64" in buf.getvalue()

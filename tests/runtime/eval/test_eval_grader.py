@@ -55,3 +55,12 @@ def test_grade_sees_correct_and_wrong() -> None:
     assert grade("aime_2024", "so \\boxed{204}", "204", 2).correct
     wrong = grade("aime_2024", "so \\boxed{205}", "204", 6)
     assert not wrong.correct and wrong.answer == "205" and wrong.score < 0
+
+
+def test_the_specs_recipe_options_reach_the_scorer() -> None:
+    padded = "\\boxed{ 204 }"
+    assert not grade("aime_2024", padded, "204", 2).correct  # the recipe: inner whitespace counts
+    assert grade("aime_2024", padded, "204", 2, options={"strip_answer": True, "answer_window": 100}).correct
+    far = "\\boxed{204}" + " x" * 100
+    assert not grade("aime_2024", far, "204", 2).correct
+    assert grade("aime_2024", far, "204", 2, options={"answer_window": 400, "strip_answer": False}).correct

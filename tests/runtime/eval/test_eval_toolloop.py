@@ -11,8 +11,8 @@ import pytest
 from runtime.data.retool_sft import TOOLS
 from runtime.eval.engine import Sampling, TransformersEngine, pick_engine
 from runtime.eval.toolloop import Conversation, LoopLimits, ToolCall, ToolLoop, parse_tool_calls, truncate_middle
-from runtime.eval.tools import BAD_CODE, SandboxTools
-from runtime.verl.recipe.sandbox_call import SandboxSettings
+from runtime.eval.tools import SandboxTools
+from runtime.verl.recipe.sandbox_call import SandboxCallSettings
 
 LIMITS = LoopLimits(
     max_prompt_length=512, max_response_length=48, max_assistant_turns=4, max_user_turns=4, max_tool_response_length=32
@@ -46,28 +46,30 @@ def test_truncate_middle_like_verl() -> None:
 
 
 def test_sandbox_tools_answer_like_rls_tool(session_sandbox_url: str) -> None:
-    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=3, rate_limit=2, num_workers=2))
+    tools = SandboxTools(SandboxCallSettings(sandbox_url=session_sandbox_url, timeout_s=3, rate_limit=2, num_workers=2))
     out = tools([
         ToolCall("code_interpreter", json.dumps({"code": "x = 6 * 7\nx"})),  # the recipe wraps the last line in print
         ToolCall("code_interpreter", json.dumps({"code": "```python\nprint('fenced')\n```"})),
-        ToolCall("code_interpreter", json.dumps({"code": "  "})),
+        ToolCall("code_interpreter", json.dumps({"code": "  "})),  # sent as is: the recipe's tool has no check
+        ToolCall("code_interpreter", json.dumps({"source": "1"})),
         ToolCall("python", json.dumps({"code": "1"})),
         ToolCall("code_interpreter", "{not json"),
         ToolCall("code_interpreter", json.dumps({"code": "import time\ntime.sleep(30)"})),
     ])
     assert out[0] == "42\n"
     assert out[1] == "fenced\n"
-    assert out[2] == BAD_CODE
-    assert out[3].startswith("Unknown function 'python'")
-    assert out[4].startswith("Invalid JSON in arguments for 'code_interpreter'")
-    assert out[5] == "no stdout here"  # the sandbox's time limit: the recipe's fixed text
-    assert tools.calls == 3
+    assert out[2].strip() == ""  # the sandbox ran it: no output
+    assert out[3] == "Error executing tool 'code_interpreter': 'code'"  # the recipe tool's KeyError, as verl shows it
+    assert out[4].startswith("Unknown function 'python'")
+    assert out[5].startswith("Invalid JSON in arguments for 'code_interpreter'")
+    assert out[6] == "no stdout here"  # the sandbox's time limit: the recipe's fixed text
+    assert tools.calls == 4
 
 
 def test_tool_turn_tokens_continue_the_templates_rendering(tokenizer, session_sandbox_url: str) -> None:  # type: ignore[no-untyped-def]
     """Prompt + generated assistant turn + tool turn == the chat template's rendering of
     that conversation (verl's continuous-token rule), and the tool really ran."""
-    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=10))
+    tools = SandboxTools(SandboxCallSettings(sandbox_url=session_sandbox_url, timeout_s=10))
     loop = ToolLoop(tokenizer, None, TOOLS, LoopLimits(512, 4096, 4, 4, 256), tools)  # type: ignore[arg-type]
     conv = loop.start(QUESTION)
     call = {"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}}
@@ -86,7 +88,7 @@ def test_tool_turn_tokens_continue_the_templates_rendering(tokenizer, session_sa
 
 
 def test_a_tool_turn_that_overflows_the_budget_ends_the_sample(tokenizer, session_sandbox_url: str) -> None:  # type: ignore[no-untyped-def]
-    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=10))
+    tools = SandboxTools(SandboxCallSettings(sandbox_url=session_sandbox_url, timeout_s=10))
     loop = ToolLoop(tokenizer, None, TOOLS, LIMITS, tools)  # type: ignore[arg-type]
     conv = Conversation(messages=list(QUESTION), prompt_ids=[1, 2, 3], response_ids=[5] * 40, assistant_turns=1)
     conv.pending = [ToolCall("code_interpreter", json.dumps({"code": "print('x' * 500)"}))]
@@ -96,7 +98,7 @@ def test_a_tool_turn_that_overflows_the_budget_ends_the_sample(tokenizer, sessio
 
 def test_loop_on_the_tiny_model_respects_every_budget(tiny_model_dir: Path, tokenizer, session_sandbox_url: str) -> None:  # type: ignore[no-untyped-def]
     engine = TransformersEngine(str(tiny_model_dir), Sampling(temperature=1.0, top_p=1.0, seed=0), batch_size=4, device="cpu")
-    tools = SandboxTools(SandboxSettings(sandbox_url=session_sandbox_url, timeout_s=10))
+    tools = SandboxTools(SandboxCallSettings(sandbox_url=session_sandbox_url, timeout_s=10))
     loop = ToolLoop(tokenizer, engine, TOOLS, LIMITS, tools)
     convs = [loop.start(QUESTION) for _ in range(6)]
     loop.run(convs)
