@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.errors import TerminalError
 from runtime.data.retool_sft import TOOL_NAME
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
@@ -128,3 +129,23 @@ def tool_call_rate(
     failures = [r for r in results if not r.ok][: MAX_EXAMPLES // 2]
     successes = [r for r in results if r.ok][: MAX_EXAMPLES - len(failures)]
     return ToolCheckResult(rate=ok / len(results), n=len(results), ok=ok, examples=failures + successes)
+
+
+def measure(model_dir: Path, prompts: int) -> ToolCheckResult:
+    """The spec's `tool_call_check`: the rate on `prompts` held-out generated problems, with
+    the recipe's code_interpreter schema (both backends' finalize runs this)."""
+    from runtime.data.retool_sft import TOOLS
+
+    return tool_call_rate(model_dir, heldout_prompts(prompts, seed=0), TOOLS)
+
+
+def require_rate(stage: str, min_rate: float, rate: float, n: int, model_dir: str, examples: str = "") -> str:
+    """The check's verdict: its one-line summary, or TerminalError when `rate` < `min_rate`."""
+    if rate >= min_rate:
+        return f"tool-call rate {rate:.2f} ({round(rate * n)}/{n}, need ≥ {min_rate:.2f})"
+    raise TerminalError(
+        f"stage.{stage}: the merged model emits a well-formed tool call on {rate:.0%} of "
+        f"{n} held-out prompts, below the required {min_rate:.0%}",
+        examples,
+        f"train longer (raise `epochs` or `max_steps`: the run resumes) or adjust the data; the merged model is at {model_dir}",
+    )

@@ -104,30 +104,22 @@ def merge_checkpoint(
 
 def measure_tool_calls(model_dir: Path, prompts: int) -> dict[str, Any]:
     """runtime.toolcheck on held-out generated prompts with the code_interpreter schema."""
-    from runtime.data.retool_sft import TOOLS
     from runtime.hf_quiet import quiet
-    from runtime.toolcheck import heldout_prompts, tool_call_rate
+    from runtime.toolcheck import measure
 
-    result = quiet(tool_call_rate, model_dir, heldout_prompts(prompts, seed=0), TOOLS)
+    result = quiet(measure, model_dir, prompts)
     return {"prompts": prompts, **result.model_dump()}
 
 
 def enforce_tool_calls(stage: str, check: ToolCallCheck, result: dict[str, Any], merged: Path) -> str:
     """The check's one-line summary; TerminalError when the rate is below `min_rate`."""
-    rate, n, ok = result["rate"], result["n"], result["ok"]
-    summary = f"tool-call rate {rate:.2f} ({ok}/{n}, need ≥ {check.min_rate:.2f})"
-    if rate >= check.min_rate:
-        return summary
+    from runtime.toolcheck import require_rate
+
     examples = "\n".join(
         f"- {e['prompt'][:60]!r} -> {e['completion'][:120]!r} ({e['reason'] or 'ok'})"
         for e in result.get("examples", [])[:4]
     )
-    raise TerminalError(
-        f"stage.{stage}: the merged model emits a well-formed tool call on {rate:.0%} of "
-        f"{n} held-out prompts, below the required {check.min_rate:.0%}",
-        examples,
-        f"train longer (raise `epochs` or `max_steps`: the run resumes) or adjust the data; the merged model is at {merged}",
-    )
+    return require_rate(stage, check.min_rate, result["rate"], result["n"], str(merged), examples)
 
 
 def latest_wandb_url(logs_dir: Path, stage: str, restart_id: str) -> str | None:

@@ -577,15 +577,11 @@ class ModalRuntime:
                    **(stamp.get("outputs") or {})}
         message = f"merged step {checkpoint.step} into {paths.merged_dir}"
         if check is not None:
-            rate = float(outputs.get("tool_call_rate", 0.0))
+            from runtime.toolcheck import require_rate
+
             outputs["tool_call_min_rate"] = check.min_rate
-            message += f"; tool-call rate {rate:.2f} (need ≥ {check.min_rate:.2f})"
-            if rate < check.min_rate:
-                raise TerminalError(
-                    f"stage.{ctx.stage}: the merged model emits a well-formed tool call on {rate:.0%} of "
-                    f"{outputs.get('tool_call_prompts')} held-out prompts, below the required {check.min_rate:.0%}",
-                    hint=f"train longer (raise `epochs` or `max_steps`: the run resumes); merged model at {paths.merged_dir}",
-                )
+            rate, prompts = float(outputs.get("tool_call_rate", 0.0)), int(outputs.get("tool_call_prompts") or 0)
+            message += "; " + require_rate(ctx.stage, check.min_rate, rate, prompts, paths.merged_dir)
         return Outcome(change=change, outputs=outputs, message=message)
 
     # ------------------------------------------------------------------ cost

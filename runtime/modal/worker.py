@@ -622,10 +622,9 @@ def run_finalize(p: FinalizePayload, adapter: ModalAdapter) -> dict[str, Any]:
             raise RuntimeError(f"{cmd.get('description') or cmd['argv'][0]} exited with {done.returncode}\n{done.stderr[-4000:]}")
     outputs: dict[str, Any] = {"model_path": p.merged_dir, "final_step": p.step, "checkpoint": p.checkpoint_path}
     if p.tool_call_check is not None:
-        from runtime.data.retool_sft import TOOLS
-        from runtime.toolcheck import heldout_prompts, tool_call_rate
+        from runtime.toolcheck import measure
 
-        check = tool_call_rate(Path(p.merged_dir), heldout_prompts(int(p.tool_call_check["prompts"]), 0), TOOLS)
+        check = measure(Path(p.merged_dir), int(p.tool_call_check["prompts"]))
         outputs["tool_call_rate"] = check.rate
         outputs["tool_call_prompts"] = check.n
     adapter.commit_volume(p.volume)
