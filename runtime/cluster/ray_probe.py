@@ -7,6 +7,7 @@ never holds a Ray driver connection of its own."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> int:
     import ray
 
     deadline = time.monotonic() + timeout_s
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         present: list[int] = []
         while True:

@@ -145,8 +145,9 @@ class Leader:
                 pass
             conn.close()
             return
-        self.members[int(rank)] = conn
-        self.seen[int(rank)] = time.time()
+        assert isinstance(rank, int)
+        self.members[rank] = conn
+        self.seen[rank] = time.time()
 
     def _refuse_all(self, reason: str) -> None:
         for conn in self.members.values():

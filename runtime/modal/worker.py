@@ -349,6 +349,8 @@ class StageRunner:
         result = StageResult(
             outcome="failed", step=self.step, segment=self.p.segment, active_s=self.active_seconds(), message=message,
         )
+        if self.rank != 0:  # only rank 0 writes the run's files (one writer per file on a volume)
+            return result.model_dump()
         self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
         self._commit_all()
         return result.model_dump()
@@ -474,7 +476,7 @@ class StageRunner:
         if self.rank != 0:
             return
         with self._lock:
-            data = {
+            data: dict[str, Any] = {
                 "step": self.step, "total": self.p.total_steps, "segment": self.p.segment,
                 "attempt_started_at": self.started, "updated_at": self.clock(),
                 "active_before": self.active_before, "active_s": self.active_seconds(),
