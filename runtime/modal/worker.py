@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -51,9 +50,11 @@ from runtime.modal.app import (
 )
 from runtime.verl.common import TRACKER_FILE
 
+from runtime.verl.sft import MERGE_MODULE
+
 if TYPE_CHECKING:
     from runtime.cluster.node import ClusterNode
-from runtime.verl.sft import MERGE_MODULE
+    from runtime.sandbox_process import SandboxProcess
 
 STOP_GRACE_S = 120.0
 CLUSTER_STOP_GRACE_S = 20.0  # a rank stopping because its cluster broke: nothing to save
@@ -501,18 +502,10 @@ class StageRunner:
 
 def stop_process_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM the whole group, then SIGKILL what is left after the grace period."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    from runtime.processes import terminate_run
+
+    terminate_run(proc.pid, grace_s=grace_s)
+    proc.poll()  # the leader was reaped by terminate_run
 
 
 class _Periodic:
@@ -537,26 +530,12 @@ class _Periodic:
 
 
 class Sidecar:
-    def __init__(self, proc: Any) -> None:
+    def __init__(self, proc: SandboxProcess) -> None:
         self.proc = proc
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the sandbox's process group (it leads one), SIGKILL after the grace period."""
-        pid = getattr(self.proc, "pid", None)
-        if not pid:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                return
-            deadline = time.time() + grace_s
-            while time.time() < deadline:
-                try:
-                    os.killpg(pid, 0)
-                except (ProcessLookupError, PermissionError):
-                    return
-                time.sleep(0.1)
+        self.proc.stop(grace_s)
 
 
 def start_sidecar(settings: SidecarSettings, log_path: Path, *, ready_timeout_s: float = 180.0) -> Sidecar:
