@@ -5,7 +5,10 @@ refuses more than one node with its reason."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import pytest
 
 from reconciler.backend import StageContext
 from reconciler.loader import parse_spec_text
@@ -99,3 +102,22 @@ def test_the_local_backend_refuses_more_than_one_node(tmp_path: Path) -> None:
     reason = LocalRuntime(str(tmp_path)).blocked_reason(two, "stage.sft") or ""
     assert "asks for 2 nodes, but the local backend runs on one machine" in reason and "backend: modal" in reason
     assert LocalRuntime(str(tmp_path)).blocked_reason(spec, "stage.sft") is None
+
+
+def test_the_real_sdk_registers_each_multi_node_stage_as_a_cluster_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """modal 1.6.4 builds the clustered functions without a network call: `modal.clustered(size=2,
+    rdma=True)` under `app.function(gpu="H100:8")` for each stage, nothing else clustered."""
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    from modal._utils.async_utils import synchronizer
+
+    from runtime.modal.adapter import SdkAdapter
+
+    app = SdkAdapter().build_app(build_app_definition(spec_32b()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # registered_functions is deprecated in favour of nothing public
+        functions = {name: synchronizer._translate_in(fn) for name, fn in app.registered_functions.items()}
+    for name in ("stage-sft", "stage-grpo", "stage-ppo"):
+        cluster = functions[name]._function_info.cluster_info
+        assert (cluster.size, cluster.rdma) == (2, True) and functions[name]._spec.gpus == "H100:8"
+    assert functions["prepare"]._function_info.cluster_info is None
+    assert functions["finalize"]._function_info.cluster_info is None
