@@ -52,7 +52,8 @@ def test_the_server_exits_with_everything_under_it_when_its_owner_directory_is_g
     owner.mkdir()
     with local_server(workers=2, preload=[], owner_dir=str(owner), work_root=str(tmp_path / "work")) as server:
         background = "import subprocess\nsubprocess.Popen(['sleep', '300'])\nprint('ok')"
-        assert run_code(server.url, background).run_result.stdout == "ok\n"
+        result = run_code(server.url, background).run_result
+        assert result is not None and result.stdout == "ok\n"
         tree = process_tree(server.pid)
         assert len(tree) >= 4  # server, zygote, two forkers (and their prepared programs)
         shutil.rmtree(owner)
@@ -70,7 +71,8 @@ def test_an_idle_server_waits_for_its_leases_then_exits(tmp_path: Path) -> None:
         with local_server(workers=1, preload=[], idle_timeout_s=1, lease_dir=str(leases)) as server:
             tree = process_tree(server.pid)
             time.sleep(5)  # well past the idle timeout: the live lease holds it up
-            assert run_code(server.url, "print(1)").run_result.stdout == "1\n"
+            result = run_code(server.url, "print(1)").run_result
+            assert result is not None and result.stdout == "1\n"
             assert sorted(p.name for p in leases.iterdir()) == ["apply"]  # the dead lease was removed
             holder.kill()
             holder.wait()
