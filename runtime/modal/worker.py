@@ -76,7 +76,7 @@ def _adapter() -> ModalAdapter:
 
 
 def run_stage(payload: dict[str, Any]) -> dict[str, Any]:
-    return StageRunner(StagePayload.model_validate(payload), _adapter()).run()
+    return ContainerSegment(StagePayload.model_validate(payload), _adapter()).run()
 
 
 def prepare(payload: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +169,10 @@ def with_resume(argv: list[str], checkpoint_dir: str, step: int | None, any_chec
 # --------------------------------------------------------------------------- one stage attempt
 
 
-class StageRunner:
+class ContainerSegment:
+    """One segment of a stage inside a Modal container: resume from the latest committed
+    checkpoint, run the trainer until it ends or the segment's deadline, commit, hand over."""
+
     def __init__(self, payload: StagePayload, adapter: ModalAdapter, *, clock: Callable[[], float] = time.time) -> None:
         self.p, self.adapter, self.clock = payload, adapter, clock
         self.started = clock()

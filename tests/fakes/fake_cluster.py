@@ -249,11 +249,11 @@ class ContainerAdapter:
 
 def main(argv: list[str]) -> int:
     from runtime.modal.app import StagePayload
-    from runtime.modal.worker import StageRunner
+    from runtime.modal.worker import ContainerSegment
 
     payload = StagePayload.model_validate_json(Path(argv[0]).read_text())
     adapter = ContainerAdapter()
-    result = StageRunner(payload, adapter).run()  # type: ignore[arg-type]
+    result = ContainerSegment(payload, adapter).run()  # type: ignore[arg-type]
     if adapter.info.rank == 0:
         tmp = Path(argv[1]).with_suffix(".tmp")
         tmp.write_text(json.dumps(result))

@@ -27,7 +27,7 @@ from runtime.cluster.node import ClusterNode
 from runtime.cluster.ray_probe import alive_ranks
 from runtime.cluster.rendezvous import Leader, Member
 from runtime.modal.app import StagePayload
-from runtime.modal.worker import StageRunner
+from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import FakeModal
 
 
@@ -229,11 +229,11 @@ def test_the_worker_refuses_a_partial_cluster_and_runs_nothing(tmp_path: Path, m
     )
     fake = FakeModal(cluster=loopback(0, size=1))
     with pytest.raises(ClusterError, match="needs 2 nodes but this cluster has 1 container"):
-        StageRunner(payload, fake).run()
+        ContainerSegment(payload, fake).run()
     assert not marker.exists()
     # a whole cluster whose other rank never comes: the join times out naming it, nothing ran
     fake = FakeModal(cluster=ClusterInfo(rank=0, cluster_id="cu-x", ips=["127.0.0.1", "127.0.0.2"]))
     monkeypatch.setenv("RETOOL_CLUSTER_PORT_BASE", str(free_port()))
     with pytest.raises(ClusterError, match="rank 1 of 2 did not join rank 0 within 1 s"):
-        StageRunner(payload, fake).run()
+        ContainerSegment(payload, fake).run()
     assert not marker.exists()

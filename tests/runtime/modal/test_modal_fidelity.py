@@ -21,7 +21,7 @@ import pytest
 from reconciler.errors import TerminalError
 from runtime.modal.adapter import CallNotFound, ModalUnreachable, SdkAdapter, VolumeNotFound
 from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep
-from runtime.modal.worker import StageRunner
+from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import FakeModal, FakeModalError
 from tests.runtime.modal.test_modal_worker import payload
 
@@ -96,7 +96,7 @@ def test_the_worker_commits_while_training_without_holding_files_open_on_the_vol
     fake = FakeModal(mounts={"test-checkpoints": tmp_path / "ckpt", "test-data": tmp_path / "data"},
                      on_commit=on_commit)
     (tmp_path / "data").mkdir()
-    result = StageRunner(p, fake).run()
+    result = ContainerSegment(p, fake).run()
     assert result["outcome"] == "finished"
     assert fake.ops_named("refused_open_files") == []
     assert len(fake.ops_named("commit_volume")) >= 2  # at least one during training, one at the end

@@ -16,7 +16,7 @@ from runtime.modal import launches
 from runtime.modal.adapter import CallNotFound, ModalUnreachable
 from runtime.modal.app import stage_function_name
 from runtime.modal.backend import ModalRuntime
-from runtime.modal.worker import StageRunner
+from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import Containers, FakeModal
 from tests.plan_helpers import qwen
 from tests.runtime.modal.test_modal_backend import RID, ready, sft_ctx
@@ -155,7 +155,7 @@ def launch_payload(tmp_path: Path, launch_id: str) -> object:
 
 def test_the_container_registers_its_call_before_training(tmp_path: Path) -> None:
     fake = FakeModal(call_id_in_container="fc-000007")
-    result = StageRunner(launch_payload(tmp_path, "L1"), fake).run()  # type: ignore[arg-type]
+    result = ContainerSegment(launch_payload(tmp_path, "L1"), fake).run()  # type: ignore[arg-type]
     assert result["outcome"] == "finished"
     reg = launches.lookup(fake, REGISTRY, KEY)
     assert reg is not None and (reg.launch_id, reg.call_id, reg.segment) == ("L1", "fc-000007", 0)
@@ -170,11 +170,11 @@ def test_a_duplicate_of_a_running_stage_stops_before_training(tmp_path: Path) ->
     other = fake.spawn("retool-test", "stage-sft", {})  # the first launch, still running
     launches.register(fake, launches.LaunchKey(registry=REGISTRY, key=KEY, launch_id="L1"), other, 0, 1.0)
     p = launch_payload(tmp_path, "L2")
-    result = StageRunner(p, fake).run()  # type: ignore[arg-type]
+    result = ContainerSegment(p, fake).run()  # type: ignore[arg-type]
     assert result["outcome"] == "failed" and "duplicate stopped without training" in result["message"]
     assert not (Path(p.checkpoint_dir) / "_retool" / "argv.jsonl").exists()  # type: ignore[attr-defined]
     fake.complete(other, {"outcome": "finished"})  # once the first run ended, a new launch trains
-    assert StageRunner(p, fake).run()["outcome"] == "finished" and len(runs(p)) == 1  # type: ignore[arg-type]
+    assert ContainerSegment(p, fake).run()["outcome"] == "finished" and len(runs(p)) == 1  # type: ignore[arg-type]
 
 
 def test_terminal_errors_are_not_retried_as_outages() -> None:

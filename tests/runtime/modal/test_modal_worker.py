@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from runtime.modal.app import StagePayload
-from runtime.modal.worker import BearerAuth, StageRunner, training_commands, with_resume
+from runtime.modal.worker import BearerAuth, ContainerSegment, training_commands, with_resume
 from tests.fakes.fake_modal import FakeModal
 
 TRAINER = textwrap.dedent(
@@ -85,7 +85,7 @@ def runs(p: StagePayload) -> list[list[str]]:
 def test_a_finished_attempt_commits_and_reports_its_last_valid_step(tmp_path: Path) -> None:
     fake = FakeModal(call_id_in_container="fc-000001")
     p = payload(tmp_path)
-    result = StageRunner(p, fake).run()
+    result = ContainerSegment(p, fake).run()
     assert (result["outcome"], result["step"], result["segment"]) == ("finished", 6, 0)
     run_dir = Path(p.checkpoint_dir) / "_retool"
     progress = json.loads((run_dir / "progress.json").read_text())
@@ -105,11 +105,11 @@ def test_a_restarted_attempt_resumes_from_the_latest_valid_checkpoint(tmp_path: 
     fake = FakeModal()
     p = payload(tmp_path, extra=["crash_at=5"])
     with pytest.raises(RuntimeError, match="exited with 3") as exc:
-        StageRunner(p, fake).run()
+        ContainerSegment(p, fake).run()
     assert "step:5 - train/loss" in str(exc.value)  # the log tail travels with the failure
     # A half-written step 6 (no tracker update, missing shards) must not be resumed from.
     (Path(p.checkpoint_dir) / "global_step_6").mkdir()
-    result = StageRunner(p, fake).run()
+    result = ContainerSegment(p, fake).run()
     assert result["outcome"] == "finished" and result["step"] == 6
     second = runs(p)[1]
     assert "trainer.resume_mode=resume_path" in second
@@ -124,7 +124,7 @@ def test_the_end_of_an_attempt_hands_over_to_the_next_segment(tmp_path: Path) ->
     fake.deploy(AppDefinition(app_name="retool-test", image=[ImageStep(op="from_registry", args=["x:1"])],
                               functions=[FunctionSpec(name="stage-sft", entry="run_stage")]))
     p = payload(tmp_path, extra=["hang_at=4"], train_seconds=2.0)
-    result = StageRunner(p, fake).run()
+    result = ContainerSegment(p, fake).run()
     assert result["outcome"] == "continued" and result["step"] == 4 and result["segment"] == 0
     nxt = fake.calls[result["next_call_id"]]
     assert nxt.function == "stage-sft" and nxt.payload["segment"] == 1
@@ -132,7 +132,7 @@ def test_the_end_of_an_attempt_hands_over_to_the_next_segment(tmp_path: Path) ->
     run = json.loads((Path(p.checkpoint_dir) / "_retool" / "run.json").read_text())
     assert (run["call_id"], run["segment"], run["previous_call_id"]) == (nxt.call_id, 1, "fc-head")
     # a retried attempt of the same segment (it died after spawning) neither trains nor spawns again
-    again = StageRunner(p, fake).run()
+    again = ContainerSegment(p, fake).run()
     assert again["outcome"] == "continued" and again["next_call_id"] == nxt.call_id
     assert len(fake.calls) == 1 and len(runs(p)) == 1
 
@@ -141,26 +141,26 @@ def test_a_segment_that_saved_nothing_fails_instead_of_chaining_forever(tmp_path
     fake = FakeModal()
     p = payload(tmp_path, extra=["hang_at=1"], train_seconds=2.0)
     with pytest.raises(RuntimeError, match="without saving a new valid checkpoint"):
-        StageRunner(p, fake).run()
+        ContainerSegment(p, fake).run()
     assert fake.calls == {}
 
 
 def test_a_missing_secret_fails_without_running_or_retrying(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RETOOL_TEST_SECRET_X", raising=False)
     p = payload(tmp_path, secret_env=["RETOOL_TEST_SECRET_X"])
-    result = StageRunner(p, FakeModal()).run()
+    result = ContainerSegment(p, FakeModal()).run()
     assert result["outcome"] == "failed" and "RETOOL_TEST_SECRET_X" in result["message"]
     assert not (Path(p.checkpoint_dir) / "_retool" / "argv.jsonl").exists()
     monkeypatch.setenv("RETOOL_TEST_SECRET_X", "value")
-    assert StageRunner(p, FakeModal()).run()["outcome"] == "finished"
+    assert ContainerSegment(p, FakeModal()).run()["outcome"] == "finished"
 
 
 def test_a_forced_rerun_moves_old_checkpoints_aside_once(tmp_path: Path) -> None:
     fake = FakeModal(call_id_in_container="fc-7")
     first = payload(tmp_path)
-    StageRunner(first, fake).run()
+    ContainerSegment(first, fake).run()
     rerun = payload(tmp_path, replace_existing=True)
-    result = StageRunner(rerun, fake).run()
+    result = ContainerSegment(rerun, fake).run()
     assert result["step"] == 6
     assert "trainer.resume_mode=auto" in runs(rerun)[-1]  # trained from scratch
     replaced = list((tmp_path / "ckpt" / "sft" / ".replaced").iterdir())
@@ -180,7 +180,7 @@ def test_service_sandbox_token_reaches_the_trainer_only_inside_the_container(
         '(out / "_retool" / "url.txt").write_text(os.environ["RETOOL_SANDBOX_URL"])\n'
         'with open(out / "_retool" / "argv.jsonl", "a") as fh:',
     ))
-    StageRunner(p, FakeModal()).run()
+    ContainerSegment(p, FakeModal()).run()
     assert (Path(p.checkpoint_dir) / "_retool" / "url.txt").read_text() == "https://acme--retool-sandbox.modal.run/t/tok-123"
     assert "tok-123" not in p.model_dump_json()
 
