@@ -143,8 +143,8 @@ def prepare_once(
 #
 # The sidecar never outlives its use: it exits by itself when the state directory it belongs
 # to is gone, and after SIDECAR_IDLE_TIMEOUT_S without a request once no lease holds it up.
-# Each apply that ensures it takes a lease (its own pid), so it stays while that apply waits
-# on the stages that call it; a later plan sees it gone and plans its `create` again.
+# Each process that ensures it or looks it up takes a lease (its own pid), so it stays while
+# an apply waits on the stages that call it; a later plan sees it gone and plans its `create`.
 
 SIDECAR_IDLE_TIMEOUT_S = 600.0
 SIDECAR_LIFETIME = {"idle_timeout_s": SIDECAR_IDLE_TIMEOUT_S, "owner_dir": True, "leases": True}  # in the hash:
@@ -174,9 +174,12 @@ def _load(path: Path) -> SandboxRecord | None:
 
 
 def live_sandbox_url(record_path: Path) -> str | None:
-    """The recorded sidecar's URL if that very process still runs and answers."""
+    """The recorded sidecar's URL if that very process still runs and answers. Whoever looks it
+    up (an apply launching a stage or preparing data; plan and status too) holds it up by a
+    lease while that process runs."""
     record = _load(record_path)
     if record is not None and procs.is_alive(record.pid, record.start_ticks) and ping(record.url):
+        take_lease(record_path.parent)
         return record.url
     return None
 

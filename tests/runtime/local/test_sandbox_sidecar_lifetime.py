@@ -27,7 +27,9 @@ def test_the_sidecar_ends_with_everything_under_it_when_the_state_dir_is_deleted
         assert health["lifetime"]["idle_timeout_s"] == res.SIDECAR_IDLE_TIMEOUT_S
         lease = res.lease_dir(state_dir) / str(os.getpid())
         assert lease.is_file()  # this process (the apply) holds the sidecar up
+        lease.unlink()
         assert res.live_sandbox_url(state_dir / "sandbox.json") == started.outputs["url"]  # what status shows
+        assert lease.is_file()  # looking it up (to launch a stage) takes the lease again
         tree = process_tree(pid)
         shutil.rmtree(tmp_path / "copy")  # the user deletes the project copy
         assert wait_all_gone(tree) == []
