@@ -1,7 +1,7 @@
 """`kill -9` of `retool apply` while a real tiny SFT trains (the CLI, as separate processes):
-`retool status` still shows the run, the state file stays readable, and — once the stale
-lock of the killed apply is cleared as its error says — the next apply re-attaches to that
-same run (no second launch) and finishes it healthy, with its metrics in `status`."""
+`retool status` still shows the run, the state file stays readable, the killed apply's lock
+freed itself, and the next plain apply notes the death, re-attaches to that same run (no
+second launch) and finishes it healthy, with its metrics in `status`."""
 
 from __future__ import annotations
 
@@ -118,16 +118,12 @@ def test_kill_9_of_apply_while_sft_trains_then_apply_reattaches(tmp_path: Path) 
         report = json.loads(status.stdout)
         sft = next(n for n in report["nodes"] if n["address"] == "stage.sft")
         assert sft["health"] in ("progressing", "lost"), sft
-        assert report["lock"] is not None and report["lock"]["pid"] == apply.pid
+        assert report["lock"] is None  # the kernel released the killed apply's lock
 
-        # The killed apply's lock is refused as stale, with the command that clears it.
-        refused = run("apply", str(spec), "--yes")
-        assert refused.returncode != 0 and "stale lock held by dead pid" in refused.stdout + refused.stderr
-        unlocked = run("state", "unlock", report["lock"]["id"], str(spec))
-        assert unlocked.returncode == 0, unlocked.stdout + unlocked.stderr
-
+        # The next plain apply says so and goes on: no `retool state unlock`.
         second = run("apply", str(spec), "--yes")
         assert second.returncode == 0, second.stdout + second.stderr
+        assert f"previous apply (pid {apply.pid}, `retool apply {spec}`) died; continuing" in second.stderr
         state = State.model_validate(read_state(state_dir))
         done = state.nodes["stage.sft"]
         assert done.status == "succeeded" and done.steps_done == STEPS
