@@ -134,7 +134,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _WrapOnLoad(spec.loader)  # type: ignore[arg-type]
+                    spec.loader = _WrapOnLoad(spec.loader)
                 return spec
         return None
 
