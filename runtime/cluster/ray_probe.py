@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import time
 
@@ -28,6 +29,16 @@ def main(argv: list[str]) -> int:
     import ray
 
     deadline = time.monotonic() + timeout_s
+    host, _, port = address.rpartition(":")
+    while True:  # the head may still be starting: wait for its GCS port within the same deadline
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                print(json.dumps({"ranks": []}), flush=True)
+                return 1
+            time.sleep(0.5)
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         present: list[int] = []
