@@ -16,7 +16,8 @@ mid-run make every rank stop and fail, so the whole cluster restarts (Modal's re
 the next apply) from the latest valid checkpoint.
 
 Modules: `layout` (ranks, addresses, ports, command lines: pure), `rendezvous` (the
-leader/member control channel over TCP), `ray_nodes` (Ray head and joiners as process
-groups), `node` (the role a stage worker plays, used by runtime.modal.worker).
+leader/member control channel over TCP), `ray_nodes` and `ray_probe` (rank 0's Ray head
+and its bounded wait for every rank's node), `node` (the role a stage worker plays, used
+by runtime.modal.worker), `liveness` (per-rank liveness for `retool status`).
 Nothing here imports modal.
 """
