@@ -172,8 +172,12 @@ class ClusterRunner:
                 pass
         c.proc.wait()
 
-    def container_log(self, call_id: str, rank: int, attempt: int = -1) -> str:
-        return _tail(self.attempts[call_id][attempt].containers[rank].log, 200)
+    def container_log(self, call_id: str, rank: int, attempt: int = -1, lines: int | None = 200) -> str:
+        """The last `lines` lines of a container's output (None: all of it)."""
+        path = self.attempts[call_id][attempt].containers[rank].log
+        if lines is None:
+            return path.read_text(errors="replace")
+        return _tail(path, lines)
 
     def ops(self, call_id: str, rank: int, attempt: int = -1) -> list[list[str]]:
         path = self.attempts[call_id][attempt].result_path.parent / f"ops-{rank}.jsonl"
