@@ -2,7 +2,8 @@
 with the writer killed between shards of a re-save of the same `global_step_N`.
 
 The savers are verl 0.9.1's real ones — SFT's `CheckpointHandler.save_checkpoint` on two
-torchrun ranks over gloo, RL's `RayPPOTrainer._save_checkpoint` in its driver — loaded
+torchrun ranks over gloo, RL's `_save_checkpoint` of the v1 `PPOTrainer` (the default) and of
+the legacy `RayPPOTrainer`, in the driver — loaded
 through `VERL_USE_EXTERNAL_MODULES` exactly as a launch does; only the engine / worker
 group below them is a stand-in that writes one shard file per rank, so a test can SIGKILL
 the writer between two shards."""
@@ -71,10 +72,11 @@ SFT_SCRIPT = SHARD_WRITER + textwrap.dedent(
 
 RL_SCRIPT = SHARD_WRITER + textwrap.dedent(
     """
-    import sys
+    import importlib, sys
     from types import SimpleNamespace
     from omegaconf import OmegaConf
-    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    module, _, name = os.environ["TRAINER"].rpartition(".")
+    Trainer = getattr(importlib.import_module(module), name)
 
     class WorkerGroup:  # stands in for the actor's worker group: returns when every rank saved
         world_size = 2
@@ -92,17 +94,21 @@ RL_SCRIPT = SHARD_WRITER + textwrap.dedent(
     for step in sys.argv[2:]:
         trainer = SimpleNamespace(
             config=config, global_steps=int(step), actor_rollout_wg=WorkerGroup(), use_critic=False,
-            train_dataloader=Loader(),
+            train_dataloader=Loader(), trainer_mode="sync",  # v1: no transfer queue to save
+            checkpoint_callback=SimpleNamespace(on_save=lambda **kw: None),
         )
-        RayPPOTrainer._save_checkpoint(trainer)
+        Trainer._save_checkpoint(trainer)
     """
 )
 
 
-def save(argv: list[str], script: Path, run_dir: Path, steps: list[int], *, tag: str, kill: str | None = None) -> int:
+def save(
+    argv: list[str], script: Path, run_dir: Path, steps: list[int], *, tag: str, kill: str | None = None,
+    trainer: str = "",
+) -> int:
     env = {
         **os.environ, "PYTHONPATH": str(REPO), "VERL_USE_EXTERNAL_MODULES": SAVE_MARKER_MODULE, "SAVE_TAG": tag,
-        "KILL_RANK": kill or "", "KILL_STEP": str(steps[-1]) if kill is not None else "",
+        "KILL_RANK": kill or "", "KILL_STEP": str(steps[-1]) if kill is not None else "", "TRAINER": trainer,
     }
     proc = subprocess.run(
         [*argv, str(script), str(run_dir), *map(str, steps)],
@@ -156,12 +162,16 @@ def test_sft_resave_killed_between_shards_is_never_resumed(run_dir: Path, tmp_pa
     check_torn_resave(run_dir, "")
 
 
-def test_rl_resave_killed_between_shards_is_never_resumed(run_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trainer", [
+    "verl.trainer.ppo.v1.trainer_base.PPOTrainer",  # verl 0.9.1's default (trainer.use_v1: true)
+    "verl.trainer.ppo.ray_trainer.RayPPOTrainer",  # the legacy v0 trainer
+])
+def test_rl_resave_killed_between_shards_is_never_resumed(run_dir: Path, tmp_path: Path, trainer: str) -> None:
     script = tmp_path / "rl_save.py"
     script.write_text(RL_SCRIPT)
-    save([sys.executable], script, run_dir, [2, 4], tag="old")
+    save([sys.executable], script, run_dir, [2, 4], tag="old", trainer=trainer)
     check_complete(run_dir, [2, 4])
-    assert save([sys.executable], script, run_dir, [4], tag="new", kill="1") != 0
+    assert save([sys.executable], script, run_dir, [4], tag="new", kill="1", trainer=trainer) != 0
     check_torn_resave(run_dir, "actor")
 
 
