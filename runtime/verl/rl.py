@@ -59,6 +59,9 @@ from runtime.verl.common import (
 )
 
 PPO_MODULE = "verl.trainer.main_ppo"
+# runtime.verl.value_model (not imported here: it imports verl) and the variable it reads.
+VALUE_MODEL_MODULE = "runtime.verl.value_model"
+ENV_VALUE_MODEL_ATTN = "RETOOL_VALUE_MODEL_ATTN"
 AGENT_LOOP = "tool_agent"
 GPU_ENGINES = ("vllm", "sglang")
 
@@ -263,11 +266,19 @@ def _critic_overrides(ctx: StageContext, stage: RLStage, *, cpu: bool) -> list[s
     return out
 
 
-def rl_env(ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str) -> dict[str, str]:
-    """Environment of the trainer process (Ray passes it to every worker)."""
+def rl_env(
+    ctx: StageContext, *, sandbox_url: str, cpu: bool, rollout: str, attn_implementation: str | None = None
+) -> dict[str, str]:
+    """Environment of the trainer process (Ray passes it to every worker). A PPO critic that
+    runs without FlashAttention gets runtime.verl.value_model (verl hard-codes it for critics)."""
     stage = _rl_stage(ctx)
     modules = (*((PLUGIN_MODULE,) if rollout == TRANSFORMERS_ROLLOUT else ()), SAVE_MARKER_MODULE)
+    value_attn = "sdpa" if cpu else attn_implementation
+    if stage.critic is not None and value_attn:
+        modules += (VALUE_MODEL_MODULE,)
     env = base_env(ctx, cpu=cpu, external_modules=modules)
+    if stage.critic is not None and value_attn:
+        env[ENV_VALUE_MODEL_ATTN] = value_attn
     tool = stage.tool
     recipe_env = {
         ENV_SANDBOX_URL: sandbox_url,
@@ -297,7 +308,7 @@ def render_rl(
     return [
         RenderedCommand(
             argv=argv,
-            env=rl_env(ctx, sandbox_url=sandbox_url, cpu=cpu, rollout=name),
+            env=rl_env(ctx, sandbox_url=sandbox_url, cpu=cpu, rollout=name, attn_implementation=attn_implementation),
             secret_env=secret_env_names(ctx.spec, stage.secrets),
             description=(
                 f"verl {'PPO' if stage.critic else stage.algorithm.adv_estimator.upper()} (main_ppo) of "

@@ -14,7 +14,7 @@ from reconciler.backend import StageContext
 from runtime.verl.recipe import ENV_SANDBOX_URL, ENV_TOOL_RATE_LIMIT, ENV_TOOL_TIMEOUT_S, TOOL_CONFIG_PATH
 from runtime.verl.rollout import PLUGIN_MODULE
 from runtime.verl.common import StagePaths, compose_config, entry_point
-from runtime.verl.rl import choose_rollout, render_rl
+from runtime.verl.rl import ENV_VALUE_MODEL_ATTN, VALUE_MODEL_MODULE, choose_rollout, render_rl
 
 SPECS = Path(__file__).resolve().parents[3] / "specs"
 RID = "5e" * 32
@@ -81,6 +81,7 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert "critic_warmup" in trainer and cfg["critic"]["enable"] is None  # GRPO: no critic rendered
     assert "reward_kwargs" not in cfg["reward"]["custom_reward_function"]  # the recipe's reward, unparameterised
     assert env["RETOOL_TOOL_LENIENT_FENCES"] == "false"
+    assert VALUE_MODEL_MODULE not in env["VERL_USE_EXTERNAL_MODULES"] and ENV_VALUE_MODEL_ATTN not in env
     assert cfg["reward"]["custom_reward_function"] == {"path": "pkg://runtime.verl.recipe.reward", "name": "compute_score"}
     assert trainer["total_training_steps"] == 2 and trainer["save_freq"] == 1
     assert trainer["default_local_dir"] == PATHS.ckpt_dir and trainer["resume_mode"] == "auto"
@@ -160,6 +161,9 @@ def test_ppo_stage_with_recipe_options_composes_on_cpu() -> None:
             "recipe": {"lenient_fences": True, "strip_answer": True, "answer_window": 300}}
     (cmd,) = render_rl(tiny_ctx(edit), sandbox_url=URL, cpu=True, paths=PATHS)
     assert "PPO" in cmd.description and cmd.env["RETOOL_TOOL_LENIENT_FENCES"] == "true"
+    # verl hard-codes FlashAttention 2 for the critic: on CPU runtime.verl.value_model loads it with sdpa
+    assert VALUE_MODEL_MODULE in cmd.env["VERL_USE_EXTERNAL_MODULES"].split(",")
+    assert cmd.env[ENV_VALUE_MODEL_ATTN] == "sdpa"
     cfg = compose_config(cmd.argv, cmd.env)
     assert cfg["reward"]["custom_reward_function"]["reward_kwargs"] == {"answer_window": 300, "strip_answer": True}
     critic, algo = cfg["critic"], cfg["algorithm"]
