@@ -53,6 +53,12 @@ DIFFERENCES: tuple[Difference, ...] = (
                ours="`torchrun --standalone -m verl.trainer.sft_trainer`",
                reason="verl 0.9.1 replaced the FSDP SFT trainer with the engine-based one (same launcher shape: "
                       "1 node x 8 processes)."),
+    Difference(stage="sft", kind="behaviour",
+               recipe="SFT rows: a `<code>` block's first ```` ```python ```` fence is unwrapped and stripped; other "
+                      "code is kept verbatim",
+               ours="```` ```python ````, ```` ```py ```` and bare fences unwrapped; the code stripped",
+               reason="retool's `retool_sft` preparation (`runtime/data/retool_sft.py`); it differs only for rows whose "
+                      "code is not in a ```` ```python ```` fence or has surrounding whitespace."),
     Difference(stage="sft", kind="changed", recipe_key="data.train_files", key="data.train_files",
                recipe="`$DATA_ROOT/dataset/wuxibin/ReTool-SFT/...parquet`", ours="`/data/datasets/retool_sft/train.parquet`",
                reason=_PATHS + " retool's `retool_sft` format is the recipe's preprocessing."),
