@@ -12,6 +12,8 @@ import argparse
 
 from sandbox.settings import SandboxSettings
 
+KEEP_ALIVE_S = 75  # seconds an idle HTTP connection stays open (uvicorn's default is 5)
+
 
 def serve(
     host: str,
@@ -40,7 +42,12 @@ def serve(
     defaults = SandboxSettings.model_construct()
     overrides = {k: v for k, v in given.items() if v is not None and v != getattr(defaults, k, None)}
     settings = SandboxSettings.from_env(None, **overrides)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    # Keep idle connections longer than clients do (httpx: 5 s): with equal timeouts a client may
+    # reuse a connection at the moment the server closes it, and that request is lost.
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="warning", access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -231,3 +231,22 @@ def test_concurrent_requests_all_answered(server: LocalServer) -> None:
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda n: run(server, f"print({n} * 3)"), range(64)))
     assert [r["run_result"]["stdout"] for r in results] == [f"{n * 3}\n" for n in range(64)]
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server: LocalServer) -> None:
+    """httpx drops idle connections after 5 s; the server must keep them longer, or a client can
+    reuse one at the moment the server closes it and lose that request (seen in the soak test)."""
+    import socket
+    import time
+
+    request = b"GET /v1/ping HTTP/1.1\r\nHost: sandbox\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            sock.sendall(request)
+            answer = b""
+            while not answer.endswith(b'"pong"'):
+                chunk = sock.recv(65536)
+                assert chunk, f"the server closed the connection after {pause} s idle: {answer!r}"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer

@@ -173,6 +173,7 @@ def test_soak(tmp_path: Path) -> None:
         leftovers = {str(p): sorted(str(q.relative_to(p)) for q in p.rglob("*") if q.is_file()) for p in uppers}
         report["files_left_in_uppers"] = sum(len(v) for v in leftovers.values())
         report["uid_processes"] = len(uid_processes(*uids))
+        report["problems"] = tally.wrong[:5]
         print("\nsoak report:", json.dumps(report, indent=1))
         if os.environ.get("RETOOL_SOAK_REPORT"):
             Path(os.environ["RETOOL_SOAK_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
