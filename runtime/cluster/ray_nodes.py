@@ -74,13 +74,14 @@ class RayNode:
                 os.killpg(proc.pid, sig)
             except (ProcessLookupError, PermissionError):
                 break
+            # the leader stays unreaped (a zombie) until the end, so its pid, and with it the
+            # group id, cannot be given to another process while we still signal the group
             deadline = time.time() + grace_s
             while time.time() < deadline and group_members(proc.pid):
-                proc.poll()
                 time.sleep(0.2)
             if not group_members(proc.pid):
                 break
-        proc.poll()
+        proc.wait()
 
     def wait_for_ranks(self, nodes: int, timeout_s: float) -> None:
         """(Rank 0.) Until ranks 0..N-1 are alive Ray nodes; ClusterError naming the missing ones."""

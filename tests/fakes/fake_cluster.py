@@ -148,7 +148,9 @@ class ClusterRunner:
 
     def _stop(self, attempt: _Attempt) -> None:
         for c in attempt.containers:
-            terminate_run(c.proc.pid, c.tag, grace_s=20.0)
+            # the container's own group only while it is unreaped: a reaped pid may already be
+            # another process's (pids wrap quickly on a busy machine); its tag finds the rest
+            terminate_run(c.proc.pid if c.proc.poll() is None else None, c.tag, grace_s=20.0)
             # a process forked while the sweep ran (a Ray worker being started) is caught here
             deadline = time.time() + 15
             while (left := tagged_processes(c.tag)) and time.time() < deadline:
@@ -165,7 +167,7 @@ class ClusterRunner:
     def kill(self, call_id: str, rank: int) -> None:
         """The container of `rank` dies at once (preemption, a lost host): every process in it."""
         c = self.attempts[call_id][-1].containers[rank]
-        for pid in {c.proc.pid, *tagged_processes(c.tag)}:
+        for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
