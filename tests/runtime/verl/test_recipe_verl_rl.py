@@ -118,7 +118,9 @@ def test_without_validation_sets_it_never_validates() -> None:
     assert args["trainer.test_freq"] == "-1" and args["trainer.val_before_train"] == "false"
 
 
-def test_gpu_command_for_the_real_spec_composes() -> None:
+def test_gpu_command_for_the_real_spec() -> None:
+    """The 7B spec on GPU: no CPU machinery. Its values, composed with verl, are compared with the
+    recipe's flag by flag in test_recipe_flags.py."""
     spec = parse_spec_text((SPECS / "retool-qwen7b.yaml").read_text())
     ctx = StageContext(spec=spec, spec_dir=str(SPECS), stage="dapo", restart_id=RID, total_steps=400, inputs={
         "dataset.dapo_math": {"path": "/data/datasets/dapo_math/train.parquet"},
@@ -128,19 +130,11 @@ def test_gpu_command_for_the_real_spec_composes() -> None:
     })
     (cmd,) = render_rl(ctx, sandbox_url=URL, cpu=False, paths=PATHS, rollout="vllm")
     assert "VERL_PLATFORM" not in cmd.env and PLUGIN_MODULE not in cmd.env.get("VERL_USE_EXTERNAL_MODULES", "")
+    assert VALUE_MODEL_MODULE not in cmd.env.get("VERL_USE_EXTERNAL_MODULES", "")
     assert cmd.secret_env == ["WANDB_API_KEY", "HF_TOKEN"] and "WANDB_API_KEY" not in cmd.env
     args = args_of(cmd.argv)
-    assert "+ray_kwargs.ray_init.num_gpus" not in args
-    cfg = compose_config(cmd.argv, cmd.env)
-    arr = cfg["actor_rollout_ref"]
-    assert arr["rollout"]["name"] == "vllm" and arr["rollout"]["tensor_model_parallel_size"] == 4
-    assert arr["rollout"]["n"] == 16 and arr["rollout"]["val_kwargs"]["n"] == 30
-    assert arr["rollout"]["multi_turn"]["max_assistant_turns"] == 16
-    assert arr["actor"]["ulysses_sequence_parallel_size"] == 4 and arr["actor"]["fsdp_config"]["param_offload"] is True
-    assert arr["ref"]["log_prob_max_token_len_per_gpu"] == 73728
-    assert cfg["data"]["max_response_length"] == 16384 and len(cfg["data"]["val_files"]) == 2
-    assert cfg["trainer"]["n_gpus_per_node"] == 8 and cfg["trainer"]["test_freq"] == 10
-    assert cfg["trainer"]["val_before_train"] is True and cfg["trainer"]["logger"] == ["console", "wandb"]
+    assert "+ray_kwargs.ray_init.num_gpus" not in args and "ray_kwargs.ray_init.num_cpus" not in args
+    assert args["actor_rollout_ref.rollout.name"] == "vllm" and args["trainer.n_gpus_per_node"] == "8"
 
 
 def test_rollout_choice() -> None:
