@@ -135,13 +135,19 @@ class ClusterNode:
 
     # ----------------------------------------------------------------- end
 
-    def member_outcome(self) -> str:
-        """(Member.) 'finished' when rank 0 ended its commands, else raises: rank 0 was lost."""
+    def leader_status(self, timeout_s: float = COMMIT_WAIT_S) -> str | None:
+        """(Member.) How rank 0 ended its commands, waiting for it (bounded); None when rank 0
+        was lost or did not say in time."""
         assert self.member is not None
-        self.member.wait_ended(COMMIT_WAIT_S)
-        if self.member.done_status is None:
-            raise ClusterError(f"rank {self.rank}: rank 0 was lost mid-run; the whole cluster restarts")
+        self.member.wait_ended(timeout_s)
         return self.member.done_status
+
+    def member_outcome(self) -> str:
+        """(Member.) How rank 0 ended its commands; raises when rank 0 was lost."""
+        status = self.leader_status()
+        if status is None:
+            raise ClusterError(f"rank {self.rank}: rank 0 was lost mid-run; the whole cluster restarts")
+        return status
 
     def confirm_committed(self) -> None:
         if self.member is not None:

@@ -256,9 +256,10 @@ class ContainerSegment:
                 if status == "deadline":
                     stopped_early = True
                     break
-                if node is not None and not node.is_leader and (status == "interrupted" or status != 0):
-                    if node.member_outcome() in ("finished", "deadline"):
+                if node is not None and not node.is_leader and status != 0:
+                    if node.leader_status() in ("finished", "deadline"):
                         break  # rank 0 ended its commands: a member's node stops with them
+                    # else rank 0 was lost (raised below), or this rank's own command failed
                 if status == "interrupted":
                     from runtime.cluster.layout import ClusterError
 
