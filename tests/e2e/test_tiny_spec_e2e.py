@@ -1,6 +1,8 @@
 """The README's main job, end to end through the real CLI: `retool apply specs/retool-tiny.yaml --yes`
 from an empty state on this machine's CPU — data, tiny model, sandbox, SFT with verl, merge,
-the tool-call check, RL with our rollout — then a re-apply that changes nothing.
+the tool-call check, RL with our rollout, eval stages of the SFT and RL models — then a
+re-apply that changes nothing, more eval samples (a resume that draws only the new ones),
+and a changed SFT (a plan that reruns only what depends on it).
 
 Runs in a copy of `specs/` so the repository's own `.retool/` is never touched.
 """
@@ -65,7 +67,8 @@ def test_apply_builds_everything_and_every_node_is_healthy(applied: tuple[Path, 
     nodes = {n["address"]: n for n in json.loads(status.stdout)["nodes"]}
     assert set(nodes) == {
         "volume.checkpoints", "volume.data", "volume.models", "image", "sandbox", "dataset.aime_2024",
-        "dataset.tiny_math", "dataset.tiny_sft", "model.tiny", "stage.sft", "stage.rl",
+        "dataset.tiny_math", "dataset.tiny_math_test", "dataset.tiny_sft", "model.tiny", "stage.sft", "stage.rl",
+        "stage.eval_sft", "stage.eval_rl",
     }
     assert {n["health"] for n in nodes.values()} == {"healthy"}
     assert {n["sync"] for n in nodes.values()} == {"in sync"}
@@ -111,3 +114,72 @@ def test_reapply_changes_nothing(applied: tuple[Path, subprocess.CompletedProces
     assert plan.returncode == 0, plan.stdout
     again = retool("apply", "specs/retool-tiny.yaml", "--yes", cwd=root)
     assert again.returncode == 0 and "Nothing to apply" in again.stdout
+
+
+def _edit(root: Path, name: str, old: str, new: str, *, after: str = "") -> Path:
+    """A copy of the tiny spec (same pipeline name, same state) with one edit."""
+    text = (root / "specs" / "retool-tiny.yaml").read_text()
+    start = text.index(after) if after else 0
+    assert text.count(old, start) >= 1, old
+    i = text.index(old, start)
+    out = root / "specs" / name
+    out.write_text(text[:i] + new + text[i + len(old):])
+    return out
+
+
+def _plan(root: Path, spec: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    plan = retool("plan", str(spec.relative_to(root)), "--json", cwd=root)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    return {c["address"]: c for c in json.loads(plan.stdout)["changes"]}
+
+
+def test_eval_stages_grade_samples_of_both_models(applied: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, result = applied
+    assert result.returncode == 0
+    nodes = json.loads((root / ".retool" / "state.json").read_text())["nodes"]
+    for name in ("eval_sft", "eval_rl"):
+        out = nodes[f"stage.{name}"]["outputs"]
+        assert out["samples"] == 4 and set(out["results"]) == {"aime_2024", "tiny_math_test"}
+        lines = Path(out["samples_path"]).read_text().splitlines()
+        assert len(lines) == (4 + 16) * 4
+        samples = [json.loads(line) for line in lines]
+        assert {(s["dataset"], s["problem"], s["sample"]) for s in samples} == {
+            (d, p, k) for d, n in (("aime_2024", 4), ("tiny_math_test", 16)) for p in range(n) for k in range(4)
+        }
+        # the models call the code interpreter on the generated problems; the sandbox answers
+        assert out["results"]["tiny_math_test"]["mean_tool_calls"] > 0.5
+        assert any(s["tool_calls"] > 0 and "<tool_response>" in s["response"] for s in samples)
+    status = retool("status", "specs/retool-tiny.yaml", "--json", cwd=root)
+    rows = json.loads(status.stdout)["evaluations"]["rows"]
+    assert {(r["stage"], r["dataset"]) for r in rows if r["metric"] == "pass@4"} == {
+        (f"stage.{e}", d) for e in ("eval_sft", "eval_rl") for d in ("aime_2024", "tiny_math_test")
+    }
+
+
+def test_more_samples_resume_and_draw_only_the_new_ones(applied: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, result = applied
+    assert result.returncode == 0
+    spec = _edit(root, "retool-tiny-more.yaml", "samples: 4", "samples: 6", after="  eval_sft:")
+    changes = _plan(root, spec)
+    assert changes["stage.eval_sft"]["action"] == "resume" and changes["stage.eval_sft"]["resume_from"] == 4
+    assert {a for a, c in changes.items() if c["action"] != "no-op"} == {"stage.eval_sft"}
+    done = retool("apply", str(spec.relative_to(root)), "--yes", cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = max((root / ".retool" / "logs").glob("eval_sft-*.log"), key=lambda p: p.stat().st_mtime)
+    drew = [line for line in log.read_text().splitlines() if " drew " in line]
+    assert len(drew) == 20 * 2 and all(" sample 4:" in d or " sample 5:" in d for d in drew)
+    assert "80 already drawn (4 complete rounds); drawing 40" in log.read_text()
+    out = json.loads((root / ".retool" / "state.json").read_text())["nodes"]["stage.eval_sft"]["outputs"]
+    assert out["samples"] == 6 and len(Path(out["samples_path"]).read_text().splitlines()) == 120
+    fewer = _edit(root, "retool-tiny-fewer.yaml", "samples: 4", "samples: 2", after="  eval_sft:")
+    assert {a for a, c in _plan(root, fewer).items() if c["action"] != "no-op"} == set()
+
+
+def test_changing_sft_reruns_only_what_depends_on_it(applied: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    root, result = applied
+    assert result.returncode == 0
+    spec = _edit(root, "retool-tiny-lr.yaml", "lr: 1.0e-2", "lr: 2.0e-2")
+    changes = _plan(root, spec)
+    assert {a: c["action"] for a, c in changes.items() if c["action"] != "no-op"} == {
+        "stage.sft": "rerun", "stage.rl": "rerun", "stage.eval_sft": "rerun", "stage.eval_rl": "rerun",
+    }
