@@ -15,8 +15,9 @@ runtime.cluster gives them their roles:
 Every process of both containers (torchrun, Ray head, raylets, Ray workers, sidecars) is
 checked gone at the end.
 
-Device: `RETOOL_REHEARSAL_DEVICE=cpu` (default: CPU, gloo) or `cuda` (each container pinned to
-one GPU with CUDA_VISIBLE_DEVICES=<rank>, NCCL; needs 2 GPUs).
+Both tests are parametrised by device: `cpu` (CPU, gloo) and `cuda` (each container pinned to
+one GPU with CUDA_VISIBLE_DEVICES=<rank>, NCCL; skipped with fewer than 2 GPUs).
+`RETOOL_REHEARSAL_DEVICES` picks which run (default `cpu`; `cpu,cuda` or `cuda`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,17 @@ from tests.fakes.fake_modal import FakeModal
 pytestmark = pytest.mark.slow
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
-DEVICE = os.environ.get("RETOOL_REHEARSAL_DEVICE", "cpu")
-CPU = DEVICE == "cpu"
+DEVICES = [d.strip() for d in os.environ.get("RETOOL_REHEARSAL_DEVICES", "cpu").split(",") if d.strip()]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    if request.param == "cuda":
+        from runtime.verl.common import local_gpu_count
+
+        if local_gpu_count() < 2:
+            pytest.skip("the cuda rehearsal pins each of 2 containers to its own GPU: needs 2 GPUs")
+    return str(request.param)
 RID_SFT, RID_RL = "5f" * 32, "71" * 32
 STAGE_TIMEOUT_S = 900  # generous: a shared machine can be many times slower than a free one
 
@@ -57,13 +67,14 @@ def two_node_spec() -> Spec:
     return Spec.model_validate(data)
 
 
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("volume")
+@pytest.fixture
+def volume(tmp_path: Path) -> Path:
+    """The checkpoints volume every container mounts (a host directory here)."""
+    return tmp_path / "volume"
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, volume: Path) -> Iterator[tuple[FakeModal, ClusterRunner]]:
+def cluster(tmp_path: Path, volume: Path, device: str) -> Iterator[tuple[FakeModal, ClusterRunner]]:
     fake = FakeModal()
     fake.create_volume("checkpoints")
     fake.deploy(AppDefinition(
@@ -73,7 +84,7 @@ def cluster(tmp_path: Path, volume: Path) -> Iterator[tuple[FakeModal, ClusterRu
         functions=[FunctionSpec(name=f"stage-{s}", entry="run_stage", gpu="H100:8", cluster_size=2, retries=3,
                                 volumes={str(volume): "checkpoints"}) for s in ("sft", "rl")],
     ))
-    device_env = (lambda rank: {}) if CPU else (lambda rank: {"CUDA_VISIBLE_DEVICES": str(rank)})
+    device_env = (lambda rank: {}) if device == "cpu" else (lambda rank: {"CUDA_VISIBLE_DEVICES": str(rank)})
     runner = ClusterRunner(root=tmp_path / "containers", port_base=free_port_base(), device_env=device_env)
     runner.install(fake, ["stage-sft", "stage-rl"])
     try:
@@ -98,7 +109,7 @@ def _ray_processes(base: int) -> list[int]:
     return found
 
 
-def stage_payload(spec: Spec, stage: str, rid: str, inputs: dict, volume: Path, total: int,
+def stage_payload(spec: Spec, stage: str, rid: str, inputs: dict, volume: Path, total: int, *, cpu: bool,
                   sidecar: SidecarSettings | None = None) -> StagePayload:
     ckpt = volume / stage / rid[:16]
     (ckpt / "_retool").mkdir(parents=True, exist_ok=True)
@@ -108,13 +119,13 @@ def stage_payload(spec: Spec, stage: str, rid: str, inputs: dict, volume: Path, 
     if stage == "sft":
         from runtime.verl.sft import render_sft
 
-        commands = [render_sft(ctx, paths, cpu=CPU, attn_implementation="sdpa")]
+        commands = [render_sft(ctx, paths, cpu=cpu, attn_implementation="sdpa")]
     else:
         from runtime.verl.rl import render_rl
         from runtime.verl.rollout import NAME as TRANSFORMERS_ROLLOUT
 
         assert sidecar is not None
-        commands = render_rl(ctx, sandbox_url=f"http://127.0.0.1:{sidecar.port}", cpu=CPU, paths=paths,
+        commands = render_rl(ctx, sandbox_url=f"http://127.0.0.1:{sidecar.port}", cpu=cpu, paths=paths,
                              rollout=TRANSFORMERS_ROLLOUT, attn_implementation="sdpa")
     return StagePayload(
         app_name="retool-tiny", function=f"stage-{stage}", stage=stage, kind=stage, restart_id=rid,  # type: ignore[arg-type]
@@ -138,7 +149,7 @@ def shards(step_dir: Path) -> list[str]:
     return sorted(p.name for p in step_dir.glob("model_world_size_*_rank_*.pt"))
 
 
-def test_sft_across_two_nodes_survives_a_killed_container(cluster: tuple[FakeModal, ClusterRunner], volume: Path,
+def test_sft_across_two_nodes_survives_a_killed_container(device: str, cluster: tuple[FakeModal, ClusterRunner], volume: Path,
                                                           tiny_model_dir: Path, session_sandbox_url: str,
                                                           tmp_path: Path) -> None:
     from runtime.data.prepare import prepare
@@ -148,7 +159,7 @@ def test_sft_across_two_nodes_survives_a_killed_container(cluster: tuple[FakeMod
     data = prepare("tiny_sft", spec.datasets["tiny_sft"], tmp_path / "data", SPECS, sandbox_url=session_sandbox_url)
     sft = spec.stages["sft"]
     inputs = {sft.train: {"path": data.path}, sft.model: {"path": str(tiny_model_dir)}}
-    p = stage_payload(spec, "sft", RID_SFT, inputs, volume, total=8)
+    p = stage_payload(spec, "sft", RID_SFT, inputs, volume, total=8, cpu=device == "cpu")
     ckpt = Path(p.checkpoint_dir)
     started = time.monotonic()
     call_id = fake.spawn("retool-tiny", "stage-sft", p.model_dump(mode="json"))
@@ -179,7 +190,7 @@ def test_sft_across_two_nodes_survives_a_killed_container(cluster: tuple[FakeMod
     assert best is not None and best.step == 8
 
 
-def test_rl_across_a_two_node_ray_cluster(cluster: tuple[FakeModal, ClusterRunner], volume: Path,
+def test_rl_across_a_two_node_ray_cluster(device: str, cluster: tuple[FakeModal, ClusterRunner], volume: Path,
                                           tiny_model_dir: Path, tmp_path: Path) -> None:
     from runtime.data.prepare import prepare
 
@@ -189,7 +200,7 @@ def test_rl_across_a_two_node_ray_cluster(cluster: tuple[FakeModal, ClusterRunne
     data = prepare("tiny_math", spec.datasets["tiny_math"], tmp_path / "tiny_math", SPECS)
     inputs = {rl.train: {"path": data.path}, rl.model: {"model_path": str(tiny_model_dir)}}
     sidecar = SidecarSettings(port=runner.port_base + 90, workers=1)
-    p = stage_payload(spec, "rl", RID_RL, inputs, volume, total=1, sidecar=sidecar)
+    p = stage_payload(spec, "rl", RID_RL, inputs, volume, total=1, cpu=device == "cpu", sidecar=sidecar)
     ckpt = Path(p.checkpoint_dir)
     started = time.monotonic()
     call_id = fake.spawn("retool-tiny", "stage-rl", p.model_dump(mode="json"))
