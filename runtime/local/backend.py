@@ -407,6 +407,11 @@ class LocalRuntime:
             ctx, checkpoint, paths, logs_dir=self.state_dir / "logs", executable=self._executable,
         )
 
+    def read_metrics(self, spec: Spec, stage: str, restart_id: str) -> list[tuple[int, dict[str, float]]]:
+        """A run's per-step metrics (its metrics.jsonl), for `retool report`."""
+        path = Path(self.stage_paths(spec, stage, restart_id).stage_dir) / "metrics.jsonl"
+        return [(r.step, dict(r.values)) for r in met.read_file(path)]
+
     # ------------------------------------------------------------------ eval stages
 
     def _eval_job(self, ctx: StageContext, paths: StagePaths, sandbox_url: str | None) -> "EvalJob":
