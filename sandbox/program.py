@@ -22,6 +22,7 @@ from sandbox.protocol import Go, ExecutionOutcome
 
 _WRITE_CHUNK = 1 << 16
 _STATUS_LIMIT = 1 << 16
+SETUP_TIMEOUT_S = 60.0  # from Go to "started": files written, limits set, uid dropped
 
 
 class ProgramNotStarted(Exception):
@@ -80,6 +81,7 @@ class _Run:
         self.started = False
         self.setup_error = ""
         self.refused = False
+        self.begun: asyncio.Future[None] = self.loop.create_future()  # "started" arrived
         self.done_code: int | None = None
         self._status = bytearray()
         self._writers: list[int] = []
@@ -96,9 +98,16 @@ class _Run:
         self._read(self.fds.pidfd, lambda: self._end("exited"))
         self._feed(self.fds.go_w, go.encode(), "go_w")
         self._feed(self.fds.stdin_w, stdin, "stdin_w")
+        # The run's clock starts when the program does: on a starved machine the set-up (files,
+        # limits, uid) may take longer than a short run timeout, and that is not the program's time.
+        setup = asyncio.ensure_future(asyncio.wait({self.begun, self.ended}, return_when=asyncio.FIRST_COMPLETED))
+        try:
+            await asyncio.wait_for(setup, SETUP_TIMEOUT_S)
+        except TimeoutError:
+            pass  # never started: ProgramNotStarted below
         start = time.monotonic()
         try:
-            ended = await asyncio.wait_for(asyncio.shield(self.ended), timeout)
+            ended = await asyncio.wait_for(asyncio.shield(self.ended), timeout if self.started else 0)
         except TimeoutError:
             ended = "timeout"
         elapsed = round(time.monotonic() - start, 6)
@@ -164,6 +173,8 @@ class _Run:
         if not self.started:
             if line == "started":
                 self.started = True
+                if not self.begun.done():
+                    self.begun.set_result(None)
             elif line.startswith(("error ", "refused ")):
                 word, _, self.setup_error = line.partition(" ")
                 self.refused = word == "refused"
