@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import random
+import shutil
 import statistics
 import time
 import uuid
@@ -194,3 +195,4 @@ def test_soak(tmp_path: Path) -> None:
         assert rss_end - rss_start < RSS_GROWTH_LIMIT_KB, report
     assert wait_all_gone(tree) == []
     assert not any(work_root.glob("server-*"))  # the workspace went with the server
+    shutil.rmtree(work_root)  # what is left is the uid-block locks of this test's own work root
