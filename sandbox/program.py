@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sandbox.output import CappedOutput
 from sandbox.protocol import Go, ExecutionOutcome
@@ -100,7 +101,8 @@ class _Run:
         self._feed(self.fds.stdin_w, stdin, "stdin_w")
         # The run's clock starts when the program does: on a starved machine the set-up (files,
         # limits, uid) may take longer than a short run timeout, and that is not the program's time.
-        setup = asyncio.ensure_future(asyncio.wait({self.begun, self.ended}, return_when=asyncio.FIRST_COMPLETED))
+        first: list[asyncio.Future[Any]] = [self.begun, self.ended]
+        setup = asyncio.ensure_future(asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED))
         try:
             await asyncio.wait_for(setup, SETUP_TIMEOUT_S)
         except TimeoutError:
