@@ -354,6 +354,10 @@ class LocalRuntime:
             procs.PlannedCommand(argv=self._executable(c.argv), env=c.env, cwd=c.cwd or str(run_dir)) for c in commands
         ]
         info = procs.start_detached(planned, log_path=log_path, exit_path=exit_path, cwd=str(run_dir))
+        if stage.kind in ("rl", "eval"):
+            # The run calls the sidecar for as long as it runs, also after apply exits (--no-wait):
+            # its leader's lease keeps the sidecar from idling out between rollouts.
+            res.take_lease(self.state_dir, info.pid)
         handle = RunHandle(
             ref=LocalRun(
                 pid=info.pid, pgid=info.pgid, start_ticks=info.start_ticks, tag=info.tag, log_path=str(log_path),

@@ -441,3 +441,24 @@ def test_a_hung_recorded_sandbox_is_stopped_before_another_starts(tmp_path: Path
             hung.wait()
         if started is not None:
             procs.terminate_run(started.outputs["pid"], grace_s=5)
+
+
+def test_a_launched_rl_run_holds_the_sidecar_up_and_an_sft_run_does_not(
+    tmp_path: Path, rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.local.resources import lease_dir
+
+    monkeypatch.setattr(rt, "_train_commands", lambda ctx, paths, sandbox_url: [RenderedCommand(argv=["python", "-c", SLEEPER])])
+    spec = spec_for(tmp_path)
+    handles = []
+    try:
+        sft = rt.launch_stage(StageContext(spec=spec, spec_dir=str(tmp_path), stage="sft", restart_id=RID, total_steps=3))
+        handles.append(sft)
+        rl = rt.launch_stage(StageContext(spec=spec, spec_dir=str(tmp_path), stage="rl", restart_id=RID, total_steps=3))
+        handles.append(rl)
+        leases = {p.name: p.read_text().split() for p in lease_dir(rt.state_dir).iterdir()}
+        assert str(rl.ref.pid) in leases and str(sft.ref.pid) not in leases
+        assert leases[str(rl.ref.pid)] == [str(rl.ref.pid), str(rl.ref.start_ticks)]  # dies with the run's leader
+    finally:
+        for handle in handles:
+            rt.cancel_stage(handle)
