@@ -74,11 +74,8 @@ def render_rows(rows: list[Any], console: Console) -> None:
     console.print(Text(summary, style="bold red" if counts["to fix"] else "bold green"))
 
 
-def doctor(
-    spec: Path = typer.Argument(..., help="The spec file (YAML).", dir_okay=False),
-    skip_build: bool = typer.Option(False, "--skip-build", help="Do not build the image now (it can take minutes)."),
-) -> None:
-    """Check a workspace before the first apply: credentials, secrets, GPU types, image, volumes, state."""
+def run_doctor(spec: Path, *, skip_build: bool) -> None:
+    """`retool doctor`: the rows as a table; exit 1 when anything is to fix."""
     loaded = load_spec(spec)
     rows = doctor_rows(loaded, default_state_dir(loaded), build_image=not skip_build)
     render_rows(rows, Console(highlight=False, soft_wrap=True))

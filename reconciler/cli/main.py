@@ -32,7 +32,6 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from reconciler.backends import get_runtime, get_store
-from reconciler.cli.doctor import doctor
 from reconciler.cli.state_commands import state_app
 from reconciler.errors import RetoolError, TerminalError
 from reconciler.graph import build_graph
@@ -101,7 +100,17 @@ app = typer.Typer(
 sandbox_app = typer.Typer(no_args_is_help=True, help="The SandboxFusion-compatible code sandbox.")
 app.add_typer(state_app, name="state")
 app.add_typer(sandbox_app, name="sandbox")
-app.command("doctor")(doctor)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    spec: Path = typer.Argument(..., help="The spec file (YAML).", dir_okay=False),
+    skip_build: bool = typer.Option(False, "--skip-build", help="Do not build the image now (it can take minutes)."),
+) -> None:
+    """Check a workspace before the first apply: credentials, secrets, GPU types, image, volumes, state."""
+    from reconciler.cli.doctor import run_doctor  # its tables and checks load only for this command
+
+    run_doctor(spec, skip_build=skip_build)
 
 
 @app.callback()
