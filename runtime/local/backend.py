@@ -246,15 +246,15 @@ class LocalRuntime:
         # Only the sidecar is checked: nothing consumes its identity, so recreating it never
         # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
         # would change their output identity and rerun every stage downstream).
-        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url():
+        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(hold=False):
             return "the sandbox process is not running"
         return None
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
         return res.ensure_sandbox(sandbox, self.state_dir / "sandbox.json", self.state_dir / "logs")
 
-    def _live_sandbox_url(self) -> str | None:
-        return res.live_sandbox_url(self.state_dir / "sandbox.json")
+    def _live_sandbox_url(self, *, hold: bool = True) -> str | None:
+        return res.live_sandbox_url(self.state_dir / "sandbox.json", hold=hold)
 
     # ------------------------------------------------------------------ stages: commands
 
@@ -264,7 +264,7 @@ class LocalRuntime:
         ctx = self._with_planned_inputs(ctx)
         stage = ctx.spec.stages[ctx.stage]
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        sandbox = self._live_sandbox_url() or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
+        sandbox = self._live_sandbox_url(hold=False) or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
         commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
         if isinstance(stage, EvalStage):
             return commands  # no merge: an eval produces samples and metrics, not a model

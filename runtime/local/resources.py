@@ -173,13 +173,14 @@ def _load(path: Path) -> SandboxRecord | None:
     return SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
 
 
-def live_sandbox_url(record_path: Path) -> str | None:
-    """The recorded sidecar's URL if that very process still runs and answers. Whoever looks it
-    up (an apply launching a stage or preparing data; plan and status too) holds it up by a
-    lease while that process runs."""
+def live_sandbox_url(record_path: Path, *, hold: bool = True) -> str | None:
+    """The recorded sidecar's URL if that very process still runs and answers. With `hold`
+    (an apply that will call it: preparing data, launching a stage) this process holds it up
+    by a lease while it runs; plan, status and render only look (they stay read-only)."""
     record = _load(record_path)
     if record is not None and procs.is_alive(record.pid, record.start_ticks) and ping(record.url):
-        take_lease(record_path.parent)
+        if hold:
+            take_lease(record_path.parent)
         return record.url
     return None
 

@@ -28,7 +28,9 @@ def test_the_sidecar_ends_with_everything_under_it_when_the_state_dir_is_deleted
         lease = res.lease_dir(state_dir) / str(os.getpid())
         assert lease.is_file()  # this process (the apply) holds the sidecar up
         lease.unlink()
-        assert res.live_sandbox_url(state_dir / "sandbox.json") == started.outputs["url"]  # what status shows
+        assert res.live_sandbox_url(state_dir / "sandbox.json", hold=False) == started.outputs["url"]  # plan, status
+        assert not lease.is_file()  # only looking: plan and status write nothing
+        assert res.live_sandbox_url(state_dir / "sandbox.json") == started.outputs["url"]
         assert lease.is_file()  # looking it up (to launch a stage) takes the lease again
         tree = process_tree(pid)
         shutil.rmtree(tmp_path / "copy")  # the user deletes the project copy
