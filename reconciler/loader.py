@@ -95,6 +95,10 @@ def _dotted(path: YamlPath) -> str:
 # --------------------------------------------------------------------------- locating errors
 
 
+# The stage union's tags (pydantic puts them in error locations) and the model each names.
+STAGE_KINDS: dict[str, type[SFTStage | RLStage | EvalStage]] = {"sft": SFTStage, "rl": RLStage, "eval": EvalStage}
+
+
 def _data_path(data: Any, loc: tuple[Any, ...]) -> YamlPath:
     """Drop pydantic's union tags (`stages.sft.sft.optim` -> `stages.sft.optim`) by following
     the loc through the actual data; stops at the first element that is not there."""
@@ -109,7 +113,7 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> YamlPath:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path.append(part)
             node = node[part]
-        elif isinstance(node, dict) and part in ("sft", "rl") and node.get("kind") == part:
+        elif isinstance(node, dict) and part in STAGE_KINDS and node.get("kind") == part:
             pass  # discriminated-union tag, not a key
         else:
             path.extend(loc[i:])  # a missing key: keep its name for the message
@@ -220,8 +224,8 @@ def _step(tp: Any, part: Any) -> Any:
             return typing.get_args(alt)[1]
         if origin in (list, tuple):
             return typing.get_args(alt)[0]
-    if part in ("sft", "rl", "eval"):
-        return {"sft": SFTStage, "rl": RLStage, "eval": EvalStage}[part]
+    if part in STAGE_KINDS:
+        return STAGE_KINDS[part]
     return None
 
 

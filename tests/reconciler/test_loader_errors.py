@@ -52,6 +52,8 @@ stages:
 
 DUPLICATE_STAGE = "  sft:\n    kind: sft\n    model: model.tiny\n    train: dataset.sft_data\n"
 
+EVAL_STAGE = "  ev:\n    kind: eval\n    model: stage.sft\n    datasets: [dataset.math]\n    {samples}\n"
+
 # (id, old text, new text, line, field path, message fragment)
 CASES: list[tuple[str, str, str, int, str, str]] = [
     ("wrong-type-int", "max_length: 512", "max_length: long", 25, "stages.sft.max_length", "valid integer"),
@@ -94,6 +96,11 @@ CASES: list[tuple[str, str, str, int, str, str]] = [
     ("bad-token-secret", "  placement: sidecar\n", "  placement: service\n  token_secret: token\n", 10, "sandbox.token_secret", "secret 'token' is not declared"),
     ("unknown-val-ref", "    max_steps: 2\n", "    max_steps: 2\n    val: [dataset.aime]\n", 35, "stages.rl.val[0]", "unknown reference 'dataset.aime'"),
     ("wrong-type-bool", "placement: sidecar", "placement: [sidecar]", 9, "sandbox.placement", "got [\"sidecar\"]"),
+    # an eval stage's fields are located like any stage's: its line, no union tag in the path
+    ("eval-unknown-key", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\n" + EVAL_STAGE.format(samples="sampels: 4"),
+     41, "stages.ev.sampels", "did you mean 'samples'"),
+    ("eval-bad-value", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\n" + EVAL_STAGE.format(samples="samples: -2"),
+     41, "stages.ev.samples", "greater than or equal to 1"),
 ]
 
 
