@@ -20,6 +20,7 @@ from runtime.eval.toolloop import ToolCall
 from runtime.verl.recipe.code import code_argument, observation, prepare_code
 from runtime.verl.recipe.sandbox_call import SandboxCallSettings, execute
 
+
 class SandboxTools:
     """A `ToolRunner` backed by the sandbox at `settings.sandbox_url`."""
 
