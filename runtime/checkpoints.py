@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 
 from reconciler.backend import Checkpoint, latest_resumable
 from runtime.verl.common import TRACKER_FILE
+from runtime.atomic import write_text_atomic
 
 MARKER_FILE = "retool.json"
 COMPLETE_FILE = "retool_complete.json"  # in global_step_N/: this save finished on every rank
@@ -105,14 +106,8 @@ def wants_content(rel_path: str) -> bool:
 
 def write_complete(step_dir: str | os.PathLike[str], step: int, world_size: int, restart_id: str, *, now: float) -> None:
     """Mark `step_dir` complete (atomically: temp file, fsync, rename)."""
-    target = Path(step_dir) / COMPLETE_FILE
-    tmp = target.with_name(f".{COMPLETE_FILE}.{os.getpid()}.tmp")
     body = SaveComplete(step=step, world_size=world_size, restart_id=restart_id, written_at=now).model_dump_json()
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(body + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    write_text_atomic(Path(step_dir) / COMPLETE_FILE, body + "\n")
 
 
 def clear_complete(step_dir: str | os.PathLike[str]) -> None:

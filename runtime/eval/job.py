@@ -15,8 +15,6 @@ resumes from it and the reconciler's step arithmetic applies unchanged.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,15 +80,6 @@ class Results(BaseModel):
     device: str = ""
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomically: a temporary file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_model(path: Path, model: type[BaseModel]) -> Any:

@@ -20,7 +20,8 @@ from typing import Any
 from runtime.eval import samples as sample_file
 from runtime.eval.engine import Completion, Engine, Sampling, TransformersEngine, VllmEngine, pick_engine
 from runtime.eval.grader import grade
-from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob, Progress, Results, write_json
+from runtime.atomic import write_json
+from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob, Progress, Results
 from runtime.eval.metrics import dataset_metrics
 from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE, Sample
 from runtime.eval.toolloop import Conversation, LoopLimits, ToolLoop

@@ -22,23 +22,12 @@ from reconciler.spec import Dataset, Image, Model, Sandbox
 from runtime import processes as procs
 from reconciler.backend import Outcome
 from runtime.stamps import restart_config, short_hash
+from runtime.atomic import write_json as write_json  # re-exported: the local backend writes through res.*
+from runtime.atomic import write_text_atomic as write_text_atomic
 
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 # Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
 LOCAL_SANDBOX_FIELDS = {"workers", "max_queue", "preload", "memory_limit_mb", "max_output_bytes", "port", "token_secret"}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a temporary file beside `path`, then rename: a crash leaves the old file or the
-    new one, never a cut-short one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
