@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.atomic import write_json
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
 from runtime.modal.live_logs import LiveLogs
@@ -498,9 +499,7 @@ class ContainerSegment:
             fh.write(line + "\n")
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp = self.run_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.run_dir / name)
+        write_json(self.run_dir / name, data)
 
 
 def stop_process_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:
