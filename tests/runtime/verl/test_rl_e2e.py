@@ -9,7 +9,9 @@ command runs GRPO with retool's transformers rollout:
     C  A's checkpoint, 3 steps,    the rollout keeps the SFT weights while the actor carries
        weight sync switched off    two steps of training: the probability difference grows
 
-A larger learning rate than the recipe's makes the actor move within two steps. Set
+A larger learning rate than the recipe's makes the actor move within two steps, and a small
+entropy bonus makes it move even when every group's rewards tie (GRPO's advantages are then all
+zero, so the tiny model's luck in sampling would decide whether there is anything to sync). Set
 RETOOL_TEST_SFT_MODEL to a merged tiny SFT model directory to skip the SFT (development).
 """
 
@@ -41,6 +43,8 @@ pytestmark = pytest.mark.slow
 SPECS = Path(__file__).resolve().parents[3] / "specs"
 RID = "e2e0" * 8
 LR = 1e-3  # the recipe's 1e-6 would not move a tiny model measurably in two steps
+# Not the recipe's 0: a gradient on every step whatever the rewards (see the module docstring).
+ENTROPY_COEFF = 0.01
 SYNC_BOUND = 1e-5  # mean |p_rollout - p_actor| with weight sync (float32 on both sides: ~2e-7 seen)
 # Per-trajectory scores the recipe's reward can give: +1, or -1 plus 0.1 per tool call up to -0.6.
 SCORES = (1.0, -1.0, -0.9, -0.8, -0.7, -0.6)
@@ -139,7 +143,7 @@ def rl_inputs(sft_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 def rl_command(inputs: dict, sandbox: str, ckpt: Path, steps: int, resume_from: int | None) -> RenderedCommand:
     # No validation set: validation is verl's own loop and would only add minutes here.
     spec = tiny_spec(optim={"lr": LR, "betas": [0.9, 0.999], "warmup_ratio": 0.0, "lr_scheduler": "constant"},
-                     val=[])
+                     val=[], overrides=[f"actor_rollout_ref.actor.entropy_coeff={ENTROPY_COEFF}"])
     ctx = StageContext(spec=spec, spec_dir=str(SPECS), stage="rl", restart_id=RID, total_steps=steps,
                        resume_from=resume_from, inputs=inputs)
     paths = StagePaths(stage_dir=str(ckpt), ckpt_dir=str(ckpt), merged_dir=str(ckpt / "merged"))
@@ -173,8 +177,8 @@ def test_grpo_with_tool_calls_resume_and_weight_sync(rl_inputs: dict, sandbox: s
         assert a.value(s, "training/rollout_probs_diff_mean") < SYNC_BOUND
     assert (ckpt_a / TRACKER_FILE).read_text().strip() == "2"
     assert (ckpt_a / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").is_file()
-    moved = a.value(1, "actor/grad_norm")
-    assert moved > 0, "step 1 had no gradient (all rewards in every group equal): nothing to sync"
+    assert a.value(1, "actor/entropy_loss") > 0, "the entropy bonus did not reach the actor's loss"
+    assert a.value(1, "actor/grad_norm") > 0, "step 1 had no gradient: nothing to sync"
 
     # B and C start from copies of A's checkpoint: one more step with and without weight sync.
     ckpt_b, ckpt_c = tmp_path / "b", tmp_path / "c"
