@@ -465,7 +465,8 @@ def volume_path(payload: dict[str, Any], container_path: str) -> tuple[str, str]
 class Containers:
     """What retool's functions do in their containers, simulated on the fake's volumes:
     `prepare` writes a dataset/model, `stage-*` writes verl checkpoints (all shards of its
-    world size, then the tracker) every `save_freq` steps, `finalize` writes a merged model.
+    world size, then the tracker) every `save_freq` steps or, for an eval stage, the eval
+    runner's samples, progress and results; `finalize` writes a merged model.
 
     `steps_per_call`: how far one stage call trains before its segment ends (then it spawns
     the next segment, as the real worker does); None trains to the end. `hold`: stage calls
@@ -475,7 +476,9 @@ class Containers:
     steps_per_call: int | None = None
     hold: bool = False
     rows: int = 2000
+    eval_problems: int = 3
     seen_env: list[dict[str, str]] = field(default_factory=list)
+    drawn: list[int] = field(default_factory=list)  # samples each eval call drew
 
     def install(self, fake: FakeModal, stage_functions: list[str]) -> None:
         fake.handlers["prepare"] = self.prepare
@@ -510,6 +513,8 @@ class Containers:
     def train(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
         p = call.payload
         vol, rel = volume_path(p, p["checkpoint_dir"])
+        if p["kind"] == "eval":
+            return self.evaluate(call, fake)
         tracker = f"{rel}/latest_checkpointed_iteration.txt"
         start = int(fake.volumes[vol].get(tracker, b"0").decode() or 0)
         total = int(p["total_steps"])
@@ -536,6 +541,39 @@ class Containers:
                     "active_s": 60.0 * end}
         fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": end}))
         return {"outcome": "finished", "step": end, "segment": p["segment"], "active_s": 60.0 * end}
+
+    def evaluate(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
+        """What `python -m runtime.eval.run JOB` leaves in its run directory: the job (written
+        by the launch) says how many samples per problem; rounds already complete in
+        progress.json are kept and only the new ones drawn (samples appended), then
+        progress.json and results.json. Each dataset has `eval_problems` problems; a sample is
+        correct when (problem + sample) % 3 == 0."""
+        from runtime.eval.job import EvalJob, Progress
+        from runtime.eval.samples import Sample
+
+        p = call.payload
+        vol, rel = volume_path(p, p["checkpoint_dir"])
+        files = fake.volumes[vol]
+        job = EvalJob.model_validate_json(files[f"{rel}/job.json"])
+        progress = Progress.model_validate_json(files.get(f"{rel}/progress.json", b"{}"))
+        start = progress.rounds
+        lines = [Sample(dataset=d, problem=i, sample=k, response="\\boxed{1}", answer="1" if (i + k) % 3 == 0 else "2",
+                        ground_truth="1", correct=(i + k) % 3 == 0, score=1.0 if (i + k) % 3 == 0 else -1.0,
+                        tool_calls=1, response_tokens=100).model_dump_json()
+                 for k in range(start, job.samples) for d in sorted(job.datasets) for i in range(self.eval_problems)]
+        old = files.get(f"{rel}/samples.jsonl", b"")
+        old = old.decode() if isinstance(old, bytes) else old
+        fake.write(vol, f"{rel}/samples.jsonl", old + "".join(line + "\n" for line in lines))
+        self.drawn.append(len(lines))
+        rounds = max(start, job.samples)
+        fake.write(vol, f"{rel}/progress.json", Progress(
+            problems={d: self.eval_problems for d in job.datasets}, rounds=rounds,
+            drawn=rounds * self.eval_problems * len(job.datasets), target=job.samples).model_dump_json())
+        fake.write(vol, f"{rel}/results.json", json.dumps(
+            {"stage": job.stage, "samples": job.samples, "engine": "vllm", "generated_tokens": 100 * len(lines),
+             "generation_s": 1.0, "tokens_per_s": 100.0 * len(lines), "device": "cuda"}))
+        fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": rounds}))
+        return {"outcome": "finished", "step": rounds, "segment": p["segment"], "active_s": 60.0 * (rounds - start)}
 
     def finalize(self, call: FakeCall, fake: FakeModal) -> Any:
         p = call.payload

@@ -31,7 +31,7 @@ def test_addresses_of_the_real_spec() -> None:
     assert set(graph.nodes) == {
         "volume.data", "volume.models", "volume.checkpoints", "image", "sandbox",
         "dataset.retool_sft", "dataset.dapo_math", "dataset.aime_2024", "dataset.aime_2025",
-        "model.qwen7b", "stage.sft", "stage.dapo",
+        "model.qwen7b", "stage.sft", "stage.dapo", "stage.eval_base", "stage.eval_sft", "stage.eval_dapo",
     }
     dapo = graph.nodes["stage.dapo"]
     assert set(dapo.deps) == {
@@ -39,6 +39,10 @@ def test_addresses_of_the_real_spec() -> None:
         "volume.checkpoints", "image", "sandbox",
     }
     assert "image" not in dapo.identity_deps and "sandbox" not in dapo.identity_deps
+    assert set(graph.nodes["stage.eval_dapo"].deps) == {
+        "stage.dapo", "dataset.aime_2024", "dataset.aime_2025", "volume.checkpoints", "image", "sandbox",
+    }
+    assert "stage.sft" not in graph.nodes["stage.eval_base"].deps and "model.qwen7b" in graph.nodes["stage.eval_base"].deps
     assert graph.nodes["sandbox"].deps == ("image",)
     assert graph.nodes["dataset.dapo_math"].deps == ("volume.data",)
     assert graph.nodes["model.qwen7b"].deps == ("volume.models",)

@@ -27,9 +27,27 @@ def edit(*pairs: tuple[str, str]) -> str:
     return text
 
 
-def without_stage(name: str) -> str:
-    start = TEXT.index(f"  {name}:\n", TEXT.index("stages:"))
-    return TEXT[:start].rstrip() + "\n"
+def without_stages(*names: str) -> str:
+    """The spec with these stages' blocks cut out (a block ends at the next two-space line)."""
+    lines = TEXT.splitlines(keepends=True)
+    out, skipping, in_stages = [], False, False
+    for line in lines:
+        in_stages = in_stages or line.startswith("stages:")
+        if in_stages and line.startswith("  ") and not line.startswith("   "):
+            skipping = line.strip().rstrip(":") in names
+        if not skipping:
+            out.append(line)
+    return "".join(out)
+
+
+def eval_edit(stage: str, old: str, new: str) -> str:
+    """Replace `old` inside one eval stage's block only (the eval stages share their values)."""
+    start = TEXT.index(f"  {stage}:\n")
+    end = TEXT.find("\n  eval_", start + 1)
+    end = len(TEXT) if end < 0 else end
+    block = TEXT[start:end]
+    assert block.count(old) == 1, f"edit target {old!r} must occur exactly once in {stage}"
+    return TEXT[:start] + block.replace(old, new) + TEXT[end:]
 
 
 class Scenario(NamedTuple):
@@ -38,6 +56,9 @@ class Scenario(NamedTuple):
     expected: dict[str, str]  # address -> action, every node not listed is a no-op
     resume_from: dict[str, int] = {}
 
+
+# An SFT change reruns everything downstream of it; the base model's evaluation stays.
+SFT_DOWNSTREAM = {"stage.sft": "rerun", "stage.dapo": "rerun", "stage.eval_sft": "rerun", "stage.eval_dapo": "rerun"}
 
 SCENARIOS: list[Scenario] = [
     Scenario("no edit", TEXT, {}),
@@ -52,12 +73,12 @@ SCENARIOS: list[Scenario] = [
         ("    epochs: 6\n", "    epochs: 6\n    seed: 42\n"),
         ("memory_mb: 262144, timeout_hours: 24}", "memory_mb: 262144, timeout_hours: 24, nodes: 1}"),
     ), {}),
-    Scenario("RL lr `1e-6` → `2e-6`", edit(("optim: {lr: 1.0e-6}", "optim: {lr: 2.0e-6}")), {"stage.dapo": "rerun"}),
-    Scenario("SFT lr `1e-5` → `2e-5`", edit(("lr: 1.0e-5,", "lr: 2.0e-5,")), {"stage.sft": "rerun", "stage.dapo": "rerun"}),
+    Scenario("RL lr `1e-6` → `2e-6`", edit(("optim: {lr: 1.0e-6}", "optim: {lr: 2.0e-6}")), {"stage.dapo": "rerun", "stage.eval_dapo": "rerun"}),
+    Scenario("SFT lr `1e-5` → `2e-5`", edit(("lr: 1.0e-5,", "lr: 2.0e-5,")), SFT_DOWNSTREAM),
     Scenario("SFT epochs 6 → 8", edit(("epochs: 6", "epochs: 8")),
-             {"stage.sft": "resume", "stage.dapo": "rerun"}, {"stage.sft": 372}),
+             {**SFT_DOWNSTREAM, "stage.sft": "resume"}, {"stage.sft": 372}),
     Scenario("RL max_steps 400 → 600", edit(("max_steps: 400", "max_steps: 600")),
-             {"stage.dapo": "resume"}, {"stage.dapo": 400}),
+             {"stage.dapo": "resume", "stage.eval_dapo": "rerun"}, {"stage.dapo": 400}),
     Scenario("RL max_steps 400 → 300 (below the reached step)", edit(("max_steps: 400", "max_steps: 300")), {}),
     Scenario("RL loggers `[console, wandb]` → `[console]`", edit(
         ("logging: {backends: [console, wandb], project: retool, experiment: qwen7b-dapo}",
@@ -68,17 +89,24 @@ SCENARIOS: list[Scenario] = [
     Scenario("RL GPUs per node 8 → 4", edit(
         ("resources: {gpu: H100, gpus_per_node: 8, cpu: 32, memory_mb: 327680",
          "resources: {gpu: H100, gpus_per_node: 4, cpu: 32, memory_mb: 327680"),
-    ), {"stage.dapo": "rerun"}),
+    ), {"stage.dapo": "rerun", "stage.eval_dapo": "rerun"}),
     Scenario("SFT GPUs per node 8 → 4", edit(
         ("resources: {gpu: H100, gpus_per_node: 8, cpu: 32, memory_mb: 262144",
          "resources: {gpu: H100, gpus_per_node: 4, cpu: 32, memory_mb: 262144"),
-    ), {"stage.sft": "rerun", "stage.dapo": "rerun"}),
+    ), SFT_DOWNSTREAM),
     Scenario("image package added", edit(("- flash-attn==2.8.3\n", "- flash-attn==2.8.3\n    - numpy==2.2.6\n")),
              {"image": "update"}),
     Scenario("sandbox memory limit", edit(("  memory_limit_mb: 1024\n", "  memory_limit_mb: 2048\n")), {"sandbox": "update"}),
     Scenario("RL validation data changed", edit(("val: [dataset.aime_2024, dataset.aime_2025]", "val: [dataset.aime_2024]")),
-             {"stage.dapo": "rerun"}),
-    Scenario("RL stage removed", without_stage("dapo"), {"stage.dapo": "delete"}),
+             {"stage.dapo": "rerun", "stage.eval_dapo": "rerun"}),
+    Scenario("eval samples 30 → 40", eval_edit("eval_dapo", "samples: 30", "samples: 40"),
+             {"stage.eval_dapo": "resume"}, {"stage.eval_dapo": 30}),
+    Scenario("eval samples 30 → 20 (below the drawn samples)", eval_edit("eval_dapo", "samples: 30", "samples: 20"), {}),
+    Scenario("eval datasets changed", eval_edit("eval_sft", "[dataset.aime_2024, dataset.aime_2025]", "[dataset.aime_2025]"),
+             {"stage.eval_sft": "rerun"}),
+    Scenario("eval expectation changed", eval_edit("eval_dapo", "at_least: 0.40", "at_least: 0.45"), {"stage.eval_dapo": "update"}),
+    Scenario("RL stage and its eval removed", without_stages("dapo", "eval_dapo"),
+             {"stage.dapo": "delete", "stage.eval_dapo": "delete"}),
 ]
 
 
@@ -117,6 +145,12 @@ def test_resume_below_reached_step_says_so() -> None:
     assert plan.change("stage.dapo").notes == ["already at step 400: the new total 300 needs no more steps"]  # type: ignore[union-attr]
 
 
+def test_fewer_eval_samples_say_so() -> None:
+    plan = plan_of(next(s for s in SCENARIOS if s.edit.startswith("eval samples 30 → 20")))
+    assert plan.change("stage.eval_dapo").notes == [  # type: ignore[union-attr]
+        "already 30 samples per problem: 20 need no new draws (the recorded results keep all 30)"]
+
+
 def describe(plan: Plan) -> str:
     parts = []
     for c in plan.changes:
@@ -128,7 +162,7 @@ def describe(plan: Plan) -> str:
         if c.action == "delete":
             text += " (data kept)"
         parts.append(text)
-    notes = [n for c in plan.changes for n in c.notes if n.startswith("already at step")]
+    notes = [n for c in plan.changes for n in c.notes if n.startswith("already ")]
     return ", ".join(parts) or ("all `no-op`" + (f" ({notes[0]})" if notes else ""))
 
 

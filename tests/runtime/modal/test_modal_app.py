@@ -98,7 +98,10 @@ def test_functions_carry_gpu_strings_volumes_secret_names_and_24h_timeouts() -> 
     assert sft.cluster_size is None
     assert d.function("prepare").secrets == ["huggingface"] and d.function("prepare").gpu is None
     assert d.function("finalize").gpu == "H100"
-    assert [f.name for f in d.functions] == ["stage-sft", "stage-dapo", "prepare", "finalize"]
+    evals = ["stage-eval_base", "stage-eval_sft", "stage-eval_dapo"]
+    assert [f.name for f in d.functions] == ["stage-sft", "stage-dapo", *evals, "prepare", "finalize"]
+    for name in evals:  # vLLM over 4 GPUs: Qwen2.5-7B's 28 heads do not split 8 ways
+        assert (d.function(name).gpu, d.function(name).timeout_s) == ("H100:4", 12 * 3600)
 
 
 def test_fallbacks_multinode_and_service_sandbox() -> None:
@@ -183,7 +186,8 @@ def test_real_sdk_builds_the_app_offline_with_local_sources_last(monkeypatch: py
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # registered_functions is deprecated in favour of nothing public
         functions = {name: synchronizer._translate_in(fn) for name, fn in app.registered_functions.items()}
-    assert sorted(functions) == ["finalize", "prepare", "sandbox", "stage-dapo", "stage-sft"]
+    assert sorted(functions) == ["finalize", "prepare", "sandbox", "stage-dapo", "stage-eval_base", "stage-eval_dapo",
+                                 "stage-eval_sft", "stage-sft"]
     sft = functions["stage-sft"]
     assert sft._spec.gpus == "H100:8" and sft._spec.cpu == 32.0 and sft._spec.memory == 262144
     assert sorted(sft._spec.volumes) == ["/checkpoints", "/data", "/models"]

@@ -102,6 +102,14 @@ def test_qwen7b_applies_end_to_end_with_what_modal_should_receive(loaded: Loaded
     # RL consumed SFT's merged model; the containers saw the secrets, nothing else did
     assert state.nodes["stage.dapo"].inputs["stage.sft"] == state.nodes["stage.sft"].output_id
     assert state.nodes["stage.sft"].outputs["model_path"] == f"/checkpoints/sft/{state.nodes['stage.sft'].restart_id[:16]}/merged"
+    # each eval stage graded its own model's samples: the base model, SFT's merged model, RL's final one
+    for name, model in (("eval_base", "/models/models/qwen7b"), ("eval_sft", state.nodes["stage.sft"].outputs["model_path"]),
+                        ("eval_dapo", state.nodes["stage.dapo"].outputs["model_path"])):
+        (call,) = spawned(fake, f"stage-{name}")
+        job = json.loads(fake.volumes["retool-qwen7b-checkpoints"][f"{name}/{state.nodes[f'stage.{name}'].restart_id[:16]}/job.json"])
+        assert (job["model_dir"], job["samples"], job["gpus"], job["max_assistant_turns"]) == (model, 30, 4, 16)
+        results = state.nodes[f"stage.{name}"].outputs["results"]
+        assert sorted(results) == ["aime_2024", "aime_2025"] and results["aime_2024"]["mean_at_n"] == pytest.approx(1 / 3)
     everything = json.dumps([
         state.model_dump(mode="json"), [d.model_dump(mode="json") for d in fake.deploys],
         [c.payload for c in fake.calls.values()], {v: sorted(f) for v, f in fake.volumes.items()},
@@ -125,6 +133,24 @@ def test_second_apply_is_a_no_op(loaded: LoadedSpec, fake: FakeModal) -> None:
     assert (len(fake.calls), len(fake.deploys), store.read().serial) == (calls, deploys, serial)  # type: ignore[union-attr]
 
 
+def test_more_eval_samples_resume_and_draw_only_the_new_ones(loaded: LoadedSpec, fake: FakeModal, tmp_path: Path) -> None:
+    c = containers(fake, loaded)
+    store, rt = MemoryStore(), ModalRuntime("/unused", adapter=fake)
+    assert run(loaded, store, rt).ok
+    assert c.drawn == [30 * 2 * 3] * 3  # 30 samples × 2 datasets × 3 problems, per eval stage
+    text = (REPO / "specs" / "retool-qwen7b.yaml").read_text()
+    block = text.index("  eval_dapo:\n")
+    edited = tmp_path / "retool-qwen7b.yaml"
+    edited.write_text(text[:block] + text[block:].replace("samples: 30", "samples: 40", 1))
+    more = load_spec(edited)
+    plan = refresh_and_plan(more, store.read(), rt)
+    assert {ch.address: ch.action for ch in plan.changes if ch.action != "no-op"} == {"stage.eval_dapo": "resume"}
+    assert plan.change("stage.eval_dapo").resume_from == 30  # type: ignore[union-attr]
+    assert apply(plan, more, store, rt, sleep=lambda s: None, poll_interval=0).ok
+    assert c.drawn[3:] == [10 * 2 * 3]  # only rounds 30..39
+    assert store.read().nodes["stage.eval_dapo"].outputs["samples"] == 40  # type: ignore[union-attr]
+
+
 def test_a_killed_cli_reattaches_by_call_id_and_never_relaunches(loaded: LoadedSpec, fake: FakeModal) -> None:
     c = containers(fake, loaded, hold=True)
     store = MemoryStore()
@@ -136,7 +162,11 @@ def test_a_killed_cli_reattaches_by_call_id_and_never_relaunches(loaded: LoadedS
     assert rec.run.ref.call_id == call.call_id
     assert not any(r.address == "stage.dapo" and r.result == "succeeded" for r in result.results)
 
-    c.advance(fake, call.call_id)  # training finishes on Modal while nobody watches
+    # Training (and the base model's evaluation, which needs no SFT) finishes on Modal while nobody watches.
+    held = [k.call_id for k in fake.calls.values() if k.function.startswith("stage-") and k.state == "running"]
+    assert call.call_id in held and len(held) == 2
+    for call_id in held:
+        c.advance(fake, call_id)
     second = ModalRuntime("/unused", adapter=fake)  # a new CLI process, same cloud
     plan = refresh_and_plan(loaded, store.read(), second)
     assert plan.change("stage.sft").action == "no-op"  # observed as finished, nothing to relaunch

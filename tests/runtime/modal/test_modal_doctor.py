@@ -73,7 +73,7 @@ def test_a_ready_workspace_is_all_ready(workspace: FakeModal, tmp_path: Path) ->
     rows = rows_by_check(tmp_path)
     statuses = {name: r.status for name, r in rows.items()}  # type: ignore[attr-defined]
     assert statuses == {
-        "Modal token": "ready", "spec": "ready", "GPU H100:8": "ready", "connection": "ready",
+        "Modal token": "ready", "spec": "ready", "GPU H100:8": "ready", "GPU H100:4": "ready", "connection": "ready",
         "secret huggingface": "ready", "secret wandb": "ready", "GPU prices": "ready", "image": "ready",
         "volume retool-qwen7b-checkpoints": "ready", "volume retool-qwen7b-data": "ready",
         "volume retool-qwen7b-models": "ready", "state store": "ready", "state lock": "ready",
