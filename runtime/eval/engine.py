@@ -2,8 +2,9 @@
 
 - `TransformersEngine`: the batched, KV-cached transformers engine of RL's CPU rollout
   (`runtime.verl.rollout.engine.GenerationEngine`), on CUDA when present, else CPU;
-- `VllmEngine`: vLLM's offline `LLM` on the stage's GPUs (tensor parallel = GPU count),
-  what the Modal backend uses. vLLM is not installed on development machines: its tests
+- `VllmEngine`: vLLM's offline `LLM` on the stage's GPUs (tensor parallel over as many of
+  them as the model's attention heads allow, see `tensor_parallel_size`), what the Modal
+  backend uses. vLLM is not installed on development machines: its tests
   are skipped there and the engine says clearly when it is missing.
 
 Neither imports verl; torch, transformers and vllm are imported when an engine is built.
@@ -103,6 +104,25 @@ def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int) -> dict[
         "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": max(1, int(max_tokens)),
         "seed": sampling.seed + index, "skip_special_tokens": False,
     }
+
+
+def tensor_parallel_size(model_dir: str, gpus: int) -> int:
+    """The largest tensor-parallel degree ≤ `gpus` that vLLM accepts for this model: it must
+    divide the attention heads, and the KV heads must divide it or be divisible by it
+    (Qwen2.5-7B: 28 heads, 4 KV heads → 4 of 8 GPUs). `gpus` when config.json says nothing."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return max(1, gpus)
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    if not isinstance(heads, int) or not isinstance(kv, int) or heads < 1 or kv < 1:
+        return max(1, gpus)
+    return next(tp for tp in range(max(1, gpus), 0, -1) if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0))
 
 
 class VllmEngine:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.eval import samples as sample_file
-from runtime.eval.engine import Completion, Engine, Sampling, TransformersEngine, VllmEngine, pick_engine
+from runtime.eval.engine import (
+    Completion, Engine, Sampling, TransformersEngine, VllmEngine, pick_engine, tensor_parallel_size,
+)
 from runtime.eval.grader import grade
 from runtime.atomic import write_json
 from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob, Progress, Results
@@ -68,8 +70,12 @@ def build_engine(job: EvalJob) -> Engine:
     sampling = Sampling(temperature=job.temperature, top_p=job.top_p, seed=job.seed)
     name = pick_engine(job.engine, gpus=job.gpus)
     if name == "vllm":
+        tp = tensor_parallel_size(job.model_dir, job.gpus)
+        if tp < job.gpus:
+            log.warning("eval %s: the model's attention heads split %d ways at most: vLLM uses %d of %d GPUs "
+                        "(lower the stage's gpus_per_node to %d to pay for no idle GPU)", job.stage, tp, tp, job.gpus, tp)
         return VllmEngine(
-            job.model_dir, sampling, tensor_parallel_size=job.gpus, gpu_memory_utilization=job.gpu_memory_utilization,
+            job.model_dir, sampling, tensor_parallel_size=tp, gpu_memory_utilization=job.gpu_memory_utilization,
             max_model_len=job.max_prompt_length + job.max_response_length,
         )
     return TransformersEngine(job.model_dir, sampling, batch_size=job.batch_size, device=job.device)

@@ -121,3 +121,27 @@ def test_pick_engine() -> None:
 
     with pytest.raises(TerminalError):
         pick_engine("vllm", gpus=0)
+
+
+@pytest.mark.parametrize(("heads", "kv", "gpus", "tp"), [
+    (28, 4, 8, 4),    # Qwen2.5-7B: 28 heads do not split 8 ways
+    (40, 8, 8, 8),    # Qwen2.5-32B
+    (14, 2, 8, 2),    # Qwen2.5-0.5B: 7 divides 14 heads but not its 2 KV heads' replication
+    (14, 14, 8, 7),
+    (64, 8, 8, 8),
+    (12, 12, 1, 1),
+    (32, 8, 0, 1),    # no GPU: one
+])
+def test_tensor_parallel_size_fits_the_heads(tmp_path: Path, heads: int, kv: int, gpus: int, tp: int) -> None:
+    from runtime.eval.engine import tensor_parallel_size
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv}))
+    assert tensor_parallel_size(str(tmp_path), gpus) == tp
+
+
+def test_tensor_parallel_size_without_a_config_trusts_the_stage(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from runtime.eval.engine import tensor_parallel_size
+
+    assert tensor_parallel_size(str(tmp_path), 8) == 8
+    heads = json.loads((tiny_model_dir / "config.json").read_text())["num_attention_heads"]
+    assert heads % tensor_parallel_size(str(tiny_model_dir), 3) == 0
