@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -342,17 +344,28 @@ def render_evaluations(table: EvalTable, console: Console) -> None:
     grid = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("stage", "model", "dataset", "n", *SUMMARY):
         grid.add_column(col, no_wrap=True)
+    stacked: list[tuple[Text, Text]] = []
     for stage in table.stages():
         for dataset in table.datasets(stage):
             curve = table.pass_curve(stage, dataset)
             cells: list[Text] = []
+            line = Text()
             for metric in SUMMARY:
                 name = f"pass@{curve[-1][0]}" if metric == "pass@k" and curve else metric
                 row = table.row(stage, dataset, name)
                 cells.append(_eval_cell(row.value, row.expected, row.met, name) if row is not None else Text(""))
+                if row is not None:
+                    line.append(" · " if line else "").append(f"{name} ", style="dim")
+                    line.append_text(_eval_cell(row.value, row.expected, row.met, metric))
             first = next(r for r in table.rows if r.stage == stage and r.dataset == dataset)
             grid.add_row(Text(stage), Text(first.model), Text(dataset), Text(str(first.samples)), *cells)
-    console.print(grid)
+            stacked.append((Text(f"{stage} · {dataset} · {first.model} · n {first.samples}"), line))
+    if Measurement.get(console, console.options.update_width(10_000), grid).maximum <= console.width:
+        console.print(grid)
+    else:  # too narrow for one row per result: a block each, its metrics wrapped beneath
+        for head, line in stacked:
+            console.print(head)
+            console.print(Padding(line, (0, 0, 0, 2)))
     for item in table.unmatched:
         console.print(Text(f"  expected metric not recorded: {item}", style="yellow"))
 

@@ -76,3 +76,22 @@ def test_expectations_sit_beside_the_reached_values() -> None:
     observed = observed_at_end(state)
     render_status(compute_status(make_plan(spec, state, observed), spec, state, observed, now=10.0), Console(file=buf, width=220, no_color=True))
     assert "0.375 (>= 0.4 ✗)" in buf.getvalue() and "expected metric not recorded: stage.eval_sft: aime/pass@64" in buf.getvalue()
+
+
+def test_a_narrow_terminal_gets_every_value_unclipped() -> None:
+    spec, state = _state()
+    data = spec.model_dump(mode="json")
+    data["stages"]["eval_sft"]["expect"] = [{"metric": "aime/mean@4", "at_least": 0.4, "source": "a paper"}]
+    spec = type(spec).model_validate(data)
+    observed = observed_at_end(state)
+    report = compute_status(make_plan(spec, state, observed), spec, state, observed, now=10.0)
+    for width in (80, 60):
+        buf = io.StringIO()
+        render_status(report, Console(file=buf, width=width, no_color=True))
+        text = buf.getvalue()
+        shown = " ".join(text[text.index("evaluation"):].split())  # wrapped lines joined
+        assert "…" not in shown
+        assert "stage.eval_sft · aime · stage.sft · n 4" in shown
+        for cell in ("mean@n 0.375 (>= 0.4 ✗)", "pass@4 0.625", "maj@n 0.400", "tool_calls 1.500",
+                     "response_length 812.2", "truncated 0.050"):
+            assert cell in shown, (cell, shown)
