@@ -21,13 +21,15 @@ from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import SpecError
 from reconciler.references import find_cycle
-from reconciler.spec import EvalStage, RLStage, Spec, field_policy
+from reconciler.spec import PREPARATION_REVISIONS, EvalStage, RLStage, Spec, field_policy
 
 NodeKind = Literal["volume", "image", "sandbox", "dataset", "model", "stage"]
 
 # Kinds whose changes never propagate into a consumer's identity: a rebuilt image or a
 # reconfigured sandbox does not by itself rerun a finished stage (DESIGN.md).
 ORDERING_ONLY_KINDS: frozenset[str] = frozenset({"image", "sandbox"})
+# A dataset's effective config carries the preparation revision of its format (a restart field).
+PREPARATION_KEY = "preparation_revision"
 
 # Tie-break for the topological order, so plans list nodes the same way every time.
 KIND_RANK: dict[str, int] = {"volume": 0, "image": 1, "sandbox": 2, "dataset": 3, "model": 4, "stage": 5}
@@ -153,7 +155,11 @@ def build_graph(spec: Spec) -> Graph:
     if spec.sandbox is not None:
         nodes.append(_node("sandbox", "sandbox", spec.sandbox, "sandbox", ["image"]))
     for name, ds in spec.datasets.items():
-        nodes.append(_node("dataset", name, ds, f"datasets.{name}", [f"volume.{ds.volume}"]))
+        node = _node("dataset", name, ds, f"datasets.{name}", [f"volume.{ds.volume}"])
+        revision = PREPARATION_REVISIONS.get(ds.format, 1)
+        if revision > 1:  # absent at 1, so datasets prepared before revisions existed keep their identity
+            node = node.model_copy(update={"config": {**node.config, PREPARATION_KEY: revision}})
+        nodes.append(node)
     for name, m in spec.models.items():
         nodes.append(_node("model", name, m, f"models.{name}", [f"volume.{m.volume}"]))
     for name, st in spec.stages.items():

@@ -194,6 +194,14 @@ class Sandbox(SpecModel):
 # --------------------------------------------------------------------------- data and models
 
 
+# What retool's preparation writes for a format, by revision: a bump re-prepares every dataset
+# of that format (and reruns what consumed it), so data rendered by older code (another tool
+# schema, other fences) never meets a newer RL stage. 1, the first, is implied. The SFT formats
+# embed the tool schema the model is trained on; 2: the recipe's schema and fences (issue 10).
+# tests/runtime/data/test_preparation_revisions.py pins what each revision writes.
+PREPARATION_REVISIONS: dict[str, int] = {"retool_sft": 2, "messages": 2}
+
+
 class Dataset(SpecModel):
     source: str = F(
         ..., policy="restart",
