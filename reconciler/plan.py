@@ -30,7 +30,7 @@ from reconciler.diff import FieldChange, diff_configs
 from reconciler.errors import TerminalError
 from reconciler.records import Frozen
 from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
-from reconciler.graph import KIND_RANK, Graph, Node, address_kind, build_graph, sort_key
+from reconciler.graph import KIND_RANK, PREPARATION_KEY, Graph, Node, address_kind, build_graph, sort_key
 from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
 from reconciler.state.base import NodeRecord, State
 from reconciler.steps import Estimate, add, estimate, stage_total_steps
@@ -311,6 +311,11 @@ class _Planner:
         run_state = (obs.run_state if obs is not None and obs.run_state else None) or rec.status
         if fp.restart_id != rec.restart_id:
             draft = _Draft("rerun", self._restart_reasons(node, rec, diff, pending, up_ids), discard=True)
+            if node.kind == "dataset" and rec.config.get(PREPARATION_KEY) != node.config.get(PREPARATION_KEY):
+                draft.notes.append(
+                    f"retool prepares format {node.config.get('format')} differently since this was prepared "
+                    f"(revision {rec.config.get(PREPARATION_KEY, 1)} → {node.config.get(PREPARATION_KEY, 1)}): "
+                    "prepared again, so what consumes it sees the current tool schema")
             if run_state == "running":
                 draft.notes.append("cancels the running attempt first")
             return draft

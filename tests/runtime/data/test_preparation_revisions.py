@@ -63,6 +63,8 @@ def test_a_dataset_prepared_by_an_older_revision_is_prepared_again_and_its_consu
                        "stage.eval_sft": "rerun", "stage.eval_dapo": "rerun"}
     change = plan.change("dataset.retool_sft")
     assert change is not None and change.reasons == ["changed: datasets.retool_sft.preparation_revision"]
+    assert change.notes == ["retool prepares format retool_sft differently since this was prepared (revision 1 → 2): "
+                            "prepared again, so what consumes it sees the current tool schema"]
     # the RL data's format has no revision yet: its identity is what it was before revisions existed
     assert PREPARATION_KEY not in build_graph(spec).nodes["dataset.dapo_math"].config
 
