@@ -365,7 +365,7 @@ def render_evaluations(table: EvalTable, console: Console) -> None:
     else:  # too narrow for one row per result: a block each, its metrics wrapped beneath
         for head, line in stacked:
             console.print(head)
-            console.print(Padding(line, (0, 0, 0, 2)))
+            console.print(Padding(line, (0, 0, 0, 2)), soft_wrap=False)  # the CLI's console soft-wraps: padding would crop
     for item in table.unmatched:
         console.print(Text(f"  expected metric not recorded: {item}", style="yellow"))
 

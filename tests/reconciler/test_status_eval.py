@@ -85,9 +85,9 @@ def test_a_narrow_terminal_gets_every_value_unclipped() -> None:
     spec = type(spec).model_validate(data)
     observed = observed_at_end(state)
     report = compute_status(make_plan(spec, state, observed), spec, state, observed, now=10.0)
-    for width in (80, 60):
+    for width, soft_wrap in ((80, False), (60, False), (80, True)):  # the CLI's console soft-wraps
         buf = io.StringIO()
-        render_status(report, Console(file=buf, width=width, no_color=True))
+        render_status(report, Console(file=buf, width=width, no_color=True, soft_wrap=soft_wrap))
         text = buf.getvalue()
         shown = " ".join(text[text.index("evaluation"):].split())  # wrapped lines joined
         assert "…" not in shown
