@@ -80,8 +80,6 @@ class Results(BaseModel):
     device: str = ""
 
 
-
-
 def read_model(path: Path, model: type[BaseModel]) -> Any:
     """The file parsed as `model`, or None when missing or unreadable."""
     try:

@@ -58,6 +58,7 @@ from reconciler.spec import (
     Volume,
 )
 from reconciler.state.base import LocalRun, RunHandle
+from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime.local import runs
@@ -341,12 +342,12 @@ class LocalRuntime:
         run_dir.mkdir(parents=True, exist_ok=True)
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
-            res.write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
+            write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
         if isinstance(stage, EvalStage):
             from runtime.eval.job import JOB_FILE
 
             job = self._eval_job(ctx, paths, self._live_sandbox_url())
-            res.write_text_atomic(run_dir / JOB_FILE, job.model_dump_json(indent=2) + "\n")
+            write_text_atomic(run_dir / JOB_FILE, job.model_dump_json(indent=2) + "\n")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
         exit_path = log_path.with_name(log_path.stem + ".exit.json")

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from reconciler.errors import TerminalError
 from reconciler.spec import SFTStage, ToolCallCheck
+from runtime.atomic import write_json
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
@@ -52,7 +53,7 @@ def finalize_run(
         log_path = logs_dir / f"{ctx.stage}-{ctx.restart_id[:8]}-merge-{time.strftime('%Y%m%d-%H%M%S')}.log"
         merge_checkpoint(Path(checkpoint.path), merged, log_path, executable)
         record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
-        res.write_json(record_path, record.model_dump())
+        write_json(record_path, record.model_dump())
         change = "created"
     outputs: dict[str, Any] = {"model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path}
     records = met.read_file(Path(paths.stage_dir) / "metrics.jsonl")
@@ -67,7 +68,7 @@ def finalize_run(
         check = stage.tool_call_check
         if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
             record = record.model_copy(update={"tool_check": measure_tool_calls(merged, check.prompts)})
-            res.write_json(record_path, record.model_dump())
+            write_json(record_path, record.model_dump())
         assert record.tool_check is not None
         outputs.update({
             "tool_call_rate": record.tool_check["rate"], "tool_call_prompts": record.tool_check["n"],

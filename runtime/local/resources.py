@@ -22,8 +22,7 @@ from reconciler.spec import Dataset, Image, Model, Sandbox
 from runtime import processes as procs
 from reconciler.backend import Outcome
 from runtime.stamps import restart_config, short_hash
-from runtime.atomic import write_json as write_json  # re-exported: the local backend writes through res.*
-from runtime.atomic import write_text_atomic as write_text_atomic
+from runtime.atomic import write_json, write_text_atomic
 
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 # Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).

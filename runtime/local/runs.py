@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from reconciler.errors import TerminalError
 from reconciler.state.base import LocalRun, RunHandle
 from runtime import checkpoints as ckpts
+from runtime.atomic import write_json
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
@@ -35,7 +36,7 @@ TAIL_LINES = 40
 
 def write_active(run_dir: Path, handle: RunHandle) -> None:
     """Record `handle` as the run training into `run_dir` (atomic: temporary file, rename)."""
-    res.write_json(run_dir / ACTIVE_RUN_FILE, handle.model_dump(mode="json"))
+    write_json(run_dir / ACTIVE_RUN_FILE, handle.model_dump(mode="json"))
 
 
 def read_active(run_dir: Path) -> RunHandle | None:

@@ -512,9 +512,9 @@ class Containers:
 
     def train(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
         p = call.payload
-        vol, rel = volume_path(p, p["checkpoint_dir"])
         if p["kind"] == "eval":
             return self.evaluate(call, fake)
+        vol, rel = volume_path(p, p["checkpoint_dir"])
         tracker = f"{rel}/latest_checkpointed_iteration.txt"
         start = int(fake.volumes[vol].get(tracker, b"0").decode() or 0)
         total = int(p["total_steps"])

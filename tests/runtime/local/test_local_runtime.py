@@ -419,7 +419,8 @@ def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime
 def test_a_hung_recorded_sandbox_is_stopped_before_another_starts(tmp_path: Path, rt: LocalRuntime):
     import subprocess
 
-    from runtime.local.resources import SandboxRecord, write_json
+    from runtime.atomic import write_json
+    from runtime.local.resources import SandboxRecord
     from tests.local_helpers import free_port
 
     spec = spec_for(tmp_path, sandbox={"workers": 1})

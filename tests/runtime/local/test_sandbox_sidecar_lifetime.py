@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from reconciler.spec import Sandbox
+from runtime.atomic import write_json
 from runtime import processes as procs
 from runtime.local import resources as res
 from tests.sandbox.test_sandbox_lifetime import process_tree, wait_all_gone
@@ -46,7 +47,7 @@ def test_a_sidecar_from_before_the_lifetime_rules_is_replaced(tmp_path: Path) ->
     second = None
     try:
         record = res.SandboxRecord.model_validate(res.read_json(record_path))
-        res.write_json(record_path, record.model_copy(update={"config_hash": "from an older retool"}).model_dump())
+        write_json(record_path, record.model_copy(update={"config_hash": "from an older retool"}).model_dump())
         second = res.ensure_sandbox(Sandbox(workers=1, preload=[]), record_path, state_dir / "logs")
         assert second.change == "updated" and not procs.is_alive(first.outputs["pid"])
     finally:
