@@ -144,13 +144,19 @@ class Runtime(Protocol):
 class OptionalCapabilities(Protocol):
     """Methods a backend MAY add to the Runtime contract. Callers look each one up with
     `getattr(runtime, name, None)` and do without it when absent (the in-memory test runtime
-    has none of them; the local one has `missing_reason` and `read_metrics`; Modal the checks)."""
+    has none of them; the local one has `idle_reason` and `read_metrics`; Modal the checks)."""
 
     poll_interval_s: float  # how often apply polls a running stage (default 5 s)
 
     def missing_reason(self, spec: Spec, address: str) -> str | None:
         """Why a recorded node no longer exists (e.g. a dead sandbox sidecar), or None when it
         is there or cannot be told. Cheap and read-only: plan calls it (refresh)."""
+        ...
+
+    def idle_reason(self, spec: Spec, address: str) -> str | None:
+        """Why a recorded node is stopped on purpose and starts again on demand (e.g. a sandbox
+        sidecar that ended after its idle timeout), or None. Not drift: plan keeps it a no-op
+        and status shows it `idle`. Cheap and read-only: plan calls it (refresh)."""
         ...
 
     def spec_problems(self, spec: Spec) -> list[str]:

@@ -66,20 +66,28 @@ def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) ->
             gone = observe_presence(loaded, address, runtime, notes)
             if gone:
                 nodes[address] = ObservedNode(exists=False, message=gone)
+                continue
+            idle = observe_presence(loaded, address, runtime, notes, check="idle_reason")
+            if idle:
+                nodes[address] = ObservedNode(idle=idle)
     return Observed(nodes=nodes, refreshed=not notes, notes=notes)
 
 
-def observe_presence(loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str]) -> str | None:
-    """Why a recorded volume/dataset/model/sandbox is gone, when the backend can tell
-    (`Runtime.missing_reason` is optional: without it they are trusted as recorded)."""
-    check = getattr(runtime, "missing_reason", None)
-    if check is None:
+def observe_presence(
+    loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str], *, check: str = "missing_reason",
+) -> str | None:
+    """Why a recorded volume/dataset/model/sandbox is gone (`missing_reason`), or stopped on
+    purpose until something needs it (`idle_reason`), when the backend can tell. Both are
+    optional: without them nodes are trusted as recorded."""
+    method = getattr(runtime, check, None)
+    if method is None:
         return None
     try:
-        return check(loaded.spec, address)
+        reason = method(loaded.spec, address)
     except (RetoolError, OSError) as err:
         notes.append(f"{address}: cannot check that it still exists ({_why(err)})")
         return None
+    return reason if isinstance(reason, str) else None
 
 
 def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> tuple[dict[str, str], list[str]]:
