@@ -469,7 +469,7 @@ class Critic(SpecModel):
 
 class RecipeOptions(SpecModel):
     """Departures from the published ReTool recipe's tool and reward, all off by default
-    (the README's "Differences from the official recipe" lists them)."""
+    (docs/fidelity.md, "Differences from the official recipe", lists them)."""
 
     lenient_fences: bool = F(
         False, policy="restart",
