@@ -4,6 +4,7 @@ its two commands, lists every page under docs/, and no link in either points now
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +76,35 @@ def test_every_relative_link_resolves() -> None:
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
     assert broken == []
+
+
+# Notes that once lived outside the repository; the design now lives in docs/ and nothing
+# may point at them again. The names are assembled so this file does not cite them itself.
+OLD_NOTES = tuple(f"{name}.md" for name in ("STYLE", "RECIPE", "DESIGN", "MODAL"))
+
+
+def repository_files() -> list[Path]:
+    """Every file git would commit (tracked, or new and not ignored); a walk outside git."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO, capture_output=True, check=True, timeout=60,
+        ).stdout.decode().split("\0")
+        return [REPO / name for name in listed if name and (REPO / name).is_file()]
+    except (OSError, subprocess.SubprocessError):
+        skip = {".git", ".venv", ".retool", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+        return [p for p in REPO.rglob("*") if p.is_file() and not skip & set(p.relative_to(REPO).parts)]
+
+
+def test_no_file_cites_notes_outside_the_repository() -> None:
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in OLD_NOTES) + r")")
+    citing = []
+    for path in repository_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # binary files (docs/report.png)
+        for number, line in enumerate(text.splitlines(), 1):
+            if pattern.search(line):
+                citing.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:100]}")
+    assert citing == [], "cite docs/ instead:\n" + "\n".join(citing)
