@@ -10,13 +10,13 @@ once: the token is looked for locally before anything touches the network.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from reconciler.backend import ChecksReadiness, DoctorRow, OpensSharedState
 from reconciler.backends import get_runtime, get_store
 from reconciler.errors import RetoolError
 from reconciler.loader import LoadedSpec, default_state_dir, load_spec
@@ -26,8 +26,9 @@ STYLES = {"ready": "green", "to fix": "bold red", "skipped": "dim", "note": "yel
 MARKS = {"ready": "✓", "to fix": "✗", "skipped": "-", "note": "!"}
 
 
-def doctor_rows(loaded: LoadedSpec, state_dir: Path, *, build_image: bool = True) -> list[Any]:
-    """Every readiness row for the spec (runtime.modal.doctor.Check)."""
+def doctor_rows(loaded: LoadedSpec, state_dir: Path, *, build_image: bool = True) -> list[DoctorRow]:
+    """Every readiness row for the spec: the backend's own (`ChecksReadiness`), or its
+    preflight and the state store's rows."""
     from runtime.modal.doctor import Check, store_checks
 
     spec = loaded.spec
@@ -37,24 +38,19 @@ def doctor_rows(loaded: LoadedSpec, state_dir: Path, *, build_image: bool = True
         return [Check(check=f"{spec.backend} backend", status="to fix", detail=exc.summary, fix=exc.hint)]
 
     def open_store() -> StateStore:
-        adapter = getattr(runtime, "adapter", None)
-        if spec.state.store == "modal" and adapter is not None:  # the same client as the backend's
-            from reconciler.state.modal_store import ModalStore
+        shared = runtime.shared_store(spec) if isinstance(runtime, OpensSharedState) else None
+        return shared if shared is not None else get_store(spec, state_dir)  # the backend's client first
 
-            return ModalStore.from_spec(spec, adapter=adapter)
-        return get_store(spec, state_dir)
-
-    checks = getattr(runtime, "doctor_checks", None)
-    if checks is not None:
-        return list(checks(spec, open_store, build_image=build_image))
+    if isinstance(runtime, ChecksReadiness):
+        return list(runtime.doctor_checks(spec, open_store, build_image=build_image))
     problems = runtime.preflight(spec)
-    rows = [Check(check=f"{spec.backend} backend", status="to fix", detail=p) for p in problems] or [
+    rows: list[DoctorRow] = [Check(check=f"{spec.backend} backend", status="to fix", detail=p) for p in problems] or [
         Check(check=f"{spec.backend} backend", status="ready", detail="preflight passed")
     ]
-    return rows + store_checks(open_store)
+    return [*rows, *store_checks(open_store)]
 
 
-def render_rows(rows: list[Any], console: Console) -> None:
+def render_rows(rows: list[DoctorRow], console: Console) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("")
     table.add_column("check")

@@ -13,6 +13,7 @@ import pytest
 
 from reconciler import backends
 from reconciler.apply.engine import apply
+from reconciler.backend import ChecksPresence
 from reconciler.backends import OVERRIDE_ENV, get_runtime, get_store
 from reconciler.errors import TerminalError
 from reconciler.loader import LoadedSpec
@@ -162,7 +163,7 @@ def test_get_store_local(loaded: LoadedSpec, tmp_path: Path) -> None:
     assert isinstance(store, LocalStore) and store.directory == tmp_path / "state"
 
 
-class SidecarWatchingRuntime(MemoryRuntime):
+class SidecarWatchingRuntime(MemoryRuntime, ChecksPresence):
     """A runtime that can tell when the recorded sandbox died (LocalRuntime does, by pid)."""
 
     def missing_reason(self, spec: object, address: str) -> str | None:
