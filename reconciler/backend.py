@@ -15,11 +15,12 @@ another restart identity are never resumed from; they are reported as foreign an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
+from reconciler.readiness import DoctorCheck
 from reconciler.records import Frozen
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import RunHandle, StateStore
@@ -184,22 +185,6 @@ class ChecksSpec(ABC):
         """What may fail or drift later (nothing is blocked)."""
 
 
-class DoctorRow(Protocol):
-    """One row of `retool doctor`'s table."""
-
-    @property
-    def check(self) -> str: ...
-
-    @property
-    def status(self) -> Literal["ready", "to fix", "skipped", "note"]: ...
-
-    @property
-    def detail(self) -> str: ...
-
-    @property
-    def fix(self) -> str: ...
-
-
 class ChecksReadiness(ABC):
     """The backend checks a real workspace for `retool doctor` (credentials, secrets, GPUs,
     the image, volumes, the state store). Without it doctor runs `preflight` and the
@@ -208,8 +193,9 @@ class ChecksReadiness(ABC):
     @abstractmethod
     def doctor_checks(
         self, spec: Spec, open_store: Callable[[], StateStore], *, build_image: bool = True
-    ) -> Sequence[DoctorRow]:
-        """One row per check; `open_store` opens the spec's state store (its rows are included)."""
+    ) -> list[DoctorCheck]:
+        """One row per check; `open_store` opens the spec's state store (end with
+        `reconciler.readiness.store_checks(open_store)`, the rows every backend shares)."""
 
 
 class OpensSharedState(ABC):

@@ -39,6 +39,7 @@ from reconciler.backend import (
     ChecksReadiness,
     ChecksSpec,
     OpensSharedState,
+    DoctorCheck,
     Outcome,
     RenderedCommand,
     RunStatus,
@@ -141,7 +142,9 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         """What may fail or drift later (validate and plan print them; nothing is blocked)."""
         return modal_warnings(spec)
 
-    def doctor_checks(self, spec: Spec, open_store: Callable[[], Any], *, build_image: bool = True) -> list[Any]:
+    def doctor_checks(
+        self, spec: Spec, open_store: Callable[[], StateStore], *, build_image: bool = True
+    ) -> list[DoctorCheck]:
         """`retool doctor`: rows of runtime.modal.doctor.Check (token, secrets, GPUs, image, volumes, state)."""
         from runtime.modal.doctor import modal_checks
 

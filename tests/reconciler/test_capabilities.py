@@ -59,3 +59,20 @@ def test_the_modal_backend_opens_only_a_modal_state_store(tmp_path: object) -> N
     assert runtime.shared_store(local) is None
     shared = runtime.shared_store(spec.model_copy(update={"state": spec.state.model_copy(update={"store": "modal"})}))
     assert isinstance(shared, ModalStore) and shared.adapter is runtime.adapter
+
+
+def test_doctor_without_the_readiness_capability_runs_preflight_and_the_store_rows(tmp_path: Path) -> None:
+    from reconciler.backends import set_runtime_override
+    from reconciler.cli.doctor import doctor_rows
+    from tests.fakes.pipeline import load
+
+    loaded = load(tmp_path)
+    set_runtime_override(lambda spec, state_dir: MemoryRuntime(preflight_problems=["no GPU here"]))
+    try:
+        rows = doctor_rows(loaded, tmp_path / ".retool")
+    finally:
+        set_runtime_override(None)
+    assert [(r.check, r.status) for r in rows] == [
+        (f"{loaded.spec.backend} backend", "to fix"), ("state store", "ready"), ("state lock", "ready"),
+    ]
+    assert rows[0].detail == "no GPU here" and "empty (first apply)" in rows[1].detail
