@@ -148,7 +148,8 @@ class Runtime(Protocol):
 # A backend MAY offer more than `Runtime`. Each extra is a mixin ABC the backend names among
 # its bases (dstack's `ComputeWith...` classes are the model), so a caller asks
 # `isinstance(runtime, ReadsMetrics)` and the type checker then knows the method is there;
-# a backend that declares one and forgets its method cannot be instantiated. Who has what:
+# a backend that declares one and forgets its method cannot be instantiated. Who has what
+# (tests/reconciler/test_capabilities.py keeps this table true):
 #
 #   capability         local  modal  tests' MemoryRuntime
 #   ChecksPresence       x
