@@ -16,7 +16,7 @@ from reconciler.graph import Graph, address_kind, build_graph
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode, Plan, make_plan
 from reconciler.state.base import NodeRecord, State
-from reconciler.backend import Runtime, latest_resumable
+from reconciler.backend import ChecksPresence, ChecksSpec, Runtime, latest_resumable
 
 
 def _why(err: Exception) -> str:
@@ -72,12 +72,11 @@ def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) ->
 
 def observe_presence(loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str]) -> str | None:
     """Why a recorded volume/dataset/model/sandbox is gone, when the backend can tell
-    (`Runtime.missing_reason` is optional: without it they are trusted as recorded)."""
-    check = getattr(runtime, "missing_reason", None)
-    if check is None:
+    (a backend without `ChecksPresence` has them trusted as recorded)."""
+    if not isinstance(runtime, ChecksPresence):
         return None
     try:
-        return check(loaded.spec, address)
+        return runtime.missing_reason(loaded.spec, address)
     except (RetoolError, OSError) as err:
         notes.append(f"{address}: cannot check that it still exists ({_why(err)})")
         return None
@@ -101,13 +100,12 @@ def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> 
 
 
 def spec_warnings(loaded: LoadedSpec, runtime: Runtime | None) -> list[str]:
-    """The backend's offline warnings about the spec (`Runtime.spec_warnings` is optional:
-    e.g. Modal's image packages that compile from source, requests above its thresholds)."""
-    check = getattr(runtime, "spec_warnings", None)
-    if check is None:
+    """The backend's offline warnings about the spec, where it declares `ChecksSpec`
+    (e.g. Modal's image packages that compile from source, requests above its thresholds)."""
+    if not isinstance(runtime, ChecksSpec):
         return []
     try:
-        return list(check(loaded.spec))
+        return list(runtime.spec_warnings(loaded.spec))
     except (RetoolError, OSError) as err:
         return [f"cannot check the spec against the {loaded.spec.backend} backend ({_why(err)})"]
 

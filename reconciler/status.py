@@ -23,7 +23,7 @@ from rich.text import Text
 
 from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.graph import address_kind
-from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange
+from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange, ReasonCode
 from reconciler.spec import Expectation, RLStage, SFTStage, Spec
 from reconciler.state.base import LockInfo, NodeRecord, State
 from reconciler.steps import hourly_usd
@@ -56,7 +56,8 @@ class NodeStatus(BaseModel):
     sync: Sync
     health: Health | None = None  # None: nothing exists yet
     action: str = "no-op"  # what `retool apply` would do
-    reasons: list[str] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)  # the plan's reasons for `action`
+    reason_codes: list[ReasonCode] = Field(default_factory=list)  # one per reason (docs/plan-reasons.md)
     fingerprint: str | None = None  # restart identity it last ran with (short)
     step: int | None = None
     total: int | None = None
@@ -205,6 +206,7 @@ def _node_status(
         health=health,
         action=change.action if change is not None else "no-op",
         reasons=list(change.reasons) if change is not None else [],
+        reason_codes=list(change.reason_codes) if change is not None else [],
         fingerprint=rec.restart_id[:FINGERPRINT_CHARS] if rec and rec.restart_id else None,
         message=message,
         **fields,

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
+from reconciler.backend import poll_interval
 from reconciler.backends import get_runtime, get_store
 from reconciler.cli.state_commands import state_app
 from reconciler.errors import RetoolError, TerminalError
@@ -42,7 +43,6 @@ from reconciler.state.cache import read_state, remember
 from reconciler.cli.plan_view import plan_markdown, render_plan
 
 
-DEFAULT_POLL_S = 5.0  # a runtime may set `poll_interval_s` to its own cadence
 
 
 class _Flags:
@@ -271,7 +271,7 @@ def apply_cmd(
                 the_plan, loaded, store, runtime, wait=not no_wait, prune=prune, allow_data_loss=allow_data_loss,
                 saved=saved is not None, on_event=view, state_dir=str(state_dir),
                 lock_id=lock_id,
-                poll_interval=float(getattr(runtime, "poll_interval_s", DEFAULT_POLL_S)),
+                poll_interval=poll_interval(runtime),
             )
         remember(state_dir, store, result.state)
         render_apply_result(result, console)

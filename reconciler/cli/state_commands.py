@@ -13,8 +13,8 @@ from rich.text import Text
 
 from reconciler.backends import get_store
 from reconciler.loader import default_state_dir, find_repo_root, load_spec
-from reconciler.state.base import StateStore
-from reconciler.state.local import LocalStore, format_age
+from reconciler.state.base import StateStore, format_age
+from reconciler.state.local import LocalStore
 from reconciler.status import format_duration
 
 state_app = typer.Typer(no_args_is_help=True, help="Inspect recorded state, clear a stale lock.")

@@ -64,7 +64,7 @@ from runtime.local import resources as res
 from runtime.local import runs
 from runtime import metrics as met
 from runtime import processes as procs
-from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from reconciler.backend import Checkpoint, ChecksPresence, Outcome, ReadsMetrics, RenderedCommand, RunStatus, StageContext
 from runtime.local.finalize import finalize_run
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
 from runtime.verl.sft import render_merge, render_sft
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
 
 
-class LocalRuntime:
+class LocalRuntime(ChecksPresence, ReadsMetrics):
     """`reconciler.backend.Runtime` on this machine."""
 
     name = "local"

@@ -32,9 +32,19 @@ from typing import Any
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
-from reconciler.state.base import ModalRun, RunHandle
+from reconciler.state.base import ModalRun, RunHandle, StateStore
 from runtime import checkpoints as ckpts
-from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from reconciler.backend import (
+    Checkpoint,
+    ChecksReadiness,
+    ChecksSpec,
+    OpensSharedState,
+    DoctorCheck,
+    Outcome,
+    RenderedCommand,
+    RunStatus,
+    StageContext,
+)
 from reconciler.steps import segments_for
 from runtime.modal import launches
 from runtime.modal.adapter import LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable
@@ -78,7 +88,7 @@ CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
 WAIT_SLICE_S = 30.0
 
 
-class ModalRuntime:
+class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
     """`reconciler.backend.Runtime` on Modal."""
 
     name = "modal"
@@ -132,12 +142,22 @@ class ModalRuntime:
         """What may fail or drift later (validate and plan print them; nothing is blocked)."""
         return modal_warnings(spec)
 
-    def doctor_checks(self, spec: Spec, open_store: Callable[[], Any], *, build_image: bool = True) -> list[Any]:
+    def doctor_checks(
+        self, spec: Spec, open_store: Callable[[], StateStore], *, build_image: bool = True
+    ) -> list[DoctorCheck]:
         """`retool doctor`: rows of runtime.modal.doctor.Check (token, secrets, GPUs, image, volumes, state)."""
         from runtime.modal.doctor import modal_checks
 
         return modal_checks(spec, self.adapter, open_store, repo_root=_package_root(), build_image=build_image,
                             store_on_modal=spec.state.store == "modal")
+
+    def shared_store(self, spec: Spec) -> StateStore | None:
+        """A `state: {store: modal}` store, through this backend's adapter (doctor's rows)."""
+        if spec.state.store != "modal":
+            return None
+        from reconciler.state.modal_store import ModalStore
+
+        return ModalStore.from_spec(spec, adapter=self.adapter)
 
     def blocked_reason(self, spec: Spec, address: str) -> str | None:
         kind, _, name = address.partition(".")

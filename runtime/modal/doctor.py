@@ -11,28 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from reconciler.errors import RetoolError, StateLockedError
+from reconciler.errors import RetoolError
+from reconciler.readiness import DoctorCheck as Check
+from reconciler.readiness import store_checks
 from reconciler.spec import Spec
-from reconciler.state.base import LockInfo, StateStore
+from reconciler.state.base import StateStore
 from runtime.modal.adapter import LOGIN_HINT, ModalAdapter
 from runtime.modal.app import build_app_definition, modal_problems, modal_volume_name, modal_warnings
 from runtime.modal.limits import gpu_problem, parse_gpu
 
-Status = Literal["ready", "to fix", "skipped", "note"]
 CONNECT_TIMEOUT_S = 4.0
-
-
-class Check(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    check: str
-    status: Status
-    detail: str = ""
-    fix: str = ""
 
 
 def _why(exc: Exception) -> str:
@@ -156,35 +145,4 @@ def volume_checks(spec: Spec, adapter: ModalAdapter) -> list[Check]:
             continue
         rows.append(Check(check=f"volume {name}", status="ready",
                           detail="exists" if exists else "not created yet: `retool apply` creates it"))
-    return rows
-
-
-def store_checks(open_store: Callable[[], StateStore]) -> list[Check]:
-    """The state can be read, and the apply lock taken and released."""
-    try:
-        store = open_store()
-        state = store.read()
-    except Exception as exc:  # noqa: BLE001 - any failure here is the row's answer
-        hint = exc.hint if isinstance(exc, RetoolError) else ""
-        return [Check(check="state store", status="to fix", detail=_why(exc), fix=hint),
-                Check(check="state lock", status="skipped", detail="the store could not be read")]
-    where = store.describe()
-    rows = [Check(check="state store", status="ready",
-                  detail=f"{where}: " + (f"serial {state.serial}" if state is not None else "empty (first apply)"))]
-    try:
-        lock_id = store.lock(LockInfo(command="retool doctor"))
-    except StateLockedError as exc:
-        rows.append(Check(check="state lock", status="note", detail=exc.summary,
-                          fix=exc.hint or "wait for that apply, or `retool state unlock ID` if it is gone"))
-        return rows
-    except Exception as exc:  # noqa: BLE001
-        rows.append(Check(check="state lock", status="to fix", detail=_why(exc)))
-        return rows
-    try:
-        store.unlock(lock_id)
-    except Exception as exc:  # noqa: BLE001
-        rows.append(Check(check="state lock", status="to fix", detail=f"taken but not released: {_why(exc)}",
-                          fix=f"`retool state unlock {lock_id}`"))
-        return rows
-    rows.append(Check(check="state lock", status="ready", detail="taken and released"))
     return rows
