@@ -12,8 +12,8 @@ Rules every `SdkAdapter` call follows (MODAL.md, "Offline behaviour"):
   apply stops; a run is never relaunched because it could not be reached);
 - SDK exceptions are translated by meaning (`translate`): unreachable (ConnectionError,
   ServiceError, InternalError, rate limits: `ModalUnreachable`, retry later, nothing
-  decided), gone (a missing file or volume: FileNotFoundError / `VolumeNotFound`; an unknown
-  call id: `CallNotFound`), terminal (AuthError, PermissionDeniedError, VersionError:
+  decided), gone (a missing file or volume: FileNotFoundError / `VolumeNotFound`; a malformed
+  call id: `CallNotFound`; an unknown one polls as expired, as Modal answers it), terminal (AuthError, PermissionDeniedError, VersionError:
   `TerminalError`). Polling classifies the call itself (`CallOutcome.state`).
 
 Paths inside volumes are relative to the volume's root (`sft/abc/global_step_5/x.pt`).
@@ -76,7 +76,8 @@ class VolumeEntry(BaseModel):
 # expired: Modal no longer keeps the result; lost: Modal lost the input (InternalFailure: a
 # preempted or failed worker after its retries) -- both are judged from what the run left
 # on its volume, and relaunched from the checkpoint when it left no result.
-CallState = Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"]
+# terminated: Modal ended the call with no result and no exception (TERMINATED: a cancel, an OOM kill)
+CallState = Literal["running", "succeeded", "failed", "cancelled", "terminated", "expired", "lost"]
 
 
 class CallOutcome(BaseModel):
@@ -148,8 +149,9 @@ class ModalAdapter(Protocol):
         ...
 
     def poll(self, call_id: str) -> CallOutcome:
-        """`get(timeout=0)`, classified; `CallNotFound` for an id Modal does not know,
-        `ModalUnreachable` when Modal cannot be asked (the call's fate is unknown)."""
+        """`get(timeout=0)`, classified by `call_outcome` (an unknown id is `expired`, as Modal
+        answers it; `CallNotFound` for an id Modal refuses as malformed), `ModalUnreachable`
+        when Modal cannot be asked or answers with a conflict (the call's fate is unknown)."""
         ...
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
@@ -610,32 +612,46 @@ def translate(exc_mod: Any, exc: BaseException, what: str) -> RetoolError | None
 
 
 def call_outcome(exc_mod: Any, exc: BaseException, call_id: str) -> CallOutcome:
-    """What `FunctionCall.get(timeout=...)` raising `exc` says about the call (modal 1.6.4:
-    `poll_function` raises the built-in TimeoutError while it runs, OutputExpiredError once its
-    result is gone; `_process_result` raises FunctionTimeoutError, InternalFailure (Modal lost
-    the input), the function's own exception, or RemoteError for a terminated/cancelled call).
+    """What `FunctionCall.get(timeout=...)` raising `exc` says about the call, by exception type
+    exactly as modal 1.6.4 raises them (`_Invocation.poll_function`, `_process_result`):
+
+    - the built-in TimeoutError: outputs empty, inputs unfinished → running;
+    - OutputExpiredError: no outputs and no unfinished inputs → expired (an unknown or
+      long-finished call id answers the same way);
+    - InternalFailure (GENERIC_STATUS_INTERNAL_FAILURE: Modal lost the input) → lost;
+    - FunctionTimeoutError (GENERIC_STATUS_TIMEOUT) → failed, timed out;
+    - RemoteError itself (any other non-success status with no exception data: TERMINATED
+      when the call was cancelled, or Modal ended the container: OOM kill, eviction) →
+      terminated; ImageBuildError and other RemoteError subclasses are failures;
+    - InputCancellation → cancelled; the function's own exception, re-raised → failed;
+    - ConflictError (a subclass of InvalidError: gRPC ABORTED/FAILED_PRECONDITION) says
+      nothing about the call → `ModalUnreachable`, ask again; NotFoundError or another
+      InvalidError (a malformed id) → `CallNotFound`.
     Errors that say nothing about the call (the connection, the credentials) are raised."""
     if isinstance(exc, builtins.TimeoutError) and not isinstance(exc, exc_mod.Error):
         return CallOutcome(state="running")
     if isinstance(exc, exc_mod.OutputExpiredError):
-        return CallOutcome(state="expired", error="the call's result expired on Modal")
+        return CallOutcome(state="expired", error="Modal has no output and no unfinished input for the call")
     if isinstance(exc, exc_mod.InternalFailure):
         return CallOutcome(state="lost", error=f"Modal lost the call's input: {exc}"[-4000:])
+    if isinstance(exc, exc_mod.FunctionTimeoutError):
+        return CallOutcome(state="failed", error=f"timed out: {exc}")
+    if isinstance(exc, exc_mod.ConflictError):
+        raise ModalUnreachable(f"Modal answered poll {call_id} with a conflict; nothing was decided", str(exc),
+                               "try again in a moment") from exc
     if isinstance(exc, (exc_mod.NotFoundError, exc_mod.InvalidError)):
         raise CallNotFound(f"Modal knows no function call {call_id}", str(exc),
                            "was it started in another workspace or environment (modal.environment)?") from exc
+    if type(exc) is exc_mod.RemoteError:
+        return CallOutcome(state="terminated", error=f"Modal ended the call without a result: {exc}"[-4000:])
     if isinstance(exc, exc_mod.InputCancellation):
         return CallOutcome(state="cancelled", error="cancelled")
-    if isinstance(exc, exc_mod.FunctionTimeoutError):
-        return CallOutcome(state="failed", error=f"timed out: {exc}")
     translated = translate(exc_mod, exc, f"poll {call_id}")
     if translated is not None:
         raise translated from exc
     if not isinstance(exc, Exception):
         raise exc  # KeyboardInterrupt, SystemExit
-    text = f"{type(exc).__name__}: {exc}"
-    state: CallState = "cancelled" if "cancel" in str(exc).lower() else "failed"
-    return CallOutcome(state=state, error=text[-4000:])
+    return CallOutcome(state="failed", error=f"{type(exc).__name__}: {exc}"[-4000:])
 
 
 def parse_gpu_rates(rates: dict[str, float]) -> dict[str, float]:

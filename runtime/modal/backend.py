@@ -493,7 +493,8 @@ class ModalRuntime:
             return RunStatus(state="failed", message=str(result.get("message", "failed")), **common)
         if outcome.state == "expired":
             return RunStatus(state="lost", message=f"Modal has no result for the run ({outcome.error})", **common)
-        why = "cancelled" if outcome.state == "cancelled" else f"failed ({where})"
+        # TERMINATED is how Modal reports a cancel; it also ends a container it killed (OOM, eviction)
+        why = "cancelled or terminated by Modal" if outcome.state in ("cancelled", "terminated") else f"failed ({where})"
         tail = outcome.error.strip().splitlines()[-1:] if outcome.error else []
         return RunStatus(state="failed", message=why + (f": {tail[0][:300]}" if tail else ""), **common)
 

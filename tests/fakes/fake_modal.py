@@ -19,8 +19,13 @@ It models what retool relies on, with Modal's own rules (MODAL.md):
 - calls: `spawn` needs a deployed app and function and returns an `fc-…` id; a call runs
   until the test finishes it (`complete`, `fail`, `preempt`...) or a registered handler
   (the container's behaviour) returns; `poll` is `get(timeout=0)`: running, succeeded,
-  failed, cancelled, expired (results expire) or lost (`lose`: Modal's InternalFailure); an
-  unknown id raises `CallNotFound`; `lost_spawn_answers=N` makes the next N spawns start
+  failed, terminated (`cancel`: Modal's TERMINATED status), expired (results expire) or lost
+  (`lose`: Modal's InternalFailure). `poll` raises what modal 1.6.4's `FunctionCall.get`
+  raises in that state (the real `modal.exception` types: the built-in TimeoutError while
+  running, OutputExpiredError for an expired or unknown id, RemoteError for a terminated call,
+  the function's own exception...) and classifies it with the adapter's own `call_outcome`,
+  as `SdkAdapter` does; `conflicts=N` makes the next N polls answer ConflictError;
+  `lost_spawn_answers=N` makes the next N spawns start
   their call and then raise `ModalUnreachable` (the answer missed the adapter's deadline);
 - the container side (reload, commit, cluster info, current call id) is recorded (with a
   volume's mount in `mounts`, `reload_volume` raises RuntimeError while a file under it is
@@ -37,6 +42,7 @@ once (no per-container view until commit); no logs; no web traffic reaches web e
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import os
@@ -49,7 +55,7 @@ from typing import Any, Literal
 from reconciler.errors import TerminalError
 from runtime.cluster.layout import ClusterInfo
 from runtime.modal.adapter import (
-    LOGIN_HINT, CallNotFound, CallOutcome, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound,
+    LOGIN_HINT, CallOutcome, CallState, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound, call_outcome,
 )
 from runtime.modal.limits import gpu_problem
 from runtime.modal.app import AppDefinition
@@ -60,6 +66,13 @@ FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
 
 class FakeModalError(Exception):
     """What the SDK would raise for a request Modal's servers reject (InvalidError, NotFoundError)."""
+
+
+class _RemoteException(Exception):
+    """The function's own exception, as `_process_result` re-raises it on the caller's side."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class _Running:
@@ -76,7 +89,7 @@ class FakeCall:
     function: str
     payload: dict[str, Any]
     env: dict[str, str]  # what the container would see from its secrets
-    state: Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"] = "running"
+    state: CallState = "running"
     result: Any = None
     error: str = ""
     attempts: int = 1
@@ -100,6 +113,7 @@ class FakeModal:
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
+    conflicts: int = 0  # the next N polls answer ConflictError (gRPC ABORTED), as Modal may
     images_built: list[list[Any]] = field(default_factory=list)
     on_commit: Callable[[str], None] | None = None  # test hook: called with the volume name on each commit
     dicts: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # key -> (value, last access)
@@ -321,11 +335,33 @@ class FakeModal:
     def poll(self, call_id: str) -> CallOutcome:
         self._remote("poll", call_id)
         call = self._call(call_id)
-        if call is None:
-            raise CallNotFound(f"Modal knows no function call {call_id}")
-        if call_id in self.watchers:
+        if call is not None and call_id in self.watchers:
             self.watchers[call_id](call, "poll")
-        return CallOutcome(state=call.state, result=call.result, error=call.error)
+        if call is not None and call.state == "succeeded":
+            return CallOutcome(state="succeeded", result=call.result)
+        import modal.exception as exc_mod
+
+        try:
+            raise self._sdk_exception(exc_mod, call)
+        except BaseException as exc:  # noqa: BLE001 - classified exactly as SdkAdapter does
+            return call_outcome(exc_mod, exc, call_id)
+
+    def _sdk_exception(self, exc_mod: Any, call: FakeCall | None) -> BaseException:
+        """What modal 1.6.4's `FunctionCall.get(timeout=0)` raises for a call in this state."""
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            return exc_mod.ConflictError("conflict")
+        if call is None or call.state == "expired":
+            return exc_mod.OutputExpiredError()  # no outputs, no unfinished inputs
+        if call.state == "running":
+            return builtins.TimeoutError()
+        if call.state == "lost":
+            return exc_mod.InternalFailure(call.error or "internal failure")
+        if call.state in ("terminated", "cancelled"):
+            return exc_mod.RemoteError(call.error or "Function call was terminated")
+        if call.error.startswith("timed out"):
+            return exc_mod.FunctionTimeoutError(call.error.removeprefix("timed out: "))
+        return _RemoteException(call.error)  # the function's own exception, re-raised
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
         return self.poll(call_id)
@@ -336,7 +372,7 @@ class FakeModal:
         if call is not None and call.state == "running":
             if call_id in self.watchers:
                 self.watchers[call_id](call, "cancel")  # terminate_containers=True
-            call.state, call.error = "cancelled", "cancelled"
+            call.state, call.error = "terminated", "Function call was cancelled (terminated)"
 
     def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
         self._remote("function_stats", app_name, function)

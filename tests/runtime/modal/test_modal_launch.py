@@ -114,11 +114,10 @@ def test_an_unknown_call_id_is_gone_not_failed() -> None:
     fake, rt = ready(spec)
     held(fake)
     handle = rt.launch_stage(sft_ctx(spec))
-    with pytest.raises(CallNotFound):
-        fake.poll("fc-999999")
+    assert fake.poll("fc-999999").state == "expired"  # what Modal answers for an id it does not know
     del fake.calls[handle.ref.call_id]  # e.g. the state was copied from another workspace
     status = rt.poll_stage(handle)
-    assert status.state == "lost" and "knows no function call" in status.message
+    assert status.state == "lost" and "no result" in status.message
     rt.cancel_stage(handle)  # nothing to cancel: not an error
 
 
