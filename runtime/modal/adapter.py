@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 LOGIN_HINT = "run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), then try again"
 CALL_TIMEOUT_S = 20.0  # metadata calls: answer in seconds or report the server unreachable
-DATA_TIMEOUT_S = 300.0  # file transfers
+DATA_TIMEOUT_S = 300.0  # small file transfers (records, markers); data uploads have no deadline
 
 
 class ModalUnreachable(TransientError):
@@ -53,6 +53,28 @@ class VolumeNotFound(TerminalError):
 
 class CallNotFound(TerminalError):
     """Modal knows no function call with this id (another workspace or environment, or never made)."""
+
+
+class UploadProgress(BaseModel):
+    """How far a data upload is: files and bytes done of the total, and the file just sent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+    current: str = ""
+
+
+UploadProgressFn = Callable[[UploadProgress], None]
+
+
+def upload_plan(local: Path) -> list[tuple[str, Path]]:
+    """(path relative to the upload's root, local file) for a file or a folder, in a stable order."""
+    if local.is_file():
+        return [(local.name, local)]
+    return [(f.relative_to(local).as_posix(), f) for f in sorted(local.rglob("*")) if f.is_file()]
 
 
 class FunctionStats(BaseModel):
@@ -122,8 +144,16 @@ class ModalAdapter(Protocol):
         ...
 
     def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
-        """Upload (overwriting) in one batch: remote path -> bytes or a local file.
-        `VolumeNotFound` when the volume does not exist (nothing is created)."""
+        """Upload (overwriting) in one batch under a deadline: small records (remote path ->
+        bytes or a local file). `VolumeNotFound` when the volume does not exist (nothing is created)."""
+        ...
+
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        """Upload a local file or folder (a `path:` model or dataset: gigabytes) under
+        `remote_dir`, file by file with `progress` after each, with no deadline once the
+        connection is proven (a slow upload is not an unreachable server). Consumers must treat
+        `remote_dir` as incomplete until the caller records it done: a failure leaves part of it."""
         ...
 
     def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
@@ -169,8 +199,9 @@ class ModalAdapter(Protocol):
         """Why the Modal secret `name` cannot provide `keys` (missing, or keys absent); None when it can."""
         ...
 
-    def build_image_now(self, steps: list[ImageStep]) -> str:
-        """Build the image chain eagerly (no function runs); returns the image id."""
+    def build_image_now(self, steps: list[ImageStep], *, env: str | None = None) -> str:
+        """Build the image chain eagerly (no function runs) in the environment `env` (the
+        spec's `modal.environment`, where apply will deploy and find it cached); returns the image id."""
         ...
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str: ...
@@ -389,6 +420,32 @@ class SdkAdapter:
 
         self._call(run, f"upload to {volume}", DATA_TIMEOUT_S)
 
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        modal = self._modal()
+        self.check_connection()  # fail fast when Modal cannot be reached; the transfer has no deadline
+        plan = upload_plan(local)
+        total = sum(f.stat().st_size for _, f in plan)
+        done = 0
+        vol = self._volume(volume, env)
+        for i, (rel, path) in enumerate(plan, start=1):
+            target = "/" + f"{remote_dir.strip('/')}/{rel}"
+            try:
+                with vol.batch_upload(force=True) as batch:
+                    batch.put_file(str(path), target)
+            except modal.exception.NotFoundError as exc:
+                raise VolumeNotFound(f"Modal volume {volume} does not exist", str(exc),
+                                     "`retool apply` creates the spec's volumes; check modal.environment") from exc
+            except Exception as exc:  # noqa: BLE001 - translated by meaning, or re-raised as is
+                translated = translate(modal.exception, exc, f"upload {path} to {volume}")
+                if translated is None or translated is exc:
+                    raise
+                raise translated from exc
+            done += path.stat().st_size
+            if progress is not None:
+                progress(UploadProgress(files_done=i, files_total=len(plan), bytes_done=done, bytes_total=total,
+                                        current=rel))
+
     def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
         not_found = self._modal().exception.NotFoundError
 
@@ -553,7 +610,7 @@ class SdkAdapter:
 
         return self._call(run, f"secret {name}")
 
-    def build_image_now(self, steps: list[ImageStep]) -> str:
+    def build_image_now(self, steps: list[ImageStep], *, env: str | None = None) -> str:
         modal = self._modal()
         self.check_connection()
         # retool's own sources (add_local_python_source, not copied) are mounted when a
@@ -561,12 +618,15 @@ class SdkAdapter:
         image = self.build_image([s for s in steps if s.op != "add_local_python_source"])
         # A first build pulls the base image and installs packages: minutes, so no deadline
         # (the connection was just proven); later builds are cached by recipe.
-        with modal.enable_output():
-            image.build()
+        # `Image.build()` alone runs in an ephemeral app of Modal's default environment; the
+        # spec's environment is where apply deploys, so build there.
+        with modal.enable_output(), modal.App("retool-image-build").run(environment_name=env) as app:
+            image.build(app)
         return str(image.object_id)
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
-        return str(self._call(lambda: self._function(app_name, function, env).get_web_url(), f"url of {function}"))
+        url = self._call(lambda: self._function(app_name, function, env).get_web_url(), f"url of {function}")
+        return require_web_url(url, app_name, function)
 
     def gpu_rates(self) -> dict[str, float]:
         modal = self._modal()
@@ -593,6 +653,17 @@ class SdkAdapter:
         info = modal.experimental.get_cluster_info()
         return ClusterInfo(rank=int(info.rank), cluster_id=str(info.cluster_id), ips=list(info.container_ips),
                            ipv4_ips=list(info.container_ipv4_ips))
+
+
+def require_web_url(url: str | None, app_name: str, function: str) -> str:
+    """modal 1.6.4's `get_web_url()` answers None for a function that is not (yet) a web endpoint."""
+    if not url:
+        raise TerminalError(
+            f"Modal has no web URL for {app_name}.{function}",
+            "the deployed function is not a web endpoint (yet): an older deploy of the app, or its deploy did not finish",
+            "run `retool apply` again to redeploy the app; `modal app list` shows what is deployed",
+        )
+    return url
 
 
 def translate(exc_mod: Any, exc: BaseException, what: str) -> RetoolError | None:

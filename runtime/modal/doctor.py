@@ -136,7 +136,7 @@ def gpu_checks(spec: Spec, *, adapter: ModalAdapter | None) -> list[Check]:
 def image_check(spec: Spec, adapter: ModalAdapter) -> Check:
     steps = build_app_definition(spec).image
     try:
-        image_id = adapter.build_image_now(steps)
+        image_id = adapter.build_image_now(steps, env=spec.modal.environment)
     except RetoolError as exc:
         return Check(check="image", status="to fix", detail=_why(exc), fix=exc.hint)
     except Exception as exc:  # noqa: BLE001 - the build's own error (ImageBuildError, a failed pip step)

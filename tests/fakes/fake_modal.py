@@ -50,12 +50,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from reconciler.errors import TerminalError
 from runtime.cluster.layout import ClusterInfo
 from runtime.modal.adapter import (
-    LOGIN_HINT, CallOutcome, CallState, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound, call_outcome,
+    LOGIN_HINT, CallOutcome, CallState, FunctionStats, ModalUnreachable, UploadProgress, UploadProgressFn, VolumeEntry,
+    VolumeNotFound, call_outcome, require_web_url, upload_plan,
 )
 from runtime.modal.limits import gpu_problem
 from runtime.modal.app import AppDefinition
@@ -113,6 +114,7 @@ class FakeModal:
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
+    fail_upload_after: int | None = None  # the next data upload breaks after this many files
     conflicts: int = 0  # the next N polls answer ConflictError (gRPC ABORTED), as Modal may
     images_built: list[list[Any]] = field(default_factory=list)
     on_commit: Callable[[str], None] | None = None  # test hook: called with the volume name on each commit
@@ -197,6 +199,25 @@ class FakeModal:
         if key not in files:
             raise FileNotFoundError(f"{volume}:{path}")
         return files[key]
+
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        """File by file like `SdkAdapter.upload_data`; `fail_upload_after=N` makes the upload
+        break after N files (the connection dropped), leaving those N on the volume."""
+        self._remote("upload_data", volume, remote_dir)
+        if volume not in self.volumes:
+            raise VolumeNotFound(f"Modal volume {volume} does not exist")
+        plan = upload_plan(local)
+        total, done = sum(f.stat().st_size for _, f in plan), 0
+        for i, (rel, path) in enumerate(plan, start=1):
+            if self.fail_upload_after is not None and i > self.fail_upload_after:
+                self.fail_upload_after = None
+                raise ModalUnreachable(f"the connection dropped while uploading {rel}")
+            self.volumes[volume][f"{remote_dir.strip('/')}/{rel}"] = path.read_bytes()
+            done += path.stat().st_size
+            if progress is not None:
+                progress(UploadProgress(files_done=i, files_total=len(plan), bytes_done=done, bytes_total=total,
+                                        current=rel))
 
     def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
         self._remote("put_files", volume, *sorted(files))
@@ -388,8 +409,8 @@ class FakeModal:
         missing = [k for k in keys if k not in self.secrets[name]]
         return f"Secret '{name}' is missing keys {', '.join(missing)}" if missing else None
 
-    def build_image_now(self, steps: list[Any]) -> str:
-        self._remote("build_image_now")
+    def build_image_now(self, steps: list[Any], *, env: str | None = None) -> str:
+        self._remote("build_image_now", env or "")
         probe = AppDefinition(app_name="image-build", image=steps, functions=[])
         self._validate(probe)
         self.images_built.append(list(steps))
@@ -398,9 +419,11 @@ class FakeModal:
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
         self._remote("web_url", app_name, function)
         app = self.deployed.get(app_name)
-        if app is None or not app.function(function).web:
-            raise FakeModalError(f"NotFoundError: {app_name}.{function} is not a deployed web function")
-        return f"https://{self.workspace}--{app_name}-{function}.modal.run"
+        if app is None:
+            raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
+        # modal 1.6.4: get_web_url() is None for a function that is not a web endpoint
+        url = f"https://{self.workspace}--{app_name}-{function}.modal.run" if app.function(function).web else None
+        return require_web_url(url, app_name, function)
 
     def gpu_rates(self) -> dict[str, float]:
         self._remote("gpu_rates")

@@ -79,7 +79,8 @@ def test_a_ready_workspace_is_all_ready(workspace: FakeModal, tmp_path: Path) ->
         "volume retool-qwen7b-models": "ready", "state store": "ready", "state lock": "ready",
     }
     assert "retool apply` creates it" in rows["volume retool-qwen7b-data"].detail  # type: ignore[attr-defined]
-    (built,) = workspace.images_built  # eagerly, with no function run
+    (built,) = workspace.images_built  # eagerly, with no function run, in the spec's environment
+    assert workspace.ops_named("build_image_now") == [("build_image_now", load_spec(QWEN).spec.modal.environment or "")]
     assert built[0].args == ["verlai/verl:vllm024.dev2"] and workspace.calls == {} and workspace.deployed == {}
     # the lock was taken and released: nothing is left held
     assert ModalStore.from_spec(load_spec(QWEN).spec, adapter=workspace).lock_info() is None
@@ -89,7 +90,7 @@ def test_doctor_names_what_to_fix(workspace: FakeModal, tmp_path: Path, monkeypa
     del workspace.secrets["wandb"]
     workspace.secrets["huggingface"] = {"HUGGINGFACE_TOKEN": "h"}  # the wrong key
 
-    def failed_build(steps: object) -> str:
+    def failed_build(steps: object, env: str | None = None) -> str:
         raise TerminalError("Image build failed: pip exited with 1", hint="see the build log")
 
     monkeypatch.setattr(workspace, "build_image_now", failed_build)

@@ -288,3 +288,47 @@ def test_fake_call_states_match_what_modals_own_result_processing_raises(sdk: An
     fake.conflicts = 1
     with pytest.raises(ModalUnreachable):
         fake.poll("fc-1")
+
+
+def test_sdk_web_url_of_a_function_that_is_no_web_endpoint_is_a_clear_error(
+    sdk: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """modal 1.6.4's `Function.get_web_url()` answers None for a non-web function; the fake agrees."""
+
+    class StubFunction:
+        def get_web_url(self) -> None:
+            return None
+
+    monkeypatch.setattr(sdk.Function, "from_name", staticmethod(lambda *a, **k: StubFunction()))
+    with pytest.raises(TerminalError) as real:
+        SdkAdapter().web_url("retool-x", "sandbox")
+    fake = FakeModal()
+    fake.deployed["retool-x"] = AppDefinition(app_name="retool-x", image=[], functions=[
+        FunctionSpec(name="sandbox", entry="sandbox_web", web=False)])
+    with pytest.raises(TerminalError) as faked:
+        fake.web_url("retool-x", "sandbox")
+    assert real.value.summary == faked.value.summary and "None" not in real.value.summary
+
+
+def test_sdk_image_build_runs_in_the_specs_environment(sdk: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Image.build()` without an app builds in Modal's default environment: doctor's build
+    must run in an app of the spec's `modal.environment`."""
+    seen: dict[str, Any] = {}
+
+    class StubRun:
+        def __init__(self, environment_name: str | None) -> None:
+            seen["environment"] = environment_name
+
+        def __enter__(self) -> str:
+            return "app-in-env"
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(sdk.App, "run", lambda self, **kw: StubRun(kw.get("environment_name")))
+    monkeypatch.setattr(sdk.Image, "build", lambda self, app=None: seen.setdefault("app", app))
+    monkeypatch.setattr(sdk.Image, "object_id", property(lambda self: "im-1"))
+    monkeypatch.setattr(SdkAdapter, "check_connection", lambda self, timeout_s=0: None)
+    steps = [ImageStep(op="from_registry", args=["python:3.12-slim"])]
+    assert SdkAdapter().build_image_now(steps, env="staging") == "im-1"
+    assert seen == {"environment": "staging", "app": "app-in-env"}

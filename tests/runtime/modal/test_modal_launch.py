@@ -13,7 +13,7 @@ import pytest
 
 from reconciler.errors import TerminalError
 from runtime.modal import launches
-from runtime.modal.adapter import CallNotFound, ModalUnreachable
+from runtime.modal.adapter import ModalUnreachable
 from runtime.modal.app import stage_function_name
 from runtime.modal.backend import ModalRuntime
 from runtime.modal.worker import ContainerSegment
