@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from reconciler.spec import EvalStage, RLStage, Spec
+from reconciler.spec import EvalStage, RLStage, Spec, StageCommon
 from reconciler.records import Frozen
 from runtime.modal.images import ImageStep, image_problems, image_steps, image_warnings
 from runtime.modal.launches import LaunchKey
@@ -139,6 +139,23 @@ def volume_mounts(spec: Spec) -> dict[str, str]:
 # --------------------------------------------------------------------------- validation
 
 
+def save_interval_problem(stage: StageCommon | EvalStage, segment_hours: float) -> str | None:
+    """A segment hands over from its latest checkpoint: one that cannot save within its time
+    ends with nothing new, and every retry repeats the same steps forever."""
+    # eval stages keep every finished sample round; without an estimate the interval is unknown
+    if not isinstance(stage, StageCommon) or stage.seconds_per_step is None:
+        return None
+    save_freq, per_step = stage.save_freq, stage.seconds_per_step
+    usable_s = segment_hours * 3600 - SEGMENT_MARGIN_S
+    if save_freq * per_step <= usable_s:
+        return None
+    fits = int(usable_s // per_step)
+    return (f"{save_freq} steps x seconds_per_step {per_step:g} s = {save_freq * per_step / 3600:.1f} h between "
+            f"checkpoints, longer than a segment ({usable_s / 3600:.2f} h usable of resources.timeout_hours "
+            f"{segment_hours:g}): every segment would end without a new checkpoint and its retries repeat it; "
+            + (f"set save_freq to {fits} or less" if fits >= 1 else "one step does not fit a segment"))
+
+
 def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
     """What Modal would reject only on its servers, found here before anything runs."""
     problems: list[str] = list(image_problems(spec.image))
@@ -157,6 +174,8 @@ def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
                 f"stages.{name}.resources.timeout_hours: {hours:g} h leaves no time to train after the "
                 f"{SEGMENT_MARGIN_S // 60}-minute hand-over margin"
             )
+        elif (why := save_interval_problem(stage, min(hours, MAX_TIMEOUT_HOURS))) is not None:
+            problems.append(f"stages.{name}.save_freq: {why}")
     root = Path(repo_root)
     for src in spec.image.local_sources:
         if not ((root / src / "__init__.py").is_file() or (root / f"{src}.py").is_file()):

@@ -148,6 +148,25 @@ def test_plan_time_checks_catch_what_modal_checks_remotely(tmp_path: Path) -> No
     assert len(problems) == 4
 
 
+def test_a_stage_that_cannot_save_within_a_segment_is_refused_naming_its_fields() -> None:
+    """A segment continues from its latest checkpoint: a save interval longer than a segment
+    would end every segment with nothing new, and retries would repeat it forever."""
+    from reconciler.loader import load_spec as load
+
+    assert modal_problems(load(REPO / "specs/retool-qwen32b.yaml").spec, REPO) == []
+    # 30 steps x 3600 s = 30 h > 23.75 h usable (24 h less the hand-over margin)
+    spec = qwen(stages__dapo__save_freq=30, stages__dapo__seconds_per_step=3600)
+    (problem,) = modal_problems(spec, REPO)
+    assert problem.startswith("stages.dapo.save_freq: 30 steps x seconds_per_step 3600 s = 30.0 h")
+    assert "resources.timeout_hours 24" in problem and "set save_freq to 23 or less" in problem
+    assert modal_problems(qwen(stages__dapo__save_freq=23, stages__dapo__seconds_per_step=3600), REPO) == []
+    shorter = qwen(stages__dapo__save_freq=10, stages__dapo__seconds_per_step=3600,
+                   stages__dapo__resources__timeout_hours=8)  # 10 h > 7.75 h
+    assert [p.split(":")[0] for p in modal_problems(shorter, REPO)] == ["stages.dapo.save_freq"]
+    unknown = qwen(stages__dapo__save_freq=1000, stages__dapo__seconds_per_step=None)
+    assert modal_problems(unknown, REPO) == []  # no estimate: nothing to judge
+
+
 def test_mutable_tags_and_unpinned_requirements_warn() -> None:
     assert image_warnings(load_spec(QWEN).spec.image) == []
     assert any("mutable tag 'vllm024.latest'" in w for w in image_warnings(qwen(image__base="verlai/verl:vllm024.latest").image))
