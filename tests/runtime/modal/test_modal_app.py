@@ -5,6 +5,7 @@ checks for what Modal only validates on its servers."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -36,7 +37,8 @@ def test_image_chain_in_modal_order_with_local_sources_last() -> None:
     assert steps[0].args == ["nvidia/cuda:12.8.1-devel-ubuntu22.04"] and steps[0].options == {"add_python": "3.12"}
     assert steps[3].args == ["verl[vllm]==0.9.1", "flash-attn==2.8.3", "transformers==5.9.0"]
     assert steps[-1].args == ["reconciler", "runtime", "sandbox"]
-    assert image_steps(qwen(image__installer="pip").image)[2].op == "pip_install"
+    pip_steps = [s.op for s in image_steps(qwen(image__installer="pip").image) if s.op.endswith("pip_install")]
+    assert pip_steps and set(pip_steps) == {"pip_install"}
 
 
 def test_the_7b_image_starts_from_verls_vllm_image_and_compiles_nothing() -> None:
@@ -230,3 +232,37 @@ def test_real_sdk_without_a_token_fails_fast_with_a_login_hint(monkeypatch: pyte
     with pytest.raises(TerminalError) as exc:
         adapter.volume_exists("anything")
     assert "modal token new" in exc.value.hint and "MODAL_TOKEN_ID" in exc.value.hint
+
+
+def run_pin_step(tmp_path: Path, interpreters: dict[str, str]) -> tuple[int, list[str]]:
+    """Runs the known base's first build step in a shell whose PATH holds stub interpreters
+    (name -> the version it reports), with /usr/local/bin mapped to a folder of ours."""
+    from runtime.modal.images import VERL_VLLM_024, image_steps
+
+    local_bin, stubs = tmp_path / "usr-local-bin", tmp_path / "bin"
+    local_bin.mkdir(parents=True)
+    stubs.mkdir(parents=True)
+    for name, version in interpreters.items():
+        stub = stubs / name
+        major, minor = version.split(".")
+        # `-c 'print(...)'` prints the version; `-c 'assert ... == (3, 12)'` passes only for 3.12
+        stub.write_text(f'#!/bin/sh\ncase "$2" in *assert*) case "$2" in *"({major}, {minor})"*) exit 0;; '
+                        f'*) exit 1;; esac;; *) echo {version};; esac\n')
+        stub.chmod(0o755)
+    steps = image_steps(qwen(image__base=VERL_VLLM_024).image)
+    assert steps[1].op == "run_commands"  # right after the base: before any pip step uses `python`
+    command = steps[1].args[0].replace("/usr/local/bin/", f"{local_bin}/")
+    env = {"PATH": f"{local_bin}:{stubs}:/usr/bin:/bin"}
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, check=False)
+    return done.returncode, sorted(p.name for p in local_bin.iterdir())
+
+
+def test_the_known_base_image_makes_python_its_own_interpreter_before_installing(tmp_path: Path) -> None:
+    """modal's uv_pip_install runs `uv pip install --python $(command -v python)`: the image's
+    Python must be `python` on PATH, whatever the base ships."""
+    assert run_pin_step(tmp_path / "a", {"python3.12": "3.12"}) == (0, ["python"])  # no `python`: linked
+    assert run_pin_step(tmp_path / "b", {"python3.12": "3.12", "python": "3.10"}) == (0, ["python"])  # the wrong one
+    assert run_pin_step(tmp_path / "c", {"python3.12": "3.12", "python": "3.12"}) == (0, [])  # already right
+    assert run_pin_step(tmp_path / "d", {"python": "3.10"})[0] != 0  # no 3.12 at all: the build fails here
+    unknown = image_steps(qwen(image__base="nvidia/cuda:12.4.1-runtime-ubuntu22.04", image__python="3.11").image)
+    assert unknown[0].options == {"add_python": "3.11"} and unknown[1].op != "run_commands"  # Modal's own Python
