@@ -529,6 +529,8 @@ class SdkAdapter:
             # retool's packages come from the image's add_local_python_source step, nothing else
             "include_source": False,
         }
+        if fn.efa:  # Modal's multi-node guide: EFA unlocks extra capacity of H100 clusters
+            kwargs["experimental_options"] = {"efa_enabled": True}
         if fn.env:
             kwargs["env"] = dict(fn.env)  # non-secret settings only (the SDK ships them as a dict secret)
         if fn.gpu is not None:

@@ -40,6 +40,9 @@ MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
 # The container stops training this long before Modal's timeout, so it can commit the
 # volumes and hand over to the next segment instead of being killed mid-write.
 SEGMENT_MARGIN_S = 15 * 60
+# EFA: Modal's multi-node guide enables it on H100 clusters, with these system libraries in the image
+EFA_AUTO_GPUS = ("H100", "H100!")
+EFA_LIBRARIES = ("libhwloc15", "libnl-route-3-200")
 SIDECAR_PORT = 8765  # the RL container's sandbox sidecar listens on localhost here by default
 WORKER_MODULE = "runtime.modal.worker"
 CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
@@ -61,6 +64,7 @@ class FunctionSpec(Frozen):
     secrets: list[str] = Field(default_factory=list)  # Modal secret names
     env: dict[str, str] = Field(default_factory=dict)  # non-secret settings for the entry point
     cluster_size: int | None = None  # `@modal.clustered(size=N)` when nodes > 1
+    efa: bool = False  # `experimental_options={"efa_enabled": True}` (clustered functions)
     web: bool = False  # `@modal.asgi_app()`
     concurrent_inputs: int | None = None  # `@modal.concurrent(max_inputs=N)`
     min_containers: int | None = None
@@ -244,6 +248,7 @@ def stage_function(spec: Spec, stage_name: str) -> FunctionSpec:
         volumes=volume_mounts(spec),
         secrets=_modal_secret_names(spec, secret_keys),
         cluster_size=res.nodes if res.nodes > 1 else None,
+        efa=res.nodes > 1 and (spec.modal.efa == "on" or (spec.modal.efa == "auto" and res.gpu in EFA_AUTO_GPUS)),
     )
 
 
@@ -276,9 +281,10 @@ def build_app_definition(spec: Spec) -> AppDefinition:
             env=sandbox_env(spec), web=True, concurrent_inputs=sb.max_queue + (sb.workers or int(sb.cpu)),
             min_containers=sb.replicas, max_containers=sb.replicas,
         ))
+    efa_libraries = EFA_LIBRARIES if any(fn.efa for fn in functions) else ()
     return AppDefinition(
-        app_name=app_name(spec), environment=spec.modal.environment, image=image_steps(spec.image),
-        functions=functions,
+        app_name=app_name(spec), environment=spec.modal.environment,
+        image=image_steps(spec.image, apt_extra=efa_libraries), functions=functions,
     )
 
 

@@ -132,15 +132,17 @@ def _provided(facts: BaseImage | None, req: Requirement) -> bool:
 # --------------------------------------------------------------------------- the chain
 
 
-def image_steps(image: Image) -> list[ImageStep]:
-    """The image chain, in Modal's required order, local sources last."""
+def image_steps(image: Image, *, apt_extra: tuple[str, ...] = ()) -> list[ImageStep]:
+    """The image chain, in Modal's required order, local sources last; `apt_extra` are system
+    packages a function option needs (EFA's libraries)."""
     facts = base_facts(image.base)
     options = {} if facts is not None else {"add_python": image.python}
     steps = [ImageStep(op="from_registry", args=[image.base], options=options)]
     if facts is not None:
         steps.append(ImageStep(op="run_commands", args=[pin_python_command(facts.python)]))
-    if image.apt:
-        steps.append(ImageStep(op="apt_install", args=list(image.apt)))
+    apt = list(dict.fromkeys([*image.apt, *apt_extra]))
+    if apt:
+        steps.append(ImageStep(op="apt_install", args=apt))
     if image.env:
         steps.append(ImageStep(op="env", env=dict(sorted(image.env.items()))))
     plain, no_deps = _split_pip(image, facts)
