@@ -2,9 +2,10 @@
 
 The reconciler never imports torch, verl, ray or modal; backends do, lazily, inside
 their methods. Every operation is idempotent and says `created | unchanged | updated`
-(STYLE.md #7). Implementations: `runtime.local.backend.LocalRuntime`, `runtime.modal.backend.ModalRuntime`,
-and `tests`' in-memory runtime with injectable failures. Beyond `Runtime`, a backend may offer
-the `OptionalCapabilities` (looked up by name, done without when absent).
+(docs/architecture.md, "Reconcile from observed reality"). Implementations:
+`runtime.local.backend.LocalRuntime`, `runtime.modal.backend.ModalRuntime`, and `tests`'
+in-memory runtime with injectable failures. Beyond `Runtime`, a backend may offer the
+`OptionalCapabilities` (looked up by name, done without when absent).
 
 Checkpoint layout (shared by every backend): a stage writes its verl checkpoints to
 `<stage volume>/<stage name>/<restart_id[:16]>/global_step_N`, so checkpoints written under

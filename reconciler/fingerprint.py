@@ -1,4 +1,4 @@
-"""Fingerprints: canonical hashes of a node's effective configuration (STYLE.md #4).
+"""Fingerprints: canonical hashes of a node's effective configuration (docs/change-policy.md, "Fingerprints").
 
 Three hashes per node, one per change policy, over the leaves of its effective config
 (defaults applied, numbers canonical, key order irrelevant). The restart identity also

@@ -1,9 +1,10 @@
 """The plan: a pure function from (spec, recorded state, observed reality) to frozen data.
 
 `make_plan` decides one action per node, in dependency order, and says why; it prints
-nothing and does no I/O (STYLE.md #1). Views render it (reconciler/cli/plan_view.py); apply walks it.
+nothing and does no I/O (docs/architecture.md, "The plan is a value"). Views render it
+(reconciler/cli/plan_view.py); apply walks it.
 
-Per node (DESIGN.md, "Fingerprints and change policy"):
+Per node (docs/change-policy.md, "The decision table"):
 
     not in state / gone            -> create
     --replace                      -> rerun

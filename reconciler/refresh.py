@@ -1,4 +1,5 @@
-"""Refresh: observe reality through a Runtime (STYLE.md #7), then plan from it.
+"""Refresh: observe reality through a Runtime, then plan from it (docs/architecture.md,
+"Reconcile from observed reality").
 
 `observe` polls recorded runs and reads checkpoints from the stages' volumes; it never
 fails a plan: whatever it cannot see (no credentials, backend unreachable, backend not

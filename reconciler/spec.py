@@ -1,7 +1,7 @@
 """The spec: one YAML document that declares a whole ReTool training pipeline.
 
-Every field declares its change policy next to its definition (DESIGN.md, "Fingerprints
-and change policy"):
+Every field declares its change policy next to its definition (docs/change-policy.md,
+"The three policies"):
 
 - ``restart``: the result would differ -> rerun from scratch;
 - ``resume``: the run can continue from its latest valid checkpoint;
@@ -9,7 +9,7 @@ and change policy"):
 
 `F(...)` is `pydantic.Field` plus a mandatory ``policy``; the policy lands in the JSON
 Schema as ``x-policy`` and `field_policy()` reads it back. A test walks the whole schema
-and fails on any field without one. Defaults are the recipe's values (RECIPE.md).
+and fails on any field without one. Defaults are the recipe's values (docs/recipe.md, "Hyper-parameters").
 """
 
 from __future__ import annotations
@@ -475,7 +475,7 @@ class Critic(SpecModel):
 
 class RecipeOptions(SpecModel):
     """Departures from the published ReTool recipe's tool and reward, all off by default
-    (the README's "Differences from the official recipe" lists them)."""
+    (docs/fidelity.md, "Differences from the official recipe", lists them)."""
 
     lenient_fences: bool = F(
         False, policy="restart",

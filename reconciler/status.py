@@ -1,6 +1,6 @@
 """Status: where every node stands, from recorded state plus what the runtime observes.
 
-Per node (DESIGN.md "Status"): sync (in sync / out of sync / missing) comes from the same
+Per node (docs/plan-apply-status.md, "Status"): sync (in sync / out of sync / missing) comes from the same
 plan `retool plan` shows, so both agree on what changed and why; health (healthy /
 progressing / failed / lost) from the record and the observed run; plus the fingerprint
 it last ran with and, for stages, step/total, latest valid checkpoint, elapsed time and

@@ -1,12 +1,12 @@
 """Apply: walk a Plan through a Runtime, writing state after every transition.
 
-Level-triggered and idempotent (DESIGN.md "Apply"): the lock is taken, state re-read, a
-saved plan whose serial moved is refused, the backend's preflight must pass, then each
-planned change runs in order. A stage's run handle is recorded the moment it launches, so
-a crash or Ctrl-C leaves a state the next apply re-attaches to instead of relaunching; a
-finished node's record is written the moment it succeeds (STYLE.md #6). When a node fails,
-its dependents are skipped because of it; independent nodes go on. A `blocked` change
-stops the walk with its reason.
+Level-triggered and idempotent (docs/plan-apply-status.md, "Apply"): the lock is taken,
+state re-read, a saved plan whose serial moved is refused, the backend's preflight must
+pass, then each planned change runs in order. A stage's run handle is recorded the moment it
+launches, so a crash or Ctrl-C leaves a state the next apply re-attaches to instead of
+relaunching; a finished node's record is written the moment it succeeds (docs/architecture.md,
+"Apply persists after every transition"). When a node fails, its dependents are skipped
+because of it; independent nodes go on. A `blocked` change stops the walk with its reason.
 
 Retries: transient faults of idempotent calls (ensure, prepare, poll, discover, finalize)
 are retried with backoff; `launch_stage` is not (a backend makes launching idempotent per

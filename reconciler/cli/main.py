@@ -67,7 +67,7 @@ def print_error(error: RetoolError) -> None:
 
 
 class RetoolGroup(TyperGroup):
-    """Turns errors into one clear message and an exit code (STYLE.md #8)."""
+    """Turns errors into one clear message and an exit code (docs/architecture.md, "One error type, two kinds")."""
 
     def invoke(self, ctx: Any) -> Any:  # typer vendors click: its Context is not `click.Context`
         try:

@@ -1,6 +1,6 @@
 """Views of a plan: rich text for people, JSON for machines, Markdown for PR comments.
 
-The plan is data (reconciler/plan.py); these functions only format it (STYLE.md #1).
+The plan is data (reconciler/plan.py); these functions only format it (docs/architecture.md, "The plan is a value").
 Text is built from `rich.text.Text` pieces, never markup strings, so spec values such as
 `image.pip[2]` are never read as rich markup.
 """

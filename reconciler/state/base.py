@@ -1,4 +1,4 @@
-"""State records and the store interface (STYLE.md #3).
+"""State records and the store interface (docs/state.md, "Stores").
 
 State is versioned JSON read leniently (unknown keys ignored, missing keys defaulted),
 never pickled. A store has four operations: `read`, `write`, `lock(info) -> id`,

@@ -8,7 +8,7 @@ the same state. Layout::
     Dict   <state.lock_dict>:  <key> -> LockInfo JSON  present while an apply holds the lock
 
 The state lives on a Volume because Volumes are durable; a Dict entry expires after 7 idle
-days, which is fine for a lock and never for state (MODAL.md). The lock is an atomic
+days, which is fine for a lock and never for state (docs/modal.md, "Dicts"). The lock is an atomic
 put-if-absent (`skip_if_exists=True`) carrying an expiry (`lock_ttl_s`, default 5 min) that
 its holder pushes forward from a heartbeat thread every `heartbeat_s` (a fifth of the TTL;
 reconciler/state/lease.py) and on every state write. A holder that dies (a cancelled CI

@@ -4,7 +4,7 @@
 `SdkAdapter` implements it with the real client (imported lazily, inside methods, so
 `retool plan` never pays for it); `tests/fakes/fake_modal.py` implements it in memory.
 
-Rules every `SdkAdapter` call follows (MODAL.md, "Offline behaviour"):
+Rules every `SdkAdapter` call follows (docs/modal.md, "Offline behaviour"):
 - no token → `TerminalError` at once, saying how to log in (the SDK would raise AuthError);
 - every remote call runs under a short deadline in a daemon thread, because with a token and
   no reachable server the SDK retries for about a minute: past the deadline the call raises

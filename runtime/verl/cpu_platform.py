@@ -32,7 +32,7 @@ import torch
 import torch.distributed
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-PLATFORM_NAME = "cpu"  # = runtime.verl.common.CPU_PLATFORM_NAME (a test keeps them equal)
+PLATFORM_NAME = "cpu"  # what runtime.verl.common renders as VERL_PLATFORM (a test selects it with that env)
 
 
 def _meminfo_bytes() -> tuple[int, int]:

@@ -114,7 +114,7 @@ def rl_overrides(
         kv("data.truncation", stage.truncation),
         kv("data.return_raw_chat", True),  # the agent loop renders the chat itself
         kv("data.seed", stage.seed),
-        # algorithm: GRPO + clip-higher, token-mean, no KL (RECIPE.md)
+        # algorithm: GRPO + clip-higher, token-mean, no KL (docs/recipe.md, "Hyper-parameters")
         kv("algorithm.adv_estimator", algo.adv_estimator),
         kv("algorithm.use_kl_in_reward", algo.use_kl_in_reward),
         kv("algorithm.kl_ctrl.kl_coef", algo.kl_coef),

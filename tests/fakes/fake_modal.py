@@ -1,6 +1,6 @@
 """An in-memory Modal behind the `runtime.modal.adapter.ModalAdapter` protocol.
 
-It models what retool relies on, with Modal's own rules (MODAL.md):
+It models what retool relies on, with Modal's own rules (docs/modal.md):
 
 - credentials: with no token every remote call raises `TerminalError` at once (the SDK's
   AuthError, translated the way `SdkAdapter` does); `reachable=False` makes every remote

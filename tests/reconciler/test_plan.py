@@ -1,4 +1,5 @@
-"""make_plan's decision table on a small inline spec (STYLE.md #10), plus the views."""
+"""make_plan's decision table on a small inline spec, plus the views (docs/architecture.md,
+"Test each layer at its own level")."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ The recipe's scripts (verl-project/verl-recipe `retool/run_qwen2_7b_{sft,dapo}.s
 verl 0.9.1 (specs/retool-qwen7b.yaml, specs/retool-qwen32b.yaml). Every flag of those scripts,
 and every verl 0.6.1 default retool also sets, is rendered with the recipe's value or listed
 here, for both specs (`scope`) or one. tests/runtime/verl/test_recipe_flags.py checks that flag
-by flag against checked-in copies of the scripts' effective values, and that the README's
-"Differences from the official recipe" table is `markdown_table()` verbatim.
+by flag against checked-in copies of the scripts' effective values, and that the
+"Differences from the official recipe" table in docs/fidelity.md is `markdown_table()` verbatim.
 
 Kinds (what the test checks):
 - `renamed`: verl 0.9.1 moved the key; the value under `key` equals the recipe's;
@@ -37,7 +37,7 @@ class Difference(BaseModel):
     spec_stages: tuple[str, ...] = ()  # only these stages of the spec (e.g. the 32B `grpo`); empty: every one
     recipe_key: str | None = None  # verl 0.6.1's key as the recipe sets it (or its default)
     key: str | None = None  # the key retool renders for verl 0.9.1
-    recipe: str  # the recipe's value or behaviour, as the README shows it
+    recipe: str  # the recipe's value or behaviour, as docs/fidelity.md shows it
     ours: str  # retool's
     reason: str
 
@@ -235,7 +235,7 @@ def by_stage(stage: Stage, scope: Literal["7b", "32b"] = "7b", name: str | None 
 
 
 def markdown_table() -> str:
-    """The README's table (the test checks the README holds it verbatim)."""
+    """The table in docs/fidelity.md (the test checks the page holds it verbatim)."""
     rows = ["| Stage | Flag / behaviour | Recipe (verl 0.6.1) | retool (verl 0.9.1) | Why |",
             "|---|---|---|---|---|"]
     for d in DIFFERENCES:

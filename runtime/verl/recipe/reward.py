@@ -1,4 +1,4 @@
-"""The recipe's reward (RECIPE.md item 4), loaded by verl as
+"""The recipe's reward (docs/recipe.md, "Reward"), loaded by verl as
 `reward.custom_reward_function.path=pkg://runtime.verl.recipe.reward`, `.name=compute_score`.
 
 verl's reward manager calls `compute_score(data_source=, solution_str=, ground_truth=,

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.loader import load_spec
-from reconciler.steps import segments_for
+from reconciler.steps import estimate, segments_for
 from runtime.modal.adapter import SdkAdapter, parse_gpu_rates
+from runtime.modal.limits import size_warnings
 from tests.plan_helpers import qwen
 from runtime.modal.app import (
     build_app_definition,
@@ -28,17 +29,44 @@ REPO = Path(__file__).resolve().parents[3]
 QWEN = REPO / "specs" / "retool-qwen7b.yaml"
 
 
-def test_image_chain_in_modal_order_with_local_sources_last() -> None:
-    spec = qwen(image__base="nvidia/cuda:12.8.1-devel-ubuntu22.04", image__apt=["git"], image__commands=["echo hi"])
-    steps = image_steps(spec.image)
-    assert [s.op for s in steps] == [
-        "from_registry", "apt_install", "env", "uv_pip_install", "run_commands", "add_local_python_source",
-    ]
-    assert steps[0].args == ["nvidia/cuda:12.8.1-devel-ubuntu22.04"] and steps[0].options == {"add_python": "3.12"}
-    assert steps[3].args == ["verl[vllm]==0.9.1", "flash-attn==2.8.3", "transformers==5.9.0"]
-    assert steps[-1].args == ["reconciler", "runtime", "sandbox"]
-    pip_steps = [s.op for s in image_steps(qwen(image__installer="pip").image) if s.op.endswith("pip_install")]
-    assert pip_steps and set(pip_steps) == {"pip_install"}
+def is_local(op: str) -> bool:
+    return op.startswith("add_local")
+
+
+def assert_local_sources_come_last(ops: list[str]) -> None:
+    """Modal refuses a build step after an `add_local_*` one (and only says so at deploy)."""
+    first_local = next(i for i, op in enumerate(ops) if is_local(op))
+    assert all(is_local(op) for op in ops[first_local:]), ops
+    assert all(i < first_local for i, op in enumerate(ops) if not is_local(op)), ops
+
+
+def test_image_chain_builds_everything_the_spec_asks_with_local_sources_last() -> None:
+    spec = qwen(image__base="nvidia/cuda:12.8.1-devel-ubuntu22.04", image__apt=["git"], image__commands=["echo hi"],
+                image__env={"PIP_NO_CACHE_DIR": "1"})
+    image = spec.image
+    steps = image_steps(image)
+    ops = [s.op for s in steps]
+    # the spec's base first; an image retool knows nothing about gets the spec's Python added
+    assert ops[0] == "from_registry" and steps[0].args == [image.base]
+    assert steps[0].options.get("add_python") == image.python
+    assert_local_sources_come_last(ops)
+    assert [a for s in steps if is_local(s.op) for a in s.args] == list(image.local_sources)
+    # every entry the spec lists is built, with the installer it names
+    installs = [s for s in steps if s.op.endswith("pip_install")]
+    assert {s.op for s in installs} == {"uv_pip_install"}
+    assert [a for s in installs for a in s.args] == list(image.pip)
+    assert [a for s in steps if s.op == "apt_install" for a in s.args] == ["git"]
+    assert [a for s in steps if s.op == "run_commands" for a in s.args] == ["echo hi"]
+    assert {k: v for s in steps if s.op == "env" for k, v in s.env.items()} == dict(image.env)
+    # system packages exist before pip runs; the env applies to every install and command;
+    # commands see what pip installed
+    position = {op: [i for i, o in enumerate(ops) if o == op] for op in set(ops)}
+    installs_at = [i for i, o in enumerate(ops) if o.endswith("pip_install")]
+    assert max(position["apt_install"]) < min(installs_at)
+    assert max(position["env"]) < min(installs_at + position["run_commands"])
+    assert max(installs_at) < min(position["run_commands"])
+    pip_ops = {s.op for s in image_steps(qwen(image__installer="pip").image) if s.op.endswith("pip_install")}
+    assert pip_ops == {"pip_install"}
 
 
 def test_the_7b_image_starts_from_verls_vllm_image_and_compiles_nothing() -> None:
@@ -52,7 +80,7 @@ def test_the_7b_image_starts_from_verls_vllm_image_and_compiles_nothing() -> Non
         ("uv_pip_install", ["transformers==5.9.0"], "--break-system-packages"),
         ("uv_pip_install", ["verl==0.9.1"], "--no-deps --break-system-packages"),
     ]
-    assert steps[-1].op == "add_local_python_source"
+    assert_local_sources_come_last([s.op for s in steps])
     assert not any("flash-attn" in a for _, args, _ in installs for a in args)
     assert image_warnings(spec.image) == [] and modal_problems(spec, REPO) == []
     # the same pins on a plain CUDA image: flash-attn would compile, and validate/plan say so
@@ -87,12 +115,20 @@ def test_resource_requests_are_checked_against_modals_documented_limits() -> Non
 
 
 def test_functions_carry_gpu_strings_volumes_secret_names_and_24h_timeouts() -> None:
-    d = build_app_definition(load_spec(QWEN).spec)
+    spec = load_spec(QWEN).spec
+    d = build_app_definition(spec)
     assert d.app_name == "retool-qwen7b"
     sft, dapo = d.function("stage-sft"), d.function("stage-dapo")
     assert sft.gpu == "H100:8" and dapo.gpu == "H100:8"
     assert sft.entry == "run_stage" and sft.timeout_s == 86400 and sft.retries == 2
-    assert (sft.cpu, sft.memory_mb, dapo.memory_mb) == (32.0, 262144, 327680)
+    # each stage's container gets exactly the CPU and memory its spec requests, and every
+    # function's request fits a Modal host (nothing Modal would refuse at deploy)
+    for name, stage in spec.stages.items():
+        fn = d.function(f"stage-{name}")
+        assert (fn.cpu, fn.memory_mb) == (stage.resources.cpu, stage.resources.memory_mb), name
+        assert fn.cpu is not None and fn.memory_mb is not None, name
+    for fn in d.functions:
+        assert size_warnings(cpu=fn.cpu, memory_mb=fn.memory_mb) == [], fn.name
     assert sft.volumes == {
         "/checkpoints": "retool-qwen7b-checkpoints", "/data": "retool-qwen7b-data", "/models": "retool-qwen7b-models",
     }
@@ -180,11 +216,24 @@ def test_mutable_tags_and_unpinned_requirements_warn() -> None:
     assert image_warnings(qwen(image__base=digest, image__pip=["verl==0.9.1"]).image) == []
 
 
-def test_billing_rates_map_to_gpu_hour_prices() -> None:
-    rates = parse_gpu_rates({"gpu.h100": 0.001097, "gpu.a100-80gb": 0.000694, "cpu": 0.0000131, "H200": 4.54})
-    assert rates["H100"] == pytest.approx(3.9492) and rates["H100!"] == rates["H100"]
-    assert rates["A100-80GB"] == pytest.approx(2.4984) and rates["H200"] == 4.54
-    assert "cpu" not in rates
+def stage_cost(rates: dict[str, float], gpu: str, gpus: int, steps: int, seconds: float) -> float:
+    """Dollars the plan estimates for `steps` steps on `gpus` GPUs priced with these billing rates."""
+    spec = qwen(stages__sft__resources__gpu=gpu, stages__sft__resources__gpus_per_node=gpus)
+    pricing = spec.pricing.model_copy(update={"gpu_hour_usd": parse_gpu_rates(rates)})
+    return estimate(steps, spec.stages["sft"].resources, pricing, seconds, "spec").usd
+
+
+def test_billing_rates_price_a_stage_as_steps_times_seconds_times_gpus_times_rate() -> None:
+    """Modal's billing rates are dollars per GPU-second: a stage costs steps × seconds per step ×
+    GPUs × that rate, whichever way the workspace spells the GPU."""
+    rates = {"gpu.h100": 0.001097, "gpu.a100-80gb": 0.000694, "cpu": 0.0000131}
+    assert stage_cost(rates, "H100", 8, 372, 75.0) == pytest.approx(372 * 75.0 * 8 * 0.001097, abs=0.01)
+    assert stage_cost(rates, "A100-80GB", 4, 100, 30.0) == pytest.approx(100 * 30.0 * 4 * 0.000694, abs=0.01)
+    assert stage_cost(rates, "H100!", 8, 372, 75.0) == stage_cost(rates, "H100", 8, 372, 75.0)
+    # a rate quoted per GPU-hour prices the same stage the same
+    assert stage_cost({"H100": 0.001097 * 3600}, "H100", 8, 372, 75.0) == stage_cost(rates, "H100", 8, 372, 75.0)
+    # what is no GPU's rate never prices a GPU
+    assert set(parse_gpu_rates(rates)) == {"H100", "H100!", "A100-80GB"}
 
 
 # --------------------------------------------------------------------------- the real SDK, offline
@@ -210,7 +259,8 @@ def test_real_sdk_builds_the_app_offline_with_local_sources_last(monkeypatch: py
     assert sorted(functions) == ["finalize", "prepare", "sandbox", "stage-dapo", "stage-eval_base", "stage-eval_dapo",
                                  "stage-eval_sft", "stage-sft"]
     sft = functions["stage-sft"]
-    assert sft._spec.gpus == "H100:8" and sft._spec.cpu == 32.0 and sft._spec.memory == 262144
+    want = definition.function("stage-sft")
+    assert sft._spec.gpus == want.gpu and sft._spec.cpu == want.cpu and sft._spec.memory == want.memory_mb
     assert sorted(sft._spec.volumes) == ["/checkpoints", "/data", "/models"]
     assert (sft._source_info.module_name, sft._source_info.implementation_name) == ("runtime.modal.worker", "run_stage")
     assert functions["sandbox"]._webhook_config is not None

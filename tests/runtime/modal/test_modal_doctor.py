@@ -47,7 +47,7 @@ PROBE = (
 def test_doctor_without_a_token_says_so_at_once(tmp_path: Path) -> None:
     """The issue's bound (an answer in under 5 s without a token) holds by construction: no
     token means no `import modal` and no network call. The wall time is measured, not asserted
-    (README: `retool doctor` without credentials)."""
+    (docs/running-on-modal.md: `retool doctor` without credentials)."""
     done = subprocess.run([sys.executable, "-c", PROBE, str(QWEN)], cwd=REPO,
                           env=no_token_env(tmp_path), capture_output=True, text=True, timeout=120)
     text = " ".join((done.stdout + done.stderr).split())
