@@ -174,6 +174,10 @@ class ModalAdapter(Protocol):
         """Build the image and deploy the app (idempotent; images are cached by recipe)."""
         ...
 
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        """Stop a deployed app (its functions take no more inputs); nothing when it is not deployed."""
+        ...
+
     def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
         """Spawn one call of a deployed function; returns the FunctionCall id."""
         ...
@@ -554,6 +558,18 @@ class SdkAdapter:
         # Image builds can take many minutes; the connection was just proven, so no deadline here.
         with modal.enable_output():
             app.deploy(name=definition.app_name, environment_name=definition.environment)
+
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        modal = self._modal()
+
+        def run() -> None:
+            try:
+                app = modal.App.lookup(app_name, environment_name=env)
+            except modal.exception.NotFoundError:
+                return
+            app.stop()
+
+        self._call(run, f"stop app {app_name}")
 
     def _function(self, app_name: str, function: str, env: str | None) -> Any:
         return self._modal().Function.from_name(app_name, function, environment_name=env)

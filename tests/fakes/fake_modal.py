@@ -114,6 +114,7 @@ class FakeModal:
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
+    clusters_enabled: bool = True  # multi-node clusters are in preview: access on request
     fail_upload_after: int | None = None  # the next data upload breaks after this many files
     conflicts: int = 0  # the next N polls answer ConflictError (gRPC ABORTED), as Modal may
     images_built: list[list[Any]] = field(default_factory=list)
@@ -291,8 +292,15 @@ class FakeModal:
     def deploy(self, definition: AppDefinition) -> None:
         self._remote("deploy", definition.app_name)
         self._validate(definition)
+        if not self.clusters_enabled and any(fn.cluster_size for fn in definition.functions):
+            # what Modal answers a workspace without multi-node access is not documented: a guess
+            raise FakeModalError("InvalidError: multi-node clusters are not enabled for this workspace")
         self.deployed[definition.app_name] = definition
         self.deploys.append(definition)
+
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        self._remote("stop_app", app_name)
+        self.deployed.pop(app_name, None)
 
     def _validate(self, d: AppDefinition) -> None:
         ops = [s.op for s in d.image]

@@ -149,3 +149,23 @@ def test_plan_carries_the_backends_warnings(workspace: FakeModal, tmp_path: Path
     assert any(w.startswith("image.pip 'flash-attn==2.8.3' has no wheel") for w in plan.warnings)
     clean = refresh_and_plan(load_spec(QWEN), None, ModalRuntime(str(tmp_path), adapter=workspace))
     assert not any("has no wheel" in w for w in clean.warnings)
+
+
+def test_doctor_deploys_the_clustered_functions_in_a_probe_and_says_when_modal_refuses(
+    workspace: FakeModal, tmp_path: Path
+) -> None:
+    """Multi-node clusters are in preview on Modal (access on request): doctor creates the 32B
+    spec's clustered functions in a probe app, stops it again, and names the way to get access."""
+    spec32 = load_spec(REPO / "specs" / "retool-qwen32b.yaml")
+    rows = {r.check: r for r in doctor_rows(spec32, tmp_path / ".retool")}
+    cluster = rows["multi-node clusters"]
+    assert cluster.status == "ready" and "2 x H100:8" in cluster.detail
+    (probe,) = [d for d in workspace.deploys if d.app_name.endswith("-cluster-probe")]
+    assert {fn.name for fn in probe.functions} == {"stage-sft", "stage-grpo", "stage-ppo"}
+    assert probe.app_name not in workspace.deployed and workspace.calls == {}  # stopped; nothing ran
+
+    workspace.clusters_enabled = False
+    refused = {r.check: r for r in doctor_rows(spec32, tmp_path / ".retool")}["multi-node clusters"]
+    assert refused.status == "to fix" and "not enabled" in refused.detail
+    assert "in preview" in refused.fix and "nodes: 1" in refused.fix
+    assert "multi-node clusters" not in rows_by_check(tmp_path)  # the 7B spec has none
