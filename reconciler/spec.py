@@ -89,6 +89,12 @@ class LocalSettings(SpecModel):
 class ModalSettings(SpecModel):
     app_name: str | None = F(None, policy="update", description="Modal app name; default `retool-<spec name>`.")
     environment: str | None = F(None, policy="update", description="Modal environment name; default the profile's.")
+    efa: Literal["auto", "on", "off"] = F(
+        "auto", policy="update",
+        description="EFA networking for clustered (multi-node) stages: `experimental_options={'efa_enabled': True}` "
+                    "plus the libraries it needs in the image. auto: on for H100 clusters, as Modal's multi-node "
+                    "guide sets it (it unlocks extra H100 cluster capacity).",
+    )
 
 
 class Pricing(SpecModel):

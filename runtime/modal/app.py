@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from reconciler.spec import EvalStage, RLStage, Spec
+from reconciler.spec import EvalStage, RLStage, Spec, StageCommon
 from reconciler.records import Frozen
 from runtime.modal.images import ImageStep, image_problems, image_steps, image_warnings
 from runtime.modal.launches import LaunchKey
@@ -40,6 +40,9 @@ MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
 # The container stops training this long before Modal's timeout, so it can commit the
 # volumes and hand over to the next segment instead of being killed mid-write.
 SEGMENT_MARGIN_S = 15 * 60
+# EFA: Modal's multi-node guide enables it on H100 clusters, with these system libraries in the image
+EFA_AUTO_GPUS = ("H100", "H100!")
+EFA_LIBRARIES = ("libhwloc15", "libnl-route-3-200")
 SIDECAR_PORT = 8765  # the RL container's sandbox sidecar listens on localhost here by default
 WORKER_MODULE = "runtime.modal.worker"
 CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
@@ -61,6 +64,7 @@ class FunctionSpec(Frozen):
     secrets: list[str] = Field(default_factory=list)  # Modal secret names
     env: dict[str, str] = Field(default_factory=dict)  # non-secret settings for the entry point
     cluster_size: int | None = None  # `@modal.clustered(size=N)` when nodes > 1
+    efa: bool = False  # `experimental_options={"efa_enabled": True}` (clustered functions)
     web: bool = False  # `@modal.asgi_app()`
     concurrent_inputs: int | None = None  # `@modal.concurrent(max_inputs=N)`
     min_containers: int | None = None
@@ -139,6 +143,23 @@ def volume_mounts(spec: Spec) -> dict[str, str]:
 # --------------------------------------------------------------------------- validation
 
 
+def save_interval_problem(stage: StageCommon | EvalStage, segment_hours: float) -> str | None:
+    """A segment hands over from its latest checkpoint: one that cannot save within its time
+    ends with nothing new, and every retry repeats the same steps forever."""
+    # eval stages keep every finished sample round; without an estimate the interval is unknown
+    if not isinstance(stage, StageCommon) or stage.seconds_per_step is None:
+        return None
+    save_freq, per_step = stage.save_freq, stage.seconds_per_step
+    usable_s = segment_hours * 3600 - SEGMENT_MARGIN_S
+    if save_freq * per_step <= usable_s:
+        return None
+    fits = int(usable_s // per_step)
+    return (f"{save_freq} steps x seconds_per_step {per_step:g} s = {save_freq * per_step / 3600:.1f} h between "
+            f"checkpoints, longer than a segment ({usable_s / 3600:.2f} h usable of resources.timeout_hours "
+            f"{segment_hours:g}): every segment would end without a new checkpoint and its retries repeat it; "
+            + (f"set save_freq to {fits} or less" if fits >= 1 else "one step does not fit a segment"))
+
+
 def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
     """What Modal would reject only on its servers, found here before anything runs."""
     problems: list[str] = list(image_problems(spec.image))
@@ -157,6 +178,8 @@ def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
                 f"stages.{name}.resources.timeout_hours: {hours:g} h leaves no time to train after the "
                 f"{SEGMENT_MARGIN_S // 60}-minute hand-over margin"
             )
+        elif (why := save_interval_problem(stage, min(hours, MAX_TIMEOUT_HOURS))) is not None:
+            problems.append(f"stages.{name}.save_freq: {why}")
     root = Path(repo_root)
     for src in spec.image.local_sources:
         if not ((root / src / "__init__.py").is_file() or (root / f"{src}.py").is_file()):
@@ -225,6 +248,7 @@ def stage_function(spec: Spec, stage_name: str) -> FunctionSpec:
         volumes=volume_mounts(spec),
         secrets=_modal_secret_names(spec, secret_keys),
         cluster_size=res.nodes if res.nodes > 1 else None,
+        efa=res.nodes > 1 and (spec.modal.efa == "on" or (spec.modal.efa == "auto" and res.gpu in EFA_AUTO_GPUS)),
     )
 
 
@@ -257,9 +281,10 @@ def build_app_definition(spec: Spec) -> AppDefinition:
             env=sandbox_env(spec), web=True, concurrent_inputs=sb.max_queue + (sb.workers or int(sb.cpu)),
             min_containers=sb.replicas, max_containers=sb.replicas,
         ))
+    efa_libraries = EFA_LIBRARIES if any(fn.efa for fn in functions) else ()
     return AppDefinition(
-        app_name=app_name(spec), environment=spec.modal.environment, image=image_steps(spec.image),
-        functions=functions,
+        app_name=app_name(spec), environment=spec.modal.environment,
+        image=image_steps(spec.image, apt_extra=efa_libraries), functions=functions,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -47,7 +48,9 @@ from reconciler.backend import (
 )
 from reconciler.steps import segments_for
 from runtime.modal import launches
-from runtime.modal.adapter import LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable
+from runtime.modal.adapter import (
+    LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable, UploadProgress,
+)
 from runtime.modal.images import base_facts, parse_requirement
 from runtime.cluster.liveness import alive_count, liveness_text
 from runtime.modal.app import (
@@ -240,7 +243,7 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         payload_config = item.model_dump(mode="json")
         staged_dir = f"{root}/_uploads/{kind}/{name}"
         if local is not None:  # the container cannot see this machine: upload the source first
-            self.adapter.put_files(vol, {f"_uploads/{kind}/{name}/{local.name}": local}, env=env)
+            staged_dir = f"{root}/{self._upload_source(vol, f'_uploads/{kind}/{name}', local, env)}"
             payload_config["source"] = f"path:{local.name}"
         self._ensure_deployed(spec)
         payload = PreparePayload(
@@ -253,6 +256,22 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
                                env=env)
         rows = f"{outputs.get('rows')} rows" if "rows" in outputs else ""
         return Outcome(change="updated" if stamp is not None else "created", outputs=outputs, message=rows)
+
+    def _upload_source(self, vol: str, uploads: str, local: Path, env: str | None) -> str:
+        """Upload a `path:` source into a folder named by its content (names, sizes, mtimes) and
+        return that folder. A completion marker written after the last file is what makes it
+        usable: an interrupted upload is never read, and the next apply uploads again (an
+        upload that completed is reused: a crash after it costs no second multi-GB transfer)."""
+        digest = short_hash(_stat(local))
+        folder, marker = f"{uploads}/{digest}", f"{uploads}/{digest}.complete"
+        if self._read_text(vol, marker, env) is None:
+            target = folder if local.is_file() else f"{folder}/{local.name}"
+            self.adapter.upload_data(vol, target, local, env=env, progress=_upload_reporter(f"{vol}:{folder}"))
+            self.adapter.put_files(vol, {marker: json.dumps(_stat(local)).encode()}, env=env)
+        for entry in self.adapter.listdir(vol, uploads, env=env):  # earlier sources and interrupted uploads
+            if entry.path.rstrip("/").rsplit("/", 1)[-1] not in (digest, f"{digest}.complete"):
+                self.adapter.remove(vol, entry.path, recursive=True, env=env)
+        return folder
 
     def _wait_result(self, call_id: str, what: str, timeout_s: float) -> dict[str, Any]:
         deadline = self.clock() + timeout_s
@@ -513,7 +532,8 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             return RunStatus(state="failed", message=str(result.get("message", "failed")), **common)
         if outcome.state == "expired":
             return RunStatus(state="lost", message=f"Modal has no result for the run ({outcome.error})", **common)
-        why = "cancelled" if outcome.state == "cancelled" else f"failed ({where})"
+        # TERMINATED is how Modal reports a cancel; it also ends a container it killed (OOM, eviction)
+        why = "cancelled or terminated by Modal" if outcome.state in ("cancelled", "terminated") else f"failed ({where})"
         tail = outcome.error.strip().splitlines()[-1:] if outcome.error else []
         return RunStatus(state="failed", message=why + (f": {tail[0][:300]}" if tail else ""), **common)
 
@@ -689,6 +709,22 @@ def _local_source(source: str, spec_dir: str) -> Path | None:
     if not path.exists():
         raise TerminalError(f"{source} does not exist", f"looked for {path}", "fix the path (relative to the spec file)")
     return path
+
+
+def _upload_reporter(where: str, every_s: float = 5.0) -> Callable[[UploadProgress], None]:
+    """Progress of a data upload on stderr: a line at most every `every_s` seconds, and the last."""
+    last = [0.0]
+
+    def report(p: UploadProgress) -> None:
+        now = time.monotonic()
+        if p.files_done < p.files_total and now - last[0] < every_s:
+            return
+        last[0] = now
+        gib = 1024**3
+        print(f"  uploading to {where}: {p.files_done}/{p.files_total} files, "
+              f"{p.bytes_done / gib:.2f}/{p.bytes_total / gib:.2f} GiB", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _stat(path: Path) -> list[Any]:

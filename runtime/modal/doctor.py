@@ -56,6 +56,7 @@ def modal_checks(
     rows += gpu_checks(spec, adapter=adapter)
     rows.append(image_check(spec, adapter) if build_image else
                 Check(check="image", status="skipped", detail="--skip-build: not built now"))
+    rows += cluster_checks(spec, adapter, build_image=build_image and rows[-1].status == "ready")
     rows += volume_checks(spec, adapter)
     if store_on_modal:
         rows += store_checks(store)
@@ -125,13 +126,48 @@ def gpu_checks(spec: Spec, *, adapter: ModalAdapter | None) -> list[Check]:
 def image_check(spec: Spec, adapter: ModalAdapter) -> Check:
     steps = build_app_definition(spec).image
     try:
-        image_id = adapter.build_image_now(steps)
+        image_id = adapter.build_image_now(steps, env=spec.modal.environment)
     except RetoolError as exc:
         return Check(check="image", status="to fix", detail=_why(exc), fix=exc.hint)
     except Exception as exc:  # noqa: BLE001 - the build's own error (ImageBuildError, a failed pip step)
         return Check(check="image", status="to fix", detail=f"{type(exc).__name__}: {exc}"[-500:],
                      fix="read the build log above; change image.base / image.pip")
     return Check(check="image", status="ready", detail=f"built {image_id} from {spec.image.base} (cached for apply)")
+
+
+CLUSTER_ACCESS_HINT = ("Modal's multi-node clusters are in preview and need access on request (Modal's Slack or "
+                       "support@modal.com); until then run the stage with resources.nodes: 1")
+
+
+def cluster_checks(spec: Spec, adapter: ModalAdapter, *, build_image: bool) -> list[Check]:
+    """Whether Modal creates the spec's clustered functions: they are deployed in a probe app of
+    their own (nothing runs: a deploy starts no container), which is stopped right after."""
+    definition = build_app_definition(spec)
+    clustered = [fn for fn in definition.functions if fn.cluster_size]
+    if not clustered:
+        return []
+    sizes = ", ".join(sorted({f"{fn.cluster_size} x {fn.gpu}" for fn in clustered}))
+    if not build_image:
+        return [Check(check="multi-node clusters", status="skipped",
+                      detail=f"needs the image built to deploy a probe ({sizes}); {CLUSTER_ACCESS_HINT}")]
+    # the probe mounts nothing and needs no secrets: volumes are apply's to create
+    probe_functions = [fn.model_copy(update={"volumes": {}, "secrets": []}) for fn in clustered]
+    probe = definition.model_copy(update={"app_name": f"{definition.app_name}-cluster-probe",
+                                          "functions": probe_functions})
+    try:
+        adapter.deploy(probe)
+    except RetoolError as exc:
+        return [Check(check="multi-node clusters", status="to fix", detail=_why(exc), fix=exc.hint)]
+    except Exception as exc:  # noqa: BLE001 - Modal's refusal of the clustered functions
+        return [Check(check="multi-node clusters", status="to fix", detail=f"{type(exc).__name__}: {exc}"[-500:],
+                      fix=CLUSTER_ACCESS_HINT)]
+    finally:
+        try:
+            adapter.stop_app(probe.app_name, env=probe.environment)
+        except RetoolError:
+            pass  # a probe that was never deployed, or Modal gone: nothing of it runs
+    return [Check(check="multi-node clusters", status="ready",
+                  detail=f"Modal created the clustered functions ({sizes}) in a probe app, stopped again")]
 
 
 def volume_checks(spec: Spec, adapter: ModalAdapter) -> list[Check]:

@@ -19,8 +19,13 @@ It models what retool relies on, with Modal's own rules (docs/modal.md):
 - calls: `spawn` needs a deployed app and function and returns an `fc-…` id; a call runs
   until the test finishes it (`complete`, `fail`, `preempt`...) or a registered handler
   (the container's behaviour) returns; `poll` is `get(timeout=0)`: running, succeeded,
-  failed, cancelled, expired (results expire) or lost (`lose`: Modal's InternalFailure); an
-  unknown id raises `CallNotFound`; `lost_spawn_answers=N` makes the next N spawns start
+  failed, terminated (`cancel`: Modal's TERMINATED status), expired (results expire) or lost
+  (`lose`: Modal's InternalFailure). `poll` raises what modal 1.6.4's `FunctionCall.get`
+  raises in that state (the real `modal.exception` types: the built-in TimeoutError while
+  running, OutputExpiredError for an expired or unknown id, RemoteError for a terminated call,
+  the function's own exception...) and classifies it with the adapter's own `call_outcome`,
+  as `SdkAdapter` does; `conflicts=N` makes the next N polls answer ConflictError;
+  `lost_spawn_answers=N` makes the next N spawns start
   their call and then raise `ModalUnreachable` (the answer missed the adapter's deadline);
 - the container side (reload, commit, cluster info, current call id) is recorded (with a
   volume's mount in `mounts`, `reload_volume` raises RuntimeError while a file under it is
@@ -37,6 +42,7 @@ once (no per-container view until commit); no logs; no web traffic reaches web e
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import os
@@ -44,12 +50,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from reconciler.errors import TerminalError
 from runtime.cluster.layout import ClusterInfo
 from runtime.modal.adapter import (
-    LOGIN_HINT, CallNotFound, CallOutcome, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound,
+    LOGIN_HINT, CallOutcome, CallState, FunctionStats, ModalUnreachable, UploadProgress, UploadProgressFn, VolumeEntry,
+    VolumeNotFound, call_outcome, require_web_url, upload_plan,
 )
 from runtime.modal.limits import gpu_problem
 from runtime.modal.app import AppDefinition
@@ -60,6 +67,13 @@ FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
 
 class FakeModalError(Exception):
     """What the SDK would raise for a request Modal's servers reject (InvalidError, NotFoundError)."""
+
+
+class _RemoteException(Exception):
+    """The function's own exception, as `_process_result` re-raises it on the caller's side."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class _Running:
@@ -76,7 +90,7 @@ class FakeCall:
     function: str
     payload: dict[str, Any]
     env: dict[str, str]  # what the container would see from its secrets
-    state: Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"] = "running"
+    state: CallState = "running"
     result: Any = None
     error: str = ""
     attempts: int = 1
@@ -100,6 +114,9 @@ class FakeModal:
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
+    clusters_enabled: bool = True  # multi-node clusters are in preview: access on request
+    fail_upload_after: int | None = None  # the next data upload breaks after this many files
+    conflicts: int = 0  # the next N polls answer ConflictError (gRPC ABORTED), as Modal may
     images_built: list[list[Any]] = field(default_factory=list)
     on_commit: Callable[[str], None] | None = None  # test hook: called with the volume name on each commit
     dicts: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # key -> (value, last access)
@@ -184,6 +201,25 @@ class FakeModal:
             raise FileNotFoundError(f"{volume}:{path}")
         return files[key]
 
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        """File by file like `SdkAdapter.upload_data`; `fail_upload_after=N` makes the upload
+        break after N files (the connection dropped), leaving those N on the volume."""
+        self._remote("upload_data", volume, remote_dir)
+        if volume not in self.volumes:
+            raise VolumeNotFound(f"Modal volume {volume} does not exist")
+        plan = upload_plan(local)
+        total, done = sum(f.stat().st_size for _, f in plan), 0
+        for i, (rel, path) in enumerate(plan, start=1):
+            if self.fail_upload_after is not None and i > self.fail_upload_after:
+                self.fail_upload_after = None
+                raise ModalUnreachable(f"the connection dropped while uploading {rel}")
+            self.volumes[volume][f"{remote_dir.strip('/')}/{rel}"] = path.read_bytes()
+            done += path.stat().st_size
+            if progress is not None:
+                progress(UploadProgress(files_done=i, files_total=len(plan), bytes_done=done, bytes_total=total,
+                                        current=rel))
+
     def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
         self._remote("put_files", volume, *sorted(files))
         if volume not in self.volumes:
@@ -256,8 +292,15 @@ class FakeModal:
     def deploy(self, definition: AppDefinition) -> None:
         self._remote("deploy", definition.app_name)
         self._validate(definition)
+        if not self.clusters_enabled and any(fn.cluster_size for fn in definition.functions):
+            # what Modal answers a workspace without multi-node access is not documented: a guess
+            raise FakeModalError("InvalidError: multi-node clusters are not enabled for this workspace")
         self.deployed[definition.app_name] = definition
         self.deploys.append(definition)
+
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        self._remote("stop_app", app_name)
+        self.deployed.pop(app_name, None)
 
     def _validate(self, d: AppDefinition) -> None:
         ops = [s.op for s in d.image]
@@ -321,11 +364,33 @@ class FakeModal:
     def poll(self, call_id: str) -> CallOutcome:
         self._remote("poll", call_id)
         call = self._call(call_id)
-        if call is None:
-            raise CallNotFound(f"Modal knows no function call {call_id}")
-        if call_id in self.watchers:
+        if call is not None and call_id in self.watchers:
             self.watchers[call_id](call, "poll")
-        return CallOutcome(state=call.state, result=call.result, error=call.error)
+        if call is not None and call.state == "succeeded":
+            return CallOutcome(state="succeeded", result=call.result)
+        import modal.exception as exc_mod
+
+        try:
+            raise self._sdk_exception(exc_mod, call)
+        except BaseException as exc:  # noqa: BLE001 - classified exactly as SdkAdapter does
+            return call_outcome(exc_mod, exc, call_id)
+
+    def _sdk_exception(self, exc_mod: Any, call: FakeCall | None) -> BaseException:
+        """What modal 1.6.4's `FunctionCall.get(timeout=0)` raises for a call in this state."""
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            return exc_mod.ConflictError("conflict")
+        if call is None or call.state == "expired":
+            return exc_mod.OutputExpiredError()  # no outputs, no unfinished inputs
+        if call.state == "running":
+            return builtins.TimeoutError()
+        if call.state == "lost":
+            return exc_mod.InternalFailure(call.error or "internal failure")
+        if call.state in ("terminated", "cancelled"):
+            return exc_mod.RemoteError(call.error or "Function call was terminated")
+        if call.error.startswith("timed out"):
+            return exc_mod.FunctionTimeoutError(call.error.removeprefix("timed out: "))
+        return _RemoteException(call.error)  # the function's own exception, re-raised
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
         return self.poll(call_id)
@@ -336,7 +401,7 @@ class FakeModal:
         if call is not None and call.state == "running":
             if call_id in self.watchers:
                 self.watchers[call_id](call, "cancel")  # terminate_containers=True
-            call.state, call.error = "cancelled", "cancelled"
+            call.state, call.error = "terminated", "Function call was cancelled (terminated)"
 
     def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
         self._remote("function_stats", app_name, function)
@@ -352,8 +417,8 @@ class FakeModal:
         missing = [k for k in keys if k not in self.secrets[name]]
         return f"Secret '{name}' is missing keys {', '.join(missing)}" if missing else None
 
-    def build_image_now(self, steps: list[Any]) -> str:
-        self._remote("build_image_now")
+    def build_image_now(self, steps: list[Any], *, env: str | None = None) -> str:
+        self._remote("build_image_now", env or "")
         probe = AppDefinition(app_name="image-build", image=steps, functions=[])
         self._validate(probe)
         self.images_built.append(list(steps))
@@ -362,9 +427,11 @@ class FakeModal:
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
         self._remote("web_url", app_name, function)
         app = self.deployed.get(app_name)
-        if app is None or not app.function(function).web:
-            raise FakeModalError(f"NotFoundError: {app_name}.{function} is not a deployed web function")
-        return f"https://{self.workspace}--{app_name}-{function}.modal.run"
+        if app is None:
+            raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
+        # modal 1.6.4: get_web_url() is None for a function that is not a web endpoint
+        url = f"https://{self.workspace}--{app_name}-{function}.modal.run" if app.function(function).web else None
+        return require_web_url(url, app_name, function)
 
     def gpu_rates(self) -> dict[str, float]:
         self._remote("gpu_rates")

@@ -5,6 +5,7 @@ checks for what Modal only validates on its servers."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -185,6 +186,25 @@ def test_plan_time_checks_catch_what_modal_checks_remotely(tmp_path: Path) -> No
     assert len(problems) == 4
 
 
+def test_a_stage_that_cannot_save_within_a_segment_is_refused_naming_its_fields() -> None:
+    """A segment continues from its latest checkpoint: a save interval longer than a segment
+    would end every segment with nothing new, and retries would repeat it forever."""
+    from reconciler.loader import load_spec as load
+
+    assert modal_problems(load(REPO / "specs/retool-qwen32b.yaml").spec, REPO) == []
+    # 30 steps x 3600 s = 30 h > 23.75 h usable (24 h less the hand-over margin)
+    spec = qwen(stages__dapo__save_freq=30, stages__dapo__seconds_per_step=3600)
+    (problem,) = modal_problems(spec, REPO)
+    assert problem.startswith("stages.dapo.save_freq: 30 steps x seconds_per_step 3600 s = 30.0 h")
+    assert "resources.timeout_hours 24" in problem and "set save_freq to 23 or less" in problem
+    assert modal_problems(qwen(stages__dapo__save_freq=23, stages__dapo__seconds_per_step=3600), REPO) == []
+    shorter = qwen(stages__dapo__save_freq=10, stages__dapo__seconds_per_step=3600,
+                   stages__dapo__resources__timeout_hours=8)  # 10 h > 7.75 h
+    assert [p.split(":")[0] for p in modal_problems(shorter, REPO)] == ["stages.dapo.save_freq"]
+    unknown = qwen(stages__dapo__save_freq=1000, stages__dapo__seconds_per_step=None)
+    assert modal_problems(unknown, REPO) == []  # no estimate: nothing to judge
+
+
 def test_mutable_tags_and_unpinned_requirements_warn() -> None:
     assert image_warnings(load_spec(QWEN).spec.image) == []
     assert any("mutable tag 'vllm024.latest'" in w for w in image_warnings(qwen(image__base="verlai/verl:vllm024.latest").image))
@@ -262,3 +282,37 @@ def test_real_sdk_without_a_token_fails_fast_with_a_login_hint(monkeypatch: pyte
     with pytest.raises(TerminalError) as exc:
         adapter.volume_exists("anything")
     assert "modal token new" in exc.value.hint and "MODAL_TOKEN_ID" in exc.value.hint
+
+
+def run_pin_step(tmp_path: Path, interpreters: dict[str, str]) -> tuple[int, list[str]]:
+    """Runs the known base's first build step in a shell whose PATH holds stub interpreters
+    (name -> the version it reports), with /usr/local/bin mapped to a folder of ours."""
+    from runtime.modal.images import VERL_VLLM_024, image_steps
+
+    local_bin, stubs = tmp_path / "usr-local-bin", tmp_path / "bin"
+    local_bin.mkdir(parents=True)
+    stubs.mkdir(parents=True)
+    for name, version in interpreters.items():
+        stub = stubs / name
+        major, minor = version.split(".")
+        # `-c 'print(...)'` prints the version; `-c 'assert ... == (3, 12)'` passes only for 3.12
+        stub.write_text(f'#!/bin/sh\ncase "$2" in *assert*) case "$2" in *"({major}, {minor})"*) exit 0;; '
+                        f'*) exit 1;; esac;; *) echo {version};; esac\n')
+        stub.chmod(0o755)
+    steps = image_steps(qwen(image__base=VERL_VLLM_024).image)
+    assert steps[1].op == "run_commands"  # right after the base: before any pip step uses `python`
+    command = steps[1].args[0].replace("/usr/local/bin/", f"{local_bin}/")
+    env = {"PATH": f"{local_bin}:{stubs}:/usr/bin:/bin"}
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, check=False)
+    return done.returncode, sorted(p.name for p in local_bin.iterdir())
+
+
+def test_the_known_base_image_makes_python_its_own_interpreter_before_installing(tmp_path: Path) -> None:
+    """modal's uv_pip_install runs `uv pip install --python $(command -v python)`: the image's
+    Python must be `python` on PATH, whatever the base ships."""
+    assert run_pin_step(tmp_path / "a", {"python3.12": "3.12"}) == (0, ["python"])  # no `python`: linked
+    assert run_pin_step(tmp_path / "b", {"python3.12": "3.12", "python": "3.10"}) == (0, ["python"])  # the wrong one
+    assert run_pin_step(tmp_path / "c", {"python3.12": "3.12", "python": "3.12"}) == (0, [])  # already right
+    assert run_pin_step(tmp_path / "d", {"python": "3.10"})[0] != 0  # no 3.12 at all: the build fails here
+    unknown = image_steps(qwen(image__base="nvidia/cuda:12.4.1-runtime-ubuntu22.04", image__python="3.11").image)
+    assert unknown[0].options == {"add_python": "3.11"} and unknown[1].op != "run_commands"  # Modal's own Python

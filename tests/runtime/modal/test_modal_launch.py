@@ -13,7 +13,7 @@ import pytest
 
 from reconciler.errors import TerminalError
 from runtime.modal import launches
-from runtime.modal.adapter import CallNotFound, ModalUnreachable
+from runtime.modal.adapter import ModalUnreachable
 from runtime.modal.app import stage_function_name
 from runtime.modal.backend import ModalRuntime
 from runtime.modal.worker import ContainerSegment
@@ -114,11 +114,10 @@ def test_an_unknown_call_id_is_gone_not_failed() -> None:
     fake, rt = ready(spec)
     held(fake)
     handle = rt.launch_stage(sft_ctx(spec))
-    with pytest.raises(CallNotFound):
-        fake.poll("fc-999999")
+    assert fake.poll("fc-999999").state == "expired"  # what Modal answers for an id it does not know
     del fake.calls[handle.ref.call_id]  # e.g. the state was copied from another workspace
     status = rt.poll_stage(handle)
-    assert status.state == "lost" and "knows no function call" in status.message
+    assert status.state == "lost" and "no result" in status.message
     rt.cancel_stage(handle)  # nothing to cancel: not an error
 
 

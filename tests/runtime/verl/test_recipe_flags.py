@@ -92,8 +92,8 @@ def rendered_keys(command: dict[str, Any]) -> dict[str, Any]:
     return {o.key_or_group: o.value() for o in parsed}
 
 
-def listed(stage: str, scope: str = "7b") -> dict[str, Difference]:
-    return {d.recipe_key: d for d in by_stage(stage, scope) if d.recipe_key}  # type: ignore[arg-type, misc]
+def listed(stage: str, scope: str = "7b", name: str | None = None) -> dict[str, Difference]:
+    return {d.recipe_key: d for d in by_stage(stage, scope, name) if d.recipe_key}  # type: ignore[arg-type, misc]
 
 
 def mismatches(recipe: dict[str, Any], value_of: Any, differences: dict[str, Difference]) -> list[str]:
@@ -137,8 +137,8 @@ def test_32b_flags_are_the_recipes_or_listed(name: str, stage: str, rendered_32b
     reference = REFERENCE_32B[name]
     recipe = {**reference.get("defaults", {}), **reference["set"]}
     ours = rendered_keys(rendered_32b[name])
-    problems = mismatches(recipe, lambda key: ours.get(key, MISSING), listed(stage, "32b"))
-    known = set(recipe) | set(effective(stage)) | {d.key for d in by_stage(stage, "32b") if d.key}  # type: ignore[arg-type]
+    problems = mismatches(recipe, lambda key: ours.get(key, MISSING), listed(stage, "32b", name))
+    known = set(recipe) | set(effective(stage)) | {d.key for d in by_stage(stage, "32b", name) if d.key}  # type: ignore[arg-type]
     problems += [f"{k}: rendered, but neither the recipe's nor in DIFFERENCES" for k in sorted(ours) if k not in known]
     assert not problems, "\n".join(problems)
     if name == "sft":
