@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import RetoolError, TerminalError, TransientError
 from runtime.cluster.layout import ClusterInfo
-from runtime.modal.app import WORKER_MODULE, AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.layout import WORKER_MODULE
 
 T = TypeVar("T")
 

@@ -36,33 +36,31 @@ from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from reconciler.steps import segments_for
-from runtime.modal import launches
+from runtime.modal import launches, layout
 from runtime.modal.adapter import LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable
 from runtime.modal.images import base_facts, parse_requirement
 from runtime.cluster.liveness import alive_count, liveness_text
-from runtime.modal.app import (
-    MAX_TIMEOUT_HOURS,
+from runtime.modal.models import AppDefinition, FinalizePayload, LaunchKey, PreparePayload, SidecarSettings, StagePayload
+from runtime.modal.layout import (
     CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
     PREPARE_FUNCTION,
     RUN_DIR,
     SANDBOX_FUNCTION,
-    SEGMENT_MARGIN_S,
-    AppDefinition,
-    FinalizePayload,
-    PreparePayload,
-    SidecarSettings,
-    StagePayload,
     app_name,
-    build_app_definition,
     dataset_dir,
-    modal_problems,
-    modal_warnings,
     modal_volume_name,
     model_dir,
     mount,
-    sandbox_token_env,
     stage_function_name,
+)
+from runtime.modal.app import (
+    MAX_TIMEOUT_HOURS,
+    SEGMENT_MARGIN_S,
+    build_app_definition,
+    modal_problems,
+    modal_warnings,
+    sandbox_token_env,
 )
 from runtime.eval.discover import eval_checkpoint
 from runtime.eval.finalize import eval_outcome
@@ -321,8 +319,8 @@ class ModalRuntime:
             return existing
         definition, _ = self._ensure_deployed(spec)
         usd = self.gpu_hour_usd(spec, stage.resources.gpu)  # before spawning: nothing may fail after it
-        launch = launches.LaunchKey(registry=launches.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
-                           key=launches.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
+        launch = LaunchKey(registry=layout.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
+                           key=layout.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
         res = stage.resources
         replace = ctx.resume_from is None and any(
             c.restart_id == ctx.restart_id for c in self.discover_checkpoints(spec, ctx.stage, ctx.restart_id)
@@ -353,7 +351,7 @@ class ModalRuntime:
         intent = launches.intent(launch.launch_id, payload.function, started)
         self.adapter.put_files(vol, {
             self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode(),
-            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, launches.LAUNCH_FILE): json.dumps(intent).encode(),
+            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, layout.LAUNCH_FILE): json.dumps(intent).encode(),
         }, env=env)
         try:
             call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
@@ -397,8 +395,8 @@ class ModalRuntime:
         lost may still be queued, or when Modal cannot be asked."""
         env, vol, app = spec.modal.environment, self._stage_volume(spec, stage), app_name(spec)
         run = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, "run.json"), env) or {}
-        pending = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, launches.LAUNCH_FILE), env) or {}
-        reg = launches.lookup(self.adapter, launches.registry_name(app), launches.stage_key(app, stage, restart_id),
+        pending = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, layout.LAUNCH_FILE), env) or {}
+        reg = launches.lookup(self.adapter, layout.registry_name(app), layout.stage_key(app, stage, restart_id),
                               env=env)
         candidates: list[tuple[str, int, float]] = []
         if reg is not None:

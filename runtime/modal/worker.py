@@ -40,14 +40,8 @@ from runtime.atomic import write_json
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
 from runtime.modal.live_logs import LiveLogs
-from runtime.modal.app import (
-    RUN_DIR,
-    FinalizePayload,
-    PreparePayload,
-    SidecarSettings,
-    StagePayload,
-    StageResult,
-)
+from runtime.modal.models import FinalizePayload, PreparePayload, SidecarSettings, StagePayload, StageResult
+from runtime.modal.layout import RUN_DIR
 from runtime.verl.common import TRACKER_FILE
 
 from runtime.verl.sft import MERGE_MODULE

@@ -52,7 +52,7 @@ from runtime.modal.adapter import (
     LOGIN_HINT, CallNotFound, CallOutcome, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound,
 )
 from runtime.modal.limits import gpu_problem
-from runtime.modal.app import AppDefinition
+from runtime.modal.models import AppDefinition
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")

@@ -26,7 +26,7 @@ from runtime.cluster.liveness import liveness_text
 from runtime.cluster.node import ClusterNode
 from runtime.cluster.ray_probe import alive_ranks
 from runtime.cluster.rendezvous import Leader, Member
-from runtime.modal.app import StagePayload
+from runtime.modal.models import StagePayload
 from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import FakeModal
 

@@ -15,13 +15,8 @@ from reconciler.loader import load_spec
 from reconciler.steps import segments_for
 from runtime.modal.adapter import SdkAdapter, parse_gpu_rates
 from tests.plan_helpers import qwen
-from runtime.modal.app import (
-    build_app_definition,
-    image_steps,
-    image_warnings,
-    modal_problems,
-    modal_warnings,
-)
+from runtime.modal.app import build_app_definition, modal_problems, modal_warnings
+from runtime.modal.images import image_steps, image_warnings
 
 REPO = Path(__file__).resolve().parents[3]
 QWEN = REPO / "specs" / "retool-qwen7b.yaml"

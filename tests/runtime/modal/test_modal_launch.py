@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import TerminalError
-from runtime.modal import launches
+from runtime.modal import launches, layout, models
 from runtime.modal.adapter import CallNotFound, ModalUnreachable
-from runtime.modal.app import stage_function_name
+from runtime.modal.layout import stage_function_name
 from runtime.modal.backend import ModalRuntime
 from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import Containers, FakeModal
@@ -22,8 +22,8 @@ from tests.plan_helpers import qwen
 from tests.runtime.modal.test_modal_backend import RID, ready, sft_ctx
 from tests.runtime.modal.test_modal_worker import payload, runs
 
-KEY = launches.stage_key("retool-qwen7b", "sft", RID)
-REGISTRY = launches.registry_name("retool-qwen7b")
+KEY = layout.stage_key("retool-qwen7b", "sft", RID)
+REGISTRY = layout.registry_name("retool-qwen7b")
 
 
 def held(fake: FakeModal) -> None:
@@ -50,7 +50,7 @@ def test_a_lost_spawn_answer_never_starts_a_second_run() -> None:
     assert len(fake.calls) == 1
 
     # the container starts and registers under the stage identity: the next launch re-attaches
-    launches.register(fake, launches.LaunchKey(**call.payload["launch"]), call.call_id, 0, 5.0)
+    launches.register(fake, models.LaunchKey(**call.payload["launch"]), call.call_id, 0, 5.0)
     again = ModalRuntime("/unused", adapter=fake).launch_stage(sft_ctx(spec))
     assert again.ref.call_id == call.call_id and again.reattached and len(fake.calls) == 1
 
@@ -87,7 +87,7 @@ def test_the_later_segment_registered_by_the_container_is_found() -> None:
     first = rt.launch_stage(sft_ctx(spec))
     Containers(steps_per_call=100).advance(fake, first.ref.call_id)  # segment 0 hands over to segment 1
     nxt = fake.calls[first.ref.call_id].result["next_call_id"]
-    launches.register(fake, launches.LaunchKey(**fake.calls[nxt].payload["launch"]), nxt, 1, 9.0)
+    launches.register(fake, models.LaunchKey(**fake.calls[nxt].payload["launch"]), nxt, 1, 9.0)
     again = ModalRuntime("/unused", adapter=fake).launch_stage(sft_ctx(spec))
     assert (again.ref.call_id, again.ref.segment) == (nxt, 1) and len(fake.calls) == 2
 
@@ -150,7 +150,7 @@ def test_an_outage_while_polling_leaves_the_run_alone() -> None:
 
 
 def launch_payload(tmp_path: Path, launch_id: str) -> object:
-    return payload(tmp_path, launch=launches.LaunchKey(registry=REGISTRY, key=KEY, launch_id=launch_id))
+    return payload(tmp_path, launch=models.LaunchKey(registry=REGISTRY, key=KEY, launch_id=launch_id))
 
 
 def test_the_container_registers_its_call_before_training(tmp_path: Path) -> None:
@@ -163,12 +163,12 @@ def test_the_container_registers_its_call_before_training(tmp_path: Path) -> Non
 
 def test_a_duplicate_of_a_running_stage_stops_before_training(tmp_path: Path) -> None:
     fake = FakeModal(call_id_in_container="fc-000009")
-    from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep
+    from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
 
     fake.deploy(AppDefinition(app_name="retool-test", image=[ImageStep(op="from_registry", args=["x:1"])],
                               functions=[FunctionSpec(name="stage-sft", entry="run_stage")]))
     other = fake.spawn("retool-test", "stage-sft", {})  # the first launch, still running
-    launches.register(fake, launches.LaunchKey(registry=REGISTRY, key=KEY, launch_id="L1"), other, 0, 1.0)
+    launches.register(fake, models.LaunchKey(registry=REGISTRY, key=KEY, launch_id="L1"), other, 0, 1.0)
     p = launch_payload(tmp_path, "L2")
     result = ContainerSegment(p, fake).run()  # type: ignore[arg-type]
     assert result["outcome"] == "failed" and "duplicate stopped without training" in result["message"]
