@@ -52,16 +52,6 @@ def model_dir(spec: Spec, name: str) -> str:
     return f"{mount(spec, spec.models[name].volume)}/models/{name}"
 
 
-def stage_dir(spec: Spec, stage: str, restart_id: str) -> str:
-    """Container path of a stage's checkpoints: `<mount>/<stage>/<restart_id[:16]>`."""
-    return f"{mount(spec, spec.stages[stage].volume)}/{stage_rel_dir(stage, restart_id)}"
-
-
-def stage_rel_dir(stage: str, restart_id: str) -> str:
-    """The same directory relative to the volume's root (for `Volume.listdir`)."""
-    return f"{stage}/{restart_id[:16]}"
-
-
 def volume_mounts(spec: Spec) -> dict[str, str]:
     """Every spec volume, mounted at its path: mount -> Modal volume name."""
     return {vol.mount: modal_volume_name(spec, key) for key, vol in sorted(spec.volumes.items())}
