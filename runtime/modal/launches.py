@@ -23,8 +23,6 @@ what lasts (`run.json`, checkpoints) is on the volume.
 from __future__ import annotations
 
 import json
-from typing import Any
-
 from pydantic import ValidationError
 
 from runtime.modal.adapter import ModalAdapter
@@ -47,7 +45,3 @@ def register(adapter: ModalAdapter, launch: LaunchKey, call_id: str, segment: in
     reg = Registration(launch_id=launch.launch_id, call_id=call_id, segment=segment, at=at)
     adapter.dict_put(launch.registry, launch.key, reg.model_dump_json(), env=env)
 
-
-def intent(launch_id: str, function: str, at: float) -> dict[str, Any]:
-    """The record written before spawning."""
-    return {"launch_id": launch_id, "function": function, "at": at}

@@ -19,8 +19,9 @@ A crash raises, so Modal's retries (the spec's `retries`) restart the attempt, w
 resumes from the latest committed checkpoint. Problems no retry can fix (a secret not
 attached) are returned as `failed` instead of raised.
 
-Files under `<checkpoint dir>/_retool/`: `run.json` (the call chain), `progress.json`
-(step, total, active seconds), `result.json` (final), `attempts.jsonl`, `logs/`.
+Files under `<checkpoint dir>/_retool/` (their models: `runtime.records`): `run.json` (the
+call running the stage now), `progress.json` (step, total, active seconds), `result.json`
+(final), `attempts.jsonl`, `logs/`.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.atomic import write_json
+from runtime import records
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
 from runtime.modal.live_logs import LiveLogs
-from runtime.modal.models import FinalizePayload, PreparePayload, SidecarSettings, StagePayload, StageResult
+from runtime.modal.models import FinalizePayload, PreparePayload, SidecarSettings, StagePayload
 from runtime.modal.layout import RUN_DIR
+from runtime.records import Attempt, RankLiveness, StageProgress, StageResult, StageRun
 from runtime.verl.common import TRACKER_FILE
 
 from runtime.verl.sft import MERGE_MODULE
@@ -282,7 +284,7 @@ class ContainerSegment:
         result = StageResult(
             outcome="finished", step=latest, segment=p.segment, active_s=self.active_seconds(), message="commands finished",
         )
-        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
+        records.save(self.run_dir / "result.json", result.model_copy(update={"finished_at": self.clock()}))
         self._commit_all()
         return result.model_dump()
 
@@ -295,15 +297,34 @@ class ContainerSegment:
             )
         nxt = p.model_copy(update={"segment": p.segment + 1})
         call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
-        self._write_json("run.json", {
-            "call_id": call_id, "app_name": p.app_name, "function": p.function, "segment": p.segment + 1,
-            "previous_call_id": self.adapter.current_call_id(), "launched_at": self.clock(),
-        })
+        records.save(self.run_dir / "run.json", self._next_run(call_id))
         self._commit_all()
         return StageResult(
             outcome="continued", step=latest, segment=p.segment, next_call_id=call_id, active_s=self.active_seconds(),
             message=f"segment {p.segment} stopped at step {latest}; segment {p.segment + 1} continues",
         ).model_dump()
+
+    def _next_run(self, call_id: str) -> StageRun:
+        """run.json once this segment handed over to `call_id`: the same record the CLI writes
+        at launch, so the chain's head and the launch's identity carry over."""
+        p, me = self.p, self.adapter.current_call_id()
+        before = self._read_run()
+        head = None
+        if before is not None:
+            head = before.head_call_id or (before.call_id if before.segment == 0 else None)
+        return StageRun(
+            call_id=call_id, segment=p.segment + 1, app_name=p.app_name, function=p.function,
+            launched_at=self.clock(), head_call_id=head or (me if p.segment == 0 else None),
+            launch_id=p.launch.launch_id if p.launch else (before.launch_id if before else None),
+            previous_call_id=me,
+        )
+
+    def _read_run(self) -> StageRun | None:
+        try:
+            return records.load(StageRun, self.run_dir / "run.json")
+        except records.RecordError as exc:  # a retry could not fix it: say so, then go on without it
+            print(f"[retool] {exc.summary}: {exc.detail}", flush=True)
+            return None
 
     def _register_launch(self) -> dict[str, Any] | None:
         """Register this call under its stage identity (runtime.modal.launches), so a launch
@@ -336,13 +357,8 @@ class ContainerSegment:
     def _spawned_next(self) -> str | None:
         """The next segment's call, if an earlier attempt of this segment already spawned it
         (and then died before returning): a segment is never trained or spawned twice."""
-        try:
-            run = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if run.get("segment") == self.p.segment + 1 and run.get("call_id"):
-            return str(run["call_id"])
-        return None
+        run = self._read_run()
+        return run.call_id if run is not None and run.segment == self.p.segment + 1 else None
 
     def _finish_failed(self, message: str) -> dict[str, Any]:
         result = StageResult(
@@ -350,7 +366,7 @@ class ContainerSegment:
         )
         if self.rank != 0:  # only rank 0 writes the run's files (one writer per file on a volume)
             return result.model_dump()
-        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
+        records.save(self.run_dir / "result.json", result.model_copy(update={"finished_at": self.clock()}))
         self._commit_all()
         return result.model_dump()
 
@@ -464,36 +480,37 @@ class ContainerSegment:
         """What earlier attempts ran, from the progress they last committed (a preempted
         attempt loses at most one commit period of accounting)."""
         try:
-            old = json.loads((self.run_dir / "progress.json").read_text(encoding="utf-8"))
-            return float(old.get("active_before", 0.0)) + max(
-                0.0, float(old["updated_at"]) - float(old["attempt_started_at"])
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            old = records.load(StageProgress, self.run_dir / "progress.json")
+        except records.RecordError as exc:
+            print(f"[retool] {exc.summary}: {exc.detail}", flush=True)
             return 0.0
+        if old is None:
+            return 0.0
+        if old.updated_at is None or old.attempt_started_at is None:
+            return old.active_before
+        return old.active_before + max(0.0, old.updated_at - old.attempt_started_at)
 
     def _write_progress(self) -> None:
         if self.rank != 0:
             return
+        # per-rank liveness, as rank 0 sees it
+        ranks = None if self.node is None else {
+            rank: RankLiveness.model_validate(seen) for rank, seen in self.node.liveness().items()
+        }
         with self._lock:
-            data: dict[str, Any] = {
-                "step": self.step, "total": self.p.total_steps, "segment": self.p.segment,
-                "attempt_started_at": self.started, "updated_at": self.clock(),
-                "active_before": self.active_before, "active_s": self.active_seconds(),
-                "metrics": dict(self.metrics), "log_tail": list(self.tail)[-20:],
-            }
-        if self.node is not None:
-            data["ranks"] = self.node.liveness()  # per-rank liveness, as rank 0 sees it
-        self._write_json("progress.json", data)
+            progress = StageProgress(
+                step=self.step, total=self.p.total_steps, segment=self.p.segment,
+                attempt_started_at=self.started, updated_at=self.clock(),
+                active_before=self.active_before, active_s=self.active_seconds(),
+                metrics=dict(self.metrics), log_tail=list(self.tail)[-20:], ranks=ranks,
+            )
+        records.save(self.run_dir / "progress.json", progress)
 
     def _append_attempt(self) -> None:
         if self.rank != 0:
             return
-        line = json.dumps({"segment": self.p.segment, "started_at": self.started, "call_id": self.adapter.current_call_id()})
-        with (self.run_dir / "attempts.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-
-    def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        write_json(self.run_dir / name, data)
+        attempt = Attempt(segment=self.p.segment, started_at=self.started, call_id=self.adapter.current_call_id())
+        records.append_line(self.run_dir / "attempts.jsonl", attempt)
 
 
 def stop_process_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:

@@ -184,3 +184,38 @@ def test_terminal_errors_are_not_retried_as_outages() -> None:
     with pytest.raises(TerminalError) as exc:
         rt.launch_stage(sft_ctx(spec))
     assert not isinstance(exc.value, ModalUnreachable) and fake.calls == {}
+
+
+def test_after_a_hand_over_a_launch_reattaches_to_the_running_segment(tmp_path: Path) -> None:
+    """`run.json` has two writers: the CLI when it launches segment 0 and the container when
+    it hands over to the next segment. After a hand-over, with the registry's entry gone
+    (Modal Dict entries expire after 7 idle days), the next launch finds the running
+    segment from `run.json` alone, by its own number, and keeps the launch's identity."""
+    spec = qwen()
+    fake, rt = ready(spec)
+    held(fake)
+    first = rt.launch_stage(sft_ctx(spec))  # the CLI writes run.json for segment 0
+    head = fake.calls[first.ref.call_id]
+    vol, rel = "retool-qwen7b-checkpoints", f"sft/{RID[:16]}/_retool/run.json"
+
+    # segment 0's container: the real worker, over a local copy of the stage's run directory
+    p = payload(tmp_path, extra=["hang_at=4"], train_seconds=2.0, app_name=head.app_name, function=head.function,
+                launch=models.LaunchKey(**head.payload["launch"]))
+    local = Path(p.checkpoint_dir) / "_retool" / "run.json"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(fake.volumes[vol][rel])  # what the container sees after reloading the volume
+    fake.call_id_in_container = head.call_id
+    result = ContainerSegment(p, fake).run()
+    assert result["outcome"] == "continued"
+    fake.complete(head.call_id, result)
+    fake.write(vol, rel, local.read_bytes())  # the container committed its run.json
+    nxt = result["next_call_id"]
+    assert fake.calls[nxt].state == "running"
+
+    fake.dicts.clear()  # the registry no longer knows the stage identity
+    again = ModalRuntime("/unused", adapter=fake).launch_stage(sft_ctx(spec))
+    assert (again.ref.call_id, again.ref.segment, again.reattached) == (nxt, 1, True)
+    assert "segment 1" in ModalRuntime("/unused", adapter=fake).poll_stage(again).message
+    assert len(fake.calls) == 2  # nothing spawned a second run
+    run = json.loads(fake.volumes[vol][rel])
+    assert (run["head_call_id"], run["launch_id"]) == (head.call_id, head.payload["launch"]["launch_id"])
