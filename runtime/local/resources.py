@@ -20,9 +20,11 @@ from pydantic import BaseModel
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox
 from runtime import processes as procs
+from runtime import records
 from reconciler.backend import Outcome
 from runtime.stamps import restart_config, short_hash
 from runtime.atomic import write_json, write_text_atomic
+from runtime.records import SandboxRecord
 
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 # Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
@@ -139,14 +141,6 @@ SIDECAR_LIFETIME = {"idle_timeout_s": SIDECAR_IDLE_TIMEOUT_S, "owner_dir": True,
 # a sidecar started without these rules (by an older retool) is replaced, not kept forever.
 
 
-class SandboxRecord(BaseModel):
-    pid: int
-    url: str
-    start_ticks: int | None = None
-    config_hash: str
-    log_path: str
-
-
 def ping(url: str) -> bool:
     import httpx
 
@@ -157,8 +151,10 @@ def ping(url: str) -> bool:
 
 
 def _load(path: Path) -> SandboxRecord | None:
-    raw = read_json(path)
-    return SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
+    try:
+        return records.load(SandboxRecord, path)
+    except records.RecordError:  # a record of an older retool (no pid): start anew, as it always did
+        return None
 
 
 def live_sandbox_url(record_path: Path, *, hold: bool = True) -> str | None:
@@ -203,7 +199,7 @@ def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcom
         pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
         config_hash=config_hash, log_path=str(log_path),
     )
-    write_json(record_path, new.model_dump())
+    records.save(record_path, new)
     return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")
 
 
