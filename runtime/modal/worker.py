@@ -43,13 +43,13 @@ from runtime.modal.adapter import ModalAdapter
 from runtime.modal.live_logs import LiveLogs
 from runtime.modal.models import FinalizePayload, PreparePayload, SidecarSettings, StagePayload
 from runtime.modal.layout import RUN_DIR
-from runtime.records import Attempt, RankLiveness, StageProgress, StageResult, StageRun
+from runtime.modal.roles import Role, Solo, role_for
+from runtime.records import Attempt, StageProgress, StageResult, StageRun
 from runtime.verl.common import TRACKER_FILE
 
 from runtime.verl.sft import MERGE_MODULE
 
 if TYPE_CHECKING:
-    from runtime.cluster.node import ClusterNode
     from runtime.sandbox_process import SandboxProcess
 
 STOP_GRACE_S = 120.0
@@ -178,10 +178,13 @@ class ContainerSegment:
         self.step: int | None = None
         self.metrics: dict[str, float] = {}
         self.active_before = 0.0  # container seconds of earlier attempts and segments
-        self.rank = 0
-        self.node: ClusterNode | None = None
+        self.role: Role = Solo()
         self._lock = threading.Lock()
         self.logs = LiveLogs(self.run_dir / "logs")  # open logs stay off the volume (see live_logs)
+
+    @property
+    def rank(self) -> int:
+        return self.role.rank
 
     # ----------------------------------------------------------------- driver
 
@@ -189,34 +192,30 @@ class ContainerSegment:
         p = self.p
         for name in p.volumes:
             self.adapter.reload_volume(name)
-        if p.nodes > 1:  # one container of a clustered call: its rank picks its role (runtime.cluster)
-            from runtime.cluster.node import ClusterNode
-
-            self.node = ClusterNode(self.adapter.cluster_info(), p.nodes, kind=p.kind, run_dir=self.run_dir,
-                                    join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
-            self.rank = self.node.rank
+        # one container of a clustered call: its rank picks its role (runtime.modal.roles)
+        self.role = role_for(self.adapter.cluster_info, p.nodes, kind=p.kind, run_dir=self.run_dir,
+                             join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
         try:
             return self._run()
         finally:
-            if self.node is not None:
-                self.node.close()
+            self.role.close()
 
     def _run(self) -> dict[str, Any]:
-        p, node = self.p, self.node
+        p, role = self.p, self.role
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        duplicate = self._register_launch() if self.rank == 0 else None
+        duplicate = self._register_launch() if role.leads else None
         if duplicate is not None:
             return duplicate
-        plan = node.join() if node is not None else None  # rank 0 waits for every rank; others get its plan
+        plan = role.join()  # rank 0 waits for every rank; others get its plan
         if plan is not None and "ended" in plan:  # rank 0 had nothing to train (already handed over)
             return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {plan['ended']}").model_dump()
-        start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
         if plan is not None:  # every rank resumes from the step rank 0 chose
             start_step, any_ckpt = plan.get("start_step"), bool(plan.get("any_ckpt"))
-        handed_over = self._spawned_next() if self.rank == 0 else None
+        else:
+            start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+        handed_over = self._spawned_next() if role.leads else None
         if handed_over is not None:  # this segment already ended and spawned the next one
-            if node is not None:
-                node.finish("handed over")
+            role.finish("handed over")
             return StageResult(outcome="continued", step=start_step, segment=p.segment, next_call_id=handed_over,
                                message="already handed over").model_dump()
         self.step = start_step
@@ -226,10 +225,9 @@ class ContainerSegment:
             self._check_secrets()
             extra_env = self._sandbox_env()
         except StageFailed as exc:
-            if node is not None:
-                node.finish("failed")
+            role.finish("failed")
             return self._finish_failed(str(exc))
-        if p.replace_existing and p.segment == 0 and self.rank == 0 and self._move_aside_once():
+        if p.replace_existing and p.segment == 0 and role.leads and self._move_aside_once():
             start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
             self.step = start_step
         sidecar = self._start_sidecar() if p.sidecar is not None else None
@@ -238,28 +236,23 @@ class ContainerSegment:
         stopped_early = False
         commands = [{**c, "env": {**c.get("env", {}), **extra_env}} for c in training_commands(p.commands)]
         try:
-            if node is not None and node.is_leader:
-                rl = next(((list(c["argv"]), dict(c["env"])) for c in commands if p.kind == "rl"), None)
-                node.start({"start_step": start_step, "any_ckpt": any_ckpt}, rl_command=rl)
+            rl = next(((list(c["argv"]), dict(c["env"])) for c in commands if p.kind == "rl"), None)
+            role.start({"start_step": start_step, "any_ckpt": any_ckpt}, rl_command=rl)
             for cmd in commands:
                 argv = with_resume(list(cmd["argv"]), p.checkpoint_dir, start_step, any_ckpt)
-                if node is not None:
-                    argv, env = node.command(argv, dict(cmd["env"]))
-                    cmd = {**cmd, "env": env}
-                # a member follows rank 0: its commands end when rank 0's do, never on its own clock
-                deadline = self.started + p.train_seconds if self.rank == 0 else float("inf")
-                status = self._run_command(argv, cmd, deadline)
+                argv, env = role.command(argv, dict(cmd["env"]))
+                cmd = {**cmd, "env": env}
+                status = self._run_command(argv, cmd, role.deadline(self.started + p.train_seconds))
                 if status == "deadline":
                     stopped_early = True
                     break
-                if node is not None and not node.is_leader and status != 0:
-                    if node.leader_status() in ("finished", "deadline"):
-                        break  # rank 0 ended its commands: a member's node stops with them
-                    # else rank 0 was lost (raised below), or this rank's own command failed
+                if status != 0 and role.leader_ended():
+                    break  # rank 0 ended its commands: a member's node stops with them
+                # else rank 0 was lost (raised below), or this rank's own command failed
                 if status == "interrupted":
                     from runtime.cluster.layout import ClusterError
 
-                    raise ClusterError(f"rank {self.rank}: {node.interrupt() if node else ''}\n" + "\n".join(self.tail))
+                    raise ClusterError(f"rank {self.rank}: {role.interrupt()}\n" + "\n".join(self.tail))
                 if status != 0:
                     self._write_progress()
                     raise RuntimeError(
@@ -271,12 +264,10 @@ class ContainerSegment:
                 sidecar.stop()
             self._write_progress()
             self._commit_all()
-        if node is not None and not node.is_leader:
-            outcome = node.member_outcome()  # rank 0 ended its commands (or was lost: raises)
-            node.confirm_committed()  # this rank's shards are on the volume: rank 0 may report
+        outcome = role.leader_outcome()  # a member: how rank 0 ended, once its own shards are committed
+        if outcome is not None:
             return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {outcome}").model_dump()
-        if node is not None:
-            node.finish("deadline" if stopped_early else "finished")  # waits for every rank's commit
+        role.finish("deadline" if stopped_early else "finished")  # rank 0: waits for every rank's commit
         latest, _ = latest_valid_step(self.dir, p.world_size, p.restart_id)
         self.step = latest if latest is not None else self.step
         if stopped_early:
@@ -364,7 +355,7 @@ class ContainerSegment:
         result = StageResult(
             outcome="failed", step=self.step, segment=self.p.segment, active_s=self.active_seconds(), message=message,
         )
-        if self.rank != 0:  # only rank 0 writes the run's files (one writer per file on a volume)
+        if not self.role.leads:  # only rank 0 writes the run's files (one writer per file on a volume)
             return result.model_dump()
         records.save(self.run_dir / "result.json", result.model_copy(update={"finished_at": self.clock()}))
         self._commit_all()
@@ -418,9 +409,9 @@ class ContainerSegment:
     def _start_sidecar(self) -> Any:
         settings = self.p.sidecar
         assert settings is not None
-        if self.node is not None:  # every node runs its own sidecar (nodes sharing a host: their own port)
-            settings = settings.model_copy(update={"port": settings.port + self.node.ports.sidecar_offset})
-        name = f"sandbox-{self.p.segment}" + (f"-rank-{self.rank}" if self.node is not None else "")
+        # every node runs its own sidecar (nodes sharing a host: their own port)
+        settings = settings.model_copy(update={"port": settings.port + self.role.port_offset})
+        name = f"sandbox-{self.p.segment}{self.role.name_suffix}"
         return start_sidecar(settings, self.logs.live(f"{name}.log"))
 
     def _run_command(self, argv: list[str], cmd: dict[str, Any], deadline: float) -> int | str:
@@ -441,7 +432,7 @@ class ContainerSegment:
                     stop_process_group(proc)
                     reader.join(10)
                     return "deadline"
-                if self.node is not None and self.node.interrupt():  # a lost rank, or rank 0 ended
+                if self.role.interrupt():  # a lost rank, or rank 0 ended
                     stop_process_group(proc, CLUSTER_STOP_GRACE_S)
                     reader.join(10)
                     return "interrupted"
@@ -491,12 +482,9 @@ class ContainerSegment:
         return old.active_before + max(0.0, old.updated_at - old.attempt_started_at)
 
     def _write_progress(self) -> None:
-        if self.rank != 0:
+        if not self.role.leads:
             return
-        # per-rank liveness, as rank 0 sees it
-        ranks = None if self.node is None else {
-            rank: RankLiveness.model_validate(seen) for rank, seen in self.node.liveness().items()
-        }
+        ranks = self.role.liveness()  # per-rank liveness, as rank 0 sees it
         with self._lock:
             progress = StageProgress(
                 step=self.step, total=self.p.total_steps, segment=self.p.segment,
@@ -507,7 +495,7 @@ class ContainerSegment:
         records.save(self.run_dir / "progress.json", progress)
 
     def _append_attempt(self) -> None:
-        if self.rank != 0:
+        if not self.role.leads:
             return
         attempt = Attempt(segment=self.p.segment, started_at=self.started, call_id=self.adapter.current_call_id())
         records.append_line(self.run_dir / "attempts.jsonl", attempt)
