@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
@@ -206,7 +206,7 @@ class ModalRuntime:
     def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
         return self._prepare("model", name, model, model.volume, spec, spec_dir)
 
-    def _prepare(self, kind: str, name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
+    def _prepare(self, kind: Literal["dataset", "model"], name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
         env = spec.modal.environment
         vol = modal_volume_name(spec, volume_key)
         folder = "datasets" if kind == "dataset" else "models"
@@ -224,7 +224,7 @@ class ModalRuntime:
             payload_config["source"] = f"path:{local.name}"
         self._ensure_deployed(spec)
         payload = PreparePayload(
-            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,  # type: ignore[arg-type]
+            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,
             out_dir=f"{root}/{folder}/{name}", volume=vol,
         )
         call_id = self.adapter.spawn(app_name(spec), PREPARE_FUNCTION, payload.model_dump(mode="json"), env=env)

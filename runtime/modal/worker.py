@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from runtime import records
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
@@ -561,6 +563,7 @@ def run_prepare(p: PreparePayload, adapter: ModalAdapter) -> dict[str, Any]:
     """Materialise one dataset or model into its volume (the cloud side has internet)."""
     adapter.reload_volume(p.volume)
     out_dir = Path(p.out_dir)
+    out: BaseModel  # the dataset's or the model's outputs
     if p.kind == "dataset":
         from reconciler.spec import Dataset
         from runtime.data import prepare as prepare_dataset

@@ -41,7 +41,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -186,7 +186,7 @@ class FakeModal:
             raise FileNotFoundError(f"{volume}:{path}")
         return files[key]
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
         self._remote("put_files", volume, *sorted(files))
         if volume not in self.volumes:
             raise VolumeNotFound(f"Modal volume {volume} does not exist")
