@@ -24,10 +24,12 @@ same kind of error rather than half-read.
         <log>.exit.json   ExitRecord     how the wrapper's commands ended
         merged.json       MergeRecord    what finalize merged, and the tool-call check's result
         sandbox.json      SandboxRecord  the local sandbox server this state directory started
+    Eval runs (the stage's run directory; models in runtime.eval.job, built on `Record`)
+        job.json          EvalJob        written by the backend, read by `python -m runtime.eval.run`
+        progress.json     Progress       written by the runner, read by checkpoint discovery and finalize
+        results.json      Results        written by the runner at the end, read by finalize
 
-(The local `active_run.json` is the engine's own `RunHandle`, and the eval runner's
-`job.json`, `progress.json` and `results.json` are `runtime.eval.job`'s `EvalJob`,
-`Progress` and `Results`: each is likewise one model on both sides.)
+(The local `active_run.json` is the engine's own `RunHandle`, one model on both sides too.)
 """
 
 from __future__ import annotations

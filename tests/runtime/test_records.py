@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime import records
+from runtime.eval.job import EvalJob, Progress, Results
 from runtime.records import (
     Attempt,
     ExitRecord,
@@ -67,6 +68,12 @@ RECORDS: dict[type[Record], st.SearchStrategy[Any]] = {
                           failed_command=st.none() | st.integers(0, 9), started_at=st.none() | seconds,
                           finished_at=seconds, cancelled=st.booleans()),
     MergeRecord: st.builds(MergeRecord, step=st.integers(0, 10**6), checkpoint=text, tool_check=st.none() | json_object),
+    EvalJob: st.builds(EvalJob, datasets=st.dictionaries(ident, text, max_size=3),
+                       temperature=st.floats(0, 2), top_p=st.floats(0, 1), gpu_memory_utilization=st.floats(0, 1),
+                       tool_timeout_s=seconds),
+    Progress: st.builds(Progress, problems=st.dictionaries(ident, st.integers(0, 1000), max_size=3),
+                        rounds=st.integers(0, 100), drawn=st.integers(0, 10**5), target=st.integers(0, 100)),
+    Results: st.builds(Results, generation_s=seconds, tokens_per_s=st.none() | seconds),
     SandboxRecord: st.builds(SandboxRecord, pid=st.integers(1, 2**22), url=text, start_ticks=maybe_int,
                              config_hash=ident, log_path=text),
 }
@@ -74,7 +81,7 @@ RECORDS: dict[type[Record], st.SearchStrategy[Any]] = {
 
 def test_every_record_has_a_round_trip_strategy() -> None:
     defined = {v for v in vars(records).values() if isinstance(v, type) and issubclass(v, Record) and v is not Record}
-    assert defined - {RankLiveness, PlannedCommand} == set(RECORDS)
+    assert defined - {RankLiveness, PlannedCommand} | {EvalJob, Progress, Results} == set(RECORDS)
 
 
 @pytest.mark.parametrize("model", list(RECORDS), ids=lambda m: m.__name__)
