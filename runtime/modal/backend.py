@@ -1,6 +1,6 @@
 """The Modal backend: `reconciler.backend.Runtime` on Modal's cloud, through `ModalAdapter`.
 
-Layout on Modal (names from `runtime.modal.app`):
+Layout on Modal (names from `runtime.modal.layout`; run files are `runtime.records` models):
 
     app          retool-<spec name> (spec.modal.app_name), deployed; functions stage-<name>,
                  prepare, finalize, sandbox (service placement only)
