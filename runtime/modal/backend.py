@@ -99,12 +99,12 @@ class ModalRuntime:
     # ------------------------------------------------------------------ layout
 
     def paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
-        run_dir = f"{mount(spec, spec.stages[stage].volume)}/{stage}/{ckpts.restart_dir_name(restart_id)}"
+        run_dir = layout.stage_run_dir(spec, stage, restart_id)
         return StagePaths(stage_dir=run_dir, ckpt_dir=run_dir, merged_dir=f"{run_dir}/merged")
 
     @staticmethod
     def _rel(stage: str, restart_id: str, *parts: str) -> str:
-        return "/".join([stage, ckpts.restart_dir_name(restart_id), *parts])
+        return layout.run_path(stage, restart_id, *parts)
 
     def _stage_volume(self, spec: Spec, stage: str) -> str:
         return modal_volume_name(spec, spec.stages[stage].volume)

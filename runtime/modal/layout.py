@@ -12,6 +12,7 @@ directories on them, and the launch registry's keys.
 from __future__ import annotations
 
 from reconciler.spec import Spec
+from runtime.checkpoints import restart_dir_name
 
 WORKER_MODULE = "runtime.modal.worker"  # the entry points every function runs
 CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
@@ -50,6 +51,16 @@ def dataset_dir(spec: Spec, name: str) -> str:
 
 def model_dir(spec: Spec, name: str) -> str:
     return f"{mount(spec, spec.models[name].volume)}/models/{name}"
+
+
+def stage_run_dir(spec: Spec, stage: str, restart_id: str) -> str:
+    """Container path of a stage run: `<mount>/<stage>/<restart dir>` (checkpoints, merged/, _retool/)."""
+    return f"{mount(spec, spec.stages[stage].volume)}/{run_path(stage, restart_id)}"
+
+
+def run_path(stage: str, restart_id: str, *parts: str) -> str:
+    """A path in a stage run, relative to its volume's root (what the volume API takes)."""
+    return "/".join([stage, restart_dir_name(restart_id), *parts])
 
 
 def volume_mounts(spec: Spec) -> dict[str, str]:
