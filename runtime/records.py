@@ -24,6 +24,8 @@ same kind of error rather than half-read.
         <log>.exit.json   ExitRecord     how the wrapper's commands ended
         merged.json       MergeRecord    what finalize merged, and the tool-call check's result
         sandbox.json      SandboxRecord  the local sandbox server this state directory started
+        image.json        EnvironmentRecord  the Python environment a local `image` node recorded
+        .<name>.prepared.json  PreparedDir  what a local dataset or model directory was prepared from
     Eval runs (the stage's run directory; models in runtime.eval.job, built on `Record`)
         job.json          EvalJob        written by the backend, read by `python -m runtime.eval.run`
         progress.json     Progress       written by the runner, read by checkpoint discovery and finalize
@@ -233,3 +235,20 @@ class SandboxRecord(Record):
     start_ticks: int | None = None
     config_hash: str
     log_path: str
+
+
+class EnvironmentRecord(Record):
+    """`<state dir>/image.json`: the interpreter and key packages a local `image` stands for."""
+
+    python: str
+    executable: str
+    packages: dict[str, str] = Field(default_factory=dict)
+    device: str
+    digest: str  # short hash of the fields above
+
+
+class PreparedDir(Record):
+    """`.<name>.prepared.json` beside a local dataset or model directory."""
+
+    config: str  # short hash of the restart fields and the `path:` source files
+    digest: str | None = None  # the directory's digest when it was prepared

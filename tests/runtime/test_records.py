@@ -16,11 +16,13 @@ from runtime import records
 from runtime.eval.job import EvalJob, Progress, Results
 from runtime.records import (
     Attempt,
+    EnvironmentRecord,
     ExitRecord,
     LaunchIntent,
     MergeRecord,
     MergeStamp,
     PlannedCommand,
+    PreparedDir,
     PreparedStamp,
     RankLiveness,
     Record,
@@ -74,6 +76,9 @@ RECORDS: dict[type[Record], st.SearchStrategy[Any]] = {
     Progress: st.builds(Progress, problems=st.dictionaries(ident, st.integers(0, 1000), max_size=3),
                         rounds=st.integers(0, 100), drawn=st.integers(0, 10**5), target=st.integers(0, 100)),
     Results: st.builds(Results, generation_s=seconds, tokens_per_s=st.none() | seconds),
+    EnvironmentRecord: st.builds(EnvironmentRecord, python=text, executable=text, device=text, digest=ident,
+                                 packages=st.dictionaries(ident, text, max_size=4)),
+    PreparedDir: st.builds(PreparedDir, config=ident, digest=st.none() | ident),
     SandboxRecord: st.builds(SandboxRecord, pid=st.integers(1, 2**22), url=text, start_ticks=maybe_int,
                              config_hash=ident, log_path=text),
 }
