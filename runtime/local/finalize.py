@@ -17,25 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from reconciler.errors import TerminalError
 from reconciler.spec import SFTStage, ToolCallCheck
-from runtime.atomic import write_json
-from runtime.local import resources as res
+from runtime import records as rec
 from runtime import metrics as met
 from runtime import processes as procs
 from reconciler.backend import Checkpoint, Outcome, StageContext
 from runtime.verl.common import StagePaths
+from runtime.records import MergeRecord
 from runtime.verl.sft import render_merge
 
 MERGE_RECORD = "merged.json"
-
-
-class MergeRecord(BaseModel):
-    step: int
-    checkpoint: str
-    tool_check: dict[str, Any] | None = None  # ToolCheckResult fields + "prompts"
 
 
 def finalize_run(
@@ -46,14 +38,13 @@ def finalize_run(
         raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
     stage = ctx.spec.stages[ctx.stage]
     merged, record_path = Path(paths.merged_dir), Path(paths.stage_dir) / MERGE_RECORD
-    raw = res.read_json(record_path)
-    record = MergeRecord.model_validate(raw) if isinstance(raw, dict) else None
+    record = rec.load(MergeRecord, record_path)
     change = "unchanged"
     if record is None or record.step != checkpoint.step or not (merged / "config.json").is_file():
         log_path = logs_dir / f"{ctx.stage}-{ctx.restart_id[:8]}-merge-{time.strftime('%Y%m%d-%H%M%S')}.log"
         merge_checkpoint(Path(checkpoint.path), merged, log_path, executable)
         record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
-        write_json(record_path, record.model_dump())
+        rec.save(record_path, record)
         change = "created"
     outputs: dict[str, Any] = {"model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path}
     records = met.read_file(Path(paths.stage_dir) / "metrics.jsonl")
@@ -68,7 +59,7 @@ def finalize_run(
         check = stage.tool_call_check
         if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
             record = record.model_copy(update={"tool_check": measure_tool_calls(merged, check.prompts)})
-            write_json(record_path, record.model_dump())
+            rec.save(record_path, record)
         assert record.tool_check is not None
         outputs.update({
             "tool_call_rate": record.tool_check["rate"], "tool_call_prompts": record.tool_check["n"],

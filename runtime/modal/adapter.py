@@ -26,7 +26,7 @@ import io
 import os
 import tomllib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import RetoolError, TerminalError, TransientError
 from runtime.cluster.layout import ClusterInfo
-from runtime.modal.app import WORKER_MODULE, AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.layout import WORKER_MODULE
 
 T = TypeVar("T")
 
@@ -143,7 +144,7 @@ class ModalAdapter(Protocol):
         """Whole file (FileNotFoundError when missing)."""
         ...
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
         """Upload (overwriting) in one batch under a deadline: small records (remote path ->
         bytes or a local file). `VolumeNotFound` when the volume does not exist (nothing is created)."""
         ...
@@ -400,7 +401,7 @@ class SdkAdapter:
 
         return self._call(run, f"read {volume}:{path}", DATA_TIMEOUT_S)
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
         not_found = self._modal().exception.NotFoundError
 
         def run() -> None:

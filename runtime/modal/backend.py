@@ -1,6 +1,6 @@
 """The Modal backend: `reconciler.backend.Runtime` on Modal's cloud, through `ModalAdapter`.
 
-Layout on Modal (names from `runtime.modal.app`):
+Layout on Modal (names from `runtime.modal.layout`; run files are `runtime.records` models):
 
     app          retool-<spec name> (spec.modal.app_name), deployed; functions stage-<name>,
                  prepare, finalize, sandbox (service placement only)
@@ -29,12 +29,14 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
 from reconciler.state.base import ModalRun, RunHandle, StateStore
 from runtime import checkpoints as ckpts
+from runtime import records
+from runtime.records import MergeStamp, PreparedStamp, Record, StageProgress, StageResult, StageRun, LaunchIntent
 from reconciler.backend import (
     Checkpoint,
     ChecksReadiness,
@@ -47,35 +49,33 @@ from reconciler.backend import (
     StageContext,
 )
 from reconciler.steps import segments_for
-from runtime.modal import launches
+from runtime.modal import launches, layout
 from runtime.modal.adapter import (
     LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable, UploadProgress,
 )
 from runtime.modal.images import base_facts, parse_requirement
 from runtime.cluster.liveness import alive_count, liveness_text
-from runtime.modal.app import (
-    MAX_TIMEOUT_HOURS,
+from runtime.modal.models import AppDefinition, FinalizePayload, LaunchKey, PreparePayload, SidecarSettings, StagePayload
+from runtime.modal.layout import (
     CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
     PREPARE_FUNCTION,
     RUN_DIR,
     SANDBOX_FUNCTION,
-    SEGMENT_MARGIN_S,
-    AppDefinition,
-    FinalizePayload,
-    PreparePayload,
-    SidecarSettings,
-    StagePayload,
     app_name,
-    build_app_definition,
     dataset_dir,
-    modal_problems,
-    modal_warnings,
     modal_volume_name,
     model_dir,
     mount,
-    sandbox_token_env,
     stage_function_name,
+)
+from runtime.modal.app import (
+    MAX_TIMEOUT_HOURS,
+    SEGMENT_MARGIN_S,
+    build_app_definition,
+    modal_problems,
+    modal_warnings,
+    sandbox_token_env,
 )
 from runtime.eval.discover import eval_checkpoint
 from runtime.eval.finalize import eval_outcome
@@ -89,6 +89,7 @@ from runtime.stamps import restart_config, short_hash
 CLUSTER_GPUS_PER_NODE = 8  # a clustered container takes its whole host (8 GPUs on Modal's H100/A100/B200 hosts)
 CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
 WAIT_SLICE_S = 30.0
+R = TypeVar("R", bound=Record)
 
 
 class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
@@ -112,12 +113,12 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
     # ------------------------------------------------------------------ layout
 
     def paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
-        run_dir = f"{mount(spec, spec.stages[stage].volume)}/{stage}/{ckpts.restart_dir_name(restart_id)}"
+        run_dir = layout.stage_run_dir(spec, stage, restart_id)
         return StagePaths(stage_dir=run_dir, ckpt_dir=run_dir, merged_dir=f"{run_dir}/merged")
 
     @staticmethod
     def _rel(stage: str, restart_id: str, *parts: str) -> str:
-        return "/".join([stage, ckpts.restart_dir_name(restart_id), *parts])
+        return layout.run_path(stage, restart_id, *parts)
 
     def _stage_volume(self, spec: Spec, stage: str) -> str:
         return modal_volume_name(spec, spec.stages[stage].volume)
@@ -229,16 +230,16 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
     def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
         return self._prepare("model", name, model, model.volume, spec, spec_dir)
 
-    def _prepare(self, kind: str, name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
+    def _prepare(self, kind: Literal["dataset", "model"], name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
         env = spec.modal.environment
         vol = modal_volume_name(spec, volume_key)
         folder = "datasets" if kind == "dataset" else "models"
         stamp_path = f"{folder}/.{name}.prepared.json"
         local = _local_source(item.source, spec_dir)
         config = {"config": restart_config(item), "source": _stat(local) if local else None}
-        stamp = self._read_json(vol, stamp_path, env)
-        if stamp is not None and stamp.get("config") == short_hash(config) and stamp.get("outputs"):
-            return Outcome(change="unchanged", outputs=stamp["outputs"], message="already on the volume")
+        stamp = self._read_record(PreparedStamp, vol, stamp_path, env)
+        if stamp is not None and stamp.config == short_hash(config) and stamp.outputs:
+            return Outcome(change="unchanged", outputs=dict(stamp.outputs), message="already on the volume")
         root = mount(spec, volume_key)
         payload_config = item.model_dump(mode="json")
         staged_dir = f"{root}/_uploads/{kind}/{name}"
@@ -247,12 +248,12 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             payload_config["source"] = f"path:{local.name}"
         self._ensure_deployed(spec)
         payload = PreparePayload(
-            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,  # type: ignore[arg-type]
+            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,
             out_dir=f"{root}/{folder}/{name}", volume=vol,
         )
         call_id = self.adapter.spawn(app_name(spec), PREPARE_FUNCTION, payload.model_dump(mode="json"), env=env)
         outputs = self._wait_result(call_id, f"prepare {kind}.{name}", 4 * 3600)
-        self.adapter.put_files(vol, {stamp_path: json.dumps({"config": short_hash(config), "outputs": outputs}).encode()},
+        self.adapter.put_files(vol, {stamp_path: records.dumps(PreparedStamp(config=short_hash(config), outputs=outputs))},
                                env=env)
         rows = f"{outputs.get('rows')} rows" if "rows" in outputs else ""
         return Outcome(change="updated" if stamp is not None else "created", outputs=outputs, message=rows)
@@ -360,8 +361,8 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             return existing
         definition, _ = self._ensure_deployed(spec)
         usd = self.gpu_hour_usd(spec, stage.resources.gpu)  # before spawning: nothing may fail after it
-        launch = launches.LaunchKey(registry=launches.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
-                           key=launches.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
+        launch = LaunchKey(registry=layout.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
+                           key=layout.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
         res = stage.resources
         replace = ctx.resume_from is None and any(
             c.restart_id == ctx.restart_id for c in self.discover_checkpoints(spec, ctx.stage, ctx.restart_id)
@@ -389,10 +390,10 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             self.adapter.put_files(vol, files, env=env)
         marker = ckpts.marker_content(ctx.restart_id, ctx.stage, res.world_size)
         started = self.clock()
-        intent = launches.intent(launch.launch_id, payload.function, started)
+        intent = LaunchIntent(launch_id=launch.launch_id, function=payload.function, at=started)
         self.adapter.put_files(vol, {
             self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode(),
-            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, launches.LAUNCH_FILE): json.dumps(intent).encode(),
+            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, layout.LAUNCH_FILE): records.dumps(intent),
         }, env=env)
         try:
             call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
@@ -408,9 +409,9 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             launches.register(self.adapter, launch, call_id, 0, started, env=env)
         except (ModalUnreachable, TerminalError):
             pass
-        run = {"call_id": call_id, "app_name": definition.app_name, "function": payload.function, "segment": 0,
-               "head_call_id": call_id, "launched_at": started, "launch_id": launch.launch_id}
-        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, RUN_DIR, "run.json"): json.dumps(run).encode()},
+        run = StageRun(call_id=call_id, segment=0, app_name=definition.app_name, function=payload.function,
+                       launched_at=started, head_call_id=call_id, launch_id=launch.launch_id)
+        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, RUN_DIR, "run.json"): records.dumps(run)},
                                env=env)
         return handle
 
@@ -435,29 +436,29 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         registry and run.json; raises ModalUnreachable while an earlier launch whose answer was
         lost may still be queued, or when Modal cannot be asked."""
         env, vol, app = spec.modal.environment, self._stage_volume(spec, stage), app_name(spec)
-        run = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, "run.json"), env) or {}
-        pending = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, launches.LAUNCH_FILE), env) or {}
-        reg = launches.lookup(self.adapter, launches.registry_name(app), launches.stage_key(app, stage, restart_id),
+        run = self._read_record(StageRun, vol, self._rel(stage, restart_id, RUN_DIR, "run.json"), env)
+        pending = self._read_record(LaunchIntent, vol, self._rel(stage, restart_id, RUN_DIR, layout.LAUNCH_FILE), env)
+        reg = launches.lookup(self.adapter, layout.registry_name(app), layout.stage_key(app, stage, restart_id),
                               env=env)
         candidates: list[tuple[str, int, float]] = []
         if reg is not None:
             candidates.append((reg.call_id, reg.segment, reg.at))
-        if run.get("call_id"):
-            candidates.append((str(run.get("head_call_id") or run["call_id"]), 0, float(run.get("launched_at", 0))))
+        if run is not None:  # the segment running now (the CLI wrote it at launch, or a container at hand-over)
+            candidates.append((run.call_id, run.segment, run.launched_at))
         for call_id, segment, at in dict.fromkeys(candidates):
-            handle = self._handle(spec, stage, restart_id, call_id, str(run.get("app_name") or app), at, None, [],
+            handle = self._handle(spec, stage, restart_id, call_id, run.app_name if run else app, at, None, [],
                                   segment=segment, reattached=True)
             try:
                 if self.poll_stage(handle).state == "running":
                     return handle
             except CallNotFound:
                 continue
-        matched = {reg.launch_id if reg else None, run.get("launch_id")}
-        if pending.get("launch_id") and pending["launch_id"] not in matched:
+        matched = {reg.launch_id if reg else None, run.launch_id if run else None}
+        if pending is not None and pending.launch_id not in matched:
             stats = self.adapter.function_stats(app, stage_function_name(stage), env=env)
             if stats.backlog or stats.runners:
                 raise ModalUnreachable(
-                    f"stage.{stage}: an earlier launch ({pending['launch_id']}) got no answer and may still be waiting "
+                    f"stage.{stage}: an earlier launch ({pending.launch_id}) got no answer and may still be waiting "
                     "for its GPUs; not starting a second run",
                     f"{stage_function_name(stage)} has {stats.backlog} queued input(s) and {stats.runners} container(s)",
                     "try again in a few minutes (the run registers itself when it starts); to give it up, stop it in "
@@ -476,9 +477,10 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         for _ in range(CHAIN_LIMIT):
             if outcome.state in ("expired", "lost"):
                 outcome, call_id, segment = self._from_volume(handle, call_id, segment, outcome)
-            result = outcome.result if isinstance(outcome.result, dict) else {}
-            if outcome.state == "succeeded" and result.get("outcome") == "continued" and result.get("next_call_id"):
-                call_id, segment = str(result["next_call_id"]), segment + 1
+            result = _call_result(outcome, call_id)
+            if outcome.state == "succeeded" and result is not None and result.outcome == "continued" \
+                    and result.next_call_id:
+                call_id, segment = result.next_call_id, segment + 1
                 outcome = self._poll(call_id)
                 continue
             break
@@ -495,41 +497,41 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         """A call whose result Modal no longer has (expired, lost, unknown): what its run left on the volume."""
         ref = modal_ref(handle)
         vol, run_dir, env = ref.volume, ref.run_dir, ref.environment
-        run = self._read_json(vol, f"{run_dir}/run.json", env) or {}
-        if run.get("call_id") and run.get("call_id") != call_id and int(run.get("segment", 0)) > segment:
-            nxt = str(run["call_id"])
-            return self._poll(nxt), nxt, int(run["segment"])
-        result = self._read_json(vol, f"{run_dir}/result.json", env)
-        if result and result.get("outcome") in ("finished", "failed"):
-            return CallOutcome(state="succeeded", result=result), call_id, segment
+        run = self._read_record(StageRun, vol, f"{run_dir}/run.json", env)
+        if run is not None and run.call_id != call_id and run.segment > segment:
+            return self._poll(run.call_id), run.call_id, run.segment
+        result = self._read_record(StageResult, vol, f"{run_dir}/result.json", env)
+        if result is not None and result.outcome in ("finished", "failed"):
+            return CallOutcome(state="succeeded", result=result.model_dump()), call_id, segment
         why = gone.error if gone is not None and gone.error else "its result expired"
         return CallOutcome(state="expired", error=f"{why}; the run left no result"), call_id, segment
 
     def _status(self, handle: RunHandle, outcome: CallOutcome, segment: int) -> RunStatus:
         ref = modal_ref(handle)
-        progress = self._read_json(ref.volume, f"{ref.run_dir}/progress.json", ref.environment) or {}
-        result = outcome.result if isinstance(outcome.result, dict) else {}
-        step = result.get("step", progress.get("step"))
-        total = handle.total_steps or progress.get("total")
-        active = float(result.get("active_s") or progress.get("active_s") or 0.0)
+        progress = self._read_record(StageProgress, ref.volume, f"{ref.run_dir}/progress.json", ref.environment)
+        result = _call_result(outcome, ref.call_id)
+        step = result.step if result is not None else progress.step if progress is not None else None
+        total = handle.total_steps or (progress.total if progress is not None else None)
+        active = (result.active_s if result is not None else 0.0) or (progress.active_s if progress is not None else 0.0)
         gpus, rate = ref.gpus, ref.usd_per_gpu_hour
-        metrics = {k: float(v) for k, v in (progress.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        metrics = dict(progress.metrics) if progress is not None else {}
         metrics["gpu_seconds"] = round(active * gpus, 1)
         if rate is not None:
             metrics["cost_usd"] = round(active * gpus / 3600 * float(rate), 4)
         common = dict(step=step, total=total, elapsed_s=active or None, metrics=metrics,
-                      log_tail=list(progress.get("log_tail") or [])[-20:])
+                      log_tail=list(progress.log_tail)[-20:] if progress is not None else [])
         where = f"segment {segment}" + (f", step {step}/{total}" if step is not None else "")
         if outcome.state == "running":
-            nodes = liveness_text(progress.get("ranks"), self.clock(), updated_at=progress.get("updated_at"))
+            ranks = {r: seen.model_dump() for r, seen in progress.ranks.items()} if progress and progress.ranks else None
+            nodes = liveness_text(ranks, self.clock(), updated_at=progress.updated_at if progress else None)
             if nodes:  # a multi-node stage: what rank 0 sees of every rank
-                metrics["nodes_alive"] = float(alive_count(progress.get("ranks")))
+                metrics["nodes_alive"] = float(alive_count(ranks))
                 where += f"; {nodes}"
             return RunStatus(state="running", message=f"running on Modal ({where})", **common)
-        if outcome.state == "succeeded" and result.get("outcome") == "finished":
+        if outcome.state == "succeeded" and result is not None and result.outcome == "finished":
             return RunStatus(state="succeeded", message=f"finished ({where})", **common)
-        if outcome.state == "succeeded" and result.get("outcome") == "failed":
-            return RunStatus(state="failed", message=str(result.get("message", "failed")), **common)
+        if outcome.state == "succeeded" and result is not None and result.outcome == "failed":
+            return RunStatus(state="failed", message=result.message or "failed", **common)
         if outcome.state == "expired":
             return RunStatus(state="lost", message=f"Modal has no result for the run ({outcome.error})", **common)
         # TERMINATED is how Modal reports a cancel; it also ends a container it killed (OOM, eviction)
@@ -544,9 +546,9 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             outcome = self._poll(call_id)
             if outcome.state == "lost":
                 return  # Modal knows no such call: nothing runs to cancel
-            result = outcome.result if isinstance(outcome.result, dict) else {}
-            if outcome.state == "succeeded" and result.get("next_call_id"):
-                call_id = str(result["next_call_id"])
+            result = _call_result(outcome, call_id)
+            if outcome.state == "succeeded" and result is not None and result.next_call_id:
+                call_id = result.next_call_id
                 continue
             break
         self.adapter.cancel(call_id)
@@ -597,24 +599,25 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             )
         stamp_path = self._rel(ctx.stage, ctx.restart_id, "merged.json")
         check = stage.tool_call_check if isinstance(stage, SFTStage) else None
-        stamp = self._read_json(vol, stamp_path, env)
+        stamp = self._read_record(MergeStamp, vol, stamp_path, env)
         change = "unchanged"
-        wanted = {"step": checkpoint.step, "checkpoint": checkpoint.path,
-                  "tool_call_check": check.model_dump(mode="json") if check else None}
-        if stamp is None or {k: stamp.get(k) for k in wanted} != wanted:
+        wanted = MergeStamp(step=checkpoint.step, checkpoint=checkpoint.path,
+                            tool_call_check=check.model_dump(mode="json") if check else None)
+        if stamp is None or stamp.model_copy(update={"outputs": {}, "version": wanted.version}) != wanted:
             source = checkpoint.path + ("/actor" if isinstance(stage, RLStage) else "")
             payload = FinalizePayload(
                 stage=ctx.stage, checkpoint_path=checkpoint.path, step=checkpoint.step, merged_dir=paths.merged_dir,
                 volume=vol, commands=[render_merge(source, paths.merged_dir).model_dump(mode="json")],
-                tool_call_check=wanted["tool_call_check"],
+                tool_call_check=wanted.tool_call_check,
             )
             self._ensure_deployed(spec)
             call_id = self.adapter.spawn(app_name(spec), FINALIZE_FUNCTION, payload.model_dump(mode="json"), env=env)
-            stamp = {**wanted, "outputs": self._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)}
-            self.adapter.put_files(vol, {stamp_path: json.dumps(stamp).encode()}, env=env)
+            outputs = self._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)
+            stamp = wanted.model_copy(update={"outputs": outputs})
+            self.adapter.put_files(vol, {stamp_path: records.dumps(stamp)}, env=env)
             change = "created"
         outputs = {"model_path": paths.merged_dir, "final_step": checkpoint.step, "checkpoint": checkpoint.path,
-                   **(stamp.get("outputs") or {})}
+                   **stamp.outputs}
         message = f"merged step {checkpoint.step} into {paths.merged_dir}"
         if check is not None:
             from runtime.toolcheck import require_rate
@@ -659,12 +662,20 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         except FileNotFoundError:
             return None
 
-    def _read_json(self, volume: str, path: str, env: str | None) -> dict[str, Any] | None:
+    def _read_record(self, model: type[R], volume: str, path: str, env: str | None) -> R | None:
+        """A run file on a volume as its model (runtime.records); None when it does not exist."""
         try:
-            data = json.loads(self.adapter.read_file(volume, path, env=env))
-        except (FileNotFoundError, ValueError):
+            data = self.adapter.read_file(volume, path, env=env)
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) else None
+        return records.parse(model, data, source=f"{path} on Modal volume {volume}")
+
+
+def _call_result(outcome: CallOutcome, call_id: str) -> StageResult | None:
+    """A stage call's return value as its model (None while it runs, or when it returned nothing)."""
+    if not isinstance(outcome.result, dict):
+        return None
+    return records.parse(StageResult, outcome.result, source=f"the result of Modal call {call_id}")
 
 
 def attention(image: Image) -> str | None:

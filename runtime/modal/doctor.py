@@ -18,7 +18,8 @@ from reconciler.readiness import store_checks
 from reconciler.spec import Spec
 from reconciler.state.base import StateStore
 from runtime.modal.adapter import LOGIN_HINT, ModalAdapter
-from runtime.modal.app import build_app_definition, modal_problems, modal_volume_name, modal_warnings
+from runtime.modal.layout import modal_volume_name
+from runtime.modal.app import build_app_definition, modal_problems, modal_warnings
 from runtime.modal.limits import gpu_problem, parse_gpu
 
 CONNECT_TIMEOUT_S = 4.0

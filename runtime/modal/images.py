@@ -22,30 +22,14 @@ Everything else is installed as written, and retool's own packages come last
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.spec import Image
+from runtime.modal.models import ImageOp, ImageStep
 
 LOCAL_SOURCE_IGNORE = ("**/__pycache__", "**/*.pyc", "**/.pytest_cache")
 ANY_VERSION = "*"
-
-ImageOp = Literal[
-    "from_registry", "apt_install", "env", "pip_install", "uv_pip_install", "run_commands",
-    "add_local_python_source",
-]
-
-
-class ImageStep(BaseModel):
-    """One call on `modal.Image`: `op(*args, **options)`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    op: ImageOp
-    args: list[str] = Field(default_factory=list)
-    options: dict[str, Any] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)  # only for op == "env"
 
 
 class BaseImage(BaseModel):

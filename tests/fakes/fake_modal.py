@@ -47,7 +47,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -59,7 +59,9 @@ from runtime.modal.adapter import (
     VolumeNotFound, call_outcome, require_web_url, upload_plan,
 )
 from runtime.modal.limits import gpu_problem
-from runtime.modal.app import AppDefinition
+from runtime import records
+from runtime.modal.models import AppDefinition
+from runtime.records import StageProgress, StageResult, StageRun
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
@@ -220,7 +222,7 @@ class FakeModal:
                 progress(UploadProgress(files_done=i, files_total=len(plan), bytes_done=done, bytes_total=total,
                                         current=rel))
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
         self._remote("put_files", volume, *sorted(files))
         if volume not in self.volumes:
             raise VolumeNotFound(f"Modal volume {volume} does not exist")
@@ -598,16 +600,22 @@ class Containers:
             # runtime.verl.save_marker's completion marker, written last like inside verl
             fake.write(vol, f"{rel}/global_step_{step}/retool_complete.json", json.dumps(
                 {"step": step, "world_size": int(p["world_size"]), "restart_id": p["restart_id"]}))
-        fake.write(vol, f"{rel}/_retool/progress.json", json.dumps(
-            {"step": end, "total": total, "active_s": 60.0 * end, "metrics": {"train/loss": 0.5}}))
+        now = fake.clock()
+        fake.write(vol, f"{rel}/_retool/progress.json", records.dumps(StageProgress(
+            step=end, total=total, segment=p["segment"], attempt_started_at=now, updated_at=now, active_s=60.0 * end,
+            metrics={"train/loss": 0.5})))
         if end < total:
             nxt = {**p, "segment": int(p["segment"]) + 1}
             next_id = fake.spawn(call.app_name, call.function, nxt)
-            fake.write(vol, f"{rel}/_retool/run.json", json.dumps({"call_id": next_id, "segment": nxt["segment"]}))
-            return {"outcome": "continued", "step": end, "segment": p["segment"], "next_call_id": next_id,
-                    "active_s": 60.0 * end}
-        fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": end}))
-        return {"outcome": "finished", "step": end, "segment": p["segment"], "active_s": 60.0 * end}
+            launch_id = (p.get("launch") or {}).get("launch_id")
+            fake.write(vol, f"{rel}/_retool/run.json", records.dumps(StageRun(
+                call_id=next_id, segment=nxt["segment"], app_name=call.app_name, function=call.function,
+                launched_at=now, launch_id=launch_id, previous_call_id=call.call_id)))
+            return StageResult(outcome="continued", step=end, segment=p["segment"], next_call_id=next_id,
+                               active_s=60.0 * end).model_dump()
+        result = StageResult(outcome="finished", step=end, segment=p["segment"], active_s=60.0 * end)
+        fake.write(vol, f"{rel}/_retool/result.json", records.dumps(result.model_copy(update={"finished_at": now})))
+        return result.model_dump()
 
     def evaluate(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
         """What `python -m runtime.eval.run JOB` leaves in its run directory: the job (written
@@ -639,8 +647,9 @@ class Containers:
         fake.write(vol, f"{rel}/results.json", json.dumps(
             {"stage": job.stage, "samples": job.samples, "engine": "vllm", "generated_tokens": 100 * len(lines),
              "generation_s": 1.0, "tokens_per_s": 100.0 * len(lines), "device": "cuda"}))
-        fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": rounds}))
-        return {"outcome": "finished", "step": rounds, "segment": p["segment"], "active_s": 60.0 * (rounds - start)}
+        result = StageResult(outcome="finished", step=rounds, segment=p["segment"], active_s=60.0 * (rounds - start))
+        fake.write(vol, f"{rel}/_retool/result.json", records.dumps(result))
+        return result.model_dump()
 
     def finalize(self, call: FakeCall, fake: FakeModal) -> Any:
         p = call.payload

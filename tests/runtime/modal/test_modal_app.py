@@ -17,13 +17,8 @@ from reconciler.steps import estimate, segments_for
 from runtime.modal.adapter import SdkAdapter, parse_gpu_rates
 from runtime.modal.limits import size_warnings
 from tests.plan_helpers import qwen
-from runtime.modal.app import (
-    build_app_definition,
-    image_steps,
-    image_warnings,
-    modal_problems,
-    modal_warnings,
-)
+from runtime.modal.app import build_app_definition, modal_problems, modal_warnings
+from runtime.modal.images import image_steps, image_warnings
 
 REPO = Path(__file__).resolve().parents[3]
 QWEN = REPO / "specs" / "retool-qwen7b.yaml"

@@ -21,7 +21,7 @@ from reconciler.graph import build_graph
 from reconciler.loader import LoadedSpec, load_spec
 from reconciler.refresh import refresh_and_plan
 from reconciler.state.memory import MemoryStore
-from runtime.modal.app import stage_function_name
+from runtime.modal.layout import stage_function_name
 from runtime.modal.backend import ModalRuntime
 from runtime.modal.images import image_steps
 from tests.fakes.fake_modal import Containers, FakeModal

@@ -16,7 +16,8 @@ from reconciler.backend import StageContext
 from runtime.checkpoints import COMPLETE_FILE, SaveComplete
 from runtime.modal.adapter import ModalUnreachable
 from tests.plan_helpers import qwen
-from runtime.modal.app import build_app_definition, stage_function_name
+from runtime.modal.layout import stage_function_name
+from runtime.modal.app import build_app_definition
 from runtime.modal.backend import ModalRuntime
 from tests.fakes.fake_modal import Containers, FakeModal
 

@@ -11,7 +11,7 @@ import pytest
 from reconciler.backend import StageContext
 from runtime.eval.job import EvalJob, Progress
 from runtime.eval.samples import Sample
-from runtime.modal.app import stage_function_name
+from runtime.modal.layout import stage_function_name
 from tests.fakes.fake_modal import Containers
 from tests.plan_helpers import qwen
 from tests.runtime.modal.test_modal_backend import RID, ready

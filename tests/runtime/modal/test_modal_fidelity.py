@@ -20,7 +20,7 @@ import pytest
 
 from reconciler.errors import TerminalError
 from runtime.modal.adapter import CallNotFound, ModalUnreachable, SdkAdapter, VolumeNotFound
-from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
 from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import FakeCall, FakeModal, FakeModalError
 from tests.runtime.modal.test_modal_worker import payload

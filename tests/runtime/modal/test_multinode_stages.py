@@ -15,7 +15,8 @@ from reconciler.backend import StageContext
 from reconciler.loader import parse_spec_text
 from reconciler.spec import Spec
 from runtime.local.backend import LocalRuntime
-from runtime.modal.app import build_app_definition, stage_function_name
+from runtime.modal.layout import stage_function_name
+from runtime.modal.app import build_app_definition
 from runtime.modal.backend import ModalRuntime
 from runtime.verl.common import compose_config
 from tests.fakes.fake_modal import FakeModal
