@@ -182,6 +182,14 @@ class _LenientProtos(ModuleType):
         return value
 
 
+def _type_name(fd: Any) -> str:
+    """A message field's type; for a map, its value's (each message has its own entry type)."""
+    if fd.message_type.GetOptions().map_entry:
+        value = fd.message_type.fields_by_name["value"]
+        return f"map<{value.message_type.full_name if value.message_type else value.type}>"
+    return str(fd.message_type.full_name)
+
+
 def function_data_of(api_pb2: Any, definition: Any) -> Any:
     """A stored definition as the `FunctionData` modal 1.6.4 expects back: a `Function` (one
     GPU type) becomes its only ranked function, with the fields both messages share."""
@@ -193,10 +201,15 @@ def function_data_of(api_pb2: Any, definition: Any) -> Any:
         same = function_fields.get(fd.name)
         if same is None or same.type != fd.type or same.is_repeated != fd.is_repeated or fd.name == "ranked_functions":
             continue
-        if fd.message_type is not None and (same.message_type is None or same.message_type.full_name != fd.message_type.full_name):
+        if fd.message_type is not None and (same.message_type is None or _type_name(same) != _type_name(fd)):
             continue
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-            getattr(data, fd.name).update(getattr(definition, fd.name))
+            target, values_are_messages = getattr(data, fd.name), fd.message_type.fields_by_name["value"].message_type
+            for key, value in getattr(definition, fd.name).items():
+                if values_are_messages is not None:
+                    target[key].CopyFrom(value)
+                else:
+                    target[key] = value
         elif fd.is_repeated:
             getattr(data, fd.name).extend(getattr(definition, fd.name))
         elif fd.message_type is not None:
@@ -229,10 +242,10 @@ def adapt(mock: ModuleType) -> list[str]:
                 item = _Versioned(version)
                 item.builder = builder
                 pairs.append(item)
-        mock.PYTHON_STANDALONE_VERSIONS = pairs
         real_name = modal.mount.python_standalone_mount_name
-        mock.python_standalone_mount_name = lambda version, builder=None: real_name(
-            str(version), builder or getattr(version, "builder", ""))
+        setattr(mock, "PYTHON_STANDALONE_VERSIONS", pairs)
+        setattr(mock, "python_standalone_mount_name", lambda version, builder=None: real_name(
+            str(version), builder or getattr(version, "builder", "")))
         done.append("python_standalone_mount_name(version) -> (version, builder_version): the mock registers "
                     "the standalone mounts of every builder version")
 
@@ -245,7 +258,7 @@ def adapt(mock: ModuleType) -> list[str]:
     removed = {name: "" for name in ("use_function_id", "use_method_name")
                if name not in api_pb2.FunctionPrecreateRequest.DESCRIPTOR.fields_by_name}
     if removed:
-        mock.api_pb2 = _LenientProtos(api_pb2, removed)
+        setattr(mock, "api_pb2", _LenientProtos(api_pb2, removed))
         original_metadata = servicer.get_function_metadata
 
         def get_function_metadata(self: Any, function_id: str) -> Any:
@@ -890,7 +903,7 @@ def case_container_cluster_info(s: Suite) -> str:
         hello = api_pb2.TaskClusterHelloResponse(cluster_id="cl-retool", cluster_rank=1,
                                                  container_ips=["fdaa::1", "fdaa::2"],
                                                  container_ipv4_ips=["10.0.0.1", "10.0.0.2"])
-        socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+        socket.getaddrinfo = getaddrinfo
         try:
             with servicer.intercept() as ctx:
                 ctx.add_response("TaskClusterHello", hello)
@@ -899,7 +912,7 @@ def case_container_cluster_info(s: Suite) -> str:
                 _cluster.initialize_clustered_function(modal.Client.from_env(), "ta-retool-mock")
             info = inside.cluster_info()
         finally:
-            socket.getaddrinfo = real_getaddrinfo  # type: ignore[assignment]
+            socket.getaddrinfo = real_getaddrinfo
             _cluster.current_cluster_context = None
     expect((info.rank, info.cluster_id) == (1, "cl-retool"), f"cluster info {info}")
     expect(info.ips == ["fdaa::1", "fdaa::2"] and info.ipv4_ips == ["10.0.0.1", "10.0.0.2"], f"addresses {info}")
