@@ -9,4 +9,4 @@ class Frozen(BaseModel):
     """Immutable, and strict about its fields: a misspelt or unknown key is an error, not a
     silently dropped value (files that carry more, such as a saved plan, say what to skip)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)

@@ -24,7 +24,7 @@ Path = tuple[str | int, ...]
 
 
 class RefProblem(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     path: Path
     message: str

@@ -12,8 +12,6 @@ Schema as ``x-policy`` and `field_policy()` reads it back. A test walks the whol
 and fails on any field without one. Defaults are the recipe's values (RECIPE.md).
 """
 
-from __future__ import annotations
-
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -42,7 +40,7 @@ def F(default: Any = ..., *, policy: Policy, description: str, **kwargs: Any) ->
 class SpecModel(BaseModel):
     """Strict base: unknown keys are errors (the loader adds a did-you-mean)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
 
 def field_policy(model: type[BaseModel], name: str) -> Policy | None:
@@ -659,7 +657,7 @@ class Spec(SpecModel):
     """A ReTool pipeline: volumes, image, sandbox, datasets, models, stages."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, title="retool spec",
+        extra="forbid", frozen=True, title="retool spec", defer_build=True,
         json_schema_extra={"$id": "https://retool.dev/schema/spec.json"},
     )
 

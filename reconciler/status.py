@@ -38,7 +38,7 @@ FINGERPRINT_SHOWN = 8  # in the table; --json has FINGERPRINT_CHARS
 class ExpectationStatus(BaseModel):
     """One `expect:` entry next to what the run reported: `met`, `below`, or `not measured` (no value yet)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     metric: str
     expected: str  # ">= 0.4"
@@ -49,7 +49,7 @@ class ExpectationStatus(BaseModel):
 
 
 class NodeStatus(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: str
@@ -72,7 +72,7 @@ class NodeStatus(BaseModel):
 
 
 class StatusReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     spec: str
     spec_name: str

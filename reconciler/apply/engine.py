@@ -43,7 +43,7 @@ FAILED_RESULTS: frozenset[str] = frozenset({"failed", "blocked"})
 
 
 class NodeResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     action: str
@@ -137,7 +137,7 @@ def apply(
 
 
 class CancelOutcome(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     recorded: bool  # False: an apply holds the lock; it records the cancellation when it polls

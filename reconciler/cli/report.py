@@ -28,7 +28,7 @@ Series = list[tuple[float, float]]
 class StageCurves(BaseModel):
     """One training stage's per-step metrics (trainer keys -> [(step, value)])."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: str
@@ -39,7 +39,7 @@ class StageCurves(BaseModel):
 
 
 class ReportData(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     spec_name: str
     backend: str

@@ -5,8 +5,6 @@ never pickled. A store has four operations: `read`, `write`, `lock(info) -> id`,
 `unlock(id)`; every store passes the same contract tests (tests/reconciler/state/test_state_contract.py).
 """
 
-from __future__ import annotations
-
 import getpass
 import os
 import socket
@@ -31,7 +29,7 @@ NodeStatus = Literal["pending", "running", "succeeded", "failed", "lost", "cance
 class Lenient(BaseModel):
     """State is read leniently: newer writers may add keys older readers ignore."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 class NodeRecord(Lenient):

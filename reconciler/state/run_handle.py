@@ -6,8 +6,6 @@ handles written before the typed references existed (flat `pid`/`call_id` fields
 untyped `extra` dict) are converted on read.
 """
 
-from __future__ import annotations
-
 import time
 from typing import Annotated, Any, Literal
 
@@ -15,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 class LocalRun(_Lenient):
