@@ -133,9 +133,9 @@ def render_plan(plan: Plan, console: Console, *, show_unchanged: bool = True) ->
     console.print()
     console.print(Text(summary_line(plan), style="bold"))
     console.print(Text(total_line(plan.total)))
-    for line in budget_lines(plan.budget):
-        style = "bold red" if line.startswith("Over budget") or line.startswith("Apply refuses") else ""
-        console.print(Text(line, style=style), soft_wrap=True)
+    for budget_line in budget_lines(plan.budget):
+        alarm = budget_line.startswith(("Over budget", "Apply refuses"))
+        console.print(Text(budget_line, style="bold red" if alarm else ""), soft_wrap=True)
     blocked = [c.estimate for c in plan.changes if c.action == "blocked" and c.estimate.steps > 0]
     if blocked:
         gpu_h, usd = sum(e.gpu_hours for e in blocked), sum(e.usd for e in blocked)
