@@ -135,3 +135,14 @@ def test_status_shows_measured_spend_against_the_budget(tmp_path: Path, rt: Memo
     assert lines["stage.sft"]["over"] is (spent["stage.sft"] > 40)
     text = invoke("status", spec).stdout
     assert f"budget spec: spent ${sum(spent.values()):,.2f} of $1,000.00" in text
+
+
+def test_a_rerun_keeps_what_the_old_run_spent(tmp_path: Path, rt: MemoryRuntime) -> None:
+    spec = budgeted(tmp_path, {"usd": 10_000})
+    assert invoke("apply", spec, "--yes").exit_code == 0
+    first = state_of(spec).nodes["stage.sft"]
+    assert first.spent_usd == first.cost_usd > 0 and first.spent_gpu_seconds == first.gpu_seconds
+    assert invoke("apply", spec, "--yes", "--replace", "stage.sft").exit_code == 0
+    again = state_of(spec).nodes["stage.sft"]
+    assert again.cost_usd > 0  # the new identity's own runs
+    assert again.spent_usd == round(first.cost_usd + again.cost_usd, 4)  # the budget counts both
