@@ -38,9 +38,13 @@ def F(default: Any = ..., *, policy: Policy, description: str, **kwargs: Any) ->
 
 
 class SpecModel(BaseModel):
-    """Strict base: unknown keys are errors (the loader adds a did-you-mean)."""
+    """Strict base: unknown keys are errors (the loader adds a did-you-mean).
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
+    Built at import, unlike the other layers' models (`defer_build`): every command builds the
+    whole spec anyway, and a deferred nested model would be built twice, inline in `Spec`'s
+    schema and again on its own for `model_dump` (bench/plan_bench.py measured it slower)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def field_policy(model: type[BaseModel], name: str) -> Policy | None:
@@ -689,7 +693,7 @@ class Spec(SpecModel):
     """A ReTool pipeline: volumes, image, sandbox, datasets, models, stages."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, title="retool spec", defer_build=True,
+        extra="forbid", frozen=True, title="retool spec",
         json_schema_extra={"$id": "https://retool.dev/schema/spec.json"},
     )
 
