@@ -10,5 +10,5 @@ class Frozen(BaseModel):
     silently dropped value (files that carry more, such as a saved plan, say what to skip)."""
 
     # Validators are built on first use (here and in the other layers' models): `retool plan`
-    # never touches most of them, and building all at import was a fifth of its start-up.
+    # never touches most of them.
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
