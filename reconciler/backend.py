@@ -11,6 +11,8 @@ Checkpoint layout (shared by every backend): a stage writes its verl checkpoints
 another restart identity are never resumed from; they are reported as foreign and kept.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 

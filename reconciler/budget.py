@@ -15,6 +15,8 @@ plan's estimate (`BudgetCheck.amount_usd`) to the cent: a changed estimate asks 
 Pure functions over frozen data; the CLI enforces, the apply engine records approvals.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterable
 
 from pydantic import Field

@@ -17,6 +17,8 @@ Per node (DESIGN.md, "Fingerprints and change policy"):
     cannot run here (`blocked`)    -> blocked, and so is every changing node downstream of it
 """
 
+from __future__ import annotations
+
 import json
 import time
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ class Plan(Frozen):
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         """A plan written by `to_json`; its derived keys (`has_changes`, `summary`) and a saved
         plan's `spec_sha256` are not part of the plan."""
         data = json.loads(text)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports pydantic: plugin discovery scans every installed package's entry
-# points (~20 ms, a tenth of `retool plan`); retool uses no pydantic plugins. An explicit
-# setting, even an empty one, wins.
+# Before pydantic builds its first validator: plugin discovery reads the entry points of
+# every installed package, and retool uses no pydantic plugins. An explicit setting, even an
+# empty one, wins.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 import json

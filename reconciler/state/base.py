@@ -5,6 +5,8 @@ never pickled. A store has four operations: `read`, `write`, `lock(info) -> id`,
 `unlock(id)`; every store passes the same contract tests (tests/reconciler/state/test_state_contract.py).
 """
 
+from __future__ import annotations
+
 import getpass
 import os
 import socket

@@ -6,6 +6,8 @@ handles written before the typed references existed (flat `pid`/`call_id` fields
 untyped `extra` dict) are converted on read.
 """
 
+from __future__ import annotations
+
 import time
 from typing import Annotated, Any, Literal
 
