@@ -51,7 +51,7 @@ class BudgetScope(Frozen):
     spent_gpu_hours: float = 0.0
     planned_usd: float = 0.0
     planned_gpu_hours: float = 0.0
-    unknown: list[str] = Field(default_factory=list)  # planned stages without a cost estimate
+    unknown: list[str] = Field(default_factory=list)  # planned stages without a cost estimate (not yet approved)
     exceeded: list[str] = Field(default_factory=list)  # "usd", "gpu_hours", "unknown cost"
 
     @property
@@ -168,7 +168,7 @@ def check_budget(
             spent_usd=round(spent_usd, 2), spent_gpu_hours=round(spent_gpu, 4),
             planned_usd=round(sum(p.estimate.usd for p in in_scope), 2),
             planned_gpu_hours=round(sum(p.estimate.gpu_hours for p in in_scope), 4),
-            unknown=[p.address for p in in_scope if not p.known],
+            unknown=[p.address for p in in_scope if not p.known and not (approval and p.address in approval.unpriced)],
         )
         exceeded, crossing = _exceeded(line, in_scope)
         scopes.append(line.model_copy(update={"exceeded": exceeded}))
@@ -206,7 +206,7 @@ def _exceeded(line: BudgetScope, in_scope: list[PlannedCost]) -> tuple[list[str]
         usd, gpu = usd + p.estimate.usd, gpu + p.estimate.gpu_hours
         crossed = crossed or ("usd" in exceeded and usd_cap is not None and usd > usd_cap + USD_SLACK)
         crossed = crossed or ("gpu_hours" in exceeded and gpu_cap is not None and gpu > gpu_cap + GPU_HOURS_SLACK)
-        if crossed or not p.known:
+        if crossed or p.address in line.unknown:
             crossing.append(p.address)
     return exceeded, crossing
 
@@ -265,6 +265,7 @@ def approval_record(check: BudgetCheck, by: str, now: float) -> CostApproval:
         usd=check.amount_usd, by=by, at=now,
         projected_usd={s.scope: s.projected_usd for s in check.scopes if s.limit_usd is not None},
         projected_gpu_hours={s.scope: s.projected_gpu_hours for s in check.scopes if s.limit_gpu_hours is not None},
+        unpriced=sorted({a for s in check.scopes for a in s.unknown}),
     )
 
 

@@ -71,6 +71,7 @@ class CostApproval(Lenient):
     usd: float
     projected_usd: dict[str, float] = Field(default_factory=dict)
     projected_gpu_hours: dict[str, float] = Field(default_factory=dict)
+    unpriced: list[str] = Field(default_factory=list)  # stages approved without a cost estimate
     by: str = ""
     at: float = Field(default_factory=time.time)
 

@@ -133,6 +133,16 @@ def test_a_stage_without_an_estimate_exceeds_a_capped_scope() -> None:
     assert [c.address for c in p.changes if c.over_budget] == ["stage.rl"]
 
 
+def test_an_approved_unpriced_stage_is_not_asked_about_again() -> None:
+    s = spec({"usd": 1000}, rl={"seconds_per_step": None})
+    first = plan(s)
+    assert first.budget is not None
+    state = State(spec_name=s.name, cost_approvals=[approval_record(first.budget, by="bob", now=NOW)])
+    assert state.cost_approvals[0].unpriced == ["stage.rl"]
+    again = plan(s, state)
+    assert not again.over_budget and again.budget is not None and again.budget.scopes[0].unknown == []
+
+
 def test_a_plan_that_adds_nothing_is_not_over_even_when_spend_is() -> None:
     s = spec({"usd": 1})
     state = succeeded_state(s)
