@@ -1,8 +1,11 @@
 """The local backend: volumes are directories, stages are detached process groups on this
 machine (on CPU through runtime.verl.cpu_platform when there is no GPU), the sandbox is a
-local server process. Helpers: runtime.local.resources (environment record, data/models,
-sandbox), runtime.processes (detached runs), runtime.local.runs (the active-run record,
-re-attach, a run's state), runtime.local.finalize (merge, tool check).
+local server process. What a stage runs, how its checkpoints are judged and what it
+outputs is its stage kind's (runtime.stage_kinds); this backend supplies paths, this
+machine, its files and processes. Helpers: runtime.local.resources (environment record,
+data/models, sandbox), runtime.processes (detached runs), runtime.local.runs (the
+active-run record, re-attach, a run's state), runtime.local.finalize (the merge and tool
+check as a subprocess), runtime.local.stage_files (a run directory's files).
 
 Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
 
