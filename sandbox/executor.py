@@ -113,6 +113,8 @@ class ZygoteProcess:
             warmup=self._settings.warmup, slots=self._slots,
         )
         env = {**program_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        if self._settings.hash_seed is not None:  # programs are forks: they keep the zygote's seed
+            env["PYTHONHASHSEED"] = str(self._settings.hash_seed)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "sandbox.zygote", config.model_dump_json()],

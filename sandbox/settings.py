@@ -51,6 +51,11 @@ class SandboxSettings(BaseModel):
         description="Longest a request waits for a worker unless it names its own `queue_timeout`; then SandboxError "
         "'queue timeout: ...' (the program did not run). Waiting never counts against the run timeout.",
     )
+    hash_seed: int | None = Field(
+        None, ge=0, le=4294967295,
+        description="PYTHONHASHSEED of the pre-warmed interpreter (so of every program); default random per server, "
+        "shared by all processes of a multi-process server so set order never depends on which one ran it.",
+    )
     processes: int | None = Field(
         None, ge=1, le=64,
         description="Server processes sharing the port, each with its share of the workers; default one per "
@@ -115,7 +120,7 @@ class SandboxSettings(BaseModel):
                 continue
             if field.annotation == list[str]:
                 values[name] = [item.strip() for item in raw.split(",") if item.strip()]
-            elif name in ("token", "workers", "processes", "idle_timeout_s", "owner_dir", "lease_dir"):
+            elif name in ("token", "workers", "processes", "hash_seed", "idle_timeout_s", "owner_dir", "lease_dir"):
                 values[name] = raw or None
             else:
                 values[name] = raw

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -71,8 +72,12 @@ def supervise(settings: SandboxSettings, host: str, port: int) -> None:
     """Run `settings.process_count()` server processes on host:port until stopped (blocking)."""
     count = settings.process_count()
     lifetime = Lifetime(settings.owner_dir, settings.idle_timeout_s, settings.lease_dir)
+    # One hash seed for all: a program's set order must not depend on which process ran it.
+    seed = settings.hash_seed if settings.hash_seed is not None else random.SystemRandom().randint(1, 4294967295)
     child_settings = [
-        settings.model_copy(update={"workers": n, "processes": 1, "owner_dir": None, "idle_timeout_s": None, "lease_dir": None})
+        settings.model_copy(update={
+            "workers": n, "processes": 1, "hash_seed": seed, "owner_dir": None, "idle_timeout_s": None, "lease_dir": None,
+        })
         for n in shares(settings.pool_size(), count)
     ]
     sock = listen(host, port)
