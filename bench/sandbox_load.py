@@ -14,9 +14,10 @@ the machine's load hits each alike:
 - `single`: one server process, today's client (`sandbox.client`: waiting for a worker is
   bounded by `queue_timeout`, not by the run timeout).
 - `new`: today's defaults - one server process per 8 workers (`sandbox.supervisor`), today's client.
+- `p<N>` (e.g. `p4`): N server processes, today's client.
 
-First each program runs alone (one call at a time) on each server: that is its reference
-result. Then, at each concurrency C, C callers replay the corpus (cycled, so a cell has at
+First each program runs alone (one call at a time) on each server - the servers do this side
+by side, each still seeing one call at a time: that is its reference result. Then, at each concurrency C, C callers replay the corpus (cycled, so a cell has at
 least 2*C calls, in a fixed shuffled order) and each call's result is compared with its
 program's reference: status, run status, exit code, stdout and stderr (execution time
 aside; the script's own path in tracebacks is normalised). `changed` counts calls whose
@@ -84,6 +85,13 @@ class Cell:
             return float("nan")
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def config(name: str) -> tuple[dict[str, Any], str]:
+    match = re.fullmatch(r"p(\d+)", name)
+    if match:
+        return {"processes": int(match.group(1))}, "new"
+    return CONFIGS[name]
 
 
 def load_corpus() -> list[dict[str, Any]]:
@@ -159,7 +167,7 @@ def servers(configs: list[str], workers: int | None) -> Iterator[dict[str, str]]
     with ExitStack() as stack:
         urls = {}
         for name in configs:
-            settings = dict(CONFIGS[name][0])
+            settings = dict(config(name)[0])
             if workers is not None:
                 settings["workers"] = workers
             urls[name] = stack.enter_context(local_server(ready_timeout=300, **settings)).url
@@ -170,7 +178,7 @@ def describe(urls: dict[str, str]) -> dict[str, str]:
     out = {}
     for name, url in urls.items():
         health = httpx.get(url + "/health", timeout=10).json()
-        out[name] = f"{health['pool_size']} workers, {health['processes']} process(es), {CONFIGS[name][1]} client"
+        out[name] = f"{health['pool_size']} workers, {health['processes']} process(es), {config(name)[1]} client"
     return out
 
 
@@ -184,9 +192,11 @@ def run(args: argparse.Namespace) -> list[Cell]:
         for name, text in describe(urls).items():
             print(f"  {name}: {text}")
         references: dict[str, dict[str, Outcome]] = {}
-        for name, url in urls.items():  # each program alone: its reference result on that server
-            _, alone = asyncio.run(replay(url, "new", corpus, 1))
-            references[name] = {pid: outcome for pid, outcome, _ in alone}
+        start = time.perf_counter()
+        alone = asyncio.run(_gather(*(replay(url, "new", corpus, 1) for url in urls.values())))
+        print(f"each program alone on each server: {time.perf_counter() - start:.0f} s")
+        for name, (_, results) in zip(urls, alone):  # each program alone: its reference result there
+            references[name] = {pid: outcome for pid, outcome, _ in results}
             bad = [pid for pid, outcome in references[name].items() if outcome[0] in ("lost", "not started")]
             if bad:
                 sys.exit(f"{name}: no answer alone for {bad}")
@@ -195,7 +205,7 @@ def run(args: argparse.Namespace) -> list[Cell]:
             row = {name: Cell(name, concurrency) for name in configs}
             for _ in range(args.rounds):
                 for name, url in urls.items():
-                    seconds, results = asyncio.run(replay(url, CONFIGS[name][1], programs, concurrency))
+                    seconds, results = asyncio.run(replay(url, config(name)[1], programs, concurrency))
                     cell = row[name]
                     cell.seconds += seconds
                     for pid, outcome, latency in results:
@@ -210,6 +220,10 @@ def run(args: argparse.Namespace) -> list[Cell]:
             cells += row.values()
             print_table(cells, configs, markdown=False)
     return cells
+
+
+async def _gather(*tasks: Any) -> list[Any]:
+    return list(await asyncio.gather(*tasks))
 
 
 def print_table(cells: list[Cell], configs: list[str], markdown: bool) -> None:
@@ -247,7 +261,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="replays of each cell per configuration")
     parser.add_argument("--markdown", action="store_true", help="print the final table as Markdown too")
     args = parser.parse_args()
-    unknown = [c for c in args.configs if c not in CONFIGS]
+    unknown = [c for c in args.configs if c not in CONFIGS and not re.fullmatch(r"p\d+", c)]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     started = time.perf_counter()
