@@ -138,13 +138,14 @@ def error_programs(rng: random.Random) -> list[str]:
 
 
 def time_limit_programs() -> list[str]:
+    # Each ends in an expression, as a model's code does: the recipe prints it (never reached).
     return [
-        "while True:\n    pass",
-        "print('started', flush=True)\nwhile True:\n    pass",
+        "n = 0\nwhile True:\n    n += 1\nn",
+        "print('started', flush=True)\nk = 1\nwhile k > 0:\n    k = (k * 3) % 1000003 + 1\nk",
         "import time\ntime.sleep(100)",
-        "n = 0\nwhile n >= 0:\n    n += 1",
-        "import sympy as sp\nx = sp.symbols('x')\nprint('searching', flush=True)\nk = 2\nwhile True:\n    sp.factor(x**k - 1)\n    k += 1",
-        "import itertools\nfor p in itertools.count():\n    pass",
+        "total = 0\nfor i in range(10**12):\n    total += i\ntotal",
+        "import sympy as sp\nx = sp.symbols('x')\nprint('searching', flush=True)\nk = 2\nwhile sp.factor(x**k - 1) is not None:\n    k += 1\nk",
+        "import itertools\nfound = next(p for p in itertools.count() if p < 0)\nfound",
     ]
 
 
