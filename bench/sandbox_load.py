@@ -22,8 +22,10 @@ least 2*C calls, in a fixed shuffled order) and each call's result is compared w
 program's reference: status, run status, exit code, stdout and stderr (execution time
 aside; the script's own path in tracebacks is normalised). `changed` counts calls whose
 result differs (lost and not-started calls included), `lost` calls with no HTTP answer,
-`not started` calls answered "queue timeout" (`SandboxNotStartedError`). Throughput is calls
-per second of the cell's wall time; p50/p99 are per-call latencies (queueing included).
+`not started` calls answered "queue timeout" (`SandboxNotStartedError`). Throughput counts
+the calls answered with a program's result (not lost, not "not started") per second of the
+cell's wall time; p50/p99 are per-call latencies (queueing included; a lost call's latency is
+the time its caller waited before giving up).
 Ratios compare each configuration with the first one (`old`) in the same cell.
 """
 
@@ -78,7 +80,9 @@ class Cell:
 
     @property
     def throughput(self) -> float:
-        return self.calls / self.seconds if self.seconds else float("nan")
+        """Calls answered with their program's result, per second (a lost call is no answer)."""
+        answered = self.calls - self.lost - self.not_started
+        return answered / self.seconds if self.seconds else float("nan")
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -227,8 +231,8 @@ async def _gather(*tasks: Any) -> list[Any]:
 
 
 def print_table(cells: list[Cell], configs: list[str], markdown: bool) -> None:
-    head = ["config", "conc.", "calls", "changed", "lost", "not started", "calls/s", "p50 ms", "p99 ms",
-            f"calls/s vs {configs[0]}", f"p99 vs {configs[0]}"]
+    head = ["config", "conc.", "calls", "changed", "lost", "not started", "answers/s", "p50 ms", "p99 ms",
+            f"answers/s vs {configs[0]}", f"p99 vs {configs[0]}"]
     base = {c.concurrency: c for c in cells if c.config == configs[0]}
     rows = []
     for c in cells:
@@ -236,7 +240,7 @@ def print_table(cells: list[Cell], configs: list[str], markdown: bool) -> None:
         rows.append([
             c.config, str(c.concurrency), str(c.calls), str(c.changed), str(c.lost), str(c.not_started),
             f"{c.throughput:.1f}", f"{c.percentile(0.5):.0f}", f"{c.percentile(0.99):.0f}",
-            f"{c.throughput / b.throughput:.2f}x", f"{c.percentile(0.99) / b.percentile(0.99):.2f}x",
+            f"{c.throughput / b.throughput:.2f}x" if b.throughput else "-", f"{c.percentile(0.99) / b.percentile(0.99):.2f}x",
         ])
     if markdown:
         print("| " + " | ".join(head) + " |")
