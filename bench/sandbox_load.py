@@ -223,6 +223,10 @@ def run(args: argparse.Namespace) -> list[Cell]:
                                 cell.examples.append(f"{pid} ({by_id[pid]['kind']}): {str(outcome)[:160]}")
             cells += row.values()
             print_table(cells, configs, markdown=False)
+        for name, url in urls.items():  # faults of the sandbox itself, if any, show here
+            health = httpx.get(url + "/health", timeout=10).json()
+            counters = ("executions", "timeouts", "errors", "queue_timeouts", "rejected", "zygote_restarts", "leftovers_killed")
+            print(f"  {name} /health: " + ", ".join(f"{k} {health[k]}" for k in counters))
     return cells
 
 
