@@ -558,6 +558,11 @@ class Validation(SpecModel):
 
 class ToolSettings(SpecModel):
     timeout_s: float = F(30.0, policy="update", gt=0, le=600, description="Per tool call run timeout.")
+    queue_timeout_s: float = F(
+        300.0, policy="update", gt=0, le=3600,
+        description="Longest a tool call waits for a sandbox worker (not run time); then the model sees the "
+        "recipe's sandbox-failure text.",
+    )
     memory_limit_mb: int = F(1024, policy="update", ge=64, description="Per tool call memory limit.")
     num_workers: int = F(128, policy="update", ge=1, description="Tool worker count.")
     rate_limit: int = F(128, policy="update", ge=1, description="Concurrent tool calls (a cap, not per second).")

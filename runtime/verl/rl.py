@@ -37,6 +37,7 @@ from runtime.verl.recipe import (
     ENV_TOOL_NUM_WORKERS,
     ENV_TOOL_RATE_LIMIT,
     ENV_TOOL_LENIENT_FENCES,
+    ENV_TOOL_QUEUE_TIMEOUT_S,
     ENV_TOOL_TIMEOUT_S,
     REWARD_FUNCTION,
     REWARD_MODULE,
@@ -292,6 +293,7 @@ def rl_env(
     recipe_env = {
         ENV_SANDBOX_URL: sandbox_url,
         ENV_TOOL_TIMEOUT_S: repr(tool.timeout_s),
+        ENV_TOOL_QUEUE_TIMEOUT_S: repr(tool.queue_timeout_s),
         ENV_TOOL_MEMORY_MB: str(tool.memory_limit_mb),
         ENV_TOOL_RATE_LIMIT: str(tool.rate_limit),
         ENV_TOOL_NUM_WORKERS: str(tool.num_workers),
