@@ -2,9 +2,11 @@
 
 The reconciler never imports torch, verl, ray or modal; backends do, lazily, inside
 their methods. Every operation is idempotent and says `created | unchanged | updated`
-(STYLE.md #7). Implementations: `runtime.local.backend.LocalRuntime`, `runtime.modal.backend.ModalRuntime`,
-and `tests`' in-memory runtime with injectable failures. Beyond `Runtime`, a backend may offer
-the `OptionalCapabilities` (looked up by name, done without when absent).
+(docs/architecture.md, "Reconcile from observed reality"). Implementations:
+`runtime.local.backend.LocalRuntime`, `runtime.modal.backend.ModalRuntime`, and `tests`'
+in-memory runtime with injectable failures. Beyond `Runtime`, a backend may declare
+optional capabilities (the mixin ABCs at the end of this module); callers test for them with
+`isinstance` and do without when absent.
 
 Checkpoint layout (shared by every backend): a stage writes its verl checkpoints to
 `<stage volume>/<stage name>/<restart_id[:16]>/global_step_N`, so checkpoints written under
@@ -13,14 +15,16 @@ another restart identity are never resumed from; they are reported as foreign an
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
+from reconciler.readiness import DoctorCheck
 from reconciler.records import Frozen
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import RunHandle
+from reconciler.state.base import RunHandle, StateStore
 
 Change = Literal["created", "unchanged", "updated"]
 
@@ -141,36 +145,93 @@ class Runtime(Protocol):
         ...
 
 
-class OptionalCapabilities(Protocol):
-    """Methods a backend MAY add to the Runtime contract. Callers look each one up with
-    `getattr(runtime, name, None)` and do without it when absent (the in-memory test runtime
-    has none of them; the local one has `idle_reason` and `read_metrics`; Modal the checks)."""
+# --------------------------------------------------------------------------- optional capabilities
+# A backend MAY offer more than `Runtime`. Each extra is a mixin ABC the backend names among
+# its bases (dstack's `ComputeWith...` classes are the model), so a caller asks
+# `isinstance(runtime, ReadsMetrics)` and the type checker then knows the method is there;
+# a backend that declares one and forgets its method cannot be instantiated. Who has what
+# (tests/reconciler/test_capabilities.py keeps this table true):
+#
+#   capability         local  modal  tests' MemoryRuntime
+#   ChecksPresence       x
+#   ChecksSpec                  x
+#   ChecksReadiness             x
+#   OpensSharedState            x
+#   ReadsMetrics         x
+#   PollsAtOwnPace                     x
 
-    poll_interval_s: float  # how often apply polls a running stage (default 5 s)
 
+DEFAULT_POLL_INTERVAL_S = 5.0  # how often apply polls a running stage, unless the backend says
+
+
+class ChecksPresence(ABC):
+    """The backend can tell that a recorded volume, dataset, model or sandbox is gone, or
+    stopped on purpose until something needs it. Without it `refresh` trusts them as recorded."""
+
+    @abstractmethod
     def missing_reason(self, spec: Spec, address: str) -> str | None:
         """Why a recorded node no longer exists (e.g. a dead sandbox sidecar), or None when it
         is there or cannot be told. Cheap and read-only: plan calls it (refresh)."""
-        ...
 
+    @abstractmethod
     def idle_reason(self, spec: Spec, address: str) -> str | None:
         """Why a recorded node is stopped on purpose and starts again on demand (e.g. a sandbox
         sidecar that ended after its idle timeout), or None. Not drift: plan keeps it a no-op
         and status shows it `idle`. Cheap and read-only: plan calls it (refresh)."""
-        ...
 
+
+class ChecksSpec(ABC):
+    """The backend judges a spec offline (no credentials, no network): `retool validate`
+    fails on its problems; validate and plan print its warnings."""
+
+    @abstractmethod
     def spec_problems(self, spec: Spec) -> list[str]:
-        """What the backend would refuse, found offline (`retool validate` fails on them)."""
-        ...
+        """What the backend would refuse, each as `dotted.field: why` (located in the YAML)."""
 
+    @abstractmethod
     def spec_warnings(self, spec: Spec) -> list[str]:
-        """What may fail or drift later (validate and plan print them; nothing is blocked)."""
-        ...
+        """What may fail or drift later (nothing is blocked)."""
 
-    def doctor_checks(self, spec: Spec, open_store: Callable[[], Any], *, build_image: bool = True) -> list[Any]:
-        """`retool doctor`: one row per check of a real workspace (credentials, secrets, GPUs, ...)."""
-        ...
 
+class ChecksReadiness(ABC):
+    """The backend checks a real workspace for `retool doctor` (credentials, secrets, GPUs,
+    the image, volumes, the state store). Without it doctor runs `preflight` and the
+    state-store rows."""
+
+    @abstractmethod
+    def doctor_checks(
+        self, spec: Spec, open_store: Callable[[], StateStore], *, build_image: bool = True
+    ) -> list[DoctorCheck]:
+        """One row per check; `open_store` opens the spec's state store (end with
+        `reconciler.readiness.store_checks(open_store)`, the rows every backend shares)."""
+
+
+class OpensSharedState(ABC):
+    """The backend serves a shared state store (`state.store` other than local) through
+    its own client, so doctor checks the store with the same credentials as the backend."""
+
+    @abstractmethod
+    def shared_store(self, spec: Spec) -> StateStore | None:
+        """The spec's state store opened with this backend's client, or None when the spec's
+        store is not one this backend serves (the caller opens it the ordinary way)."""
+
+
+class ReadsMetrics(ABC):
+    """The backend reads a run's per-step metrics from where it wrote them (`retool report`).
+    Without it the report shows no curves and says why."""
+
+    @abstractmethod
     def read_metrics(self, spec: Spec, stage: str, restart_id: str) -> list[tuple[int, dict[str, float]]]:
-        """A run's per-step metrics, for `retool report`."""
-        ...
+        """[(step, {trainer key: value})], in step order."""
+
+
+class PollsAtOwnPace(ABC):
+    """The backend sets how often apply polls a running stage (a test runtime whose runs
+    advance per poll says 0). Without it apply polls every DEFAULT_POLL_INTERVAL_S."""
+
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+
+
+def poll_interval(runtime: Runtime) -> float:
+    """How often apply polls this backend's running stages."""
+    return runtime.poll_interval_s if isinstance(runtime, PollsAtOwnPace) else DEFAULT_POLL_INTERVAL_S

@@ -1,6 +1,6 @@
 """Field-level differences between the config a node last ran with and the spec's.
 
-Each change carries the policy of the field it touches (STYLE.md #5) and renders with its
+Each change carries the policy of the field it touches (docs/change-policy.md, "The decision table") and renders with its
 full dotted path from the spec root: `stages.sft.optim.lr: 1e-05 → 2e-05`.
 deepdiff is imported only when two configs actually differ, and without its optional
 numpy/pandas support (see `_deepdiff`), to keep `retool plan` starting fast.
@@ -22,7 +22,7 @@ _STRICTNESS = {"restart": 0, "resume": 1, "update": 2}
 
 
 class FieldChange(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     path: str  # full dotted path from the spec root, list items as [i]
     old: Any = None

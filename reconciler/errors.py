@@ -1,4 +1,4 @@
-"""One error surface for the whole tool (STYLE.md #8).
+"""One error surface for the whole tool (docs/architecture.md, "One error type, two kinds").
 
 `RetoolError` carries a one-line summary, optional detail and a hint. `TerminalError`
 is never retried (bad spec, missing credentials); `TransientError` may be retried with

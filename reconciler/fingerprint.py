@@ -1,4 +1,4 @@
-"""Fingerprints: canonical hashes of a node's effective configuration (STYLE.md #4).
+"""Fingerprints: canonical hashes of a node's effective configuration (docs/change-policy.md, "Fingerprints").
 
 Three hashes per node, one per change policy, over the leaves of its effective config
 (defaults applied, numbers canonical, key order irrelevant). The restart identity also
@@ -22,7 +22,7 @@ FINGERPRINT_VERSION = 1
 
 
 class Fingerprints(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     restart_id: str
     resume_hash: str

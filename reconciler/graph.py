@@ -1,6 +1,6 @@
 """The resource graph: one node per addressable thing in the spec.
 
-Addresses (DESIGN.md): `volume.<name>`, `image`, `sandbox`, `dataset.<name>`,
+Addresses (docs/spec.md): `volume.<name>`, `image`, `sandbox`, `dataset.<name>`,
 `model.<name>`, `stage.<name>`. Dependencies come from references, never file order::
 
     volume.data ──> dataset.x ──┐
@@ -26,7 +26,7 @@ from reconciler.spec import PREPARATION_REVISIONS, EvalStage, RLStage, Spec, fie
 NodeKind = Literal["volume", "image", "sandbox", "dataset", "model", "stage"]
 
 # Kinds whose changes never propagate into a consumer's identity: a rebuilt image or a
-# reconfigured sandbox does not by itself rerun a finished stage (DESIGN.md).
+# reconfigured sandbox does not by itself rerun a finished stage (docs/change-policy.md, "Nodes that only order").
 ORDERING_ONLY_KINDS: frozenset[str] = frozenset({"image", "sandbox"})
 # A dataset's effective config carries the preparation revision of its format (a restart field).
 PREPARATION_KEY = "preparation_revision"
@@ -38,7 +38,7 @@ KIND_RANK: dict[str, int] = {"volume": 0, "image": 1, "sandbox": 2, "dataset": 3
 class Node(BaseModel):
     """One resource: what it is, what it needs, and its effective configuration."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: NodeKind

@@ -1,9 +1,10 @@
 """The plan: a pure function from (spec, recorded state, observed reality) to frozen data.
 
 `make_plan` decides one action per node, in dependency order, and says why; it prints
-nothing and does no I/O (STYLE.md #1). Views render it (reconciler/cli/plan_view.py); apply walks it.
+nothing and does no I/O (docs/architecture.md, "The plan is a value"). Views render it
+(reconciler/cli/plan_view.py); apply walks it.
 
-Per node (DESIGN.md, "Fingerprints and change policy"):
+Per node (docs/change-policy.md, "The decision table"):
 
     not in state / gone            -> create
     --replace                      -> rerun
@@ -15,6 +16,9 @@ Per node (DESIGN.md, "Fingerprints and change policy"):
     otherwise                      -> no-op
     in state, not in the spec      -> delete  (data kept unless --prune)
     cannot run here (`blocked`)    -> blocked, and so is every changing node downstream of it
+
+Every reason comes as prose for people (`reasons`) and, beside it, a `ReasonCode` for programs
+(`reason_codes`, same order); docs/plan-reasons.md lists the codes.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from reconciler.budget import BudgetCheck, PlannedCost, check_budget
 from reconciler.diff import FieldChange, diff_configs
 from reconciler.errors import TerminalError
 from reconciler.records import Frozen
@@ -36,7 +42,8 @@ from reconciler.state.base import NodeRecord, State
 from reconciler.steps import Estimate, add, estimate, stage_total_steps
 
 __all__ = [
-    "Action", "Estimate", "Observed", "ObservedNode", "Plan", "PlannedChange", "RunState", "make_plan",
+    "Action", "Estimate", "Observed", "ObservedNode", "Plan", "PlannedChange", "Reason", "ReasonCode", "RunState",
+    "make_plan",
 ]
 
 Action = Literal["create", "update", "resume", "rerun", "no-op", "delete", "blocked"]
@@ -67,10 +74,51 @@ class Observed(Frozen):
     notes: list[str] = Field(default_factory=list)
 
 
+class ReasonCode(StrEnum):
+    """Why a change is planned, as data (Terraform's `ResourceInstanceChangeActionReason` is
+    the model). The values appear in `retool plan --json` and `retool status --json`, so they
+    are stable: add a member (and its row in docs/plan-reasons.md), never rename one."""
+
+    NOT_CREATED = "not_created"  # no record of it: it was never created
+    GONE = "gone"  # recorded, but the backend sees it no longer exists
+    REPLACE_REQUESTED = "replace_requested"  # --replace ADDR
+    RESTART_FIELDS_CHANGED = "restart_fields_changed"  # a field whose policy is restart changed
+    INPUT_CHANGES = "input_changes"  # an upstream is planned to produce a new output
+    INPUT_CHANGED = "input_changed"  # an upstream's output changed since this node last ran
+    RESTART_IDENTITY_CHANGED = "restart_identity_changed"  # the identity moved, no field or input names why
+    RUNNING = "running"  # a run is in progress; apply re-attaches
+    FINISHED_UNRECORDED = "finished_unrecorded"  # the run finished since the last apply
+    RUN_FAILED = "run_failed"  # the last run failed
+    RUN_LOST = "run_lost"  # the last run was lost (its container or process vanished)
+    RUN_CANCELLED = "run_cancelled"  # the last run was cancelled
+    RUN_UNFINISHED = "run_unfinished"  # the last attempt never reached a final status
+    NO_VALID_CHECKPOINT = "no_valid_checkpoint"  # nothing to resume from: steps are redone
+    NO_STEP_REACHED = "no_step_reached"  # launched before, but no step was reached
+    RESUME_FIELDS_CHANGED = "resume_fields_changed"  # a field whose policy is resume changed
+    UPDATE_FIELDS_CHANGED = "update_fields_changed"  # a field whose policy is update changed
+    REMOVED_FROM_SPEC = "removed_from_spec"  # recorded, no longer in the spec
+    BACKEND_CANNOT_RUN = "backend_cannot_run"  # this backend cannot run it (blocked)
+    UPSTREAM_BLOCKED = "upstream_blocked"  # something it needs is blocked
+
+
+class Reason(Frozen):
+    """One reason: the code programs match on and the sentence people read."""
+
+    code: ReasonCode
+    text: str
+
+
+def reason(code: ReasonCode, text: str) -> Reason:
+    return Reason(code=code, text=text)
+
+
 class PlannedChange(Frozen):
     address: str
     action: Action
-    reasons: list[str] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)  # prose, for people
+    # One code per reason, in the same order (docs/plan-reasons.md); added beside `reasons` so
+    # readers of the prose are unaffected. Build both from `Reason`s with `PlannedChange.of`.
+    reason_codes: list[ReasonCode] = Field(default_factory=list)
     diff: list[str] = Field(default_factory=list)  # "stages.sft.optim.lr: 1e-05 → 2e-05 (restart)"
     resume_from: int | None = None
     discard_steps: int = 0
@@ -82,6 +130,28 @@ class PlannedChange(Frozen):
     # unknown until it runs): apply recomputes them with `fingerprint()` before recording.
     fingerprints: Fingerprints | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    over_budget: list[str] = Field(default_factory=list)  # budget scopes this change pushes over ("spec", "stage.rl")
+
+    @model_validator(mode="after")
+    def _one_code_per_reason(self) -> PlannedChange:
+        if len(self.reason_codes) != len(self.reasons):
+            raise ValueError(
+                f"{self.address}: {len(self.reason_codes)} reason code(s) for {len(self.reasons)} reason(s)"
+            )
+        return self
+
+    @classmethod
+    def of(cls, address: str, action: Action, why: list[Reason], **fields: Any) -> PlannedChange:
+        """A change whose reasons are given as `Reason`s (prose and codes kept in step)."""
+        return cls(
+            address=address, action=action, reasons=[r.text for r in why], reason_codes=[r.code for r in why],
+            **fields,
+        )
+
+    @property
+    def why(self) -> list[Reason]:
+        """The reasons, each with its code."""
+        return [Reason(code=c, text=t) for c, t in zip(self.reason_codes, self.reasons, strict=True)]
 
 
 class Plan(Frozen):
@@ -96,6 +166,11 @@ class Plan(Frozen):
     total: Estimate = Field(default_factory=Estimate)
     warnings: list[str] = Field(default_factory=list)
     refreshed: bool = True
+    budget: BudgetCheck | None = None  # the spec's `budget` against spent + this plan (None: no budget)
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.budget.over
 
     @property
     def has_changes(self) -> bool:
@@ -111,7 +186,7 @@ class Plan(Frozen):
         return out
 
     def to_json(self) -> str:
-        """`{"spec", "serial", "changes": [{"address", "action", "reasons", "diff", "resume_from", ...}], ...}`,
+        """`{"spec", "serial", "changes": [{"address", "action", "reasons", "reason_codes", "diff", "resume_from", ...}], ...}`,
         plus `has_changes` and per-action `summary` counts (`retool plan --json`, saved plans)."""
         data = self.model_dump(mode="json")
         data["has_changes"] = self.has_changes
@@ -174,13 +249,27 @@ def make_plan(
     for c in changes:
         if c.action in OUTPUT_CHANGING:
             total = add(total, c.estimate)
+    created_at = time.time() if created_at is None else created_at
+    budget, marks = check_budget(spec, state, _planned_costs(changes), now=created_at)
+    changes = [c.model_copy(update={"over_budget": marks[c.address]}) if c.address in marks else c for c in changes]
     return Plan(
         spec=spec_path, spec_name=spec.name, backend=spec.backend,
         serial=state.serial if state else 0, lineage=state.lineage if state else "",
-        created_at=time.time() if created_at is None else created_at,
+        created_at=created_at,
         changes=changes, total=total, warnings=_warnings(observed, planner.warnings),
-        refreshed=observed.refreshed,
+        refreshed=observed.refreshed, budget=budget,
     )
+
+
+def _planned_costs(changes: list[PlannedChange]) -> list[PlannedCost]:
+    """The stages the plan starts, with their estimates, for the budget check."""
+    return [
+        PlannedCost(
+            address=c.address, estimate=c.estimate,
+            known=c.total_steps is not None and (c.estimate.steps == 0 or c.estimate.seconds_per_step is not None),
+        )
+        for c in changes if c.action in OUTPUT_CHANGING and address_kind(c.address) == "stage"
+    ]
 
 
 def reached_step(rec: NodeRecord) -> int:
@@ -215,7 +304,7 @@ class _Draft:
     """A decision under construction."""
 
     action: Action
-    reasons: list[str]
+    reasons: list[Reason]
     notes: list[str] = field(default_factory=list)
     resume_from: int | None = None
     discard: bool = False
@@ -268,8 +357,8 @@ class _Planner:
                 discard_steps, discard_hours = self._discard(rec, obs)
         elif draft.discard and rec is not None:
             discard_steps = rec.steps_done
-        change = PlannedChange(
-            address=node.address, action=draft.action, reasons=draft.reasons,
+        change = PlannedChange.of(
+            node.address, draft.action, draft.reasons,
             diff=[f"{c.render()} ({c.policy})" for c in diff],
             resume_from=draft.resume_from if draft.action == "resume" else None,
             discard_steps=discard_steps, discard_gpu_hours=discard_hours, total_steps=total,
@@ -303,11 +392,12 @@ class _Planner:
         diff: list[FieldChange], pending: list[str], up_ids: dict[str, str],
     ) -> _Draft:
         if rec is None:
-            return _Draft("create", ["not yet created"])
+            return _Draft("create", [reason(ReasonCode.NOT_CREATED, "not yet created")])
         if obs is not None and not obs.exists:
-            return _Draft("create", [f"recorded, but no longer exists: {obs.message or 'removed outside retool'}"])
+            gone = f"recorded, but no longer exists: {obs.message or 'removed outside retool'}"
+            return _Draft("create", [reason(ReasonCode.GONE, gone)])
         if node.address in self.replace:
-            return _Draft("rerun", ["forced by --replace"], discard=True)
+            return _Draft("rerun", [reason(ReasonCode.REPLACE_REQUESTED, "forced by --replace")], discard=True)
 
         run_state = (obs.run_state if obs is not None and obs.run_state else None) or rec.status
         if fp.restart_id != rec.restart_id:
@@ -325,15 +415,17 @@ class _Planner:
             notes = ["apply re-attaches to it"]
             if fp.resume_hash != rec.resume_hash or fp.update_hash != rec.update_hash:
                 notes.append("the other changes are planned once it finishes")
-            return _Draft("no-op", [f"running (step {step})"], notes)
+            return _Draft("no-op", [reason(ReasonCode.RUNNING, f"running (step {step})")], notes)
         if run_state != "succeeded":
             return self._recover(node, rec, obs, run_state)
         if rec.status == "running":  # finished while nobody watched; apply collects its outputs
-            return _Draft("no-op", ["finished since the last apply"], ["apply records its result"])
+            finished = reason(ReasonCode.FINISHED_UNRECORDED, "finished since the last apply")
+            return _Draft("no-op", [finished], ["apply records its result"])
         if fp.resume_hash != rec.resume_hash and node.kind == "stage":
             return self._resume(node, rec, obs, diff)
         if fp.resume_hash != rec.resume_hash or fp.update_hash != rec.update_hash:
-            draft = _Draft("update", _field_reasons(diff, ("update", "resume")) or ["update fields changed"])
+            draft = _Draft("update", _field_reasons(diff, ("update", "resume"), ReasonCode.UPDATE_FIELDS_CHANGED)
+                           or [reason(ReasonCode.UPDATE_FIELDS_CHANGED, "update fields changed")])
             if node.kind == "image":
                 draft.notes.append("finished stages are not rerun for an image change (--replace stage.X forces it)")
             return draft
@@ -341,29 +433,29 @@ class _Planner:
 
     def _restart_reasons(
         self, node: Node, rec: NodeRecord, diff: list[FieldChange], pending: list[str], up_ids: dict[str, str]
-    ) -> list[str]:
-        reasons = _field_reasons(diff, ("restart",))
+    ) -> list[Reason]:
+        reasons = _field_reasons(diff, ("restart",), ReasonCode.RESTART_FIELDS_CHANGED)
         for d in pending:
-            reasons.append(f"input {d} output changes")
+            reasons.append(reason(ReasonCode.INPUT_CHANGES, f"input {d} output changes"))
         for d, oid in up_ids.items():
             if d not in pending and rec.inputs and rec.inputs.get(d) not in (None, oid):
-                reasons.append(f"input {d} output changed since the last run")
-        return reasons or ["restart identity changed"]
+                reasons.append(reason(ReasonCode.INPUT_CHANGED, f"input {d} output changed since the last run"))
+        return reasons or [reason(ReasonCode.RESTART_IDENTITY_CHANGED, "restart identity changed")]
 
     def _recover(self, node: Node, rec: NodeRecord, obs: Any, run_state: str) -> _Draft:
-        why = {"failed": "last run failed", "lost": "last run was lost"}.get(run_state, f"last run {run_state}")
+        code, why = _RECOVERY.get(run_state, (ReasonCode.RUN_UNFINISHED, f"last run {run_state}"))
         message = (obs.message if obs is not None and obs.message else "") or rec.message
-        reason = f"{why}: {message}" if message else why
+        last = reason(code, f"{why}: {message}" if message else why)
         if node.kind == "stage":
             ckpt = self._checkpoint(rec, obs)
             if ckpt is not None:
                 step, notes = ckpt
-                return _Draft("resume", [reason], notes, resume_from=step)
+                return _Draft("resume", [last], notes, resume_from=step)
             if rec.steps_done > 0:
-                return _Draft("rerun", [reason, "no valid checkpoint to resume from"], discard=True)
+                return _Draft("rerun", [last, _NO_CHECKPOINT], discard=True)
             if rec.run is not None:  # it was launched (then cancelled, failed or lost) before any step
-                return _Draft("rerun", [reason, "no step was reached: from the start"])
-        return _Draft("create" if rec.steps_done == 0 else "rerun", [reason], discard=rec.steps_done > 0)
+                return _Draft("rerun", [last, reason(ReasonCode.NO_STEP_REACHED, "no step was reached: from the start")])
+        return _Draft("create" if rec.steps_done == 0 else "rerun", [last], discard=rec.steps_done > 0)
 
     def _checkpoint(self, rec: NodeRecord, obs: Any) -> tuple[int, list[str]] | None:
         """The step to resume from: the observed latest valid checkpoint; without a
@@ -379,7 +471,9 @@ class _Planner:
 
     def _resume(self, node: Node, rec: NodeRecord, obs: Any, diff: list[FieldChange]) -> _Draft:
         stage = self.spec.stages[node.name]
-        reasons = _field_reasons(diff, ("resume",)) or ["resume fields changed"]
+        reasons = _field_reasons(diff, ("resume",), ReasonCode.RESUME_FIELDS_CHANGED) or [
+            reason(ReasonCode.RESUME_FIELDS_CHANGED, "resume fields changed")
+        ]
         done = reached_step(rec)
         total = self._total_steps(stage)
         if total is not None and total <= done:
@@ -389,20 +483,22 @@ class _Planner:
             return _Draft("no-op", reasons, [f"already at step {done}: the new total {total} needs no more steps"])
         ckpt = self._checkpoint(rec, obs)
         if ckpt is None:
-            return _Draft("rerun", [*reasons, "no valid checkpoint to resume from"], discard=True)
+            return _Draft("rerun", [*reasons, _NO_CHECKPOINT], discard=True)
         step, notes = ckpt
         return _Draft("resume", reasons, notes, resume_from=step)
 
     def _block(self, node: Node, draft: _Draft) -> _Draft:
         if draft.action in ("no-op", "delete"):
             return draft
-        would = f"would {draft.action}" + (f": {'; '.join(draft.reasons)}" if draft.reasons else "")
+        prose = "; ".join(r.text for r in draft.reasons)
+        would = f"would {draft.action}" + (f": {prose}" if prose else "")
         if node.address in self.blocked:
-            return _Draft("blocked", [self.blocked[node.address]], [would, *draft.notes])
+            return _Draft("blocked", [reason(ReasonCode.BACKEND_CANNOT_RUN, self.blocked[node.address])], [would, *draft.notes])
         for d in node.deps:
             up = self.decided.get(d)
             if up is not None and up.action == "blocked":
-                return _Draft("blocked", [f"needs {d}, which is blocked"], [would, *draft.notes])
+                needs = reason(ReasonCode.UPSTREAM_BLOCKED, f"needs {d}, which is blocked")
+                return _Draft("blocked", [needs], [would, *draft.notes])
         return draft
 
     # -- steps and cost
@@ -438,12 +534,22 @@ class _Planner:
         return steps, round(steps * float(sps) * gpus / 3600, 4)
 
 
-def _field_reasons(diff: list[FieldChange], policies: tuple[str, ...], limit: int = 3) -> list[str]:
+_RECOVERY: dict[str, tuple[ReasonCode, str]] = {
+    "failed": (ReasonCode.RUN_FAILED, "last run failed"),
+    "lost": (ReasonCode.RUN_LOST, "last run was lost"),
+    "cancelled": (ReasonCode.RUN_CANCELLED, "last run cancelled"),
+}
+_NO_CHECKPOINT = reason(ReasonCode.NO_VALID_CHECKPOINT, "no valid checkpoint to resume from")
+
+
+def _field_reasons(
+    diff: list[FieldChange], policies: tuple[str, ...], code: ReasonCode, limit: int = 3
+) -> list[Reason]:
     paths = list(dict.fromkeys(c.path for c in diff if c.policy in policies))
     if not paths:
         return []
     shown = ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-    return [f"changed: {shown}"]
+    return [reason(code, f"changed: {shown}")]
 
 
 def _delete(rec: NodeRecord) -> PlannedChange:
@@ -460,7 +566,8 @@ def _delete(rec: NodeRecord) -> PlannedChange:
         notes = []
     if rec.status == "running":
         notes.append("its running attempt is cancelled")
-    return PlannedChange(address=rec.address, action="delete", reasons=["removed from the spec"], notes=notes, config=rec.config)
+    removed = reason(ReasonCode.REMOVED_FROM_SPEC, "removed from the spec")
+    return PlannedChange.of(rec.address, "delete", [removed], notes=notes, config=rec.config)
 
 
 def _warnings(observed: Observed, extra: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Refresh: observe reality through a Runtime (STYLE.md #7), then plan from it.
+"""Refresh: observe reality through a Runtime, then plan from it (docs/architecture.md,
+"Reconcile from observed reality").
 
 `observe` polls recorded runs and reads checkpoints from the stages' volumes; it never
 fails a plan: whatever it cannot see (no credentials, backend unreachable, backend not
@@ -15,7 +16,7 @@ from reconciler.graph import Graph, address_kind, build_graph
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode, Plan, make_plan
 from reconciler.state.base import NodeRecord, State
-from reconciler.backend import Runtime, latest_resumable
+from reconciler.backend import ChecksPresence, ChecksSpec, Runtime, latest_resumable
 
 
 def _why(err: Exception) -> str:
@@ -67,23 +68,23 @@ def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) ->
             if gone:
                 nodes[address] = ObservedNode(exists=False, message=gone)
                 continue
-            idle = observe_presence(loaded, address, runtime, notes, check="idle_reason")
+            idle = observe_presence(loaded, address, runtime, notes, idle=True)
             if idle:
                 nodes[address] = ObservedNode(idle=idle)
     return Observed(nodes=nodes, refreshed=not notes, notes=notes)
 
 
 def observe_presence(
-    loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str], *, check: str = "missing_reason",
+    loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str], *, idle: bool = False,
 ) -> str | None:
-    """Why a recorded volume/dataset/model/sandbox is gone (`missing_reason`), or stopped on
-    purpose until something needs it (`idle_reason`), when the backend can tell. Both are
-    optional: without them nodes are trusted as recorded."""
-    method = getattr(runtime, check, None)
-    if method is None:
+    """Why a recorded volume/dataset/model/sandbox is gone (or, with `idle`, stopped on
+    purpose until something needs it), when the backend can tell (a backend without
+    `ChecksPresence` has them trusted as recorded)."""
+    if not isinstance(runtime, ChecksPresence):
         return None
     try:
-        reason = method(loaded.spec, address)
+        check = runtime.idle_reason if idle else runtime.missing_reason
+        reason = check(loaded.spec, address)
     except (RetoolError, OSError) as err:
         notes.append(f"{address}: cannot check that it still exists ({_why(err)})")
         return None
@@ -108,13 +109,12 @@ def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> 
 
 
 def spec_warnings(loaded: LoadedSpec, runtime: Runtime | None) -> list[str]:
-    """The backend's offline warnings about the spec (`Runtime.spec_warnings` is optional:
-    e.g. Modal's image packages that compile from source, requests above its thresholds)."""
-    check = getattr(runtime, "spec_warnings", None)
-    if check is None:
+    """The backend's offline warnings about the spec, where it declares `ChecksSpec`
+    (e.g. Modal's image packages that compile from source, requests above its thresholds)."""
+    if not isinstance(runtime, ChecksSpec):
         return []
     try:
-        return list(check(loaded.spec))
+        return list(runtime.spec_warnings(loaded.spec))
     except (RetoolError, OSError) as err:
         return [f"cannot check the spec against the {loaded.spec.backend} backend ({_why(err)})"]
 

@@ -1,7 +1,7 @@
 """The spec: one YAML document that declares a whole ReTool training pipeline.
 
-Every field declares its change policy next to its definition (DESIGN.md, "Fingerprints
-and change policy"):
+Every field declares its change policy next to its definition (docs/change-policy.md,
+"The three policies"):
 
 - ``restart``: the result would differ -> rerun from scratch;
 - ``resume``: the run can continue from its latest valid checkpoint;
@@ -9,10 +9,8 @@ and change policy"):
 
 `F(...)` is `pydantic.Field` plus a mandatory ``policy``; the policy lands in the JSON
 Schema as ``x-policy`` and `field_policy()` reads it back. A test walks the whole schema
-and fails on any field without one. Defaults are the recipe's values (RECIPE.md).
+and fails on any field without one. Defaults are the recipe's values (docs/recipe.md, "Hyper-parameters").
 """
-
-from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal, Union
@@ -40,7 +38,11 @@ def F(default: Any = ..., *, policy: Policy, description: str, **kwargs: Any) ->
 
 
 class SpecModel(BaseModel):
-    """Strict base: unknown keys are errors (the loader adds a did-you-mean)."""
+    """Strict base: unknown keys are errors (the loader adds a did-you-mean).
+
+    Built at import, unlike the other layers' models (`defer_build`): every command builds the
+    whole spec anyway, and a deferred nested model would be built twice, inline in `Spec`'s
+    schema and again on its own for `model_dump` (bench/plan_bench.py measured it slower)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -89,6 +91,12 @@ class LocalSettings(SpecModel):
 class ModalSettings(SpecModel):
     app_name: str | None = F(None, policy="update", description="Modal app name; default `retool-<spec name>`.")
     environment: str | None = F(None, policy="update", description="Modal environment name; default the profile's.")
+    efa: Literal["auto", "on", "off"] = F(
+        "auto", policy="update",
+        description="EFA networking for clustered (multi-node) stages: `experimental_options={'efa_enabled': True}` "
+                    "plus the libraries it needs in the image. auto: on for H100 clusters, as Modal's multi-node "
+                    "guide sets it (it unlocks extra H100 cluster capacity).",
+    )
 
 
 class Pricing(SpecModel):
@@ -101,6 +109,38 @@ class Pricing(SpecModel):
         description="Dollars per GPU-hour by GPU type (Modal's list price, H100 ~$0.001097/GPU-s).",
     )
     cpu_hour_usd: float = F(0.0, policy="update", ge=0, description="Dollars per hour of a CPU-only run.")
+
+
+class BudgetLimit(SpecModel):
+    """A spending cap: dollars, GPU-hours, or both. Caps change nothing about any run, so
+    every field is `update` (docs/budget.md)."""
+
+    usd: float | None = F(None, policy="update", gt=0, description="Dollars (at the `pricing` table's rates).")
+    gpu_hours: float | None = F(None, policy="update", gt=0, description="GPU-hours (GPUs x wall hours).")
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> "BudgetLimit":
+        if self.usd is None and self.gpu_hours is None:
+            raise ValueError("a budget needs `usd`, `gpu_hours` or both")
+        return self
+
+
+class Budget(SpecModel):
+    """The spend guard: what the whole spec, and optionally each stage, may cost in total
+    (measured spend so far plus the plan's estimate). `retool plan` marks what would exceed
+    it; `retool apply` refuses that unless `--approve-cost` names the plan's amount."""
+
+    usd: float | None = F(None, policy="update", gt=0, description="Dollars the whole spec may cost in total.")
+    gpu_hours: float | None = F(None, policy="update", gt=0, description="GPU-hours the whole spec may use in total.")
+    stages: dict[str, BudgetLimit] = F(
+        default_factory=dict, policy="update", description="Per-stage caps by stage name (`stages.<name>`).",
+    )
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> "Budget":
+        if self.usd is None and self.gpu_hours is None and not self.stages:
+            raise ValueError("a budget needs `usd`, `gpu_hours` or per-stage caps in `stages`")
+        return self
 
 
 class SecretRef(SpecModel):
@@ -469,7 +509,7 @@ class Critic(SpecModel):
 
 class RecipeOptions(SpecModel):
     """Departures from the published ReTool recipe's tool and reward, all off by default
-    (the README's "Differences from the official recipe" lists them)."""
+    (docs/fidelity.md, "Differences from the official recipe", lists them)."""
 
     lenient_fences: bool = F(
         False, policy="restart",
@@ -518,6 +558,11 @@ class Validation(SpecModel):
 
 class ToolSettings(SpecModel):
     timeout_s: float = F(30.0, policy="update", gt=0, le=600, description="Per tool call run timeout.")
+    queue_timeout_s: float = F(
+        300.0, policy="update", gt=0, le=3600,
+        description="Longest a tool call waits for a sandbox worker (not run time); then the model sees the "
+        "recipe's sandbox-failure text.",
+    )
     memory_limit_mb: int = F(1024, policy="update", ge=64, description="Per tool call memory limit.")
     num_workers: int = F(128, policy="update", ge=1, description="Tool worker count.")
     rate_limit: int = F(128, policy="update", ge=1, description="Concurrent tool calls (a cap, not per second).")
@@ -669,6 +714,9 @@ class Spec(SpecModel):
     local: LocalSettings = F(default_factory=LocalSettings, policy="update", description="Local backend settings.")
     modal: ModalSettings = F(default_factory=ModalSettings, policy="update", description="Modal backend settings.")
     pricing: Pricing = F(default_factory=Pricing, policy="update", description="Price table for estimates.")
+    budget: Budget | None = F(
+        None, policy="update", description="Spend guard: dollar and GPU-hour caps for the spec and its stages.",
+    )
     secrets: dict[str, SecretRef] = F(default_factory=dict, policy="update", description="Secret references by key.")
     volumes: dict[str, Volume] = F(default_factory=dict, policy="update", description="Volumes by name.")
     image: Image = F(default_factory=Image, policy="update", description="Container image / environment.")

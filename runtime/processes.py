@@ -25,29 +25,10 @@ import time
 import uuid
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-
-class PlannedCommand(BaseModel):
-    argv: list[str]
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-
-
-class RunPlan(BaseModel):
-    """What the wrapper runs: commands in order, stopping at the first failure."""
-
-    commands: list[PlannedCommand]
-    exit_path: str
-
-
-class ExitRecord(BaseModel):
-    returncode: int
-    signal: str | None = None  # the signal that stopped the run (SIGTERM on cancel)
-    failed_command: int | None = None  # index of the command that failed
-    started_at: float | None = None
-    finished_at: float = Field(default_factory=time.time)
-    cancelled: bool = False
+from runtime import records
+from runtime.records import ExitRecord, PlannedCommand, RunPlan
 
 
 class ProcessInfo(BaseModel):
@@ -156,7 +137,7 @@ def start_detached(
     """Start the wrapper for `commands` in a new session; return at once."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path = exit_path.with_name(exit_path.name.replace(".exit.json", "") + ".plan.json")
-    plan_path.write_text(RunPlan(commands=commands, exit_path=str(exit_path)).model_dump_json(indent=2))
+    records.save(plan_path, RunPlan(commands=commands, exit_path=str(exit_path)))
     exit_path.unlink(missing_ok=True)
     tag = uuid.uuid4().hex
     with open(log_path, "ab") as log:
@@ -170,16 +151,11 @@ def start_detached(
 
 
 def read_exit(exit_path: Path) -> ExitRecord | None:
-    try:
-        return ExitRecord.model_validate_json(exit_path.read_text())
-    except (OSError, ValueError):
-        return None
+    return records.load(ExitRecord, exit_path)
 
 
 def write_exit(exit_path: Path, record: ExitRecord) -> None:
-    tmp = exit_path.with_name(exit_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(record.model_dump_json())
-    os.replace(tmp, exit_path)
+    records.save(exit_path, record)
 
 
 def run_members(pgid: int | None, tag: str = "") -> list[int]:
@@ -314,7 +290,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m runtime.processes PLAN.json", file=sys.stderr)
         return 2
-    plan = RunPlan.model_validate_json(Path(argv[0]).read_text())
+    plan = records.parse(RunPlan, Path(argv[0]).read_text(), source=argv[0])
     return run_plan(plan)
 
 

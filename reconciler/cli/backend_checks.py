@@ -1,7 +1,7 @@
 """What `retool validate` asks the spec's backend, offline: problems it would refuse
-(`Runtime.spec_problems`, e.g. Modal's GPU and timeout limits) and warnings
-(`Runtime.spec_warnings`, e.g. pip entries that compile from source). Both methods are
-optional; a backend that cannot be loaded adds a warning, never a failure.
+(`ChecksSpec.spec_problems`, e.g. Modal's GPU and timeout limits) and warnings
+(`ChecksSpec.spec_warnings`, e.g. pip entries that compile from source). A backend without
+`ChecksSpec` has neither; one that cannot be loaded adds a warning, never a failure.
 
 Problems come back as `file:line:col field: message`, located at the field they name.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from reconciler.backend import ChecksSpec
 from reconciler.backends import get_runtime
 from reconciler.errors import RetoolError
 from reconciler.loader import LoadedSpec, default_state_dir
@@ -26,11 +27,11 @@ def backend_findings(loaded: LoadedSpec) -> Findings:
         runtime = get_runtime(loaded.spec, default_state_dir(loaded))
     except RetoolError as exc:
         return Findings(warnings=[f"the {loaded.spec.backend} backend's checks were skipped ({exc.summary})"])
-    problems = getattr(runtime, "spec_problems", None)
-    warnings = getattr(runtime, "spec_warnings", None)
+    if not isinstance(runtime, ChecksSpec):
+        return Findings()
     return Findings(
-        problems=[located(loaded, p) for p in (problems(loaded.spec) if problems else [])],
-        warnings=list(warnings(loaded.spec) if warnings else []),
+        problems=[located(loaded, p) for p in runtime.spec_problems(loaded.spec)],
+        warnings=list(runtime.spec_warnings(loaded.spec)),
     )
 
 

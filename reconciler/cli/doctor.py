@@ -2,7 +2,8 @@
 
 It asks the spec's backend for its readiness rows (the Modal backend: token, connection,
 each referenced secret with its keys, GPU types, the image built eagerly, volumes, the state
-store and its lock; runtime/modal/doctor.py) and prints a table of what is ready and what
+store and its lock; runtime/modal/doctor.py); a backend without that capability gets its
+`preflight` and the state store's rows (reconciler/readiness.py) and prints a table of what is ready and what
 to fix. Exit 0 when nothing needs fixing, 1 otherwise. Without a Modal token it answers at
 once: the token is looked for locally before anything touches the network.
 """
@@ -10,51 +11,46 @@ once: the token is looked for locally before anything touches the network.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from reconciler.backend import ChecksReadiness, OpensSharedState
 from reconciler.backends import get_runtime, get_store
 from reconciler.errors import RetoolError
 from reconciler.loader import LoadedSpec, default_state_dir, load_spec
+from reconciler.readiness import DoctorCheck, store_checks
 from reconciler.state.base import StateStore
 
 STYLES = {"ready": "green", "to fix": "bold red", "skipped": "dim", "note": "yellow"}
 MARKS = {"ready": "✓", "to fix": "✗", "skipped": "-", "note": "!"}
 
 
-def doctor_rows(loaded: LoadedSpec, state_dir: Path, *, build_image: bool = True) -> list[Any]:
-    """Every readiness row for the spec (runtime.modal.doctor.Check)."""
-    from runtime.modal.doctor import Check, store_checks
-
+def doctor_rows(loaded: LoadedSpec, state_dir: Path, *, build_image: bool = True) -> list[DoctorCheck]:
+    """Every readiness row for the spec: the backend's own (`ChecksReadiness`), or its
+    preflight and the state store's rows."""
     spec = loaded.spec
     try:
         runtime = get_runtime(spec, state_dir)
     except RetoolError as exc:
-        return [Check(check=f"{spec.backend} backend", status="to fix", detail=exc.summary, fix=exc.hint)]
+        return [DoctorCheck(check=f"{spec.backend} backend", status="to fix", detail=exc.summary, fix=exc.hint)]
 
     def open_store() -> StateStore:
-        adapter = getattr(runtime, "adapter", None)
-        if spec.state.store == "modal" and adapter is not None:  # the same client as the backend's
-            from reconciler.state.modal_store import ModalStore
+        shared = runtime.shared_store(spec) if isinstance(runtime, OpensSharedState) else None
+        return shared if shared is not None else get_store(spec, state_dir)  # the backend's client first
 
-            return ModalStore.from_spec(spec, adapter=adapter)
-        return get_store(spec, state_dir)
-
-    checks = getattr(runtime, "doctor_checks", None)
-    if checks is not None:
-        return list(checks(spec, open_store, build_image=build_image))
+    if isinstance(runtime, ChecksReadiness):
+        return list(runtime.doctor_checks(spec, open_store, build_image=build_image))
     problems = runtime.preflight(spec)
-    rows = [Check(check=f"{spec.backend} backend", status="to fix", detail=p) for p in problems] or [
-        Check(check=f"{spec.backend} backend", status="ready", detail="preflight passed")
+    rows = [DoctorCheck(check=f"{spec.backend} backend", status="to fix", detail=p) for p in problems] or [
+        DoctorCheck(check=f"{spec.backend} backend", status="ready", detail="preflight passed")
     ]
-    return rows + store_checks(open_store)
+    return [*rows, *store_checks(open_store)]
 
 
-def render_rows(rows: list[Any], console: Console) -> None:
+def render_rows(rows: list[DoctorCheck], console: Console) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("")
     table.add_column("check")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.backend import ReadsMetrics
 from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.spec import Spec
 from reconciler.state.base import State
@@ -28,7 +29,7 @@ Series = list[tuple[float, float]]
 class StageCurves(BaseModel):
     """One training stage's per-step metrics (trainer keys -> [(step, value)])."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: str
@@ -39,7 +40,7 @@ class StageCurves(BaseModel):
 
 
 class ReportData(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     spec_name: str
     backend: str
@@ -255,10 +256,9 @@ def render_report(data: ReportData) -> str:
 
 
 def gather_report(spec: Spec, state: State | None, runtime: object | None) -> ReportData:
-    """The report's data: recorded stages, their metric files through the backend's
-    optional `read_metrics(spec, stage, restart_id) -> [(step, {key: value})]`, and the
-    evaluation table."""
-    read = getattr(runtime, "read_metrics", None)
+    """The report's data: recorded stages, their metric files through the backend (where it
+    declares `ReadsMetrics`), and the evaluation table."""
+    reader = runtime if isinstance(runtime, ReadsMetrics) else None
     stages: list[StageCurves] = []
     for name, stage in spec.stages.items():
         address = f"stage.{name}"
@@ -268,11 +268,11 @@ def gather_report(spec: Spec, state: State | None, runtime: object | None) -> Re
         steps = f"{rec.steps_done}/{rec.total_steps}" if rec.total_steps else str(rec.steps_done)
         series: dict[str, Series] = {}
         note = ""
-        if read is None:
+        if reader is None:
             note = f"the {spec.backend} backend cannot read metric files from here"
         elif rec.restart_id:
             try:
-                for step, values in read(spec, name, rec.restart_id):
+                for step, values in reader.read_metrics(spec, name, rec.restart_id):
                     for key, value in values.items():
                         series.setdefault(key, []).append((float(step), float(value)))
             except Exception as e:  # a report is best effort: say what is missing

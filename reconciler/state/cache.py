@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from reconciler.errors import RetoolError, TerminalError
-from reconciler.state.base import State, StateStore
-from reconciler.state.local import LocalStore, format_age, parse_state
+from reconciler.state.base import State, StateStore, format_age, parse_state
+from reconciler.state.local import LocalStore
 
 CACHE_DIR = "cache"
 

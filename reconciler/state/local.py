@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,126 +32,25 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from reconciler.errors import StateLockedError, TerminalError
-from reconciler.state.base import LockInfo, State, Takeover
+from reconciler.errors import TerminalError
+from reconciler.state.base import (
+    BACKUP_SUFFIX,
+    STATE_FILE,
+    LockInfo,
+    State,
+    Takeover,
+    check_successor,
+    lock_mismatch_error,
+    locked_error,
+    not_locked_error,
+    parse_state,
+)
 
-STATE_FILE = "state.json"
-BACKUP_SUFFIX = ".backup"
 LOCK_FILE = "state.lock"
 LOCK_INFO_FILE = "state.lock.json"
 # `lock_info()` probes with a shared lock for an instant; a racing `lock()` retries past it.
 LOCK_ATTEMPTS = 5
 LOCK_RETRY_S = 0.05
-
-
-# --------------------------------------------------------------------------- shared rules
-# Every store applies the same write and lock rules; the memory and Modal stores import these.
-
-
-def check_successor(stored: State | None, new: State, where: str) -> None:
-    """Refuse a write that would go backwards or mix two pipelines' states."""
-    if stored is None:
-        return
-    if new.lineage != stored.lineage:
-        raise TerminalError(
-            f"State lineage mismatch in {where}",
-            f"the stored state has lineage {stored.lineage}, the one being written has {new.lineage}: "
-            "they belong to different pipelines.",
-            "point `state.path` (or `state.key`) at the right store, or remove the old state deliberately",
-        )
-    if new.serial <= stored.serial:
-        raise TerminalError(
-            f"Refusing to write state serial {new.serial} over serial {stored.serial} in {where}",
-            "another apply wrote a newer state since this one read it.",
-            "run `retool plan` again",
-        )
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def format_age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 90:
-        return f"{seconds}s"
-    if seconds < 90 * 60:
-        return f"{seconds // 60}m"
-    if seconds < 48 * 3600:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{seconds // 86400}d"
-
-
-def stale_reason(info: LockInfo, *, now: float | None = None, host: str | None = None) -> str | None:
-    """Why a held lock is stale (its holder cannot still be running), or None if it may be live.
-
-    Only provable staleness counts: same host and the pid is gone, or a shared store's
-    expiry passed. A lock from another host is never judged from here."""
-    now = time.time() if now is None else now
-    host = socket.gethostname() if host is None else host
-    if info.expires_at is not None and now > info.expires_at:
-        return f"stale lock held by {info.who} expired {format_age(now - info.expires_at)} ago"
-    if info.host == host and not pid_alive(info.pid):
-        return f"stale lock held by dead pid {info.pid} on {info.host}"
-    return None
-
-
-def locked_error(
-    info: LockInfo, where: str, *, now: float | None = None, host: str | None = None, os_lock: bool = False
-) -> StateLockedError:
-    """The error shown to whoever is refused the lock: holder, command, age; stale ones say so.
-
-    `os_lock`: the kernel says a live process holds it (the local store), so there is
-    nothing stale to judge and nothing `retool state unlock` could clear."""
-    now = time.time() if now is None else now
-    age = format_age(now - info.created_at)
-    stale = None if os_lock else stale_reason(info, now=now, host=host)
-    detail = f"lock {info.id} in {where}: {info.who} (pid {info.pid}) running `{info.command}`, held for {age}"
-    if os_lock:
-        err = StateLockedError(
-            f"State is locked by {info.who} (pid {info.pid}) running `{info.command}` for {age}",
-            detail,
-            "wait for it to finish; the lock frees itself when that process exits"
-            + (f" (stop it with `kill {info.pid}` on {info.host} if it hangs)" if info.pid else ""),
-        )
-    elif stale:
-        err = StateLockedError(
-            f"State is locked by a {stale}",
-            detail,
-            f"the holder is gone; run `retool state unlock {info.id}`",
-        )
-    else:
-        err = StateLockedError(
-            f"State is locked by {info.who} running `{info.command}` for {age}",
-            detail,
-            f"wait for it to finish; if you are sure it is gone, run `retool state unlock {info.id}`",
-        )
-    err.lock = info  # type: ignore[attr-defined]  # for callers that want the structured holder
-    return err
-
-
-def parse_state(text: str, where: str) -> State:
-    """Read state leniently; a file that is not state at all is a clear error, not a crash."""
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("top level is not an object")
-        return State.model_validate(data)
-    except (ValueError, ValidationError) as exc:
-        raise TerminalError(
-            f"State in {where} is not readable",
-            str(exc).splitlines()[0],
-            f"restore it from {STATE_FILE}{BACKUP_SUFFIX} beside it, or move it away to start afresh",
-        ) from exc
 
 
 # --------------------------------------------------------------------------- the store
@@ -283,15 +180,9 @@ class LocalStore:
             if leftover is not None and leftover.id == lock_id:
                 self.info_path.unlink(missing_ok=True)  # a dead holder's note; the lock itself was already free
                 return
-            raise TerminalError(
-                "State is not locked", f"no process holds {self.lock_path}", "nothing to unlock"
-            )
+            raise not_locked_error(f"no process holds {self.lock_path}")
         if holder.id != lock_id:
-            raise TerminalError(
-                f"Lock ID {lock_id} does not match the held lock {holder.id}",
-                f"the lock is held by {holder.who} (pid {holder.pid}) running `{holder.command}`",
-                f"to clear it, run `retool state unlock {holder.id}`",
-            )
+            raise lock_mismatch_error(lock_id, holder)
         raise TerminalError(
             f"Lock {lock_id} is held by a live process: {holder.who} (pid {holder.pid}) running `{holder.command}`",
             "the local lock is the operating system's: it frees itself when its holder exits, and only then",

@@ -12,9 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from reconciler.errors import TerminalError
-from reconciler.state.base import LockInfo, State, Takeover
-from reconciler.state.local import check_successor, format_age, locked_error
+from reconciler.state.base import (
+    LockInfo,
+    State,
+    Takeover,
+    check_successor,
+    format_age,
+    lock_mismatch_error,
+    locked_error,
+    not_locked_error,
+)
 
 
 class MemoryStore:
@@ -60,13 +67,9 @@ class MemoryStore:
 
     def unlock(self, lock_id: str) -> None:
         if self._lock is None:
-            raise TerminalError("State is not locked", self.describe(), "nothing to unlock")
+            raise not_locked_error(self.describe())
         if self._lock.id != lock_id:
-            raise TerminalError(
-                f"Lock ID {lock_id} does not match the held lock {self._lock.id}",
-                f"the lock is held by {self._lock.who} running `{self._lock.command}`",
-                f"to clear it, run `retool state unlock {self._lock.id}`",
-            )
+            raise lock_mismatch_error(lock_id, self._lock)
         self._lock = None
 
     def lock_info(self) -> LockInfo | None:

@@ -8,7 +8,7 @@ the same state. Layout::
     Dict   <state.lock_dict>:  <key> -> LockInfo JSON  present while an apply holds the lock
 
 The state lives on a Volume because Volumes are durable; a Dict entry expires after 7 idle
-days, which is fine for a lock and never for state (MODAL.md). The lock is an atomic
+days, which is fine for a lock and never for state (docs/modal.md, "Dicts"). The lock is an atomic
 put-if-absent (`skip_if_exists=True`) carrying an expiry (`lock_ttl_s`, default 5 min) that
 its holder pushes forward from a heartbeat thread every `heartbeat_s` (a fifth of the TTL;
 reconciler/state/lease.py) and on every state write. A holder that dies (a cancelled CI
@@ -20,7 +20,7 @@ Taking over an expired lock is made safe without compare-and-swap: the claimant 
 `<key>#takeover-<expired id>` with put-if-absent, so exactly one apply may remove that
 expired lock (claims stay in the Dict and expire with its 7-day idle rule); it then pops the
 entry (putting it back if it is no longer the expired one) and races for the key like any
-first apply. Writes keep the local store's rules (serial must grow, lineage must match):
+first apply. Writes keep every store's rules (reconciler.state.base: serial must grow, lineage must match):
 with the lock they make a lost update impossible; without it (a holder whose lock expired
 or was force-unlocked while it still ran) the serial check still refuses the older writer.
 Both files go up in one batch upload, so a reader sees the old or the new pair.
@@ -38,11 +38,21 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from reconciler.errors import TerminalError
+from reconciler.errors import StateLockedError, TerminalError
 from reconciler.spec import Spec
-from reconciler.errors import StateLockedError
-from reconciler.state.base import LockInfo, State, Takeover
-from reconciler.state.local import BACKUP_SUFFIX, STATE_FILE, check_successor, format_age, locked_error, parse_state
+from reconciler.state.base import (
+    BACKUP_SUFFIX,
+    STATE_FILE,
+    LockInfo,
+    State,
+    Takeover,
+    check_successor,
+    format_age,
+    lock_mismatch_error,
+    locked_error,
+    not_locked_error,
+    parse_state,
+)
 
 DEFAULT_LOCK_TTL_S = 300.0  # a dead holder's lock frees itself this long after its last heartbeat
 TAKEOVER_SUFFIX = "#takeover-"
@@ -171,13 +181,9 @@ class ModalStore:
         holder = self.lock_info()
         where = f"Modal dict {self.lock_dict}[{self.key}]"
         if holder is None:
-            raise TerminalError("State is not locked", f"no lock in {where}", "nothing to unlock")
+            raise not_locked_error(f"no lock in {where}")
         if holder.id != lock_id:
-            raise TerminalError(
-                f"Lock ID {lock_id} does not match the held lock {holder.id}",
-                f"the lock is held by {holder.who} (pid {holder.pid}) running `{holder.command}`",
-                f"to clear it, run `retool state unlock {holder.id}`",
-            )
+            raise lock_mismatch_error(lock_id, holder)
         self.adapter.dict_pop(self.lock_dict, self.key, env=self.env)
         if self._held is not None and self._held.id == lock_id:
             self._held = None

@@ -1,4 +1,4 @@
-"""ReTool-SFT solution text -> chat messages with tool calls (RECIPE.md, "SFT preprocessing").
+"""ReTool-SFT solution text -> chat messages with tool calls (docs/recipe.md, "SFT preprocessing").
 
 A ReTool solution interleaves prose with `<code>` blocks, the `<interpreter>` output of each,
 and a final `<answer>`. It becomes:

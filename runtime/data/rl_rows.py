@@ -1,4 +1,4 @@
-"""Math problems -> verl RL rows (RECIPE.md, "RL rows").
+"""Math problems -> verl RL rows (docs/recipe.md, "RL rows").
 
 One row per problem, in the shape verl's `RLHFDataset` and its `tool_agent` loop read:
 

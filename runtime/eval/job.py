@@ -21,13 +21,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.eval.metrics import DatasetMetrics
+from runtime.records import Record
 
 JOB_FILE = "job.json"
 PROGRESS_FILE = "progress.json"
 
 
-class EvalJob(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class EvalJob(Record):
+    """`job.json`: written by the backend, read by the runner (a versioned record: runtime.records)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     stage: str
     model_dir: str
@@ -57,8 +60,8 @@ class EvalJob(BaseModel):
     out_dir: str
 
 
-class Progress(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Progress(Record):
+    """`progress.json`: written by the runner, read by checkpoint discovery and finalize."""
 
     problems: dict[str, int] = Field(default_factory=dict)
     rounds: int = 0  # sample rounds complete for every problem
@@ -66,8 +69,8 @@ class Progress(BaseModel):
     target: int = 0  # samples per problem the last run was asked for
 
 
-class Results(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Results(Record):
+    """`results.json`: written by the runner at the end, read by finalize."""
 
     stage: str = ""
     model: str = ""

@@ -22,7 +22,7 @@ from runtime.eval.engine import (
     Completion, Engine, Sampling, TransformersEngine, VllmEngine, pick_engine, tensor_parallel_size,
 )
 from runtime.eval.grader import grade
-from runtime.atomic import write_json
+from runtime import records
 from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob, Progress, Results
 from runtime.eval.metrics import dataset_metrics
 from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE, Sample
@@ -100,7 +100,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
         "eval %s: %d problems in %s; %d samples per problem; %d already drawn (%d complete rounds); drawing %d",
         job.stage, sum(counts.values()), ", ".join(counts), job.samples, len(have), rounds, len(todo),
     )
-    write_json(out / PROGRESS_FILE, Progress(problems=counts, rounds=rounds, drawn=len(have), target=job.samples).model_dump())
+    records.save(out / PROGRESS_FILE, Progress(problems=counts, rounds=rounds, drawn=len(have), target=job.samples))
     counting = CountingEngine(engine or build_engine(job))
     tok = tokenizer or AutoTokenizer.from_pretrained(job.model_dir)
     tools = SandboxTools(SandboxCallSettings(
@@ -133,7 +133,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
         for r in range(rounds + 1, now + 1):
             _round_line(r, have, counts, counting)
         rounds = now
-        write_json(out / PROGRESS_FILE, Progress(problems=counts, rounds=rounds, drawn=len(have), target=job.samples).model_dump())
+        records.save(out / PROGRESS_FILE, Progress(problems=counts, rounds=rounds, drawn=len(have), target=job.samples))
     results = Results(
         stage=job.stage, model=job.model_dir, samples=job.samples, engine=counting.name,
         datasets={d: dataset_metrics(d, have, job.samples) for d in counts},
@@ -141,7 +141,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
         tokens_per_s=round(counting.tokens / counting.seconds, 1) if counting.seconds > 0 else None,
         device=getattr(counting.inner, "device", "cuda" if counting.name == "vllm" else ""),
     )
-    write_json(out / RESULTS_FILE, results.model_dump(mode="json"))
+    records.save(out / RESULTS_FILE, results)
     log.info("sandbox calls %d (%d without an answer)", tools.calls, tools.sandbox_errors)
     log.info("generated %d tokens in %.1f s (%s tokens/s)", results.generated_tokens, results.generation_s, results.tokens_per_s)
     for d, m in results.datasets.items():

@@ -20,9 +20,11 @@ from pydantic import BaseModel
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox
 from runtime import processes as procs
+from runtime import records
 from reconciler.backend import Outcome
 from runtime.stamps import restart_config, short_hash
-from runtime.atomic import write_json, write_text_atomic
+from runtime.atomic import write_text_atomic
+from runtime.records import EnvironmentRecord, PreparedDir, SandboxRecord
 
 KEY_PACKAGES = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "flash-attn", "tokenizers", "pyarrow")
 # Sandbox settings that matter to a local server (replicas, cpu, memory_mb, placement are Modal's).
@@ -39,7 +41,7 @@ def read_json(path: Path) -> Any:
 # --------------------------------------------------------------------------- environment ("image")
 
 
-def environment_record(image: Image, *, device: str, needs_training: bool) -> tuple[dict[str, Any], list[str]]:
+def environment_record(image: Image, *, device: str, needs_training: bool) -> tuple[EnvironmentRecord, list[str]]:
     """This interpreter and its key packages (what a local `image` is), and where they
     differ from `image.pip`'s pins. Raises when training is needed but verl/torch are missing."""
     from importlib import metadata
@@ -55,14 +57,13 @@ def environment_record(image: Image, *, device: str, needs_training: bool) -> tu
             "this Python environment lacks verl or torch", f"python {sys.executable}",
             "pip install -c constraints.txt -e '.[train]'",
         )
-    record: dict[str, Any] = {
+    facts: dict[str, Any] = {
         "python": ".".join(map(str, sys.version_info[:3])),
         "executable": sys.executable,
         "packages": packages,
         "device": device,
     }
-    record["digest"] = short_hash(record)
-    return record, pin_mismatches(image.pip, packages)
+    return EnvironmentRecord(**facts, digest=short_hash(facts)), pin_mismatches(image.pip, packages)
 
 
 def pin_mismatches(requirements: list[str], installed: dict[str, str]) -> list[str]:
@@ -82,15 +83,19 @@ def pin_mismatches(requirements: list[str], installed: dict[str, str]) -> list[s
 
 def record_environment(path: Path, image: Image, *, device: str, needs_training: bool) -> Outcome:
     record, notes = environment_record(image, device=device, needs_training=needs_training)
-    previous = read_json(path)
-    change = "unchanged" if previous == record else ("updated" if previous else "created")
+    try:
+        previous = records.load(EnvironmentRecord, path)
+    except records.RecordError:  # unreadable: recorded anew
+        previous = None
+    same = previous is not None and previous.model_copy(update={"version": record.version}) == record
+    change = "unchanged" if same else ("updated" if path.exists() else "created")
     if change != "unchanged":
-        write_json(path, record)
-    pk = record["packages"]
-    message = f"python {record['python']}, verl {pk.get('verl')}, torch {pk.get('torch')}, {device}"
+        records.save(path, record)
+    pk = record.packages
+    message = f"python {record.python}, verl {pk.get('verl')}, torch {pk.get('torch')}, {device}"
     if notes:
         message += "; differs from image.pip: " + ", ".join(notes)
-    return Outcome(change=change, outputs=record, message=message)
+    return Outcome(change=change, outputs=record.model_dump(exclude={"version"}), message=message)
 
 
 # --------------------------------------------------------------------------- datasets and models
@@ -116,15 +121,23 @@ def prepare_once(
     by `read`, which recomputes it) to the restart fields and `path:` source files it was
     made from; any difference re-prepares."""
     stamp_path = out_dir.parent / f".{out_dir.name}.prepared.json"
-    stamp = {"config": short_hash({"config": restart_config(config), "source": source_stat(config.source, spec_dir)})}
+    made_from = short_hash({"config": restart_config(config), "source": source_stat(config.source, spec_dir)})
     existing = read(out_dir)
-    if existing is not None and read_json(stamp_path) == {**stamp, "digest": getattr(existing, "digest", None)}:
+    if existing is not None and _stamp(stamp_path) == (made_from, getattr(existing, "digest", None)):
         return Outcome(change="unchanged", outputs=existing.model_dump(), message=describe(existing))
     outputs = prepare()
-    write_json(stamp_path, {**stamp, "digest": getattr(outputs, "digest", None)})
+    records.save(stamp_path, PreparedDir(config=made_from, digest=getattr(outputs, "digest", None)))
     return Outcome(
         change="updated" if existing is not None else "created", outputs=outputs.model_dump(), message=describe(outputs)
     )
+
+
+def _stamp(path: Path) -> tuple[str, str | None] | None:
+    try:
+        stamp = records.load(PreparedDir, path)
+    except records.RecordError:  # unreadable: prepared anew
+        return None
+    return None if stamp is None else (stamp.config, stamp.digest)
 
 
 # --------------------------------------------------------------------------- sandbox sidecar
@@ -139,14 +152,6 @@ SIDECAR_LIFETIME = {"idle_timeout_s": SIDECAR_IDLE_TIMEOUT_S, "owner_dir": True,
 # a sidecar started without these rules (by an older retool) is replaced, not kept forever.
 
 
-class SandboxRecord(BaseModel):
-    pid: int
-    url: str
-    start_ticks: int | None = None
-    config_hash: str
-    log_path: str
-
-
 def ping(url: str) -> bool:
     import httpx
 
@@ -157,8 +162,10 @@ def ping(url: str) -> bool:
 
 
 def _load(path: Path) -> SandboxRecord | None:
-    raw = read_json(path)
-    return SandboxRecord.model_validate(raw) if isinstance(raw, dict) and "pid" in raw else None
+    try:
+        return records.load(SandboxRecord, path)
+    except records.RecordError:  # a record of an older retool (no pid): start anew, as it always did
+        return None
 
 
 def live_sandbox_url(record_path: Path, *, hold: bool = True) -> str | None:
@@ -203,7 +210,7 @@ def ensure_sandbox(sandbox: Sandbox, record_path: Path, log_dir: Path) -> Outcom
         pid=started.pid, url=started.url, start_ticks=procs.start_ticks(started.pid),
         config_hash=config_hash, log_path=str(log_path),
     )
-    write_json(record_path, new.model_dump())
+    records.save(record_path, new)
     return Outcome(change=change, outputs={"url": new.url, "pid": new.pid}, message=f"sandbox at {new.url}")
 
 

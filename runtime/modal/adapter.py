@@ -4,7 +4,7 @@
 `SdkAdapter` implements it with the real client (imported lazily, inside methods, so
 `retool plan` never pays for it); `tests/fakes/fake_modal.py` implements it in memory.
 
-Rules every `SdkAdapter` call follows (MODAL.md, "Offline behaviour"):
+Rules every `SdkAdapter` call follows (docs/modal.md, "Offline behaviour"):
 - no token → `TerminalError` at once, saying how to log in (the SDK would raise AuthError);
 - every remote call runs under a short deadline in a daemon thread, because with a token and
   no reachable server the SDK retries for about a minute: past the deadline the call raises
@@ -12,8 +12,8 @@ Rules every `SdkAdapter` call follows (MODAL.md, "Offline behaviour"):
   apply stops; a run is never relaunched because it could not be reached);
 - SDK exceptions are translated by meaning (`translate`): unreachable (ConnectionError,
   ServiceError, InternalError, rate limits: `ModalUnreachable`, retry later, nothing
-  decided), gone (a missing file or volume: FileNotFoundError / `VolumeNotFound`; an unknown
-  call id: `CallNotFound`), terminal (AuthError, PermissionDeniedError, VersionError:
+  decided), gone (a missing file or volume: FileNotFoundError / `VolumeNotFound`; a malformed
+  call id: `CallNotFound`; an unknown one polls as expired, as Modal answers it), terminal (AuthError, PermissionDeniedError, VersionError:
   `TerminalError`). Polling classifies the call itself (`CallOutcome.state`).
 
 Paths inside volumes are relative to the volume's root (`sft/abc/global_step_5/x.pt`).
@@ -26,7 +26,7 @@ import io
 import os
 import tomllib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -34,13 +34,14 @@ from pydantic import BaseModel, ConfigDict
 
 from reconciler.errors import RetoolError, TerminalError, TransientError
 from runtime.cluster.layout import ClusterInfo
-from runtime.modal.app import WORKER_MODULE, AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.layout import WORKER_MODULE
 
 T = TypeVar("T")
 
 LOGIN_HINT = "run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), then try again"
 CALL_TIMEOUT_S = 20.0  # metadata calls: answer in seconds or report the server unreachable
-DATA_TIMEOUT_S = 300.0  # file transfers
+DATA_TIMEOUT_S = 300.0  # small file transfers (records, markers); data uploads have no deadline
 
 
 class ModalUnreachable(TransientError):
@@ -53,6 +54,28 @@ class VolumeNotFound(TerminalError):
 
 class CallNotFound(TerminalError):
     """Modal knows no function call with this id (another workspace or environment, or never made)."""
+
+
+class UploadProgress(BaseModel):
+    """How far a data upload is: files and bytes done of the total, and the file just sent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+    current: str = ""
+
+
+UploadProgressFn = Callable[[UploadProgress], None]
+
+
+def upload_plan(local: Path) -> list[tuple[str, Path]]:
+    """(path relative to the upload's root, local file) for a file or a folder, in a stable order."""
+    if local.is_file():
+        return [(local.name, local)]
+    return [(f.relative_to(local).as_posix(), f) for f in sorted(local.rglob("*")) if f.is_file()]
 
 
 class FunctionStats(BaseModel):
@@ -76,7 +99,8 @@ class VolumeEntry(BaseModel):
 # expired: Modal no longer keeps the result; lost: Modal lost the input (InternalFailure: a
 # preempted or failed worker after its retries) -- both are judged from what the run left
 # on its volume, and relaunched from the checkpoint when it left no result.
-CallState = Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"]
+# terminated: Modal ended the call with no result and no exception (TERMINATED: a cancel, an OOM kill)
+CallState = Literal["running", "succeeded", "failed", "cancelled", "terminated", "expired", "lost"]
 
 
 class CallOutcome(BaseModel):
@@ -120,9 +144,17 @@ class ModalAdapter(Protocol):
         """Whole file (FileNotFoundError when missing)."""
         ...
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
-        """Upload (overwriting) in one batch: remote path -> bytes or a local file.
-        `VolumeNotFound` when the volume does not exist (nothing is created)."""
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
+        """Upload (overwriting) in one batch under a deadline: small records (remote path ->
+        bytes or a local file). `VolumeNotFound` when the volume does not exist (nothing is created)."""
+        ...
+
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        """Upload a local file or folder (a `path:` model or dataset: gigabytes) under
+        `remote_dir`, file by file with `progress` after each, with no deadline once the
+        connection is proven (a slow upload is not an unreachable server). Consumers must treat
+        `remote_dir` as incomplete until the caller records it done: a failure leaves part of it."""
         ...
 
     def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
@@ -143,13 +175,18 @@ class ModalAdapter(Protocol):
         """Build the image and deploy the app (idempotent; images are cached by recipe)."""
         ...
 
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        """Stop a deployed app (its functions take no more inputs); nothing when it is not deployed."""
+        ...
+
     def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
         """Spawn one call of a deployed function; returns the FunctionCall id."""
         ...
 
     def poll(self, call_id: str) -> CallOutcome:
-        """`get(timeout=0)`, classified; `CallNotFound` for an id Modal does not know,
-        `ModalUnreachable` when Modal cannot be asked (the call's fate is unknown)."""
+        """`get(timeout=0)`, classified by `call_outcome` (an unknown id is `expired`, as Modal
+        answers it; `CallNotFound` for an id Modal refuses as malformed), `ModalUnreachable`
+        when Modal cannot be asked or answers with a conflict (the call's fate is unknown)."""
         ...
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
@@ -167,8 +204,9 @@ class ModalAdapter(Protocol):
         """Why the Modal secret `name` cannot provide `keys` (missing, or keys absent); None when it can."""
         ...
 
-    def build_image_now(self, steps: list[ImageStep]) -> str:
-        """Build the image chain eagerly (no function runs); returns the image id."""
+    def build_image_now(self, steps: list[ImageStep], *, env: str | None = None) -> str:
+        """Build the image chain eagerly (no function runs) in the environment `env` (the
+        spec's `modal.environment`, where apply will deploy and find it cached); returns the image id."""
         ...
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str: ...
@@ -363,7 +401,7 @@ class SdkAdapter:
 
         return self._call(run, f"read {volume}:{path}", DATA_TIMEOUT_S)
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
         not_found = self._modal().exception.NotFoundError
 
         def run() -> None:
@@ -386,6 +424,32 @@ class SdkAdapter:
                         batch.put_file(io.BytesIO(data), target)
 
         self._call(run, f"upload to {volume}", DATA_TIMEOUT_S)
+
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        modal = self._modal()
+        self.check_connection()  # fail fast when Modal cannot be reached; the transfer has no deadline
+        plan = upload_plan(local)
+        total = sum(f.stat().st_size for _, f in plan)
+        done = 0
+        vol = self._volume(volume, env)
+        for i, (rel, path) in enumerate(plan, start=1):
+            target = "/" + f"{remote_dir.strip('/')}/{rel}"
+            try:
+                with vol.batch_upload(force=True) as batch:
+                    batch.put_file(str(path), target)
+            except modal.exception.NotFoundError as exc:
+                raise VolumeNotFound(f"Modal volume {volume} does not exist", str(exc),
+                                     "`retool apply` creates the spec's volumes; check modal.environment") from exc
+            except Exception as exc:  # noqa: BLE001 - translated by meaning, or re-raised as is
+                translated = translate(modal.exception, exc, f"upload {path} to {volume}")
+                if translated is None or translated is exc:
+                    raise
+                raise translated from exc
+            done += path.stat().st_size
+            if progress is not None:
+                progress(UploadProgress(files_done=i, files_total=len(plan), bytes_done=done, bytes_total=total,
+                                        current=rel))
 
     def remove(self, volume: str, path: str, *, recursive: bool = False, env: str | None = None) -> None:
         not_found = self._modal().exception.NotFoundError
@@ -470,6 +534,8 @@ class SdkAdapter:
             # retool's packages come from the image's add_local_python_source step, nothing else
             "include_source": False,
         }
+        if fn.efa:  # Modal's multi-node guide: EFA unlocks extra capacity of H100 clusters
+            kwargs["experimental_options"] = {"efa_enabled": True}
         if fn.env:
             kwargs["env"] = dict(fn.env)  # non-secret settings only (the SDK ships them as a dict secret)
         if fn.gpu is not None:
@@ -493,6 +559,18 @@ class SdkAdapter:
         # Image builds can take many minutes; the connection was just proven, so no deadline here.
         with modal.enable_output():
             app.deploy(name=definition.app_name, environment_name=definition.environment)
+
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        modal = self._modal()
+
+        def run() -> None:
+            try:
+                app = modal.App.lookup(app_name, environment_name=env)
+            except modal.exception.NotFoundError:
+                return
+            app.stop()
+
+        self._call(run, f"stop app {app_name}")
 
     def _function(self, app_name: str, function: str, env: str | None) -> Any:
         return self._modal().Function.from_name(app_name, function, environment_name=env)
@@ -551,7 +629,7 @@ class SdkAdapter:
 
         return self._call(run, f"secret {name}")
 
-    def build_image_now(self, steps: list[ImageStep]) -> str:
+    def build_image_now(self, steps: list[ImageStep], *, env: str | None = None) -> str:
         modal = self._modal()
         self.check_connection()
         # retool's own sources (add_local_python_source, not copied) are mounted when a
@@ -559,12 +637,15 @@ class SdkAdapter:
         image = self.build_image([s for s in steps if s.op != "add_local_python_source"])
         # A first build pulls the base image and installs packages: minutes, so no deadline
         # (the connection was just proven); later builds are cached by recipe.
-        with modal.enable_output():
-            image.build()
+        # `Image.build()` alone runs in an ephemeral app of Modal's default environment; the
+        # spec's environment is where apply deploys, so build there.
+        with modal.enable_output(), modal.App("retool-image-build").run(environment_name=env) as app:
+            image.build(app)
         return str(image.object_id)
 
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
-        return str(self._call(lambda: self._function(app_name, function, env).get_web_url(), f"url of {function}"))
+        url = self._call(lambda: self._function(app_name, function, env).get_web_url(), f"url of {function}")
+        return require_web_url(url, app_name, function)
 
     def gpu_rates(self) -> dict[str, float]:
         modal = self._modal()
@@ -593,6 +674,17 @@ class SdkAdapter:
                            ipv4_ips=list(info.container_ipv4_ips))
 
 
+def require_web_url(url: str | None, app_name: str, function: str) -> str:
+    """modal 1.6.4's `get_web_url()` answers None for a function that is not (yet) a web endpoint."""
+    if not url:
+        raise TerminalError(
+            f"Modal has no web URL for {app_name}.{function}",
+            "the deployed function is not a web endpoint (yet): an older deploy of the app, or its deploy did not finish",
+            "run `retool apply` again to redeploy the app; `modal app list` shows what is deployed",
+        )
+    return url
+
+
 def translate(exc_mod: Any, exc: BaseException, what: str) -> RetoolError | None:
     """An SDK exception by what it means for the caller; None: not the SDK's (re-raise it)."""
     if isinstance(exc, RetoolError):
@@ -610,32 +702,46 @@ def translate(exc_mod: Any, exc: BaseException, what: str) -> RetoolError | None
 
 
 def call_outcome(exc_mod: Any, exc: BaseException, call_id: str) -> CallOutcome:
-    """What `FunctionCall.get(timeout=...)` raising `exc` says about the call (modal 1.6.4:
-    `poll_function` raises the built-in TimeoutError while it runs, OutputExpiredError once its
-    result is gone; `_process_result` raises FunctionTimeoutError, InternalFailure (Modal lost
-    the input), the function's own exception, or RemoteError for a terminated/cancelled call).
+    """What `FunctionCall.get(timeout=...)` raising `exc` says about the call, by exception type
+    exactly as modal 1.6.4 raises them (`_Invocation.poll_function`, `_process_result`):
+
+    - the built-in TimeoutError: outputs empty, inputs unfinished → running;
+    - OutputExpiredError: no outputs and no unfinished inputs → expired (an unknown or
+      long-finished call id answers the same way);
+    - InternalFailure (GENERIC_STATUS_INTERNAL_FAILURE: Modal lost the input) → lost;
+    - FunctionTimeoutError (GENERIC_STATUS_TIMEOUT) → failed, timed out;
+    - RemoteError itself (any other non-success status with no exception data: TERMINATED
+      when the call was cancelled, or Modal ended the container: OOM kill, eviction) →
+      terminated; ImageBuildError and other RemoteError subclasses are failures;
+    - InputCancellation → cancelled; the function's own exception, re-raised → failed;
+    - ConflictError (a subclass of InvalidError: gRPC ABORTED/FAILED_PRECONDITION) says
+      nothing about the call → `ModalUnreachable`, ask again; NotFoundError or another
+      InvalidError (a malformed id) → `CallNotFound`.
     Errors that say nothing about the call (the connection, the credentials) are raised."""
     if isinstance(exc, builtins.TimeoutError) and not isinstance(exc, exc_mod.Error):
         return CallOutcome(state="running")
     if isinstance(exc, exc_mod.OutputExpiredError):
-        return CallOutcome(state="expired", error="the call's result expired on Modal")
+        return CallOutcome(state="expired", error="Modal has no output and no unfinished input for the call")
     if isinstance(exc, exc_mod.InternalFailure):
         return CallOutcome(state="lost", error=f"Modal lost the call's input: {exc}"[-4000:])
+    if isinstance(exc, exc_mod.FunctionTimeoutError):
+        return CallOutcome(state="failed", error=f"timed out: {exc}")
+    if isinstance(exc, exc_mod.ConflictError):
+        raise ModalUnreachable(f"Modal answered poll {call_id} with a conflict; nothing was decided", str(exc),
+                               "try again in a moment") from exc
     if isinstance(exc, (exc_mod.NotFoundError, exc_mod.InvalidError)):
         raise CallNotFound(f"Modal knows no function call {call_id}", str(exc),
                            "was it started in another workspace or environment (modal.environment)?") from exc
+    if type(exc) is exc_mod.RemoteError:
+        return CallOutcome(state="terminated", error=f"Modal ended the call without a result: {exc}"[-4000:])
     if isinstance(exc, exc_mod.InputCancellation):
         return CallOutcome(state="cancelled", error="cancelled")
-    if isinstance(exc, exc_mod.FunctionTimeoutError):
-        return CallOutcome(state="failed", error=f"timed out: {exc}")
     translated = translate(exc_mod, exc, f"poll {call_id}")
     if translated is not None:
         raise translated from exc
     if not isinstance(exc, Exception):
         raise exc  # KeyboardInterrupt, SystemExit
-    text = f"{type(exc).__name__}: {exc}"
-    state: CallState = "cancelled" if "cancel" in str(exc).lower() else "failed"
-    return CallOutcome(state=state, error=text[-4000:])
+    return CallOutcome(state="failed", error=f"{type(exc).__name__}: {exc}"[-4000:])
 
 
 def parse_gpu_rates(rates: dict[str, float]) -> dict[str, float]:

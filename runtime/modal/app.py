@@ -2,8 +2,8 @@
 
 `build_app_definition(spec, repo_root)` turns a spec into an `AppDefinition`: one image
 chain and the functions Modal runs (one per stage, plus data preparation, finalize and,
-for `sandbox.placement: service`, the sandbox web endpoint). It is plain pydantic data, so
-tests read exactly what Modal would receive; `runtime.modal.adapter.SdkAdapter.deploy`
+for `sandbox.placement: service`, the sandbox web endpoint). It is plain pydantic data
+(`runtime.modal.models`), so tests read exactly what Modal would receive; `runtime.modal.adapter.SdkAdapter.deploy`
 is the only code that turns it into `modal.App` objects.
 
 The image chain (`runtime.modal.images`): `from_registry(base)` → apt → the spec's
@@ -18,125 +18,53 @@ local sources, secret variables in the image env) and `modal_warnings` (mutable 
 unpinned or compiled packages, CPU/memory requests above retool's thresholds).
 
 The container side (what each function does once it starts) lives in
-`runtime.modal.worker`; the functions named in `Entry` are its entry points.
+`runtime.modal.worker`; the functions named in `models.Entry` are its entry points.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import Field
-
-from reconciler.spec import EvalStage, RLStage, Spec
-from reconciler.records import Frozen
-from runtime.modal.images import ImageStep, image_problems, image_steps, image_warnings
-from runtime.modal.launches import LaunchKey
+from reconciler.spec import EvalStage, RLStage, Spec, StageCommon
+from runtime.modal.images import image_problems, image_steps, image_warnings
+from runtime.modal.layout import (
+    FINALIZE_FUNCTION,
+    PREPARE_FUNCTION,
+    SANDBOX_FUNCTION,
+    app_name,
+    stage_function_name,
+    volume_mounts,
+)
 from runtime.modal.limits import function_problems, size_warnings
+from runtime.modal.models import AppDefinition, FunctionSpec
 
 MAX_TIMEOUT_HOURS = 24.0  # Modal's per-attempt limit
 # The container stops training this long before Modal's timeout, so it can commit the
 # volumes and hand over to the next segment instead of being killed mid-write.
 SEGMENT_MARGIN_S = 15 * 60
-SIDECAR_PORT = 8765  # the RL container's sandbox sidecar listens on localhost here by default
-WORKER_MODULE = "runtime.modal.worker"
-CONTAINER_SOURCE_ROOT = "/root"  # where add_local_python_source puts packages in the container
-
-Entry = Literal["run_stage", "prepare", "finalize", "sandbox_web"]
-
-
-class FunctionSpec(Frozen):
-    """One `app.function(...)` registration of an entry point in `runtime.modal.worker`."""
-
-    name: str  # Modal function name within the app
-    entry: Entry
-    gpu: str | list[str] | None = None  # "H100:8", or a fallback list ["H100:8", "A100-80GB:8"]
-    cpu: float | None = None
-    memory_mb: int | None = None
-    timeout_s: int = 3600
-    retries: int = 0
-    volumes: dict[str, str] = Field(default_factory=dict)  # mount path -> Modal volume name
-    secrets: list[str] = Field(default_factory=list)  # Modal secret names
-    env: dict[str, str] = Field(default_factory=dict)  # non-secret settings for the entry point
-    cluster_size: int | None = None  # `@modal.clustered(size=N)` when nodes > 1
-    web: bool = False  # `@modal.asgi_app()`
-    concurrent_inputs: int | None = None  # `@modal.concurrent(max_inputs=N)`
-    min_containers: int | None = None
-    max_containers: int | None = None
-
-
-class AppDefinition(Frozen):
-    app_name: str
-    environment: str | None = None
-    image: list[ImageStep]
-    functions: list[FunctionSpec]
-
-    def function(self, name: str) -> FunctionSpec:
-        for fn in self.functions:
-            if fn.name == name:
-                return fn
-        raise KeyError(name)
-
-    def digest(self) -> str:
-        """Identity of what would be deployed (an unchanged digest needs no redeploy)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- names and paths
-
-
-def app_name(spec: Spec) -> str:
-    if spec.modal.app_name:
-        return spec.modal.app_name
-    return spec.name if spec.name.startswith("retool") else f"retool-{spec.name}"
-
-
-def modal_volume_name(spec: Spec, key: str) -> str:
-    """Modal volumes are workspace-global: prefix the spec's name so pipelines never share one."""
-    return f"{spec.name}-{key}"
-
-
-def stage_function_name(stage: str) -> str:
-    return f"stage-{stage}"
-
-
-PREPARE_FUNCTION = "prepare"
-FINALIZE_FUNCTION = "finalize"
-SANDBOX_FUNCTION = "sandbox"
-
-
-def mount(spec: Spec, volume_key: str) -> str:
-    return spec.volumes[volume_key].mount
-
-
-def dataset_dir(spec: Spec, name: str) -> str:
-    """Container path of a prepared dataset (LOCAL_API layout under the volume's mount)."""
-    return f"{mount(spec, spec.datasets[name].volume)}/datasets/{name}"
-
-
-def model_dir(spec: Spec, name: str) -> str:
-    return f"{mount(spec, spec.models[name].volume)}/models/{name}"
-
-
-def stage_dir(spec: Spec, stage: str, restart_id: str) -> str:
-    """Container path of a stage's checkpoints: `<mount>/<stage>/<restart_id[:16]>`."""
-    return f"{mount(spec, spec.stages[stage].volume)}/{stage_rel_dir(stage, restart_id)}"
-
-
-def stage_rel_dir(stage: str, restart_id: str) -> str:
-    """The same directory relative to the volume's root (for `Volume.listdir`)."""
-    return f"{stage}/{restart_id[:16]}"
-
-
-def volume_mounts(spec: Spec) -> dict[str, str]:
-    """Every spec volume, mounted at its path: mount -> Modal volume name."""
-    return {vol.mount: modal_volume_name(spec, key) for key, vol in sorted(spec.volumes.items())}
-
+# EFA: Modal's multi-node guide enables it on H100 clusters, with these system libraries in the image
+EFA_AUTO_GPUS = ("H100", "H100!")
+EFA_LIBRARIES = ("libhwloc15", "libnl-route-3-200")
 
 # --------------------------------------------------------------------------- validation
+
+
+def save_interval_problem(stage: StageCommon | EvalStage, segment_hours: float) -> str | None:
+    """A segment hands over from its latest checkpoint: one that cannot save within its time
+    ends with nothing new, and every retry repeats the same steps forever."""
+    # eval stages keep every finished sample round; without an estimate the interval is unknown
+    if not isinstance(stage, StageCommon) or stage.seconds_per_step is None:
+        return None
+    save_freq, per_step = stage.save_freq, stage.seconds_per_step
+    usable_s = segment_hours * 3600 - SEGMENT_MARGIN_S
+    if save_freq * per_step <= usable_s:
+        return None
+    fits = int(usable_s // per_step)
+    return (f"{save_freq} steps x seconds_per_step {per_step:g} s = {save_freq * per_step / 3600:.1f} h between "
+            f"checkpoints, longer than a segment ({usable_s / 3600:.2f} h usable of resources.timeout_hours "
+            f"{segment_hours:g}): every segment would end without a new checkpoint and its retries repeat it; "
+            + (f"set save_freq to {fits} or less" if fits >= 1 else "one step does not fit a segment"))
 
 
 def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
@@ -157,6 +85,8 @@ def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
                 f"stages.{name}.resources.timeout_hours: {hours:g} h leaves no time to train after the "
                 f"{SEGMENT_MARGIN_S // 60}-minute hand-over margin"
             )
+        elif (cadence := save_interval_problem(stage, min(hours, MAX_TIMEOUT_HOURS))) is not None:
+            problems.append(f"stages.{name}.save_freq: {cadence}")
     root = Path(repo_root)
     for src in spec.image.local_sources:
         if not ((root / src / "__init__.py").is_file() or (root / f"{src}.py").is_file()):
@@ -225,6 +155,7 @@ def stage_function(spec: Spec, stage_name: str) -> FunctionSpec:
         volumes=volume_mounts(spec),
         secrets=_modal_secret_names(spec, secret_keys),
         cluster_size=res.nodes if res.nodes > 1 else None,
+        efa=res.nodes > 1 and (spec.modal.efa == "on" or (spec.modal.efa == "auto" and res.gpu in EFA_AUTO_GPUS)),
     )
 
 
@@ -257,9 +188,10 @@ def build_app_definition(spec: Spec) -> AppDefinition:
             env=sandbox_env(spec), web=True, concurrent_inputs=sb.max_queue + (sb.workers or int(sb.cpu)),
             min_containers=sb.replicas, max_containers=sb.replicas,
         ))
+    efa_libraries = EFA_LIBRARIES if any(fn.efa for fn in functions) else ()
     return AppDefinition(
-        app_name=app_name(spec), environment=spec.modal.environment, image=image_steps(spec.image),
-        functions=functions,
+        app_name=app_name(spec), environment=spec.modal.environment,
+        image=image_steps(spec.image, apt_extra=efa_libraries), functions=functions,
     )
 
 
@@ -282,82 +214,3 @@ def sandbox_token_env(spec: Spec) -> str | None:
     if sb is None or sb.placement != "service" or not sb.token_secret or sb.token_secret not in spec.secrets:
         return None
     return spec.secrets[sb.token_secret].env[0]
-
-
-# --------------------------------------------------------------------------- payloads
-# What a spawned call receives and returns: plain JSON-able data (Modal pickles it; only
-# builtins cross, so the CLI and the container need not run the same Python).
-
-
-class SidecarSettings(Frozen):
-    """The sandbox the RL container starts on localhost before training."""
-
-    port: int = SIDECAR_PORT
-    workers: int | None = None
-    max_queue: int = 256
-    memory_limit_mb: int = 1024
-    max_output_bytes: int = 65536
-    preload: list[str] = Field(default_factory=list)
-
-
-class StagePayload(Frozen):
-    version: int = 1
-    app_name: str
-    function: str
-    environment: str | None = None
-    stage: str
-    kind: Literal["sft", "rl", "eval"]
-    restart_id: str
-    segment: int = 0
-    segments_planned: int = 1
-    total_steps: int | None = None
-    resume_from: int | None = None
-    world_size: int = 1
-    nodes: int = 1
-    # multi-node: how long rank 0 waits for every rank to check in (and each rank for rank 0)
-    join_timeout_s: float = 600.0
-    commands: list[dict[str, Any]]  # reconciler.backend.RenderedCommand dumps, exactly `retool render`'s
-    checkpoint_dir: str  # container path: <mount>/<stage>/<restart_id[:16]>
-    checkpoint_volume: str  # Modal volume name holding it
-    volumes: dict[str, str]  # Modal volume name -> mount path (reloaded at start, committed at the end)
-    sidecar: SidecarSettings | None = None
-    # service sandbox: the variable holding its token; the container puts the token into
-    # RETOOL_SANDBOX_URL (`<url>/t/<token>`) so the token never enters payloads or state
-    sandbox_token_var: str | None = None
-    # a from-scratch launch over checkpoints of the same identity: the first attempt moves
-    # them to <stage>/.replaced/ (never deletes them)
-    replace_existing: bool = False
-    train_seconds: float  # per attempt: stop, commit and hand over to the next segment after this
-    commit_every_s: float = 600.0
-    launch: LaunchKey | None = None  # how the call registers itself (runtime.modal.launches)
-
-
-class StageResult(Frozen):
-    outcome: Literal["finished", "continued", "failed"]
-    step: int | None = None
-    segment: int = 0
-    next_call_id: str | None = None
-    active_s: float = 0.0  # container seconds of every attempt of every segment so far
-    message: str = ""
-
-
-class PreparePayload(Frozen):
-    kind: Literal["dataset", "model"]
-    name: str
-    config: dict[str, Any]  # the Dataset / Model spec section
-    spec_dir: str  # container directory that `path:` sources resolve against (uploaded inputs)
-    out_dir: str  # container path to materialise into
-    volume: str  # Modal volume name to commit
-
-
-class FinalizePayload(Frozen):
-    stage: str
-    checkpoint_path: str
-    step: int
-    merged_dir: str
-    volume: str
-    commands: list[dict[str, Any]]  # merge command(s), rendered like the stage's
-    tool_call_check: dict[str, Any] | None = None  # ToolCallCheck dump for SFT stages with a check
-
-
-RUN_DIR = "_retool"  # beside global_step_N: run.json, progress.json, result.json, attempts.jsonl, logs/

@@ -1,6 +1,6 @@
 """The Modal backend: `reconciler.backend.Runtime` on Modal's cloud, through `ModalAdapter`.
 
-Layout on Modal (names from `runtime.modal.app`):
+Layout on Modal (names from `runtime.modal.layout`; run files are `runtime.records` models):
 
     app          retool-<spec name> (spec.modal.app_name), deployed; functions stage-<name>,
                  prepare, finalize, sandbox (service placement only)
@@ -22,63 +22,76 @@ running and never relaunches it. Credentials are checked first, locally, in `pre
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
-from reconciler.state.base import ModalRun, RunHandle
+from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
+from reconciler.state.base import ModalRun, RunHandle, StateStore
 from runtime import checkpoints as ckpts
-from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from runtime import records
+from runtime.records import MergeStamp, PreparedStamp, Record, StageProgress, StageResult, StageRun, LaunchIntent
+from reconciler.backend import (
+    Checkpoint,
+    ChecksReadiness,
+    ChecksSpec,
+    OpensSharedState,
+    DoctorCheck,
+    Outcome,
+    RenderedCommand,
+    RunStatus,
+    StageContext,
+)
+from reconciler.spec import ToolCallCheck
+from reconciler.backend import Change
 from reconciler.steps import segments_for
-from runtime.modal import launches
-from runtime.modal.adapter import LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable
+from runtime.modal import launches, layout
+from runtime.modal.adapter import (
+    LOGIN_HINT, CallNotFound, CallOutcome, ModalAdapter, ModalUnreachable, UploadProgress,
+)
 from runtime.modal.images import base_facts, parse_requirement
 from runtime.cluster.liveness import alive_count, liveness_text
-from runtime.modal.app import (
-    MAX_TIMEOUT_HOURS,
+from runtime.modal.models import AppDefinition, FinalizePayload, LaunchKey, PreparePayload, SidecarSettings, StagePayload
+from runtime.modal.layout import (
     CONTAINER_SOURCE_ROOT,
     FINALIZE_FUNCTION,
     PREPARE_FUNCTION,
     RUN_DIR,
     SANDBOX_FUNCTION,
-    SEGMENT_MARGIN_S,
-    AppDefinition,
-    FinalizePayload,
-    PreparePayload,
-    SidecarSettings,
-    StagePayload,
     app_name,
-    build_app_definition,
     dataset_dir,
-    modal_problems,
-    modal_warnings,
     modal_volume_name,
     model_dir,
     mount,
-    sandbox_token_env,
     stage_function_name,
 )
-from runtime.eval.discover import eval_checkpoint
-from runtime.eval.finalize import eval_outcome
-from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob
-from runtime.eval.render import eval_command, eval_job
-from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE
+from runtime.modal.app import (
+    MAX_TIMEOUT_HOURS,
+    SEGMENT_MARGIN_S,
+    build_app_definition,
+    modal_problems,
+    modal_warnings,
+    sandbox_token_env,
+)
+from runtime.stage_kind import Machine, MergeResult, ToolCallMeasure
+from runtime.stage_kinds import kind_of
 from runtime.verl.common import StagePaths, with_planned_inputs
-from runtime.verl.sft import MERGE_MODULE, render_merge, render_sft
+from runtime.verl.sft import MERGE_MODULE
 from runtime.stamps import restart_config, short_hash
 
 CLUSTER_GPUS_PER_NODE = 8  # a clustered container takes its whole host (8 GPUs on Modal's H100/A100/B200 hosts)
 CHAIN_LIMIT = 1000  # segments followed per poll (a 24 h segment each: years)
 WAIT_SLICE_S = 30.0
+R = TypeVar("R", bound=Record)
 
 
-class ModalRuntime:
+class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
     """`reconciler.backend.Runtime` on Modal."""
 
     name = "modal"
@@ -99,12 +112,12 @@ class ModalRuntime:
     # ------------------------------------------------------------------ layout
 
     def paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
-        run_dir = f"{mount(spec, spec.stages[stage].volume)}/{stage}/{ckpts.restart_dir_name(restart_id)}"
+        run_dir = layout.stage_run_dir(spec, stage, restart_id)
         return StagePaths(stage_dir=run_dir, ckpt_dir=run_dir, merged_dir=f"{run_dir}/merged")
 
     @staticmethod
     def _rel(stage: str, restart_id: str, *parts: str) -> str:
-        return "/".join([stage, ckpts.restart_dir_name(restart_id), *parts])
+        return layout.run_path(stage, restart_id, *parts)
 
     def _stage_volume(self, spec: Spec, stage: str) -> str:
         return modal_volume_name(spec, spec.stages[stage].volume)
@@ -132,12 +145,22 @@ class ModalRuntime:
         """What may fail or drift later (validate and plan print them; nothing is blocked)."""
         return modal_warnings(spec)
 
-    def doctor_checks(self, spec: Spec, open_store: Callable[[], Any], *, build_image: bool = True) -> list[Any]:
+    def doctor_checks(
+        self, spec: Spec, open_store: Callable[[], StateStore], *, build_image: bool = True
+    ) -> list[DoctorCheck]:
         """`retool doctor`: rows of runtime.modal.doctor.Check (token, secrets, GPUs, image, volumes, state)."""
         from runtime.modal.doctor import modal_checks
 
         return modal_checks(spec, self.adapter, open_store, repo_root=_package_root(), build_image=build_image,
                             store_on_modal=spec.state.store == "modal")
+
+    def shared_store(self, spec: Spec) -> StateStore | None:
+        """A `state: {store: modal}` store, through this backend's adapter (doctor's rows)."""
+        if spec.state.store != "modal":
+            return None
+        from reconciler.state.modal_store import ModalStore
+
+        return ModalStore.from_spec(spec, adapter=self.adapter)
 
     def blocked_reason(self, spec: Spec, address: str) -> str | None:
         kind, _, name = address.partition(".")
@@ -155,8 +178,9 @@ class ModalRuntime:
             # modal.clustered: every container requests all GPUs of its host
             bad.append(f"a {stage.resources.nodes}-node stage runs as a Modal cluster whose containers take every "
                        f"GPU of their host: set resources.gpus_per_node: {CLUSTER_GPUS_PER_NODE}")
-        if isinstance(stage, RLStage) and importlib.util.find_spec("runtime.verl.rl") is None:
-            bad.append("RL launch rendering (runtime.verl.rl) is not part of this installation")
+        blocker = kind_of(stage).blocker(stage, self._machine(spec, name))
+        if blocker:
+            bad.append(blocker)
         if stage.resources.gpu is None:
             bad.append("asks for no GPU; on Modal set resources.gpu and gpus_per_node (e.g. H100, 8)")
         return "; ".join(bad) or None
@@ -206,33 +230,49 @@ class ModalRuntime:
     def prepare_model(self, name: str, model: Model, spec: Spec, spec_dir: str) -> Outcome:
         return self._prepare("model", name, model, model.volume, spec, spec_dir)
 
-    def _prepare(self, kind: str, name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
+    def _prepare(self, kind: Literal["dataset", "model"], name: str, item: Dataset | Model, volume_key: str, spec: Spec, spec_dir: str) -> Outcome:
         env = spec.modal.environment
         vol = modal_volume_name(spec, volume_key)
         folder = "datasets" if kind == "dataset" else "models"
         stamp_path = f"{folder}/.{name}.prepared.json"
         local = _local_source(item.source, spec_dir)
         config = {"config": restart_config(item), "source": _stat(local) if local else None}
-        stamp = self._read_json(vol, stamp_path, env)
-        if stamp is not None and stamp.get("config") == short_hash(config) and stamp.get("outputs"):
-            return Outcome(change="unchanged", outputs=stamp["outputs"], message="already on the volume")
+        stamp = self._read_record(PreparedStamp, vol, stamp_path, env)
+        if stamp is not None and stamp.config == short_hash(config) and stamp.outputs:
+            return Outcome(change="unchanged", outputs=dict(stamp.outputs), message="already on the volume")
         root = mount(spec, volume_key)
         payload_config = item.model_dump(mode="json")
         staged_dir = f"{root}/_uploads/{kind}/{name}"
         if local is not None:  # the container cannot see this machine: upload the source first
-            self.adapter.put_files(vol, {f"_uploads/{kind}/{name}/{local.name}": local}, env=env)
+            staged_dir = f"{root}/{self._upload_source(vol, f'_uploads/{kind}/{name}', local, env)}"
             payload_config["source"] = f"path:{local.name}"
         self._ensure_deployed(spec)
         payload = PreparePayload(
-            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,  # type: ignore[arg-type]
+            kind=kind, name=name, config=payload_config, spec_dir=staged_dir,
             out_dir=f"{root}/{folder}/{name}", volume=vol,
         )
         call_id = self.adapter.spawn(app_name(spec), PREPARE_FUNCTION, payload.model_dump(mode="json"), env=env)
         outputs = self._wait_result(call_id, f"prepare {kind}.{name}", 4 * 3600)
-        self.adapter.put_files(vol, {stamp_path: json.dumps({"config": short_hash(config), "outputs": outputs}).encode()},
+        self.adapter.put_files(vol, {stamp_path: records.dumps(PreparedStamp(config=short_hash(config), outputs=outputs))},
                                env=env)
         rows = f"{outputs.get('rows')} rows" if "rows" in outputs else ""
         return Outcome(change="updated" if stamp is not None else "created", outputs=outputs, message=rows)
+
+    def _upload_source(self, vol: str, uploads: str, local: Path, env: str | None) -> str:
+        """Upload a `path:` source into a folder named by its content (names, sizes, mtimes) and
+        return that folder. A completion marker written after the last file is what makes it
+        usable: an interrupted upload is never read, and the next apply uploads again (an
+        upload that completed is reused: a crash after it costs no second multi-GB transfer)."""
+        digest = short_hash(_stat(local))
+        folder, marker = f"{uploads}/{digest}", f"{uploads}/{digest}.complete"
+        if self._read_text(vol, marker, env) is None:
+            target = folder if local.is_file() else f"{folder}/{local.name}"
+            self.adapter.upload_data(vol, target, local, env=env, progress=_upload_reporter(f"{vol}:{folder}"))
+            self.adapter.put_files(vol, {marker: json.dumps(_stat(local)).encode()}, env=env)
+        for entry in self.adapter.listdir(vol, uploads, env=env):  # earlier sources and interrupted uploads
+            if entry.path.rstrip("/").rsplit("/", 1)[-1] not in (digest, f"{digest}.complete"):
+                self.adapter.remove(vol, entry.path, recursive=True, env=env)
+        return folder
 
     def _wait_result(self, call_id: str, what: str, timeout_s: float) -> dict[str, Any]:
         deadline = self.clock() + timeout_s
@@ -271,30 +311,17 @@ class ModalRuntime:
             ctx, dataset_dir=lambda n: dataset_dir(spec, n), model_dir=lambda n: model_dir(spec, n),
             stage_root=lambda n: f"{mount(spec, spec.stages[n].volume)}/{n}",
         )
-        stage = spec.stages[ctx.stage]
+        kind = kind_of(spec.stages[ctx.stage])
         paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
-        if isinstance(stage, EvalStage):  # samples and metrics, no merge (runtime.eval)
-            return [in_container(eval_command(ctx, self._eval_job(ctx)))]
-        if isinstance(stage, SFTStage):
-            train = [render_sft(ctx, paths, cpu=False, attn_implementation=attention(ctx.spec.image))]
-        else:
-            from runtime.verl.rl import render_rl
+        sandbox = self._sandbox_url(ctx) if kind.uses_sandbox else None
+        return [in_container(c) for c in kind.render(ctx, paths, self._machine(spec, ctx.stage), sandbox)]
 
-            engine = "vllm" if stage.rollout.engine == "auto" else stage.rollout.engine
-            train = list(render_rl(ctx, sandbox_url=self._sandbox_url(ctx), cpu=False, paths=paths, rollout=engine))
-        final = ctx.total_steps if ctx.total_steps is not None else "N"
-        source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
-        merge = render_merge(source, paths.merged_dir)
-        merge = merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})
-        return [in_container(c) for c in (*train, merge)]
-
-    def _eval_job(self, ctx: StageContext) -> EvalJob:
-        """The eval runner's job, with container paths; vLLM over the stage's GPUs."""
-        gpus = ctx.spec.stages[ctx.stage].resources.gpus_per_node
-        return eval_job(
-            ctx, out_dir=self.paths(ctx.spec, ctx.stage, ctx.restart_id).stage_dir, sandbox_url=self._sandbox_url(ctx),
-            gpus=gpus, device="cuda" if gpus else "cpu",
-        )
+    def _machine(self, spec: Spec, stage: str) -> Machine:
+        """A container of the stage's function. Its image is built with the engines the spec
+        names (runtime.modal.images), so every module counts as there: `auto` is vLLM."""
+        gpus = spec.stages[stage].resources.gpus_per_node
+        return Machine(device="cuda" if gpus else "cpu", gpus=gpus, attn_implementation=attention(spec.image),
+                       has_module=lambda _: True)
 
     def _sandbox_url(self, ctx: StageContext) -> str:
         sb = ctx.spec.sandbox
@@ -314,6 +341,7 @@ class ModalRuntime:
         call of this identity, refuses while an earlier launch whose answer was lost may still
         be queued, and records the launch's intent before spawning."""
         spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
+        kind = kind_of(stage)
         env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
         commands = self.render_stage(ctx)
         existing = self._running_call(spec, ctx.stage, ctx.restart_id)
@@ -321,8 +349,8 @@ class ModalRuntime:
             return existing
         definition, _ = self._ensure_deployed(spec)
         usd = self.gpu_hour_usd(spec, stage.resources.gpu)  # before spawning: nothing may fail after it
-        launch = launches.LaunchKey(registry=launches.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
-                           key=launches.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
+        launch = LaunchKey(registry=layout.registry_name(definition.app_name), launch_id=uuid.uuid4().hex[:16],
+                           key=layout.stage_key(definition.app_name, ctx.stage, ctx.restart_id))
         res = stage.resources
         replace = ctx.resume_from is None and any(
             c.restart_id == ctx.restart_id for c in self.discover_checkpoints(spec, ctx.stage, ctx.restart_id)
@@ -337,23 +365,25 @@ class ModalRuntime:
             commands=[c.model_dump(mode="json") for c in commands],
             checkpoint_dir=self.paths(spec, ctx.stage, ctx.restart_id).ckpt_dir, checkpoint_volume=vol,
             volumes={modal_volume_name(spec, k): v.mount for k, v in sorted(spec.volumes.items())},
-            sidecar=_sidecar(sb) if isinstance(stage, (RLStage, EvalStage)) and sb is not None and sb.placement == "sidecar" else None,
-            sandbox_token_var=sandbox_token_env(spec) if isinstance(stage, (RLStage, EvalStage)) else None,
+            sidecar=_sidecar(sb) if kind.uses_sandbox and sb is not None and sb.placement == "sidecar" else None,
+            sandbox_token_var=sandbox_token_env(spec) if kind.uses_sandbox else None,
             replace_existing=replace,
             train_seconds=max(60.0, definition.function(stage_function_name(ctx.stage)).timeout_s - SEGMENT_MARGIN_S),
             launch=launch,
         )
-        if isinstance(stage, EvalStage):  # the runner reads its job from the run directory
-            files = {self._rel(ctx.stage, ctx.restart_id, JOB_FILE): self._eval_job(ctx).model_dump_json(indent=2).encode()}
-            if ctx.resume_from is None:  # from scratch: earlier samples go to .replaced/, never reused
-                files.update(self._set_aside_eval(ctx.stage, ctx.restart_id, vol, env, self.clock()))
+        sandbox = self._sandbox_url(ctx) if kind.uses_sandbox else None
+        inputs = kind.run_inputs(ctx, self.paths(spec, ctx.stage, ctx.restart_id), self._machine(spec, ctx.stage), sandbox)
+        files = {self._rel(ctx.stage, ctx.restart_id, name): text.encode() for name, text in inputs.items()}
+        if ctx.resume_from is None:  # from scratch: an earlier run's progress goes to .replaced/, never reused
+            files.update(self._set_aside(kind.resumable_files, ctx.stage, ctx.restart_id, vol, env, self.clock()))
+        if files:
             self.adapter.put_files(vol, files, env=env)
         marker = ckpts.marker_content(ctx.restart_id, ctx.stage, res.world_size)
         started = self.clock()
-        intent = launches.intent(launch.launch_id, payload.function, started)
+        intent = LaunchIntent(launch_id=launch.launch_id, function=payload.function, at=started)
         self.adapter.put_files(vol, {
             self._rel(ctx.stage, ctx.restart_id, ckpts.MARKER_FILE): marker.encode(),
-            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, launches.LAUNCH_FILE): json.dumps(intent).encode(),
+            self._rel(ctx.stage, ctx.restart_id, RUN_DIR, layout.LAUNCH_FILE): records.dumps(intent),
         }, env=env)
         try:
             call_id = self.adapter.spawn(definition.app_name, payload.function, payload.model_dump(mode="json"), env=env)
@@ -369,9 +399,9 @@ class ModalRuntime:
             launches.register(self.adapter, launch, call_id, 0, started, env=env)
         except (ModalUnreachable, TerminalError):
             pass
-        run = {"call_id": call_id, "app_name": definition.app_name, "function": payload.function, "segment": 0,
-               "head_call_id": call_id, "launched_at": started, "launch_id": launch.launch_id}
-        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, RUN_DIR, "run.json"): json.dumps(run).encode()},
+        run = StageRun(call_id=call_id, segment=0, app_name=definition.app_name, function=payload.function,
+                       launched_at=started, head_call_id=call_id, launch_id=launch.launch_id)
+        self.adapter.put_files(vol, {self._rel(ctx.stage, ctx.restart_id, RUN_DIR, "run.json"): records.dumps(run)},
                                env=env)
         return handle
 
@@ -396,29 +426,29 @@ class ModalRuntime:
         registry and run.json; raises ModalUnreachable while an earlier launch whose answer was
         lost may still be queued, or when Modal cannot be asked."""
         env, vol, app = spec.modal.environment, self._stage_volume(spec, stage), app_name(spec)
-        run = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, "run.json"), env) or {}
-        pending = self._read_json(vol, self._rel(stage, restart_id, RUN_DIR, launches.LAUNCH_FILE), env) or {}
-        reg = launches.lookup(self.adapter, launches.registry_name(app), launches.stage_key(app, stage, restart_id),
+        run = self._read_record(StageRun, vol, self._rel(stage, restart_id, RUN_DIR, "run.json"), env)
+        pending = self._read_record(LaunchIntent, vol, self._rel(stage, restart_id, RUN_DIR, layout.LAUNCH_FILE), env)
+        reg = launches.lookup(self.adapter, layout.registry_name(app), layout.stage_key(app, stage, restart_id),
                               env=env)
         candidates: list[tuple[str, int, float]] = []
         if reg is not None:
             candidates.append((reg.call_id, reg.segment, reg.at))
-        if run.get("call_id"):
-            candidates.append((str(run.get("head_call_id") or run["call_id"]), 0, float(run.get("launched_at", 0))))
+        if run is not None:  # the segment running now (the CLI wrote it at launch, or a container at hand-over)
+            candidates.append((run.call_id, run.segment, run.launched_at))
         for call_id, segment, at in dict.fromkeys(candidates):
-            handle = self._handle(spec, stage, restart_id, call_id, str(run.get("app_name") or app), at, None, [],
+            handle = self._handle(spec, stage, restart_id, call_id, run.app_name if run else app, at, None, [],
                                   segment=segment, reattached=True)
             try:
                 if self.poll_stage(handle).state == "running":
                     return handle
             except CallNotFound:
                 continue
-        matched = {reg.launch_id if reg else None, run.get("launch_id")}
-        if pending.get("launch_id") and pending["launch_id"] not in matched:
+        matched = {reg.launch_id if reg else None, run.launch_id if run else None}
+        if pending is not None and pending.launch_id not in matched:
             stats = self.adapter.function_stats(app, stage_function_name(stage), env=env)
             if stats.backlog or stats.runners:
                 raise ModalUnreachable(
-                    f"stage.{stage}: an earlier launch ({pending['launch_id']}) got no answer and may still be waiting "
+                    f"stage.{stage}: an earlier launch ({pending.launch_id}) got no answer and may still be waiting "
                     "for its GPUs; not starting a second run",
                     f"{stage_function_name(stage)} has {stats.backlog} queued input(s) and {stats.runners} container(s)",
                     "try again in a few minutes (the run registers itself when it starts); to give it up, stop it in "
@@ -437,9 +467,10 @@ class ModalRuntime:
         for _ in range(CHAIN_LIMIT):
             if outcome.state in ("expired", "lost"):
                 outcome, call_id, segment = self._from_volume(handle, call_id, segment, outcome)
-            result = outcome.result if isinstance(outcome.result, dict) else {}
-            if outcome.state == "succeeded" and result.get("outcome") == "continued" and result.get("next_call_id"):
-                call_id, segment = str(result["next_call_id"]), segment + 1
+            result = _call_result(outcome, call_id)
+            if outcome.state == "succeeded" and result is not None and result.outcome == "continued" \
+                    and result.next_call_id:
+                call_id, segment = result.next_call_id, segment + 1
                 outcome = self._poll(call_id)
                 continue
             break
@@ -456,44 +487,45 @@ class ModalRuntime:
         """A call whose result Modal no longer has (expired, lost, unknown): what its run left on the volume."""
         ref = modal_ref(handle)
         vol, run_dir, env = ref.volume, ref.run_dir, ref.environment
-        run = self._read_json(vol, f"{run_dir}/run.json", env) or {}
-        if run.get("call_id") and run.get("call_id") != call_id and int(run.get("segment", 0)) > segment:
-            nxt = str(run["call_id"])
-            return self._poll(nxt), nxt, int(run["segment"])
-        result = self._read_json(vol, f"{run_dir}/result.json", env)
-        if result and result.get("outcome") in ("finished", "failed"):
-            return CallOutcome(state="succeeded", result=result), call_id, segment
+        run = self._read_record(StageRun, vol, f"{run_dir}/run.json", env)
+        if run is not None and run.call_id != call_id and run.segment > segment:
+            return self._poll(run.call_id), run.call_id, run.segment
+        result = self._read_record(StageResult, vol, f"{run_dir}/result.json", env)
+        if result is not None and result.outcome in ("finished", "failed"):
+            return CallOutcome(state="succeeded", result=result.model_dump()), call_id, segment
         why = gone.error if gone is not None and gone.error else "its result expired"
         return CallOutcome(state="expired", error=f"{why}; the run left no result"), call_id, segment
 
     def _status(self, handle: RunHandle, outcome: CallOutcome, segment: int) -> RunStatus:
         ref = modal_ref(handle)
-        progress = self._read_json(ref.volume, f"{ref.run_dir}/progress.json", ref.environment) or {}
-        result = outcome.result if isinstance(outcome.result, dict) else {}
-        step = result.get("step", progress.get("step"))
-        total = handle.total_steps or progress.get("total")
-        active = float(result.get("active_s") or progress.get("active_s") or 0.0)
+        progress = self._read_record(StageProgress, ref.volume, f"{ref.run_dir}/progress.json", ref.environment)
+        result = _call_result(outcome, ref.call_id)
+        step = result.step if result is not None else progress.step if progress is not None else None
+        total = handle.total_steps or (progress.total if progress is not None else None)
+        active = (result.active_s if result is not None else 0.0) or (progress.active_s if progress is not None else 0.0)
         gpus, rate = ref.gpus, ref.usd_per_gpu_hour
-        metrics = {k: float(v) for k, v in (progress.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        metrics = dict(progress.metrics) if progress is not None else {}
         metrics["gpu_seconds"] = round(active * gpus, 1)
         if rate is not None:
             metrics["cost_usd"] = round(active * gpus / 3600 * float(rate), 4)
         common = dict(step=step, total=total, elapsed_s=active or None, metrics=metrics,
-                      log_tail=list(progress.get("log_tail") or [])[-20:])
+                      log_tail=list(progress.log_tail)[-20:] if progress is not None else [])
         where = f"segment {segment}" + (f", step {step}/{total}" if step is not None else "")
         if outcome.state == "running":
-            nodes = liveness_text(progress.get("ranks"), self.clock(), updated_at=progress.get("updated_at"))
+            ranks = {r: seen.model_dump() for r, seen in progress.ranks.items()} if progress and progress.ranks else None
+            nodes = liveness_text(ranks, self.clock(), updated_at=progress.updated_at if progress else None)
             if nodes:  # a multi-node stage: what rank 0 sees of every rank
-                metrics["nodes_alive"] = float(alive_count(progress.get("ranks")))
+                metrics["nodes_alive"] = float(alive_count(ranks))
                 where += f"; {nodes}"
             return RunStatus(state="running", message=f"running on Modal ({where})", **common)
-        if outcome.state == "succeeded" and result.get("outcome") == "finished":
+        if outcome.state == "succeeded" and result is not None and result.outcome == "finished":
             return RunStatus(state="succeeded", message=f"finished ({where})", **common)
-        if outcome.state == "succeeded" and result.get("outcome") == "failed":
-            return RunStatus(state="failed", message=str(result.get("message", "failed")), **common)
+        if outcome.state == "succeeded" and result is not None and result.outcome == "failed":
+            return RunStatus(state="failed", message=result.message or "failed", **common)
         if outcome.state == "expired":
             return RunStatus(state="lost", message=f"Modal has no result for the run ({outcome.error})", **common)
-        why = "cancelled" if outcome.state == "cancelled" else f"failed ({where})"
+        # TERMINATED is how Modal reports a cancel; it also ends a container it killed (OOM, eviction)
+        why = "cancelled or terminated by Modal" if outcome.state in ("cancelled", "terminated") else f"failed ({where})"
         tail = outcome.error.strip().splitlines()[-1:] if outcome.error else []
         return RunStatus(state="failed", message=why + (f": {tail[0][:300]}" if tail else ""), **common)
 
@@ -504,85 +536,36 @@ class ModalRuntime:
             outcome = self._poll(call_id)
             if outcome.state == "lost":
                 return  # Modal knows no such call: nothing runs to cancel
-            result = outcome.result if isinstance(outcome.result, dict) else {}
-            if outcome.state == "succeeded" and result.get("next_call_id"):
-                call_id = str(result["next_call_id"])
+            result = _call_result(outcome, call_id)
+            if outcome.state == "succeeded" and result is not None and result.next_call_id:
+                call_id = result.next_call_id
                 continue
             break
         self.adapter.cancel(call_id)
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
-        env, vol = spec.modal.environment, self._stage_volume(spec, stage)
-        if isinstance(spec.stages[stage], EvalStage):  # complete sample rounds (runtime.eval.discover)
-            return eval_checkpoint(
-                run_dir=self.paths(spec, stage, restart_id).stage_dir, restart_id=restart_id,
-                marker=self._read_text(vol, self._rel(stage, restart_id, ckpts.MARKER_FILE), env),
-                progress=self._read_text(vol, self._rel(stage, restart_id, PROGRESS_FILE), env),
-            )
-        try:
-            listing = self.adapter.listdir(vol, stage, recursive=True, env=env)
-        except FileNotFoundError:
-            return []
-        entries: list[ckpts.CkptEntry] = []
-        for e in listing:
-            rel = e.path[len(stage) + 1:] if e.path.startswith(stage + "/") else e.path
-            parts = rel.split("/")
-            # the same view as runtime.checkpoints.scan_local: four levels, no merged/HF trees, no run files
-            if not rel or len(parts) > 4 or any(p in ckpts.SKIP_DIRS for p in parts) or parts[1:2] == [RUN_DIR]:
-                continue
-            content = None
-            if not e.is_dir and ckpts.wants_content(rel):
-                try:
-                    content = self.adapter.read_file(vol, e.path, env=env).decode(errors="replace")[:4096]
-                except FileNotFoundError:
-                    content = None
-            entries.append(ckpts.CkptEntry(path=rel, is_dir=e.is_dir, size=None if e.is_dir else e.size, content=content))
-        root = f"{mount(spec, spec.stages[stage].volume)}/{stage}"
-        return ckpts.evaluate(entries, spec.stages[stage].resources.world_size, restart_id, root=root)
+        definition = spec.stages[stage]
+        return kind_of(definition).discover(
+            self._files(spec, stage, restart_id), world_size=definition.resources.world_size, restart_id=restart_id,
+        )
+
+    def _files(self, spec: Spec, stage: str, restart_id: str) -> VolumeStageFiles:
+        return VolumeStageFiles(
+            adapter=self.adapter, volume=self._stage_volume(spec, stage), env=spec.modal.environment, stage=stage,
+            stage_root=f"{mount(spec, spec.stages[stage].volume)}/{stage}",
+            run_dir=self.paths(spec, stage, restart_id).stage_dir, rel_run_dir=self._rel(stage, restart_id),
+        )
 
     # ------------------------------------------------------------------ finalize
 
     def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
-        if not checkpoint.valid:
-            raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
-        spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
-        env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
-        paths = self.paths(spec, ctx.stage, ctx.restart_id)
-        if isinstance(stage, EvalStage):  # metrics from the samples on the volume; nothing to merge
-            return eval_outcome(
-                paths.stage_dir, ctx.total_steps or stage.samples, checkpoint,
-                progress=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, PROGRESS_FILE), env),
-                samples=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, SAMPLES_FILE), env),
-                results=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, RESULTS_FILE), env),
-            )
-        stamp_path = self._rel(ctx.stage, ctx.restart_id, "merged.json")
-        check = stage.tool_call_check if isinstance(stage, SFTStage) else None
-        stamp = self._read_json(vol, stamp_path, env)
-        change = "unchanged"
-        wanted = {"step": checkpoint.step, "checkpoint": checkpoint.path,
-                  "tool_call_check": check.model_dump(mode="json") if check else None}
-        if stamp is None or {k: stamp.get(k) for k in wanted} != wanted:
-            source = checkpoint.path + ("/actor" if isinstance(stage, RLStage) else "")
-            payload = FinalizePayload(
-                stage=ctx.stage, checkpoint_path=checkpoint.path, step=checkpoint.step, merged_dir=paths.merged_dir,
-                volume=vol, commands=[render_merge(source, paths.merged_dir).model_dump(mode="json")],
-                tool_call_check=wanted["tool_call_check"],
-            )
-            self._ensure_deployed(spec)
-            call_id = self.adapter.spawn(app_name(spec), FINALIZE_FUNCTION, payload.model_dump(mode="json"), env=env)
-            stamp = {**wanted, "outputs": self._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)}
-            self.adapter.put_files(vol, {stamp_path: json.dumps(stamp).encode()}, env=env)
-            change = "created"
-        outputs = {"model_path": paths.merged_dir, "final_step": checkpoint.step, "checkpoint": checkpoint.path,
-                   **(stamp.get("outputs") or {})}
-        message = f"merged step {checkpoint.step} into {paths.merged_dir}"
-        if check is not None:
-            from runtime.toolcheck import require_rate
-
-            outputs["tool_call_min_rate"] = check.min_rate
-            rate, prompts = float(outputs.get("tool_call_rate", 0.0)), int(outputs.get("tool_call_prompts") or 0)
-            message += "; " + require_rate(ctx.stage, check.min_rate, rate, prompts, paths.merged_dir)
-        return Outcome(change=change, outputs=outputs, message=message)
+        """The stage kind's finalize (runtime.verl.kind: merge on one GPU through the finalize
+        function, and the SFT tool-call check; runtime.eval.kind: metrics from the volume)."""
+        paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
+        return kind_of(ctx.spec.stages[ctx.stage]).finalize(
+            ctx, checkpoint, paths, self._files(ctx.spec, ctx.stage, ctx.restart_id),
+            FunctionMerger(runtime=self, ctx=ctx, paths=paths),
+        )
 
     # ------------------------------------------------------------------ cost
 
@@ -601,16 +584,19 @@ class ModalRuntime:
 
     # ------------------------------------------------------------------ helpers
 
-    def _set_aside_eval(self, stage: str, restart_id: str, vol: str, env: str | None, now: float) -> dict[str, bytes]:
-        """Files that keep an eval run's earlier samples under `<stage>/.replaced/` and
-        empty them in the run directory (a rerun from scratch draws every sample anew)."""
+    def _set_aside(
+        self, names: tuple[str, ...], stage: str, restart_id: str, vol: str, env: str | None, now: float,
+    ) -> dict[str, bytes]:
+        """Files that keep a run's earlier progress (`names` in its run directory: an eval's
+        samples) under `<stage>/.replaced/` and empty them in the run directory (a rerun from
+        scratch starts anew)."""
         files: dict[str, bytes] = {}
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-        for name in (SAMPLES_FILE, PROGRESS_FILE, RESULTS_FILE):
+        for name in names:
             old = self._read_text(vol, self._rel(stage, restart_id, name), env)
             if old:
                 files[f"{stage}/.replaced/{ckpts.restart_dir_name(restart_id)}-{stamp}/{name}"] = old.encode()
-                files[self._rel(stage, restart_id, name)] = b"" if name == SAMPLES_FILE else b"{}"
+                files[self._rel(stage, restart_id, name)] = b"{}" if name.endswith(".json") else b""
         return files
 
     def _read_text(self, volume: str, path: str, env: str | None) -> str | None:
@@ -619,12 +605,102 @@ class ModalRuntime:
         except FileNotFoundError:
             return None
 
-    def _read_json(self, volume: str, path: str, env: str | None) -> dict[str, Any] | None:
+    def _read_record(self, model: type[R], volume: str, path: str, env: str | None) -> R | None:
+        """A run file on a volume as its model (runtime.records); None when it does not exist."""
         try:
-            data = json.loads(self.adapter.read_file(volume, path, env=env))
-        except (FileNotFoundError, ValueError):
+            data = self.adapter.read_file(volume, path, env=env)
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) else None
+        return records.parse(model, data, source=f"{path} on Modal volume {volume}")
+
+
+def _call_result(outcome: CallOutcome, call_id: str) -> StageResult | None:
+    """A stage call's return value as its model (None while it runs, or when it returned nothing)."""
+    if not isinstance(outcome.result, dict):
+        return None
+    return records.parse(StageResult, outcome.result, source=f"the result of Modal call {call_id}")
+
+
+@dataclass(frozen=True)
+class VolumeStageFiles:
+    """runtime.stage_kind.StageFiles over a Modal volume (paths inside it: `<stage>/...`)."""
+
+    adapter: ModalAdapter
+    volume: str
+    env: str | None
+    stage: str
+    stage_root: str  # as the containers see them (mount paths)
+    run_dir: str
+    rel_run_dir: str  # the run directory inside the volume
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return self.adapter.read_file(self.volume, f"{self.rel_run_dir}/{name}", env=self.env).decode(
+                "utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
+    def checkpoint_entries(self) -> list[ckpts.CkptEntry]:
+        """The same view as runtime.checkpoints.scan_local: four levels, no merged/HF trees, no run files."""
+        stage, vol, env = self.stage, self.volume, self.env
+        try:
+            listing = self.adapter.listdir(vol, stage, recursive=True, env=env)
+        except FileNotFoundError:
+            return []
+        entries: list[ckpts.CkptEntry] = []
+        for e in listing:
+            rel = e.path[len(stage) + 1:] if e.path.startswith(stage + "/") else e.path
+            parts = rel.split("/")
+            if not rel or len(parts) > 4 or any(p in ckpts.SKIP_DIRS for p in parts) or parts[1:2] == [RUN_DIR]:
+                continue
+            content = None
+            if not e.is_dir and ckpts.wants_content(rel):
+                try:
+                    content = self.adapter.read_file(vol, e.path, env=env).decode(errors="replace")[:4096]
+                except FileNotFoundError:
+                    content = None
+            entries.append(ckpts.CkptEntry(path=rel, is_dir=e.is_dir, size=None if e.is_dir else e.size, content=content))
+        return entries
+
+
+@dataclass(frozen=True)
+class FunctionMerger:
+    """runtime.stage_kind.ModelMerger on Modal: the app's finalize function runs the merge
+    (and the tool-call check) on one GPU; `merged.json` in the run directory records what
+    was merged, so a later finalize of the same checkpoint and check spawns nothing."""
+
+    runtime: ModalRuntime
+    ctx: StageContext
+    paths: StagePaths
+
+    def merge(
+        self, command: Callable[[str], RenderedCommand], checkpoint: Checkpoint, check: ToolCallCheck | None,
+    ) -> MergeResult:
+        rt, ctx, spec = self.runtime, self.ctx, self.ctx.spec
+        env, vol = spec.modal.environment, rt._stage_volume(spec, ctx.stage)
+        stamp_path = rt._rel(ctx.stage, ctx.restart_id, "merged.json")
+        stamp = rt._read_record(MergeStamp, vol, stamp_path, env)
+        change: Change = "unchanged"
+        wanted = MergeStamp(step=checkpoint.step, checkpoint=checkpoint.path,
+                            tool_call_check=check.model_dump(mode="json") if check else None)
+        if stamp is None or stamp.model_copy(update={"outputs": {}, "version": wanted.version}) != wanted:
+            payload = FinalizePayload(
+                stage=ctx.stage, checkpoint_path=checkpoint.path, step=checkpoint.step, merged_dir=self.paths.merged_dir,
+                volume=vol, commands=[command(self.paths.merged_dir).model_dump(mode="json")],
+                tool_call_check=wanted.tool_call_check,
+            )
+            rt._ensure_deployed(spec)
+            call_id = rt.adapter.spawn(app_name(spec), FINALIZE_FUNCTION, payload.model_dump(mode="json"), env=env)
+            stamp = wanted.model_copy(update={"outputs": rt._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)})
+            rt.adapter.put_files(vol, {stamp_path: records.dumps(stamp)}, env=env)
+            change = "created"
+        outputs = dict(stamp.outputs)
+        measured = None
+        if check is not None:
+            measured = ToolCallMeasure(
+                rate=float(outputs.get("tool_call_rate", 0.0)), prompts=int(outputs.get("tool_call_prompts") or 0),
+            )
+        return MergeResult(change=change, outputs=outputs, tool_check=measured)
 
 
 def attention(image: Image) -> str | None:
@@ -669,6 +745,22 @@ def _local_source(source: str, spec_dir: str) -> Path | None:
     if not path.exists():
         raise TerminalError(f"{source} does not exist", f"looked for {path}", "fix the path (relative to the spec file)")
     return path
+
+
+def _upload_reporter(where: str, every_s: float = 5.0) -> Callable[[UploadProgress], None]:
+    """Progress of a data upload on stderr: a line at most every `every_s` seconds, and the last."""
+    last = [0.0]
+
+    def report(p: UploadProgress) -> None:
+        now = time.monotonic()
+        if p.files_done < p.files_total and now - last[0] < every_s:
+            return
+        last[0] = now
+        gib = 1024**3
+        print(f"  uploading to {where}: {p.files_done}/{p.files_total} files, "
+              f"{p.bytes_done / gib:.2f}/{p.bytes_total / gib:.2f} GiB", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _stat(path: Path) -> list[Any]:

@@ -11,28 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from reconciler.errors import RetoolError, StateLockedError
+from reconciler.errors import RetoolError
+from reconciler.readiness import DoctorCheck as Check
+from reconciler.readiness import store_checks
 from reconciler.spec import Spec
-from reconciler.state.base import LockInfo, StateStore
+from reconciler.state.base import StateStore
 from runtime.modal.adapter import LOGIN_HINT, ModalAdapter
-from runtime.modal.app import build_app_definition, modal_problems, modal_volume_name, modal_warnings
+from runtime.modal.layout import modal_volume_name
+from runtime.modal.app import build_app_definition, modal_problems, modal_warnings
 from runtime.modal.limits import gpu_problem, parse_gpu
 
-Status = Literal["ready", "to fix", "skipped", "note"]
 CONNECT_TIMEOUT_S = 4.0
-
-
-class Check(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    check: str
-    status: Status
-    detail: str = ""
-    fix: str = ""
 
 
 def _why(exc: Exception) -> str:
@@ -67,6 +57,7 @@ def modal_checks(
     rows += gpu_checks(spec, adapter=adapter)
     rows.append(image_check(spec, adapter) if build_image else
                 Check(check="image", status="skipped", detail="--skip-build: not built now"))
+    rows += cluster_checks(spec, adapter, build_image=build_image and rows[-1].status == "ready")
     rows += volume_checks(spec, adapter)
     if store_on_modal:
         rows += store_checks(store)
@@ -136,13 +127,48 @@ def gpu_checks(spec: Spec, *, adapter: ModalAdapter | None) -> list[Check]:
 def image_check(spec: Spec, adapter: ModalAdapter) -> Check:
     steps = build_app_definition(spec).image
     try:
-        image_id = adapter.build_image_now(steps)
+        image_id = adapter.build_image_now(steps, env=spec.modal.environment)
     except RetoolError as exc:
         return Check(check="image", status="to fix", detail=_why(exc), fix=exc.hint)
     except Exception as exc:  # noqa: BLE001 - the build's own error (ImageBuildError, a failed pip step)
         return Check(check="image", status="to fix", detail=f"{type(exc).__name__}: {exc}"[-500:],
                      fix="read the build log above; change image.base / image.pip")
     return Check(check="image", status="ready", detail=f"built {image_id} from {spec.image.base} (cached for apply)")
+
+
+CLUSTER_ACCESS_HINT = ("Modal's multi-node clusters are in preview and need access on request (Modal's Slack or "
+                       "support@modal.com); until then run the stage with resources.nodes: 1")
+
+
+def cluster_checks(spec: Spec, adapter: ModalAdapter, *, build_image: bool) -> list[Check]:
+    """Whether Modal creates the spec's clustered functions: they are deployed in a probe app of
+    their own (nothing runs: a deploy starts no container), which is stopped right after."""
+    definition = build_app_definition(spec)
+    clustered = [fn for fn in definition.functions if fn.cluster_size]
+    if not clustered:
+        return []
+    sizes = ", ".join(sorted({f"{fn.cluster_size} x {fn.gpu}" for fn in clustered}))
+    if not build_image:
+        return [Check(check="multi-node clusters", status="skipped",
+                      detail=f"needs the image built to deploy a probe ({sizes}); {CLUSTER_ACCESS_HINT}")]
+    # the probe mounts nothing and needs no secrets: volumes are apply's to create
+    probe_functions = [fn.model_copy(update={"volumes": {}, "secrets": []}) for fn in clustered]
+    probe = definition.model_copy(update={"app_name": f"{definition.app_name}-cluster-probe",
+                                          "functions": probe_functions})
+    try:
+        adapter.deploy(probe)
+    except RetoolError as exc:
+        return [Check(check="multi-node clusters", status="to fix", detail=_why(exc), fix=exc.hint)]
+    except Exception as exc:  # noqa: BLE001 - Modal's refusal of the clustered functions
+        return [Check(check="multi-node clusters", status="to fix", detail=f"{type(exc).__name__}: {exc}"[-500:],
+                      fix=CLUSTER_ACCESS_HINT)]
+    finally:
+        try:
+            adapter.stop_app(probe.app_name, env=probe.environment)
+        except RetoolError:
+            pass  # a probe that was never deployed, or Modal gone: nothing of it runs
+    return [Check(check="multi-node clusters", status="ready",
+                  detail=f"Modal created the clustered functions ({sizes}) in a probe app, stopped again")]
 
 
 def volume_checks(spec: Spec, adapter: ModalAdapter) -> list[Check]:
@@ -156,35 +182,4 @@ def volume_checks(spec: Spec, adapter: ModalAdapter) -> list[Check]:
             continue
         rows.append(Check(check=f"volume {name}", status="ready",
                           detail="exists" if exists else "not created yet: `retool apply` creates it"))
-    return rows
-
-
-def store_checks(open_store: Callable[[], StateStore]) -> list[Check]:
-    """The state can be read, and the apply lock taken and released."""
-    try:
-        store = open_store()
-        state = store.read()
-    except Exception as exc:  # noqa: BLE001 - any failure here is the row's answer
-        hint = exc.hint if isinstance(exc, RetoolError) else ""
-        return [Check(check="state store", status="to fix", detail=_why(exc), fix=hint),
-                Check(check="state lock", status="skipped", detail="the store could not be read")]
-    where = store.describe()
-    rows = [Check(check="state store", status="ready",
-                  detail=f"{where}: " + (f"serial {state.serial}" if state is not None else "empty (first apply)"))]
-    try:
-        lock_id = store.lock(LockInfo(command="retool doctor"))
-    except StateLockedError as exc:
-        rows.append(Check(check="state lock", status="note", detail=exc.summary,
-                          fix=exc.hint or "wait for that apply, or `retool state unlock ID` if it is gone"))
-        return rows
-    except Exception as exc:  # noqa: BLE001
-        rows.append(Check(check="state lock", status="to fix", detail=_why(exc)))
-        return rows
-    try:
-        store.unlock(lock_id)
-    except Exception as exc:  # noqa: BLE001
-        rows.append(Check(check="state lock", status="to fix", detail=f"taken but not released: {_why(exc)}",
-                          fix=f"`retool state unlock {lock_id}`"))
-        return rows
-    rows.append(Check(check="state lock", status="ready", detail="taken and released"))
     return rows

@@ -9,7 +9,8 @@ TransformerEngine, and adds only pure-Python packages on top.
 Facts about known base images live in `KNOWN_BASES` (each with its source). For a known
 base the chain:
 - uses the image's own Python (no `add_python`: a second interpreter would not see the
-  image's packages);
+  image's packages), made the `python` on PATH by the first step, since Modal's pip steps
+  install with whatever `python` is;
 - skips a pip entry the image already provides at the pinned version;
 - installs the image's framework (verl) pinned, with `--no-deps`, extras dropped: its
   dependencies are what the image was built with;
@@ -21,30 +22,14 @@ Everything else is installed as written, and retool's own packages come last
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.spec import Image
+from runtime.modal.models import ImageOp, ImageStep
 
 LOCAL_SOURCE_IGNORE = ("**/__pycache__", "**/*.pyc", "**/.pytest_cache")
 ANY_VERSION = "*"
-
-ImageOp = Literal[
-    "from_registry", "apt_install", "env", "pip_install", "uv_pip_install", "run_commands",
-    "add_local_python_source",
-]
-
-
-class ImageStep(BaseModel):
-    """One call on `modal.Image`: `op(*args, **options)`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    op: ImageOp
-    args: list[str] = Field(default_factory=list)
-    options: dict[str, Any] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)  # only for op == "env"
 
 
 class BaseImage(BaseModel):
@@ -131,13 +116,17 @@ def _provided(facts: BaseImage | None, req: Requirement) -> bool:
 # --------------------------------------------------------------------------- the chain
 
 
-def image_steps(image: Image) -> list[ImageStep]:
-    """The image chain, in Modal's required order, local sources last."""
+def image_steps(image: Image, *, apt_extra: tuple[str, ...] = ()) -> list[ImageStep]:
+    """The image chain, in Modal's required order, local sources last; `apt_extra` are system
+    packages a function option needs (EFA's libraries)."""
     facts = base_facts(image.base)
     options = {} if facts is not None else {"add_python": image.python}
     steps = [ImageStep(op="from_registry", args=[image.base], options=options)]
-    if image.apt:
-        steps.append(ImageStep(op="apt_install", args=list(image.apt)))
+    if facts is not None:
+        steps.append(ImageStep(op="run_commands", args=[pin_python_command(facts.python)]))
+    apt = list(dict.fromkeys([*image.apt, *apt_extra]))
+    if apt:
+        steps.append(ImageStep(op="apt_install", args=apt))
     if image.env:
         steps.append(ImageStep(op="env", env=dict(sorted(image.env.items()))))
     plain, no_deps = _split_pip(image, facts)
@@ -154,6 +143,19 @@ def image_steps(image: Image) -> list[ImageStep]:
         steps.append(ImageStep(op="add_local_python_source", args=list(image.local_sources),
                                options={"ignore": list(LOCAL_SOURCE_IGNORE)}))
     return steps
+
+
+def pin_python_command(version: str) -> str:
+    """A build step that makes `python` the base image's own interpreter. modal 1.6.4's
+    `uv_pip_install` installs with `--python $(command -v python)` and `pip_install` runs
+    `python -m pip`: on an image whose Python is only `python3.12` (Ubuntu's packages ship no
+    `python`), or whose `python` is another interpreter, the install would fail or land where
+    the image's torch and vLLM are not. The step fails the build unless `python` is `version`."""
+    check = f"import sys; assert sys.version_info[:2] == ({version.replace('.', ', ')}), sys.version"
+    return (
+        f'if [ "$(python -c \'import sys; print(\"%d.%d\" % sys.version_info[:2])\' 2>/dev/null)" != "{version}" ]; '
+        f'then ln -sf "$(command -v python{version})" /usr/local/bin/python; fi && python -c "{check}"'
+    )
 
 
 def _split_pip(image: Image, facts: BaseImage | None) -> tuple[list[str], list[str]]:

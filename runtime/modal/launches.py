@@ -23,41 +23,10 @@ what lasts (`run.json`, checkpoints) is on the volume.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from pydantic import ValidationError
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-if TYPE_CHECKING:  # the adapter imports runtime.modal.app, which carries LaunchKey in payloads
-    from runtime.modal.adapter import ModalAdapter
-
-LAUNCH_FILE = "launch.json"  # beside run.json, in the stage's _retool/ directory
-
-
-class LaunchKey(BaseModel):
-    """What a stage call carries to register itself (payload field `launch`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    registry: str  # Modal Dict name
-    key: str  # the stage identity
-    launch_id: str
-
-
-class Registration(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    launch_id: str
-    call_id: str
-    segment: int = 0
-    at: float = 0.0
-
-
-def registry_name(app_name: str) -> str:
-    return f"{app_name}-launches"
-
-
-def stage_key(app_name: str, stage: str, restart_id: str) -> str:
-    return f"{app_name}/{stage}/{restart_id}"
+from runtime.modal.adapter import ModalAdapter
+from runtime.modal.models import LaunchKey, Registration
 
 
 def lookup(adapter: ModalAdapter, registry: str, key: str, *, env: str | None = None) -> Registration | None:
@@ -76,7 +45,3 @@ def register(adapter: ModalAdapter, launch: LaunchKey, call_id: str, segment: in
     reg = Registration(launch_id=launch.launch_id, call_id=call_id, segment=segment, at=at)
     adapter.dict_put(launch.registry, launch.key, reg.model_dump_json(), env=env)
 
-
-def intent(launch_id: str, function: str, at: float) -> dict[str, Any]:
-    """The record written before spawning."""
-    return {"launch_id": launch_id, "function": function, "at": at}

@@ -19,8 +19,9 @@ A crash raises, so Modal's retries (the spec's `retries`) restart the attempt, w
 resumes from the latest committed checkpoint. Problems no retry can fix (a secret not
 attached) are returned as `failed` instead of raised.
 
-Files under `<checkpoint dir>/_retool/`: `run.json` (the call chain), `progress.json`
-(step, total, active seconds), `result.json` (final), `attempts.jsonl`, `logs/`.
+Files under `<checkpoint dir>/_retool/` (their models: `runtime.records`): `run.json` (the
+call running the stage now), `progress.json` (step, total, active seconds), `result.json`
+(final), `attempts.jsonl`, `logs/`.
 """
 
 from __future__ import annotations
@@ -36,24 +37,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.atomic import write_json
+from pydantic import BaseModel
+
+from runtime import records
 from runtime.metrics import parse_line
 from runtime.modal.adapter import ModalAdapter
 from runtime.modal.live_logs import LiveLogs
-from runtime.modal.app import (
-    RUN_DIR,
-    FinalizePayload,
-    PreparePayload,
-    SidecarSettings,
-    StagePayload,
-    StageResult,
-)
+from runtime.modal.models import FinalizePayload, PreparePayload, SidecarSettings, StagePayload
+from runtime.modal.layout import RUN_DIR
+from runtime.modal.roles import Role, Solo, role_for
+from runtime.records import Attempt, StageProgress, StageResult, StageRun
 from runtime.verl.common import TRACKER_FILE
 
 from runtime.verl.sft import MERGE_MODULE
 
 if TYPE_CHECKING:
-    from runtime.cluster.node import ClusterNode
     from runtime.sandbox_process import SandboxProcess
 
 STOP_GRACE_S = 120.0
@@ -182,10 +180,13 @@ class ContainerSegment:
         self.step: int | None = None
         self.metrics: dict[str, float] = {}
         self.active_before = 0.0  # container seconds of earlier attempts and segments
-        self.rank = 0
-        self.node: ClusterNode | None = None
+        self.role: Role = Solo()
         self._lock = threading.Lock()
         self.logs = LiveLogs(self.run_dir / "logs")  # open logs stay off the volume (see live_logs)
+
+    @property
+    def rank(self) -> int:
+        return self.role.rank
 
     # ----------------------------------------------------------------- driver
 
@@ -193,34 +194,30 @@ class ContainerSegment:
         p = self.p
         for name in p.volumes:
             self.adapter.reload_volume(name)
-        if p.nodes > 1:  # one container of a clustered call: its rank picks its role (runtime.cluster)
-            from runtime.cluster.node import ClusterNode
-
-            self.node = ClusterNode(self.adapter.cluster_info(), p.nodes, kind=p.kind, run_dir=self.run_dir,
-                                    join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
-            self.rank = self.node.rank
+        # one container of a clustered call: its rank picks its role (runtime.modal.roles)
+        self.role = role_for(self.adapter.cluster_info, p.nodes, kind=p.kind, run_dir=self.run_dir,
+                             join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
         try:
             return self._run()
         finally:
-            if self.node is not None:
-                self.node.close()
+            self.role.close()
 
     def _run(self) -> dict[str, Any]:
-        p, node = self.p, self.node
+        p, role = self.p, self.role
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        duplicate = self._register_launch() if self.rank == 0 else None
+        duplicate = self._register_launch() if role.leads else None
         if duplicate is not None:
             return duplicate
-        plan = node.join() if node is not None else None  # rank 0 waits for every rank; others get its plan
+        plan = role.join()  # rank 0 waits for every rank; others get its plan
         if plan is not None and "ended" in plan:  # rank 0 had nothing to train (already handed over)
             return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {plan['ended']}").model_dump()
-        start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
         if plan is not None:  # every rank resumes from the step rank 0 chose
             start_step, any_ckpt = plan.get("start_step"), bool(plan.get("any_ckpt"))
-        handed_over = self._spawned_next() if self.rank == 0 else None
+        else:
+            start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
+        handed_over = self._spawned_next() if role.leads else None
         if handed_over is not None:  # this segment already ended and spawned the next one
-            if node is not None:
-                node.finish("handed over")
+            role.finish("handed over")
             return StageResult(outcome="continued", step=start_step, segment=p.segment, next_call_id=handed_over,
                                message="already handed over").model_dump()
         self.step = start_step
@@ -230,10 +227,9 @@ class ContainerSegment:
             self._check_secrets()
             extra_env = self._sandbox_env()
         except StageFailed as exc:
-            if node is not None:
-                node.finish("failed")
+            role.finish("failed")
             return self._finish_failed(str(exc))
-        if p.replace_existing and p.segment == 0 and self.rank == 0 and self._move_aside_once():
+        if p.replace_existing and p.segment == 0 and role.leads and self._move_aside_once():
             start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
             self.step = start_step
         sidecar = self._start_sidecar() if p.sidecar is not None else None
@@ -242,28 +238,23 @@ class ContainerSegment:
         stopped_early = False
         commands = [{**c, "env": {**c.get("env", {}), **extra_env}} for c in training_commands(p.commands)]
         try:
-            if node is not None and node.is_leader:
-                rl = next(((list(c["argv"]), dict(c["env"])) for c in commands if p.kind == "rl"), None)
-                node.start({"start_step": start_step, "any_ckpt": any_ckpt}, rl_command=rl)
+            rl = next(((list(c["argv"]), dict(c["env"])) for c in commands if p.kind == "rl"), None)
+            role.start({"start_step": start_step, "any_ckpt": any_ckpt}, rl_command=rl)
             for cmd in commands:
                 argv = with_resume(list(cmd["argv"]), p.checkpoint_dir, start_step, any_ckpt)
-                if node is not None:
-                    argv, env = node.command(argv, dict(cmd["env"]))
-                    cmd = {**cmd, "env": env}
-                # a member follows rank 0: its commands end when rank 0's do, never on its own clock
-                deadline = self.started + p.train_seconds if self.rank == 0 else float("inf")
-                status = self._run_command(argv, cmd, deadline)
+                argv, env = role.command(argv, dict(cmd["env"]))
+                cmd = {**cmd, "env": env}
+                status = self._run_command(argv, cmd, role.deadline(self.started + p.train_seconds))
                 if status == "deadline":
                     stopped_early = True
                     break
-                if node is not None and not node.is_leader and status != 0:
-                    if node.leader_status() in ("finished", "deadline"):
-                        break  # rank 0 ended its commands: a member's node stops with them
-                    # else rank 0 was lost (raised below), or this rank's own command failed
+                if status != 0 and role.leader_ended():
+                    break  # rank 0 ended its commands: a member's node stops with them
+                # else rank 0 was lost (raised below), or this rank's own command failed
                 if status == "interrupted":
                     from runtime.cluster.layout import ClusterError
 
-                    raise ClusterError(f"rank {self.rank}: {node.interrupt() if node else ''}\n" + "\n".join(self.tail))
+                    raise ClusterError(f"rank {self.rank}: {role.interrupt()}\n" + "\n".join(self.tail))
                 if status != 0:
                     self._write_progress()
                     raise RuntimeError(
@@ -275,12 +266,10 @@ class ContainerSegment:
                 sidecar.stop()
             self._write_progress()
             self._commit_all()
-        if node is not None and not node.is_leader:
-            outcome = node.member_outcome()  # rank 0 ended its commands (or was lost: raises)
-            node.confirm_committed()  # this rank's shards are on the volume: rank 0 may report
+        outcome = role.leader_outcome()  # a member: how rank 0 ended, once its own shards are committed
+        if outcome is not None:
             return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {outcome}").model_dump()
-        if node is not None:
-            node.finish("deadline" if stopped_early else "finished")  # waits for every rank's commit
+        role.finish("deadline" if stopped_early else "finished")  # rank 0: waits for every rank's commit
         latest, _ = latest_valid_step(self.dir, p.world_size, p.restart_id)
         self.step = latest if latest is not None else self.step
         if stopped_early:
@@ -288,7 +277,7 @@ class ContainerSegment:
         result = StageResult(
             outcome="finished", step=latest, segment=p.segment, active_s=self.active_seconds(), message="commands finished",
         )
-        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
+        records.save(self.run_dir / "result.json", result.model_copy(update={"finished_at": self.clock()}))
         self._commit_all()
         return result.model_dump()
 
@@ -301,15 +290,34 @@ class ContainerSegment:
             )
         nxt = p.model_copy(update={"segment": p.segment + 1})
         call_id = self.adapter.spawn(p.app_name, p.function, nxt.model_dump(mode="json"), env=p.environment)
-        self._write_json("run.json", {
-            "call_id": call_id, "app_name": p.app_name, "function": p.function, "segment": p.segment + 1,
-            "previous_call_id": self.adapter.current_call_id(), "launched_at": self.clock(),
-        })
+        records.save(self.run_dir / "run.json", self._next_run(call_id))
         self._commit_all()
         return StageResult(
             outcome="continued", step=latest, segment=p.segment, next_call_id=call_id, active_s=self.active_seconds(),
             message=f"segment {p.segment} stopped at step {latest}; segment {p.segment + 1} continues",
         ).model_dump()
+
+    def _next_run(self, call_id: str) -> StageRun:
+        """run.json once this segment handed over to `call_id`: the same record the CLI writes
+        at launch, so the chain's head and the launch's identity carry over."""
+        p, me = self.p, self.adapter.current_call_id()
+        before = self._read_run()
+        head = None
+        if before is not None:
+            head = before.head_call_id or (before.call_id if before.segment == 0 else None)
+        return StageRun(
+            call_id=call_id, segment=p.segment + 1, app_name=p.app_name, function=p.function,
+            launched_at=self.clock(), head_call_id=head or (me if p.segment == 0 else None),
+            launch_id=p.launch.launch_id if p.launch else (before.launch_id if before else None),
+            previous_call_id=me,
+        )
+
+    def _read_run(self) -> StageRun | None:
+        try:
+            return records.load(StageRun, self.run_dir / "run.json")
+        except records.RecordError as exc:  # a retry could not fix it: say so, then go on without it
+            print(f"[retool] {exc.summary}: {exc.detail}", flush=True)
+            return None
 
     def _register_launch(self) -> dict[str, Any] | None:
         """Register this call under its stage identity (runtime.modal.launches), so a launch
@@ -342,21 +350,16 @@ class ContainerSegment:
     def _spawned_next(self) -> str | None:
         """The next segment's call, if an earlier attempt of this segment already spawned it
         (and then died before returning): a segment is never trained or spawned twice."""
-        try:
-            run = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if run.get("segment") == self.p.segment + 1 and run.get("call_id"):
-            return str(run["call_id"])
-        return None
+        run = self._read_run()
+        return run.call_id if run is not None and run.segment == self.p.segment + 1 else None
 
     def _finish_failed(self, message: str) -> dict[str, Any]:
         result = StageResult(
             outcome="failed", step=self.step, segment=self.p.segment, active_s=self.active_seconds(), message=message,
         )
-        if self.rank != 0:  # only rank 0 writes the run's files (one writer per file on a volume)
+        if not self.role.leads:  # only rank 0 writes the run's files (one writer per file on a volume)
             return result.model_dump()
-        self._write_json("result.json", {**result.model_dump(), "finished_at": self.clock()})
+        records.save(self.run_dir / "result.json", result.model_copy(update={"finished_at": self.clock()}))
         self._commit_all()
         return result.model_dump()
 
@@ -408,9 +411,9 @@ class ContainerSegment:
     def _start_sidecar(self) -> Any:
         settings = self.p.sidecar
         assert settings is not None
-        if self.node is not None:  # every node runs its own sidecar (nodes sharing a host: their own port)
-            settings = settings.model_copy(update={"port": settings.port + self.node.ports.sidecar_offset})
-        name = f"sandbox-{self.p.segment}" + (f"-rank-{self.rank}" if self.node is not None else "")
+        # every node runs its own sidecar (nodes sharing a host: their own port)
+        settings = settings.model_copy(update={"port": settings.port + self.role.port_offset})
+        name = f"sandbox-{self.p.segment}{self.role.name_suffix}"
         return start_sidecar(settings, self.logs.live(f"{name}.log"))
 
     def _run_command(self, argv: list[str], cmd: dict[str, Any], deadline: float) -> int | str:
@@ -431,7 +434,7 @@ class ContainerSegment:
                     stop_process_group(proc)
                     reader.join(10)
                     return "deadline"
-                if self.node is not None and self.node.interrupt():  # a lost rank, or rank 0 ended
+                if self.role.interrupt():  # a lost rank, or rank 0 ended
                     stop_process_group(proc, CLUSTER_STOP_GRACE_S)
                     reader.join(10)
                     return "interrupted"
@@ -470,36 +473,34 @@ class ContainerSegment:
         """What earlier attempts ran, from the progress they last committed (a preempted
         attempt loses at most one commit period of accounting)."""
         try:
-            old = json.loads((self.run_dir / "progress.json").read_text(encoding="utf-8"))
-            return float(old.get("active_before", 0.0)) + max(
-                0.0, float(old["updated_at"]) - float(old["attempt_started_at"])
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            old = records.load(StageProgress, self.run_dir / "progress.json")
+        except records.RecordError as exc:
+            print(f"[retool] {exc.summary}: {exc.detail}", flush=True)
             return 0.0
+        if old is None:
+            return 0.0
+        if old.updated_at is None or old.attempt_started_at is None:
+            return old.active_before
+        return old.active_before + max(0.0, old.updated_at - old.attempt_started_at)
 
     def _write_progress(self) -> None:
-        if self.rank != 0:
+        if not self.role.leads:
             return
+        ranks = self.role.liveness()  # per-rank liveness, as rank 0 sees it
         with self._lock:
-            data: dict[str, Any] = {
-                "step": self.step, "total": self.p.total_steps, "segment": self.p.segment,
-                "attempt_started_at": self.started, "updated_at": self.clock(),
-                "active_before": self.active_before, "active_s": self.active_seconds(),
-                "metrics": dict(self.metrics), "log_tail": list(self.tail)[-20:],
-            }
-        if self.node is not None:
-            data["ranks"] = self.node.liveness()  # per-rank liveness, as rank 0 sees it
-        self._write_json("progress.json", data)
+            progress = StageProgress(
+                step=self.step, total=self.p.total_steps, segment=self.p.segment,
+                attempt_started_at=self.started, updated_at=self.clock(),
+                active_before=self.active_before, active_s=self.active_seconds(),
+                metrics=dict(self.metrics), log_tail=list(self.tail)[-20:], ranks=ranks,
+            )
+        records.save(self.run_dir / "progress.json", progress)
 
     def _append_attempt(self) -> None:
-        if self.rank != 0:
+        if not self.role.leads:
             return
-        line = json.dumps({"segment": self.p.segment, "started_at": self.started, "call_id": self.adapter.current_call_id()})
-        with (self.run_dir / "attempts.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-
-    def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        write_json(self.run_dir / name, data)
+        attempt = Attempt(segment=self.p.segment, started_at=self.started, call_id=self.adapter.current_call_id())
+        records.append_line(self.run_dir / "attempts.jsonl", attempt)
 
 
 def stop_process_group(proc: subprocess.Popen[str], grace_s: float = STOP_GRACE_S) -> None:
@@ -562,6 +563,7 @@ def run_prepare(p: PreparePayload, adapter: ModalAdapter) -> dict[str, Any]:
     """Materialise one dataset or model into its volume (the cloud side has internet)."""
     adapter.reload_volume(p.volume)
     out_dir = Path(p.out_dir)
+    out: BaseModel  # the dataset's or the model's outputs
     if p.kind == "dataset":
         from reconciler.spec import Dataset
         from runtime.data import prepare as prepare_dataset

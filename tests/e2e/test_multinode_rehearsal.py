@@ -33,7 +33,7 @@ from reconciler.backend import StageContext
 from reconciler.loader import parse_spec_text
 from reconciler.spec import Spec
 from runtime import checkpoints as ckpts
-from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep, SidecarSettings, StagePayload
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep, SidecarSettings, StagePayload
 from runtime.verl.common import StagePaths
 from tests.fakes.fake_cluster import ClusterRunner, free_port_base
 from tests.fakes.fake_modal import FakeModal

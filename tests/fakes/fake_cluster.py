@@ -254,7 +254,7 @@ class ContainerAdapter:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.modal.app import StagePayload
+    from runtime.modal.models import StagePayload
     from runtime.modal.worker import ContainerSegment
 
     payload = StagePayload.model_validate_json(Path(argv[0]).read_text())

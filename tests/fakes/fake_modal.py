@@ -1,6 +1,6 @@
 """An in-memory Modal behind the `runtime.modal.adapter.ModalAdapter` protocol.
 
-It models what retool relies on, with Modal's own rules (MODAL.md):
+It models what retool relies on, with Modal's own rules (docs/modal.md):
 
 - credentials: with no token every remote call raises `TerminalError` at once (the SDK's
   AuthError, translated the way `SdkAdapter` does); `reachable=False` makes every remote
@@ -19,8 +19,13 @@ It models what retool relies on, with Modal's own rules (MODAL.md):
 - calls: `spawn` needs a deployed app and function and returns an `fc-…` id; a call runs
   until the test finishes it (`complete`, `fail`, `preempt`...) or a registered handler
   (the container's behaviour) returns; `poll` is `get(timeout=0)`: running, succeeded,
-  failed, cancelled, expired (results expire) or lost (`lose`: Modal's InternalFailure); an
-  unknown id raises `CallNotFound`; `lost_spawn_answers=N` makes the next N spawns start
+  failed, terminated (`cancel`: Modal's TERMINATED status), expired (results expire) or lost
+  (`lose`: Modal's InternalFailure). `poll` raises what modal 1.6.4's `FunctionCall.get`
+  raises in that state (the real `modal.exception` types: the built-in TimeoutError while
+  running, OutputExpiredError for an expired or unknown id, RemoteError for a terminated call,
+  the function's own exception...) and classifies it with the adapter's own `call_outcome`,
+  as `SdkAdapter` does; `conflicts=N` makes the next N polls answer ConflictError;
+  `lost_spawn_answers=N` makes the next N spawns start
   their call and then raise `ModalUnreachable` (the answer missed the adapter's deadline);
 - the container side (reload, commit, cluster info, current call id) is recorded (with a
   volume's mount in `mounts`, `reload_volume` raises RuntimeError while a file under it is
@@ -37,22 +42,28 @@ once (no per-container view until commit); no logs; no web traffic reaches web e
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from reconciler.errors import TerminalError
 from runtime.cluster.layout import ClusterInfo
 from runtime.modal.adapter import (
-    LOGIN_HINT, CallNotFound, CallOutcome, FunctionStats, ModalUnreachable, VolumeEntry, VolumeNotFound,
+    LOGIN_HINT, CallOutcome, CallState, FunctionStats, ModalUnreachable, UploadProgress, UploadProgressFn, VolumeEntry,
+    VolumeNotFound, call_outcome, require_web_url, upload_plan,
 )
 from runtime.modal.limits import gpu_problem
-from runtime.modal.app import AppDefinition
+from runtime import records
+from runtime.modal.models import AppDefinition
+from runtime.records import StageProgress, StageResult, StageRun
+from runtime.stage_kinds import KINDS
+from runtime.verl.kind import TrainingKind
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
@@ -60,6 +71,13 @@ FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
 
 class FakeModalError(Exception):
     """What the SDK would raise for a request Modal's servers reject (InvalidError, NotFoundError)."""
+
+
+class _RemoteException(Exception):
+    """The function's own exception, as `_process_result` re-raises it on the caller's side."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class _Running:
@@ -76,7 +94,7 @@ class FakeCall:
     function: str
     payload: dict[str, Any]
     env: dict[str, str]  # what the container would see from its secrets
-    state: Literal["running", "succeeded", "failed", "cancelled", "expired", "lost"] = "running"
+    state: CallState = "running"
     result: Any = None
     error: str = ""
     attempts: int = 1
@@ -100,6 +118,9 @@ class FakeModal:
     volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
+    clusters_enabled: bool = True  # multi-node clusters are in preview: access on request
+    fail_upload_after: int | None = None  # the next data upload breaks after this many files
+    conflicts: int = 0  # the next N polls answer ConflictError (gRPC ABORTED), as Modal may
     images_built: list[list[Any]] = field(default_factory=list)
     on_commit: Callable[[str], None] | None = None  # test hook: called with the volume name on each commit
     dicts: dict[str, dict[str, tuple[str, float]]] = field(default_factory=dict)  # key -> (value, last access)
@@ -184,7 +205,26 @@ class FakeModal:
             raise FileNotFoundError(f"{volume}:{path}")
         return files[key]
 
-    def put_files(self, volume: str, files: dict[str, bytes | Path], *, env: str | None = None) -> None:
+    def upload_data(self, volume: str, remote_dir: str, local: Path, *, env: str | None = None,
+                    progress: UploadProgressFn | None = None) -> None:
+        """File by file like `SdkAdapter.upload_data`; `fail_upload_after=N` makes the upload
+        break after N files (the connection dropped), leaving those N on the volume."""
+        self._remote("upload_data", volume, remote_dir)
+        if volume not in self.volumes:
+            raise VolumeNotFound(f"Modal volume {volume} does not exist")
+        plan = upload_plan(local)
+        total, done = sum(f.stat().st_size for _, f in plan), 0
+        for i, (rel, path) in enumerate(plan, start=1):
+            if self.fail_upload_after is not None and i > self.fail_upload_after:
+                self.fail_upload_after = None
+                raise ModalUnreachable(f"the connection dropped while uploading {rel}")
+            self.volumes[volume][f"{remote_dir.strip('/')}/{rel}"] = path.read_bytes()
+            done += path.stat().st_size
+            if progress is not None:
+                progress(UploadProgress(files_done=i, files_total=len(plan), bytes_done=done, bytes_total=total,
+                                        current=rel))
+
+    def put_files(self, volume: str, files: Mapping[str, bytes | Path], *, env: str | None = None) -> None:
         self._remote("put_files", volume, *sorted(files))
         if volume not in self.volumes:
             raise VolumeNotFound(f"Modal volume {volume} does not exist")
@@ -256,8 +296,15 @@ class FakeModal:
     def deploy(self, definition: AppDefinition) -> None:
         self._remote("deploy", definition.app_name)
         self._validate(definition)
+        if not self.clusters_enabled and any(fn.cluster_size for fn in definition.functions):
+            # what Modal answers a workspace without multi-node access is not documented: a guess
+            raise FakeModalError("InvalidError: multi-node clusters are not enabled for this workspace")
         self.deployed[definition.app_name] = definition
         self.deploys.append(definition)
+
+    def stop_app(self, app_name: str, *, env: str | None = None) -> None:
+        self._remote("stop_app", app_name)
+        self.deployed.pop(app_name, None)
 
     def _validate(self, d: AppDefinition) -> None:
         ops = [s.op for s in d.image]
@@ -321,11 +368,33 @@ class FakeModal:
     def poll(self, call_id: str) -> CallOutcome:
         self._remote("poll", call_id)
         call = self._call(call_id)
-        if call is None:
-            raise CallNotFound(f"Modal knows no function call {call_id}")
-        if call_id in self.watchers:
+        if call is not None and call_id in self.watchers:
             self.watchers[call_id](call, "poll")
-        return CallOutcome(state=call.state, result=call.result, error=call.error)
+        if call is not None and call.state == "succeeded":
+            return CallOutcome(state="succeeded", result=call.result)
+        import modal.exception as exc_mod
+
+        try:
+            raise self._sdk_exception(exc_mod, call)
+        except BaseException as exc:  # noqa: BLE001 - classified exactly as SdkAdapter does
+            return call_outcome(exc_mod, exc, call_id)
+
+    def _sdk_exception(self, exc_mod: Any, call: FakeCall | None) -> BaseException:
+        """What modal 1.6.4's `FunctionCall.get(timeout=0)` raises for a call in this state."""
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            return exc_mod.ConflictError("conflict")
+        if call is None or call.state == "expired":
+            return exc_mod.OutputExpiredError()  # no outputs, no unfinished inputs
+        if call.state == "running":
+            return builtins.TimeoutError()
+        if call.state == "lost":
+            return exc_mod.InternalFailure(call.error or "internal failure")
+        if call.state in ("terminated", "cancelled"):
+            return exc_mod.RemoteError(call.error or "Function call was terminated")
+        if call.error.startswith("timed out"):
+            return exc_mod.FunctionTimeoutError(call.error.removeprefix("timed out: "))
+        return _RemoteException(call.error)  # the function's own exception, re-raised
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
         return self.poll(call_id)
@@ -336,7 +405,7 @@ class FakeModal:
         if call is not None and call.state == "running":
             if call_id in self.watchers:
                 self.watchers[call_id](call, "cancel")  # terminate_containers=True
-            call.state, call.error = "cancelled", "cancelled"
+            call.state, call.error = "terminated", "Function call was cancelled (terminated)"
 
     def function_stats(self, app_name: str, function: str, *, env: str | None = None) -> FunctionStats:
         self._remote("function_stats", app_name, function)
@@ -352,8 +421,8 @@ class FakeModal:
         missing = [k for k in keys if k not in self.secrets[name]]
         return f"Secret '{name}' is missing keys {', '.join(missing)}" if missing else None
 
-    def build_image_now(self, steps: list[Any]) -> str:
-        self._remote("build_image_now")
+    def build_image_now(self, steps: list[Any], *, env: str | None = None) -> str:
+        self._remote("build_image_now", env or "")
         probe = AppDefinition(app_name="image-build", image=steps, functions=[])
         self._validate(probe)
         self.images_built.append(list(steps))
@@ -362,9 +431,11 @@ class FakeModal:
     def web_url(self, app_name: str, function: str, *, env: str | None = None) -> str:
         self._remote("web_url", app_name, function)
         app = self.deployed.get(app_name)
-        if app is None or not app.function(function).web:
-            raise FakeModalError(f"NotFoundError: {app_name}.{function} is not a deployed web function")
-        return f"https://{self.workspace}--{app_name}-{function}.modal.run"
+        if app is None:
+            raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
+        # modal 1.6.4: get_web_url() is None for a function that is not a web endpoint
+        url = f"https://{self.workspace}--{app_name}-{function}.modal.run" if app.function(function).web else None
+        return require_web_url(url, app_name, function)
 
     def gpu_rates(self) -> dict[str, float]:
         self._remote("gpu_rates")
@@ -512,18 +583,18 @@ class Containers:
 
     def train(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
         p = call.payload
-        if p["kind"] == "eval":
+        stage_kind = KINDS[p["kind"]]
+        if not isinstance(stage_kind, TrainingKind):  # the eval runner: samples, not checkpoints
             return self.evaluate(call, fake)
         vol, rel = volume_path(p, p["checkpoint_dir"])
         tracker = f"{rel}/latest_checkpointed_iteration.txt"
         start = int(fake.volumes[vol].get(tracker, b"0").decode() or 0)
         total = int(p["total_steps"])
         end = total if self.steps_per_call is None else min(total, start + self.steps_per_call)
-        rl = p["kind"] == "rl"
         for step in range(start + 1, end + 1):
             if step % self.save_freq and step != end:
                 continue
-            sub = f"{rel}/global_step_{step}" + ("/actor" if rl else "")
+            sub = stage_kind.merge_source(f"{rel}/global_step_{step}")  # where verl writes the model's shards
             for r in range(int(p["world_size"])):
                 for kind in ("model", "optim", "extra_state"):
                     fake.write(vol, f"{sub}/{kind}_world_size_{p['world_size']}_rank_{r}.pt", b"w" * 8)
@@ -531,16 +602,22 @@ class Containers:
             # runtime.verl.save_marker's completion marker, written last like inside verl
             fake.write(vol, f"{rel}/global_step_{step}/retool_complete.json", json.dumps(
                 {"step": step, "world_size": int(p["world_size"]), "restart_id": p["restart_id"]}))
-        fake.write(vol, f"{rel}/_retool/progress.json", json.dumps(
-            {"step": end, "total": total, "active_s": 60.0 * end, "metrics": {"train/loss": 0.5}}))
+        now = fake.clock()
+        fake.write(vol, f"{rel}/_retool/progress.json", records.dumps(StageProgress(
+            step=end, total=total, segment=p["segment"], attempt_started_at=now, updated_at=now, active_s=60.0 * end,
+            metrics={"train/loss": 0.5})))
         if end < total:
             nxt = {**p, "segment": int(p["segment"]) + 1}
             next_id = fake.spawn(call.app_name, call.function, nxt)
-            fake.write(vol, f"{rel}/_retool/run.json", json.dumps({"call_id": next_id, "segment": nxt["segment"]}))
-            return {"outcome": "continued", "step": end, "segment": p["segment"], "next_call_id": next_id,
-                    "active_s": 60.0 * end}
-        fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": end}))
-        return {"outcome": "finished", "step": end, "segment": p["segment"], "active_s": 60.0 * end}
+            launch_id = (p.get("launch") or {}).get("launch_id")
+            fake.write(vol, f"{rel}/_retool/run.json", records.dumps(StageRun(
+                call_id=next_id, segment=nxt["segment"], app_name=call.app_name, function=call.function,
+                launched_at=now, launch_id=launch_id, previous_call_id=call.call_id)))
+            return StageResult(outcome="continued", step=end, segment=p["segment"], next_call_id=next_id,
+                               active_s=60.0 * end).model_dump()
+        result = StageResult(outcome="finished", step=end, segment=p["segment"], active_s=60.0 * end)
+        fake.write(vol, f"{rel}/_retool/result.json", records.dumps(result.model_copy(update={"finished_at": now})))
+        return result.model_dump()
 
     def evaluate(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
         """What `python -m runtime.eval.run JOB` leaves in its run directory: the job (written
@@ -572,8 +649,9 @@ class Containers:
         fake.write(vol, f"{rel}/results.json", json.dumps(
             {"stage": job.stage, "samples": job.samples, "engine": "vllm", "generated_tokens": 100 * len(lines),
              "generation_s": 1.0, "tokens_per_s": 100.0 * len(lines), "device": "cuda"}))
-        fake.write(vol, f"{rel}/_retool/result.json", json.dumps({"outcome": "finished", "step": rounds}))
-        return {"outcome": "finished", "step": rounds, "segment": p["segment"], "active_s": 60.0 * (rounds - start)}
+        result = StageResult(outcome="finished", step=rounds, segment=p["segment"], active_s=60.0 * (rounds - start))
+        fake.write(vol, f"{rel}/_retool/result.json", records.dumps(result))
+        return result.model_dump()
 
     def finalize(self, call: FakeCall, fake: FakeModal) -> Any:
         p = call.payload

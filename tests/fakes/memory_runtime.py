@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from reconciler.errors import TerminalError, TransientError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import OpaqueRun, RunHandle
-from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
+from reconciler.backend import Checkpoint, Outcome, PollsAtOwnPace, RenderedCommand, RunStatus, StageContext
 
 FailureKind = Literal["transient", "terminal", "crash", "crash_after"]
 FAILURE_KINDS: tuple[FailureKind, ...] = ("transient", "terminal", "crash", "crash_after")
@@ -77,7 +77,7 @@ def _digest(*parts: Any) -> str:
 
 
 @dataclass
-class MemoryRuntime:
+class MemoryRuntime(PollsAtOwnPace):
     name: str = "memory"
     poll_interval_s: float = 0.0  # nothing to wait for: runs advance per poll
     steps_per_poll: int = 5

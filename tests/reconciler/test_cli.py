@@ -98,6 +98,7 @@ def test_plan_json_is_the_only_thing_on_stdout(spec: Path, rt: MemoryRuntime) ->
     data = json.loads(result.stdout)
     assert data["serial"] == 0 and data["has_changes"] is True
     assert [c["action"] for c in data["changes"]] == ["create"] * 10
+    assert [c["reason_codes"] for c in data["changes"]] == [["not_created"]] * 10
     assert invoke("plan", spec, "--format", "json").stdout.count('"address"') == 10
 
 
@@ -305,6 +306,8 @@ def test_status_after_apply_and_after_an_edit(spec: Path, rt: MemoryRuntime) -> 
     assert {n["sync"] for n in data["nodes"]} == {"in sync"}
     assert {n["health"] for n in data["nodes"]} == {"healthy"}
     write_spec(spec.parent, spec_dict(**{"stages.rl.max_steps": 5}))
+    rl = next(n for n in json.loads(invoke("status", spec, "--json").stdout)["nodes"] if n["address"] == "stage.rl")
+    assert (rl["action"], rl["reason_codes"]) == ("resume", ["resume_fields_changed"])
     text = invoke("status", spec).stdout
     assert "stage.rl" in text and "out of sync" in text and "3/3" in text
 

@@ -1,4 +1,5 @@
-"""Fingerprints see only what matters; diffs carry full paths and policies (STYLE.md #4, #5)."""
+"""Fingerprints see only what matters; diffs carry full paths and policies
+(docs/change-policy.md, "Fingerprints" and "The decision table")."""
 
 from __future__ import annotations
 

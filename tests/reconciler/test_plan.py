@@ -1,4 +1,5 @@
-"""make_plan's decision table on a small inline spec (STYLE.md #10), plus the views."""
+"""make_plan's decision table on a small inline spec, plus the views (docs/architecture.md,
+"Test each layer at its own level")."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import TerminalError
-from reconciler.plan import Observed, ObservedNode, Plan, make_plan
+from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange, ReasonCode as R, make_plan
 from reconciler.state.base import NodeRecord, State
 from reconciler.cli.plan_view import plan_markdown, plan_text
 from tests.plan_helpers import QWEN, REPO, observed_at_end, spec_from, succeeded_state
@@ -133,16 +134,16 @@ def test_restart_field_reruns_the_stage_and_everything_downstream(done: State) -
     assert actions(plan) == {"stage.a": "rerun", "stage.b": "rerun"}
     a, b = plan.change("stage.a"), plan.change("stage.b")
     assert a is not None and b is not None
-    assert a.reasons == ["changed: stages.a.seed"] and a.diff == ["stages.a.seed: 42 → 7 (restart)"]
+    assert a.reason_codes == [R.RESTART_FIELDS_CHANGED] and a.diff == ["stages.a.seed: 42 → 7 (restart)"]
     assert a.discard_steps == 200 and a.discard_gpu_hours == pytest.approx(4.0)
-    assert b.reasons == ["input stage.a output changes"] and b.discard_steps == 50
+    assert b.reason_codes == [R.INPUT_CHANGES] and b.discard_steps == 50
 
 
 def test_replace_forces_a_rerun(done: State) -> None:
     plan = plan_for(TOY, done, observed_at_end(done), replace={"stage.b"})
     assert actions(plan) == {"stage.b": "rerun"}
     b = plan.change("stage.b")
-    assert b is not None and b.reasons == ["forced by --replace"] and b.discard_steps == 50
+    assert b is not None and b.reason_codes == [R.REPLACE_REQUESTED] and b.discard_steps == 50
     with pytest.raises(TerminalError, match="--replace: unknown address stage.nope"):
         plan_for(TOY, done, replace={"stage.nope"})
 
@@ -150,7 +151,7 @@ def test_replace_forces_a_rerun(done: State) -> None:
 def test_resume_below_the_reached_step_is_a_no_op_with_a_note(done: State) -> None:
     plan = plan_for(edited("max_steps: 50", "max_steps: 30"), done, observed_at_end(done))
     b = plan.change("stage.b")
-    assert b is not None and b.action == "no-op"
+    assert b is not None and b.action == "no-op" and b.reason_codes == [R.RESUME_FIELDS_CHANGED]
     assert b.notes == ["already at step 50: the new total 30 needs no more steps"]
 
 
@@ -159,7 +160,7 @@ def test_resume_without_a_valid_checkpoint_reruns(done: State) -> None:
     plan = plan_for(edited("max_steps: 50", "max_steps: 80"), done, observed)
     b = plan.change("stage.b")
     assert b is not None and b.action == "rerun"
-    assert b.reasons == ["changed: stages.b.max_steps", "no valid checkpoint to resume from"]
+    assert b.reason_codes == [R.RESUME_FIELDS_CHANGED, R.NO_VALID_CHECKPOINT]
     assert "invalid checkpoint global_step_50: missing shard rank 0 of 1 (not resumed from)" in b.notes
 
 
@@ -167,6 +168,7 @@ def test_without_refresh_resume_trusts_the_record_and_says_so(done: State) -> No
     plan = plan_for(edited("max_steps: 50", "max_steps: 80"), done, Observed(refreshed=False))
     b = plan.change("stage.b")
     assert b is not None and b.action == "resume" and b.resume_from == 50 and b.estimate.steps == 30
+    assert b.reason_codes == [R.RESUME_FIELDS_CHANGED]
     assert "checkpoint not verified (plan made without refreshing)" in b.notes
     assert any(w.startswith("not refreshed") for w in plan.warnings) and not plan.refreshed
 
@@ -176,6 +178,7 @@ def test_update_fields_update_in_place(done: State) -> None:
     assert actions(plan) == {"stage.b": "update"}
     b = plan.change("stage.b")
     assert b is not None and b.diff == ["stages.b.test_freq: 10 → 5 (update)"] and b.estimate.steps == 0
+    assert b.reason_codes == [R.UPDATE_FIELDS_CHANGED]
 
 
 def test_failed_run_resumes_from_its_latest_valid_checkpoint(done: State) -> None:
@@ -184,7 +187,8 @@ def test_failed_run_resumes_from_its_latest_valid_checkpoint(done: State) -> Non
     plan = plan_for(TOY, state, observed)
     a = plan.change("stage.a")
     assert a is not None and a.action == "resume" and a.resume_from == 100
-    assert a.reasons == ["last run failed: CUDA error"] and a.estimate.steps == 100
+    assert a.reason_codes == [R.RUN_FAILED] and a.estimate.steps == 100
+    assert a.reasons == ["last run failed: CUDA error"]  # the run's own message reaches the reader
     assert actions(plan) == {"stage.a": "resume", "stage.b": "rerun"}
 
 
@@ -193,13 +197,14 @@ def test_lost_run_without_checkpoint_reruns(done: State) -> None:
     observed = Observed(nodes={"stage.a": ObservedNode(run_state="lost")})
     a = plan_for(TOY, state, observed).change("stage.a")
     assert a is not None and a.action == "rerun" and a.discard_steps == 30
-    assert a.reasons == ["last run was lost", "no valid checkpoint to resume from"]
+    assert a.reason_codes == [R.RUN_LOST, R.NO_VALID_CHECKPOINT]
 
 
 def test_failed_dataset_is_prepared_again(done: State) -> None:
     state = with_record(done, "dataset.d", status="failed", message="HTTP 503")
     plan = plan_for(TOY, state, observed_at_end(state))
     assert actions(plan) == {"dataset.d": "create", "stage.a": "rerun", "stage.b": "rerun"}
+    assert plan.change("dataset.d").reason_codes == [R.RUN_FAILED]  # type: ignore[union-attr]
 
 
 def test_running_is_a_no_op_that_apply_reattaches_to(done: State) -> None:
@@ -207,11 +212,12 @@ def test_running_is_a_no_op_that_apply_reattaches_to(done: State) -> None:
     observed = Observed(nodes={"stage.a": ObservedNode(run_state="running", step=90)})
     plan = plan_for(edited("epochs: 2", "epochs: 3"), state, observed)
     a = plan.change("stage.a")
-    assert a is not None and a.action == "no-op" and a.reasons == ["running (step 90)"]
+    assert a is not None and a.action == "no-op" and a.reason_codes == [R.RUNNING]
+    assert a.reasons == ["running (step 90)"]  # the step the backend observed, not the recorded 80
     assert a.notes == ["apply re-attaches to it", "the other changes are planned once it finishes"]
     # its consumer will see a new output once it finishes
     b = plan.change("stage.b")
-    assert b is not None and b.action == "rerun" and b.reasons == ["input stage.a output changes"]
+    assert b is not None and b.action == "rerun" and b.reason_codes == [R.INPUT_CHANGES]
 
 
 def test_run_that_finished_unwatched_is_recorded_by_apply(done: State) -> None:
@@ -220,6 +226,7 @@ def test_run_that_finished_unwatched_is_recorded_by_apply(done: State) -> None:
     plan = plan_for(TOY, state, observed)
     a = plan.change("stage.a")
     assert a is not None and a.action == "no-op" and a.notes == ["apply records its result"]
+    assert a.reason_codes == [R.FINISHED_UNRECORDED]
     assert plan.change("stage.b").action == "rerun"  # type: ignore[union-attr]  # its input is a new final step
 
 
@@ -228,20 +235,21 @@ def test_running_with_a_restart_change_is_rerun_after_cancelling(done: State) ->
     plan = plan_for(edited("ppo_mini_batch_size: 10", "ppo_mini_batch_size: 5"), state, Observed())
     b = plan.change("stage.b")
     assert b is not None and b.action == "rerun" and b.notes == ["cancels the running attempt first"]
+    assert b.reason_codes == [R.RESTART_FIELDS_CHANGED]
 
 
 def test_vanished_node_is_created_again(done: State) -> None:
     observed = Observed(nodes={"dataset.d": ObservedNode(exists=False)})
     plan = plan_for(TOY, done, observed)
     d = plan.change("dataset.d")
-    assert d is not None and d.action == "create" and "no longer exists" in d.reasons[0]
+    assert d is not None and d.action == "create" and d.reason_codes == [R.GONE]
     assert actions(plan)["stage.a"] == "rerun"
 
 
 def test_dataset_change_reruns_its_consumers(done: State) -> None:
     plan = plan_for(edited("expected_rows: 1000}", "expected_rows: 1000, max_rows: 500}"), done, observed_at_end(done))
     assert actions(plan) == {"dataset.d": "rerun", "stage.a": "rerun", "stage.b": "rerun"}
-    assert plan.change("stage.a").reasons == ["input dataset.d output changes"]  # type: ignore[union-attr]
+    assert plan.change("stage.a").reason_codes == [R.INPUT_CHANGES]  # type: ignore[union-attr]
     assert plan.change("stage.a").total_steps == 100  # type: ignore[union-attr]  # rows from the spec, capped
 
 
@@ -252,7 +260,7 @@ def test_input_changed_since_the_consumer_last_ran(done: State) -> None:
 
     state = with_record(done, "dataset.d", outputs=outputs, output_id=output_id(done.nodes["dataset.d"].restart_id, outputs))
     plan = plan_for(TOY, state, observed_at_end(state))
-    assert plan.change("stage.a").reasons == ["input dataset.d output changed since the last run"]  # type: ignore[union-attr]
+    assert plan.change("stage.a").reason_codes == [R.INPUT_CHANGED]  # type: ignore[union-attr]
 
 
 def test_sandbox_and_image_changes_never_rerun_stages(done: State) -> None:
@@ -267,6 +275,7 @@ def test_removed_nodes_are_deleted_last_and_data_is_kept(done: State) -> None:
     plan = plan_for(text, done, observed_at_end(done))
     deletes = [c for c in plan.changes if c.action == "delete"]
     assert [c.address for c in deletes] == ["stage.b", "volume.models"]
+    assert all(c.reason_codes == [R.REMOVED_FROM_SPEC] for c in deletes)
     assert plan.changes[-2:] == deletes
     assert deletes[0].notes == ["record forgotten; its files stay on volume.checkpoints (--prune deletes volumes only)"]
     assert deletes[1].notes == ["protected volume: kept even with --prune unless --allow-data-loss"]
@@ -277,8 +286,9 @@ def test_blocked_nodes_block_what_needs_them(done: State) -> None:
     plan = plan_for(TOY, None, Observed(), blocked={"sandbox": "placement `service` needs the modal backend"})
     assert actions(plan)["sandbox"] == "blocked" and actions(plan)["stage.b"] == "blocked"
     b = plan.change("stage.b")
-    assert b is not None and b.reasons == ["needs sandbox, which is blocked"]
-    assert b.notes[0] == "would create: not yet created"
+    assert b is not None and b.reason_codes == [R.UPSTREAM_BLOCKED]
+    assert plan.change("sandbox").reason_codes == [R.BACKEND_CANNOT_RUN]  # type: ignore[union-attr]
+    assert b.notes[0] == "would create: not yet created"  # what it would do, in words
     assert plan.total.gpu_hours == pytest.approx(4.0)  # only stage.a runs
     # a blocked node that has nothing to do stays a no-op
     calm = plan_for(TOY, done, observed_at_end(done), blocked={"stage.b": "no GPU"})
@@ -301,6 +311,14 @@ def test_the_core_plan_has_no_image_opinions() -> None:
     assert plan_for(edited('"python:3.12-slim"', '"python:latest"')).warnings == []
 
 
+def test_every_reason_has_its_code_and_a_change_without_one_is_refused(done: State) -> None:
+    plan = plan_for(edited("epochs: 2", "epochs: 3"), None, Observed())
+    assert all(len(c.reasons) == len(c.reason_codes) for c in plan.changes)
+    assert {r.code for c in plan.changes for r in c.why} == {R.NOT_CREATED}
+    with pytest.raises(ValueError, match="0 reason code"):
+        PlannedChange(address="stage.a", action="create", reasons=["not yet created"])
+
+
 def test_plan_is_pure(done: State) -> None:
     before = done.model_dump_json()
     first = plan_for(edited("epochs: 2", "epochs: 3"), done, observed_at_end(done))
@@ -316,8 +334,10 @@ def test_json_round_trips_and_has_the_documented_shape(done: State) -> None:
     data = json.loads(plan.to_json())
     assert {"spec", "serial", "changes", "total", "warnings", "has_changes", "summary"} <= set(data)
     change = next(c for c in data["changes"] if c["address"] == "stage.a")
-    assert {"address", "action", "reasons", "diff", "resume_from", "estimate", "fingerprints"} <= set(change)
+    assert {"address", "action", "reasons", "reason_codes", "diff", "resume_from", "estimate", "fingerprints"} <= set(change)
     assert change["action"] == "resume" and change["resume_from"] == 200
+    assert change["reason_codes"] == ["resume_fields_changed"] and len(change["reasons"]) == 1
+    assert Plan.from_json(plan.to_json()) == plan
     assert data["summary"] == {"no-op": 7, "resume": 1, "rerun": 1}
     assert Plan.from_json(plan.to_json()) == plan
 
@@ -403,3 +423,9 @@ def test_a_state_recorded_by_another_spec_is_refused(done: State) -> None:
     assert actions(plan_for(state=own)) == {}
     renamed = TOY.replace(f"name: {spec_from(TOY).name}\n", f"name: renamed\nstate: {{key: {spec_from(TOY).name}}}\n", 1)
     assert actions(plan_for(renamed, state=own)) == {}  # a renamed spec keeps its state through state.key
+
+
+def test_the_reason_codes_doc_lists_every_code_once() -> None:
+    doc = (REPO / "docs" / "plan-reasons.md").read_text(encoding="utf-8")
+    rows = [line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")]
+    assert sorted(rows) == sorted(code.value for code in R) and len(rows) == len(set(rows))

@@ -12,7 +12,7 @@ import pytest
 
 from reconciler.errors import SpecError
 from reconciler.graph import build_graph
-from reconciler.plan import Observed, ObservedNode, Plan, make_plan
+from reconciler.plan import Observed, ObservedNode, Plan, ReasonCode, make_plan
 from reconciler.spec import EvalStage
 from tests.plan_helpers import observed_at_end, spec_from, succeeded_state
 
@@ -60,7 +60,7 @@ def test_graph_edges_and_steps() -> None:
 def test_changing_sft_reruns_only_the_evals_downstream_of_it() -> None:
     plan = plan_for(BASE.replace("optim: {lr: 1.0e-5}", "optim: {lr: 2.0e-5}"))
     assert changed(plan) == {"stage.sft": "rerun", "stage.rl": "rerun", "stage.eval_sft": "rerun", "stage.eval_rl": "rerun"}
-    assert plan.change("stage.eval_sft").reasons == ["input stage.sft output changes"]  # type: ignore[union-attr]
+    assert plan.change("stage.eval_sft").reason_codes == [ReasonCode.INPUT_CHANGES]  # type: ignore[union-attr]
 
 
 def test_more_samples_resume_from_the_rounds_drawn() -> None:
@@ -69,7 +69,7 @@ def test_more_samples_resume_from_the_rounds_drawn() -> None:
     assert changed(plan) == {"stage.eval_sft": "resume"}
     change = plan.change("stage.eval_sft")
     assert change is not None and change.resume_from == 4 and change.total_steps == 16
-    assert change.reasons == ["changed: stages.eval_sft.samples"]
+    assert change.reason_codes == [ReasonCode.RESUME_FIELDS_CHANGED]
 
 
 def test_fewer_samples_is_a_noop_with_a_note() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from reconciler.apply.engine import apply, cancel
 from reconciler.loader import LoadedSpec
+from reconciler.plan import ReasonCode
 from reconciler.refresh import observe_and_plan, refresh_and_plan
 from reconciler.state.memory import MemoryStore
 from reconciler.status import compute_status
@@ -30,9 +31,7 @@ def test_cancel_before_the_first_step_plans_a_rerun_not_a_create(tmp_path: Path)
     assert (rec.status, rec.steps_done) == ("cancelled", 0) and not rt.checkpoints
     change = refresh_and_plan(loaded, store.read(), rt).change("stage.sft")
     assert change is not None and change.action == "rerun" and change.resume_from is None
-    assert change.reasons == [
-        "last run cancelled: cancelled by `retool cancel`; checkpoints kept", "no step was reached: from the start",
-    ]
+    assert change.reason_codes == [ReasonCode.RUN_CANCELLED, ReasonCode.NO_STEP_REACHED]
     assert change.discard_steps == 0
 
 

@@ -1,6 +1,6 @@
 """The issue's scenario table on the real spec: with a recorded state in which every node
 succeeded, each edit gives exactly these actions. The same rows are written to
-tests/reconciler/golden/scenarios.md (copied into the README)."""
+tests/reconciler/golden/scenarios.md (copied into docs/change-policy.md, which must hold it verbatim)."""
 
 from __future__ import annotations
 
@@ -188,3 +188,8 @@ def test_scenario_table_is_current() -> None:
     if os.environ.get("RETOOL_UPDATE_GOLDEN"):
         path.write_text(table, encoding="utf-8")
     assert table == path.read_text(encoding="utf-8"), f"{path} differs (RETOOL_UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_the_docs_hold_the_scenario_table() -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "change-policy.md"
+    assert scenario_table() in page.read_text(encoding="utf-8"), f"{page}'s scenario table is stale: paste scenario_table()"

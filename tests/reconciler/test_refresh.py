@@ -13,9 +13,11 @@ import pytest
 
 from reconciler import backends
 from reconciler.apply.engine import apply
+from reconciler.backend import ChecksPresence
 from reconciler.backends import OVERRIDE_ENV, get_runtime, get_store
 from reconciler.errors import TerminalError
 from reconciler.loader import LoadedSpec
+from reconciler.plan import ReasonCode
 from reconciler.refresh import blocked_nodes, observe, observe_and_plan, open_runtime, refresh_and_plan
 from reconciler.graph import build_graph
 from reconciler.state.base import State
@@ -162,7 +164,7 @@ def test_get_store_local(loaded: LoadedSpec, tmp_path: Path) -> None:
     assert isinstance(store, LocalStore) and store.directory == tmp_path / "state"
 
 
-class SidecarWatchingRuntime(MemoryRuntime):
+class SidecarWatchingRuntime(MemoryRuntime, ChecksPresence):
     """A runtime that can tell when the recorded sandbox died (LocalRuntime does, by pid)."""
 
     def missing_reason(self, spec: object, address: str) -> str | None:
@@ -170,6 +172,9 @@ class SidecarWatchingRuntime(MemoryRuntime):
             return "the sandbox process is not running"
         if address == "volume.data" and getattr(self, "broken", False):
             raise OSError("permission denied")
+        return None
+
+    def idle_reason(self, spec: object, address: str) -> str | None:
         return None
 
 
@@ -183,7 +188,8 @@ def test_a_dead_sandbox_is_planned_for_creation_and_apply_restarts_it(loaded: Lo
     plan = refresh_and_plan(loaded, state, rt)
     sandbox = plan.change("sandbox")
     assert sandbox is not None and sandbox.action == "create"
-    assert sandbox.reasons == ["recorded, but no longer exists: the sandbox process is not running"]
+    assert sandbox.reason_codes == [ReasonCode.GONE]
+    assert sandbox.reasons[0].endswith(": the sandbox process is not running")  # the backend's words reach the reader
     assert {c.address for c in plan.changes if c.action != "no-op"} == {"sandbox"}  # no stage reruns for it
     apply(plan, loaded, store, rt, sleep=lambda s: None)
     assert rt.sandbox is not None
@@ -192,10 +198,13 @@ def test_a_dead_sandbox_is_planned_for_creation_and_apply_restarts_it(loaded: Lo
     assert observed.notes == ["volume.data: cannot check that it still exists (OSError: permission denied)"]
 
 
-class IdlingSidecarRuntime(MemoryRuntime):
+class IdlingSidecarRuntime(MemoryRuntime, ChecksPresence):
     """A runtime whose sidecar stops when unused and starts on demand (as LocalRuntime's)."""
 
     idle = False
+
+    def missing_reason(self, spec: object, address: str) -> str | None:
+        return None
 
     def idle_reason(self, spec: object, address: str) -> str | None:
         return "idle, starts on demand" if address == "sandbox" and self.idle else None

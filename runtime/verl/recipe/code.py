@@ -1,4 +1,4 @@
-"""The recipe's rules for a code_interpreter call (RECIPE.md item 5, the recipe's
+"""The recipe's rules for a code_interpreter call (docs/recipe.md, "Tool behaviour": the recipe's
 `CustomSandboxFusionTool.execute`), as pure functions.
 
 1. If the model's `code` holds a ```python fence, only the first such block runs, with

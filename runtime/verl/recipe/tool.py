@@ -9,7 +9,7 @@ no state is kept between turns, as in the recipe.
 `execute` is the recipe's `CustomSandboxFusionTool.execute`: the `code` argument read as the
 recipe reads it (a missing or non-string one raises, and verl shows the model the error), the
 recipe's code rules (`runtime.verl.recipe.code`), one sandbox call, stdout + stderr or
-`no stdout here`; no tool reward (None). Deliberate differences (README, "Differences from
+`no stdout here`; no tool reward (None). Deliberate differences (docs/fidelity.md, "Differences from
 the official recipe"): model-supplied `timeout`/`language` arguments are ignored, and
 `rate_limit` caps concurrent calls per agent-loop worker rather than cluster-wide.
 
@@ -56,7 +56,7 @@ class CodeInterpreterTool(BaseTool):
     def __init__(self, config: dict[str, Any], tool_schema: OpenAIFunctionToolSchema | None = None):
         self.settings = SandboxCallSettings.model_validate(config)
         self.options = RecipeToolOptions.model_validate(config)
-        super().__init__(config, tool_schema)
+        super().__init__(config, tool_schema if tool_schema is not None else self.get_openai_tool_schema())
         # Created on first use, inside the agent loop worker's event loop.
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None

@@ -1,4 +1,4 @@
-"""One contract, every store (STYLE.md #3, Terraform's `TestFull`).
+"""One contract, every store (docs/state.md, "Stores"; Terraform's `TestFull`).
 
 `STORE_FACTORIES` maps a store name to a factory `factory(tmp_path) -> open()`, where
 each `open()` returns a new handle on the same underlying store (as a second process

@@ -1,4 +1,4 @@
-"""ReTool-SFT solution text -> chat messages (RECIPE.md, "SFT preprocessing")."""
+"""ReTool-SFT solution text -> chat messages (docs/recipe.md, "SFT preprocessing")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Math problems -> verl RL rows (RECIPE.md, "RL rows")."""
+"""Math problems -> verl RL rows (docs/recipe.md, "RL rows")."""
 
 from __future__ import annotations
 

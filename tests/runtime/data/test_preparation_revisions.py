@@ -10,7 +10,7 @@ import pytest
 
 from reconciler.fingerprint import digest
 from reconciler.graph import PREPARATION_KEY, build_graph
-from reconciler.plan import make_plan
+from reconciler.plan import ReasonCode, make_plan
 from reconciler.spec import PREPARATION_REVISIONS
 from runtime.data.formats import map_rows
 from tests.plan_helpers import QWEN, observed_at_end, spec_from, succeeded_state
@@ -62,7 +62,8 @@ def test_a_dataset_prepared_by_an_older_revision_is_prepared_again_and_its_consu
     assert actions == {"dataset.retool_sft": "rerun", "stage.sft": "rerun", "stage.dapo": "rerun",
                        "stage.eval_sft": "rerun", "stage.eval_dapo": "rerun"}
     change = plan.change("dataset.retool_sft")
-    assert change is not None and change.reasons == ["changed: datasets.retool_sft.preparation_revision"]
+    assert change is not None and change.reason_codes == [ReasonCode.RESTART_FIELDS_CHANGED]
+    assert change.reasons == ["changed: datasets.retool_sft.preparation_revision"]  # the README quotes this line
     assert change.notes == ["retool prepares format retool_sft differently since this was prepared (revision 1 → 2): "
                             "prepared again, so what consumes it sees the current tool schema"]
     # the RL data's format has no revision yet: its identity is what it was before revisions existed

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from runtime import checkpoints as ckpts
-from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep, StagePayload
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep, StagePayload
 from tests.fakes.fake_cluster import ClusterRunner, free_port_base
 from tests.fakes.fake_modal import FakeModal
 

@@ -26,7 +26,7 @@ from runtime.cluster.liveness import liveness_text
 from runtime.cluster.node import ClusterNode
 from runtime.cluster.ray_probe import alive_ranks
 from runtime.cluster.rendezvous import Leader, Member
-from runtime.modal.app import StagePayload
+from runtime.modal.models import StagePayload
 from runtime.modal.worker import ContainerSegment
 from tests.fakes.fake_modal import FakeModal
 
@@ -237,3 +237,45 @@ def test_the_worker_refuses_a_partial_cluster_and_runs_nothing(tmp_path: Path, m
     with pytest.raises(ClusterError, match="rank 1 of 2 did not join rank 0 within 1 s"):
         ContainerSegment(payload, fake).run()
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- the container's role
+
+
+def test_a_single_node_stage_is_solo_and_never_asks_for_a_cluster(tmp_path: Path) -> None:
+    from runtime.modal.roles import Solo, role_for
+
+    def no_cluster() -> ClusterInfo:
+        raise AssertionError("a single-node call has no cluster to ask about")
+
+    role = role_for(no_cluster, 1, kind="sft", run_dir=tmp_path, join_timeout_s=1.0, sandbox_url_var="URL")
+    assert isinstance(role, Solo) and role.leads and role.rank == 0
+    assert role.join() is None and role.interrupt() == "" and role.leader_outcome() is None
+    assert role.command(["python", "x.py"], {"A": "1"}) == (["python", "x.py"], {"A": "1"})
+    assert role.deadline(42.0) == 42.0 and role.liveness() is None
+
+
+def test_rank_0_leads_and_a_member_follows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.modal.roles import Leader, Member, role_for
+
+    monkeypatch.setenv("RETOOL_CLUSTER_PORT_BASE", str(free_port()))
+
+    kw: dict[str, Any] = dict(kind="sft", run_dir=tmp_path, join_timeout_s=5.0, sandbox_url_var="URL")
+    leader = role_for(lambda: loopback(0), 2, **kw)
+    member = role_for(lambda: loopback(1), 2, **kw)
+    try:
+        assert isinstance(leader, Leader) and leader.leads and leader.deadline(42.0) == 42.0
+        assert isinstance(member, Member) and not member.leads and member.deadline(42.0) == float("inf")
+        assert member.name_suffix == "-rank-1" and member.port_offset == member.node.ports.sidecar_offset
+        plans: list[Any] = []
+        joining = threading.Thread(target=lambda: plans.append(member.join()))
+        joining.start()
+        assert leader.join() is None  # rank 0 waits for every rank, then decides the plan
+        leader.start({"start_step": 4, "any_ckpt": True}, rl_command=None)
+        joining.join(10)
+        assert plans == [{"start_step": 4, "any_ckpt": True}]
+        liveness = leader.liveness()
+        assert liveness is not None and {r: s.state for r, s in liveness.items()} == {"0": "alive", "1": "alive"}
+    finally:
+        member.close()
+        leader.close()

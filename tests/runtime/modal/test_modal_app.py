@@ -5,6 +5,7 @@ checks for what Modal only validates on its servers."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -12,31 +13,55 @@ from pathlib import Path
 import pytest
 
 from reconciler.loader import load_spec
-from reconciler.steps import segments_for
+from reconciler.steps import estimate, segments_for
 from runtime.modal.adapter import SdkAdapter, parse_gpu_rates
+from runtime.modal.limits import size_warnings
 from tests.plan_helpers import qwen
-from runtime.modal.app import (
-    build_app_definition,
-    image_steps,
-    image_warnings,
-    modal_problems,
-    modal_warnings,
-)
+from runtime.modal.app import build_app_definition, modal_problems, modal_warnings
+from runtime.modal.images import image_steps, image_warnings
 
 REPO = Path(__file__).resolve().parents[3]
 QWEN = REPO / "specs" / "retool-qwen7b.yaml"
 
 
-def test_image_chain_in_modal_order_with_local_sources_last() -> None:
-    spec = qwen(image__base="nvidia/cuda:12.8.1-devel-ubuntu22.04", image__apt=["git"], image__commands=["echo hi"])
-    steps = image_steps(spec.image)
-    assert [s.op for s in steps] == [
-        "from_registry", "apt_install", "env", "uv_pip_install", "run_commands", "add_local_python_source",
-    ]
-    assert steps[0].args == ["nvidia/cuda:12.8.1-devel-ubuntu22.04"] and steps[0].options == {"add_python": "3.12"}
-    assert steps[3].args == ["verl[vllm]==0.9.1", "flash-attn==2.8.3", "transformers==5.9.0"]
-    assert steps[-1].args == ["reconciler", "runtime", "sandbox"]
-    assert image_steps(qwen(image__installer="pip").image)[2].op == "pip_install"
+def is_local(op: str) -> bool:
+    return op.startswith("add_local")
+
+
+def assert_local_sources_come_last(ops: list[str]) -> None:
+    """Modal refuses a build step after an `add_local_*` one (and only says so at deploy)."""
+    first_local = next(i for i, op in enumerate(ops) if is_local(op))
+    assert all(is_local(op) for op in ops[first_local:]), ops
+    assert all(i < first_local for i, op in enumerate(ops) if not is_local(op)), ops
+
+
+def test_image_chain_builds_everything_the_spec_asks_with_local_sources_last() -> None:
+    spec = qwen(image__base="nvidia/cuda:12.8.1-devel-ubuntu22.04", image__apt=["git"], image__commands=["echo hi"],
+                image__env={"PIP_NO_CACHE_DIR": "1"})
+    image = spec.image
+    steps = image_steps(image)
+    ops = [s.op for s in steps]
+    # the spec's base first; an image retool knows nothing about gets the spec's Python added
+    assert ops[0] == "from_registry" and steps[0].args == [image.base]
+    assert steps[0].options.get("add_python") == image.python
+    assert_local_sources_come_last(ops)
+    assert [a for s in steps if is_local(s.op) for a in s.args] == list(image.local_sources)
+    # every entry the spec lists is built, with the installer it names
+    installs = [s for s in steps if s.op.endswith("pip_install")]
+    assert {s.op for s in installs} == {"uv_pip_install"}
+    assert [a for s in installs for a in s.args] == list(image.pip)
+    assert [a for s in steps if s.op == "apt_install" for a in s.args] == ["git"]
+    assert [a for s in steps if s.op == "run_commands" for a in s.args] == ["echo hi"]
+    assert {k: v for s in steps if s.op == "env" for k, v in s.env.items()} == dict(image.env)
+    # system packages exist before pip runs; the env applies to every install and command;
+    # commands see what pip installed
+    position = {op: [i for i, o in enumerate(ops) if o == op] for op in set(ops)}
+    installs_at = [i for i, o in enumerate(ops) if o.endswith("pip_install")]
+    assert max(position["apt_install"]) < min(installs_at)
+    assert max(position["env"]) < min(installs_at + position["run_commands"])
+    assert max(installs_at) < min(position["run_commands"])
+    pip_ops = {s.op for s in image_steps(qwen(image__installer="pip").image) if s.op.endswith("pip_install")}
+    assert pip_ops == {"pip_install"}
 
 
 def test_the_7b_image_starts_from_verls_vllm_image_and_compiles_nothing() -> None:
@@ -50,7 +75,7 @@ def test_the_7b_image_starts_from_verls_vllm_image_and_compiles_nothing() -> Non
         ("uv_pip_install", ["transformers==5.9.0"], "--break-system-packages"),
         ("uv_pip_install", ["verl==0.9.1"], "--no-deps --break-system-packages"),
     ]
-    assert steps[-1].op == "add_local_python_source"
+    assert_local_sources_come_last([s.op for s in steps])
     assert not any("flash-attn" in a for _, args, _ in installs for a in args)
     assert image_warnings(spec.image) == [] and modal_problems(spec, REPO) == []
     # the same pins on a plain CUDA image: flash-attn would compile, and validate/plan say so
@@ -85,12 +110,20 @@ def test_resource_requests_are_checked_against_modals_documented_limits() -> Non
 
 
 def test_functions_carry_gpu_strings_volumes_secret_names_and_24h_timeouts() -> None:
-    d = build_app_definition(load_spec(QWEN).spec)
+    spec = load_spec(QWEN).spec
+    d = build_app_definition(spec)
     assert d.app_name == "retool-qwen7b"
     sft, dapo = d.function("stage-sft"), d.function("stage-dapo")
     assert sft.gpu == "H100:8" and dapo.gpu == "H100:8"
     assert sft.entry == "run_stage" and sft.timeout_s == 86400 and sft.retries == 2
-    assert (sft.cpu, sft.memory_mb, dapo.memory_mb) == (32.0, 262144, 327680)
+    # each stage's container gets exactly the CPU and memory its spec requests, and every
+    # function's request fits a Modal host (nothing Modal would refuse at deploy)
+    for name, stage in spec.stages.items():
+        fn = d.function(f"stage-{name}")
+        assert (fn.cpu, fn.memory_mb) == (stage.resources.cpu, stage.resources.memory_mb), name
+        assert fn.cpu is not None and fn.memory_mb is not None, name
+    for fn in d.functions:
+        assert size_warnings(cpu=fn.cpu, memory_mb=fn.memory_mb) == [], fn.name
     assert sft.volumes == {
         "/checkpoints": "retool-qwen7b-checkpoints", "/data": "retool-qwen7b-data", "/models": "retool-qwen7b-models",
     }
@@ -148,6 +181,25 @@ def test_plan_time_checks_catch_what_modal_checks_remotely(tmp_path: Path) -> No
     assert len(problems) == 4
 
 
+def test_a_stage_that_cannot_save_within_a_segment_is_refused_naming_its_fields() -> None:
+    """A segment continues from its latest checkpoint: a save interval longer than a segment
+    would end every segment with nothing new, and retries would repeat it forever."""
+    from reconciler.loader import load_spec as load
+
+    assert modal_problems(load(REPO / "specs/retool-qwen32b.yaml").spec, REPO) == []
+    # 30 steps x 3600 s = 30 h > 23.75 h usable (24 h less the hand-over margin)
+    spec = qwen(stages__dapo__save_freq=30, stages__dapo__seconds_per_step=3600)
+    (problem,) = modal_problems(spec, REPO)
+    assert problem.startswith("stages.dapo.save_freq: 30 steps x seconds_per_step 3600 s = 30.0 h")
+    assert "resources.timeout_hours 24" in problem and "set save_freq to 23 or less" in problem
+    assert modal_problems(qwen(stages__dapo__save_freq=23, stages__dapo__seconds_per_step=3600), REPO) == []
+    shorter = qwen(stages__dapo__save_freq=10, stages__dapo__seconds_per_step=3600,
+                   stages__dapo__resources__timeout_hours=8)  # 10 h > 7.75 h
+    assert [p.split(":")[0] for p in modal_problems(shorter, REPO)] == ["stages.dapo.save_freq"]
+    unknown = qwen(stages__dapo__save_freq=1000, stages__dapo__seconds_per_step=None)
+    assert modal_problems(unknown, REPO) == []  # no estimate: nothing to judge
+
+
 def test_mutable_tags_and_unpinned_requirements_warn() -> None:
     assert image_warnings(load_spec(QWEN).spec.image) == []
     assert any("mutable tag 'vllm024.latest'" in w for w in image_warnings(qwen(image__base="verlai/verl:vllm024.latest").image))
@@ -159,11 +211,24 @@ def test_mutable_tags_and_unpinned_requirements_warn() -> None:
     assert image_warnings(qwen(image__base=digest, image__pip=["verl==0.9.1"]).image) == []
 
 
-def test_billing_rates_map_to_gpu_hour_prices() -> None:
-    rates = parse_gpu_rates({"gpu.h100": 0.001097, "gpu.a100-80gb": 0.000694, "cpu": 0.0000131, "H200": 4.54})
-    assert rates["H100"] == pytest.approx(3.9492) and rates["H100!"] == rates["H100"]
-    assert rates["A100-80GB"] == pytest.approx(2.4984) and rates["H200"] == 4.54
-    assert "cpu" not in rates
+def stage_cost(rates: dict[str, float], gpu: str, gpus: int, steps: int, seconds: float) -> float:
+    """Dollars the plan estimates for `steps` steps on `gpus` GPUs priced with these billing rates."""
+    spec = qwen(stages__sft__resources__gpu=gpu, stages__sft__resources__gpus_per_node=gpus)
+    pricing = spec.pricing.model_copy(update={"gpu_hour_usd": parse_gpu_rates(rates)})
+    return estimate(steps, spec.stages["sft"].resources, pricing, seconds, "spec").usd
+
+
+def test_billing_rates_price_a_stage_as_steps_times_seconds_times_gpus_times_rate() -> None:
+    """Modal's billing rates are dollars per GPU-second: a stage costs steps × seconds per step ×
+    GPUs × that rate, whichever way the workspace spells the GPU."""
+    rates = {"gpu.h100": 0.001097, "gpu.a100-80gb": 0.000694, "cpu": 0.0000131}
+    assert stage_cost(rates, "H100", 8, 372, 75.0) == pytest.approx(372 * 75.0 * 8 * 0.001097, abs=0.01)
+    assert stage_cost(rates, "A100-80GB", 4, 100, 30.0) == pytest.approx(100 * 30.0 * 4 * 0.000694, abs=0.01)
+    assert stage_cost(rates, "H100!", 8, 372, 75.0) == stage_cost(rates, "H100", 8, 372, 75.0)
+    # a rate quoted per GPU-hour prices the same stage the same
+    assert stage_cost({"H100": 0.001097 * 3600}, "H100", 8, 372, 75.0) == stage_cost(rates, "H100", 8, 372, 75.0)
+    # what is no GPU's rate never prices a GPU
+    assert set(parse_gpu_rates(rates)) == {"H100", "H100!", "A100-80GB"}
 
 
 # --------------------------------------------------------------------------- the real SDK, offline
@@ -189,7 +254,8 @@ def test_real_sdk_builds_the_app_offline_with_local_sources_last(monkeypatch: py
     assert sorted(functions) == ["finalize", "prepare", "sandbox", "stage-dapo", "stage-eval_base", "stage-eval_dapo",
                                  "stage-eval_sft", "stage-sft"]
     sft = functions["stage-sft"]
-    assert sft._spec.gpus == "H100:8" and sft._spec.cpu == 32.0 and sft._spec.memory == 262144
+    want = definition.function("stage-sft")
+    assert sft._spec.gpus == want.gpu and sft._spec.cpu == want.cpu and sft._spec.memory == want.memory_mb
     assert sorted(sft._spec.volumes) == ["/checkpoints", "/data", "/models"]
     assert (sft._source_info.module_name, sft._source_info.implementation_name) == ("runtime.modal.worker", "run_stage")
     assert functions["sandbox"]._webhook_config is not None
@@ -211,3 +277,37 @@ def test_real_sdk_without_a_token_fails_fast_with_a_login_hint(monkeypatch: pyte
     with pytest.raises(TerminalError) as exc:
         adapter.volume_exists("anything")
     assert "modal token new" in exc.value.hint and "MODAL_TOKEN_ID" in exc.value.hint
+
+
+def run_pin_step(tmp_path: Path, interpreters: dict[str, str]) -> tuple[int, list[str]]:
+    """Runs the known base's first build step in a shell whose PATH holds stub interpreters
+    (name -> the version it reports), with /usr/local/bin mapped to a folder of ours."""
+    from runtime.modal.images import VERL_VLLM_024, image_steps
+
+    local_bin, stubs = tmp_path / "usr-local-bin", tmp_path / "bin"
+    local_bin.mkdir(parents=True)
+    stubs.mkdir(parents=True)
+    for name, version in interpreters.items():
+        stub = stubs / name
+        major, minor = version.split(".")
+        # `-c 'print(...)'` prints the version; `-c 'assert ... == (3, 12)'` passes only for 3.12
+        stub.write_text(f'#!/bin/sh\ncase "$2" in *assert*) case "$2" in *"({major}, {minor})"*) exit 0;; '
+                        f'*) exit 1;; esac;; *) echo {version};; esac\n')
+        stub.chmod(0o755)
+    steps = image_steps(qwen(image__base=VERL_VLLM_024).image)
+    assert steps[1].op == "run_commands"  # right after the base: before any pip step uses `python`
+    command = steps[1].args[0].replace("/usr/local/bin/", f"{local_bin}/")
+    env = {"PATH": f"{local_bin}:{stubs}:/usr/bin:/bin"}
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, check=False)
+    return done.returncode, sorted(p.name for p in local_bin.iterdir())
+
+
+def test_the_known_base_image_makes_python_its_own_interpreter_before_installing(tmp_path: Path) -> None:
+    """modal's uv_pip_install runs `uv pip install --python $(command -v python)`: the image's
+    Python must be `python` on PATH, whatever the base ships."""
+    assert run_pin_step(tmp_path / "a", {"python3.12": "3.12"}) == (0, ["python"])  # no `python`: linked
+    assert run_pin_step(tmp_path / "b", {"python3.12": "3.12", "python": "3.10"}) == (0, ["python"])  # the wrong one
+    assert run_pin_step(tmp_path / "c", {"python3.12": "3.12", "python": "3.12"}) == (0, [])  # already right
+    assert run_pin_step(tmp_path / "d", {"python": "3.10"})[0] != 0  # no 3.12 at all: the build fails here
+    unknown = image_steps(qwen(image__base="nvidia/cuda:12.4.1-runtime-ubuntu22.04", image__python="3.11").image)
+    assert unknown[0].options == {"add_python": "3.11"} and unknown[1].op != "run_commands"  # Modal's own Python

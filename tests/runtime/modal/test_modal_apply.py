@@ -21,8 +21,9 @@ from reconciler.graph import build_graph
 from reconciler.loader import LoadedSpec, load_spec
 from reconciler.refresh import refresh_and_plan
 from reconciler.state.memory import MemoryStore
-from runtime.modal.app import stage_function_name
+from runtime.modal.layout import stage_function_name
 from runtime.modal.backend import ModalRuntime
+from runtime.modal.images import image_steps
 from tests.fakes.fake_modal import Containers, FakeModal
 
 REPO = Path(__file__).resolve().parents[3]
@@ -74,14 +75,17 @@ def test_qwen7b_applies_end_to_end_with_what_modal_should_receive(loaded: Loaded
 
     # volumes, named after the pipeline
     assert sorted(fake.volumes) == ["retool-qwen7b-checkpoints", "retool-qwen7b-data", "retool-qwen7b-models"]
-    # one deploy; image steps in order, local sources last; GPU strings; secrets by name
+    # one deploy, carrying the spec's image chain (built from its base, retool's own packages
+    # added after every build step); GPU strings; secrets by name
     assert len(fake.deploys) == 1
     app = fake.deploys[0]
-    assert [s.op for s in app.image] == [
-        "from_registry", "env", "uv_pip_install", "uv_pip_install", "add_local_python_source",
-    ]
-    assert app.image[0].args == ["verlai/verl:vllm024.dev2"] and app.image[3].args == ["verl==0.9.1"]
-    assert app.image[-1].args == ["reconciler", "runtime", "sandbox"]
+    assert app.image == image_steps(loaded.spec.image)
+    assert app.image[0].op == "from_registry" and app.image[0].args == [loaded.spec.image.base]
+    ops = [s.op for s in app.image]
+    first_local = next(i for i, op in enumerate(ops) if op.startswith("add_local"))
+    assert all(op.startswith("add_local") for op in ops[first_local:]) and first_local > 0
+    assert [a for s in app.image[first_local:] for a in s.args] == ["reconciler", "runtime", "sandbox"]
+    assert any(s.args == ["verl==0.9.1"] and "--no-deps" in s.options.get("extra_options", "") for s in app.image)
     assert app.function("stage-sft").gpu == "H100:8" and app.function("stage-dapo").gpu == "H100:8"
     assert app.function("stage-dapo").secrets == ["wandb", "huggingface"]
 

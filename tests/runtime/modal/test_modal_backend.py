@@ -16,7 +16,8 @@ from reconciler.backend import StageContext
 from runtime.checkpoints import COMPLETE_FILE, SaveComplete
 from runtime.modal.adapter import ModalUnreachable
 from tests.plan_helpers import qwen
-from runtime.modal.app import build_app_definition, stage_function_name
+from runtime.modal.layout import stage_function_name
+from runtime.modal.app import build_app_definition
 from runtime.modal.backend import ModalRuntime
 from tests.fakes.fake_modal import Containers, FakeModal
 
@@ -121,7 +122,7 @@ def test_cancel_stops_the_segment_now_running() -> None:
     nxt = fake.calls[handle.ref.call_id].result["next_call_id"]
     assert rt.poll_stage(handle).message.startswith("running on Modal (segment 1")
     rt.cancel_stage(handle)
-    assert fake.calls[nxt].state == "cancelled"
+    assert fake.calls[nxt].state == "terminated"  # Modal reports a cancelled call as TERMINATED
     status = rt.poll_stage(handle)
     assert status.state == "failed" and status.message.startswith("cancelled")
 
@@ -165,12 +166,46 @@ def test_path_sources_are_uploaded_and_prepared_once(tmp_path: Path) -> None:
     first = rt.prepare_dataset("aime_2024", ds, spec, str(REPO / "specs"))
     assert first.change == "created" and first.outputs["path"] == "/data/datasets/aime_2024/train.parquet"
     vol = fake.volumes["retool-qwen7b-data"]
-    assert vol["_uploads/dataset/aime_2024/aime_2024.jsonl"] == (REPO / "specs/data/aime_2024.jsonl").read_bytes()
     (call,) = [c for c in fake.calls.values() if c.function == "prepare"]
     assert call.payload["config"]["source"] == "path:aime_2024.jsonl"
-    assert call.payload["spec_dir"] == "/data/_uploads/dataset/aime_2024"
+    staged = call.payload["spec_dir"].removeprefix("/data/")
+    assert staged.startswith("_uploads/dataset/aime_2024/") and f"{staged}.complete" in vol
+    assert vol[f"{staged}/aime_2024.jsonl"] == (REPO / "specs/data/aime_2024.jsonl").read_bytes()
     again = rt.prepare_dataset("aime_2024", ds, spec, str(REPO / "specs"))
     assert again.change == "unchanged" and again.outputs == first.outputs and len(fake.calls) == 1
+
+
+def test_an_interrupted_model_upload_is_never_used_and_the_next_apply_uploads_it_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `path:` model (a folder of shards) uploads file by file with no deadline, showing
+    progress; until its completion marker exists nothing reads it, and an upload that
+    completed is not sent again."""
+    model = tmp_path / "my-model"
+    model.mkdir()
+    for i in range(4):
+        (model / f"shard-{i}.safetensors").write_bytes(bytes([i]) * 1000)
+    spec = qwen(models__qwen7b__source=f"path:{model}")
+    fake, rt = ready(spec)
+    Containers().install(fake, [])
+    fake.deploy(build_app_definition(spec))
+    fake.fail_upload_after = 2
+    with pytest.raises(ModalUnreachable):
+        rt.prepare_model("qwen7b", spec.models["qwen7b"], spec, str(tmp_path))
+    vol = fake.volumes[[v for v in fake.volumes if v.endswith("-models")][0]]
+    assert not [k for k in vol if k.endswith(".complete")] and not [c for c in fake.calls.values()]
+    out = rt.prepare_model("qwen7b", spec.models["qwen7b"], spec, str(tmp_path))
+    assert out.change == "created"
+    (call,) = fake.calls.values()
+    staged = call.payload["spec_dir"].split("/", 2)[2]
+    shards = sorted(k for k in vol if k.startswith(staged + "/"))
+    assert shards == [f"{staged}/my-model/shard-{i}.safetensors" for i in range(4)]
+    assert all(k.startswith(staged) for k in vol if k.startswith("_uploads/"))  # the broken attempt is gone
+    assert "4/4 files" in capsys.readouterr().err
+    uploads = len(fake.ops_named("upload_data"))
+    vol.pop("models/.qwen7b.prepared.json")  # e.g. the preparation itself must run again
+    rt.prepare_model("qwen7b", spec.models["qwen7b"], spec, str(tmp_path))  # prepared again, not uploaded again
+    assert len(fake.ops_named("upload_data")) == uploads
 
 
 def test_service_sandbox_records_its_url_without_the_token() -> None:

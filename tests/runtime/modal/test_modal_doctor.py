@@ -47,7 +47,7 @@ PROBE = (
 def test_doctor_without_a_token_says_so_at_once(tmp_path: Path) -> None:
     """The issue's bound (an answer in under 5 s without a token) holds by construction: no
     token means no `import modal` and no network call. The wall time is measured, not asserted
-    (README: `retool doctor` without credentials)."""
+    (docs/running-on-modal.md: `retool doctor` without credentials)."""
     done = subprocess.run([sys.executable, "-c", PROBE, str(QWEN)], cwd=REPO,
                           env=no_token_env(tmp_path), capture_output=True, text=True, timeout=120)
     text = " ".join((done.stdout + done.stderr).split())
@@ -79,7 +79,8 @@ def test_a_ready_workspace_is_all_ready(workspace: FakeModal, tmp_path: Path) ->
         "volume retool-qwen7b-models": "ready", "state store": "ready", "state lock": "ready",
     }
     assert "retool apply` creates it" in rows["volume retool-qwen7b-data"].detail  # type: ignore[attr-defined]
-    (built,) = workspace.images_built  # eagerly, with no function run
+    (built,) = workspace.images_built  # eagerly, with no function run, in the spec's environment
+    assert workspace.ops_named("build_image_now") == [("build_image_now", load_spec(QWEN).spec.modal.environment or "")]
     assert built[0].args == ["verlai/verl:vllm024.dev2"] and workspace.calls == {} and workspace.deployed == {}
     # the lock was taken and released: nothing is left held
     assert ModalStore.from_spec(load_spec(QWEN).spec, adapter=workspace).lock_info() is None
@@ -89,7 +90,7 @@ def test_doctor_names_what_to_fix(workspace: FakeModal, tmp_path: Path, monkeypa
     del workspace.secrets["wandb"]
     workspace.secrets["huggingface"] = {"HUGGINGFACE_TOKEN": "h"}  # the wrong key
 
-    def failed_build(steps: object) -> str:
+    def failed_build(steps: object, env: str | None = None) -> str:
         raise TerminalError("Image build failed: pip exited with 1", hint="see the build log")
 
     monkeypatch.setattr(workspace, "build_image_now", failed_build)
@@ -148,3 +149,23 @@ def test_plan_carries_the_backends_warnings(workspace: FakeModal, tmp_path: Path
     assert any(w.startswith("image.pip 'flash-attn==2.8.3' has no wheel") for w in plan.warnings)
     clean = refresh_and_plan(load_spec(QWEN), None, ModalRuntime(str(tmp_path), adapter=workspace))
     assert not any("has no wheel" in w for w in clean.warnings)
+
+
+def test_doctor_deploys_the_clustered_functions_in_a_probe_and_says_when_modal_refuses(
+    workspace: FakeModal, tmp_path: Path
+) -> None:
+    """Multi-node clusters are in preview on Modal (access on request): doctor creates the 32B
+    spec's clustered functions in a probe app, stops it again, and names the way to get access."""
+    spec32 = load_spec(REPO / "specs" / "retool-qwen32b.yaml")
+    rows = {r.check: r for r in doctor_rows(spec32, tmp_path / ".retool")}
+    cluster = rows["multi-node clusters"]
+    assert cluster.status == "ready" and "2 x H100:8" in cluster.detail
+    (probe,) = [d for d in workspace.deploys if d.app_name.endswith("-cluster-probe")]
+    assert {fn.name for fn in probe.functions} == {"stage-sft", "stage-grpo", "stage-ppo"}
+    assert probe.app_name not in workspace.deployed and workspace.calls == {}  # stopped; nothing ran
+
+    workspace.clusters_enabled = False
+    refused = {r.check: r for r in doctor_rows(spec32, tmp_path / ".retool")}["multi-node clusters"]
+    assert refused.status == "to fix" and "not enabled" in refused.detail
+    assert "in preview" in refused.fix and "nodes: 1" in refused.fix
+    assert "multi-node clusters" not in rows_by_check(tmp_path)  # the 7B spec has none

@@ -20,9 +20,9 @@ import pytest
 
 from reconciler.errors import TerminalError
 from runtime.modal.adapter import CallNotFound, ModalUnreachable, SdkAdapter, VolumeNotFound
-from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
 from runtime.modal.worker import ContainerSegment
-from tests.fakes.fake_modal import FakeModal, FakeModalError
+from tests.fakes.fake_modal import FakeCall, FakeModal, FakeModalError
 from tests.runtime.modal.test_modal_worker import payload
 
 # --------------------------------------------------------------------------- volumes
@@ -120,9 +120,9 @@ def test_uploading_to_a_missing_volume_raises_volume_not_found() -> None:
     assert "nope" not in fake.volumes  # nothing was created behind the user's back
 
 
-def test_polling_an_unknown_call_id_raises() -> None:
-    with pytest.raises(CallNotFound):
-        FakeModal().poll("fc-404")
+def test_polling_an_unknown_call_id_reports_expired_as_modal_does() -> None:
+    """modal 1.6.4's poll_function: no outputs and no unfinished inputs -> OutputExpiredError."""
+    assert FakeModal().poll("fc-404").state == "expired"
 
 
 def test_gpu_names_are_checked_against_modals_list() -> None:
@@ -197,7 +197,10 @@ def test_sdk_poll_classifies_the_call(sdk: Any, monkeypatch: pytest.MonkeyPatch)
         (exc.InternalFailure("worker preempted"), "lost"),  # GENERIC_STATUS_INTERNAL_FAILURE
         (exc.FunctionTimeoutError("timed out after 86400 s"), "failed"),
         (RuntimeError("verl SFT exited with 1"), "failed"),  # the function's own exception
-        (exc.RemoteError("Function call was cancelled by user"), "cancelled"),
+        (exc.RemoteError("Function call was terminated"), "terminated"),  # GENERIC_STATUS_TERMINATED
+        (exc.ImageBuildError("pip failed", "im-1"), "failed"),  # a RemoteError subclass: not a termination
+        (exc.RemoteError("a message that says cancel"), "terminated"),  # by type, not by the word
+        (RuntimeError("user code: cancelled the plan"), "failed"),
     ]
     for error, state in cases:
         assert outcome_of(sdk, monkeypatch, error, {"outcome": "finished"}).state == state, error
@@ -211,6 +214,10 @@ def test_sdk_poll_errors_by_meaning(sdk: Any, monkeypatch: pytest.MonkeyPatch) -
             outcome_of(sdk, monkeypatch, unreachable)
     with pytest.raises(CallNotFound):
         outcome_of(sdk, monkeypatch, exc.NotFoundError("Function call fc-1 not found"))
+    with pytest.raises(CallNotFound):
+        outcome_of(sdk, monkeypatch, exc.InvalidError("malformed id"))
+    with pytest.raises(ModalUnreachable):  # ConflictError is an InvalidError, but says nothing about the call
+        outcome_of(sdk, monkeypatch, exc.ConflictError("aborted"))
     with pytest.raises(TerminalError) as auth:
         outcome_of(sdk, monkeypatch, exc.AuthError("token revoked"))
     assert "modal token new" in auth.value.hint and not isinstance(auth.value, ModalUnreachable)
@@ -236,3 +243,92 @@ def test_sdk_stats_of_a_function_not_deployed_are_empty(sdk: Any, monkeypatch: p
     stats = adapter.function_stats("retool-x", "stage-sft")
     assert (stats.backlog, stats.runners) == (0, 0)
     assert (FakeModal().function_stats("retool-x", "stage-sft").backlog, 0) == (0, 0)
+
+
+def modal_raises(status: int, message: str = "") -> BaseException:
+    """What modal 1.6.4's own `_process_result` raises for a result with this status and no data."""
+    import asyncio
+
+    from modal._utils.function_utils import _process_result
+    from modal_proto import api_pb2
+
+    result = api_pb2.GenericResult(status=status, exception=message)  # type: ignore[arg-type]
+    try:
+        asyncio.run(_process_result(result, api_pb2.DATA_FORMAT_PICKLE, None, None))
+    except BaseException as exc:  # noqa: BLE001 - the exception is the answer
+        return exc
+    raise AssertionError(f"status {status} raised nothing")
+
+
+def test_fake_call_states_match_what_modals_own_result_processing_raises(sdk: Any) -> None:
+    """Each way a fake call can end polls as the same state as the exception modal's client
+    raises for the GenericResult status Modal's servers send in that case."""
+    from modal_proto import api_pb2
+
+    from runtime.modal.adapter import call_outcome
+
+    status = api_pb2.GenericResult
+    fake = FakeModal()
+    fake.deployed["app"] = AppDefinition(app_name="app", image=[], functions=[])
+
+    def ended(how: Any) -> str:
+        call_id = f"fc-{len(fake.calls) + 1}"
+        fake.calls[call_id] = FakeCall(call_id=call_id, app_name="app", function="f", payload={}, env={})
+        how(call_id)
+        return fake.poll(call_id).state
+
+    cases = [
+        (status.GENERIC_STATUS_TERMINATED, fake.cancel),
+        (status.GENERIC_STATUS_INTERNAL_FAILURE, fake.lose),
+        (status.GENERIC_STATUS_TIMEOUT, lambda c: fake.fail(c, "timed out: 86400 s")),
+    ]
+    for modal_status, how in cases:
+        expected = call_outcome(sdk.exception, modal_raises(modal_status, "x"), "fc-1").state
+        assert ended(how) == expected, modal_status
+    fake.conflicts = 1
+    with pytest.raises(ModalUnreachable):
+        fake.poll("fc-1")
+
+
+def test_sdk_web_url_of_a_function_that_is_no_web_endpoint_is_a_clear_error(
+    sdk: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """modal 1.6.4's `Function.get_web_url()` answers None for a non-web function; the fake agrees."""
+
+    class StubFunction:
+        def get_web_url(self) -> None:
+            return None
+
+    monkeypatch.setattr(sdk.Function, "from_name", staticmethod(lambda *a, **k: StubFunction()))
+    with pytest.raises(TerminalError) as real:
+        SdkAdapter().web_url("retool-x", "sandbox")
+    fake = FakeModal()
+    fake.deployed["retool-x"] = AppDefinition(app_name="retool-x", image=[], functions=[
+        FunctionSpec(name="sandbox", entry="sandbox_web", web=False)])
+    with pytest.raises(TerminalError) as faked:
+        fake.web_url("retool-x", "sandbox")
+    assert real.value.summary == faked.value.summary and "None" not in real.value.summary
+
+
+def test_sdk_image_build_runs_in_the_specs_environment(sdk: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Image.build()` without an app builds in Modal's default environment: doctor's build
+    must run in an app of the spec's `modal.environment`."""
+    seen: dict[str, Any] = {}
+
+    class StubRun:
+        def __init__(self, environment_name: str | None) -> None:
+            seen["environment"] = environment_name
+
+        def __enter__(self) -> str:
+            return "app-in-env"
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(sdk.App, "run", lambda self, **kw: StubRun(kw.get("environment_name")))
+    monkeypatch.setattr(sdk.Image, "build", lambda self, app=None: seen.setdefault("app", app))
+    monkeypatch.setattr(sdk.Image, "object_id", property(lambda self: "im-1"))
+    monkeypatch.setattr(SdkAdapter, "check_connection", lambda self, timeout_s=0: None)
+    steps = [ImageStep(op="from_registry", args=["python:3.12-slim"])]
+    assert SdkAdapter().build_image_now(steps, env="staging") == "im-1"
+    assert seen == {"environment": "staging", "app": "app-in-env"}

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from runtime.modal.app import StagePayload
+from runtime.modal.models import StagePayload
 from runtime.modal.worker import BearerAuth, ContainerSegment, training_commands, with_resume
 from tests.fakes.fake_modal import FakeModal
 
@@ -119,7 +119,7 @@ def test_a_restarted_attempt_resumes_from_the_latest_valid_checkpoint(tmp_path: 
 
 def test_the_end_of_an_attempt_hands_over_to_the_next_segment(tmp_path: Path) -> None:
     fake = FakeModal(call_id_in_container="fc-head")
-    from runtime.modal.app import AppDefinition, FunctionSpec, ImageStep
+    from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
 
     fake.deploy(AppDefinition(app_name="retool-test", image=[ImageStep(op="from_registry", args=["x:1"])],
                               functions=[FunctionSpec(name="stage-sft", entry="run_stage")]))

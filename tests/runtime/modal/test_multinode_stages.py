@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,10 +15,12 @@ from reconciler.backend import StageContext
 from reconciler.loader import parse_spec_text
 from reconciler.spec import Spec
 from runtime.local.backend import LocalRuntime
-from runtime.modal.app import build_app_definition, stage_function_name
+from runtime.modal.layout import stage_function_name
+from runtime.modal.app import build_app_definition
 from runtime.modal.backend import ModalRuntime
 from runtime.verl.common import compose_config
 from tests.fakes.fake_modal import FakeModal
+from tests.plan_helpers import qwen
 
 REPO = Path(__file__).resolve().parents[3]
 SPEC_32B = REPO / "specs" / "retool-qwen32b.yaml"
@@ -121,3 +124,37 @@ def test_the_real_sdk_registers_each_multi_node_stage_as_a_cluster_offline(monke
         assert (cluster.size, cluster.rdma) == (2, True) and functions[name]._spec.gpus == "H100:8"
     assert functions["prepare"]._function_info.cluster_info is None
     assert functions["finalize"]._function_info.cluster_info is None
+
+
+def test_h100_clusters_get_efa_as_modals_guide_sets_it_and_the_spec_can_turn_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`modal.efa: auto` (the default) enables EFA on clustered H100 functions, with its system
+    libraries in the image; single-node functions never get it; `off`/`on` override."""
+    import modal
+
+    from runtime.modal.adapter import SdkAdapter
+
+    spec = spec_32b()
+    d = build_app_definition(spec)
+    efa = {fn.name for fn in d.functions if fn.efa}
+    assert efa == {stage_function_name(n) for n in ("sft", "grpo", "ppo")}
+    (apt,) = [s for s in d.image if s.op == "apt_install"]
+    assert {"libhwloc15", "libnl-route-3-200"} <= set(apt.args)
+    assert d.image.index(apt) < min(i for i, s in enumerate(d.image) if s.op.endswith("pip_install"))
+
+    seen: dict[str, Any] = {}
+    original = modal.App.function
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen[kwargs["name"]] = kwargs.get("experimental_options")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.setattr(modal.App, "function", spy)
+    SdkAdapter().build_app(d)
+    assert seen["stage-grpo"] == {"efa_enabled": True} and seen["prepare"] is None
+
+    off = build_app_definition(spec.model_copy(update={"modal": spec.modal.model_copy(update={"efa": "off"})}))
+    assert not any(fn.efa for fn in off.functions) and not any(s.op == "apt_install" for s in off.image)
+    assert not any(fn.efa for fn in build_app_definition(qwen()).functions)  # 7B: one node per stage

@@ -14,25 +14,44 @@ import pytest
 
 from reconciler.spec import Spec
 from reconciler.backend import StageContext
-from runtime.verl.common import CPU_PLATFORM_MODULE, CPU_PLATFORM_NAME, StagePaths
+from runtime.verl.common import StagePaths
 from runtime.verl.sft import render_merge, render_sft
 from tests.local_helpers import free_port, tiny_model, write_sft_parquet
 
-CPU_ENV = {
-    "VERL_USE_EXTERNAL_MODULES": CPU_PLATFORM_MODULE, "VERL_PLATFORM": CPU_PLATFORM_NAME, "VERL_ENGINE_DEVICE": "cuda",
-}
+
+def tiny_sft_spec() -> Spec:
+    return Spec.model_validate({
+        "name": "cpu-test",
+        "datasets": {"train": {"source": "path:x.jsonl", "format": "messages"}},
+        "models": {"tiny": {"source": "builtin:tiny-qwen2"}},
+        "stages": {"sft": {
+            "kind": "sft", "model": "model.tiny", "train": "dataset.train", "resources": {"processes_per_node": 1},
+            "max_length": 512, "train_batch_size": 8, "micro_batch_size_per_gpu": 8, "epochs": 1,
+            "optim": {"lr": 3e-3}, "ulysses_sequence_parallel_size": 1, "save_freq": 2,
+        }},
+    })
+
+
+def rendered_cpu_env() -> dict[str, str]:
+    """The verl selectors (VERL_*) of the environment render_sft gives a CPU run."""
+    ctx = StageContext(spec=tiny_sft_spec(), spec_dir="/unused", stage="sft", restart_id="d4" * 32, total_steps=3,
+                       inputs={"dataset.train": {"path": "/unused/train.parquet"}, "model.tiny": {"path": "/unused/m"}})
+    cmd = render_sft(ctx, StagePaths(stage_dir="/unused/c", ckpt_dir="/unused/c", merged_dir="/unused/m"), cpu=True)
+    return {k: v for k, v in cmd.env.items() if k.startswith("VERL_")}
 
 
 def test_normalize_backend_only_collapses_the_cpu_pair():
-    from runtime.verl.cpu_platform import PLATFORM_NAME, normalize_backend
+    from runtime.verl.cpu_platform import normalize_backend
 
-    assert PLATFORM_NAME == CPU_PLATFORM_NAME
     assert normalize_backend("cpu:gloo,cpu:gloo") == "gloo"
     assert normalize_backend("cpu:gloo,cuda:nccl") == "cpu:gloo,cuda:nccl"
     assert normalize_backend("nccl") == "nccl" and normalize_backend(None) is None
 
 
 def test_verl_selects_the_platform_in_a_fresh_process():
+    """With the VERL_* variables retool renders for a CPU run (module, platform name, engine
+    device), verl itself picks the CPU platform: the names the renderer writes are the ones the
+    platform module registers."""
     probe = textwrap.dedent("""
         import json, torch, torch.distributed as dist
         import verl
@@ -52,7 +71,7 @@ def test_verl_selects_the_platform_in_a_fresh_process():
         }))
         dist.destroy_process_group()
     """)
-    env = {**os.environ, **CPU_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    env = {**os.environ, **rendered_cpu_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     done = subprocess.run([sys.executable, "-c", probe], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -65,16 +84,7 @@ def test_verl_selects_the_platform_in_a_fresh_process():
 def test_three_sft_steps_on_cpu_through_the_rendered_command(tmp_path: Path):
     model = tiny_model()
     train = write_sft_parquet(tmp_path / "data", rows=48)
-    spec = Spec.model_validate({
-        "name": "cpu-test",
-        "datasets": {"train": {"source": "path:x.jsonl", "format": "messages"}},
-        "models": {"tiny": {"source": "builtin:tiny-qwen2"}},
-        "stages": {"sft": {
-            "kind": "sft", "model": "model.tiny", "train": "dataset.train", "resources": {"processes_per_node": 1},
-            "max_length": 512, "train_batch_size": 8, "micro_batch_size_per_gpu": 8, "epochs": 1,
-            "optim": {"lr": 3e-3}, "ulysses_sequence_parallel_size": 1, "save_freq": 2,
-        }},
-    })
+    spec = tiny_sft_spec()
     ctx = StageContext(spec=spec, spec_dir=str(tmp_path), stage="sft", restart_id="d4" * 32, total_steps=3,
                        inputs={"dataset.train": {"path": str(train)}, "model.tiny": {"path": str(model)}})
     ckpt = tmp_path / "ckpt"

@@ -4,7 +4,7 @@
 (`--cfg job --resolve`: the values verl will read, defaults included). Every effective value of
 the recipe's scripts (recipe_reference/qwen2_7b.yaml) must be there, or be listed in
 runtime.verl.recipe.differences with its reason; every flag retool renders must be the
-recipe's or listed; and the README's table must be that list. The 32B spec's rendered flags
+recipe's or listed; and the table in docs/fidelity.md must be that list. The 32B spec's rendered flags
 are checked the same way against the 32B scripts (recipe_reference/qwen2_32b.yaml), without
 composing (its defaults are the 7B scripts' and are checked above).
 """
@@ -92,8 +92,8 @@ def rendered_keys(command: dict[str, Any]) -> dict[str, Any]:
     return {o.key_or_group: o.value() for o in parsed}
 
 
-def listed(stage: str, scope: str = "7b") -> dict[str, Difference]:
-    return {d.recipe_key: d for d in by_stage(stage, scope) if d.recipe_key}  # type: ignore[arg-type, misc]
+def listed(stage: str, scope: str = "7b", name: str | None = None) -> dict[str, Difference]:
+    return {d.recipe_key: d for d in by_stage(stage, scope, name) if d.recipe_key}  # type: ignore[arg-type, misc]
 
 
 def mismatches(recipe: dict[str, Any], value_of: Any, differences: dict[str, Difference]) -> list[str]:
@@ -137,8 +137,8 @@ def test_32b_flags_are_the_recipes_or_listed(name: str, stage: str, rendered_32b
     reference = REFERENCE_32B[name]
     recipe = {**reference.get("defaults", {}), **reference["set"]}
     ours = rendered_keys(rendered_32b[name])
-    problems = mismatches(recipe, lambda key: ours.get(key, MISSING), listed(stage, "32b"))
-    known = set(recipe) | set(effective(stage)) | {d.key for d in by_stage(stage, "32b") if d.key}  # type: ignore[arg-type]
+    problems = mismatches(recipe, lambda key: ours.get(key, MISSING), listed(stage, "32b", name))
+    known = set(recipe) | set(effective(stage)) | {d.key for d in by_stage(stage, "32b", name) if d.key}  # type: ignore[arg-type]
     problems += [f"{k}: rendered, but neither the recipe's nor in DIFFERENCES" for k in sorted(ours) if k not in known]
     assert not problems, "\n".join(problems)
     if name == "sft":
@@ -190,9 +190,9 @@ def test_entries_name_real_flags_and_options(
             assert d.key and d.key.startswith("recipe.") and d.key.split(".", 1)[1] in RecipeOptions.model_fields
 
 
-def test_the_readme_holds_the_differences_table() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "README's 'Differences from the official recipe' table is stale: paste markdown_table()"
+def test_the_docs_hold_the_differences_table() -> None:
+    page = (ROOT / "docs" / "fidelity.md").read_text()
+    assert markdown_table() in page, "docs/fidelity.md's 'Differences from the official recipe' table is stale: paste markdown_table()"
 
 
 def test_tool_schema_and_limits_are_the_recipes() -> None:
