@@ -1,10 +1,10 @@
-"""Small arithmetic problems with verifiable integer answers, made to be solved with the tool.
+"""Small arithmetic and algebra word problems with verifiable integer answers.
 
 The builtin datasets (`builtin:tiny_sft`, `builtin:tiny_math`) and the tool-call check's
 held-out prompts all draw from here. The problems are deliberately regular (a handful of
-templates, one fixed phrase before the call, and code that is always `print(<the flat
-expression the problem states>)` with no parentheses inside) so that a model of a few
-hundred thousand parameters learns to use the tool in minutes of CPU training.
+templates, one fixed phrase before the call, and code that is always `print(<flat
+expression>)` with no nested parentheses) so that a model of a few
+hundred thousand parameters learns the tool-call format in minutes of CPU training.
 
 Held-out problems are disjoint from training problems by construction: a problem belongs
 to the held-out bucket when its text hashes into it (`is_heldout`), and the training
@@ -37,32 +37,77 @@ class Problem(BaseModel):
     answer: int
 
 
-# Each problem states its computation as a flat Python expression, asked in one of a few
-# phrasings; the solution's code prints exactly that expression. A tiny model can learn to
-# copy the expression into the call and the printed result into `\boxed{}` in minutes of
-# CPU training, while the result itself (products and remainders of 3-4 digit numbers) is
-# beyond what it could compute or memorise: it solves these with the tool or not at all.
-PHRASINGS: tuple[str, ...] = ("Compute {}.",)
+def _sum_then_product(rng: random.Random) -> Problem:
+    a, b, c = rng.randint(2, 99), rng.randint(2, 20), rng.randint(2, 20)
+    return Problem(template="expr", text=f"What is {a} + {b} * {c}?", code=f"print({a} + {b} * {c})", answer=a + b * c)
 
 
-def _problem(rng: random.Random, template: str, expression: str, answer: int) -> Problem:
-    text = rng.choice(PHRASINGS).format(expression)
-    return Problem(template=template, text=text, code=f"print({expression})", answer=answer)
+def _boxes(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 60), rng.randint(2, 30)
+    return Problem(
+        template="boxes", text=f"A box holds {a} pens. How many pens are in {b} boxes?",
+        code=f"print({a} * {b})", answer=a * b,
+    )
 
 
-def _sum(rng: random.Random) -> Problem:
-    b = rng.randint(100, 999)
-    a = rng.randint(1000, 9999 - b)
-    return _problem(rng, "sum", f"{a} + {b}", a + b)
+def _coins(rng: random.Random) -> Problem:
+    b = rng.randint(2, 90)
+    a = b + rng.randint(1, 400)
+    return Problem(
+        template="coins", text=f"Sam has {a} coins and spends {b} of them. How many coins are left?",
+        code=f"print({a} - {b})", answer=a - b,
+    )
 
 
-def _difference(rng: random.Random) -> Problem:
-    b = rng.randint(100, 999)
-    a = rng.randint(1000 + b, 9999)
-    return _problem(rng, "difference", f"{a} - {b}", a - b)
+def _remainder(rng: random.Random) -> Problem:
+    a, b = rng.randint(100, 9999), rng.randint(3, 19)
+    return Problem(
+        template="remainder", text=f"What is the remainder when {a} is divided by {b}?",
+        code=f"print({a} % {b})", answer=a % b,
+    )
 
 
-TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (_sum, _difference)
+def _orchard(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 30), rng.randint(2, 30)
+    c = rng.randint(1, a * b - 1)
+    return Problem(
+        template="orchard", text=f"A farm has {a} rows of {b} trees and {c} trees are cut down. How many trees are left?",
+        code=f"print({a} * {b} - {c})", answer=a * b - c,
+    )
+
+
+def _linear(rng: random.Random) -> Problem:
+    x, b = rng.randint(1, 500), rng.randint(1, 500)
+    return Problem(
+        template="linear", text=f"Solve for x: x + {b} = {x + b}.", code=f"print({x + b} - {b})", answer=x,
+    )
+
+
+def _scaled(rng: random.Random) -> Problem:
+    a, x = rng.randint(2, 19), rng.randint(2, 99)
+    return Problem(
+        template="scaled", text=f"Solve for x: {a}*x = {a * x}.", code=f"print({a * x} // {a})", answer=x,
+    )
+
+
+def _square(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 99), rng.randint(1, 99)
+    return Problem(
+        template="square", text=f"What is {a} squared minus {b}?", code=f"print({a} ** 2 - {b})", answer=a * a - b
+    )
+
+
+def _multiples(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 19), rng.randint(50, 999)
+    return Problem(
+        template="multiples", text=f"How many multiples of {a} are there from 1 to {b}?",
+        code=f"print({b} // {a})", answer=b // a,
+    )
+
+
+TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
+    _sum_then_product, _boxes, _coins, _remainder, _orchard, _linear, _scaled, _square, _multiples,
+)
 
 
 def is_heldout(text: str) -> bool:
