@@ -145,7 +145,8 @@ def world(stage: SFTStage | RLStage) -> tuple[int, int]:
 
 def fsdp_strategy(*, cpu: bool) -> str:
     """verl's FSDP strategy for every role of a stage: the recipe's `fsdp` (FSDP1, also verl
-    0.9.1's default) on GPUs; `fsdp2` on CPU, where FSDP1's sharding fails under gloo."""
+    0.9.1's default) on GPUs; `fsdp2` on CPU, because torch's FSDP1 refuses CPU parameters
+    (verl wraps with `sync_module_states=True`, which needs them on an accelerator)."""
     return "fsdp2" if cpu else "fsdp"
 
 
