@@ -21,7 +21,7 @@ from pydantic import Field
 
 from reconciler.records import Frozen
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import RunHandle
+from reconciler.state.base import RunHandle, WandbRun
 
 Change = Literal["created", "unchanged", "updated"]
 
@@ -46,6 +46,7 @@ class RunStatus(Frozen):
     elapsed_s: float | None = None
     sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} (SFT) / {"reward": ...} (RL)
     wandb_url: str | None = None
+    wandb: WandbRun | None = None  # the run's W&B run: URL online, folders and `wandb sync` offline
 
 
 class Checkpoint(Frozen):

@@ -57,13 +57,14 @@ from reconciler.spec import (
     Spec,
     Volume,
 )
-from reconciler.state.base import LocalRun, RunHandle
+from reconciler.state.base import LocalRun, RunHandle, WandbRun
 from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime.local import runs
 from runtime import metrics as met
 from runtime import processes as procs
+from runtime import tracking
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from runtime.local.finalize import finalize_run
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
@@ -101,6 +102,12 @@ class LocalRuntime:
     def stage_paths(self, spec: Spec, stage: str, restart_id: str) -> StagePaths:
         run_dir = self.stage_root(spec, stage) / ckpts.restart_dir_name(restart_id)
         return StagePaths(stage_dir=str(run_dir), ckpt_dir=str(run_dir), merged_dir=str(run_dir / "merged"))
+
+    def wandb_run(self, spec: Spec, stage: str, restart_id: str) -> WandbRun | None:
+        """The W&B run of a stage's run: online when WANDB_API_KEY is in this environment
+        (the trainer inherits it), else offline into the run directory (runtime.tracking)."""
+        key = bool(os.environ.get(tracking.API_KEY_ENV)) or tracking.key_declared(spec, stage)
+        return tracking.wandb_run(spec, stage, restart_id, key_available=key)
 
     def use_cpu(self) -> bool:
         forced = os.environ.get(DEVICE_ENV, "").strip().lower()
@@ -286,10 +293,11 @@ class LocalRuntime:
     def _train_commands(self, ctx: StageContext, paths: StagePaths, *, sandbox_url: str | None) -> list[RenderedCommand]:
         stage = ctx.spec.stages[ctx.stage]
         cpu = self.use_cpu()
+        wandb_key = bool(os.environ.get(tracking.API_KEY_ENV))  # the trainer inherits this environment
         # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
         attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
         if isinstance(stage, SFTStage):
-            return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn)]
+            return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn, wandb_key=wandb_key)]
         if isinstance(stage, EvalStage):
             from runtime.eval.render import eval_command
 
@@ -306,6 +314,7 @@ class LocalRuntime:
             )
         return list(render_rl(
             ctx, sandbox_url=sandbox_url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage), attn_implementation=attn,
+            wandb_key=wandb_key,
         ))
 
     @staticmethod
@@ -367,6 +376,7 @@ class LocalRuntime:
             ),
             stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id, command=planned[-1].argv,
             total_steps=ctx.total_steps, resume_from=ctx.resume_from,
+            wandb=self.wandb_run(ctx.spec, ctx.stage, ctx.restart_id),
         )
         runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
         return handle

@@ -25,6 +25,8 @@ from runtime.atomic import write_json
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
+from runtime import tracking
+from runtime.local.runs import read_active
 from reconciler.backend import Checkpoint, Outcome, StageContext
 from runtime.verl.common import StagePaths
 from runtime.verl.sft import render_merge
@@ -63,6 +65,10 @@ def finalize_run(
     url = latest_wandb_url(logs_dir, ctx.stage, ctx.restart_id)
     if url:
         outputs["wandb_url"] = url
+    launched = read_active(Path(paths.stage_dir))
+    run = tracking.observed_local(launched.wandb if launched else None, paths.stage_dir, url)
+    if run is not None:  # for `status` and `report` (not part of the output identity either)
+        outputs["wandb"] = run.model_dump(mode="json")
     message = f"merged step {checkpoint.step} into {merged}"
     if isinstance(stage, SFTStage) and stage.tool_call_check is not None:
         check = stage.tool_call_check

@@ -34,6 +34,7 @@ from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
 from reconciler.state.base import ModalRun, RunHandle
 from runtime import checkpoints as ckpts
+from runtime import tracking
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, RunStatus, StageContext
 from reconciler.steps import segments_for
 from runtime.modal import launches
@@ -389,6 +390,11 @@ class ModalRuntime:
             ),
             stage=stage, kind=definition.kind, restart_id=restart_id, started_at=started, command=list(argv),
             total_steps=total, reattached=reattached,
+            # The key reaches the container only through the stage's secrets (else offline, on the volume).
+            wandb=tracking.observed_on_volume(
+                tracking.wandb_run(spec, stage, restart_id, key_available=tracking.key_declared(spec, stage)),
+                self._stage_volume(spec, stage), self._rel(stage, restart_id), spec.modal.environment,
+            ),
         )
 
     def _running_call(self, spec: Spec, stage: str, restart_id: str) -> RunHandle | None:
@@ -479,7 +485,7 @@ class ModalRuntime:
         if rate is not None:
             metrics["cost_usd"] = round(active * gpus / 3600 * float(rate), 4)
         common = dict(step=step, total=total, elapsed_s=active or None, metrics=metrics,
-                      log_tail=list(progress.get("log_tail") or [])[-20:])
+                      log_tail=list(progress.get("log_tail") or [])[-20:], wandb=handle.wandb)
         where = f"segment {segment}" + (f", step {step}/{total}" if step is not None else "")
         if outcome.state == "running":
             nodes = liveness_text(progress.get("ranks"), self.clock(), updated_at=progress.get("updated_at"))
