@@ -76,6 +76,9 @@ def wandb_env(run: WandbRun | None, stage: str, kind: str, wandb_dir: str) -> di
         "WANDB_RUN_GROUP": run.group,
         "WANDB_JOB_TYPE": kind,
         "WANDB_DIR": wandb_dir,
+        # wandb writes its `.wandb` file every 15 s by default; a run killed mid-way would lose
+        # the steps since, which the resumed run does not log again (it continues after its checkpoint).
+        "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "1",
     }
     if run.mode == "offline":
         env["WANDB_MODE"] = "offline"

@@ -109,7 +109,7 @@ def test_offline_wandb_run_resumes_under_one_id_and_holds_the_status_metrics(tmp
 
         handle = wait_for("stage.sft to be recorded running", running)["run"]
         log = Path(handle["ref"]["log_path"])
-        past_checkpoint = f"step:{SAVE + 2} "
+        past_checkpoint = f"step:{SAVE + 3} "
         wait_for("a step after the first checkpoint", lambda: past_checkpoint in log.read_text(errors="replace"))
         # Kill the stage mid-run: apply first (so it cannot record the end), then the whole run.
         os.kill(apply.pid, signal.SIGKILL)

@@ -108,6 +108,7 @@ def test_wandb_run_is_one_per_restart_identity_and_offline_without_a_key():
     assert first["WANDB_MODE"] == "offline" and "WANDB_MODE" not in online
     assert first["WANDB_RUN_ID"] == resumed["WANDB_RUN_ID"] == online["WANDB_RUN_ID"] != other["WANDB_RUN_ID"]
     assert first["WANDB_RUN_ID"].startswith("render-test-sft-") and first["WANDB_RESUME"] == "allow"
+    assert first["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] == "1"  # a killed run keeps its steps on disk
     assert (first["WANDB_RUN_GROUP"], first["WANDB_JOB_TYPE"], first["WANDB_DIR"]) == ("render-test", "sft", PATHS.stage_dir)
     assert "WANDB_MODE" not in render_sft(ctx_for(make_spec()), PATHS, cpu=True).env  # the `wandb` secret has the key
     forced = render_sft(ctx_for(make_spec(secrets=[], env={"WANDB_MODE": "online"})), PATHS, cpu=True).env
