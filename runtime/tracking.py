@@ -14,7 +14,7 @@ so retool steers it through what wandb.init reads from the environment (docs/wan
   in the stage's `env` wins.
 
 The spec name, stage address and restart identity also go into the run's config: verl passes
-its hydra config to wandb.init, and `+retool.*` overrides add them there.
+its hydra config to wandb.init, and one `+retool={spec,stage,restart_id}` override adds them there.
 
 Pure and cheap to import (no wandb, no verl): render, status and the Modal backend use it.
 """
@@ -89,10 +89,8 @@ def identity_overrides(ctx: StageContext) -> list[str]:
     """Hydra overrides that put the run's identity into its W&B config (verl logs its config)."""
     if not logs_to_wandb(ctx.spec, ctx.stage):
         return []
-    return [
-        f"+retool.spec={_quoted(ctx.spec.name)}", f"+retool.stage=stage.{ctx.stage}",
-        f"+retool.restart_id={ctx.restart_id}",
-    ]
+    identity = f"spec:{_quoted(ctx.spec.name)},stage:stage.{ctx.stage},restart_id:'{ctx.restart_id}'"
+    return ["+retool={" + identity + "}"]
 
 
 def _quoted(text: str) -> str:
