@@ -38,7 +38,7 @@ from reconciler.records import Frozen
 from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
 from reconciler.graph import KIND_RANK, PREPARATION_KEY, Graph, Node, address_kind, build_graph, sort_key
 from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
-from reconciler.state.base import NodeRecord, State
+from reconciler.state.base import NodeRecord, State, WandbRun
 from reconciler.steps import Estimate, add, estimate, stage_total_steps, with_basis
 
 __all__ = [
@@ -65,6 +65,7 @@ class ObservedNode(Frozen):
     metrics: dict[str, float] = Field(default_factory=dict)  # the running run's latest (RunStatus.metrics)
     sparklines: dict[str, str] = Field(default_factory=dict)
     wandb_url: str | None = None
+    wandb: WandbRun | None = None
 
 
 class Observed(Frozen):

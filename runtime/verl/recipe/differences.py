@@ -45,6 +45,8 @@ class Difference(BaseModel):
 _PATHS = "Paths: retool's volumes (prepared data, models, one checkpoint directory per restart identity)."
 _SEED = ("Seeds: the spec's one `seed` (default 42) drives data order, mini-batch shuffling, FSDP init and "
          "sampling; the recipe leaves verl 0.6.1's defaults.")
+_WANDB = ("Logging only: the run's identity in its W&B config, and one W&B run per restart identity that every "
+          "resume and segment continues, offline without `WANDB_API_KEY` (docs/wandb.md).")
 _FSDP2 = ("FSDP2 for every role and stage: FSDP1 fails on CPU and one strategy keeps checkpoints alike; verl "
           "0.9.1 recommends FSDP2.")
 
@@ -106,6 +108,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                recipe="`wuxibin-multiturn-sft`", ours="`retool`", reason="Naming only (the recipe author's W&B project)."),
     Difference(stage="sft", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`multiturn-sft-qwen-2.5-7b-instruct`", ours="`qwen7b-sft`", reason="Naming only."),
+    Difference(stage="sft", kind="added", key="retool", recipe="(a new W&B run per launch)",
+               ours="`{spec, stage, restart_id}`; W&B run id, group and resume set through `WANDB_*`",
+               reason=_WANDB),
     Difference(stage="sft", kind="changed", recipe_key="trainer.seed", key="trainer.seed",
                recipe="`1` (default; unread by the 0.6.1 SFT trainer)", ours="`42`", reason=_SEED),
     Difference(stage="sft", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
@@ -177,6 +182,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                       "64 (~3.5k at 512); the spec caps it, the 32B ones at the steps the recipe's README reports."),
     Difference(stage="rl", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`qwen2.5-7b_dapo`", ours="`qwen7b-dapo`", reason="Naming only."),
+    Difference(stage="rl", kind="added", key="retool", recipe="(a new W&B run per launch)",
+               ours="`{spec, stage, restart_id}`; W&B run id, group and resume set through `WANDB_*`",
+               reason=_WANDB),
     Difference(stage="rl", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
                recipe="`$DATA_ROOT/checkpoint/<experiment>`", ours="`/checkpoints/<stage>/<restart id>`",
                reason=_PATHS),
