@@ -50,6 +50,8 @@ CHOICE = "A choice, not forced: "
 _PATHS = "Paths: retool's volumes (prepared data, models, one checkpoint directory per restart identity)."
 _SEED = (CHOICE + "the spec's one `seed` (default 42) drives data order, mini-batch shuffling, FSDP init and "
          "sampling, so a run is repeatable from the spec alone; the recipe leaves verl 0.6.1's defaults.")
+_WANDB = ("Logging only: the run's identity in its W&B config, and one W&B run per restart identity that every "
+          "resume and segment continues, offline without `WANDB_API_KEY` (docs/wandb.md).")
 
 DIFFERENCES: tuple[Difference, ...] = (
     # ------------------------------------------------------------------ SFT
@@ -103,6 +105,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                recipe="`wuxibin-multiturn-sft`", ours="`retool`", reason="Naming only (the recipe author's W&B project)."),
     Difference(stage="sft", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`multiturn-sft-qwen-2.5-7b-instruct`", ours="`qwen7b-sft`", reason="Naming only."),
+    Difference(stage="sft", kind="added", key="retool", recipe="(a new W&B run per launch)",
+               ours="`{spec, stage, restart_id}`; W&B run id, group and resume set through `WANDB_*`",
+               reason=_WANDB),
     Difference(stage="sft", kind="changed", recipe_key="trainer.seed", key="trainer.seed",
                recipe="`1` (default; unread by the 0.6.1 SFT trainer)", ours="`42`", reason=_SEED),
     Difference(stage="sft", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
@@ -200,6 +205,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                       "the ReTool paper's 32B result (AIME 2024 67.0% after 400 RL steps), not a 7B measurement."),
     Difference(stage="rl", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`qwen2.5-7b_dapo`", ours="`qwen7b-dapo`", reason="Naming only."),
+    Difference(stage="rl", kind="added", key="retool", recipe="(a new W&B run per launch)",
+               ours="`{spec, stage, restart_id}`; W&B run id, group and resume set through `WANDB_*`",
+               reason=_WANDB),
     Difference(stage="rl", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
                recipe="`$DATA_ROOT/checkpoint/<experiment>`", ours="`/checkpoints/<stage>/<restart id>`",
                reason=_PATHS),
@@ -265,8 +273,8 @@ DIFFERENCES: tuple[Difference, ...] = (
                     "(`sandbox.placement: sidecar`; `service` runs it as its own endpoint)",
                reason="What the model sees is the same (the tool's requests, limits and replies are tested identical "
                       "through a real sandbox); code runs on the trainer container's CPUs, beside the agent-loop "
-                      "workers, with no network hop. Its throughput and latency under the stage's load are measured "
-                      "in docs/sandbox-load.md."),
+                      "workers, with no network hop. The sidecar's throughput and queueing under the stage's load are "
+                      "measured in docs/sandbox-load.md (SandboxFusion's own server was not run beside it)."),
     Difference(stage="rl", kind="option", key="recipe.lenient_fences", recipe="only ```` ```python ```` fences",
                ours="`false`: the same",
                reason="`true` also runs the first ```` ```py ```` or bare ```` ``` ```` block when there is no "

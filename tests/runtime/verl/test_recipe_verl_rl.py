@@ -81,6 +81,7 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert "critic_warmup" in trainer and cfg["critic"]["enable"] is None  # GRPO: no critic rendered
     assert "reward_kwargs" not in cfg["reward"]["custom_reward_function"]  # the recipe's reward, unparameterised
     assert env["RETOOL_TOOL_LENIENT_FENCES"] == "false"
+    assert env["RETOOL_TOOL_QUEUE_TIMEOUT_S"] == "300.0"  # the spec's tool.queue_timeout_s default
     assert VALUE_MODEL_MODULE not in env["VERL_USE_EXTERNAL_MODULES"] and ENV_VALUE_MODEL_ATTN not in env
     assert cfg["reward"]["custom_reward_function"] == {"path": "pkg://runtime.verl.recipe.reward", "name": "compute_score"}
     assert trainer["total_training_steps"] == 2 and trainer["save_freq"] == 1
