@@ -1,11 +1,12 @@
 """What docs/fidelity.md says verl 0.9.1's code forces, checked against verl 0.9.1 itself.
 
-The recipe ran verl 0.6.1; no flag of 0.9.1 restores two of its behaviours, so they are listed
+The recipe ran verl 0.6.1; no flag of 0.9.1 restores three of its behaviours, so they are listed
 as `behaviour` rows of runtime.verl.recipe.differences. These tests pin what those rows claim:
 the RL `token-mean` is one token mean over the mini-batch (0.6.1: each micro-batch's mean,
 scaled by its share of the mini-batch's sequences), and the tool agent loop's token merge puts
 the chat template's newline after the model's `<|im_end|>` and nothing else differs from 0.6.1's
-concatenation. If a verl upgrade changes either, these fail and the rows must be rewritten.
+concatenation; and the SFT loss is one token mean over the step (0.6.1: per micro-batch, then
+averaged). If a verl upgrade changes any of them, these fail and the rows must be rewritten.
 """
 
 from __future__ import annotations
@@ -45,6 +46,33 @@ def test_token_mean_is_one_mean_over_the_mini_batch() -> None:
     (new_grad,) = torch.autograd.grad(ours, long_loss)
     (old_grad,) = torch.autograd.grad(_old_token_mean(micro, mini_batch_size=4), long_loss)
     assert torch.isclose(new_grad.sum(), torch.tensor(12 / 21)) and torch.isclose(old_grad.sum(), torch.tensor(1 / 4))
+
+
+def test_sft_loss_is_one_token_mean_over_the_step() -> None:
+    """verl 0.9.1's SFT loss, summed over a step's micro-batches, is the mean over all their
+    loss tokens; 0.6.1 averaged each micro-batch and then the micro-batches
+    (`data.balance_dp_token: false`), so the short micro-batch's tokens weighed more."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import sft_loss
+
+    gen = torch.Generator().manual_seed(0)
+    micro = []
+    for lengths in ([4, 3], [20, 18]):  # two micro-batches of 2 rows: short, then long
+        log_probs = torch.nested.nested_tensor([-torch.rand(n, generator=gen) for n in lengths], layout=torch.jagged)
+        # every token in the loss, so verl's left shift of the mask changes nothing
+        mask = torch.nested.nested_tensor([torch.ones(n, dtype=torch.long) for n in lengths], layout=torch.jagged)
+        micro.append((log_probs, mask))
+    total = sum(int(m.values().sum()) for _, m in micro)
+    ours = torch.zeros(())
+    for log_probs, mask in micro:
+        data = TensorDict({"loss_mask": mask}, batch_size=[2])
+        tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=total)
+        loss, _ = sft_loss(None, {"log_probs": log_probs}, data)
+        ours = ours + loss
+    every_token = -torch.cat([lp.values() for lp, _ in micro]).mean()
+    old = torch.stack([-lp.values().mean() for lp, _ in micro]).mean()
+    assert torch.allclose(ours, every_token) and not torch.allclose(ours, old)
 
 
 def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]], *, generation_prompt: bool) -> list[int]:
