@@ -3,10 +3,10 @@
 The recipe ran verl 0.6.1; no flag of 0.9.1 restores three of its behaviours, so they are listed
 as `behaviour` rows of runtime.verl.recipe.differences. These tests pin what those rows claim:
 the RL `token-mean` is one token mean over the mini-batch (0.6.1: each micro-batch's mean,
-scaled by its share of the mini-batch's sequences), and the tool agent loop's token merge puts
-the chat template's newline after the model's `<|im_end|>` and nothing else differs from 0.6.1's
-concatenation; and the SFT loss is one token mean over the step (0.6.1: per micro-batch, then
-averaged). If a verl upgrade changes any of them, these fail and the rows must be rewritten.
+scaled by its share of the mini-batch's sequences); the SFT loss is one token mean over the
+step (0.6.1: per micro-batch, then averaged); and the tool agent loop's token merge puts the
+chat template's newline after the model's `<|im_end|>`, nothing else differing from 0.6.1's
+concatenation. If a verl upgrade changes any of them, these fail and the rows must be rewritten.
 """
 
 from __future__ import annotations
