@@ -406,7 +406,7 @@ class _Planner:
                 draft.notes.append(
                     f"retool prepares format {node.config.get('format')} differently since this was prepared "
                     f"(revision {rec.config.get(PREPARATION_KEY, 1)} → {node.config.get(PREPARATION_KEY, 1)}): "
-                    "prepared again, so what consumes it sees the current tool schema")
+                    "prepared again, so what consumes it sees the rows retool writes now")
             if run_state == "running":
                 draft.notes.append("cancels the running attempt first")
             return draft

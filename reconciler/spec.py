@@ -237,9 +237,13 @@ class Sandbox(SpecModel):
 # What retool's preparation writes for a format, by revision: a bump re-prepares every dataset
 # of that format (and reruns what consumed it), so data rendered by older code (another tool
 # schema, other fences) never meets a newer RL stage. 1, the first, is implied. The SFT formats
-# embed the tool schema the model is trained on; 2: the recipe's schema and fences (issue 10).
+# embed the tool schema the model is trained on; 2: the recipe's schema (issue 10); retool_sft 3:
+# the recipe's fence rule (only a ```python fence unwrapped; `lenient_fences` for more). The RL
+# formats 2: the ground truth is `str(answer)`, unstripped, as the recipe writes it.
 # tests/runtime/data/test_preparation_revisions.py pins what each revision writes.
-PREPARATION_REVISIONS: dict[str, int] = {"retool_sft": 2, "messages": 2}
+PREPARATION_REVISIONS: dict[str, int] = {
+    "retool_sft": 3, "messages": 2, "dapo_math": 2, "aime_2024": 2, "aime_2025": 2, "rl": 2,
+}
 
 
 class Dataset(SpecModel):
@@ -261,11 +265,22 @@ class Dataset(SpecModel):
     expected_rows: int | None = F(
         None, policy="update", ge=1, description="Row count used for estimates before the data exists."
     )
+    lenient_fences: bool = F(
+        False, policy="restart",
+        description="Format retool_sft: unwrap the first ```python, ```py or bare ``` fence of each <code> block and "
+        "strip the code (the recipe unwraps and strips only a ```python block and keeps other code verbatim).",
+    )
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
         return _check_source(v, ("hf", "path", "builtin"))
+
+    @model_validator(mode="after")
+    def _lenient_fences_for_retool_sft(self) -> "Dataset":
+        if self.lenient_fences and self.format != "retool_sft":
+            raise ValueError(f"lenient_fences applies to format retool_sft only (this dataset's format is {self.format})")
+        return self
 
 
 class Model(SpecModel):
@@ -589,6 +604,10 @@ class Rollout(SpecModel):
     max_user_turns: int = F(16, policy="restart", ge=1, description="Multi-turn cap (user/tool turns).")
     format: Literal["hermes"] = F("hermes", policy="restart", description="Tool-call format.")
     max_tool_response_length: int = F(256, policy="restart", ge=1, description="Tool output shown to the model.")
+    max_num_seqs: int = F(
+        1024, policy="update", ge=1,
+        description="Sequences the engine decodes at once (the recipe's: verl 0.6.1's default 1024; verl 0.9.1's is 256).",
+    )
 
 
 class Validation(SpecModel):

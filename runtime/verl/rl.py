@@ -52,6 +52,7 @@ from runtime.verl.common import (
     base_env,
     dataset_file,
     experiment_name,
+    fsdp_strategy,
     kv,
     logger_list,
     merge_overrides,
@@ -136,7 +137,7 @@ def rl_overrides(
         kv("actor_rollout_ref.model.use_remove_padding", True),
         kv("actor_rollout_ref.model.enable_gradient_checkpointing", stage.gradient_checkpointing),
         # actor
-        kv(f"{actor}.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
+        kv(f"{actor}.strategy", fsdp_strategy(cpu=cpu)),  # the reference policy follows the actor
         kv(f"{actor}.use_kl_loss", algo.use_kl_loss),
         kv(f"{actor}.kl_loss_coef", algo.kl_loss_coef),
         kv(f"{actor}.clip_ratio_low", algo.clip_ratio_low),
@@ -170,6 +171,7 @@ def rl_overrides(
         kv(f"{rollout_key}.seed", stage.seed),
         kv(f"{rollout_key}.tensor_model_parallel_size", ro.tensor_parallel_size),
         kv(f"{rollout_key}.gpu_memory_utilization", ro.gpu_memory_utilization),
+        kv(f"{rollout_key}.max_num_seqs", ro.max_num_seqs),  # the recipe's (verl 0.6.1's default)
         # the actor's old-log-prob pass: the recipe leaves it at the actor's training budget
         kv(f"{rollout_key}.log_prob_max_token_len_per_gpu", stage.ppo_max_token_len_per_gpu),
         kv(f"{rollout_key}.log_prob_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
@@ -251,7 +253,7 @@ def _critic_overrides(ctx: StageContext, stage: RLStage, *, cpu: bool) -> list[s
     if critic is None:
         return []
     out = [
-        kv("critic.strategy", "fsdp2"),  # as the actor: one FSDP version for every role
+        kv("critic.strategy", fsdp_strategy(cpu=cpu)),
         kv("critic.optim.lr", critic.lr),
         kv("critic.model.path", initial_weights_dir(ctx, stage.model)),
         kv("critic.model.use_remove_padding", True),

@@ -18,6 +18,7 @@ from runtime.verl.common import (
     base_env,
     dataset_file,
     experiment_name,
+    fsdp_strategy,
     kv,
     logger_list,
     merge_overrides,
@@ -59,7 +60,7 @@ def sft_overrides(
         kv("model.path", initial_weights_dir(ctx, stage.model)),
         kv("model.use_remove_padding", stage.use_remove_padding),
         kv("model.enable_gradient_checkpointing", stage.gradient_checkpointing),
-        kv("engine.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
+        kv("engine.strategy", fsdp_strategy(cpu=cpu)),
         kv("engine.ulysses_sequence_parallel_size", stage.ulysses_sequence_parallel_size),
         kv("engine.seed", stage.seed),
         kv("optim.lr", opt.lr),

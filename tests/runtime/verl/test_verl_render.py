@@ -131,6 +131,7 @@ def test_gpu_render_from_upstream_stage_with_user_overrides_last():
     assert cfg["trainer"]["total_epochs"] == 3  # without a step count the epochs decide
     assert cfg["trainer"]["resume_from_path"] is None and cfg["trainer"]["test_freq"] == -1  # no val set
     assert cfg["data"]["num_workers"] == 8  # verl's default off CPU
+    assert cfg["engine"]["strategy"] == "fsdp"  # the recipe's FSDP1 on GPUs (fsdp2 only on CPU)
     assert cfg["data"]["max_token_len_per_gpu"] == 4096
 
 
