@@ -24,7 +24,7 @@ from pydantic import Field
 from reconciler.readiness import DoctorCheck
 from reconciler.records import Frozen
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import RunHandle, StateStore
+from reconciler.state.base import RunHandle, StateStore, WandbRun
 
 Change = Literal["created", "unchanged", "updated"]
 
@@ -49,6 +49,7 @@ class RunStatus(Frozen):
     elapsed_s: float | None = None
     sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} (SFT) / {"reward": ...} (RL)
     wandb_url: str | None = None
+    wandb: WandbRun | None = None  # the run's W&B run: URL online, folders and `wandb sync` offline
 
 
 class Checkpoint(Frozen):

@@ -35,6 +35,7 @@ def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tupl
             fields.update(
                 run_state=status.state, step=status.step, message=status.message,
                 metrics=status.metrics, sparklines=status.sparklines, wandb_url=status.wandb_url,
+                wandb=status.wandb or rec.run.wandb,
             )
         except (RetoolError, OSError) as err:
             notes.append(f"{rec.address}: cannot observe its run ({_why(err)}); shown as recorded")

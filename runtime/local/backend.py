@@ -49,7 +49,7 @@ from pathlib import Path
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import LocalRun, RunHandle
+from reconciler.state.base import LocalRun, RunHandle, WandbRun
 from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
@@ -61,6 +61,7 @@ from runtime.local.finalize import LocalMerger
 from runtime.local.stage_files import LocalStageFiles
 from runtime.stage_kind import Machine
 from runtime.stage_kinds import kind_of
+from runtime import tracking
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
@@ -93,6 +94,12 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         run_dir = self.stage_root(spec, stage) / ckpts.restart_dir_name(restart_id)
         return StagePaths(stage_dir=str(run_dir), ckpt_dir=str(run_dir), merged_dir=str(run_dir / "merged"))
 
+    def wandb_run(self, spec: Spec, stage: str, restart_id: str) -> WandbRun | None:
+        """The W&B run of a stage's run: online when WANDB_API_KEY is in this environment
+        (the trainer inherits it), else offline into the run directory (runtime.tracking)."""
+        key = bool(os.environ.get(tracking.API_KEY_ENV)) or tracking.key_declared(spec, stage)
+        return tracking.wandb_run(spec, stage, restart_id, key_available=key)
+
     def use_cpu(self) -> bool:
         forced = os.environ.get(DEVICE_ENV, "").strip().lower()
         if forced in ("cpu", "cuda"):
@@ -107,6 +114,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
             attn_implementation=None if cpu or importlib.util.find_spec("flash_attn") else "sdpa",
             has_module=lambda name: importlib.util.find_spec(name) is not None,
+            wandb_key=bool(os.environ.get(tracking.API_KEY_ENV)),  # the trainer inherits this environment
         )
 
     def stage_files(self, spec: Spec, stage: str, restart_id: str) -> LocalStageFiles:
@@ -320,6 +328,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             ),
             stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id, command=planned[-1].argv,
             total_steps=ctx.total_steps, resume_from=ctx.resume_from,
+            wandb=self.wandb_run(ctx.spec, ctx.stage, ctx.restart_id),
         )
         runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
         return handle

@@ -136,6 +136,8 @@ def test_gpu_command_for_the_real_spec() -> None:
     args = args_of(cmd.argv)
     assert "+ray_kwargs.ray_init.num_gpus" not in args and "ray_kwargs.ray_init.num_cpus" not in args
     assert args["actor_rollout_ref.rollout.name"] == "vllm" and args["trainer.n_gpus_per_node"] == "8"
+    # the recipe's FSDP1 on GPUs (fsdp2 only where CPU forces it) and its 0.6.1-default sequence cap
+    assert args["actor_rollout_ref.actor.strategy"] == "fsdp" and args["actor_rollout_ref.rollout.max_num_seqs"] == "1024"
 
 
 def test_rollout_choice() -> None:
