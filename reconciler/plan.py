@@ -62,6 +62,7 @@ class ObservedNode(Frozen):
     latest_valid_checkpoint: int | None = None
     invalid_checkpoints: list[str] = Field(default_factory=list)  # "global_step_40: missing shard rank 3 of 8"
     message: str = ""
+    idle: str = ""  # stopped on purpose, starts on demand (Runtime.idle_reason): not drift
     metrics: dict[str, float] = Field(default_factory=dict)  # the running run's latest (RunStatus.metrics)
     sparklines: dict[str, str] = Field(default_factory=dict)
     wandb_url: str | None = None

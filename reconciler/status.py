@@ -2,7 +2,7 @@
 
 Per node (docs/plan-apply-status.md, "Status"): sync (in sync / out of sync / missing) comes from the same
 plan `retool plan` shows, so both agree on what changed and why; health (healthy /
-progressing / failed / lost) from the record and the observed run; plus the fingerprint
+idle / progressing / failed / lost) from the record and the observed run; plus the fingerprint
 it last ran with and, for stages, step/total, latest valid checkpoint, elapsed time and
 cost so far, the latest metrics (loss, lr, grad_norm; RL reward, response length, tool calls)
 with a sparkline of loss/reward and the W&B run URL — the running run's as observed, a
@@ -31,7 +31,7 @@ from reconciler.steps import hourly_usd
 from reconciler.metric_names import display
 
 Sync = Literal["in sync", "out of sync", "missing"]
-Health = Literal["healthy", "progressing", "failed", "lost"]
+Health = Literal["healthy", "idle", "progressing", "failed", "lost"]  # idle: stopped on purpose, starts on demand
 FINGERPRINT_CHARS = 12
 FINGERPRINT_SHOWN = 8  # in the table; --json has FINGERPRINT_CHARS
 
@@ -161,6 +161,8 @@ def _health(rec: NodeRecord | None, seen: ObservedNode | None) -> tuple[Health |
         if seen.run_state == "lost":
             return "lost", seen.message or "the run is gone; `retool apply` resumes it from its latest checkpoint"
         return "failed", seen.message or "the run failed; `retool apply` resumes it from its latest checkpoint"
+    if rec.status == "succeeded" and seen is not None and seen.idle:
+        return "idle", seen.idle
     mapping: dict[str, Health | None] = {
         "succeeded": "healthy", "running": "progressing", "failed": "failed", "lost": "lost",
         "cancelled": "failed", "pending": None,
@@ -304,7 +306,7 @@ def compute_status(
 # --------------------------------------------------------------------------- rendering
 
 _SYNC_STYLE = {"in sync": "green", "out of sync": "yellow", "missing": "dim"}
-_HEALTH_STYLE = {"healthy": "green", "progressing": "cyan", "failed": "red", "lost": "magenta"}
+_HEALTH_STYLE = {"healthy": "green", "idle": "green", "progressing": "cyan", "failed": "red", "lost": "magenta"}
 
 
 def format_duration(seconds: float | None) -> str:

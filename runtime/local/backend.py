@@ -218,11 +218,17 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
     # ------------------------------------------------------------------ sandbox
 
     def missing_reason(self, spec: Spec, address: str) -> str | None:
-        # Only the sidecar is checked: nothing consumes its identity, so recreating it never
-        # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
-        # would change their output identity and rerun every stage downstream).
+        # Nothing local is gone in a way refresh should act on: volumes, data and models are
+        # trusted as recorded, and a stopped sidecar is idle (below), not missing.
+        return None
+
+    def idle_reason(self, spec: Spec, address: str) -> str | None:
+        # The sidecar ends by design once nothing has used it for a while, and whatever needs
+        # it starts it again (`_sandbox_url`): a stopped sidecar is idle, never drift. Volumes,
+        # data and models are trusted as recorded (recreating them would change their output
+        # identity and rerun every stage downstream).
         if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(hold=False):
-            return "the sandbox process is not running"
+            return "idle, starts on demand (the sidecar is stopped: nothing has used it for a while)"
         return None
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
@@ -230,6 +236,15 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     def _live_sandbox_url(self, *, hold: bool = True) -> str | None:
         return res.live_sandbox_url(self.state_dir / "sandbox.json", hold=hold)
+
+    def _sandbox_url(self, spec: Spec) -> str | None:
+        """The sidecar's URL for work about to call it (data generation, an RL or eval run),
+        held up by this process's lease; started on demand when it idled out since the apply
+        that created it. None only when the spec declares no sandbox and none runs."""
+        url = self._live_sandbox_url()
+        if url is None and spec.sandbox is not None:
+            url = str(self.ensure_sandbox(spec.sandbox, spec).outputs["url"])
+        return url
 
     # ------------------------------------------------------------------ stages: commands
 
@@ -277,7 +292,9 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         prior = runs.read_active(run_dir)
         if prior is not None and runs.is_running(prior) and prior.total_steps == ctx.total_steps:
             return prior.model_copy(update={"reattached": True})
-        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
+        # RL and eval call the sandbox: start it again if it idled out since it was created.
+        sandbox_url = self._sandbox_url(ctx.spec) if stage.kind in ("rl", "eval") else self._live_sandbox_url()
+        commands = self._train_commands(ctx, paths, sandbox_url=sandbox_url)
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
@@ -290,7 +307,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
             write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        for name, text in kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url()).items():
+        for name, text in kind.run_inputs(ctx, paths, self.machine(), sandbox_url).items():
             write_text_atomic(run_dir / name, text)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
