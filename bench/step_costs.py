@@ -38,7 +38,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = REPO / "bench" / "results" / "step_costs_h200.json"
+RESULTS_DIR = REPO / "bench" / "results"
 
 
 # ---------------------------------------------------------------- the measurement file
@@ -384,9 +384,16 @@ def print_measurements(m: Measurements, costs: Costs) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    ap.add_argument("--results", type=Path, help="a measurement file (default: the newest bench/results/step_costs_*.json)")
     ap.add_argument("--json", action="store_true", help="print the per-stage figures as JSON only")
     args = ap.parse_args()
+    if args.results is None:
+        saved = sorted(RESULTS_DIR.glob("step_costs_*.json"), key=lambda p: p.stat().st_mtime)
+        if not saved:
+            print(f"no measurements under {RESULTS_DIR}: on a GPU run python bench/step_costs_measure.py "
+                  f"--out {RESULTS_DIR.relative_to(REPO)}/step_costs_<gpu>.json", file=sys.stderr)
+            return 2
+        args.results = saved[-1]
     try:
         m = Measurements.model_validate_json(args.results.read_text())
     except (OSError, ValueError) as e:

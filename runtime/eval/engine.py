@@ -63,7 +63,7 @@ def pick_engine(wanted: str, *, gpus: int) -> str:
 
 Decoder = Literal["retool", "generate"]
 # Which decoding loop the transformers engine runs, per device, from the side-by-side
-# measurements in docs/eval-engine.md (`bench/eval_engine_bench.py`): retool's own loop
+# measurements in docs/evaluation.md (`bench/eval_engine_bench.py`): retool's own loop
 # (runtime.verl.rollout.engine, what RL's transformers rollout runs) or transformers'
 # `generate`. Each device lists the fastest loop per batch size: (fewest rows, decoder).
 DECODERS: dict[str, tuple[tuple[int, Decoder], ...]] = {

@@ -1,5 +1,5 @@
 """The transformers eval engine's two decoding loops: which one runs where (the table from
-docs/eval-engine.md's measurements), and that transformers' `generate` path returns what
+docs/evaluation.md's measurements), and that transformers' `generate` path returns what
 retool's own loop returns (greedy, the builtin tiny Qwen2 on CPU)."""
 
 from __future__ import annotations
