@@ -22,7 +22,7 @@ _STRICTNESS = {"restart": 0, "resume": 1, "update": 2}
 
 
 class FieldChange(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     path: str  # full dotted path from the spec root, list items as [i]
     old: Any = None

@@ -25,7 +25,7 @@ SUMMARY = ("mean@n", "pass@k", "maj@n", "tool_calls", "response_length", "trunca
 
 
 class EvalRow(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     stage: str  # stage.<name>
     model: str  # what it evaluated: model.<name> or stage.<name>
@@ -39,7 +39,7 @@ class EvalRow(BaseModel):
 
 
 class EvalTable(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     rows: list[EvalRow] = Field(default_factory=list)
     unmatched: list[str] = Field(default_factory=list)  # expectations naming no recorded metric

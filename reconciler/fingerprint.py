@@ -22,7 +22,7 @@ FINGERPRINT_VERSION = 1
 
 
 class Fingerprints(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     restart_id: str
     resume_hash: str

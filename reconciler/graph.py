@@ -38,7 +38,7 @@ KIND_RANK: dict[str, int] = {"volume": 0, "image": 1, "sandbox": 2, "dataset": 3
 class Node(BaseModel):
     """One resource: what it is, what it needs, and its effective configuration."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: NodeKind

@@ -25,7 +25,7 @@ YamlPath = tuple[str | int | float, ...]
 
 
 class LoadedSpec(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     path: str
     spec_dir: str

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from reconciler.budget import BudgetCheck, PlannedCost, check_budget
 from reconciler.diff import FieldChange, diff_configs
 from reconciler.errors import TerminalError
 from reconciler.records import Frozen
@@ -128,6 +129,7 @@ class PlannedChange(Frozen):
     # unknown until it runs): apply recomputes them with `fingerprint()` before recording.
     fingerprints: Fingerprints | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    over_budget: list[str] = Field(default_factory=list)  # budget scopes this change pushes over ("spec", "stage.rl")
 
     @model_validator(mode="after")
     def _one_code_per_reason(self) -> PlannedChange:
@@ -163,6 +165,11 @@ class Plan(Frozen):
     total: Estimate = Field(default_factory=Estimate)
     warnings: list[str] = Field(default_factory=list)
     refreshed: bool = True
+    budget: BudgetCheck | None = None  # the spec's `budget` against spent + this plan (None: no budget)
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.budget.over
 
     @property
     def has_changes(self) -> bool:
@@ -241,13 +248,27 @@ def make_plan(
     for c in changes:
         if c.action in OUTPUT_CHANGING:
             total = add(total, c.estimate)
+    created_at = time.time() if created_at is None else created_at
+    budget, marks = check_budget(spec, state, _planned_costs(changes), now=created_at)
+    changes = [c.model_copy(update={"over_budget": marks[c.address]}) if c.address in marks else c for c in changes]
     return Plan(
         spec=spec_path, spec_name=spec.name, backend=spec.backend,
         serial=state.serial if state else 0, lineage=state.lineage if state else "",
-        created_at=time.time() if created_at is None else created_at,
+        created_at=created_at,
         changes=changes, total=total, warnings=_warnings(observed, planner.warnings),
-        refreshed=observed.refreshed,
+        refreshed=observed.refreshed, budget=budget,
     )
+
+
+def _planned_costs(changes: list[PlannedChange]) -> list[PlannedCost]:
+    """The stages the plan starts, with their estimates, for the budget check."""
+    return [
+        PlannedCost(
+            address=c.address, estimate=c.estimate,
+            known=c.total_steps is not None and (c.estimate.steps == 0 or c.estimate.seconds_per_step is not None),
+        )
+        for c in changes if c.action in OUTPUT_CHANGING and address_kind(c.address) == "stage"
+    ]
 
 
 def reached_step(rec: NodeRecord) -> int:

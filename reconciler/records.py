@@ -9,4 +9,6 @@ class Frozen(BaseModel):
     """Immutable, and strict about its fields: a misspelt or unknown key is an error, not a
     silently dropped value (files that carry more, such as a saved plan, say what to skip)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Validators are built on first use (here and in the other layers' models): `retool plan`
+    # never touches most of them.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)

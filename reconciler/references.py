@@ -8,7 +8,8 @@ together with schema errors (Terraform collects every diagnostic before reportin
 - an eval stage's `datasets` name existing RL-format `dataset.Y`s, and its `model` is not
   another eval stage (an eval produces no model);
 - an RL or eval stage needs a `sandbox`;
-- stages consuming stages form no cycle.
+- stages consuming stages form no cycle;
+- `budget.stages` names existing stages.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ Path = tuple[str | int, ...]
 
 
 class RefProblem(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     path: Path
     message: str
@@ -176,6 +177,17 @@ def check_references(data: Any) -> list[RefProblem]:
                 message=f"{what} stage calls the code sandbox: declare a top-level `sandbox:` (e.g. `sandbox: {{placement: sidecar}}`)",
             )
         )
+
+    budget = data.get("budget")
+    capped = budget.get("stages") if isinstance(budget, dict) else None
+    if isinstance(capped, dict):
+        for name in capped:
+            if name not in stages:
+                known = ", ".join(stages) or "none declared"
+                problems.append(RefProblem(
+                    path=("budget", "stages", name),
+                    message=f"budget for unknown stage {name!r} (stages: {known}){suggest(str(name), list(stages))}",
+                ))
 
     cycle = find_cycle(edges)
     if cycle:

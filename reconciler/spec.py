@@ -12,8 +12,6 @@ Schema as ``x-policy`` and `field_policy()` reads it back. A test walks the whol
 and fails on any field without one. Defaults are the recipe's values (docs/recipe.md, "Hyper-parameters").
 """
 
-from __future__ import annotations
-
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -40,7 +38,11 @@ def F(default: Any = ..., *, policy: Policy, description: str, **kwargs: Any) ->
 
 
 class SpecModel(BaseModel):
-    """Strict base: unknown keys are errors (the loader adds a did-you-mean)."""
+    """Strict base: unknown keys are errors (the loader adds a did-you-mean).
+
+    Built at import, unlike the other layers' models (`defer_build`): every command builds the
+    whole spec anyway, and a deferred nested model would be built twice, inline in `Spec`'s
+    schema and again on its own for `model_dump` (bench/plan_bench.py measured it slower)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -107,6 +109,38 @@ class Pricing(SpecModel):
         description="Dollars per GPU-hour by GPU type (Modal's list price, H100 ~$0.001097/GPU-s).",
     )
     cpu_hour_usd: float = F(0.0, policy="update", ge=0, description="Dollars per hour of a CPU-only run.")
+
+
+class BudgetLimit(SpecModel):
+    """A spending cap: dollars, GPU-hours, or both. Caps change nothing about any run, so
+    every field is `update` (docs/budget.md)."""
+
+    usd: float | None = F(None, policy="update", gt=0, description="Dollars (at the `pricing` table's rates).")
+    gpu_hours: float | None = F(None, policy="update", gt=0, description="GPU-hours (GPUs x wall hours).")
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> "BudgetLimit":
+        if self.usd is None and self.gpu_hours is None:
+            raise ValueError("a budget needs `usd`, `gpu_hours` or both")
+        return self
+
+
+class Budget(SpecModel):
+    """The spend guard: what the whole spec, and optionally each stage, may cost in total
+    (measured spend so far plus the plan's estimate). `retool plan` marks what would exceed
+    it; `retool apply` refuses that unless `--approve-cost` names the plan's amount."""
+
+    usd: float | None = F(None, policy="update", gt=0, description="Dollars the whole spec may cost in total.")
+    gpu_hours: float | None = F(None, policy="update", gt=0, description="GPU-hours the whole spec may use in total.")
+    stages: dict[str, BudgetLimit] = F(
+        default_factory=dict, policy="update", description="Per-stage caps by stage name (`stages.<name>`).",
+    )
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> "Budget":
+        if self.usd is None and self.gpu_hours is None and not self.stages:
+            raise ValueError("a budget needs `usd`, `gpu_hours` or per-stage caps in `stages`")
+        return self
 
 
 class SecretRef(SpecModel):
@@ -675,6 +709,9 @@ class Spec(SpecModel):
     local: LocalSettings = F(default_factory=LocalSettings, policy="update", description="Local backend settings.")
     modal: ModalSettings = F(default_factory=ModalSettings, policy="update", description="Modal backend settings.")
     pricing: Pricing = F(default_factory=Pricing, policy="update", description="Price table for estimates.")
+    budget: Budget | None = F(
+        None, policy="update", description="Spend guard: dollar and GPU-hour caps for the spec and its stages.",
+    )
     secrets: dict[str, SecretRef] = F(default_factory=dict, policy="update", description="Secret references by key.")
     volumes: dict[str, Volume] = F(default_factory=dict, policy="update", description="Volumes by name.")
     image: Image = F(default_factory=Image, policy="update", description="Container image / environment.")

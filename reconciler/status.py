@@ -21,6 +21,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from reconciler.budget import GPU_HOURS_SLACK, USD_SLACK, BudgetCheck
 from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.graph import address_kind
 from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange, ReasonCode
@@ -38,7 +39,7 @@ FINGERPRINT_SHOWN = 8  # in the table; --json has FINGERPRINT_CHARS
 class ExpectationStatus(BaseModel):
     """One `expect:` entry next to what the run reported: `met`, `below`, or `not measured` (no value yet)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     metric: str
     expected: str  # ">= 0.4"
@@ -49,7 +50,7 @@ class ExpectationStatus(BaseModel):
 
 
 class NodeStatus(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: str
@@ -72,8 +73,54 @@ class NodeStatus(BaseModel):
     expectations: list[ExpectationStatus] = Field(default_factory=list)  # the stage's `expect:`, vs reached
 
 
+class BudgetSpend(BaseModel):
+    """One budget scope: measured spend against its cap (and what `retool apply` would add)."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+    scope: str  # "spec" or "stage.<name>"
+    spent_usd: float
+    spent_gpu_hours: float
+    limit_usd: float | None = None
+    limit_gpu_hours: float | None = None
+    pending_usd: float = 0.0  # the current plan's estimate in this scope
+    pending_gpu_hours: float = 0.0
+    over: bool = False  # spent alone is above a cap
+
+    def text(self) -> str:
+        parts: list[str] = []
+        if self.limit_usd is not None:
+            parts.append(f"spent ${self.spent_usd:,.2f} of ${self.limit_usd:,.2f} ({_share(self.spent_usd, self.limit_usd)})")
+        if self.limit_gpu_hours is not None:
+            parts.append(f"{self.spent_gpu_hours:,.1f} of {self.limit_gpu_hours:,.1f} GPU-h "
+                         f"({_share(self.spent_gpu_hours, self.limit_gpu_hours)})")
+        if self.pending_usd or self.pending_gpu_hours:
+            parts.append(f"apply would add ${self.pending_usd:,.2f}, {self.pending_gpu_hours:,.1f} GPU-h (estimate)")
+        return f"{self.scope}: {' · '.join(parts)}"
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.0%}" if whole else "-"
+
+
+def budget_spend(check: BudgetCheck | None) -> list[BudgetSpend]:
+    """Spent against each capped scope, from the plan's budget check (measured, not estimated)."""
+    if check is None:
+        return []
+    return [
+        BudgetSpend(
+            scope=s.scope, spent_usd=round(s.spent_usd, 2), spent_gpu_hours=round(s.spent_gpu_hours, 4),
+            limit_usd=s.limit_usd, limit_gpu_hours=s.limit_gpu_hours,
+            pending_usd=s.planned_usd, pending_gpu_hours=s.planned_gpu_hours,
+            over=(s.limit_usd is not None and s.spent_usd > s.limit_usd + USD_SLACK)
+            or (s.limit_gpu_hours is not None and s.spent_gpu_hours > s.limit_gpu_hours + GPU_HOURS_SLACK),
+        )
+        for s in check.scopes
+    ]
+
+
 class StatusReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     spec: str
     spec_name: str
@@ -86,6 +133,7 @@ class StatusReport(BaseModel):
     nodes: list[NodeStatus] = Field(default_factory=list)
     cost_usd: float = 0.0
     evaluations: EvalTable = Field(default_factory=EvalTable)  # eval stages' metrics per dataset
+    budget: list[BudgetSpend] = Field(default_factory=list)  # the spec's `budget`, scope by scope
 
     @property
     def in_sync(self) -> bool:
@@ -230,6 +278,7 @@ def compute_status(
         serial=state.serial if state else 0, lineage=state.lineage if state else "",
         refreshed=observed.refreshed, notes=list(observed.notes), lock=lock, nodes=nodes,
         cost_usd=round(sum(n.cost_usd for n in nodes), 2), evaluations=eval_table(spec, state),
+        budget=budget_spend(plan.budget),
     )
 
 
@@ -304,6 +353,8 @@ def render_status(report: StatusReport, console: Console) -> None:
     render_evaluations(report.evaluations, console)
     if report.cost_usd:
         console.print(Text(f"cost so far: ${report.cost_usd:,.2f}"))
+    for line in report.budget:
+        console.print(Text(f"budget {line.text()}", style="bold red" if line.over else ""), soft_wrap=True)
 
 
 def metrics_line(node: NodeStatus) -> Text:

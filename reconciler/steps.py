@@ -15,7 +15,7 @@ from reconciler.spec import Dataset, EvalStage, Pricing, Resources, RLStage, SFT
 
 
 class Estimate(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     steps: int = 0
     gpu_hours: float = 0.0

@@ -21,7 +21,7 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 class Pos(BaseModel):
     """A 1-based line and column."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     line: int
     col: int
@@ -31,7 +31,7 @@ class Pos(BaseModel):
 
 
 class YamlProblem(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     pos: Pos
     path: Path = ()
@@ -41,7 +41,7 @@ class YamlProblem(BaseModel):
 class ParsedYaml(BaseModel):
     """Plain data plus, for every path, where its key and its value start."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, defer_build=True)
 
     data: Any = None
     keys: dict[Path, Pos] = {}

@@ -10,6 +10,7 @@ verl's tool parser reads) holds JSON with `name == "code_interpreter"` and
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +97,21 @@ def generate_completions(
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
-    texts = [tok.apply_chat_template(p, tools=tools, add_generation_prompt=True, tokenize=False) for p in prompts]
+    schemas: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools is not None else None
+    texts = [tok.apply_chat_template(p, tools=schemas, add_generation_prompt=True, tokenize=False) for p in prompts]
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
         batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            gen = model.generate(
+            # transformers types AutoModelForCausalLM's models so that generate's `self` does not bind
+            gen = model.generate(  # type: ignore[misc]
                 **batch, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             )
         for row in gen[:, batch["input_ids"].shape[1]:]:
             text = tok.decode(row, skip_special_tokens=False)
+            if not isinstance(text, str):  # one row decodes to one string
+                raise TypeError(f"the tokenizer decoded one row to {type(text).__name__}")
             end = text.find(tok.eos_token) if tok.eos_token else -1
             out.append(text[:end] if end != -1 else text.replace(tok.pad_token or "\0", ""))
     return out

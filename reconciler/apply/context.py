@@ -31,7 +31,7 @@ Result = Literal[
 class ApplyEvent(BaseModel):
     """Something the CLI shows while apply runs (progress bars, one line per transition)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     kind: EventKind
     address: str = ""

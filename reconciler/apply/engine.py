@@ -25,6 +25,7 @@ from reconciler.apply.context import (
     ApplyContext, ApplyEvent, Detached, NodeFailed, Result, planned_total_steps, stage_context,
 )
 from reconciler.apply.stage import StageRunner
+from reconciler.budget import approval_record, require_approval
 from reconciler.errors import RetoolError, StalePlanError, StateLockedError, TerminalError
 from reconciler.fingerprint import output_id
 from reconciler.graph import Node, address_kind, build_graph
@@ -43,7 +44,7 @@ FAILED_RESULTS: frozenset[str] = frozenset({"failed", "blocked"})
 
 
 class NodeResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     action: str
@@ -104,6 +105,7 @@ def apply(
     on_event: Callable[[ApplyEvent], None] | None = None,
     lock_info: LockInfo | None = None,
     lock_id: str | None = None,
+    approved_usd: float | None = None,
     state_dir: str = "",
     poll_interval: float = 5.0,
     retries: int = 3,
@@ -117,12 +119,17 @@ def apply(
     failures do not raise: they are in the result (exit code 1).
 
     `lock_id`: the caller already holds the lock (the CLI takes it before planning, so a
-    refused apply prints no plan) and releases it; otherwise apply holds it itself."""
+    refused apply prints no plan) and releases it; otherwise apply holds it itself.
+
+    `approved_usd`: a plan over the spec's budget runs only when this names its estimate
+    (BudgetExceededError otherwise); the approval is recorded in the state before anything runs."""
+    require_approval(plan.budget, approved_usd)
     if lock_id is None:
         with holding(store, lock_info or LockInfo()) as held:
             return apply(
                 plan, loaded, store, runtime, wait=wait, prune=prune, allow_data_loss=allow_data_loss, saved=saved,
-                on_event=on_event, lock_id=held, state_dir=state_dir, poll_interval=poll_interval, retries=retries,
+                on_event=on_event, lock_id=held, approved_usd=approved_usd, state_dir=state_dir,
+                poll_interval=poll_interval, retries=retries,
                 sleep=sleep, clock=clock,
             )
     state = store.read()
@@ -133,11 +140,15 @@ def apply(
         emit=on_event or (lambda e: None), wait=wait, state_dir=state_dir,
         poll_interval=poll_interval, retries=retries, sleep=sleep, clock=clock,
     )
+    if plan.budget is not None and plan.budget.over:
+        # Remembered before anything runs: later plans within what was approved do not ask again.
+        ctx.state.cost_approvals.append(approval_record(plan.budget, by=(lock_info or LockInfo()).who, now=clock()))
+        ctx.commit()
     return _Walk(plan, ctx, prune=prune, allow_data_loss=allow_data_loss).run()
 
 
 class CancelOutcome(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     recorded: bool  # False: an apply holds the lock; it records the cancellation when it polls

@@ -72,6 +72,9 @@ class StageRunner:
             resume_from = handle.resume_from
         rec = self.ctx.rec(node)
         if rec.restart_id != fp.restart_id or replacing:
+            # The lifetime tally keeps what the old identity spent (older records had only these).
+            rec.spent_gpu_seconds = max(rec.spent_gpu_seconds, rec.gpu_seconds)
+            rec.spent_usd = max(rec.spent_usd, rec.cost_usd)
             rec.gpu_seconds, rec.cost_usd, rec.outputs, rec.output_id = 0.0, 0.0, {}, None
         self.ctx.set_identity(rec, node, fp)
         rec.status = "running"
@@ -180,8 +183,13 @@ class StageRunner:
         steps_run = (end_step or 0) - rec.steps_done
         if steps_run > 0 and elapsed > 0:
             rec.seconds_per_step = round(elapsed / steps_run, 3)
-        rec.gpu_seconds += elapsed * gpu_count(stage.resources)
-        rec.cost_usd = round(rec.cost_usd + elapsed / 3600 * (hourly_usd(stage.resources, self.ctx.spec.pricing) or 0.0), 4)
+        gpu_seconds = elapsed * gpu_count(stage.resources)
+        usd = elapsed / 3600 * (hourly_usd(stage.resources, self.ctx.spec.pricing) or 0.0)
+        rec.gpu_seconds += gpu_seconds
+        rec.cost_usd = round(rec.cost_usd + usd, 4)
+        # Records from before the lifetime tally start from what they had counted.
+        rec.spent_gpu_seconds = max(rec.spent_gpu_seconds, rec.gpu_seconds - gpu_seconds) + gpu_seconds
+        rec.spent_usd = round(max(rec.spent_usd, rec.cost_usd - usd) + usd, 4)
         rec.run = rec.run.model_copy(update={"accounted_s": elapsed})
 
     def _latest_checkpoint(self, node: Node, restart_id: str) -> Checkpoint | None:

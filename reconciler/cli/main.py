@@ -18,6 +18,13 @@ only with `--debug`. Nothing here imports torch, verl, ray or modal: backends do
 
 from __future__ import annotations
 
+import os
+
+# Before pydantic builds its first validator: plugin discovery reads the entry points of
+# every installed package, and retool uses no pydantic plugins. An explicit setting, even an
+# empty one, wins.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
 import json
 import shlex
 import time
@@ -33,10 +40,12 @@ from typer.core import TyperGroup
 
 from reconciler.backend import poll_interval
 from reconciler.backends import get_runtime, get_store
+from reconciler.budget import parse_amount, require_approval
 from reconciler.cli.state_commands import state_app
 from reconciler.errors import RetoolError, TerminalError
 from reconciler.graph import build_graph
 from reconciler.loader import LoadedSpec, default_state_dir, load_spec, schema_text
+from reconciler.plan import Plan
 from reconciler.refresh import observe_and_plan, open_runtime, refresh_and_plan
 from reconciler.state.base import LockInfo, StateStore
 from reconciler.state.cache import read_state, remember
@@ -184,7 +193,8 @@ def plan(
     fmt: Format = typer.Option(Format.text, "--format", help="text, json or markdown."),
     output: Path | None = typer.Option(None, "--out", help="Save the plan; `retool apply FILE` applies exactly it."),
     detailed_exitcode: bool = typer.Option(
-        False, "--detailed-exitcode", help="Exit 0 when there are no changes, 2 when there are, 1 on error."
+        False, "--detailed-exitcode",
+        help="Exit 0 when there are no changes, 2 when there are, 3 when they exceed the spec's budget, 1 on error.",
     ),
     target: list[str] | None = typer.Option(None, "--target", help="Only this address and what it needs (repeatable)."),
     replace: list[str] | None = typer.Option(None, "--replace", help="Force a rerun of this address (repeatable)."),
@@ -212,7 +222,17 @@ def plan(
         if output is not None:
             out().print(Text(f"\nSaved the plan to {output}; apply exactly it with `retool apply {output}`."))
     if detailed_exitcode:
-        raise typer.Exit(2 if the_plan.has_changes else 0)
+        raise typer.Exit(plan_exit_code(the_plan))
+
+
+# `retool plan --detailed-exitcode` (1 is any error).
+EXIT_NO_CHANGES, EXIT_CHANGES, EXIT_OVER_BUDGET = 0, 2, 3
+
+
+def plan_exit_code(the_plan: Plan) -> int:
+    if the_plan.over_budget:
+        return EXIT_OVER_BUDGET
+    return EXIT_CHANGES if the_plan.has_changes else EXIT_NO_CHANGES
 
 
 @app.command("apply")
@@ -224,6 +244,10 @@ def apply_cmd(
     no_wait: bool = typer.Option(False, "--no-wait", help="Launch stages and return; `retool status` follows them."),
     prune: bool = typer.Option(False, "--prune", help="Delete the data of volumes removed from the spec."),
     allow_data_loss: bool = typer.Option(False, "--allow-data-loss", help="With --prune: protected volumes too."),
+    approve_cost: str | None = typer.Option(
+        None, "--approve-cost", metavar="AMOUNT",
+        help="Apply a plan that exceeds the spec's budget: name its cost exactly as the plan shows it (e.g. 1234.56).",
+    ),
 ) -> None:
     """Make reality match the spec, recording state after every step."""
     # Imported here: `plan`, `status` and `validate` never need the engine or its progress view.
@@ -232,6 +256,7 @@ def apply_cmd(
     from reconciler.cli.apply_view import ApplyView, render_apply_result
     from reconciler.state.lease import holding
 
+    approved = parse_amount(approve_cost) if approve_cost is not None else None
     data = saved_plan_data(source)
     if data is not None and (target or replace):
         raise TerminalError(
@@ -263,6 +288,7 @@ def apply_cmd(
         if not the_plan.has_changes and not running:
             console.print(Text("No changes. Nothing to apply.", style="green"))
             return
+        require_approval(the_plan.budget, approved)  # before asking: an over-budget plan is refused outright
         if saved is None and not yes and not typer.confirm("Apply this plan?", default=False):
             console.print(Text("Apply cancelled.", style="yellow"))
             raise typer.Exit(1)
@@ -270,7 +296,7 @@ def apply_cmd(
             result = engine.apply(
                 the_plan, loaded, store, runtime, wait=not no_wait, prune=prune, allow_data_loss=allow_data_loss,
                 saved=saved is not None, on_event=view, state_dir=str(state_dir),
-                lock_id=lock_id,
+                lock_id=lock_id, approved_usd=approved,
                 poll_interval=poll_interval(runtime),
             )
         remember(state_dir, store, result.state)

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from reconciler.budget import BudgetCheck, exceeded_text, scope_label, scope_text
 from reconciler.plan import Plan, PlannedChange
 from reconciler.steps import Estimate
 
@@ -82,7 +83,20 @@ def detail_lines(change: PlannedChange) -> list[str]:
     est = estimate_text(change)
     if est:
         lines.append(f"estimate{' once unblocked' if change.action == 'blocked' else ''}: {est}")
+    if change.over_budget:
+        lines.append(f"over budget: {', '.join(scope_label(s) for s in change.over_budget)}")
     lines += [f"note: {n}" for n in change.notes]
+    return lines
+
+
+def budget_lines(budget: BudgetCheck | None) -> list[str]:
+    """The budget under the plan's totals: one line per capped scope, then what to do."""
+    if budget is None:
+        return []
+    lines = [f"Budget for {scope_label(s.scope)}: {scope_text(s)}" for s in budget.scopes]
+    if budget.over:
+        lines += [f"Over budget for {scope_label(s.scope)}: {exceeded_text(s)}" for s in budget.scopes if s.exceeded]
+        lines.append(f"Apply refuses this plan unless approved: `retool apply --approve-cost {budget.amount_usd:.2f}`.")
     return lines
 
 
@@ -119,6 +133,9 @@ def render_plan(plan: Plan, console: Console, *, show_unchanged: bool = True) ->
     console.print()
     console.print(Text(summary_line(plan), style="bold"))
     console.print(Text(total_line(plan.total)))
+    for budget_line in budget_lines(plan.budget):
+        alarm = budget_line.startswith(("Over budget", "Apply refuses"))
+        console.print(Text(budget_line, style="bold red" if alarm else ""), soft_wrap=True)
     blocked = [c.estimate for c in plan.changes if c.action == "blocked" and c.estimate.steps > 0]
     if blocked:
         gpu_h, usd = sum(e.gpu_hours for e in blocked), sum(e.usd for e in blocked)
@@ -146,6 +163,11 @@ def plan_markdown(plan: Plan) -> str:
     out = [f"### retool plan: `{plan.spec_name}` ({plan.backend})", ""]
     est = "" if plan.total.steps <= 0 else f" · estimate **{hours(plan.total.gpu_hours)}, {money(plan.total.usd)}**"
     out += [f"**{summary_line(plan)}**{est}", ""]
+    if plan.budget is not None:
+        head = "**Over budget**" if plan.budget.over else "Within budget"
+        out += [f"{head} · cost of this plan **{money(plan.budget.amount_usd)}**", ""]
+        out += [f"- {_cell(line)}" for line in budget_lines(plan.budget)]
+        out.append("")
     changed = [c for c in plan.changes if c.action != "no-op" or c.notes]
     if changed:
         out += ["| | Address | Action | Why | Estimate |", "|---|---|---|---|---|"]
@@ -155,6 +177,8 @@ def plan_markdown(plan: Plan) -> str:
                 action += f" from step {c.resume_from}"
             if c.action == "rerun" and c.discard_steps:
                 action += f" (discards {c.discard_steps} steps)"
+            if c.over_budget:
+                action += " **over budget**"
             cost = "" if c.action not in RUNS or c.estimate.steps <= 0 else (
                 f"{c.estimate.steps} steps, {hours(c.estimate.gpu_hours)}, {money(c.estimate.usd)}"
             )

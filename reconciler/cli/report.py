@@ -29,7 +29,7 @@ Series = list[tuple[float, float]]
 class StageCurves(BaseModel):
     """One training stage's per-step metrics (trainer keys -> [(step, value)])."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     address: str
     kind: str
@@ -40,7 +40,7 @@ class StageCurves(BaseModel):
 
 
 class ReportData(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     spec_name: str
     backend: str

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from reconciler.backends import get_store
 from reconciler.loader import default_state_dir, find_repo_root, load_spec
 from reconciler.state.base import StateStore, format_age
 from reconciler.state.local import LocalStore
-from reconciler.status import format_duration
 
 state_app = typer.Typer(no_args_is_help=True, help="Inspect recorded state, clear a stale lock.")
 
@@ -40,6 +38,10 @@ def state_show(
     json_flag: bool = typer.Option(False, "--json", help="The raw state JSON."),
 ) -> None:
     """Print the recorded state: serial, lineage, lock, one row per node."""
+    from rich.table import Table  # the table view and status's formatting load only for this command
+
+    from reconciler.status import format_duration
+
     store = _state_store(spec, state_dir)
     state = store.read()
     if json_flag:

@@ -39,7 +39,7 @@ NodeStatus = Literal["pending", "running", "succeeded", "failed", "lost", "cance
 class Lenient(BaseModel):
     """State is read leniently: newer writers may add keys older readers ignore."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 class NodeRecord(Lenient):
@@ -59,13 +59,29 @@ class NodeRecord(Lenient):
     steps_done: int = 0
     total_steps: int | None = None
     seconds_per_step: float | None = None
-    gpu_seconds: float = 0.0
+    gpu_seconds: float = 0.0  # of the current restart identity (a rerun starts again at 0)
     cost_usd: float = 0.0
+    # Everything this node ever ran, reruns included: what the budget counts as spent.
+    spent_gpu_seconds: float = 0.0
+    spent_usd: float = 0.0
     message: str = ""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+
+
+class CostApproval(Lenient):
+    """An over-budget plan someone approved (`retool apply --approve-cost`): the amount it
+    showed, and the projected totals it accepted per budget scope (`spec`, `stage.<name>`),
+    which later plans may reach without asking again (docs/budget.md)."""
+
+    usd: float
+    projected_usd: dict[str, float] = Field(default_factory=dict)
+    projected_gpu_hours: dict[str, float] = Field(default_factory=dict)
+    unpriced: list[str] = Field(default_factory=list)  # stages approved without a cost estimate
+    by: str = ""
+    at: float = Field(default_factory=time.time)
 
 
 class State(Lenient):
@@ -74,6 +90,7 @@ class State(Lenient):
     lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
     spec_name: str = ""
     nodes: dict[str, NodeRecord] = Field(default_factory=dict)
+    cost_approvals: list[CostApproval] = Field(default_factory=list)  # newest last
 
 
 class LockInfo(Lenient):

@@ -7,7 +7,6 @@ report show always matches the spec. Speed comes from the run's `results.json`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from reconciler.backend import Checkpoint, Outcome
@@ -16,20 +15,6 @@ from runtime.eval import samples as sample_file
 from runtime.eval.job import PROGRESS_FILE, Progress, Results
 from runtime.eval.metrics import dataset_metrics
 from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE
-
-
-def eval_outputs(run_dir: Path, n: int, checkpoint: Checkpoint) -> Outcome:
-    """`eval_outcome` over a local run directory."""
-
-    def text(name: str) -> str | None:
-        try:
-            return (run_dir / name).read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return None
-
-    return eval_outcome(
-        str(run_dir), n, checkpoint, progress=text(PROGRESS_FILE), samples=text(SAMPLES_FILE), results=text(RESULTS_FILE)
-    )
 
 
 def eval_outcome(

@@ -135,7 +135,7 @@ class ToolLoop:
 
     def tool_turn_ids(self, conv: Conversation, tool_messages: list[dict[str, Any]]) -> list[int]:
         calls = [{"type": "function", "function": {"name": c.name, "arguments": {}}} for c in conv.pending]
-        prefix = [_SYNTH_SYSTEM, _SYNTH_USER, {"role": "assistant", "content": "", "tool_calls": calls}]
+        prefix: list[dict[str, Any]] = [_SYNTH_SYSTEM, _SYNTH_USER, {"role": "assistant", "content": "", "tool_calls": calls}]
         head = self._render(prefix, generation_prompt=False)
         full = self._render(prefix + tool_messages, generation_prompt=True)
         if full[: len(head)] != head:

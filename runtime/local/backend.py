@@ -1,8 +1,11 @@
 """The local backend: volumes are directories, stages are detached process groups on this
 machine (on CPU through runtime.verl.cpu_platform when there is no GPU), the sandbox is a
-local server process. Helpers: runtime.local.resources (environment record, data/models,
-sandbox), runtime.processes (detached runs), runtime.local.runs (the active-run record,
-re-attach, a run's state), runtime.local.finalize (merge, tool check).
+local server process. What a stage runs, how its checkpoints are judged and what it
+outputs is its stage kind's (runtime.stage_kinds); this backend supplies paths, this
+machine, its files and processes. Helpers: runtime.local.resources (environment record,
+data/models, sandbox), runtime.processes (detached runs), runtime.local.runs (the
+active-run record, re-attach, a run's state), runtime.local.finalize (the merge and tool
+check as a subprocess), runtime.local.stage_files (a run directory's files).
 
 Layout (`state dir` is `<repo>/.retool` unless the spec says otherwise):
 
@@ -43,20 +46,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from reconciler.errors import TerminalError, TransientError
-from reconciler.spec import (
-    Dataset,
-    EvalStage,
-    Image,
-    Model,
-    RLStage,
-    Sandbox,
-    SFTStage,
-    Spec,
-    Volume,
-)
+from reconciler.errors import TerminalError
+from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import LocalRun, RunHandle
 from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
@@ -65,12 +57,11 @@ from runtime.local import runs
 from runtime import metrics as met
 from runtime import processes as procs
 from reconciler.backend import Checkpoint, ChecksPresence, Outcome, ReadsMetrics, RenderedCommand, RunStatus, StageContext
-from runtime.local.finalize import finalize_run
+from runtime.local.finalize import LocalMerger
+from runtime.local.stage_files import LocalStageFiles
+from runtime.stage_kind import Machine
+from runtime.stage_kinds import kind_of
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
-from runtime.verl.sft import render_merge, render_sft
-
-if TYPE_CHECKING:
-    from runtime.eval.job import EvalJob
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
 
@@ -108,6 +99,21 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             return forced == "cpu"
         return local_gpu_count() == 0
 
+    def machine(self) -> Machine:
+        """This machine for a stage kind: its device, its GPUs, its modules."""
+        cpu = self.use_cpu()
+        return Machine(
+            device="cpu" if cpu else "cuda", gpus=0 if cpu else local_gpu_count(),
+            # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
+            attn_implementation=None if cpu or importlib.util.find_spec("flash_attn") else "sdpa",
+            has_module=lambda name: importlib.util.find_spec(name) is not None,
+        )
+
+    def stage_files(self, spec: Spec, stage: str, restart_id: str) -> LocalStageFiles:
+        return LocalStageFiles(
+            root=self.stage_root(spec, stage), run=Path(self.stage_paths(spec, stage, restart_id).stage_dir)
+        )
+
     # ------------------------------------------------------------------ checks
 
     def preflight(self, spec: Spec) -> list[str]:
@@ -138,7 +144,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         kind, _, name = address.partition(".")
         if kind != "stage" or name not in spec.stages:
             return None
-        stage = spec.stages[name]
+        stage, machine = spec.stages[name], self.machine()
         res = stage.resources
         if res.nodes > 1:
             return (
@@ -146,52 +152,12 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
                 "`backend: modal` (a clustered function), or set resources.nodes: 1"
             )
         if res.gpu is not None:
-            have = 0 if self.use_cpu() else local_gpu_count()
-            if have < res.gpus_per_node:
+            if machine.gpus < res.gpus_per_node:
                 return (
-                    f"asks for {res.gpus_per_node}× {res.gpu} but this machine has {have} GPU(s); "
+                    f"asks for {res.gpus_per_node}× {res.gpu} but this machine has {machine.gpus} GPU(s); "
                     "run it with `backend: modal`, or drop `resources.gpu` to train on this machine"
                 )
-        if isinstance(stage, RLStage):
-            return self._rl_blocker(stage)
-        if isinstance(stage, EvalStage) and stage.engine == "vllm":
-            if self.use_cpu():
-                return "eval engine vllm needs a GPU; this machine has none (use `engine: auto`)"
-            if importlib.util.find_spec("vllm") is None:
-                return "eval engine vllm is not installed (pip install vllm, or use `engine: auto`)"
-        return None
-
-    def _rl_blocker(self, stage: RLStage) -> str | None:
-        if importlib.util.find_spec("runtime.verl.rl") is None:
-            return "RL launch rendering (runtime.verl.rl) is not part of this installation"
-        engine = self.rollout_engine(stage)
-        if engine is None:
-            wanted = stage.rollout.engine
-            if wanted in ("vllm", "sglang"):
-                if self.use_cpu():
-                    return f"rollout engine {wanted} needs a GPU; this machine has none (use `rollout.engine: auto`)"
-                return f"rollout engine {wanted} is not installed (pip install {wanted})"
-            return (
-                "no rollout engine: verl 0.9.1 registers only vllm/sglang/trtllm (GPU), "
-                + ("none of which is installed, " if not self.use_cpu() else "and this machine has no GPU, ")
-                + "and retool's transformers rollout (runtime.verl.rollout) is not available"
-            )
-        return None
-
-    def rollout_engine(self, stage: RLStage) -> str | None:
-        """The rollout engine this machine can run for `stage`, or None."""
-        has = lambda m: importlib.util.find_spec(m) is not None
-        transformers_ok = has("runtime.verl.rollout") and has("runtime.verl.rollout.plugin")
-        wanted, cpu = stage.rollout.engine, self.use_cpu()
-        if wanted in ("vllm", "sglang"):
-            return wanted if (has(wanted) and not cpu) else None
-        if wanted == "transformers":
-            return "transformers" if transformers_ok else None
-        if not cpu:
-            for engine in ("vllm", "sglang"):
-                if has(engine):
-                    return engine
-        return "transformers" if transformers_ok else None
+        return kind_of(stage).blocker(stage, machine)
 
     # ------------------------------------------------------------------ volumes and environment
 
@@ -260,19 +226,13 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
     # ------------------------------------------------------------------ stages: commands
 
     def render_stage(self, ctx: StageContext) -> list[RenderedCommand]:
-        """The training command(s), then the merge `finalize_stage` runs on the final checkpoint.
+        """The stage's command(s), then the merge `finalize_stage` runs on the final checkpoint.
         Inputs not prepared yet are shown where they will be (`retool render` before `apply`)."""
         ctx = self._with_planned_inputs(ctx)
-        stage = ctx.spec.stages[ctx.stage]
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
         sandbox = self._live_sandbox_url(hold=False) or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
         commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
-        if isinstance(stage, EvalStage):
-            return commands  # no merge: an eval produces samples and metrics, not a model
-        final = ctx.total_steps if ctx.total_steps is not None else "N"
-        source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
-        merge = render_merge(source, paths.merged_dir)
-        return [*commands, merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})]
+        return [*commands, *kind_of(ctx.spec.stages[ctx.stage]).finalize_commands(ctx, paths)]
 
     def _with_planned_inputs(self, ctx: StageContext) -> StageContext:
         spec = ctx.spec
@@ -284,29 +244,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         )
 
     def _train_commands(self, ctx: StageContext, paths: StagePaths, *, sandbox_url: str | None) -> list[RenderedCommand]:
-        stage = ctx.spec.stages[ctx.stage]
-        cpu = self.use_cpu()
-        # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
-        attn = None if cpu or importlib.util.find_spec("flash_attn") else "sdpa"
-        if isinstance(stage, SFTStage):
-            return [render_sft(ctx, paths, cpu=cpu, attn_implementation=attn)]
-        if isinstance(stage, EvalStage):
-            from runtime.eval.render import eval_command
-
-            return [eval_command(ctx, self._eval_job(ctx, paths, sandbox_url))]
-        blocker = self._rl_blocker(stage)
-        if blocker:
-            raise TerminalError(f"stage.{ctx.stage} cannot run on this machine", blocker)
-        from runtime.verl.rl import render_rl
-
-        if sandbox_url is None:
-            raise TerminalError(
-                f"stage.{ctx.stage} needs the sandbox, which is not running",
-                hint="apply the `sandbox` node first (retool apply starts it)",
-            )
-        return list(render_rl(
-            ctx, sandbox_url=sandbox_url, cpu=cpu, paths=paths, rollout=self.rollout_engine(stage), attn_implementation=attn,
-        ))
+        return kind_of(ctx.spec.stages[ctx.stage]).commands(ctx, paths, self.machine(), sandbox_url)
 
     @staticmethod
     def _executable(argv: list[str]) -> list[str]:
@@ -325,6 +263,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         """Start the stage detached, or re-attach to the run an earlier launch of the same
         stage and restart identity started and that still runs (runtime.local.runs)."""
         stage = ctx.spec.stages[ctx.stage]
+        kind = kind_of(stage)
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
         run_dir = Path(paths.stage_dir)
         prior = runs.read_active(run_dir)
@@ -343,11 +282,8 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
             write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        if isinstance(stage, EvalStage):
-            from runtime.eval.job import JOB_FILE
-
-            job = self._eval_job(ctx, paths, self._live_sandbox_url())
-            write_text_atomic(run_dir / JOB_FILE, job.model_dump_json(indent=2) + "\n")
+        for name, text in kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url()).items():
+            write_text_atomic(run_dir / name, text)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
         exit_path = log_path.with_name(log_path.stem + ".exit.json")
@@ -355,7 +291,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             procs.PlannedCommand(argv=self._executable(c.argv), env=c.env, cwd=c.cwd or str(run_dir)) for c in commands
         ]
         info = procs.start_detached(planned, log_path=log_path, exit_path=exit_path, cwd=str(run_dir))
-        if stage.kind in ("rl", "eval"):
+        if kind.uses_sandbox:
             # The run calls the sidecar for as long as it runs, also after apply exits (--no-wait):
             # its leader's lease keeps the sidecar from idling out between rollouts.
             res.take_lease(self.state_dir, info.pid)
@@ -389,65 +325,27 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             procs.write_exit(exit_path, procs.ExitRecord(returncode=-9 if killed else -15, signal=sig, cancelled=True))
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
-        if isinstance(spec.stages[stage], EvalStage):
-            return self._eval_checkpoints(spec, stage, restart_id)
-        root = self.stage_root(spec, stage)
-        try:
-            entries = ckpts.scan_local(root)
-        except OSError as e:
-            raise TransientError(f"cannot list checkpoints under {root}", str(e)) from e
-        return ckpts.evaluate(entries, spec.stages[stage].resources.world_size, restart_id, root=str(root))
+        definition = spec.stages[stage]
+        return kind_of(definition).discover(
+            self.stage_files(spec, stage, restart_id), world_size=definition.resources.world_size, restart_id=restart_id,
+        )
 
     # ------------------------------------------------------------------ finalize
 
     def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
-        """Merge `checkpoint` into `merged/` (skipped when merged.json names it), then the
-        SFT tool-call check when the spec asks for one (runtime.local.finalize)."""
+        """The stage kind's finalize (runtime.verl.kind: merge into `merged/`, skipped when
+        merged.json names the checkpoint, and the SFT tool-call check; runtime.eval.kind:
+        metrics), with this machine's files and merge (runtime.local.finalize)."""
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        if isinstance(ctx.spec.stages[ctx.stage], EvalStage):
-            from runtime.eval.finalize import eval_outputs
-
-            return eval_outputs(Path(paths.stage_dir), ctx.total_steps or 0, checkpoint)
-        return finalize_run(
-            ctx, checkpoint, paths, logs_dir=self.state_dir / "logs", executable=self._executable,
+        merger = LocalMerger(
+            stage=ctx.stage, restart_id=ctx.restart_id, paths=paths, logs_dir=self.state_dir / "logs",
+            executable=self._executable,
+        )
+        return kind_of(ctx.spec.stages[ctx.stage]).finalize(
+            ctx, checkpoint, paths, self.stage_files(ctx.spec, ctx.stage, ctx.restart_id), merger,
         )
 
     def read_metrics(self, spec: Spec, stage: str, restart_id: str) -> list[tuple[int, dict[str, float]]]:
         """A run's per-step metrics (its metrics.jsonl), for `retool report`."""
         path = Path(self.stage_paths(spec, stage, restart_id).stage_dir) / "metrics.jsonl"
         return [(r.step, dict(r.values)) for r in met.read_file(path)]
-
-    # ------------------------------------------------------------------ eval stages
-
-    def _eval_job(self, ctx: StageContext, paths: StagePaths, sandbox_url: str | None) -> "EvalJob":
-        from runtime.eval.render import eval_job
-
-        if sandbox_url is None:
-            raise TerminalError(
-                f"stage.{ctx.stage} needs the sandbox, which is not running",
-                hint="apply the `sandbox` node first (retool apply starts it)",
-            )
-        cpu = self.use_cpu()
-        return eval_job(
-            ctx, out_dir=paths.stage_dir, sandbox_url=sandbox_url, gpus=0 if cpu else local_gpu_count(),
-            device="cpu" if cpu else "cuda",
-        )
-
-    def _eval_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
-        """An eval run's complete sample rounds (runtime.eval.discover)."""
-        from runtime.eval.discover import eval_checkpoint
-        from runtime.eval.job import PROGRESS_FILE
-
-        run_dir = Path(self.stage_paths(spec, stage, restart_id).stage_dir)
-
-        def text(name: str) -> str | None:
-            try:
-                return (run_dir / name).read_text(encoding="utf-8")
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise TransientError(f"cannot read {run_dir / name}", str(e)) from e
-
-        return eval_checkpoint(
-            run_dir=str(run_dir), restart_id=restart_id, marker=text(ckpts.MARKER_FILE), progress=text(PROGRESS_FILE)
-        )

@@ -1,10 +1,10 @@
 """After a local stage succeeded: merge its final checkpoint into a Hugging Face model and,
 for an SFT stage with `tool_call_check`, measure how often that model calls the tool.
 
-Both results are cached in `<run dir>/merged.json` (the merged step, the check's result),
-so finalizing again — a retry, or a later apply — does no work twice. A tool-call rate
-below `min_rate` fails the stage with the rate, a few completions and a hint; the merged
-model and checkpoints stay, and more epochs resume the run.
+This is the local backend's part of finalize (runtime.stage_kind.ModelMerger); the stage
+kind (runtime.verl.kind) renders the merge command and judges the check's rate. Both
+results are cached in `<run dir>/merged.json` (the merged step, the check's result), so
+finalizing again — a retry, or a later apply — does no work twice.
 """
 
 from __future__ import annotations
@@ -14,70 +14,76 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reconciler.errors import TerminalError
-from reconciler.spec import SFTStage, ToolCallCheck
+from reconciler.spec import ToolCallCheck
 from runtime import records as rec
+from runtime.records import MergeRecord
 from runtime import metrics as met
 from runtime import processes as procs
-from reconciler.backend import Checkpoint, Outcome, StageContext
+from reconciler.backend import Change, Checkpoint, RenderedCommand
+from runtime.stage_kind import MergeResult, ToolCallMeasure
 from runtime.verl.common import StagePaths
-from runtime.records import MergeRecord
-from runtime.verl.sft import render_merge
 
 MERGE_RECORD = "merged.json"
 
 
-def finalize_run(
-    ctx: StageContext, checkpoint: Checkpoint, paths: StagePaths, *, logs_dir: Path,
-    executable: Callable[[list[str]], list[str]],
-) -> Outcome:
-    if not checkpoint.valid:
-        raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
-    stage = ctx.spec.stages[ctx.stage]
-    merged, record_path = Path(paths.merged_dir), Path(paths.stage_dir) / MERGE_RECORD
-    record = rec.load(MergeRecord, record_path)
-    change = "unchanged"
-    if record is None or record.step != checkpoint.step or not (merged / "config.json").is_file():
-        log_path = logs_dir / f"{ctx.stage}-{ctx.restart_id[:8]}-merge-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        merge_checkpoint(Path(checkpoint.path), merged, log_path, executable)
-        record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
-        rec.save(record_path, record)
-        change = "created"
-    outputs: dict[str, Any] = {"model_path": str(merged), "final_step": checkpoint.step, "checkpoint": checkpoint.path}
-    records = met.read_file(Path(paths.stage_dir) / "metrics.jsonl")
-    if records:  # for `status` (never part of the output identity: that is final_step only)
-        outputs["final_metrics"] = met.headline(records) or met.latest(records)
-        outputs["sparklines"] = met.sparklines(records)
-    url = latest_wandb_url(logs_dir, ctx.stage, ctx.restart_id)
-    if url:
-        outputs["wandb_url"] = url
-    message = f"merged step {checkpoint.step} into {merged}"
-    if isinstance(stage, SFTStage) and stage.tool_call_check is not None:
-        check = stage.tool_call_check
+@dataclass(frozen=True)
+class LocalMerger:
+    """runtime.stage_kind.ModelMerger on this machine: `verl.model_merger` as a subprocess
+    (its log under `logs_dir`), the tool-call check in this process; both cached in the run
+    directory's merged.json."""
+
+    stage: str
+    restart_id: str
+    paths: StagePaths
+    logs_dir: Path
+    executable: Callable[[list[str]], list[str]]
+
+    def merge(
+        self, command: Callable[[str], RenderedCommand], checkpoint: Checkpoint, check: ToolCallCheck | None,
+    ) -> MergeResult:
+        merged, record_path = Path(self.paths.merged_dir), Path(self.paths.stage_dir) / MERGE_RECORD
+        record = rec.load(MergeRecord, record_path)
+        change: Change = "unchanged"
+        if record is None or record.step != checkpoint.step or not (merged / "config.json").is_file():
+            log_path = self.logs_dir / f"{self.stage}-{self.restart_id[:8]}-merge-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            merge_checkpoint(command, Path(checkpoint.path), merged, log_path, self.executable)
+            record = MergeRecord(step=checkpoint.step, checkpoint=checkpoint.path)
+            rec.save(record_path, record)
+            change = "created"
+        outputs: dict[str, Any] = {}
+        records = met.read_file(Path(self.paths.stage_dir) / "metrics.jsonl")
+        if records:  # for `status` (never part of the output identity: that is final_step only)
+            outputs["final_metrics"] = met.headline(records) or met.latest(records)
+            outputs["sparklines"] = met.sparklines(records)
+        url = latest_wandb_url(self.logs_dir, self.stage, self.restart_id)
+        if url:
+            outputs["wandb_url"] = url
+        if check is None:
+            return MergeResult(change=change, outputs=outputs)
         if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
             record = record.model_copy(update={"tool_check": measure_tool_calls(merged, check.prompts)})
             rec.save(record_path, record)
         assert record.tool_check is not None
-        outputs.update({
-            "tool_call_rate": record.tool_check["rate"], "tool_call_prompts": record.tool_check["n"],
-            "tool_call_min_rate": check.min_rate,
-        })
-        message += "; " + enforce_tool_calls(ctx.stage, check, record.tool_check, merged)
-    return Outcome(change=change, outputs=outputs, message=message)
+        measured = ToolCallMeasure(
+            rate=record.tool_check["rate"], prompts=record.tool_check["n"], examples=tool_check_examples(record.tool_check),
+        )
+        return MergeResult(change=change, outputs=outputs, tool_check=measured)
 
 
 def merge_checkpoint(
-    checkpoint_dir: Path, merged: Path, log_path: Path, executable: Callable[[list[str]], list[str]]
+    command: Callable[[str], RenderedCommand], checkpoint_dir: Path, merged: Path, log_path: Path,
+    executable: Callable[[list[str]], list[str]],
 ) -> None:
-    """`verl.model_merger` into a temporary folder, then swap it in (a failed merge leaves
-    the previous merged model untouched)."""
-    source = checkpoint_dir / "actor" if (checkpoint_dir / "actor").is_dir() else checkpoint_dir
+    """`command` into a temporary folder, then swap it in (a failed merge leaves the
+    previous merged model untouched)."""
     tmp = merged.with_name(merged.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = render_merge(str(source), str(tmp))
+    cmd = command(str(tmp))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         done = subprocess.run(
@@ -103,15 +109,12 @@ def measure_tool_calls(model_dir: Path, prompts: int) -> dict[str, Any]:
     return {"prompts": prompts, **result.model_dump()}
 
 
-def enforce_tool_calls(stage: str, check: ToolCallCheck, result: dict[str, Any], merged: Path) -> str:
-    """The check's one-line summary; TerminalError when the rate is below `min_rate`."""
-    from runtime.toolcheck import require_rate
-
-    examples = "\n".join(
+def tool_check_examples(result: dict[str, Any]) -> str:
+    """A few of the check's completions, one a line (shown when the rate is too low)."""
+    return "\n".join(
         f"- {e['prompt'][:60]!r} -> {e['completion'][:120]!r} ({e['reason'] or 'ok'})"
         for e in result.get("examples", [])[:4]
     )
-    return require_rate(stage, check.min_rate, result["rate"], result["n"], str(merged), examples)
 
 
 def latest_wandb_url(logs_dir: Path, stage: str, restart_id: str) -> str | None:

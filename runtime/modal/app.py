@@ -85,8 +85,8 @@ def modal_problems(spec: Spec, repo_root: str | Path) -> list[str]:
                 f"stages.{name}.resources.timeout_hours: {hours:g} h leaves no time to train after the "
                 f"{SEGMENT_MARGIN_S // 60}-minute hand-over margin"
             )
-        elif (why := save_interval_problem(stage, min(hours, MAX_TIMEOUT_HOURS))) is not None:
-            problems.append(f"stages.{name}.save_freq: {why}")
+        elif (cadence := save_interval_problem(stage, min(hours, MAX_TIMEOUT_HOURS))) is not None:
+            problems.append(f"stages.{name}.save_freq: {cadence}")
     root = Path(repo_root)
     for src in spec.image.local_sources:
         if not ((root / src / "__init__.py").is_file() or (root / f"{src}.py").is_file()):

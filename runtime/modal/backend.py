@@ -22,17 +22,17 @@ running and never relaunches it. Credentials are checked first, locally, in `pre
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Dataset, EvalStage, Image, Model, RLStage, Sandbox, SFTStage, Spec, Volume
+from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import ModalRun, RunHandle, StateStore
 from runtime import checkpoints as ckpts
 from runtime import records
@@ -48,6 +48,8 @@ from reconciler.backend import (
     RunStatus,
     StageContext,
 )
+from reconciler.spec import ToolCallCheck
+from reconciler.backend import Change
 from reconciler.steps import segments_for
 from runtime.modal import launches, layout
 from runtime.modal.adapter import (
@@ -77,13 +79,10 @@ from runtime.modal.app import (
     modal_warnings,
     sandbox_token_env,
 )
-from runtime.eval.discover import eval_checkpoint
-from runtime.eval.finalize import eval_outcome
-from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob
-from runtime.eval.render import eval_command, eval_job
-from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE
+from runtime.stage_kind import Machine, MergeResult, ToolCallMeasure
+from runtime.stage_kinds import kind_of
 from runtime.verl.common import StagePaths, with_planned_inputs
-from runtime.verl.sft import MERGE_MODULE, render_merge, render_sft
+from runtime.verl.sft import MERGE_MODULE
 from runtime.stamps import restart_config, short_hash
 
 CLUSTER_GPUS_PER_NODE = 8  # a clustered container takes its whole host (8 GPUs on Modal's H100/A100/B200 hosts)
@@ -179,8 +178,9 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             # modal.clustered: every container requests all GPUs of its host
             bad.append(f"a {stage.resources.nodes}-node stage runs as a Modal cluster whose containers take every "
                        f"GPU of their host: set resources.gpus_per_node: {CLUSTER_GPUS_PER_NODE}")
-        if isinstance(stage, RLStage) and importlib.util.find_spec("runtime.verl.rl") is None:
-            bad.append("RL launch rendering (runtime.verl.rl) is not part of this installation")
+        blocker = kind_of(stage).blocker(stage, self._machine(spec, name))
+        if blocker:
+            bad.append(blocker)
         if stage.resources.gpu is None:
             bad.append("asks for no GPU; on Modal set resources.gpu and gpus_per_node (e.g. H100, 8)")
         return "; ".join(bad) or None
@@ -311,30 +311,17 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             ctx, dataset_dir=lambda n: dataset_dir(spec, n), model_dir=lambda n: model_dir(spec, n),
             stage_root=lambda n: f"{mount(spec, spec.stages[n].volume)}/{n}",
         )
-        stage = spec.stages[ctx.stage]
+        kind = kind_of(spec.stages[ctx.stage])
         paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
-        if isinstance(stage, EvalStage):  # samples and metrics, no merge (runtime.eval)
-            return [in_container(eval_command(ctx, self._eval_job(ctx)))]
-        if isinstance(stage, SFTStage):
-            train = [render_sft(ctx, paths, cpu=False, attn_implementation=attention(ctx.spec.image))]
-        else:
-            from runtime.verl.rl import render_rl
+        sandbox = self._sandbox_url(ctx) if kind.uses_sandbox else None
+        return [in_container(c) for c in kind.render(ctx, paths, self._machine(spec, ctx.stage), sandbox)]
 
-            engine = "vllm" if stage.rollout.engine == "auto" else stage.rollout.engine
-            train = list(render_rl(ctx, sandbox_url=self._sandbox_url(ctx), cpu=False, paths=paths, rollout=engine))
-        final = ctx.total_steps if ctx.total_steps is not None else "N"
-        source = f"{paths.ckpt_dir}/global_step_{final}" + ("/actor" if isinstance(stage, RLStage) else "")
-        merge = render_merge(source, paths.merged_dir)
-        merge = merge.model_copy(update={"description": merge.description + " (in finalize, after training)"})
-        return [in_container(c) for c in (*train, merge)]
-
-    def _eval_job(self, ctx: StageContext) -> EvalJob:
-        """The eval runner's job, with container paths; vLLM over the stage's GPUs."""
-        gpus = ctx.spec.stages[ctx.stage].resources.gpus_per_node
-        return eval_job(
-            ctx, out_dir=self.paths(ctx.spec, ctx.stage, ctx.restart_id).stage_dir, sandbox_url=self._sandbox_url(ctx),
-            gpus=gpus, device="cuda" if gpus else "cpu",
-        )
+    def _machine(self, spec: Spec, stage: str) -> Machine:
+        """A container of the stage's function. Its image is built with the engines the spec
+        names (runtime.modal.images), so every module counts as there: `auto` is vLLM."""
+        gpus = spec.stages[stage].resources.gpus_per_node
+        return Machine(device="cuda" if gpus else "cpu", gpus=gpus, attn_implementation=attention(spec.image),
+                       has_module=lambda _: True)
 
     def _sandbox_url(self, ctx: StageContext) -> str:
         sb = ctx.spec.sandbox
@@ -354,6 +341,7 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         call of this identity, refuses while an earlier launch whose answer was lost may still
         be queued, and records the launch's intent before spawning."""
         spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
+        kind = kind_of(stage)
         env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
         commands = self.render_stage(ctx)
         existing = self._running_call(spec, ctx.stage, ctx.restart_id)
@@ -377,16 +365,18 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             commands=[c.model_dump(mode="json") for c in commands],
             checkpoint_dir=self.paths(spec, ctx.stage, ctx.restart_id).ckpt_dir, checkpoint_volume=vol,
             volumes={modal_volume_name(spec, k): v.mount for k, v in sorted(spec.volumes.items())},
-            sidecar=_sidecar(sb) if isinstance(stage, (RLStage, EvalStage)) and sb is not None and sb.placement == "sidecar" else None,
-            sandbox_token_var=sandbox_token_env(spec) if isinstance(stage, (RLStage, EvalStage)) else None,
+            sidecar=_sidecar(sb) if kind.uses_sandbox and sb is not None and sb.placement == "sidecar" else None,
+            sandbox_token_var=sandbox_token_env(spec) if kind.uses_sandbox else None,
             replace_existing=replace,
             train_seconds=max(60.0, definition.function(stage_function_name(ctx.stage)).timeout_s - SEGMENT_MARGIN_S),
             launch=launch,
         )
-        if isinstance(stage, EvalStage):  # the runner reads its job from the run directory
-            files = {self._rel(ctx.stage, ctx.restart_id, JOB_FILE): self._eval_job(ctx).model_dump_json(indent=2).encode()}
-            if ctx.resume_from is None:  # from scratch: earlier samples go to .replaced/, never reused
-                files.update(self._set_aside_eval(ctx.stage, ctx.restart_id, vol, env, self.clock()))
+        sandbox = self._sandbox_url(ctx) if kind.uses_sandbox else None
+        inputs = kind.run_inputs(ctx, self.paths(spec, ctx.stage, ctx.restart_id), self._machine(spec, ctx.stage), sandbox)
+        files = {self._rel(ctx.stage, ctx.restart_id, name): text.encode() for name, text in inputs.items()}
+        if ctx.resume_from is None:  # from scratch: an earlier run's progress goes to .replaced/, never reused
+            files.update(self._set_aside(kind.resumable_files, ctx.stage, ctx.restart_id, vol, env, self.clock()))
+        if files:
             self.adapter.put_files(vol, files, env=env)
         marker = ckpts.marker_content(ctx.restart_id, ctx.stage, res.world_size)
         started = self.clock()
@@ -554,78 +544,28 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         self.adapter.cancel(call_id)
 
     def discover_checkpoints(self, spec: Spec, stage: str, restart_id: str) -> list[Checkpoint]:
-        env, vol = spec.modal.environment, self._stage_volume(spec, stage)
-        if isinstance(spec.stages[stage], EvalStage):  # complete sample rounds (runtime.eval.discover)
-            return eval_checkpoint(
-                run_dir=self.paths(spec, stage, restart_id).stage_dir, restart_id=restart_id,
-                marker=self._read_text(vol, self._rel(stage, restart_id, ckpts.MARKER_FILE), env),
-                progress=self._read_text(vol, self._rel(stage, restart_id, PROGRESS_FILE), env),
-            )
-        try:
-            listing = self.adapter.listdir(vol, stage, recursive=True, env=env)
-        except FileNotFoundError:
-            return []
-        entries: list[ckpts.CkptEntry] = []
-        for e in listing:
-            rel = e.path[len(stage) + 1:] if e.path.startswith(stage + "/") else e.path
-            parts = rel.split("/")
-            # the same view as runtime.checkpoints.scan_local: four levels, no merged/HF trees, no run files
-            if not rel or len(parts) > 4 or any(p in ckpts.SKIP_DIRS for p in parts) or parts[1:2] == [RUN_DIR]:
-                continue
-            content = None
-            if not e.is_dir and ckpts.wants_content(rel):
-                try:
-                    content = self.adapter.read_file(vol, e.path, env=env).decode(errors="replace")[:4096]
-                except FileNotFoundError:
-                    content = None
-            entries.append(ckpts.CkptEntry(path=rel, is_dir=e.is_dir, size=None if e.is_dir else e.size, content=content))
-        root = f"{mount(spec, spec.stages[stage].volume)}/{stage}"
-        return ckpts.evaluate(entries, spec.stages[stage].resources.world_size, restart_id, root=root)
+        definition = spec.stages[stage]
+        return kind_of(definition).discover(
+            self._files(spec, stage, restart_id), world_size=definition.resources.world_size, restart_id=restart_id,
+        )
+
+    def _files(self, spec: Spec, stage: str, restart_id: str) -> VolumeStageFiles:
+        return VolumeStageFiles(
+            adapter=self.adapter, volume=self._stage_volume(spec, stage), env=spec.modal.environment, stage=stage,
+            stage_root=f"{mount(spec, spec.stages[stage].volume)}/{stage}",
+            run_dir=self.paths(spec, stage, restart_id).stage_dir, rel_run_dir=self._rel(stage, restart_id),
+        )
 
     # ------------------------------------------------------------------ finalize
 
     def finalize_stage(self, ctx: StageContext, checkpoint: Checkpoint) -> Outcome:
-        if not checkpoint.valid:
-            raise TerminalError(f"checkpoint {checkpoint.path} is not valid", checkpoint.reason)
-        spec, stage = ctx.spec, ctx.spec.stages[ctx.stage]
-        env, vol = spec.modal.environment, self._stage_volume(spec, ctx.stage)
-        paths = self.paths(spec, ctx.stage, ctx.restart_id)
-        if isinstance(stage, EvalStage):  # metrics from the samples on the volume; nothing to merge
-            return eval_outcome(
-                paths.stage_dir, ctx.total_steps or stage.samples, checkpoint,
-                progress=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, PROGRESS_FILE), env),
-                samples=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, SAMPLES_FILE), env),
-                results=self._read_text(vol, self._rel(ctx.stage, ctx.restart_id, RESULTS_FILE), env),
-            )
-        stamp_path = self._rel(ctx.stage, ctx.restart_id, "merged.json")
-        check = stage.tool_call_check if isinstance(stage, SFTStage) else None
-        stamp = self._read_record(MergeStamp, vol, stamp_path, env)
-        change = "unchanged"
-        wanted = MergeStamp(step=checkpoint.step, checkpoint=checkpoint.path,
-                            tool_call_check=check.model_dump(mode="json") if check else None)
-        if stamp is None or stamp.model_copy(update={"outputs": {}, "version": wanted.version}) != wanted:
-            source = checkpoint.path + ("/actor" if isinstance(stage, RLStage) else "")
-            payload = FinalizePayload(
-                stage=ctx.stage, checkpoint_path=checkpoint.path, step=checkpoint.step, merged_dir=paths.merged_dir,
-                volume=vol, commands=[render_merge(source, paths.merged_dir).model_dump(mode="json")],
-                tool_call_check=wanted.tool_call_check,
-            )
-            self._ensure_deployed(spec)
-            call_id = self.adapter.spawn(app_name(spec), FINALIZE_FUNCTION, payload.model_dump(mode="json"), env=env)
-            outputs = self._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)
-            stamp = wanted.model_copy(update={"outputs": outputs})
-            self.adapter.put_files(vol, {stamp_path: records.dumps(stamp)}, env=env)
-            change = "created"
-        outputs = {"model_path": paths.merged_dir, "final_step": checkpoint.step, "checkpoint": checkpoint.path,
-                   **stamp.outputs}
-        message = f"merged step {checkpoint.step} into {paths.merged_dir}"
-        if check is not None:
-            from runtime.toolcheck import require_rate
-
-            outputs["tool_call_min_rate"] = check.min_rate
-            rate, prompts = float(outputs.get("tool_call_rate", 0.0)), int(outputs.get("tool_call_prompts") or 0)
-            message += "; " + require_rate(ctx.stage, check.min_rate, rate, prompts, paths.merged_dir)
-        return Outcome(change=change, outputs=outputs, message=message)
+        """The stage kind's finalize (runtime.verl.kind: merge on one GPU through the finalize
+        function, and the SFT tool-call check; runtime.eval.kind: metrics from the volume)."""
+        paths = self.paths(ctx.spec, ctx.stage, ctx.restart_id)
+        return kind_of(ctx.spec.stages[ctx.stage]).finalize(
+            ctx, checkpoint, paths, self._files(ctx.spec, ctx.stage, ctx.restart_id),
+            FunctionMerger(runtime=self, ctx=ctx, paths=paths),
+        )
 
     # ------------------------------------------------------------------ cost
 
@@ -644,16 +584,19 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
 
     # ------------------------------------------------------------------ helpers
 
-    def _set_aside_eval(self, stage: str, restart_id: str, vol: str, env: str | None, now: float) -> dict[str, bytes]:
-        """Files that keep an eval run's earlier samples under `<stage>/.replaced/` and
-        empty them in the run directory (a rerun from scratch draws every sample anew)."""
+    def _set_aside(
+        self, names: tuple[str, ...], stage: str, restart_id: str, vol: str, env: str | None, now: float,
+    ) -> dict[str, bytes]:
+        """Files that keep a run's earlier progress (`names` in its run directory: an eval's
+        samples) under `<stage>/.replaced/` and empty them in the run directory (a rerun from
+        scratch starts anew)."""
         files: dict[str, bytes] = {}
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-        for name in (SAMPLES_FILE, PROGRESS_FILE, RESULTS_FILE):
+        for name in names:
             old = self._read_text(vol, self._rel(stage, restart_id, name), env)
             if old:
                 files[f"{stage}/.replaced/{ckpts.restart_dir_name(restart_id)}-{stamp}/{name}"] = old.encode()
-                files[self._rel(stage, restart_id, name)] = b"" if name == SAMPLES_FILE else b"{}"
+                files[self._rel(stage, restart_id, name)] = b"{}" if name.endswith(".json") else b""
         return files
 
     def _read_text(self, volume: str, path: str, env: str | None) -> str | None:
@@ -676,6 +619,88 @@ def _call_result(outcome: CallOutcome, call_id: str) -> StageResult | None:
     if not isinstance(outcome.result, dict):
         return None
     return records.parse(StageResult, outcome.result, source=f"the result of Modal call {call_id}")
+
+
+@dataclass(frozen=True)
+class VolumeStageFiles:
+    """runtime.stage_kind.StageFiles over a Modal volume (paths inside it: `<stage>/...`)."""
+
+    adapter: ModalAdapter
+    volume: str
+    env: str | None
+    stage: str
+    stage_root: str  # as the containers see them (mount paths)
+    run_dir: str
+    rel_run_dir: str  # the run directory inside the volume
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return self.adapter.read_file(self.volume, f"{self.rel_run_dir}/{name}", env=self.env).decode(
+                "utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
+    def checkpoint_entries(self) -> list[ckpts.CkptEntry]:
+        """The same view as runtime.checkpoints.scan_local: four levels, no merged/HF trees, no run files."""
+        stage, vol, env = self.stage, self.volume, self.env
+        try:
+            listing = self.adapter.listdir(vol, stage, recursive=True, env=env)
+        except FileNotFoundError:
+            return []
+        entries: list[ckpts.CkptEntry] = []
+        for e in listing:
+            rel = e.path[len(stage) + 1:] if e.path.startswith(stage + "/") else e.path
+            parts = rel.split("/")
+            if not rel or len(parts) > 4 or any(p in ckpts.SKIP_DIRS for p in parts) or parts[1:2] == [RUN_DIR]:
+                continue
+            content = None
+            if not e.is_dir and ckpts.wants_content(rel):
+                try:
+                    content = self.adapter.read_file(vol, e.path, env=env).decode(errors="replace")[:4096]
+                except FileNotFoundError:
+                    content = None
+            entries.append(ckpts.CkptEntry(path=rel, is_dir=e.is_dir, size=None if e.is_dir else e.size, content=content))
+        return entries
+
+
+@dataclass(frozen=True)
+class FunctionMerger:
+    """runtime.stage_kind.ModelMerger on Modal: the app's finalize function runs the merge
+    (and the tool-call check) on one GPU; `merged.json` in the run directory records what
+    was merged, so a later finalize of the same checkpoint and check spawns nothing."""
+
+    runtime: ModalRuntime
+    ctx: StageContext
+    paths: StagePaths
+
+    def merge(
+        self, command: Callable[[str], RenderedCommand], checkpoint: Checkpoint, check: ToolCallCheck | None,
+    ) -> MergeResult:
+        rt, ctx, spec = self.runtime, self.ctx, self.ctx.spec
+        env, vol = spec.modal.environment, rt._stage_volume(spec, ctx.stage)
+        stamp_path = rt._rel(ctx.stage, ctx.restart_id, "merged.json")
+        stamp = rt._read_record(MergeStamp, vol, stamp_path, env)
+        change: Change = "unchanged"
+        wanted = MergeStamp(step=checkpoint.step, checkpoint=checkpoint.path,
+                            tool_call_check=check.model_dump(mode="json") if check else None)
+        if stamp is None or stamp.model_copy(update={"outputs": {}, "version": wanted.version}) != wanted:
+            payload = FinalizePayload(
+                stage=ctx.stage, checkpoint_path=checkpoint.path, step=checkpoint.step, merged_dir=self.paths.merged_dir,
+                volume=vol, commands=[command(self.paths.merged_dir).model_dump(mode="json")],
+                tool_call_check=wanted.tool_call_check,
+            )
+            rt._ensure_deployed(spec)
+            call_id = rt.adapter.spawn(app_name(spec), FINALIZE_FUNCTION, payload.model_dump(mode="json"), env=env)
+            stamp = wanted.model_copy(update={"outputs": rt._wait_result(call_id, f"finalize stage.{ctx.stage}", 2 * 3600)})
+            rt.adapter.put_files(vol, {stamp_path: records.dumps(stamp)}, env=env)
+            change = "created"
+        outputs = dict(stamp.outputs)
+        measured = None
+        if check is not None:
+            measured = ToolCallMeasure(
+                rate=float(outputs.get("tool_call_rate", 0.0)), prompts=int(outputs.get("tool_call_prompts") or 0),
+            )
+        return MergeResult(change=change, outputs=outputs, tool_check=measured)
 
 
 def attention(image: Image) -> str | None:

@@ -11,13 +11,17 @@ options give byte-identical files.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.errors import TerminalError
 from runtime.models.chat_template import CHAT_TEMPLATE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Qwen's chat tokens plus the hermes tool-call markers (single tokens, as in Qwen2.5).
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -74,9 +78,10 @@ def tokenizer_corpus(rows: int, seed: int) -> list[str]:
     from runtime.models.corpus import sentences
 
     texts: list[str] = sentences(rows, seed)
+    tools: list[dict[Any, Any] | Callable[..., Any]] = list(TOOLS)
     for problem in generate(rows, seed):
         messages = expected_sft_messages(problem)
-        rendered = render_jinja_template(conversations=[messages], tools=TOOLS, chat_template=CHAT_TEMPLATE)
+        rendered = render_jinja_template(conversations=[messages], tools=tools, chat_template=CHAT_TEMPLATE)
         texts.append(rendered[0][0] if isinstance(rendered, tuple) else rendered[0])
     return texts
 
@@ -123,8 +128,11 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
     model_json = json.loads(raw.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
     tokenizer = Qwen2Tokenizer(
-        vocab=model_json["vocab"], merges=merges,
-        unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        # transformers 5.10 annotates merges as "a b" strings and unk_token as a string; both
+        # go to tokenizers' BPE, which takes merge pairs and no unknown token (byte-level).
+        vocab=model_json["vocab"], merges=merges,  # type: ignore[arg-type]
+        unk_token=None,  # type: ignore[arg-type]
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
         model_max_length=opts.max_position_embeddings,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
@@ -134,8 +142,7 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
     if len(tokenizer) > opts.vocab_size:
         raise TerminalError("tiny tokenizer is larger than the model vocab", f"{len(tokenizer)} > {opts.vocab_size}")
 
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    im_end, eot = token_id(tokenizer, "<|im_end|>"), token_id(tokenizer, "<|endoftext|>")
     config = Qwen2Config(
         vocab_size=opts.vocab_size,
         hidden_size=opts.hidden_size,
@@ -144,12 +151,12 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
         num_attention_heads=opts.num_attention_heads,
         num_key_value_heads=opts.num_key_value_heads,
         max_position_embeddings=opts.max_position_embeddings,
-        rope_theta=opts.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": opts.rope_theta},
         tie_word_embeddings=opts.tie_word_embeddings,
         bos_token_id=eot,
         eos_token_id=im_end,
         pad_token_id=eot,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -159,6 +166,14 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token of `tokenizer`'s vocabulary."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise TerminalError(f"the tiny tokenizer maps {token!r} to {found!r}, not one id")
+    return found
 
 
 def parameter_count(model_dir: Path) -> int:

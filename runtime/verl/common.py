@@ -94,8 +94,16 @@ def logger_list(logging: Logging) -> list[str]:
     return out
 
 
+def training_stage(ctx: StageContext) -> SFTStage | RLStage:
+    """`ctx`'s stage, which must be one verl trains."""
+    stage = stage_spec(ctx)
+    if isinstance(stage, EvalStage):
+        raise TerminalError(f"stage.{ctx.stage} is an eval stage, which verl does not train")
+    return stage
+
+
 def experiment_name(ctx: StageContext) -> str:
-    return stage_spec(ctx).logging.experiment or f"{ctx.spec.name}-{ctx.stage}"
+    return training_stage(ctx).logging.experiment or f"{ctx.spec.name}-{ctx.stage}"
 
 
 def input_outputs(ctx: StageContext, address: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ Pure and cheap to import (no torch, no verl).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 from reconciler.errors import TerminalError
 from reconciler.spec import RLStage
@@ -66,17 +67,25 @@ AGENT_LOOP = "tool_agent"
 GPU_ENGINES = ("vllm", "sglang")
 
 
-def choose_rollout(engine: str, *, cpu: bool) -> str:
-    """verl's `rollout.name` for the spec's `rollout.engine` on this machine."""
-    if engine in GPU_ENGINES:
-        if cpu:
-            raise TerminalError(f"rollout engine {engine} needs a GPU", hint="use `rollout.engine: auto` on CPU")
-        return engine
-    if engine == "auto" and not cpu:
+def rollout_engine(wanted: str, *, cpu: bool, installed: Callable[[str], bool]) -> str | None:
+    """verl's `rollout.name` for the spec's `rollout.engine` on a machine where `installed`
+    says which modules import, or None when that machine has no engine for it. The one place
+    the engine is chosen: `auto` is vLLM, then SGLang, on a GPU, else the transformers rollout."""
+    if wanted in GPU_ENGINES:
+        return wanted if not cpu and installed(wanted) else None
+    if wanted == "auto" and not cpu:
         for name in GPU_ENGINES:
-            if importlib.util.find_spec(name) is not None:
+            if installed(name):
                 return name
-    return TRANSFORMERS_ROLLOUT
+    return TRANSFORMERS_ROLLOUT if installed(PLUGIN_MODULE) else None
+
+
+def choose_rollout(engine: str, *, cpu: bool) -> str:
+    """`rollout_engine` on this machine, trusting that an engine the spec names is installed."""
+    chosen = rollout_engine(engine, cpu=cpu, installed=lambda m: m == engine or importlib.util.find_spec(m) is not None)
+    if chosen is None:
+        raise TerminalError(f"rollout engine {engine} needs a GPU", hint="use `rollout.engine: auto` on CPU")
+    return chosen
 
 
 def _rl_stage(ctx: StageContext) -> RLStage:

@@ -30,13 +30,18 @@ SFT_MODULE = "verl.trainer.sft_trainer"
 MERGE_MODULE = "verl.model_merger"
 
 
+def sft_stage(ctx: StageContext) -> SFTStage:
+    stage = stage_spec(ctx)
+    if not isinstance(stage, SFTStage):
+        raise TerminalError(f"stage.{ctx.stage} is not an SFT stage")
+    return stage
+
+
 def sft_overrides(
     ctx: StageContext, paths: StagePaths, *, cpu: bool, attn_implementation: str | None = None
 ) -> list[str]:
     """Hydra overrides for verl's SFT trainer, the spec's raw `overrides` last."""
-    stage = stage_spec(ctx)
-    if not isinstance(stage, SFTStage):
-        raise TerminalError(f"stage.{ctx.stage} is not an SFT stage")
+    stage = sft_stage(ctx)
     nnodes, nproc = world(stage)
     opt = stage.optim
     ours = [
@@ -98,7 +103,7 @@ def render_sft(
     """The training command of an SFT stage: `torchrun --standalone` on one node; on N nodes
     `torchrun --nnodes=N`, to which each node adds its `--node_rank` and rank 0's address
     when it starts (runtime.cluster)."""
-    stage = stage_spec(ctx)
+    stage = sft_stage(ctx)
     nnodes, nproc = world(stage)
     dp = max(1, nnodes * nproc // stage.ulysses_sequence_parallel_size)
     per_rank = stage.train_batch_size // dp

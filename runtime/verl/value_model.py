@@ -39,7 +39,7 @@ def install() -> Any:
 
     original = verl_model.load_valuehead_model
     if original is not load_valuehead_model:
-        verl_model.load_valuehead_model = load_valuehead_model  # type: ignore[assignment]
+        verl_model.load_valuehead_model = load_valuehead_model
     return original
 
 

@@ -157,8 +157,9 @@ class Runner:
         if expr is None or expr == "always()":
             return True
         outputs = dict(line.split("=", 1) for line in self.output.read_text().splitlines() if "=" in line)
-        assert expr == "steps.plan.outputs.errors != '0'", f"unknown step condition {expr!r}"
-        return outputs.get("errors") != "0"
+        known = {"steps.plan.outputs.errors != '0'": "errors", "steps.plan.outputs.unapproved != '0'": "unapproved"}
+        assert expr in known, f"unknown step condition {expr!r}"
+        return outputs.get(known[expr]) != "0"
 
     def github_script(self, script: str) -> None:
         node = shutil.which("node")
@@ -238,3 +239,46 @@ def test_an_invalid_spec_stops_at_validate(repo: Path) -> None:
     codes = gh.run_job("plan")
     assert codes == {"Validate specs": 1}
     assert "aime_2042" in gh.logs["Validate specs"]
+
+
+def test_over_budget_fails_the_pull_request_and_the_merge_until_its_cost_is_committed(repo: Path) -> None:
+    """The spend guard in GitOps (docs/budget.md): the pipeline spec costs $122.00 against a
+    $100 budget; stages run on the in-memory runtime (each step is its own process)."""
+    from tests.fakes.pipeline import spec_dict
+
+    (repo / "specs" / "demo.yaml").write_text(yaml.safe_dump(spec_dict(budget={"usd": 100}), sort_keys=False))
+    gh = Runner(repo)
+    gh.env["RETOOL_TEST_RUNTIME"] = "tests.fakes.memory_runtime:make_runtime"
+    gh.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+    # 1. The pull request: plan exits 3, the comment shows the cost and how to approve, the check fails.
+    codes = gh.run_job("plan")
+    assert codes["Plan"] == 0 and codes["Fail on unapproved spend"] == 1, gh.logs
+    assert (repo / ".retool-ci" / "demo.code").read_text().strip() == "3"
+    body = gh.comments[0]["body"]
+    assert "`specs/demo.yaml`: over budget" in body and "**Cost of this plan: $122.00** (0.0 GPU-h, estimated)" in body
+    assert "commit `specs/demo.approve-cost` containing `122.00`" in body
+    assert "Budget for the spec: spent $0.00 + plan $122.00 = $122.00 of $100.00 — OVER" in body
+
+    # 2. Merged anyway: the apply refuses, says why, and changes nothing.
+    codes = gh.run_job("apply")
+    assert codes["Plan and apply"] == 3, gh.logs
+    log = gh.logs["Plan and apply"]
+    assert "Over budget: nothing was applied" in log and "::error file=specs/demo.yaml::over budget" in log
+    assert not (repo / ".retool" / "state.json").exists()
+
+    # 3. A stale approval (another amount) is not an approval.
+    (repo / "specs" / "demo.approve-cost").write_text("100.00\n")
+    assert gh.run_job("plan")["Fail on unapproved spend"] == 1
+    assert gh.run_job("apply")["Plan and apply"] == 3 and not (repo / ".retool" / "state.json").exists()
+
+    # 4. The pull request commits the exact cost: the check passes, the merge applies it.
+    (repo / "specs" / "demo.approve-cost").write_text("$122.00\n")
+    codes = gh.run_job("plan")
+    assert "Fail on unapproved spend" not in codes and codes["Plan"] == 0
+    assert "Over budget, approved: `specs/demo.approve-cost` names $122.00" in gh.comments[0]["body"]
+    codes = gh.run_job("apply")
+    assert codes["Plan and apply"] == 0, gh.logs
+    state = json.loads((repo / ".retool" / "state.json").read_text())
+    assert [a["usd"] for a in state["cost_approvals"]] == [122.0]
+    assert state["nodes"]["stage.sft"]["status"] in ("running", "succeeded")

@@ -66,6 +66,8 @@ from runtime.modal.limits import gpu_problem
 from runtime import records
 from runtime.modal.models import AppDefinition
 from runtime.records import StageProgress, StageResult, StageRun
+from runtime.stage_kinds import KINDS
+from runtime.verl.kind import TrainingKind
 from tests.fakes.volume_views import VolumeView
 
 DICT_TTL_S = 7 * 24 * 3600
@@ -595,18 +597,18 @@ class Containers:
 
     def train(self, call: FakeCall, fake: FakeModal) -> dict[str, Any]:
         p = call.payload
-        if p["kind"] == "eval":
+        stage_kind = KINDS[p["kind"]]
+        if not isinstance(stage_kind, TrainingKind):  # the eval runner: samples, not checkpoints
             return self.evaluate(call, fake)
         vol, rel = volume_path(p, p["checkpoint_dir"])
         tracker = f"{rel}/latest_checkpointed_iteration.txt"
         start = int(fake.volumes[vol].get(tracker, b"0").decode() or 0)
         total = int(p["total_steps"])
         end = total if self.steps_per_call is None else min(total, start + self.steps_per_call)
-        rl = p["kind"] == "rl"
         for step in range(start + 1, end + 1):
             if step % self.save_freq and step != end:
                 continue
-            sub = f"{rel}/global_step_{step}" + ("/actor" if rl else "")
+            sub = stage_kind.merge_source(f"{rel}/global_step_{step}")  # where verl writes the model's shards
             for r in range(int(p["world_size"])):
                 for kind in ("model", "optim", "extra_state"):
                     fake.write(vol, f"{sub}/{kind}_world_size_{p['world_size']}_rank_{r}.pt", b"w" * 8)

@@ -101,6 +101,21 @@ CASES: list[tuple[str, str, str, int, str, str]] = [
      41, "stages.ev.sampels", "did you mean 'samples'"),
     ("eval-bad-value", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\n" + EVAL_STAGE.format(samples="samples: -2"),
      41, "stages.ev.samples", "greater than or equal to 1"),
+    # the spend guard (docs/budget.md): appended after the last line (36): `budget:` is line 37
+    ("budget-negative", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\nbudget:\n  usd: -10\n",
+     38, "budget.usd", "greater than 0"),
+    ("budget-not-a-number", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\nbudget:\n  gpu_hours: lots\n",
+     38, "budget.gpu_hours", "valid number"),
+    ("budget-unknown-key", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\nbudget:\n  dolars: 10\n",
+     38, "budget.dolars", "unknown key 'dolars'"),
+    ("budget-empty", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\nbudget: {}\n",
+     37, "budget", "needs `usd`, `gpu_hours` or per-stage caps"),
+    ("budget-unknown-stage", "    ppo_mini_batch_size: 4\n",
+     "    ppo_mini_batch_size: 4\nbudget:\n  usd: 100\n  stages:\n    rll: {usd: 10}\n",
+     40, "budget.stages.rll", "budget for unknown stage 'rll' (stages: sft, rl); did you mean 'rl'?"),
+    ("budget-stage-without-cap", "    ppo_mini_batch_size: 4\n",
+     "    ppo_mini_batch_size: 4\nbudget:\n  stages:\n    rl: {}\n",
+     39, "budget.stages.rl", "needs `usd`, `gpu_hours` or both"),
 ]
 
 

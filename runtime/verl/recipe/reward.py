@@ -56,7 +56,10 @@ def compute_score(
 ) -> dict[str, Any]:
     """verl's custom reward entry point; `score` is the reward, the rest land in the logs."""
     if answer_window == RECIPE_WINDOW and not strip_answer:
-        result = math_dapo.compute_score(solution_str, ground_truth, strict_box_verify=True)
+        # verl 0.9.1 annotates math_dapo.compute_score `-> float`; it returns this dict.
+        result: dict[str, Any] = math_dapo.compute_score(  # type: ignore[assignment]
+            solution_str, ground_truth, strict_box_verify=True
+        )
     else:
         result = _read_answer(solution_str, ground_truth, int(answer_window), bool(strip_answer))
     # The recipe reads extra_info["num_turns"] unconditionally; without it there is no bonus here.

@@ -56,7 +56,7 @@ class CodeInterpreterTool(BaseTool):
     def __init__(self, config: dict[str, Any], tool_schema: OpenAIFunctionToolSchema | None = None):
         self.settings = SandboxCallSettings.model_validate(config)
         self.options = RecipeToolOptions.model_validate(config)
-        super().__init__(config, tool_schema)
+        super().__init__(config, tool_schema if tool_schema is not None else self.get_openai_tool_schema())
         # Created on first use, inside the agent loop worker's event loop.
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None

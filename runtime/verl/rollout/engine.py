@@ -53,7 +53,12 @@ class GenerationEngine:
     """A transformers model plus what decoding needs (stop ids, padding, RNG)."""
 
     def __init__(self, model: torch.nn.Module, *, eos_ids: Iterable[int], pad_id: int, device: str, seed: int = 0):
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"the rollout engine needs a Hugging Face causal LM, not {type(model).__name__}")
         self.model = model.eval()
+        self.vocab_size: int = model.config.vocab_size
         self.device = device
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = int(pad_id)
@@ -71,7 +76,11 @@ class GenerationEngine:
 
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
-        ).to(device)
+        )
+        # transformers wraps PreTrainedModel.to with functools.wraps, so its type is torch's
+        # unbound Module.to; called through the Module type it checks (and moves in place).
+        module: torch.nn.Module = model
+        module.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         eos: set[int] = set()
         try:
@@ -151,7 +160,7 @@ class GenerationEngine:
         params = BatchParams.of([r.params for r in requests], dev)
         seen = None
         if params.any_penalty:
-            seen = torch.zeros((rows, self.model.config.vocab_size), dtype=torch.bool, device=dev)
+            seen = torch.zeros((rows, self.vocab_size), dtype=torch.bool, device=dev)
             seen.scatter_(1, ids, mask.bool())
 
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)

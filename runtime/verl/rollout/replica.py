@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from runtime.verl.rollout import server_name
@@ -56,6 +57,8 @@ class TransformersReplica(RolloutReplica):
             )
             .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
         )
+        if not isinstance(server, ActorHandle):  # ray types `.remote()` as a handle or the class itself
+            raise TypeError(f"ray returned {type(server).__name__} for the rollout server, not an actor handle")
         info = await server.ready.remote()  # surfaces model-loading errors here, not mid-rollout
         logger.info("rollout replica %d: server %s ready %s", self.replica_rank, name, info)
         self.servers = [server]

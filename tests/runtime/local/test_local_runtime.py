@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import TerminalError
-from reconciler.spec import Spec
+from reconciler.spec import RLStage, Spec
 from reconciler.state.base import LocalRun, RunHandle
 from runtime.local import runs as local_runs
 from runtime import processes as procs
@@ -22,6 +22,7 @@ from reconciler.backend import RenderedCommand, RunStatus, StageContext
 from runtime.checkpoints import marker_content, write_complete
 from runtime.local.backend import LocalRuntime
 from runtime.metrics import read_file
+from runtime.verl.kind import RL
 from tests.local_helpers import write_sft_jsonl
 
 RID = "9a" * 32
@@ -286,7 +287,8 @@ def test_blocked_reasons(tmp_path: Path, rt: LocalRuntime):
     assert "needs a GPU" in rt.blocked_reason(spec, "stage.rl_vllm")
     assert rt.blocked_reason(spec, "dataset.train") is None
     # the CPU rollout ships with retool: RL is not blocked on CPU
-    assert rt.rollout_engine(spec.stages["rl"]) == "transformers"
+    rl = spec.stages["rl"]
+    assert isinstance(rl, RLStage) and RL.engine(rl, rt.machine()) == "transformers"
     assert rt.blocked_reason(spec, "stage.rl") is None
 
 

@@ -36,10 +36,12 @@ def ctx(total: int = 4) -> StageContext:
 
 
 def test_render_runs_the_eval_runner_with_vllm_on_the_stages_gpus() -> None:
-    _, rt = ready(spec())
+    fake, rt = ready(spec())
     (cmd,) = rt.render_stage(ctx())
     assert cmd.argv[1:] == ["-m", "runtime.eval.run", f"/checkpoints/{BASE}/job.json"]
-    job = rt._eval_job(ctx())
+    Containers(hold=True).install(fake, [stage_function_name("eval_sft")])
+    rt.launch_stage(ctx())
+    job = EvalJob.model_validate_json(fake.volumes[VOL][f"{BASE}/job.json"])
     assert (job.model_dir, job.gpus, job.engine, job.samples) == ("/checkpoints/sft/x/merged", 8, "auto", 4)
     assert job.datasets == {"aime_2024": "/data/datasets/aime_2024/train.parquet", "aime_2025": "/data/datasets/aime_2025/train.parquet"}
     assert job.sandbox_url.startswith("http://127.0.0.1:")  # the sidecar inside the container
