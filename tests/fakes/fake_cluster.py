@@ -4,8 +4,14 @@
 deployed with `cluster_size=N` (`@modal.clustered(size=N)`) start N processes, each running
 the real container entry point `runtime.modal.worker.run_stage(payload)` with its own
 cluster info (rank r, every container at 127.0.0.1, one cluster id per attempt), the
-function's secrets in its environment, and the volumes as the host directories the
-payload's mounts name. What it models of modal 1.6.4 (`modal.clustered` docs):
+function's secrets in its environment, and each volume as its own view
+(tests/fakes/volume_views.py): the payload's mount path is the volume as Modal's servers
+hold it (what the test reads), and every container gets a working copy of it, mapped into
+its payload in place of the mount path. A container sees what another one wrote only after
+that one's commit and its own reload; two commits of one file: the last one wins; a
+container that dies loses what it had not committed; commit and reload refuse while a file
+under the view is open in the container (modal 1.6.4). What it models of modal 1.6.4
+(`modal.clustered` docs):
 
 - the input is broadcast to every container; only rank 0's return value is the result;
 - a container that dies (or fails) ends the attempt: the others are stopped, and while the
@@ -18,8 +24,9 @@ payload's mounts name. What it models of modal 1.6.4 (`modal.clustered` docs):
 Every process of a container carries `RETOOL_RUN_TAG=<container tag>` (inherited by
 torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one container,
 and `close()` leaves nothing running. Fidelity limits: one host, so ports are shifted per
-rank (runtime.cluster.layout); volumes are shared at once (no commit/reload delay); a
-container cannot spawn the next 24 h segment (the rehearsal trains within one segment).
+rank (runtime.cluster.layout); a container's mount paths differ from Modal's (its view's
+directory; the worker only ever uses the paths its payload names); a container cannot spawn
+the next 24 h segment (the rehearsal trains within one segment).
 
 Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +51,8 @@ from runtime.processes import RUN_TAG_ENV, tagged_processes, terminate_run
 CLUSTER_ENV = "RETOOL_FAKE_CLUSTER"
 CALL_ENV = "RETOOL_FAKE_CALL_ID"
 OPS_ENV = "RETOOL_FAKE_OPS"
+COMMIT_DELAY_ENV = "RETOOL_FAKE_COMMIT_DELAY"  # seconds a commit of this container takes to land
+VIEWS_ENV = "RETOOL_FAKE_VIEWS"  # volume name -> [its store (the mount path the test reads), this container's view]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -67,6 +77,9 @@ class ClusterRunner:
     root: Path  # payloads, results and container logs go here
     port_base: int
     device_env: Callable[[int], dict[str, str]] = field(default=lambda rank: {})
+    # per rank: how long each of its commits takes to land (a slow upload: a member's last
+    # shards reach the volume after rank 0's own commit)
+    commit_delay_s: Callable[[int], float] = field(default=lambda rank: 0.0)
     teardown_grace_s: float = 60.0
     failures: list[str] = field(default_factory=list)  # which container ended each failed attempt
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
@@ -91,17 +104,19 @@ class ClusterRunner:
         cluster_id = f"cu-{call.call_id}-{number}"
         base = self.root / call.call_id / f"attempt-{number}"
         base.mkdir(parents=True, exist_ok=True)
-        payload_path = base / "payload.json"
-        payload_path.write_text(json.dumps(call.payload))
         result_path = base / "result.json"
         containers: list[_Container] = []
         for rank in range(size):
             info = ClusterInfo(rank=rank, cluster_id=cluster_id, ips=["127.0.0.1"] * size,
                                ipv4_ips=["127.0.0.1"] * size)
             tag = f"fake-{call.call_id}-a{number}-r{rank}"
+            # a new container starts with a fresh view of each volume (filled by its first reload)
+            views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in call.payload["volumes"].items()}
+            payload_path = base / f"payload-{rank}.json"
+            payload_path.write_text(_mapped(json.dumps(call.payload), views))
             env = {**os.environ, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
                    RUN_TAG_ENV: tag, PORT_BASE_ENV: str(self.port_base), OPS_ENV: str(base / f"ops-{rank}.jsonl"),
-                   "PYTHONPATH": str(REPO), **self.device_env(rank)}
+                   VIEWS_ENV: json.dumps(views), COMMIT_DELAY_ENV: str(self.commit_delay_s(rank)), "PYTHONPATH": str(REPO), **self.device_env(rank)}
             log = base / f"container-{rank}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen(
@@ -216,6 +231,13 @@ def free_port_base() -> int:
     raise RuntimeError("no free port range on loopback")
 
 
+def _mapped(payload_json: str, views: dict[str, list[str]]) -> str:
+    """The payload as one container sees it: each mount path replaced by its view's directory."""
+    for mount, work in sorted(views.values(), key=lambda mv: -len(mv[0])):
+        payload_json = re.sub(re.escape(mount.rstrip("/")) + r'(?=[/"\s]|$)', lambda _: work, payload_json)
+    return payload_json
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -230,8 +252,15 @@ class ContainerAdapter:
     """What `runtime.modal.worker` asks Modal from inside a container, answered locally."""
 
     def __init__(self) -> None:
+        from tests.fakes.volume_views import VolumeStore, VolumeView
+
         self.info = ClusterInfo.model_validate_json(os.environ[CLUSTER_ENV])
         self.ops_path = Path(os.environ[OPS_ENV])
+        self.views = {name: VolumeView(VolumeStore(Path(store)), Path(work))
+                      for name, (store, work) in json.loads(os.environ.get(VIEWS_ENV, "{}")).items()}
+        self.commit_delay_s = float(os.environ.get(COMMIT_DELAY_ENV) or 0.0)
+        for view in self.views.values():  # mounted: the volume as last committed
+            view.reload()
 
     def _record(self, *op: str) -> None:
         with self.ops_path.open("a") as fh:
@@ -239,9 +268,23 @@ class ContainerAdapter:
 
     def reload_volume(self, name: str) -> None:
         self._record("reload_volume", name)
+        self._refuse_open_files(name)
+        self.views[name].reload()
 
     def commit_volume(self, name: str) -> None:
+        time.sleep(self.commit_delay_s)
+        self.views[name].commit(reload=False)
         self._record("commit_volume", name)
+        self._refuse_open_files(name)  # modal 1.6.4: commit() reloads after committing
+        self.views[name].reload()
+
+    def _refuse_open_files(self, name: str) -> None:
+        from tests.fakes.fake_modal import open_files_under
+
+        found = open_files_under(self.views[name].work)
+        if found:
+            self._record("refused_open_files", name, found[0])
+            raise RuntimeError(f"there are open files preventing the operation: {found[0]} is open")
 
     def current_call_id(self) -> str | None:
         return os.environ.get(CALL_ENV)
