@@ -196,7 +196,8 @@ class ContainerSegment:
             self.adapter.reload_volume(name)
         # one container of a clustered call: its rank picks its role (runtime.modal.roles)
         self.role = role_for(self.adapter.cluster_info, p.nodes, kind=p.kind, run_dir=self.run_dir,
-                             join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
+                             join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV,
+                             lost_after_s=p.lost_after_s)
         try:
             return self._run()
         finally:

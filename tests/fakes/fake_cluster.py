@@ -83,6 +83,7 @@ class ClusterRunner:
     teardown_grace_s: float = 60.0
     failures: list[str] = field(default_factory=list)  # which container ended each failed attempt
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
+    frozen: set[str] = field(default_factory=set)  # tags of containers stopped with SIGSTOP
 
     def install(self, fake: Any, functions: list[str]) -> None:
         for name in functions:
@@ -142,7 +143,8 @@ class ClusterRunner:
             # the survivors get a moment to notice on their own (the worker stops a cluster that
             # lost a rank) before the cluster is torn down
             deadline = time.time() + self.teardown_grace_s
-            while time.time() < deadline and any(c.proc.poll() is None for c in attempt.containers):
+            while time.time() < deadline and any(c.proc.poll() is None and c.tag not in self.frozen
+                                                 for c in attempt.containers):
                 time.sleep(0.2)
             self._stop(attempt)
             retries = self.fake.deployed[call.app_name].function(call.function).retries
@@ -163,6 +165,9 @@ class ClusterRunner:
 
     def _stop(self, attempt: _Attempt) -> None:
         for c in attempt.containers:
+            if c.tag in self.frozen:  # a frozen host is gone: nothing in it handles SIGTERM
+                self._kill(c)
+                continue
             # the container's own group only while it is unreaped: a reaped pid may already be
             # another process's (pids wrap quickly on a busy machine); its tag finds the rest
             terminate_run(c.proc.pid if c.proc.poll() is None else None, c.tag, grace_s=20.0)
@@ -181,7 +186,20 @@ class ClusterRunner:
 
     def kill(self, call_id: str, rank: int) -> None:
         """The container of `rank` dies at once (preemption, a lost host): every process in it."""
+        self._kill(self.attempts[call_id][-1].containers[rank])
+
+    def freeze(self, call_id: str, rank: int) -> None:
+        """The container of `rank` stops answering without closing anything (a host that
+        vanished without a FIN, a hung kernel): SIGSTOP to every process in it."""
         c = self.attempts[call_id][-1].containers[rank]
+        self.frozen.add(c.tag)
+        for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _kill(self, c: _Container) -> None:
         for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -7,6 +7,7 @@ verl, SFT and RL: tests/e2e/test_multinode_rehearsal.py, marked slow.)"""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 import time
@@ -160,6 +161,42 @@ def test_two_containers_train_as_one_and_a_lost_container_restarts_the_whole_clu
     progress = json.loads((ckpt / "_retool" / "progress.json").read_text())
     assert set(progress["ranks"]) == {"0", "1"}
     # nothing of either container is left running
+    assert runner.live_tags() == []
+
+
+def test_a_frozen_container_is_lost_after_the_heartbeat_bound_and_the_cluster_restarts(
+    tmp_path: Path, cluster: tuple[FakeModal, ClusterRunner]
+) -> None:
+    """Issue 20 item 9: rank 1 stops answering without closing a connection (SIGSTOP: a host
+    gone without a FIN). Rank 0 counts it lost once it has been silent for the payload's
+    bound, stops training and fails, so the whole cluster restarts and resumes."""
+    fake, runner = cluster
+    bound = 6.0
+    p = payload(tmp_path, total=6, save=2, sleep=1.5, commit_every_s=1.0).model_copy(update={"lost_after_s": bound})
+    ckpt = Path(p.checkpoint_dir)
+    call_id = fake.spawn("retool-test", "stage-sft", p.model_dump(mode="json"))
+    deadline = time.monotonic() + 300
+    assert wait(fake, call_id, deadline, done=lambda: committed_step(ckpt) is not None) == "running", \
+        runner.container_log(call_id, 0)
+    frozen_at = time.time()
+    runner.freeze(call_id, 1)
+    assert wait(fake, call_id, deadline) == "succeeded", runner.container_log(call_id, 0)
+
+    assert len(runner.attempts[call_id]) == 2  # the whole cluster started again
+    # rank 0 ended the first attempt itself, while rank 1 was still there (frozen, not dead)
+    ended_by = runner.failures[0]
+    assert "rank 0 exited with 1" in ended_by and "rank 1" not in ended_by, runner.failures
+    log0 = runner.container_log(call_id, 0, attempt=0, lines=None)
+    found = re.search(r"rank 1 of the cluster was lost mid-run \(rank 1: no heartbeat for (\d+) s \(bound (\S+) s\)\)",
+                      log0)
+    assert found is not None, log0[-3000:]
+    silent, named_bound = int(found.group(1)), float(found.group(2))
+    assert named_bound == bound and silent >= bound  # never declared lost before the bound
+    print(f"rank 1 frozen; rank 0 counted it lost after {silent} s of silence (bound {bound:g} s); "
+          f"the attempt ended {float(ended_by.rsplit(' at ', 1)[1]) - frozen_at:.0f} s after the freeze")
+    result = fake.calls[call_id].result
+    assert result["outcome"] == "finished" and result["step"] == 6
+    assert valid_steps(ckpt)[-1] == 6
     assert runner.live_tags() == []
 
 
