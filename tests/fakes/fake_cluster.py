@@ -1,10 +1,13 @@
-"""Clustered Modal functions run for real, as N local processes ("containers") on loopback.
+"""Modal functions run for real, as local processes ("containers"); clustered ones as N
+processes on loopback.
 
-`ClusterRunner.install(fake, [function names])` makes FakeModal's `spawn` of a function
-deployed with `cluster_size=N` (`@modal.clustered(size=N)`) start N processes, each running
-the real container entry point `runtime.modal.worker.run_stage(payload)` with its own
-cluster info (rank r, every container at 127.0.0.1, one cluster id per attempt), the
-function's secrets in its environment, and each volume as its own view
+`ClusterRunner.install(fake, [function names])` makes FakeModal's `spawn` of such a function
+start one process, or N for one deployed with `cluster_size=N` (`@modal.clustered(size=N)`),
+each calling the function the app registers (the deployed function's `entry` in
+`runtime.modal.worker`, e.g. `run_stage(payload)`; only the SDK adapter it builds is this
+container's local one) with its own cluster info (rank r, every container at 127.0.0.1,
+one cluster id per attempt), the image's `env` steps, the function's env and its secrets in
+its environment, and each volume as its own view
 (tests/fakes/volume_views.py): the payload's mount path is the volume as Modal's servers
 hold it (what the test reads), and every container gets a working copy of it, mapped into
 its payload in place of the mount path. A container sees what another one wrote only after
@@ -23,10 +26,14 @@ under the view is open in the container (modal 1.6.4). What it models of modal 1
 
 Every process of a container carries `RETOOL_RUN_TAG=<container tag>` (inherited by
 torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one container,
-and `close()` leaves nothing running. Fidelity limits: one host, so ports are shifted per
-rank (runtime.cluster.layout); a container's mount paths differ from Modal's (its view's
-directory; the worker only ever uses the paths its payload names); a container cannot spawn
-the next 24 h segment (the rehearsal trains within one segment).
+and `close()` leaves nothing running. A container's `spawn` (a segment handing over to the
+next) is answered by FakeModal in the test's process: the container leaves a request file,
+and the runner answers it while the test polls the call. Fidelity limits: one host, so
+ports are shifted per rank (runtime.cluster.layout); a container's mount paths differ from
+Modal's (its view's directory; the worker only ever uses the paths its payload names, and
+a payload a container spawns is mapped back); RL's Ray workers on a member node get their
+paths from rank 0's driver, so they write into rank 0's view (on Modal: their own node's);
+a container cannot read or write Modal Dicts (a payload with a `launch` key is not run).
 
 Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
 """
@@ -52,6 +59,8 @@ CLUSTER_ENV = "RETOOL_FAKE_CLUSTER"
 CALL_ENV = "RETOOL_FAKE_CALL_ID"
 OPS_ENV = "RETOOL_FAKE_OPS"
 COMMIT_DELAY_ENV = "RETOOL_FAKE_COMMIT_DELAY"  # seconds a commit of this container takes to land
+ENTRY_ENV = "RETOOL_FAKE_ENTRY"  # the deployed function's entry point in runtime.modal.worker
+REQUESTS_ENV = "RETOOL_FAKE_REQUESTS"  # where a container asks FakeModal to spawn, and gets the answer
 VIEWS_ENV = "RETOOL_FAKE_VIEWS"  # volume name -> [its store (the mount path the test reads), this container's view]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,6 +71,8 @@ class _Container:
     tag: str
     proc: subprocess.Popen[bytes]
     log: Path
+    views: dict[str, list[str]]  # volume name -> [mount path (the store), this container's view]
+    requests: Path
 
 
 @dataclass
@@ -96,6 +107,8 @@ class ClusterRunner:
         from tests.fakes.fake_modal import RUNNING
 
         fn = fake.deployed[call.app_name].function(call.function)
+        if call.payload.get("launch") is not None:
+            raise RuntimeError("the fake's containers cannot reach Modal Dicts: spawn without a launch key")
         self._launch(call, size=fn.cluster_size or 1)
         fake.watchers[call.call_id] = self.refresh
         return RUNNING
@@ -106,6 +119,9 @@ class ClusterRunner:
         base = self.root / call.call_id / f"attempt-{number}"
         base.mkdir(parents=True, exist_ok=True)
         result_path = base / "result.json"
+        app = self.fake.deployed[call.app_name]
+        fn = app.function(call.function)
+        image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
         containers: list[_Container] = []
         for rank in range(size):
             info = ClusterInfo(rank=rank, cluster_id=cluster_id, ips=["127.0.0.1"] * size,
@@ -115,7 +131,10 @@ class ClusterRunner:
             views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in call.payload["volumes"].items()}
             payload_path = base / f"payload-{rank}.json"
             payload_path.write_text(_mapped(json.dumps(call.payload), views))
-            env = {**os.environ, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
+            requests = base / f"requests-{rank}"
+            requests.mkdir(exist_ok=True)
+            env = {**os.environ, **image_env, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
+                   ENTRY_ENV: fn.entry, REQUESTS_ENV: str(requests),
                    RUN_TAG_ENV: tag, PORT_BASE_ENV: str(self.port_base), OPS_ENV: str(base / f"ops-{rank}.jsonl"),
                    VIEWS_ENV: json.dumps(views), COMMIT_DELAY_ENV: str(self.commit_delay_s(rank)), "PYTHONPATH": str(REPO), **self.device_env(rank)}
             log = base / f"container-{rank}.log"
@@ -124,7 +143,7 @@ class ClusterRunner:
                     [sys.executable, "-m", "tests.fakes.fake_cluster", str(payload_path), str(result_path)],
                     env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
-            containers.append(_Container(rank, tag, proc, log))
+            containers.append(_Container(rank, tag, proc, log, views, requests))
         self.attempts.setdefault(call.call_id, []).append(_Attempt(number, cluster_id, containers, result_path))
 
     def refresh(self, call: Any, event: str) -> None:
@@ -135,6 +154,8 @@ class ClusterRunner:
         if event == "cancel":
             self._stop(attempt)
             return
+        for c in attempt.containers:
+            self._answer(c)
         codes = [c.proc.poll() for c in attempt.containers]
         failed = [c for c, code in zip(attempt.containers, codes) if code not in (None, 0)]
         if failed:
@@ -162,6 +183,24 @@ class ClusterRunner:
                 time.sleep(0.2)
             self._stop(attempt)
             call.state, call.result = "succeeded", json.loads(attempt.result_path.read_text())
+
+    def _answer(self, c: _Container) -> None:
+        """Spawn what a container asked for (a segment's hand-over), with its payload's view
+        paths mapped back to the mount paths, and give it the call id."""
+        for request in sorted(c.requests.glob("*.request.json")):
+            answer = request.with_name(request.name.replace(".request.", ".answer."))
+            if answer.exists():
+                continue
+            asked = json.loads(request.read_text())
+            unmapped = {name: [work, mount] for name, (mount, work) in c.views.items()}
+            payload = json.loads(_mapped(json.dumps(asked["payload"]), unmapped))
+            try:
+                out = {"call_id": self.fake.spawn(asked["app_name"], asked["function"], payload, env=asked.get("env"))}
+            except Exception as exc:  # noqa: BLE001 - what the SDK would raise in the container
+                out = {"error": f"{type(exc).__name__}: {exc}"}
+            tmp = answer.with_suffix(".tmp")
+            tmp.write_text(json.dumps(out))
+            os.replace(tmp, answer)
 
     def _stop(self, attempt: _Attempt) -> None:
         for c in attempt.containers:
@@ -311,16 +350,33 @@ class ContainerAdapter:
         return self.info
 
     def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
-        raise RuntimeError("the rehearsal's containers cannot spawn a next segment (train within one segment)")
+        """Asked of FakeModal in the test's process (answered while the test polls this call)."""
+        self._record("spawn", function)
+        requests = Path(os.environ[REQUESTS_ENV])
+        n = len(list(requests.glob("*.request.json")))
+        request = requests / f"{n:03d}.request.json"
+        tmp = request.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"app_name": app_name, "function": function, "payload": payload, "env": env}))
+        os.replace(tmp, request)
+        answer = requests / f"{n:03d}.answer.json"
+        deadline = time.time() + 600
+        while not answer.exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"spawn of {app_name}.{function}: no answer in 600 s (is the test polling the call?)")
+            time.sleep(0.2)
+        out = json.loads(answer.read_text())
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return str(out["call_id"])
 
 
 def main(argv: list[str]) -> int:
-    from runtime.modal.models import StagePayload
-    from runtime.modal.worker import ContainerSegment
+    from runtime.modal import worker
 
-    payload = StagePayload.model_validate_json(Path(argv[0]).read_text())
     adapter = ContainerAdapter()
-    result = ContainerSegment(payload, adapter).run()  # type: ignore[arg-type]
+    worker._adapter = lambda: adapter  # type: ignore[assignment,return-value]  # the SDK's, in a real container
+    entry = getattr(worker, os.environ.get(ENTRY_ENV) or "run_stage")
+    result = entry(json.loads(Path(argv[0]).read_text()))
     if adapter.info.rank == 0:
         tmp = Path(argv[1]).with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
