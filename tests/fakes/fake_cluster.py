@@ -26,14 +26,15 @@ under the view is open in the container (modal 1.6.4). What it models of modal 1
 
 Every process of a container carries `RETOOL_RUN_TAG=<container tag>` (inherited by
 torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one container,
-and `close()` leaves nothing running. A container's `spawn` (a segment handing over to the
-next) is answered by FakeModal in the test's process: the container leaves a request file,
-and the runner answers it while the test polls the call. Fidelity limits: one host, so
+and `close()` leaves nothing running. What a container asks of Modal's servers (`spawn`: a
+segment handing over to the next; `poll`; the launch registry's Dict calls) is answered by
+FakeModal in the test's process: the container leaves a request file, and the runner
+answers it while the test (or the apply engine) polls the call. Fidelity limits: one host, so
 ports are shifted per rank (runtime.cluster.layout); a container's mount paths differ from
 Modal's (its view's directory; the worker only ever uses the paths its payload names, and
 a payload a container spawns is mapped back); RL's Ray workers on a member node get their
 paths from rank 0's driver, so they write into rank 0's view (on Modal: their own node's);
-a container cannot read or write Modal Dicts (a payload with a `launch` key is not run).
+a container that asks something while nobody polls its call waits (up to 10 minutes).
 
 Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
 """
@@ -61,7 +62,8 @@ OPS_ENV = "RETOOL_FAKE_OPS"
 COMMIT_DELAY_ENV = "RETOOL_FAKE_COMMIT_DELAY"  # seconds a commit of this container takes to land
 ENTRY_ENV = "RETOOL_FAKE_ENTRY"  # the deployed function's entry point in runtime.modal.worker
 REQUESTS_ENV = "RETOOL_FAKE_REQUESTS"  # where a container asks FakeModal to spawn, and gets the answer
-VIEWS_ENV = "RETOOL_FAKE_VIEWS"  # volume name -> [its store (the mount path the test reads), this container's view]
+VIEWS_ENV = "RETOOL_FAKE_VIEWS"
+REMOTE_METHODS = ("spawn", "poll", "dict_get", "dict_put", "dict_pop")  # what a container may ask Modal  # volume name -> [its store (the mount path the test reads), this container's view]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -107,8 +109,6 @@ class ClusterRunner:
         from tests.fakes.fake_modal import RUNNING
 
         fn = fake.deployed[call.app_name].function(call.function)
-        if call.payload.get("launch") is not None:
-            raise RuntimeError("the fake's containers cannot reach Modal Dicts: spawn without a launch key")
         self._launch(call, size=fn.cluster_size or 1)
         fake.watchers[call.call_id] = self.refresh
         return RUNNING
@@ -185,17 +185,20 @@ class ClusterRunner:
             call.state, call.result = "succeeded", json.loads(attempt.result_path.read_text())
 
     def _answer(self, c: _Container) -> None:
-        """Spawn what a container asked for (a segment's hand-over), with its payload's view
-        paths mapped back to the mount paths, and give it the call id."""
+        """Answer what a container asked of Modal (REMOTE_METHODS) with FakeModal; a payload
+        it spawns has its view paths mapped back to the mount paths."""
         for request in sorted(c.requests.glob("*.request.json")):
             answer = request.with_name(request.name.replace(".request.", ".answer."))
             if answer.exists():
                 continue
             asked = json.loads(request.read_text())
-            unmapped = {name: [work, mount] for name, (mount, work) in c.views.items()}
-            payload = json.loads(_mapped(json.dumps(asked["payload"]), unmapped))
+            method, args, kwargs = asked["method"], list(asked["args"]), dict(asked["kwargs"])
+            if method == "spawn":
+                unmapped = {name: [work, mount] for name, (mount, work) in c.views.items()}
+                args[2] = json.loads(_mapped(json.dumps(args[2]), unmapped))
             try:
-                out = {"call_id": self.fake.spawn(asked["app_name"], asked["function"], payload, env=asked.get("env"))}
+                value = getattr(self.fake, method)(*args, **kwargs) if method in REMOTE_METHODS else None
+                out = {"value": value.model_dump(mode="json") if hasattr(value, "model_dump") else value}
             except Exception as exc:  # noqa: BLE001 - what the SDK would raise in the container
                 out = {"error": f"{type(exc).__name__}: {exc}"}
             tmp = answer.with_suffix(".tmp")
@@ -349,25 +352,44 @@ class ContainerAdapter:
     def cluster_info(self) -> ClusterInfo:
         return self.info
 
-    def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
-        """Asked of FakeModal in the test's process (answered while the test polls this call)."""
-        self._record("spawn", function)
+    def _ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Ask FakeModal in the test's process (answered while the test polls this call)."""
+        self._record(method, *[a for a in args if isinstance(a, str)])
         requests = Path(os.environ[REQUESTS_ENV])
         n = len(list(requests.glob("*.request.json")))
-        request = requests / f"{n:03d}.request.json"
+        request = requests / f"{n:04d}.request.json"
         tmp = request.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"app_name": app_name, "function": function, "payload": payload, "env": env}))
+        tmp.write_text(json.dumps({"method": method, "args": list(args), "kwargs": kwargs}))
         os.replace(tmp, request)
-        answer = requests / f"{n:03d}.answer.json"
+        answer = requests / f"{n:04d}.answer.json"
         deadline = time.time() + 600
         while not answer.exists():
             if time.time() > deadline:
-                raise TimeoutError(f"spawn of {app_name}.{function}: no answer in 600 s (is the test polling the call?)")
+                raise TimeoutError(f"{method}: Modal did not answer in 600 s (is the test polling the call?)")
             time.sleep(0.2)
         out = json.loads(answer.read_text())
         if "error" in out:
             raise RuntimeError(out["error"])
-        return str(out["call_id"])
+        return out["value"]
+
+    def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
+        return str(self._ask("spawn", app_name, function, payload, env=env))
+
+    def poll(self, call_id: str) -> Any:
+        from runtime.modal.adapter import CallOutcome
+
+        return CallOutcome.model_validate(self._ask("poll", call_id))
+
+    def dict_get(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        value = self._ask("dict_get", name, key, env=env)
+        return None if value is None else str(value)
+
+    def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False, env: str | None = None) -> bool:
+        return bool(self._ask("dict_put", name, key, value, skip_if_exists=skip_if_exists, env=env))
+
+    def dict_pop(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        value = self._ask("dict_pop", name, key, env=env)
+        return None if value is None else str(value)
 
 
 def main(argv: list[str]) -> int:

@@ -18,7 +18,8 @@ import pytest
 
 from runtime import checkpoints as ckpts
 from runtime import records
-from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep, StagePayload
+from runtime.modal import launches
+from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep, LaunchKey, StagePayload
 from runtime.records import StageRun
 from tests.fakes.fake_cluster import ClusterRunner, free_port_base
 from tests.fakes.fake_modal import FakeModal
@@ -64,6 +65,7 @@ def stage_payload(tmp_path: Path, *, total: int, train_seconds: float) -> StageP
                   {"argv": trainer, "env": {"PYTHONUNBUFFERED": "1"}, "secret_env": ["WANDB_API_KEY"],
                    "description": "trainer"}],
         train_seconds=train_seconds, commit_every_s=1.0,
+        launch=LaunchKey(registry="retool-box-launches", key=f"sft/{RID[:16]}", launch_id="launch-1"),
     )
 
 
@@ -123,4 +125,8 @@ def test_a_stage_hands_over_between_segments_and_a_killed_container_resumes(
     assert run is not None and run.call_id == chain[-1] and run.head_call_id == head
     assert all(fake.calls[c].payload["checkpoint_dir"] == str(ckpt) for c in chain)
     assert committed() == total
+    # each segment registered its call under the stage identity (Modal Dict, asked from inside)
+    reg = launches.lookup(fake, "retool-box-launches", f"sft/{RID[:16]}")
+    assert reg is not None and reg.call_id == chain[-1] and reg.segment == len(chain) - 1
+    assert reg.launch_id == "launch-1"
     assert runner.live_tags() == []
