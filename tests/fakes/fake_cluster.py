@@ -129,6 +129,7 @@ class ClusterRunner:
             tag = f"fake-{call.call_id}-a{number}-r{rank}"
             # a new container starts with a fresh view of each volume (filled by its first reload)
             views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in call.payload["volumes"].items()}
+            stores = {name: [self._store(name, mount), work] for name, (mount, work) in views.items()}
             payload_path = base / f"payload-{rank}.json"
             payload_path.write_text(_mapped(json.dumps(call.payload), views))
             requests = base / f"requests-{rank}"
@@ -136,7 +137,7 @@ class ClusterRunner:
             env = {**os.environ, **image_env, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
                    ENTRY_ENV: fn.entry, REQUESTS_ENV: str(requests),
                    RUN_TAG_ENV: tag, PORT_BASE_ENV: str(self.port_base), OPS_ENV: str(base / f"ops-{rank}.jsonl"),
-                   VIEWS_ENV: json.dumps(views), COMMIT_DELAY_ENV: str(self.commit_delay_s(rank)), "PYTHONPATH": str(REPO), **self.device_env(rank)}
+                   VIEWS_ENV: json.dumps(stores), COMMIT_DELAY_ENV: str(self.commit_delay_s(rank)), "PYTHONPATH": str(REPO), **self.device_env(rank)}
             log = base / f"container-{rank}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen(
@@ -145,6 +146,14 @@ class ClusterRunner:
                 )
             containers.append(_Container(rank, tag, proc, log, views, requests))
         self.attempts.setdefault(call.call_id, []).append(_Attempt(number, cluster_id, containers, result_path))
+
+    def _store(self, name: str, mount: str) -> str:
+        """Where a volume's committed state is: FakeModal's directory for it (a DirVolume),
+        else the mount path itself (a test that hands the payload host directories)."""
+        from tests.fakes.volume_views import DirVolume
+
+        volume = self.fake.volumes.get(name)
+        return str(volume.root) if isinstance(volume, DirVolume) else mount
 
     def refresh(self, call: Any, event: str) -> None:
         """Called by FakeModal on poll/cancel: follow the current attempt's containers."""
@@ -294,7 +303,8 @@ def free_port_base() -> int:
 def _mapped(payload_json: str, views: dict[str, list[str]]) -> str:
     """The payload as one container sees it: each mount path replaced by its view's directory."""
     for mount, work in sorted(views.values(), key=lambda mv: -len(mv[0])):
-        payload_json = re.sub(re.escape(mount.rstrip("/")) + r'(?=[/"\s]|$)', lambda _: work, payload_json)
+        payload_json = re.sub(r'(?<![\w./-])' + re.escape(mount.rstrip("/")) + r'(?=[/"\s]|$)', lambda _: work,
+                              payload_json)
     return payload_json
 
 

@@ -51,7 +51,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -68,7 +68,7 @@ from runtime.modal.models import AppDefinition
 from runtime.records import StageProgress, StageResult, StageRun
 from runtime.stage_kinds import KINDS
 from runtime.verl.kind import TrainingKind
-from tests.fakes.volume_views import VolumeView
+from tests.fakes.volume_views import DirVolume, VolumeView
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
@@ -120,11 +120,14 @@ class FakeModal:
     call_id_in_container: str | None = None
     cluster: ClusterInfo = field(default_factory=lambda: ClusterInfo(rank=0))  # what cluster_info() answers in a container
 
-    volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    volumes: dict[str, MutableMapping[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
     # in a container: volume name -> this container's own view of it (tests/fakes/volume_views.py);
     # a volume with a view syncs with its store only on reload/commit
     views: dict[str, VolumeView] = field(default_factory=dict)
+    # where volumes live as directories (tests/fakes/volume_views.py DirVolume), so processes
+    # (the real container entry points, tests/fakes/fake_cluster.py) share them; None: in memory
+    volume_root: Path | None = None
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
     clusters_enabled: bool = True  # multi-node clusters are in preview: access on request
     fail_upload_after: int | None = None  # the next data upload breaks after this many files
@@ -176,7 +179,7 @@ class FakeModal:
         self._remote("create_volume", name)
         if name in self.volumes:
             return False
-        self.volumes[name] = {}
+        self.volumes[name] = DirVolume(self.volume_root / name) if self.volume_root is not None else {}
         return True
 
     def delete_volume(self, name: str, *, env: str | None = None) -> bool:

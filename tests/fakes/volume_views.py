@@ -6,6 +6,8 @@ container's `commit()` and its own `reload()`; two commits of one file: the last
 
 - `VolumeStore`: the volume as Modal's servers hold it, a host directory (what the CLI side
   and a test read); every commit and reload holds its lock, so each is atomic;
+- `DirVolume`: FakeModal's volume (`{path: bytes}`) kept in a `VolumeStore`, so the CLI
+  side and the containers share it;
 - `VolumeView`: one container's working copy, another directory, where the real worker
   code reads and writes at its mount path. `commit()` sends the files this container
   changed since it last synced (new or rewritten files, and deletions) to the store,
@@ -24,7 +26,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,3 +149,48 @@ class VolumeView:
             _remove(self.work, rel)
             self.seen.pop(rel, None)
             self.local.pop(rel, None)
+
+
+class DirVolume(MutableMapping[str, bytes]):
+    """A FakeModal volume whose committed state is a directory (a `VolumeStore`), so the
+    CLI side (FakeModal's listdir/read_file/put_files/remove) and containers working on
+    their views share one volume: `{relative path: bytes}`, as FakeModal's in-memory volumes."""
+
+    def __init__(self, root: Path) -> None:
+        self.store = VolumeStore(root)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def _path(self, key: str) -> Path:
+        path = self.root / key.strip("/")
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise KeyError(key)
+        return path
+
+    def __getitem__(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyError(key)
+        return path.read_bytes()
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        path = self._path(key)
+        with self.store.locked():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + TMP_SUFFIX)
+            tmp.write_bytes(bytes(value))
+            os.replace(tmp, path)
+
+    def __delitem__(self, key: str) -> None:
+        if not self._path(key).is_file():
+            raise KeyError(key)
+        with self.store.locked():
+            _remove(self.root, key.strip("/"))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(_files(self.root)))
+
+    def __len__(self) -> int:
+        return len(_files(self.root))

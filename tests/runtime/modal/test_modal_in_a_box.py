@@ -1,7 +1,9 @@
 """A single-node stage function run as Modal would run it (issue 20 item 15, first part): the
 fake's container is a process calling the function the app registers
 (`runtime.modal.worker.run_stage`), with the image's env, the function's secrets and its own
-view of the volume (tests/fakes/fake_cluster.py, tests/fakes/volume_views.py). A short
+view of the volume, mounted where Modal mounts it (`/checkpoints` in the payload, mapped to the
+container's view; the volume itself is FakeModal's, a directory: tests/fakes/fake_cluster.py,
+tests/fakes/volume_views.py). A short
 segment limit forces hand-overs (the container spawns the next segment through FakeModal),
 and a container killed mid-stage is retried as Modal retries it and resumes from what it
 had committed. The trainer is the small one in verl's interface from test_cluster_containers."""
@@ -23,21 +25,23 @@ from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep, LaunchK
 from runtime.records import StageRun
 from tests.fakes.fake_cluster import ClusterRunner, free_port_base
 from tests.fakes.fake_modal import FakeModal
+from tests.fakes.volume_views import DirVolume
 from tests.runtime.modal.test_cluster_containers import TRAINER
 
 RID = "b7" * 32
 IMAGE_MARK = "RETOOL_TEST_IMAGE_MARK"
+MOUNT = "/checkpoints"
 
 
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator[tuple[FakeModal, ClusterRunner]]:
-    fake = FakeModal(secrets={"wandb": {"WANDB_API_KEY": "k"}})
+    fake = FakeModal(secrets={"wandb": {"WANDB_API_KEY": "k"}}, volume_root=tmp_path / "volumes")
     fake.create_volume("ckpts")
     fake.deploy(AppDefinition(
         app_name="retool-box",
         image=[ImageStep(op="from_registry", args=["x:1"]), ImageStep(op="env", env={IMAGE_MARK: "from-image"})],
         functions=[FunctionSpec(name="stage-sft", entry="run_stage", gpu="H100", retries=1,
-                                volumes={str(tmp_path / "vol"): "ckpts"}, secrets=["wandb"])],
+                                volumes={MOUNT: "ckpts"}, secrets=["wandb"])],
     ))
     runner = ClusterRunner(root=tmp_path / "containers", port_base=free_port_base())
     runner.install(fake, ["stage-sft"])
@@ -47,10 +51,9 @@ def box(tmp_path: Path) -> Iterator[tuple[FakeModal, ClusterRunner]]:
         runner.close()
 
 
-def stage_payload(tmp_path: Path, *, total: int, train_seconds: float) -> StagePayload:
-    ckpt = tmp_path / "vol" / "sft" / RID[:16]
-    (ckpt / "_retool").mkdir(parents=True, exist_ok=True)
-    (ckpt / ckpts.MARKER_FILE).write_text(ckpts.marker_content(RID, "sft", 1))
+def stage_payload(fake: FakeModal, tmp_path: Path, *, total: int, train_seconds: float) -> StagePayload:
+    ckpt = f"{MOUNT}/sft/{RID[:16]}"
+    fake.put_files("ckpts", {f"sft/{RID[:16]}/{ckpts.MARKER_FILE}": ckpts.marker_content(RID, "sft", 1).encode()})
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     # the image's env reaches the commands (a missing one fails the attempt)
@@ -60,7 +63,7 @@ def stage_payload(tmp_path: Path, *, total: int, train_seconds: float) -> StageP
                f"trainer.total_training_steps={total}", "trainer.save_freq=1", "trainer.resume_mode=auto", "sleep=3"]
     return StagePayload(
         app_name="retool-box", function="stage-sft", stage="sft", kind="sft", restart_id=RID, total_steps=total,
-        world_size=1, nodes=1, checkpoint_dir=str(ckpt), checkpoint_volume="ckpts", volumes={"ckpts": str(tmp_path / "vol")},
+        world_size=1, nodes=1, checkpoint_dir=ckpt, checkpoint_volume="ckpts", volumes={"ckpts": MOUNT},
         commands=[{"argv": check_image, "env": {}, "secret_env": [], "description": "image env check"},
                   {"argv": trainer, "env": {"PYTHONUNBUFFERED": "1"}, "secret_env": ["WANDB_API_KEY"],
                    "description": "trainer"}],
@@ -83,8 +86,10 @@ def test_a_stage_hands_over_between_segments_and_a_killed_container_resumes(
 ) -> None:
     fake, runner = box
     total = 12
-    p = stage_payload(tmp_path, total=total, train_seconds=25.0)
-    ckpt = Path(p.checkpoint_dir)
+    p = stage_payload(fake, tmp_path, total=total, train_seconds=25.0)
+    volume = fake.volumes["ckpts"]
+    assert isinstance(volume, DirVolume)
+    ckpt = volume.root / "sft" / RID[:16]  # the volume as committed
     head = fake.spawn("retool-box", "stage-sft", p.model_dump(mode="json"))
     deadline = time.monotonic() + 600
 
@@ -123,7 +128,7 @@ def test_a_stage_hands_over_between_segments_and_a_killed_container_resumes(
     # name the volume's mount path again (not the container's view)
     run = records.load(StageRun, ckpt / "_retool" / "run.json")
     assert run is not None and run.call_id == chain[-1] and run.head_call_id == head
-    assert all(fake.calls[c].payload["checkpoint_dir"] == str(ckpt) for c in chain)
+    assert all(fake.calls[c].payload["checkpoint_dir"] == p.checkpoint_dir for c in chain)
     assert committed() == total
     # each segment registered its call under the stage identity (Modal Dict, asked from inside)
     reg = launches.lookup(fake, "retool-box-launches", f"sft/{RID[:16]}")

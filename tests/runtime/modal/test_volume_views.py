@@ -74,3 +74,25 @@ def test_what_a_container_never_commits_is_lost_with_it(tmp_path: Path) -> None:
     fresh = VolumeView(store, tmp_path / "a-restarted")
     fresh.reload()
     assert not (fresh.work / "shard").exists()
+
+
+def test_the_cli_side_and_the_containers_share_a_directory_backed_volume(tmp_path: Path) -> None:
+    from tests.fakes.fake_modal import FakeModal
+    from tests.fakes.volume_views import DirVolume
+
+    fake = FakeModal(volume_root=tmp_path / "volumes")
+    assert fake.create_volume("data")
+    volume = fake.volumes["data"]
+    assert isinstance(volume, DirVolume)
+    fake.put_files("data", {"sets/train.parquet": b"rows"})  # an upload from the CLI
+    view = VolumeView(volume.store, tmp_path / "container")
+    view.reload()
+    assert (view.work / "sets" / "train.parquet").read_bytes() == b"rows"
+    (view.work / "sets" / "stats.json").write_text("{}")
+    assert [e.path for e in fake.listdir("data", "sets")] == ["sets/train.parquet"]  # not committed yet
+    view.commit()
+    assert fake.read_file("data", "sets/stats.json") == b"{}"
+    fake.remove("data", "sets", recursive=True)
+    assert fake.tree("data") == []
+    view.reload()
+    assert not (view.work / "sets").exists()
