@@ -35,10 +35,11 @@ It models what retool relies on, with Modal's own rules (docs/modal.md):
   (tests/fakes/volume_views.py): others' writes appear only after their commit and this
   container's reload, and concurrent commits of one file keep the last;
 - clustered functions (`cluster_size=N`) need GPUs; tests/fakes/fake_cluster.py runs them
-  for real as N local processes.
+  for real as N local processes (and any other function as one), calling the registered
+  entry point; with `volume_root` the volumes are directories those processes share.
 
 Fidelity limits: no image is built (steps are checked, not run); a spawned call does not
-run the real worker unless a handler does; the simulated `Containers` below write straight
+run the real worker unless a handler does (tests/fakes/fake_cluster.py's); the simulated `Containers` below write straight
 into the committed volume (as if each write were committed at once; the real worker runs on
 per-container views, here with `views` and in tests/fakes/fake_cluster.py); no logs; no web
 traffic reaches web endpoints.
