@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,14 @@ def is_rl_trainer(argv: list[str]) -> bool:
 class ClusterNode:
     def __init__(self, info: ClusterInfo, nodes: int, *, kind: str, run_dir: Path, join_timeout_s: float,
                  sandbox_url_var: str, env: Mapping[str, str] | None = None,
-                 lost_after_s: float = LOST_AFTER_S) -> None:
+                 lost_after_s: float = LOST_AFTER_S, live_log: Callable[[str], Path] | None = None) -> None:
         problem = cluster_problem(info, nodes)
         if problem:
             raise ClusterError(f"rank {info.rank}: {problem}")
         self.info, self.nodes, self.kind, self.run_dir = info, nodes, kind, run_dir
+        # where a log held open for the whole attempt goes: off the volume (a file open on a
+        # Modal volume makes every reload fail, and commit() reloads); synced into run_dir/logs
+        self.live_log = live_log or (lambda name: run_dir / "logs" / name)
         self.join_timeout_s, self.sandbox_url_var, self.lost_after_s = join_timeout_s, sandbox_url_var, lost_after_s
         self.ports = node_ports(info.rank, shared_host=info.shared_host, base=port_base(dict(env or os.environ)))
         self.leader: Leader | None = None
@@ -91,7 +94,7 @@ class ClusterNode:
         if rl_command is not None:
             argv, env = rl_command
             env = with_sidecar_port(dict(env), self.sandbox_url_var, self.ports.sidecar_offset)
-            self.ray = RayNode(self.info, self.ports, {**os.environ, **env}, self.run_dir / "logs" / "ray-head.log",
+            self.ray = RayNode(self.info, self.ports, {**os.environ, **env}, self.live_log("ray-head.log"),
                                ray_cpu_resources(argv, env))
             self.ray.start()
         self.leader.start(plan)

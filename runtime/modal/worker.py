@@ -197,7 +197,7 @@ class ContainerSegment:
         # one container of a clustered call: its rank picks its role (runtime.modal.roles)
         self.role = role_for(self.adapter.cluster_info, p.nodes, kind=p.kind, run_dir=self.run_dir,
                              join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV,
-                             lost_after_s=p.lost_after_s)
+                             lost_after_s=p.lost_after_s, live_log=self.logs.live)
         try:
             return self._run()
         finally:
