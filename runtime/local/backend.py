@@ -49,7 +49,7 @@ from pathlib import Path
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import LocalRun, RunHandle
+from reconciler.state.base import LocalRun, RunHandle, WandbRun
 from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
@@ -61,6 +61,7 @@ from runtime.local.finalize import LocalMerger
 from runtime.local.stage_files import LocalStageFiles
 from runtime.stage_kind import Machine
 from runtime.stage_kinds import kind_of
+from runtime import tracking
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
@@ -93,6 +94,12 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         run_dir = self.stage_root(spec, stage) / ckpts.restart_dir_name(restart_id)
         return StagePaths(stage_dir=str(run_dir), ckpt_dir=str(run_dir), merged_dir=str(run_dir / "merged"))
 
+    def wandb_run(self, spec: Spec, stage: str, restart_id: str) -> WandbRun | None:
+        """The W&B run of a stage's run: online when WANDB_API_KEY is in this environment
+        (the trainer inherits it), else offline into the run directory (runtime.tracking)."""
+        key = bool(os.environ.get(tracking.API_KEY_ENV)) or tracking.key_declared(spec, stage)
+        return tracking.wandb_run(spec, stage, restart_id, key_available=key)
+
     def use_cpu(self) -> bool:
         forced = os.environ.get(DEVICE_ENV, "").strip().lower()
         if forced in ("cpu", "cuda"):
@@ -107,6 +114,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
             attn_implementation=None if cpu or importlib.util.find_spec("flash_attn") else "sdpa",
             has_module=lambda name: importlib.util.find_spec(name) is not None,
+            wandb_key=bool(os.environ.get(tracking.API_KEY_ENV)),  # the trainer inherits this environment
         )
 
     def stage_files(self, spec: Spec, stage: str, restart_id: str) -> LocalStageFiles:
@@ -210,11 +218,17 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
     # ------------------------------------------------------------------ sandbox
 
     def missing_reason(self, spec: Spec, address: str) -> str | None:
-        # Only the sidecar is checked: nothing consumes its identity, so recreating it never
-        # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
-        # would change their output identity and rerun every stage downstream).
+        # Nothing local is gone in a way refresh should act on: volumes, data and models are
+        # trusted as recorded, and a stopped sidecar is idle (below), not missing.
+        return None
+
+    def idle_reason(self, spec: Spec, address: str) -> str | None:
+        # The sidecar ends by design once nothing has used it for a while, and whatever needs
+        # it starts it again (`_sandbox_url`): a stopped sidecar is idle, never drift. Volumes,
+        # data and models are trusted as recorded (recreating them would change their output
+        # identity and rerun every stage downstream).
         if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(hold=False):
-            return "the sandbox process is not running"
+            return "idle, starts on demand (the sidecar is stopped: nothing has used it for a while)"
         return None
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
@@ -222,6 +236,15 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     def _live_sandbox_url(self, *, hold: bool = True) -> str | None:
         return res.live_sandbox_url(self.state_dir / "sandbox.json", hold=hold)
+
+    def _sandbox_url(self, spec: Spec) -> str | None:
+        """The sidecar's URL for work about to call it (data generation, an RL or eval run),
+        held up by this process's lease; started on demand when it idled out since the apply
+        that created it. None only when the spec declares no sandbox and none runs."""
+        url = self._live_sandbox_url()
+        if url is None and spec.sandbox is not None:
+            url = str(self.ensure_sandbox(spec.sandbox, spec).outputs["url"])
+        return url
 
     # ------------------------------------------------------------------ stages: commands
 
@@ -269,7 +292,9 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         prior = runs.read_active(run_dir)
         if prior is not None and runs.is_running(prior) and prior.total_steps == ctx.total_steps:
             return prior.model_copy(update={"reattached": True})
-        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
+        # RL and eval call the sandbox: start it again if it idled out since it was created.
+        sandbox_url = self._sandbox_url(ctx.spec) if stage.kind in ("rl", "eval") else self._live_sandbox_url()
+        commands = self._train_commands(ctx, paths, sandbox_url=sandbox_url)
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
@@ -282,7 +307,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
             write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        for name, text in kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url()).items():
+        for name, text in kind.run_inputs(ctx, paths, self.machine(), sandbox_url).items():
             write_text_atomic(run_dir / name, text)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
@@ -303,6 +328,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             ),
             stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id, command=planned[-1].argv,
             total_steps=ctx.total_steps, resume_from=ctx.resume_from,
+            wandb=self.wandb_run(ctx.spec, ctx.stage, ctx.restart_id),
         )
         runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
         return handle

@@ -25,6 +25,7 @@ from runtime.atomic import write_json
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
+from runtime import tracking
 from reconciler.backend import RunStatus
 
 ACTIVE_RUN_FILE = "active_run.json"
@@ -130,6 +131,7 @@ def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     seen = {
         "step": step, "total": total, "metrics": met.headline(records) or met.latest(records),
         "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
+        "wandb": tracking.observed_local(handle.wandb, ref.stage_dir, follower.wandb_url) if ref.stage_dir else None,
     }
     done = procs.read_exit(exit_path_of(handle))
     if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
