@@ -2,7 +2,9 @@
 
 Rank 0 records what it sees of every rank in the run's `progress.json` (`ranks`: state
 `alive` / `lost` / `missing` and when it last heard from it: members send a beat every few
-seconds over the control channel). Only rank 0 writes the file (Modal volumes keep the
+seconds over the control channel). A rank is `lost` when its connection closed or when it
+sent nothing for the stage's `lost_after_s` (60 s by default; runtime.cluster.rendezvous),
+and then the whole cluster restarts. Only rank 0 writes the file (Modal volumes keep the
 last commit, so one writer per file)."""
 
 from __future__ import annotations

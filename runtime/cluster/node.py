@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from runtime.cluster.layout import (
     with_sidecar_port,
 )
 from runtime.cluster.ray_nodes import RayNode, package_root
-from runtime.cluster.rendezvous import Leader, Member, ranks_text
+from runtime.cluster.rendezvous import LOST_AFTER_S, Leader, Member, ranks_text
 
 RL_MODULE = "verl.trainer.main_ppo"
 COMMIT_WAIT_S = 600.0
@@ -49,12 +49,16 @@ def is_rl_trainer(argv: list[str]) -> bool:
 
 class ClusterNode:
     def __init__(self, info: ClusterInfo, nodes: int, *, kind: str, run_dir: Path, join_timeout_s: float,
-                 sandbox_url_var: str, env: Mapping[str, str] | None = None) -> None:
+                 sandbox_url_var: str, env: Mapping[str, str] | None = None,
+                 lost_after_s: float = LOST_AFTER_S, live_log: Callable[[str], Path] | None = None) -> None:
         problem = cluster_problem(info, nodes)
         if problem:
             raise ClusterError(f"rank {info.rank}: {problem}")
         self.info, self.nodes, self.kind, self.run_dir = info, nodes, kind, run_dir
-        self.join_timeout_s, self.sandbox_url_var = join_timeout_s, sandbox_url_var
+        # where a log held open for the whole attempt goes: off the volume (a file open on a
+        # Modal volume makes every reload fail, and commit() reloads); synced into run_dir/logs
+        self.live_log = live_log or (lambda name: run_dir / "logs" / name)
+        self.join_timeout_s, self.sandbox_url_var, self.lost_after_s = join_timeout_s, sandbox_url_var, lost_after_s
         self.ports = node_ports(info.rank, shared_host=info.shared_host, base=port_base(dict(env or os.environ)))
         self.leader: Leader | None = None
         self.member: Member | None = None
@@ -75,10 +79,12 @@ class ClusterNode:
         Others: join rank 0 and return its plan (`{"ended": status}` when rank 0 had
         nothing to train)."""
         if self.is_leader:
-            self.leader = Leader(self.info.own, self.ports.rendezvous, self.nodes, self.info.cluster_id)
+            self.leader = Leader(self.info.own, self.ports.rendezvous, self.nodes, self.info.cluster_id,
+                                 lost_after_s=self.lost_after_s)
             self.leader.wait_for_members(self.join_timeout_s)
             return None
-        self.member = Member(self.rank, self.info.leader, self.ports.rendezvous, self.info.cluster_id)
+        self.member = Member(self.rank, self.info.leader, self.ports.rendezvous, self.info.cluster_id,
+                             lost_after_s=self.lost_after_s)
         return self.member.join(self.join_timeout_s)
 
     def start(self, plan: dict[str, Any], rl_command: tuple[list[str], dict[str, str]] | None = None) -> None:
@@ -88,7 +94,7 @@ class ClusterNode:
         if rl_command is not None:
             argv, env = rl_command
             env = with_sidecar_port(dict(env), self.sandbox_url_var, self.ports.sidecar_offset)
-            self.ray = RayNode(self.info, self.ports, {**os.environ, **env}, self.run_dir / "logs" / "ray-head.log",
+            self.ray = RayNode(self.info, self.ports, {**os.environ, **env}, self.live_log("ray-head.log"),
                                ray_cpu_resources(argv, env))
             self.ray.start()
         self.leader.start(plan)
@@ -122,11 +128,16 @@ class ClusterNode:
         if self.leader is not None:
             lost = self.leader.lost()
             if lost:
-                return f"{ranks_text(lost)} of the cluster was lost mid-run; stopping so the whole cluster restarts"
+                return (f"{ranks_text(lost)} of the cluster was lost mid-run ({self.leader.lost_reason()}); "
+                        "stopping so the whole cluster restarts")
             if self.ray is not None and not self.ray.alive():
                 return "the Ray head on rank 0 exited"
         if self.member is not None and self.member.ended():
-            return "rank 0 ended" if not self.member.leader_lost else "rank 0 was lost"
+            if not self.member.leader_lost:
+                return "rank 0 ended"
+            silent = self.member.leader_silent_s
+            return "rank 0 was lost" + (
+                f" (no heartbeat for {silent:.0f} s, bound {self.lost_after_s:g} s)" if silent is not None else "")
         return ""
 
     def follows_leader(self, argv: list[str]) -> bool:

@@ -6,12 +6,17 @@ One TCP connection per member, JSON lines, kept open for the whole attempt:
     leader -> member   {"op": "go", ...plan}                          when every rank joined
                        {"op": "refused", "reason": ...}              a foreign, duplicate or late rank
     member -> leader   {"op": "beat"}                                 every few seconds (liveness)
+    leader -> member   {"op": "beat"}                                 every few seconds (liveness)
     leader -> member   {"op": "done", "status": ...}                 the leader's commands ended
     member -> leader   {"op": "committed"}                            its volumes are committed
 
-A connection that closes before its last message means the peer is gone: the leader
-stops training (a lost rank), a member stops its node (a lost leader). Both then fail,
-so the cluster restarts as one unit. Waits are bounded and name the missing ranks.
+A connection that closes before its last message means the peer is gone, and so does a
+peer that sends nothing for `lost_after_s` (a host that vanished without closing its
+connections, a frozen container: TCP alone would notice only after many minutes, NCCL's
+collective timeout after 10 to 30): the leader stops training (a lost rank), a member stops
+its node (a lost leader). Both then fail, so the cluster restarts as one unit. Beats go
+both ways every `beat_interval(lost_after_s)` seconds. Waits are bounded and name the
+missing ranks.
 """
 
 from __future__ import annotations
@@ -25,11 +30,21 @@ from typing import Any
 from runtime.cluster.layout import ClusterError
 
 BEAT_S = 5.0
+LOST_AFTER_S = 60.0  # a peer silent this long is lost (12 missed beats)
 POLL_S = 0.2
 
 
+def beat_interval(lost_after_s: float) -> float:
+    """Several beats fit in the bound, so one late beat never loses a rank."""
+    return min(BEAT_S, lost_after_s / 4)
+
+
+_SEND_LOCK = threading.Lock()  # beats go out from their own thread: one message at a time
+
+
 def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
-    sock.sendall((json.dumps(msg) + "\n").encode())
+    with _SEND_LOCK:
+        sock.sendall((json.dumps(msg) + "\n").encode())
 
 
 class _Lines:
@@ -77,8 +92,9 @@ def ranks_text(ranks: list[int]) -> str:
 class Leader:
     """Rank 0's side: accept every member, release them together, watch them, end together."""
 
-    def __init__(self, host: str, port: int, nodes: int, cluster_id: str, *, clock: Any = time.monotonic) -> None:
-        self.nodes, self.cluster_id, self.clock = nodes, cluster_id, clock
+    def __init__(self, host: str, port: int, nodes: int, cluster_id: str, *, clock: Any = time.monotonic,
+                 lost_after_s: float = LOST_AFTER_S) -> None:
+        self.nodes, self.cluster_id, self.clock, self.lost_after_s = nodes, cluster_id, clock, lost_after_s
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.server = socket.socket(family, socket.SOCK_STREAM)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -91,6 +107,7 @@ class Leader:
         self.members: dict[int, socket.socket] = {}
         self.seen: dict[int, float] = {}  # rank -> last message (time.time)
         self.lost_ranks: set[int] = set()
+        self.silent: dict[int, float] = {}  # rank -> how long it had been silent when counted lost
         self.committed: set[int] = set()
         self.started = False
         self.ended = False
@@ -169,14 +186,32 @@ class Leader:
             threading.Thread(target=self._watch, args=(rank, conn), daemon=True).start()
         self._acceptor = threading.Thread(target=self._refuse_late, daemon=True)
         self._acceptor.start()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(beat_interval(self.lost_after_s)):
+            for conn in list(self.members.values()):
+                try:
+                    _send(conn, {"op": "beat"})
+                except OSError:  # its watcher sees the closed connection
+                    pass
 
     def _watch(self, rank: int, conn: socket.socket) -> None:
         lines = _Lines(conn)
+        heard = time.monotonic()
         while not self._stop.is_set():
             try:
-                msg = lines.read(None)
+                msg = lines.read(min(1.0, self.lost_after_s / 4))
             except TimeoutError:
+                silent = time.monotonic() - heard
+                if silent >= self.lost_after_s:
+                    with self._lock:
+                        if rank not in self.committed:
+                            self.lost_ranks.add(rank)
+                            self.silent[rank] = silent
+                    return
                 continue
+            heard = time.monotonic()
             if msg is None:
                 with self._lock:
                     if rank not in self.committed:
@@ -202,6 +237,15 @@ class Leader:
     def lost(self) -> list[int]:
         with self._lock:
             return sorted(self.lost_ranks)
+
+    def lost_reason(self) -> str:
+        """Why the lost ranks count as lost ("" when none is)."""
+        with self._lock:
+            silent = {r: s for r, s in self.silent.items() if r in self.lost_ranks}
+            closed = sorted(self.lost_ranks - set(silent))
+        parts = [f"{ranks_text(closed)}: connection closed"] if closed else []
+        parts += [f"rank {r}: no heartbeat for {s:.0f} s (bound {self.lost_after_s:g} s)" for r, s in sorted(silent.items())]
+        return "; ".join(parts)
 
     def liveness(self) -> dict[str, dict[str, Any]]:
         """Per rank: alive / lost and when it was last heard from (rank 0 is this process)."""
@@ -243,11 +287,14 @@ class Leader:
 class Member:
     """Rank r's side: join the leader (bounded), get the plan, then follow the leader."""
 
-    def __init__(self, rank: int, leader: str, port: int, cluster_id: str) -> None:
+    def __init__(self, rank: int, leader: str, port: int, cluster_id: str, *,
+                 lost_after_s: float = LOST_AFTER_S) -> None:
         self.rank, self.leader, self.port, self.cluster_id = rank, leader, port, cluster_id
+        self.lost_after_s = lost_after_s
         self.sock: socket.socket | None = None
         self.done_status: str | None = None
         self.leader_lost = False
+        self.leader_silent_s: float | None = None  # how long rank 0 had been silent when counted lost
         self._done = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -284,11 +331,20 @@ class Member:
         return {k: v for k, v in msg.items() if k != "op"}
 
     def _follow(self, lines: _Lines) -> None:
+        heard = time.monotonic()
         while not self._stop.is_set():
             try:
-                msg = lines.read(None)
+                msg = lines.read(min(1.0, self.lost_after_s / 4))
             except TimeoutError:
+                silent = time.monotonic() - heard
+                if silent >= self.lost_after_s:
+                    with self._lock:
+                        if self.done_status is None:
+                            self.leader_lost, self.leader_silent_s = True, silent
+                    self._done.set()
+                    return
                 continue
+            heard = time.monotonic()
             if msg is None:
                 with self._lock:
                     if self.done_status is None:
@@ -301,7 +357,7 @@ class Member:
                 self._done.set()
 
     def _beat(self) -> None:
-        while not self._stop.wait(BEAT_S):
+        while not self._stop.wait(beat_interval(self.lost_after_s)):
             try:
                 assert self.sock is not None
                 _send(self.sock, {"op": "beat"})

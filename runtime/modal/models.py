@@ -134,6 +134,9 @@ class StagePayload(Frozen):
     nodes: int = 1
     # multi-node: how long rank 0 waits for every rank to check in (and each rank for rank 0)
     join_timeout_s: float = 600.0
+    # multi-node: a rank (or rank 0, as a member sees it) silent this long is lost, and the
+    # whole cluster restarts (runtime.cluster.rendezvous: beats go both ways)
+    lost_after_s: float = Field(default=60.0, gt=0)
     commands: list[dict[str, Any]]  # reconciler.backend.RenderedCommand dumps, exactly `retool render`'s
     checkpoint_dir: str  # container path: <mount>/<stage>/<restart_id[:16]>
     checkpoint_volume: str  # Modal volume name holding it

@@ -138,13 +138,16 @@ class Member(_Clustered):
 
 
 def role_for(info_of: Callable[[], ClusterInfo], nodes: int, *, kind: str, run_dir: Path, join_timeout_s: float,
-             sandbox_url_var: str) -> Role:
+             sandbox_url_var: str, lost_after_s: float | None = None,
+             live_log: Callable[[str], Path] | None = None) -> Role:
     """Solo for one node; otherwise this container's rank picks Leader or Member.
     `info_of` gives the cluster's `ClusterInfo` (asked only for a clustered call)."""
     if nodes <= 1:
         return Solo()
     from runtime.cluster.node import ClusterNode
 
+    from runtime.cluster.rendezvous import LOST_AFTER_S
+
     node = ClusterNode(info_of(), nodes, kind=kind, run_dir=run_dir, join_timeout_s=join_timeout_s,
-                       sandbox_url_var=sandbox_url_var)
+                       sandbox_url_var=sandbox_url_var, lost_after_s=lost_after_s or LOST_AFTER_S, live_log=live_log)
     return Leader(node) if node.is_leader else Member(node)

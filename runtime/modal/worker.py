@@ -196,7 +196,8 @@ class ContainerSegment:
             self.adapter.reload_volume(name)
         # one container of a clustered call: its rank picks its role (runtime.modal.roles)
         self.role = role_for(self.adapter.cluster_info, p.nodes, kind=p.kind, run_dir=self.run_dir,
-                             join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV)
+                             join_timeout_s=p.join_timeout_s, sandbox_url_var=SANDBOX_URL_ENV,
+                             lost_after_s=p.lost_after_s, live_log=self.logs.live)
         try:
             return self._run()
         finally:
@@ -270,6 +271,8 @@ class ContainerSegment:
         if outcome is not None:
             return StageResult(outcome="finished", segment=p.segment, message=f"rank 0: {outcome}").model_dump()
         role.finish("deadline" if stopped_early else "finished")  # rank 0: waits for every rank's commit
+        if p.nodes > 1:  # the members' last shards are on the volume, not yet in this container's view
+            self._reload_all()
         latest, _ = latest_valid_step(self.dir, p.world_size, p.restart_id)
         self.step = latest if latest is not None else self.step
         if stopped_early:
@@ -456,6 +459,19 @@ class ContainerSegment:
                     if record is not None:
                         self.step = max(self.step or 0, record.step)
                         self.metrics.update(record.values)
+
+    def _reload_all(self) -> None:
+        """See what the other ranks committed. A container sees another's writes only after
+        their commit and its own reload; judging without it would miss the members' shards of
+        the last save (and hand over without a new checkpoint, or report an older step)."""
+        for name in self.p.volumes:
+            try:
+                self.adapter.reload_volume(name)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"rank 0 could not reload volume {name} to judge the last checkpoint with every rank's "
+                    f"shards ({exc}); the whole cluster restarts from the latest valid checkpoint"
+                ) from exc
 
     def _commit_all(self) -> None:
         self._write_progress()

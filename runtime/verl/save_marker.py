@@ -12,12 +12,16 @@ trainer that saves a whole checkpoint:
   the driver; the worker-group save they call returns when every rank finished.
 
 Around the original: the old marker is removed before anything of the save is written
-(by every SFT rank, so no rank writes a shard while a stale marker stands), and rank 0 /
-the driver writes `global_step_N/retool_complete.json` after the original returned, naming
+(SFT: by rank 0, then a barrier, so no rank writes a shard while a stale marker stands), and
+rank 0 / the driver writes `global_step_N/retool_complete.json` after the original returned, naming
 the step, the world size and the run directory's restart identity (runtime.checkpoints
 judges it). The marker lands after verl's tracker file (verl writes that inside the same
 function); a save killed between the two leaves step N unmarked, so it is skipped and the
 previous checkpoint resumed.
+
+Only rank 0 (or the driver) ever touches the marker. On a Modal cluster each node writes to
+its own view of the volume and the last commit of a file wins: a member that removed the
+marker and committed after rank 0 would delete the marker rank 0 wrote.
 
 verl imports a trainer module after this one runs (or, in a process that never trains,
 not at all), so each wrapper is applied when its module is first imported, by a meta path
@@ -55,7 +59,9 @@ def _mark(default_local_dir: str, step: int, world_size: int) -> None:
 def _sft_save(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def save_checkpoint(self: Any, step: int, *args: Any, **kwargs: Any) -> Any:
-        _markers().clear_complete(os.path.join(self.default_local_dir, f"global_step_{step}"))
+        if self.rank == 0:
+            _markers().clear_complete(os.path.join(self.default_local_dir, f"global_step_{step}"))
+        _sft_barrier()  # no rank writes a shard before the stale marker is gone
         result = original(self, step, *args, **kwargs)
         if self.rank == 0:
             _mark(self.default_local_dir, step, _sft_world_size())
@@ -63,6 +69,13 @@ def _sft_save(original: Callable[..., Any]) -> Callable[..., Any]:
 
     setattr(save_checkpoint, WRAPPED, True)
     return save_checkpoint
+
+
+def _sft_barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _sft_world_size() -> int:

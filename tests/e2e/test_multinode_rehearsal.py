@@ -183,7 +183,8 @@ def test_sft_across_two_nodes_survives_a_killed_container(device: str, cluster: 
                for i in range(len(attempts) - 1))
     log0, log1 = runner.container_log(call_id, 0, lines=None), runner.container_log(call_id, 1, lines=None)
     assert "--node_rank=0" in log0 and "--node_rank=1" in log1
-    assert f"trainer.resume_from_path={ckpt}/global_step_" in log0  # resumed, not from scratch
+    # resumed, not from scratch (at the container's own view of the volume: tests/fakes/fake_cluster.py)
+    assert f"/{ckpt.parent.name}/{ckpt.name}/global_step_" in log0.split("trainer.resume_from_path=", 1)[-1].split()[0]
     assert fake.calls[call_id].result["outcome"] == "finished" and fake.calls[call_id].result["step"] == 8
     assert shards(ckpt / "global_step_8") == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
     best = ckpts.latest_valid(ckpts.evaluate(ckpts.scan_local(ckpt.parent), 2, RID_SFT), RID_SFT)

@@ -1,11 +1,20 @@
-"""Clustered Modal functions run for real, as N local processes ("containers") on loopback.
+"""Modal functions run for real, as local processes ("containers"); clustered ones as N
+processes on loopback.
 
-`ClusterRunner.install(fake, [function names])` makes FakeModal's `spawn` of a function
-deployed with `cluster_size=N` (`@modal.clustered(size=N)`) start N processes, each running
-the real container entry point `runtime.modal.worker.run_stage(payload)` with its own
-cluster info (rank r, every container at 127.0.0.1, one cluster id per attempt), the
-function's secrets in its environment, and the volumes as the host directories the
-payload's mounts name. What it models of modal 1.6.4 (`modal.clustered` docs):
+`ClusterRunner.install(fake, [function names])` makes FakeModal's `spawn` of such a function
+start one process, or N for one deployed with `cluster_size=N` (`@modal.clustered(size=N)`),
+each calling the function the app registers (the deployed function's `entry` in
+`runtime.modal.worker`, e.g. `run_stage(payload)`; only the SDK adapter it builds is this
+container's local one) with its own cluster info (rank r, every container at 127.0.0.1,
+one cluster id per attempt), the image's `env` steps, the function's env and its secrets in
+its environment, and each volume as its own view
+(tests/fakes/volume_views.py): the payload's mount path is the volume as Modal's servers
+hold it (what the test reads), and every container gets a working copy of it, mapped into
+its payload in place of the mount path. A container sees what another one wrote only after
+that one's commit and its own reload; two commits of one file: the last one wins; a
+container that dies loses what it had not committed; commit and reload refuse while a file
+under the view is open in the container (modal 1.6.4). What it models of modal 1.6.4
+(`modal.clustered` docs):
 
 - the input is broadcast to every container; only rank 0's return value is the result;
 - a container that dies (or fails) ends the attempt: the others are stopped, and while the
@@ -17,9 +26,15 @@ payload's mounts name. What it models of modal 1.6.4 (`modal.clustered` docs):
 
 Every process of a container carries `RETOOL_RUN_TAG=<container tag>` (inherited by
 torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one container,
-and `close()` leaves nothing running. Fidelity limits: one host, so ports are shifted per
-rank (runtime.cluster.layout); volumes are shared at once (no commit/reload delay); a
-container cannot spawn the next 24 h segment (the rehearsal trains within one segment).
+and `close()` leaves nothing running. What a container asks of Modal's servers (`spawn`: a
+segment handing over to the next; `poll`; the launch registry's Dict calls) is answered by
+FakeModal in the test's process: the container leaves a request file, and the runner
+answers it while the test (or the apply engine) polls the call. Fidelity limits: one host, so
+ports are shifted per rank (runtime.cluster.layout); a container's mount paths differ from
+Modal's (its view's directory; the worker only ever uses the paths its payload names, and
+a payload a container spawns is mapped back); RL's Ray workers on a member node get their
+paths from rank 0's driver, so they write into rank 0's view (on Modal: their own node's);
+a container that asks something while nobody polls its call waits (up to 10 minutes).
 
 Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
 """
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +59,11 @@ from runtime.processes import RUN_TAG_ENV, tagged_processes, terminate_run
 CLUSTER_ENV = "RETOOL_FAKE_CLUSTER"
 CALL_ENV = "RETOOL_FAKE_CALL_ID"
 OPS_ENV = "RETOOL_FAKE_OPS"
+COMMIT_DELAY_ENV = "RETOOL_FAKE_COMMIT_DELAY"  # seconds a commit of this container takes to land
+ENTRY_ENV = "RETOOL_FAKE_ENTRY"  # the deployed function's entry point in runtime.modal.worker
+REQUESTS_ENV = "RETOOL_FAKE_REQUESTS"  # where a container asks FakeModal to spawn, and gets the answer
+VIEWS_ENV = "RETOOL_FAKE_VIEWS"
+REMOTE_METHODS = ("spawn", "poll", "dict_get", "dict_put", "dict_pop")  # what a container may ask Modal  # volume name -> [its store (the mount path the test reads), this container's view]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,6 +73,8 @@ class _Container:
     tag: str
     proc: subprocess.Popen[bytes]
     log: Path
+    views: dict[str, list[str]]  # volume name -> [mount path (the store), this container's view]
+    requests: Path
 
 
 @dataclass
@@ -67,9 +90,13 @@ class ClusterRunner:
     root: Path  # payloads, results and container logs go here
     port_base: int
     device_env: Callable[[int], dict[str, str]] = field(default=lambda rank: {})
+    # per rank: how long each of its commits takes to land (a slow upload: a member's last
+    # shards reach the volume after rank 0's own commit)
+    commit_delay_s: Callable[[int], float] = field(default=lambda rank: 0.0)
     teardown_grace_s: float = 60.0
     failures: list[str] = field(default_factory=list)  # which container ended each failed attempt
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
+    frozen: set[str] = field(default_factory=set)  # tags of containers stopped with SIGSTOP
 
     def install(self, fake: Any, functions: list[str]) -> None:
         for name in functions:
@@ -91,25 +118,42 @@ class ClusterRunner:
         cluster_id = f"cu-{call.call_id}-{number}"
         base = self.root / call.call_id / f"attempt-{number}"
         base.mkdir(parents=True, exist_ok=True)
-        payload_path = base / "payload.json"
-        payload_path.write_text(json.dumps(call.payload))
         result_path = base / "result.json"
+        app = self.fake.deployed[call.app_name]
+        fn = app.function(call.function)
+        image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
         containers: list[_Container] = []
         for rank in range(size):
             info = ClusterInfo(rank=rank, cluster_id=cluster_id, ips=["127.0.0.1"] * size,
                                ipv4_ips=["127.0.0.1"] * size)
             tag = f"fake-{call.call_id}-a{number}-r{rank}"
-            env = {**os.environ, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
+            # a new container starts with a fresh view of each volume (filled by its first reload)
+            views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in call.payload["volumes"].items()}
+            stores = {name: [self._store(name, mount), work] for name, (mount, work) in views.items()}
+            payload_path = base / f"payload-{rank}.json"
+            payload_path.write_text(_mapped(json.dumps(call.payload), views))
+            requests = base / f"requests-{rank}"
+            requests.mkdir(exist_ok=True)
+            env = {**os.environ, **image_env, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
+                   ENTRY_ENV: fn.entry, REQUESTS_ENV: str(requests),
                    RUN_TAG_ENV: tag, PORT_BASE_ENV: str(self.port_base), OPS_ENV: str(base / f"ops-{rank}.jsonl"),
-                   "PYTHONPATH": str(REPO), **self.device_env(rank)}
+                   VIEWS_ENV: json.dumps(stores), COMMIT_DELAY_ENV: str(self.commit_delay_s(rank)), "PYTHONPATH": str(REPO), **self.device_env(rank)}
             log = base / f"container-{rank}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "tests.fakes.fake_cluster", str(payload_path), str(result_path)],
                     env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
-            containers.append(_Container(rank, tag, proc, log))
+            containers.append(_Container(rank, tag, proc, log, views, requests))
         self.attempts.setdefault(call.call_id, []).append(_Attempt(number, cluster_id, containers, result_path))
+
+    def _store(self, name: str, mount: str) -> str:
+        """Where a volume's committed state is: FakeModal's directory for it (a DirVolume),
+        else the mount path itself (a test that hands the payload host directories)."""
+        from tests.fakes.volume_views import DirVolume
+
+        volume = self.fake.volumes.get(name)
+        return str(volume.root) if isinstance(volume, DirVolume) else mount
 
     def refresh(self, call: Any, event: str) -> None:
         """Called by FakeModal on poll/cancel: follow the current attempt's containers."""
@@ -119,6 +163,8 @@ class ClusterRunner:
         if event == "cancel":
             self._stop(attempt)
             return
+        for c in attempt.containers:
+            self._answer(c)
         codes = [c.proc.poll() for c in attempt.containers]
         failed = [c for c, code in zip(attempt.containers, codes) if code not in (None, 0)]
         if failed:
@@ -127,7 +173,8 @@ class ClusterRunner:
             # the survivors get a moment to notice on their own (the worker stops a cluster that
             # lost a rank) before the cluster is torn down
             deadline = time.time() + self.teardown_grace_s
-            while time.time() < deadline and any(c.proc.poll() is None for c in attempt.containers):
+            while time.time() < deadline and any(c.proc.poll() is None and c.tag not in self.frozen
+                                                 for c in attempt.containers):
                 time.sleep(0.2)
             self._stop(attempt)
             retries = self.fake.deployed[call.app_name].function(call.function).retries
@@ -146,8 +193,32 @@ class ClusterRunner:
             self._stop(attempt)
             call.state, call.result = "succeeded", json.loads(attempt.result_path.read_text())
 
+    def _answer(self, c: _Container) -> None:
+        """Answer what a container asked of Modal (REMOTE_METHODS) with FakeModal; a payload
+        it spawns has its view paths mapped back to the mount paths."""
+        for request in sorted(c.requests.glob("*.request.json")):
+            answer = request.with_name(request.name.replace(".request.", ".answer."))
+            if answer.exists():
+                continue
+            asked = json.loads(request.read_text())
+            method, args, kwargs = asked["method"], list(asked["args"]), dict(asked["kwargs"])
+            if method == "spawn":
+                unmapped = {name: [work, mount] for name, (mount, work) in c.views.items()}
+                args[2] = json.loads(_mapped(json.dumps(args[2]), unmapped))
+            try:
+                value = getattr(self.fake, method)(*args, **kwargs) if method in REMOTE_METHODS else None
+                out = {"value": value.model_dump(mode="json") if hasattr(value, "model_dump") else value}
+            except Exception as exc:  # noqa: BLE001 - what the SDK would raise in the container
+                out = {"error": f"{type(exc).__name__}: {exc}"}
+            tmp = answer.with_suffix(".tmp")
+            tmp.write_text(json.dumps(out))
+            os.replace(tmp, answer)
+
     def _stop(self, attempt: _Attempt) -> None:
         for c in attempt.containers:
+            if c.tag in self.frozen:  # a frozen host is gone: nothing in it handles SIGTERM
+                self._kill(c)
+                continue
             # the container's own group only while it is unreaped: a reaped pid may already be
             # another process's (pids wrap quickly on a busy machine); its tag finds the rest
             terminate_run(c.proc.pid if c.proc.poll() is None else None, c.tag, grace_s=20.0)
@@ -166,7 +237,20 @@ class ClusterRunner:
 
     def kill(self, call_id: str, rank: int) -> None:
         """The container of `rank` dies at once (preemption, a lost host): every process in it."""
+        self._kill(self.attempts[call_id][-1].containers[rank])
+
+    def freeze(self, call_id: str, rank: int) -> None:
+        """The container of `rank` stops answering without closing anything (a host that
+        vanished without a FIN, a hung kernel): SIGSTOP to every process in it."""
         c = self.attempts[call_id][-1].containers[rank]
+        self.frozen.add(c.tag)
+        for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _kill(self, c: _Container) -> None:
         for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -216,6 +300,14 @@ def free_port_base() -> int:
     raise RuntimeError("no free port range on loopback")
 
 
+def _mapped(payload_json: str, views: dict[str, list[str]]) -> str:
+    """The payload as one container sees it: each mount path replaced by its view's directory."""
+    for mount, work in sorted(views.values(), key=lambda mv: -len(mv[0])):
+        payload_json = re.sub(r'(?<![\w./-])' + re.escape(mount.rstrip("/")) + r'(?=[/"\s]|$)', lambda _: work,
+                              payload_json)
+    return payload_json
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -230,8 +322,15 @@ class ContainerAdapter:
     """What `runtime.modal.worker` asks Modal from inside a container, answered locally."""
 
     def __init__(self) -> None:
+        from tests.fakes.volume_views import VolumeStore, VolumeView
+
         self.info = ClusterInfo.model_validate_json(os.environ[CLUSTER_ENV])
         self.ops_path = Path(os.environ[OPS_ENV])
+        self.views = {name: VolumeView(VolumeStore(Path(store)), Path(work))
+                      for name, (store, work) in json.loads(os.environ.get(VIEWS_ENV, "{}")).items()}
+        self.commit_delay_s = float(os.environ.get(COMMIT_DELAY_ENV) or 0.0)
+        for view in self.views.values():  # mounted: the volume as last committed
+            view.reload()
 
     def _record(self, *op: str) -> None:
         with self.ops_path.open("a") as fh:
@@ -239,9 +338,23 @@ class ContainerAdapter:
 
     def reload_volume(self, name: str) -> None:
         self._record("reload_volume", name)
+        self._refuse_open_files(name)
+        self.views[name].reload()
 
     def commit_volume(self, name: str) -> None:
+        time.sleep(self.commit_delay_s)
+        self.views[name].commit(reload=False)
         self._record("commit_volume", name)
+        self._refuse_open_files(name)  # modal 1.6.4: commit() reloads after committing
+        self.views[name].reload()
+
+    def _refuse_open_files(self, name: str) -> None:
+        from tests.fakes.fake_modal import open_files_under
+
+        found = open_files_under(self.views[name].work)
+        if found:
+            self._record("refused_open_files", name, found[0])
+            raise RuntimeError(f"there are open files preventing the operation: {found[0]} is open")
 
     def current_call_id(self) -> str | None:
         return os.environ.get(CALL_ENV)
@@ -249,17 +362,53 @@ class ContainerAdapter:
     def cluster_info(self) -> ClusterInfo:
         return self.info
 
+    def _ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Ask FakeModal in the test's process (answered while the test polls this call)."""
+        self._record(method, *[a for a in args if isinstance(a, str)])
+        requests = Path(os.environ[REQUESTS_ENV])
+        n = len(list(requests.glob("*.request.json")))
+        request = requests / f"{n:04d}.request.json"
+        tmp = request.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"method": method, "args": list(args), "kwargs": kwargs}))
+        os.replace(tmp, request)
+        answer = requests / f"{n:04d}.answer.json"
+        deadline = time.time() + 600
+        while not answer.exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"{method}: Modal did not answer in 600 s (is the test polling the call?)")
+            time.sleep(0.2)
+        out = json.loads(answer.read_text())
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out["value"]
+
     def spawn(self, app_name: str, function: str, payload: dict[str, Any], *, env: str | None = None) -> str:
-        raise RuntimeError("the rehearsal's containers cannot spawn a next segment (train within one segment)")
+        return str(self._ask("spawn", app_name, function, payload, env=env))
+
+    def poll(self, call_id: str) -> Any:
+        from runtime.modal.adapter import CallOutcome
+
+        return CallOutcome.model_validate(self._ask("poll", call_id))
+
+    def dict_get(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        value = self._ask("dict_get", name, key, env=env)
+        return None if value is None else str(value)
+
+    def dict_put(self, name: str, key: str, value: str, *, skip_if_exists: bool = False, env: str | None = None) -> bool:
+        return bool(self._ask("dict_put", name, key, value, skip_if_exists=skip_if_exists, env=env))
+
+    def dict_pop(self, name: str, key: str, *, env: str | None = None) -> str | None:
+        value = self._ask("dict_pop", name, key, env=env)
+        return None if value is None else str(value)
 
 
 def main(argv: list[str]) -> int:
-    from runtime.modal.models import StagePayload
-    from runtime.modal.worker import ContainerSegment
+    from runtime.modal import worker
 
-    payload = StagePayload.model_validate_json(Path(argv[0]).read_text())
     adapter = ContainerAdapter()
-    result = ContainerSegment(payload, adapter).run()  # type: ignore[arg-type]
+    worker._adapter = lambda: adapter  # type: ignore[assignment,return-value]  # the SDK's, in a real container
+    entry = getattr(worker, os.environ.get(ENTRY_ENV) or "run_stage")
+    result = entry(json.loads(Path(argv[0]).read_text()))
     if adapter.info.rank == 0:
         tmp = Path(argv[1]).with_suffix(".tmp")
         tmp.write_text(json.dumps(result))

@@ -31,13 +31,18 @@ It models what retool relies on, with Modal's own rules (docs/modal.md):
   volume's mount in `mounts`, `reload_volume` raises RuntimeError while a file under it is
   open in this process or its children, and `commit_volume` reloads after committing, so it
   raises too: modal 1.6.4 `Volume.reload`/`commit`, "there are open files preventing the
-  operation");
+  operation"); a volume in `views` is this container's own working copy of a volume store
+  (tests/fakes/volume_views.py): others' writes appear only after their commit and this
+  container's reload, and concurrent commits of one file keep the last;
 - clustered functions (`cluster_size=N`) need GPUs; tests/fakes/fake_cluster.py runs them
-  for real as N local processes.
+  for real as N local processes (and any other function as one), calling the registered
+  entry point; with `volume_root` the volumes are directories those processes share.
 
 Fidelity limits: no image is built (steps are checked, not run); a spawned call does not
-run the real worker unless a handler does; volume writes from a "container" are visible at
-once (no per-container view until commit); no logs; no web traffic reaches web endpoints.
+run the real worker unless a handler does (tests/fakes/fake_cluster.py's); the simulated `Containers` below write straight
+into the committed volume (as if each write were committed at once; the real worker runs on
+per-container views, here with `views` and in tests/fakes/fake_cluster.py); no logs; no web
+traffic reaches web endpoints.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -64,6 +69,7 @@ from runtime.modal.models import AppDefinition
 from runtime.records import StageProgress, StageResult, StageRun
 from runtime.stage_kinds import KINDS
 from runtime.verl.kind import TrainingKind
+from tests.fakes.volume_views import DirVolume, VolumeView
 
 DICT_TTL_S = 7 * 24 * 3600
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9-_.]{1,64}$")
@@ -115,8 +121,14 @@ class FakeModal:
     call_id_in_container: str | None = None
     cluster: ClusterInfo = field(default_factory=lambda: ClusterInfo(rank=0))  # what cluster_info() answers in a container
 
-    volumes: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    volumes: dict[str, MutableMapping[str, bytes]] = field(default_factory=dict)
     mounts: dict[str, Path] = field(default_factory=dict)  # in a container: volume name -> its mount here
+    # in a container: volume name -> this container's own view of it (tests/fakes/volume_views.py);
+    # a volume with a view syncs with its store only on reload/commit
+    views: dict[str, VolumeView] = field(default_factory=dict)
+    # where volumes live as directories (tests/fakes/volume_views.py DirVolume), so processes
+    # (the real container entry points, tests/fakes/fake_cluster.py) share them; None: in memory
+    volume_root: Path | None = None
     lost_spawn_answers: int = 0  # the next N spawns start their call, then raise ModalUnreachable
     clusters_enabled: bool = True  # multi-node clusters are in preview: access on request
     fail_upload_after: int | None = None  # the next data upload breaks after this many files
@@ -168,7 +180,7 @@ class FakeModal:
         self._remote("create_volume", name)
         if name in self.volumes:
             return False
-        self.volumes[name] = {}
+        self.volumes[name] = DirVolume(self.volume_root / name) if self.volume_root is not None else {}
         return True
 
     def delete_volume(self, name: str, *, env: str | None = None) -> bool:
@@ -471,15 +483,21 @@ class FakeModal:
     def reload_volume(self, name: str) -> None:
         self.ops.append(("reload_volume", name))
         self._refuse_open_files(name)
+        if name in self.views:
+            self.views[name].reload()
 
     def commit_volume(self, name: str) -> None:
         self.ops.append(("commit_volume", name))
         if self.on_commit is not None:
             self.on_commit(name)
+        if name in self.views:
+            self.views[name].commit(reload=False)
         self._refuse_open_files(name)  # modal 1.6.4: commit() reloads after committing
+        if name in self.views:
+            self.views[name].reload()
 
     def _refuse_open_files(self, name: str) -> None:
-        mount = self.mounts.get(name)
+        mount = self.mounts.get(name) or (self.views[name].work if name in self.views else None)
         if mount is None:
             return
         found = open_files_under(mount)

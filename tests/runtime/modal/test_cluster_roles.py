@@ -4,6 +4,7 @@ loopback, real threads; no Modal."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -206,6 +207,62 @@ def test_a_lost_rank_and_a_lost_leader_are_noticed() -> None:
     leader.close()  # rank 0's container dies
     assert m1.wait_ended(10) and m1.leader_lost and m1.done_status is None
     m1.close()
+
+
+def test_a_rank_silent_past_the_bound_is_lost_though_its_connection_stays_open() -> None:
+    """A member that joined and then sends nothing (a frozen host: no FIN ever comes) counts
+    as lost once silent for `lost_after_s`; so does rank 0, as a member sees it."""
+    port = free_port()
+    leader = Leader("127.0.0.1", port, 2, "cu-1", lost_after_s=1.0)
+    silent = socket.create_connection(("127.0.0.1", port))  # joins like rank 1, then never beats
+    silent.sendall(b'{"op": "join", "rank": 1, "cluster": "cu-1"}\n')
+    try:
+        leader.wait_for_members(10)
+        leader.start({})
+        assert silent.recv(4096).startswith(b'{"op": "go"')
+        deadline = time.monotonic() + 10
+        while not leader.lost() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leader.lost() == [1] and leader.liveness()["1"]["state"] == "lost"
+        assert re.fullmatch(r"rank 1: no heartbeat for \d+ s \(bound 1 s\)", leader.lost_reason())
+    finally:
+        leader.close()
+        silent.close()
+
+    # rank 0 joins a member and then goes silent (its beats never come)
+    server = socket.create_server(("127.0.0.1", 0))
+    member = Member(1, "127.0.0.1", server.getsockname()[1], "cu-1", lost_after_s=1.0)
+    got: dict[int, Any] = {}
+    t = join_in_thread(member, 10, got)
+    conn, _ = server.accept()
+    try:
+        conn.recv(4096)
+        conn.sendall(b'{"op": "go"}\n')
+        t.join(10)
+        assert got[1] == {}
+        assert member.wait_ended(10) and member.leader_lost and member.done_status is None
+        assert member.leader_silent_s is not None and member.leader_silent_s >= 1.0
+    finally:
+        member.close()
+        conn.close()
+        server.close()
+
+
+def test_beating_ranks_stay_alive_past_the_bound() -> None:
+    port = free_port()
+    leader = Leader("127.0.0.1", port, 2, "cu-1", lost_after_s=3.0)
+    member = Member(1, "127.0.0.1", port, "cu-1", lost_after_s=3.0)
+    got: dict[int, Any] = {}
+    t = join_in_thread(member, 10, got)
+    try:
+        leader.wait_for_members(10)
+        leader.start({})
+        t.join(10)
+        time.sleep(7.0)  # past two bounds: beats (every 0.75 s) keep both sides alive
+        assert leader.lost() == [] and not member.ended()
+    finally:
+        member.close()
+        leader.close()
 
 
 def test_status_shows_per_rank_liveness() -> None:
