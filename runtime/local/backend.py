@@ -43,7 +43,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -193,7 +192,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         out_dir = self.volume_dir(spec, dataset.volume) / "datasets" / name
         return res.prepare_once(
             dataset, out_dir, spec_dir, data.read_outputs,
-            lambda: data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url()),
+            lambda: data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url(spec)),
             lambda o: f"{o.rows} rows" + (f", {o.skipped} skipped" if o.skipped else ""),
         )
 
@@ -213,14 +212,14 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         # Only the sidecar is checked: nothing consumes its identity, so recreating it never
         # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
         # would change their output identity and rerun every stage downstream).
-        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(hold=False):
+        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(spec, hold=False):
             return "the sandbox process is not running"
         return None
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
         return res.ensure_sandbox(sandbox, self.state_dir / "sandbox.json", self.state_dir / "logs")
 
-    def _live_sandbox_url(self, *, hold: bool = True) -> str | None:
+    def _live_sandbox_url(self, spec: Spec, *, hold: bool = True) -> str | None:
         return res.live_sandbox_url(self.state_dir / "sandbox.json", hold=hold)
 
     # ------------------------------------------------------------------ stages: commands
@@ -230,7 +229,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         Inputs not prepared yet are shown where they will be (`retool render` before `apply`)."""
         ctx = self._with_planned_inputs(ctx)
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        sandbox = self._live_sandbox_url(hold=False) or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
+        sandbox = self._live_sandbox_url(ctx.spec, hold=False) or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
         commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
         return [*commands, *kind_of(ctx.spec.stages[ctx.stage]).finalize_commands(ctx, paths)]
 
@@ -248,14 +247,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     @staticmethod
     def _executable(argv: list[str]) -> list[str]:
-        """`torchrun` / `python` of this environment (the venv may not be on PATH)."""
-        bindir = Path(sys.executable).parent
-        if argv and argv[0] == "python":
-            return [sys.executable, *argv[1:]]
-        if argv and argv[0] == "torchrun":
-            exe = bindir / "torchrun"
-            return [str(exe), *argv[1:]] if exe.exists() else [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-        return argv
+        return procs.this_interpreter(argv)
 
     # ------------------------------------------------------------------ stages: runs
 
@@ -269,7 +261,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         prior = runs.read_active(run_dir)
         if prior is not None and runs.is_running(prior) and prior.total_steps == ctx.total_steps:
             return prior.model_copy(update={"reattached": True})
-        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url())
+        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url(ctx.spec))
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
@@ -282,7 +274,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         marker = run_dir / ckpts.MARKER_FILE
         if not marker.exists():
             write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        for name, text in kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url()).items():
+        for name, text in kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url(ctx.spec)).items():
             write_text_atomic(run_dir / name, text)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"

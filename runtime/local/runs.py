@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -25,6 +26,7 @@ from runtime.atomic import write_json
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
+from runtime.records import ExitRecord
 from reconciler.backend import RunStatus
 
 ACTIVE_RUN_FILE = "active_run.json"
@@ -109,50 +111,44 @@ def follower_for(handle: RunHandle) -> met.LogFollower:
     """A follower of the run's log that starts from the steps the run resumed from (kept in
     the run dir's metrics.jsonl), so a resumed run's metrics and sparkline cover every step."""
     ref = local_ref(handle)
-    follower = met.LogFollower(Path(ref.log_path))
-    resume_from = handle.resume_from
-    if resume_from is not None and ref.metrics_path:
-        for rec in met.read_file(Path(ref.metrics_path)):
+    return resumed_follower(Path(ref.log_path), ref.metrics_path, handle.resume_from)
+
+
+def resumed_follower(log_path: Path, metrics_path: str, resume_from: int | None) -> met.LogFollower:
+    """A follower of `log_path` that already holds the steps up to `resume_from` recorded
+    in `metrics_path` (the run dir's metrics.jsonl of the runs before)."""
+    follower = met.LogFollower(log_path)
+    if resume_from is not None and metrics_path:
+        for rec in met.read_file(Path(metrics_path)):
             if rec.step <= resume_from:
                 follower.by_step[rec.step] = dict(rec.values)
     return follower
 
 
-def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
-    """The run's state now, from its exit file, its process and its log."""
-    ref = local_ref(handle)
-    log_path = Path(ref.log_path)
+def progress(handle: RunHandle, follower: met.LogFollower, metrics_path: Path) -> dict[str, Any]:
+    """What a run's log says so far (step, metrics, sparklines), kept in `metrics_path`:
+    the RunStatus fields every backend that follows a log fills the same way."""
     records = follower.update()
     if follower.changed:
-        met.write_file(records, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")))
-    step = records[-1].step if records else None
-    total = handle.total_steps
-    seen = {
-        "step": step, "total": total, "metrics": met.headline(records) or met.latest(records),
+        met.write_file(records, metrics_path)
+    return {
+        "step": records[-1].step if records else None, "total": handle.total_steps,
+        "metrics": met.headline(records) or met.latest(records),
         "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
     }
-    done = procs.read_exit(exit_path_of(handle))
-    if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
-        done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks
-        if done is None:
-            # Trainer processes that outlived their leader (torchrun workers run in their own
-            # sessions) would race a relaunch over the same checkpoints: stop them first.
-            leftovers = procs.run_members(None, ref.tag)
-            if leftovers:
-                procs.terminate_run(None, ref.tag, grace_s=10)
-            tail = procs.tail(log_path, TAIL_LINES)
-            return RunStatus(
-                state="lost", log_tail=tail, elapsed_s=None, **seen,
-                message=f"process {ref.pid} is gone and left no exit status (killed, or the machine restarted)"
-                + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
-                + (f"; last log line: {tail[-1]}" if tail else ""),
-            )
-    if done is None:
-        url = follower.wandb_url
-        return RunStatus(
-            state="running", elapsed_s=time.time() - handle.started_at, log_tail=procs.tail(log_path, 5), **seen,
-            message=(f"step {step}/{total}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
-        )
+
+
+def running_status(handle: RunHandle, seen: dict[str, Any], log_path: Path) -> RunStatus:
+    step, url = seen["step"], seen["wandb_url"]
+    return RunStatus(
+        state="running", elapsed_s=time.time() - handle.started_at, log_tail=procs.tail(log_path, 5), **seen,
+        message=(f"step {step}/{handle.total_steps}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
+    )
+
+
+def finished_status(handle: RunHandle, done: ExitRecord, seen: dict[str, Any], log_path: Path) -> RunStatus:
+    """A run whose commands ended (its exit record): succeeded, cancelled or failed, and why."""
+    step, total = seen["step"], handle.total_steps
     elapsed = done.finished_at - handle.started_at
     tail = procs.tail(log_path, TAIL_LINES)
     if done.returncode == 0 and handle.kind == "sft" and total and (step or 0) < total:
@@ -171,3 +167,29 @@ def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     return RunStatus(
         state="failed", elapsed_s=elapsed, log_tail=tail, **seen, message=why + (f": {error}" if error else ""),
     )
+
+
+def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
+    """The run's state now, from its exit file, its process and its log."""
+    ref = local_ref(handle)
+    log_path = Path(ref.log_path)
+    seen = progress(handle, follower, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")))
+    done = procs.read_exit(exit_path_of(handle))
+    if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
+        done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks
+        if done is None:
+            # Trainer processes that outlived their leader (torchrun workers run in their own
+            # sessions) would race a relaunch over the same checkpoints: stop them first.
+            leftovers = procs.run_members(None, ref.tag)
+            if leftovers:
+                procs.terminate_run(None, ref.tag, grace_s=10)
+            tail = procs.tail(log_path, TAIL_LINES)
+            return RunStatus(
+                state="lost", log_tail=tail, elapsed_s=None, **seen,
+                message=f"process {ref.pid} is gone and left no exit status (killed, or the machine restarted)"
+                + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
+                + (f"; last log line: {tail[-1]}" if tail else ""),
+            )
+    if done is None:
+        return running_status(handle, seen, log_path)
+    return finished_status(handle, done, seen, log_path)
