@@ -110,10 +110,10 @@ class RaySettings(SpecModel):
         description="A directory every Ray node and this machine mount at the same path (NFS, Lustre, a KubeRay "
                     "shared volume): volumes are folders under it, and the `ray` state store and its lock live there.",
     )
-    working_dir: bool = F(
+    ship_code: bool = F(
         True, policy="update",
-        description="Ship this checkout to the cluster as the jobs' `runtime_env.working_dir`; false when the "
-                    "nodes' image already has retool installed (a pre-built KubeRay image).",
+        description="Ship retool's packages to the jobs as `runtime_env.py_modules`; false when the nodes' "
+                    "image already has retool installed (a pre-built KubeRay image).",
     )
     pip: list[str] = F(
         default_factory=list, policy="update",

@@ -87,14 +87,8 @@ class ModalStore:
             _DictKeys(adapter, lock_dict, environment), key, f"Modal dict {lock_dict}[{key}]", ttl_s=lock_ttl_s,
             clock=clock,
         )
-
-    @property
-    def heartbeat_s(self) -> float | None:
-        return self.lease.heartbeat_s
-
-    @property
-    def taken_over(self) -> Takeover | None:
-        return self.lease.taken_over
+        self.heartbeat_s: float | None = self.lease.heartbeat_s
+        self.taken_over: Takeover | None = None
 
     @classmethod
     def from_spec(cls, spec: Spec, adapter: VolumeAndDict) -> ModalStore:
@@ -132,7 +126,10 @@ class ModalStore:
     # ----------------------------------------------------------------- lock (reconciler.state.lease_lock)
 
     def lock(self, info: LockInfo) -> str:
-        return self.lease.lock(info)
+        try:
+            return self.lease.lock(info)
+        finally:
+            self.taken_over = self.lease.taken_over
 
     def renew(self, lock_id: str) -> None:
         self.lease.renew(lock_id)
