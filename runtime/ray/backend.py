@@ -124,12 +124,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness):
 
     def _client_at(self, address: str) -> Any:
         if address not in self._clients:
-            from ray.job_submission import JobSubmissionClient
-
-            try:
-                self._clients[address] = JobSubmissionClient(address)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise TransientError(f"the Ray cluster at {address} does not answer", str(e).splitlines()[0]) from e
+            self._clients[address] = jobs.client_at(address)
         return self._clients[address]
 
     def stage_machine(self, stage: Stage) -> Machine:

@@ -11,6 +11,7 @@ node and the identity, so `ray job list` tells retool's jobs apart.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -37,11 +38,21 @@ def address_of(spec: Spec) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+def quiet_ray_sdk() -> None:
+    """Ray's SDK logs every package upload at INFO on the console; apply has its own output."""
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def client(spec: Spec) -> JobSubmissionClient:
     """A Jobs API client of the spec's cluster (raises TransientError when it does not answer)."""
+    return client_at(address_of(spec))
+
+
+def client_at(address: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
-    address = address_of(spec)
+    quiet_ray_sdk()
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
