@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reconciler.backend import ChecksReadiness, Outcome, RenderedCommand, RunStatus, StageContext
+from reconciler.backend import ChecksReadiness, Outcome, RenderedCommand, ReportsCapacity, RunStatus, StageContext
 from reconciler.errors import TerminalError, TransientError
 from reconciler.readiness import DoctorCheck
 from reconciler.spec import Image, Sandbox, Spec, Stage
@@ -96,7 +96,7 @@ def entrypoint_resources(stage: Stage) -> dict[str, Any]:
     return out
 
 
-class RayRuntime(LocalRuntime, ChecksReadiness):
+class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
     """`reconciler.backend.Runtime` on a Ray cluster (its Jobs API and shared storage)."""
 
     name = "ray"
@@ -169,6 +169,22 @@ class RayRuntime(LocalRuntime, ChecksReadiness):
                 "set resources.nodes: 1, or run it with `backend: modal`"
             )
         return kind_of(stage).blocker(stage, self.stage_machine(stage))
+
+    def capacity_note(self, spec: Spec) -> str | None:
+        """The cluster's free GPUs now (the dashboard's cluster status over HTTP: no `import
+        ray`), next to what each GPU stage asks for."""
+        if not spec.stages:
+            return None
+        address = jobs.address_of(spec)
+        needs = ", ".join(
+            f"stage.{n} needs {s.resources.gpus_per_node * s.resources.nodes}"
+            for n, s in spec.stages.items() if s.resources.gpus_per_node
+        ) or "the stages need no GPU"
+        try:
+            free, total = cluster.free_gpus(address)
+        except Exception as e:  # noqa: BLE001 - any failure is the note's answer
+            return f"Ray cluster at {address}: free GPUs unknown ({type(e).__name__}: {str(e)[:120]}); {needs}"
+        return f"Ray cluster at {address}: {free} of {total} GPUs free; {needs}"
 
     def doctor_checks(
         self, spec: Spec, open_store: Callable[[], StateStore], *, build_image: bool = True

@@ -16,6 +16,7 @@ from reconciler.spec import Stage
 
 RAY_ACCELERATORS = {"A100-80GB": "A100-80G", "A100-40GB": "A100-40G", "H100!": "H100"}
 TIMEOUT_S = 10
+PLAN_TIMEOUT_S = 3  # plan waits this long at most for the cluster's free GPUs
 
 
 def accelerator(gpu: str) -> str:
@@ -59,7 +60,7 @@ def free_gpus(address: str) -> tuple[int, int]:
     """(free, total) GPUs of the cluster now, from the dashboard's cluster status."""
     import httpx
 
-    reply = httpx.get(address.rstrip("/") + "/api/cluster_status", timeout=TIMEOUT_S)
+    reply = httpx.get(address.rstrip("/") + "/api/cluster_status", timeout=PLAN_TIMEOUT_S)
     reply.raise_for_status()
     usage = ((reply.json().get("data") or {}).get("clusterStatus") or {}).get("loadMetricsReport", {}).get("usage", {})
     used, total = usage.get("GPU", [0, 0])
