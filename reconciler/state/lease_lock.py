@@ -131,3 +131,26 @@ class LeaseLock:
         except ValidationError:
             return LockInfo(id="damaged", who="unknown", user="unknown", host="unknown", pid=0,
                             command="(unreadable lock entry)", created_at=0.0)
+
+
+class LeasedStore:
+    """The lock half of a `StateStore` served by `self.lease` (a store sets `self.lease`
+    and `heartbeat_s` in its constructor; `taken_over` follows each `lock`)."""
+
+    lease: LeaseLock
+    taken_over: Takeover | None = None
+
+    def lock(self, info: LockInfo) -> str:
+        try:
+            return self.lease.lock(info)
+        finally:
+            self.taken_over = self.lease.taken_over
+
+    def renew(self, lock_id: str) -> None:
+        self.lease.renew(lock_id)
+
+    def unlock(self, lock_id: str) -> None:
+        self.lease.unlock(lock_id)
+
+    def lock_info(self) -> LockInfo | None:
+        return self.lease.lock_info()

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Protocol
 
 from reconciler.spec import Spec
-from reconciler.state.base import BACKUP_SUFFIX, STATE_FILE, LockInfo, State, Takeover, check_successor, parse_state
-from reconciler.state.lease_lock import DEFAULT_LOCK_TTL_S, LeaseLock
+from reconciler.state.base import BACKUP_SUFFIX, STATE_FILE, State, check_successor, parse_state
+from reconciler.state.lease_lock import DEFAULT_LOCK_TTL_S, LeasedStore, LeaseLock
 
 
 class VolumeAndDict(Protocol):
@@ -73,7 +73,9 @@ class _DictKeys:
         return self.adapter.dict_pop(self.name, key, env=self.env)
 
 
-class ModalStore:
+class ModalStore(LeasedStore):
+    """State on a Modal Volume; the lock is a lease in a Modal Dict (LeasedStore)."""
+
     def __init__(
         self, volume: str, lock_dict: str, key: str, *, adapter: VolumeAndDict,
         environment: str | None = None, lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
@@ -88,7 +90,7 @@ class ModalStore:
             clock=clock,
         )
         self.heartbeat_s: float | None = self.lease.heartbeat_s
-        self.taken_over: Takeover | None = None
+        self.taken_over = None
 
     @classmethod
     def from_spec(cls, spec: Spec, adapter: VolumeAndDict) -> ModalStore:
@@ -122,20 +124,3 @@ class ModalStore:
             files[self.backup_path] = old_text.encode()
         self.adapter.put_files(self.volume, files, env=self.env)
         self.lease.extend()
-
-    # ----------------------------------------------------------------- lock (reconciler.state.lease_lock)
-
-    def lock(self, info: LockInfo) -> str:
-        try:
-            return self.lease.lock(info)
-        finally:
-            self.taken_over = self.lease.taken_over
-
-    def renew(self, lock_id: str) -> None:
-        self.lease.renew(lock_id)
-
-    def unlock(self, lock_id: str) -> None:
-        self.lease.unlock(lock_id)
-
-    def lock_info(self) -> LockInfo | None:
-        return self.lease.lock_info()

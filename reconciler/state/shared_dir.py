@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 
 from reconciler.spec import Spec
-from reconciler.state.base import LockInfo, State
-from reconciler.state.lease_lock import DEFAULT_LOCK_TTL_S, LeaseLock
+from reconciler.state.base import State
+from reconciler.state.lease_lock import DEFAULT_LOCK_TTL_S, LeasedStore, LeaseLock
 from reconciler.state.local import LocalStore
 
 STATE_FOLDER = ".retool-state"
@@ -80,8 +80,8 @@ class FileKeys:
             taken.unlink(missing_ok=True)
 
 
-class SharedDirStore(LocalStore):
-    """The local store's state files with a lease lock instead of `flock`."""
+class SharedDirStore(LeasedStore, LocalStore):
+    """The local store's state files with a lease lock (LeasedStore) instead of `flock`."""
 
     def __init__(self, directory: str | os.PathLike[str], *, lock_ttl_s: float = DEFAULT_LOCK_TTL_S) -> None:
         super().__init__(directory)
@@ -99,19 +99,3 @@ class SharedDirStore(LocalStore):
     def write(self, state: State) -> None:
         super().write(state)
         self.lease.extend()
-
-    def lock(self, info: LockInfo) -> str:
-        self._ensure_dir()
-        try:
-            return self.lease.lock(info)
-        finally:
-            self.taken_over = self.lease.taken_over
-
-    def renew(self, lock_id: str) -> None:
-        self.lease.renew(lock_id)
-
-    def unlock(self, lock_id: str) -> None:
-        self.lease.unlock(lock_id)
-
-    def lock_info(self) -> LockInfo | None:
-        return self.lease.lock_info()

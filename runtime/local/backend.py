@@ -115,12 +115,15 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     # ------------------------------------------------------------------ checks
 
-    def preflight(self, spec: Spec) -> list[str]:
-        problems: list[str] = []
+    def state_dir_problems(self) -> list[str]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            problems.append(f"state directory {self.state_dir} is not writable: {e}")
+            return [f"state directory {self.state_dir} is not writable: {e}"]
+        return []
+
+    def preflight(self, spec: Spec) -> list[str]:
+        problems = self.state_dir_problems()
         if spec.stages:
             for module in ("torch", "verl", "transformers"):
                 if importlib.util.find_spec(module) is None:

@@ -141,11 +141,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
     # ------------------------------------------------------------------ checks
 
     def preflight(self, spec: Spec) -> list[str]:
-        problems: list[str] = []
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            problems.append(f"state directory {self.state_dir} is not writable: {e}")
+        problems = self.state_dir_problems()
         storage = self.storage(spec)
         if not storage.is_dir() or not os.access(storage, os.W_OK):
             problems.append(f"ray.storage {storage} is not a writable directory on this machine (mount it here too)")

@@ -181,3 +181,10 @@ def test_a_restarted_head_keeps_the_state(cluster: RayCluster, repo: Path) -> No
     assert jobs(cluster) == [], out  # nothing reran: the state in the shared storage says it is done
     assert [status(j) for j in jobs(cluster, "sandbox")] == ["RUNNING"]
     assert state(cluster)["nodes"]["stage.sft"]["outputs"]["final_step"] == 16
+
+
+def test_doctor_and_plan_see_the_cluster(cluster: RayCluster, repo: Path) -> None:
+    out = ok(retool("doctor", "spec.yaml", cwd=repo))
+    assert "written from all 2 node(s)" in out and "Ray 2." in out, out
+    plan = ok(retool("plan", "spec.yaml", cwd=repo))
+    assert f"Ray cluster at {cluster.address}: 0 of 0 GPUs free; the stages need no GPU" in plan, plan
