@@ -242,6 +242,8 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         sid = jobs.next_submission_id(spec.name, SANDBOX_NODE, config, mine)
         record_path = self.sandbox_dir(spec) / f"{sid}.json"
         record_path.parent.mkdir(parents=True, exist_ok=True)
+        # A restarted head numbers attempts afresh: never read the record of an earlier cluster's job.
+        record_path.unlink(missing_ok=True)
         entrypoint = shlex.join(
             ["python", "-m", "runtime.ray.sandbox_job", str(record_path), sid, sandbox.model_dump_json()]
         )

@@ -4,7 +4,8 @@
 It serves `python -m sandbox.server` on its node's cluster address (the port the spec
 names, or a free one), waits until it answers, then writes the RaySandbox record (its URL)
 into the shared storage, where the backend reads it. The server runs in this entrypoint's
-process group, so `ray job stop` stops both; SIGTERM is passed on.
+process group, so `ray job stop` stops both; SIGTERM is passed on, and the server dies
+with this process when it is killed (a node or head going away).
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ from reconciler.spec import Sandbox
 from runtime import records
 from runtime.records import RaySandbox
 from runtime.sandbox_process import SandboxProcess, free_port, server_argv, wait_until_serving
+
+
+def die_with_parent() -> None:
+    """The server is killed when this entrypoint dies, however it dies (Linux
+    PR_SET_PDEATHSIG): a sandbox never outlives its job, e.g. across a head restart."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def node_ip() -> str:
@@ -39,7 +51,7 @@ def main(argv: list[str]) -> int:
         max_output_bytes=sandbox.max_output_bytes, max_queue=sandbox.max_queue, preload=list(sandbox.preload),
     )
     print(f"[retool] sandbox: {' '.join(argv_server)}", flush=True)
-    server = subprocess.Popen(argv_server, stdin=subprocess.DEVNULL)
+    server = subprocess.Popen(argv_server, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     signal.signal(signal.SIGTERM, lambda signum, _frame: server.send_signal(signum))
     started = SandboxProcess(pid=server.pid, url=f"http://{ip}:{port}", port=port, log_path="")
     try:
