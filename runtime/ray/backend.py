@@ -319,6 +319,10 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
         for name, text in kind.run_inputs(ctx, paths, self.stage_machine(stage), sandbox_url).items():
             write_text_atomic(run_dir / name, text)
+        # The commands' environment also goes to every Ray worker the job starts (verl's RL
+        # workers are started by the cluster's raylets, not by the entrypoint); verl's own
+        # `ray.init(runtime_env=...)` is merged with the job's, key by key.
+        job_env = {k: v for c in commands for k, v in c.env.items()} | {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
         sid = jobs.next_submission_id(spec.name, node, ctx.restart_id, attempts)
         plan_path, exit_path = run_dir / "ray" / f"{sid}.plan.json", run_dir / "ray" / f"{sid}.exit.json"
         planned = [PlannedCommand(argv=c.argv, env=c.env, cwd=c.cwd or str(run_dir)) for c in commands]
@@ -326,7 +330,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         submitted = jobs.submit(
             jc, sid,
             entrypoint=shlex.join(["python", "-m", "runtime.ray.job", str(plan_path), run_tag(str(run_dir))]),
-            runtime_env=self.runtime_env(spec, {n: os.environ[n] for n in secret_names}),
+            runtime_env=self.runtime_env(spec, {**job_env, **{n: os.environ[n] for n in secret_names}}),
             metadata={
                 "retool_spec": spec.name, "retool_node": node, "retool_restart_id": ctx.restart_id,
                 "retool_total_steps": str(ctx.total_steps), "retool_resume_from": str(ctx.resume_from or ""),
