@@ -109,17 +109,28 @@ def job_info(jobs_client: JobSubmissionClient, submission_id: str) -> JobDetails
         raise TransientError(f"cannot read Ray job {submission_id}", str(e).splitlines()[0]) from e
 
 
+AGENT_WAIT_S = 120.0  # a node's job agent answers a while after the node is alive
+
+
 def submit(jobs_client: JobSubmissionClient, submission_id: str, **kwargs: Any) -> bool:
-    """Submit; False when a job with this id exists already (a racing launch submitted it)."""
-    try:
-        jobs_client.submit_job(submission_id=submission_id, **kwargs)
-        return True
-    except RuntimeError as e:
-        if "already exists" in str(e):
-            return False
-        raise TerminalError(f"Ray refused job {submission_id}", str(e).splitlines()[0]) from e
-    except ConnectionError as e:
-        raise TransientError(f"cannot submit Ray job {submission_id}", str(e).splitlines()[0]) from e
+    """Submit; False when a job with this id exists already (a racing launch submitted it).
+    A cluster whose job agent is not up yet ("try again later") is asked again for a while."""
+    import time
+
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            jobs_client.submit_job(submission_id=submission_id, **kwargs)
+            return True
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                return False
+            if "try again later" in str(e) and time.time() < deadline:
+                time.sleep(2.0)
+                continue
+            raise TerminalError(f"Ray refused job {submission_id}", str(e).splitlines()[0]) from e
+        except ConnectionError as e:
+            raise TransientError(f"cannot submit Ray job {submission_id}", str(e).splitlines()[0]) from e
 
 
 def stop(jobs_client: JobSubmissionClient, submission_id: str, *, wait_s: float = 120.0) -> None:
