@@ -45,7 +45,17 @@ class RayCluster:
     def gcs(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
+    @staticmethod
+    def node_ports() -> list[str]:
+        """Free ports for a node's own servers: Ray's defaults (e.g. the job agent's 52365)
+        would collide with any other Ray on this host, and then jobs cannot be submitted."""
+        return [f"--{opt}={free_port()}" for opt in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+        )]
+
     def _start(self, name: str, args: list[str]) -> None:
+        args = [*args, *self.node_ports()]
         log = open(self.root / f"{name}.log", "ab")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         self.procs[name] = subprocess.Popen(
@@ -63,7 +73,7 @@ class RayCluster:
         self._start("head", [
             "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={self.head_cpus}",
-            "--num-gpus=0",
+            "--num-gpus=0", f"--ray-client-server-port={free_port()}",
         ])
 
     def start_worker(self) -> None:
