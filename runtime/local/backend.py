@@ -49,7 +49,6 @@ from pathlib import Path
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import LocalRun, RunHandle
-from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime.local import runs
@@ -271,14 +270,10 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         if prior is not None:
             # Nobody recorded that run (or it ended): stop it, and any trainers it left behind.
             runs.stop(prior)
-        if ctx.resume_from is None:
-            runs.move_aside(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        marker = run_dir / ckpts.MARKER_FILE
-        if not marker.exists():
-            write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        for name, text in kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url(ctx.spec)).items():
-            write_text_atomic(run_dir / name, text)
+        runs.prepare_run_dir(
+            run_dir, ctx, stage.resources.world_size,
+            kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url(ctx.spec)),
+        )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
         exit_path = log_path.with_name(log_path.stem + ".exit.json")

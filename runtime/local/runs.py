@@ -22,12 +22,12 @@ from pydantic import ValidationError
 from reconciler.errors import TerminalError
 from reconciler.state.base import LocalRun, RunHandle
 from runtime import checkpoints as ckpts
-from runtime.atomic import write_json
+from runtime.atomic import write_json, write_text_atomic
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
 from runtime.records import ExitRecord
-from reconciler.backend import RunStatus
+from reconciler.backend import RunStatus, StageContext
 
 ACTIVE_RUN_FILE = "active_run.json"
 TAIL_LINES = 40
@@ -102,6 +102,19 @@ def move_aside(run_dir: Path) -> None:
     dest = run_dir.parent / ".replaced" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(run_dir, dest)
+
+
+def prepare_run_dir(run_dir: Path, ctx: StageContext, world_size: int, inputs: dict[str, str]) -> None:
+    """Make `run_dir` ready for a launch: a from-scratch run moves an earlier run of the same
+    identity aside; then the marker and the stage kind's input files."""
+    if ctx.resume_from is None:
+        move_aside(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / ckpts.MARKER_FILE
+    if not marker.exists():
+        write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, world_size) + "\n")
+    for name, text in inputs.items():
+        write_text_atomic(run_dir / name, text)
 
 
 # --------------------------------------------------------------------------- observing a run

@@ -44,10 +44,8 @@ from reconciler.errors import TerminalError, TransientError
 from reconciler.readiness import DoctorCheck
 from reconciler.spec import Image, Sandbox, Spec, Stage
 from reconciler.state.base import RayRun, RunHandle, StateStore
-from runtime import checkpoints as ckpts
 from runtime import processes as procs
 from runtime import records
-from runtime.atomic import write_text_atomic
 from runtime.local import resources as res
 from runtime.local import runs
 from runtime.local.backend import LocalRuntime
@@ -311,14 +309,9 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         missing = [n for n in secret_names if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
-        if ctx.resume_from is None:
-            runs.move_aside(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        marker = run_dir / ckpts.MARKER_FILE
-        if not marker.exists():
-            write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        for name, text in kind.run_inputs(ctx, paths, self.stage_machine(stage), sandbox_url).items():
-            write_text_atomic(run_dir / name, text)
+        runs.prepare_run_dir(
+            run_dir, ctx, stage.resources.world_size, kind.run_inputs(ctx, paths, self.stage_machine(stage), sandbox_url),
+        )
         # The commands' environment also goes to every Ray worker the job starts (verl's RL
         # workers are started by the cluster's raylets, not by the entrypoint); verl's own
         # `ray.init(runtime_env=...)` is merged with the job's, key by key.
