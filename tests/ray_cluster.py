@@ -20,10 +20,19 @@ RAY = str(Path(sys.executable).parent / "ray")
 START_TIMEOUT_S = 180.0
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port not handed out before in this process (the OS may offer one twice, and
+    Ray refuses two of a node's servers on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 class RayCluster:
