@@ -24,7 +24,7 @@ from pydantic import Field
 from reconciler.readiness import DoctorCheck
 from reconciler.records import Frozen
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import RunHandle, StateStore
+from reconciler.state.base import RunHandle, StateStore, WandbRun
 
 Change = Literal["created", "unchanged", "updated"]
 
@@ -49,6 +49,7 @@ class RunStatus(Frozen):
     elapsed_s: float | None = None
     sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} (SFT) / {"reward": ...} (RL)
     wandb_url: str | None = None
+    wandb: WandbRun | None = None  # the run's W&B run: URL online, folders and `wandb sync` offline
 
 
 class Checkpoint(Frozen):
@@ -166,13 +167,19 @@ DEFAULT_POLL_INTERVAL_S = 5.0  # how often apply polls a running stage, unless t
 
 
 class ChecksPresence(ABC):
-    """The backend can tell that a recorded volume, dataset, model or sandbox is gone.
-    Without it `refresh` trusts them as recorded."""
+    """The backend can tell that a recorded volume, dataset, model or sandbox is gone, or
+    stopped on purpose until something needs it. Without it `refresh` trusts them as recorded."""
 
     @abstractmethod
     def missing_reason(self, spec: Spec, address: str) -> str | None:
         """Why a recorded node no longer exists (e.g. a dead sandbox sidecar), or None when it
         is there or cannot be told. Cheap and read-only: plan calls it (refresh)."""
+
+    @abstractmethod
+    def idle_reason(self, spec: Spec, address: str) -> str | None:
+        """Why a recorded node is stopped on purpose and starts again on demand (e.g. a sandbox
+        sidecar that ended after its idle timeout), or None. Not drift: plan keeps it a no-op
+        and status shows it `idle`. Cheap and read-only: plan calls it (refresh)."""
 
 
 class ChecksSpec(ABC):

@@ -156,6 +156,8 @@ def build_graph(spec: Spec) -> Graph:
         nodes.append(_node("sandbox", "sandbox", spec.sandbox, "sandbox", ["image"]))
     for name, ds in spec.datasets.items():
         node = _node("dataset", name, ds, f"datasets.{name}", [f"volume.{ds.volume}"])
+        if not ds.lenient_fences:  # absent when off, so datasets recorded before the option keep their identity
+            node = node.model_copy(update={"config": {k: v for k, v in node.config.items() if k != "lenient_fences"}})
         revision = PREPARATION_REVISIONS.get(ds.format, 1)
         if revision > 1:  # absent at 1, so datasets prepared before revisions existed keep their identity
             node = node.model_copy(update={"config": {**node.config, PREPARATION_KEY: revision}})

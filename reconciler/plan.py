@@ -38,8 +38,8 @@ from reconciler.records import Frozen
 from reconciler.fingerprint import Fingerprints, fingerprint, recorded_output_id
 from reconciler.graph import KIND_RANK, PREPARATION_KEY, Graph, Node, address_kind, build_graph, sort_key
 from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
-from reconciler.state.base import NodeRecord, State
-from reconciler.steps import Estimate, add, estimate, stage_total_steps
+from reconciler.state.base import NodeRecord, State, WandbRun
+from reconciler.steps import Estimate, add, estimate, stage_total_steps, with_basis
 
 __all__ = [
     "Action", "Estimate", "Observed", "ObservedNode", "Plan", "PlannedChange", "Reason", "ReasonCode", "RunState",
@@ -62,9 +62,11 @@ class ObservedNode(Frozen):
     latest_valid_checkpoint: int | None = None
     invalid_checkpoints: list[str] = Field(default_factory=list)  # "global_step_40: missing shard rank 3 of 8"
     message: str = ""
+    idle: str = ""  # stopped on purpose, starts on demand (Runtime.idle_reason): not drift
     metrics: dict[str, float] = Field(default_factory=dict)  # the running run's latest (RunStatus.metrics)
     sparklines: dict[str, str] = Field(default_factory=dict)
     wandb_url: str | None = None
+    wandb: WandbRun | None = None
 
 
 class Observed(Frozen):
@@ -405,7 +407,7 @@ class _Planner:
                 draft.notes.append(
                     f"retool prepares format {node.config.get('format')} differently since this was prepared "
                     f"(revision {rec.config.get(PREPARATION_KEY, 1)} → {node.config.get(PREPARATION_KEY, 1)}): "
-                    "prepared again, so what consumes it sees the current tool schema")
+                    "prepared again, so what consumes it sees the rows retool writes now")
             if run_state == "running":
                 draft.notes.append("cancels the running attempt first")
             return draft
@@ -521,7 +523,7 @@ class _Planner:
         res = stage.resources
         if res.gpu is not None and res.gpu not in self.spec.pricing.gpu_hour_usd:
             self.warnings.append(f"no price for GPU type {res.gpu}: add it to pricing.gpu_hour_usd")
-        return estimate(steps, res, self.spec.pricing, sps, source)
+        return with_basis(estimate(steps, res, self.spec.pricing, sps, source), stage)
 
     def _discard(self, rec: NodeRecord, obs: Any) -> tuple[int, float]:
         steps = max(rec.steps_done, obs.step if obs is not None and obs.step else 0)

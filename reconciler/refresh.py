@@ -35,6 +35,7 @@ def observe_stage(loaded: LoadedSpec, rec: NodeRecord, runtime: Runtime) -> tupl
             fields.update(
                 run_state=status.state, step=status.step, message=status.message,
                 metrics=status.metrics, sparklines=status.sparklines, wandb_url=status.wandb_url,
+                wandb=status.wandb or rec.run.wandb,
             )
         except (RetoolError, OSError) as err:
             notes.append(f"{rec.address}: cannot observe its run ({_why(err)}); shown as recorded")
@@ -67,19 +68,28 @@ def observe(loaded: LoadedSpec, state: State | None, runtime: Runtime | None) ->
             gone = observe_presence(loaded, address, runtime, notes)
             if gone:
                 nodes[address] = ObservedNode(exists=False, message=gone)
+                continue
+            idle = observe_presence(loaded, address, runtime, notes, idle=True)
+            if idle:
+                nodes[address] = ObservedNode(idle=idle)
     return Observed(nodes=nodes, refreshed=not notes, notes=notes)
 
 
-def observe_presence(loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str]) -> str | None:
-    """Why a recorded volume/dataset/model/sandbox is gone, when the backend can tell
-    (a backend without `ChecksPresence` has them trusted as recorded)."""
+def observe_presence(
+    loaded: LoadedSpec, address: str, runtime: Runtime, notes: list[str], *, idle: bool = False,
+) -> str | None:
+    """Why a recorded volume/dataset/model/sandbox is gone (or, with `idle`, stopped on
+    purpose until something needs it), when the backend can tell (a backend without
+    `ChecksPresence` has them trusted as recorded)."""
     if not isinstance(runtime, ChecksPresence):
         return None
     try:
-        return runtime.missing_reason(loaded.spec, address)
+        check = runtime.idle_reason if idle else runtime.missing_reason
+        reason = check(loaded.spec, address)
     except (RetoolError, OSError) as err:
         notes.append(f"{address}: cannot check that it still exists ({_why(err)})")
         return None
+    return reason if isinstance(reason, str) else None
 
 
 def blocked_nodes(loaded: LoadedSpec, graph: Graph, runtime: Runtime | None) -> tuple[dict[str, str], list[str]]:

@@ -262,9 +262,13 @@ class Sandbox(SpecModel):
 # What retool's preparation writes for a format, by revision: a bump re-prepares every dataset
 # of that format (and reruns what consumed it), so data rendered by older code (another tool
 # schema, other fences) never meets a newer RL stage. 1, the first, is implied. The SFT formats
-# embed the tool schema the model is trained on; 2: the recipe's schema and fences (issue 10).
+# embed the tool schema the model is trained on; 2: the recipe's schema (issue 10); retool_sft 3:
+# the recipe's fence rule (only a ```python fence unwrapped; `lenient_fences` for more). The RL
+# formats 2: the ground truth is `str(answer)`, unstripped, as the recipe writes it.
 # tests/runtime/data/test_preparation_revisions.py pins what each revision writes.
-PREPARATION_REVISIONS: dict[str, int] = {"retool_sft": 2, "messages": 2}
+PREPARATION_REVISIONS: dict[str, int] = {
+    "retool_sft": 3, "messages": 2, "dapo_math": 2, "aime_2024": 2, "aime_2025": 2, "rl": 2,
+}
 
 
 class Dataset(SpecModel):
@@ -286,11 +290,22 @@ class Dataset(SpecModel):
     expected_rows: int | None = F(
         None, policy="update", ge=1, description="Row count used for estimates before the data exists."
     )
+    lenient_fences: bool = F(
+        False, policy="restart",
+        description="Format retool_sft: unwrap the first ```python, ```py or bare ``` fence of each <code> block and "
+        "strip the code (the recipe unwraps and strips only a ```python block and keeps other code verbatim).",
+    )
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
         return _check_source(v, ("hf", "path", "builtin"))
+
+    @model_validator(mode="after")
+    def _lenient_fences_for_retool_sft(self) -> "Dataset":
+        if self.lenient_fences and self.format != "retool_sft":
+            raise ValueError(f"lenient_fences applies to format retool_sft only (this dataset's format is {self.format})")
+        return self
 
 
 class Model(SpecModel):
@@ -426,6 +441,45 @@ class Expectation(SpecModel):
         return f"<= {self.at_most:g}"
 
 
+class StepTimeBasis(SpecModel):
+    """Where a stage's `seconds_per_step` comes from and how far off it may be: `retool plan`
+    prints it beside the stage's cost. It changes nothing about the run, so every field is
+    `update`."""
+
+    source: Literal["measured", "derived", "guess"] = F(
+        ..., policy="update",
+        description="`measured`: timed on the hardware `detail` names; `derived`: computed from measured parts "
+        "with a stated model (e.g. `python bench/step_costs.py`); `guess`: neither.",
+    )
+    detail: str = F(
+        ..., policy="update", min_length=1,
+        description="What it was measured on or derived from (command, hardware, date), so a reader can redo it.",
+    )
+    low: float | None = F(None, policy="update", gt=0, description="Lowest plausible seconds per step.")
+    high: float | None = F(None, policy="update", gt=0, description="Highest plausible seconds per step.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "StepTimeBasis":
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low {self.low:g} is above high {self.high:g}")
+        return self
+
+
+def _check_step_time(seconds: float | None, basis: StepTimeBasis | None) -> None:
+    """A basis describes a `seconds_per_step`, which must lie within its range."""
+    if basis is None:
+        return
+    if seconds is None:
+        raise ValueError("seconds_per_step_basis describes a seconds_per_step, but none is set")
+    if basis.low is not None and seconds < basis.low:
+        raise ValueError(f"seconds_per_step {seconds:g} is below seconds_per_step_basis.low {basis.low:g}")
+    if basis.high is not None and seconds > basis.high:
+        raise ValueError(f"seconds_per_step {seconds:g} is above seconds_per_step_basis.high {basis.high:g}")
+
+
+BASIS_DESCRIPTION = "Where seconds_per_step comes from (measured, derived, guess) and its plausible range."
+
+
 class StageCommon(SpecModel):
     model: str = F(
         ..., policy="restart", description="Initial weights: `model.<name>` or an upstream `stage.<name>`."
@@ -450,6 +504,7 @@ class StageCommon(SpecModel):
     seconds_per_step: float | None = F(
         None, policy="update", gt=0, description="Estimate used until a recorded run measured it."
     )
+    seconds_per_step_basis: StepTimeBasis | None = F(None, policy="update", description=BASIS_DESCRIPTION)
     expect: list[Expectation] = F(
         default_factory=list, policy="update",
         description="What the stage should reach (metric, bound, source); `retool status` shows expected vs reached.",
@@ -462,6 +517,11 @@ class StageCommon(SpecModel):
             if not re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.\-]*(=.*)?", item) or ("=" not in item and not item.startswith("~")):
                 raise ValueError(f"override {item!r} is not `key=value`, `+key=value` or `~key`")
         return items
+
+    @model_validator(mode="after")
+    def _step_time(self) -> "StageCommon":
+        _check_step_time(self.seconds_per_step, self.seconds_per_step_basis)
+        return self
 
 
 class ToolCallCheck(SpecModel):
@@ -569,6 +629,10 @@ class Rollout(SpecModel):
     max_user_turns: int = F(16, policy="restart", ge=1, description="Multi-turn cap (user/tool turns).")
     format: Literal["hermes"] = F("hermes", policy="restart", description="Tool-call format.")
     max_tool_response_length: int = F(256, policy="restart", ge=1, description="Tool output shown to the model.")
+    max_num_seqs: int = F(
+        1024, policy="update", ge=1,
+        description="Sequences the engine decodes at once (the recipe's: verl 0.6.1's default 1024; verl 0.9.1's is 256).",
+    )
 
 
 class Validation(SpecModel):
@@ -583,6 +647,11 @@ class Validation(SpecModel):
 
 class ToolSettings(SpecModel):
     timeout_s: float = F(30.0, policy="update", gt=0, le=600, description="Per tool call run timeout.")
+    queue_timeout_s: float = F(
+        300.0, policy="update", gt=0, le=3600,
+        description="Longest a tool call waits for a sandbox worker (not run time); then the model sees the "
+        "recipe's sandbox-failure text.",
+    )
     memory_limit_mb: int = F(1024, policy="update", ge=64, description="Per tool call memory limit.")
     num_workers: int = F(128, policy="update", ge=1, description="Tool worker count.")
     rate_limit: int = F(128, policy="update", ge=1, description="Concurrent tool calls (a cap, not per second).")
@@ -697,6 +766,7 @@ class EvalStage(SpecModel):
     seconds_per_step: float | None = F(
         None, policy="update", gt=0, description="Estimate of one sample round (one sample per problem), until measured.",
     )
+    seconds_per_step_basis: StepTimeBasis | None = F(None, policy="update", description=BASIS_DESCRIPTION)
 
     @field_validator("datasets")
     @classmethod
@@ -704,6 +774,11 @@ class EvalStage(SpecModel):
         if len(set(items)) != len(items):
             raise ValueError("datasets are listed more than once")
         return items
+
+    @model_validator(mode="after")
+    def _step_time(self) -> "EvalStage":
+        _check_step_time(self.seconds_per_step, self.seconds_per_step_basis)
+        return self
 
 
 def _stage_kind(v: Any) -> str | None:

@@ -2,7 +2,7 @@
 
 Per node (docs/plan-apply-status.md, "Status"): sync (in sync / out of sync / missing) comes from the same
 plan `retool plan` shows, so both agree on what changed and why; health (healthy /
-progressing / failed / lost) from the record and the observed run; plus the fingerprint
+idle / progressing / failed / lost) from the record and the observed run; plus the fingerprint
 it last ran with and, for stages, step/total, latest valid checkpoint, elapsed time and
 cost so far, the latest metrics (loss, lr, grad_norm; RL reward, response length, tool calls)
 with a sparkline of loss/reward and the W&B run URL — the running run's as observed, a
@@ -26,12 +26,12 @@ from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.graph import address_kind
 from reconciler.plan import Observed, ObservedNode, Plan, PlannedChange, ReasonCode
 from reconciler.spec import Expectation, RLStage, SFTStage, Spec
-from reconciler.state.base import LockInfo, NodeRecord, State
+from reconciler.state.base import LockInfo, NodeRecord, State, WandbRun
 from reconciler.steps import hourly_usd
 from reconciler.metric_names import display
 
 Sync = Literal["in sync", "out of sync", "missing"]
-Health = Literal["healthy", "progressing", "failed", "lost"]
+Health = Literal["healthy", "idle", "progressing", "failed", "lost"]  # idle: stopped on purpose, starts on demand
 FINGERPRINT_CHARS = 12
 FINGERPRINT_SHOWN = 8  # in the table; --json has FINGERPRINT_CHARS
 
@@ -70,6 +70,7 @@ class NodeStatus(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)  # latest: loss, lr, grad_norm / reward, ...
     sparklines: dict[str, str] = Field(default_factory=dict)  # {"loss": "▇▅▃▂▁"} or {"reward": ...}
     wandb_url: str | None = None
+    wandb: WandbRun | None = None  # its W&B run: URL online; run folder(s) and `wandb sync` offline
     expectations: list[ExpectationStatus] = Field(default_factory=list)  # the stage's `expect:`, vs reached
 
 
@@ -160,6 +161,8 @@ def _health(rec: NodeRecord | None, seen: ObservedNode | None) -> tuple[Health |
         if seen.run_state == "lost":
             return "lost", seen.message or "the run is gone; `retool apply` resumes it from its latest checkpoint"
         return "failed", seen.message or "the run failed; `retool apply` resumes it from its latest checkpoint"
+    if rec.status == "succeeded" and seen is not None and seen.idle:
+        return "idle", seen.idle
     mapping: dict[str, Health | None] = {
         "succeeded": "healthy", "running": "progressing", "failed": "failed", "lost": "lost",
         "cancelled": "failed", "pending": None,
@@ -202,15 +205,33 @@ def _expectations(expect: list[Expectation], numbers: dict[str, float]) -> list[
     return out
 
 
+def stage_wandb(rec: NodeRecord | None, seen: ObservedNode | None = None) -> WandbRun | None:
+    """The stage's W&B run: as the backend observes it now, else as finalize recorded it,
+    else as its launch named it."""
+    if seen is not None and seen.wandb is not None:
+        return seen.wandb
+    if rec is None:
+        return None
+    recorded = rec.outputs.get("wandb") if rec.status == "succeeded" else None
+    if isinstance(recorded, dict):
+        try:
+            return WandbRun.model_validate(recorded)
+        except ValueError:
+            pass
+    return rec.run.wandb if rec.run is not None else None
+
+
 def _metrics(rec: NodeRecord | None, seen: ObservedNode | None) -> dict[str, object]:
     """A stage's latest metrics (short names), sparkline and W&B run."""
+    run = stage_wandb(rec, seen)
+    out: dict[str, object] = {"wandb": run} if run is not None else {}
     latest = _latest(rec, seen)
     if latest is None:
-        return {}
+        return out
     numbers, lines, url = latest
     return {
-        "metrics": display(numbers), "sparklines": dict(lines) if isinstance(lines, dict) else {},
-        "wandb_url": url if isinstance(url, str) else None,
+        **out, "metrics": display(numbers), "sparklines": dict(lines) if isinstance(lines, dict) else {},
+        "wandb_url": url if isinstance(url, str) else (run.url if run is not None else None),
     }
 
 
@@ -285,7 +306,7 @@ def compute_status(
 # --------------------------------------------------------------------------- rendering
 
 _SYNC_STYLE = {"in sync": "green", "out of sync": "yellow", "missing": "dim"}
-_HEALTH_STYLE = {"healthy": "green", "progressing": "cyan", "failed": "red", "lost": "magenta"}
+_HEALTH_STYLE = {"healthy": "green", "idle": "green", "progressing": "cyan", "failed": "red", "lost": "magenta"}
 
 
 def format_duration(seconds: float | None) -> str:
@@ -374,7 +395,7 @@ def metrics_line(node: NodeStatus) -> Text:
 
 
 def _render_metrics(report: StatusReport, console: Console) -> None:
-    shown = [n for n in report.nodes if n.metrics or n.sparklines or n.wandb_url]
+    shown = [n for n in report.nodes if n.metrics or n.sparklines or n.wandb_url or n.wandb]
     if not shown:
         return
     console.print(Text("metrics", style="bold"))
@@ -384,8 +405,24 @@ def _render_metrics(report: StatusReport, console: Console) -> None:
         if n.metrics or n.sparklines:
             console.print(Text(pad).append(metrics_line(n)))
             pad = " " * len(pad)
-        if n.wandb_url:
-            console.print(Text(pad).append("W&B ", style="dim").append(n.wandb_url, style="link " + n.wandb_url))
+        for line in wandb_lines(n.wandb, n.wandb_url):
+            console.print(Text(pad).append_text(line))
+            pad = " " * len(pad)
+
+
+def wandb_lines(run: WandbRun | None, url: str | None = None) -> list[Text]:
+    """`W&B <url>` online; offline the run's folder(s) and the `wandb sync` that uploads them."""
+    url = url or (run.url if run is not None else None)
+    if url:
+        return [Text("W&B ", style="dim").append(url, style="link " + url)]
+    if run is None:
+        return []
+    if run.mode == "online":
+        return [Text("W&B ", style="dim").append(f"{run.project}/{run.run_id}").append(" (online, no URL yet)", style="dim")]
+    lines = [Text("W&B offline ", style="dim").append(run.where() if run.run_dirs else f"run {run.run_id}, nothing written yet")]
+    if run.sync_command:
+        lines.append(Text("    upload: ", style="dim").append(run.sync_command))
+    return lines
 
 
 def render_evaluations(table: EvalTable, console: Console) -> None:

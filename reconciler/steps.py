@@ -23,6 +23,13 @@ class Estimate(BaseModel):
     segments: int = 0  # attempts of at most resources.timeout_hours each
     seconds_per_step: float | None = None
     source: Literal["measured", "spec", "none"] = "none"
+    # What the spec says of its own figure (`seconds_per_step_basis`), kept beside a
+    # measured one too, so the plan shows how close the estimate was.
+    spec_seconds_per_step: float | None = None
+    basis: Literal["measured", "derived", "guess"] | None = None
+    basis_detail: str = ""
+    low_s: float | None = None
+    high_s: float | None = None
 
 
 def total_steps(stage_spec: SFTStage | RLStage | EvalStage, train_rows: int | None) -> int | None:
@@ -106,6 +113,15 @@ def estimate(
         seconds_per_step=seconds_per_step,
         source=source,
     )
+
+
+def with_basis(est: Estimate, stage: SFTStage | RLStage | EvalStage) -> Estimate:
+    """`est` plus what the stage's spec says of its step time (source, detail, range)."""
+    basis = stage.seconds_per_step_basis
+    update: dict[str, Any] = {"spec_seconds_per_step": stage.seconds_per_step}
+    if basis is not None:
+        update |= {"basis": basis.source, "basis_detail": basis.detail, "low_s": basis.low, "high_s": basis.high}
+    return est.model_copy(update=update)
 
 
 def add(a: Estimate, b: Estimate) -> Estimate:

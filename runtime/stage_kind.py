@@ -38,12 +38,15 @@ class Machine:
     `device` "cpu" trains through runtime.verl.cpu_platform; `gpus` is what each node's
     processes may use; `attn_implementation` is what verl loads models with when not its
     default (FlashAttention 2), e.g. "sdpa" where flash_attn is missing; `has_module` says
-    whether a Python module is importable there (a rollout or eval engine)."""
+    whether a Python module is importable there (a rollout or eval engine); `wandb_key` whether
+    W&B's key reaches the processes from the backend's own environment (else W&B logs offline
+    unless one of the stage's secrets carries it)."""
 
     device: Literal["cpu", "cuda"]
     gpus: int
     attn_implementation: str | None
     has_module: Callable[[str], bool]
+    wandb_key: bool = False  # WANDB_API_KEY reaches the processes from the backend's environment
 
     @property
     def cpu(self) -> bool:

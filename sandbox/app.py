@@ -9,6 +9,9 @@ Bad input is always a clear 4xx: 400 unsupported language, 401 missing token, 41
 too large, 422 malformed fields (non-finite or non-positive timeouts, unsafe paths - `..`,
 absolute ones without a private view, /proc /sys /dev - bad base64);
 503 + Retry-After when the queue is full. Timeouts above the server maximum are clamped.
+A request that waits longer than its queue bound (`queue_timeout`, default the server's
+`queue_timeout_s`) for a worker gets HTTP 200, SandboxError, no run_result and a message
+starting "queue timeout:" - distinct from a program's time limit (Failed/TimeLimitExceeded).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sandbox.executor import ExecutionRequest, Executor
 from sandbox.lifetime import Lifetime, watch
 from sandbox.models import (
     SUPPORTED_LANGUAGES,
+    QUEUE_TIMEOUT_PREFIX,
     CommandRunStatus,
     RunCodeRequest,
     RunCodeResponse,
@@ -38,9 +42,10 @@ from sandbox.models import (
     RunCodeStatus,
 )
 from sandbox.paths import UnsafePathError, check_file_layout, check_path
-from sandbox.pool import QueueFullError
+from sandbox.pool import QueueFullError, QueueTimeoutError
 from sandbox.protocol import ExecutionOutcome
 from sandbox.settings import SandboxSettings
+from sandbox.shared_stats import SharedStats
 from sandbox.view import in_kernel_tree
 
 Scope = MutableMapping[str, Any]
@@ -50,28 +55,36 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/v1/ping"})
+PUBLISH_INTERVAL_S = 0.5
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: SandboxSettings | None = None) -> FastAPI:
+def create_app(settings: SandboxSettings | None = None, shared: SharedStats | None = None) -> FastAPI:
+    """The app; `shared`: this process is one of a multi-process server (`sandbox.supervisor`),
+    which watches the lifetime rules itself and whose processes' stats /health sums."""
     settings = settings or SandboxSettings.from_env()
     executor = Executor(settings)
     lifetime = Lifetime(settings.owner_dir, settings.idle_timeout_s, settings.lease_dir)
+    if shared is not None:
+        executor.activity.on_change = lambda: shared.write(stats_row(executor))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await executor.start()
         watcher = asyncio.create_task(watch(lifetime, executor.activity)) if lifetime.active else None
+        publisher = asyncio.create_task(_publish(shared, executor)) if shared is not None else None
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in (watcher, publisher):
+                if task is not None:
+                    task.cancel()
             await executor.stop()
 
     app = FastAPI(title="retool sandbox", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.executor = executor
     app.state.settings = settings
+    app.state.shared = shared
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -91,6 +104,9 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
         except QueueFullError as exc:
             executor.counters.rejected += 1
             return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        except QueueTimeoutError as exc:
+            executor.counters.queue_timeouts += 1
+            return not_started(exc)
         except Exception as exc:  # a bug of ours: still SandboxFusion's answer for "the sandbox failed"
             logger.exception("sandbox execution failed")
             executor.counters.errors += 1
@@ -99,11 +115,11 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return health_report(executor)
+        return health_report(executor, shared)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(executor))
+        return PlainTextResponse(prometheus_text(executor, shared))
 
     app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(_Auth, token=settings.token)  # added last = runs first
@@ -143,7 +159,13 @@ def _validate(body: RunCodeRequest, settings: SandboxSettings, private_root: boo
         fetch_files=list(dict.fromkeys(body.fetch_files)),
         run_timeout=min(body.run_timeout, settings.max_run_timeout_s),
         memory_limit_mb=min(memory, settings.max_memory_limit_mb),
+        queue_timeout=settings.queue_timeout_s if body.queue_timeout is None else body.queue_timeout,
     )
+
+
+def not_started(exc: QueueTimeoutError) -> RunCodeResponse:
+    """The answer for a request that never got a worker: a sandbox failure, not a program outcome."""
+    return RunCodeResponse(status=RunCodeStatus.SandboxError, message=f"{QUEUE_TIMEOUT_PREFIX} {exc}", run_result=None)
 
 
 def to_response(outcome: ExecutionOutcome) -> RunCodeResponse:
@@ -167,17 +189,37 @@ def to_response(outcome: ExecutionOutcome) -> RunCodeResponse:
     return RunCodeResponse(status=status, run_result=result, files=outcome.files)
 
 
-def health_report(executor: Executor) -> dict[str, Any]:
-    pool, zygote = executor.pool, executor.zygote
+def stats_row(executor: Executor) -> dict[str, float]:
+    """This process's counters and gauges, as a row of the shared stats."""
+    pool = executor.pool
+    return {
+        **executor.counters.model_dump(),
+        "in_flight": executor.activity.in_flight, "last_change": executor.activity.last_change,
+        "pool_size": pool.size if pool else executor.settings.pool_size(), "busy": pool.busy if pool else 0,
+        "prepared": executor.prepared, "queue_depth": pool.waiting if pool else 0,
+    }
+
+
+async def _publish(shared: SharedStats, executor: Executor) -> None:
+    while True:  # gauges (busy, prepared) also change between requests
+        shared.write(stats_row(executor))
+        await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+
+def health_report(executor: Executor, shared: SharedStats | None = None) -> dict[str, Any]:
+    zygote = executor.zygote
     ready = zygote.ready if zygote is not None else None
+    row = stats_row(executor)
+    if shared is not None:
+        shared.write(row)
+        row = shared.total()
+    counts = {name: int(row[name]) for name in (*executor.counters.model_dump(), "pool_size", "busy", "prepared", "queue_depth")}
     return {
         "status": "ok" if zygote is not None and zygote.alive else "starting",
-        "pool_size": pool.size if pool else executor.settings.pool_size(),
-        "busy": pool.busy if pool else 0,
-        "prepared": executor.prepared,
-        "queue_depth": pool.waiting if pool else 0,
+        **counts,
         "max_queue": executor.settings.max_queue,
-        **executor.counters.model_dump(),
+        "queue_timeout_s": executor.settings.queue_timeout_s,
+        "processes": shared.count if shared is not None else 1,
         "network_isolated": executor.isolation.network,
         "isolation": executor.isolation.model_dump(),
         "preloaded": ready.preloaded if ready else [],
@@ -185,17 +227,17 @@ def health_report(executor: Executor) -> dict[str, Any]:
         "zygote_pid": ready.pid if ready else None,
         "lifetime": {
             "owner_dir": executor.settings.owner_dir, "idle_timeout_s": executor.settings.idle_timeout_s,
-            "lease_dir": executor.settings.lease_dir, "in_flight": executor.activity.in_flight,
+            "lease_dir": executor.settings.lease_dir, "in_flight": int(row["in_flight"]),
         },
     }
 
 
-def prometheus_text(executor: Executor) -> str:
-    report = health_report(executor)
+def prometheus_text(executor: Executor, shared: SharedStats | None = None) -> str:
+    report = health_report(executor, shared)
     lines = []
-    for name in ("executions", "timeouts", "errors", "rejected", "zygote_restarts", "leftovers_killed"):
+    for name in ("executions", "timeouts", "errors", "rejected", "queue_timeouts", "zygote_restarts", "leftovers_killed"):
         lines += [f"# TYPE retool_sandbox_{name}_total counter", f"retool_sandbox_{name}_total {report[name]}"]
-    for name in ("pool_size", "busy", "prepared", "queue_depth"):
+    for name in ("pool_size", "busy", "prepared", "queue_depth", "processes"):
         lines += [f"# TYPE retool_sandbox_{name} gauge", f"retool_sandbox_{name} {report[name]}"]
     lines += ["# TYPE retool_sandbox_network_isolated gauge", f"retool_sandbox_network_isolated {int(report['network_isolated'])}"]
     return "\n".join(lines) + "\n"

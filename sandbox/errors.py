@@ -36,3 +36,8 @@ class SandboxRefusedError(SandboxError):
 
 class SandboxSettingsError(SandboxError):
     """Invalid server settings (arguments or RETOOL_SANDBOX_* variables)."""
+
+
+class SandboxNotStartedError(SandboxUnavailableError):
+    """No worker became free within the call's queue bound: the program did not run (not a
+    program outcome; a later call may run it)."""

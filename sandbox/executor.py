@@ -60,6 +60,7 @@ class ExecutionRequest:
     fetch_files: list[str]
     run_timeout: float
     memory_limit_mb: int
+    queue_timeout: float = math.inf  # seconds it may wait for a slot (not part of run_timeout)
 
 
 class Counters(BaseModel):
@@ -67,6 +68,7 @@ class Counters(BaseModel):
     timeouts: int = 0
     errors: int = 0  # sandbox faults (SandboxError)
     rejected: int = 0  # refused with 503: queue full
+    queue_timeouts: int = 0  # waited their queue bound for a slot and never ran
     zygote_restarts: int = 0
     leftovers_killed: int = 0  # executions that left processes behind (killed)
 
@@ -111,6 +113,8 @@ class ZygoteProcess:
             warmup=self._settings.warmup, slots=self._slots,
         )
         env = {**program_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        if self._settings.hash_seed is not None:  # programs are forks: they keep the zygote's seed
+            env["PYTHONHASHSEED"] = str(self._settings.hash_seed)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "sandbox.zygote", config.model_dump_json()],
@@ -306,7 +310,8 @@ class Executor:
             self.workspace.close()
 
     async def run(self, request: ExecutionRequest) -> ExecutionOutcome:
-        """Execute one program; raises QueueFullError when the queue is full."""
+        """Execute one program; raises QueueFullError when the queue is full, QueueTimeoutError when
+        no slot came within the request's queue bound (nothing ran either way)."""
         assert self.pool is not None, "Executor.start() was not awaited"
         self.activity.begin()
         try:
@@ -316,7 +321,7 @@ class Executor:
 
     async def _run(self, request: ExecutionRequest) -> ExecutionOutcome:
         assert self.pool is not None
-        slot = await self.pool.acquire()
+        slot = await self.pool.acquire(request.queue_timeout)
         runner = self.runners[slot.index]
         try:
             try:

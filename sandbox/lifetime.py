@@ -34,14 +34,19 @@ class Activity:
 
     in_flight: int = 0
     last_change: float = field(default_factory=time.monotonic)
+    on_change: Callable[[], None] | None = field(default=None, repr=False)  # e.g. publish to the supervisor
 
     def begin(self) -> None:
         self.in_flight += 1
         self.last_change = time.monotonic()
+        if self.on_change is not None:
+            self.on_change()
 
     def end(self) -> None:
         self.in_flight -= 1
         self.last_change = time.monotonic()
+        if self.on_change is not None:
+            self.on_change()
 
 
 def _identity(path: str) -> tuple[int, int] | None:

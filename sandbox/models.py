@@ -4,6 +4,11 @@ Field names, defaults and status values follow SandboxFusion's server so its cli
 `call_sandbox_api`, the `sandbox-fusion` package) work unchanged. Unknown request fields are
 ignored, as SandboxFusion does. Stricter than SandboxFusion on purpose: timeouts must be
 finite numbers (run_timeout > 0), otherwise the request is refused with HTTP 422.
+
+One extension, ignored by SandboxFusion's server: `queue_timeout`, the longest a request may
+wait for a free worker before its program starts (default: the server's `queue_timeout_s`).
+A request that waits longer gets `SandboxError` with a message starting `QUEUE_TIMEOUT_PREFIX`
+and no run_result: its program did not run. Waiting never counts against `run_timeout`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 SUPPORTED_LANGUAGES = ("python",)
+QUEUE_TIMEOUT_PREFIX = "queue timeout:"  # the message of a request whose program never started
 
 
 class RunCodeStatus(str, Enum):
@@ -43,6 +49,10 @@ class RunCodeRequest(BaseModel):
     compile_timeout: float = Field(10, ge=0, allow_inf_nan=False, description="Unused for Python; validated.")
     run_timeout: float = Field(
         10, gt=0, allow_inf_nan=False, description="Wall-clock seconds; clamped to the server's maximum."
+    )
+    queue_timeout: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="Longest wait for a free worker, seconds (retool extension); none: the server's default.",
     )
     memory_limit_MB: int = Field(-1, description="Address-space limit in MiB; <= 0 means the server default.")
     code: str = Field(..., description="The program.")

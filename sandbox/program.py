@@ -111,7 +111,9 @@ class _Run:
         try:
             ended = await asyncio.wait_for(asyncio.shield(self.ended), timeout if self.started else 0)
         except TimeoutError:
-            ended = "timeout"
+            # A busy event loop may run the deadline before an end that came first: that end wins.
+            self._on_status()
+            ended = self.ended.result() if self.ended.done() else "timeout"
         elapsed = round(time.monotonic() - start, 6)
         if ended == "timeout":
             self.fds.kill()

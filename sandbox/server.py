@@ -20,7 +20,9 @@ def serve(
     port: int,
     *,
     workers: int | None = None,
+    processes: int | None = None,
     max_queue: int = 256,
+    queue_timeout_s: float | None = None,
     preload: list[str] | None = None,
     memory_limit_mb: int = 1024,
     max_output_bytes: int = 65536,
@@ -36,12 +38,17 @@ def serve(
     from sandbox.app import create_app
 
     given = {
-        "workers": workers, "max_queue": max_queue, "preload": preload, "memory_limit_mb": memory_limit_mb,
-        "max_output_bytes": max_output_bytes, "token": token,
+        "workers": workers, "processes": processes, "queue_timeout_s": queue_timeout_s, "max_queue": max_queue,
+        "preload": preload, "memory_limit_mb": memory_limit_mb, "max_output_bytes": max_output_bytes, "token": token,
     }
     defaults = SandboxSettings.model_construct()
     overrides = {k: v for k, v in given.items() if v is not None and v != getattr(defaults, k, None)}
     settings = SandboxSettings.from_env(None, **overrides)
+    if settings.process_count() > 1:  # several event loops share the port (sandbox.supervisor)
+        from sandbox.supervisor import supervise
+
+        supervise(settings, host, port)
+        return
     # Keep idle connections longer than clients do (httpx: 5 s): with equal timeouts a client may
     # reuse a connection at the moment the server closes it, and that request is lost.
     uvicorn.run(
@@ -55,13 +62,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--processes", type=int, default=None, help="server processes (default one per 8 workers)")
+    parser.add_argument("--queue-timeout-s", type=float, default=None, help="default bound on a request's wait for a worker")
     parser.add_argument("--max-queue", type=int, default=None)
     parser.add_argument("--preload", default=None, help="comma-separated modules (default numpy,sympy)")
     parser.add_argument("--memory-limit-mb", type=int, default=None)
     parser.add_argument("--max-output-bytes", type=int, default=None)
     args = parser.parse_args(argv)
     options = {
-        "workers": args.workers, "max_queue": args.max_queue, "memory_limit_mb": args.memory_limit_mb,
+        "workers": args.workers, "processes": args.processes, "queue_timeout_s": args.queue_timeout_s,
+        "max_queue": args.max_queue, "memory_limit_mb": args.memory_limit_mb,
         "max_output_bytes": args.max_output_bytes,
         "preload": None if args.preload is None else [m for m in args.preload.split(",") if m],
     }

@@ -21,6 +21,7 @@ MIB = 1024 * 1024
 
 
 SHM_MIN_FREE = 1024 * MIB
+WORKERS_PER_PROCESS = 8  # one event loop drives this many workers by default (docs/sandbox-load.md)
 
 
 def default_work_root() -> str:
@@ -45,6 +46,21 @@ class SandboxSettings(BaseModel):
 
     workers: int | None = Field(None, ge=1, le=256, description="Executions at once; default the CPU count.")
     max_queue: int = Field(256, ge=0, description="Requests allowed to wait for a worker; beyond it HTTP 503.")
+    queue_timeout_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False,
+        description="Longest a request waits for a worker unless it names its own `queue_timeout`; then SandboxError "
+        "'queue timeout: ...' (the program did not run). Waiting never counts against the run timeout.",
+    )
+    hash_seed: int | None = Field(
+        None, ge=0, le=4294967295,
+        description="PYTHONHASHSEED of the pre-warmed interpreter (so of every program); default random per server, "
+        "shared by all processes of a multi-process server so set order never depends on which one ran it.",
+    )
+    processes: int | None = Field(
+        None, ge=1, le=64,
+        description="Server processes sharing the port, each with its share of the workers; default one per "
+        f"{WORKERS_PER_PROCESS} workers.",
+    )
     preload: list[str] = Field(
         default_factory=lambda: ["numpy", "sympy"],
         description="Modules the pre-warmed interpreter imports once; every execution starts with them loaded.",
@@ -86,6 +102,13 @@ class SandboxSettings(BaseModel):
     def pool_size(self) -> int:
         return self.workers or os.cpu_count() or 1
 
+    def process_count(self) -> int:
+        """Server processes: as asked (never more than workers), else one per WORKERS_PER_PROCESS."""
+        size = self.pool_size()
+        if self.processes is not None:
+            return min(self.processes, size)
+        return max(1, -(-size // WORKERS_PER_PROCESS))
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SandboxSettings:
         """Settings from `RETOOL_SANDBOX_*` variables; explicit `overrides` win."""
@@ -97,7 +120,7 @@ class SandboxSettings(BaseModel):
                 continue
             if field.annotation == list[str]:
                 values[name] = [item.strip() for item in raw.split(",") if item.strip()]
-            elif name in ("token", "workers", "idle_timeout_s", "owner_dir", "lease_dir"):
+            elif name in ("token", "workers", "processes", "hash_seed", "idle_timeout_s", "owner_dir", "lease_dir"):
                 values[name] = raw or None
             else:
                 values[name] = raw

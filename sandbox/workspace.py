@@ -1,15 +1,19 @@
 """The server's slots on disk: one directory per worker (the upper layer of its programs' views,
 whose `tmp` is the working directory) and, when root, one uid each.
 
-Uids come from a block claimed with an flock under `work_root`, so two sandbox servers on one
-machine never share a uid — killing "every process of this uid" can only ever hit the
-execution it belongs to. The lock dies with the process, so a crashed server frees its block.
+Uids come from a block claimed with an flock in one machine-wide directory (UID_LOCK_DIR,
+whatever the server's `work_root`), so two sandbox servers on one machine never share a uid -
+killing "every process of this uid" can only ever hit the execution it belongs to. (Locks
+under each server's own work_root let servers with different work roots claim the same
+block and kill each other's programs.) The lock dies with the process, so a crashed server
+frees its block.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from sandbox.view import slot_layout
 
 UID_BLOCK = 256  # >= the largest pool (SandboxSettings.workers <= 256)
 UID_BLOCKS = 4096
+UID_LOCK_DIR = "/run/retool-sandbox/uid-blocks"  # root only (uids are claimed only by root)
 
 
 @dataclass
@@ -43,7 +48,7 @@ def create_workspace(settings: SandboxSettings) -> Workspace:
     uids: list[int | None] = [None] * settings.pool_size()
     lock_fd = None
     if os.geteuid() == 0 and settings.isolate_users:
-        block, lock_fd = _claim_uid_block(settings.work_root)
+        block, lock_fd = _claim_uid_block(UID_LOCK_DIR)
         first = settings.uid_base + block * UID_BLOCK
         uids = [first + i for i in range(settings.pool_size())]
     slots = []
@@ -74,10 +79,13 @@ def remove_stale_workspaces(work_root: str) -> None:
             pass  # alive (another user's process)
 
 
-def _claim_uid_block(work_root: str) -> tuple[int, int]:
-    lock_dir = os.path.join(work_root, "uid-blocks")
+def _claim_uid_block(lock_dir: str) -> tuple[int, int]:
     os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-    for block in range(UID_BLOCKS):
+    # From a random block on: a server of an older retool (locks under its work_root) takes
+    # blocks 0, 1, ..., so this one almost surely takes another.
+    start = random.SystemRandom().randrange(UID_BLOCKS)
+    for offset in range(UID_BLOCKS):
+        block = (start + offset) % UID_BLOCKS
         fd = os.open(os.path.join(lock_dir, f"{block}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -97,6 +97,7 @@ class ApplyContext:
     retries: int = 3
     sleep: Callable[[float], None] = field(default=lambda s: None)
     clock: Callable[[], float] = field(default=lambda: 0.0)
+    said: set[str] = field(default_factory=set)  # notes shown once per apply (`note_once`)
 
     @property
     def spec(self) -> Spec:
@@ -140,6 +141,12 @@ class ApplyContext:
             rec.updated_at = self.clock()
         self.state.serial += 1
         self.store.write(self.state)
+
+    def note_once(self, key: str, message: str, address: str = "") -> None:
+        """Show `message` the first time this apply meets `key`, never again."""
+        if key not in self.said:
+            self.said.add(key)
+            self.emit(ApplyEvent(kind="note", address=address, message=message))
 
     # ----------------------------------------------------------------- retries
 

@@ -88,6 +88,11 @@ class StageRunner:
             rec.message = f"re-attached to the run an earlier apply started ({rec.message})"
         self.ctx.commit(rec)
         self.ctx.emit(ApplyEvent(kind="note", address=node.address, message=rec.message, step=resume_from, total=total))
+        if handle.wandb is not None and handle.wandb.mode == "offline":
+            self.ctx.note_once("wandb-offline", (
+                "W&B logs offline (no WANDB_API_KEY reaches the trainer): each run is written beside its "
+                "checkpoints; `retool status` shows its folder and the `wandb sync` command that uploads it"
+            ), node.address)
         done = self._follow(node, rec, fp)
         if done is None:
             raise NodeFailed(rec.message, keep_status=True)  # _follow recorded failed or lost

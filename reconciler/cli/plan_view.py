@@ -69,7 +69,41 @@ def estimate_text(change: PlannedChange) -> str | None:
     wall = f"{est.steps * est.seconds_per_step / 3600:,.1f} h wall"
     segs = f", {est.segments} segment{'s' if est.segments != 1 else ''}"
     cost = f"{hours(est.gpu_hours)} ({wall})" if on != "CPU" else wall
-    return f"{est.steps} steps × {est.seconds_per_step:g} s/step ({est.source}) on {on} ≈ {cost}, {money(est.usd)}{segs}"
+    return (
+        f"{est.steps} steps × {est.seconds_per_step:g} s/step ({source_label(est, on)}) on {on} ≈ {cost}, "
+        f"{money(est.usd)}{segs}"
+    )
+
+
+BASIS_LABEL = {"measured": "measured", "derived": "derived", "guess": "spec guess"}
+
+
+def source_label(est: Estimate, on: str) -> str:
+    """Where the step time comes from: this stage's own run, or the spec's basis."""
+    if est.source == "measured":
+        return f"measured on {on} by this stage's run"
+    return BASIS_LABEL[est.basis or "guess"]
+
+
+def step_time_text(change: PlannedChange) -> str | None:
+    """The step time's basis and uncertainty: the spec's range priced like the estimate, or,
+    once a run measured it, how far the spec's figure was from the measurement."""
+    est = change.estimate
+    if (change.action not in RUNS and change.action != "blocked") or est.steps <= 0 or not est.seconds_per_step:
+        return None
+    if est.source == "measured":
+        text = f"measured {est.seconds_per_step:g} s/step (elapsed / steps of the last attempt)"
+        if est.spec_seconds_per_step:
+            off = est.seconds_per_step / est.spec_seconds_per_step - 1
+            text += f"; the spec's {BASIS_LABEL[est.basis or 'guess']} {est.spec_seconds_per_step:g} s was {off:+.0%} off"
+        return text
+    if est.basis is None:
+        return None  # "(spec guess)" on the estimate line says it all
+    low, high = est.low_s or est.seconds_per_step, est.high_s or est.seconds_per_step
+    scale = est.usd / est.seconds_per_step
+    return (
+        f"{est.basis_detail}; {low:g}–{high:g} s/step ≈ {money(low * scale)}–{money(high * scale)}"
+    )
 
 
 def detail_lines(change: PlannedChange) -> list[str]:
@@ -83,6 +117,9 @@ def detail_lines(change: PlannedChange) -> list[str]:
     est = estimate_text(change)
     if est:
         lines.append(f"estimate{' once unblocked' if change.action == 'blocked' else ''}: {est}")
+        basis = step_time_text(change)
+        if basis:
+            lines.append(f"step time: {basis}")
     if change.over_budget:
         lines.append(f"over budget: {', '.join(scope_label(s) for s in change.over_budget)}")
     lines += [f"note: {n}" for n in change.notes]

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from reconciler.backend import ReadsMetrics
 from reconciler.evaluations import SUMMARY, EvalTable, eval_table
 from reconciler.spec import Spec
-from reconciler.state.base import State
+from reconciler.state.base import State, WandbRun
+from reconciler.status import stage_wandb
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777")
 
@@ -37,6 +38,7 @@ class StageCurves(BaseModel):
     steps: str = ""  # "96/96"
     series: dict[str, Series] = Field(default_factory=dict)
     note: str = ""  # why there are no curves, when there are none
+    wandb: WandbRun | None = None  # where the same metrics are in W&B
 
 
 class ReportData(BaseModel):
@@ -168,10 +170,26 @@ th:nth-child(-n+3),td:nth-child(-n+3){text-align:left} .ok{color:#15803d} .bad{c
 """
 
 
+def _wandb_line(run: WandbRun | None) -> str:
+    """The stage's W&B run as text (a link would make the page fetch nothing, but a click
+    would leave it): the URL online, else the folder(s) and the command that uploads them."""
+    if run is None:
+        return ""
+    esc = html.escape
+    if run.url:
+        return f"<p class=meta>W&amp;B run: <code>{esc(run.url)}</code></p>"
+    if run.mode == "online":
+        return f"<p class=meta>W&amp;B run: <code>{esc(run.project)}/{esc(run.run_id)}</code> (online)</p>"
+    where = esc(run.where()) if run.run_dirs else f"run {esc(run.run_id)}, nothing written yet"
+    sync = f" · upload with <code>{esc(run.sync_command)}</code>" if run.sync_command else ""
+    return f"<p class=meta>W&amp;B offline: <code>{where}</code>{sync}</p>"
+
+
 def _stage_section(stage: StageCurves) -> str:
     esc = html.escape
     head = f"<h3>{esc(stage.address)} <span class=meta>({esc(stage.kind)}, {esc(stage.status)}"
     head += f", step {esc(stage.steps)})</span></h3>" if stage.steps else ")</span></h3>"
+    head += _wandb_line(stage.wandb)
     if not stage.series:
         return head + f"<p class=meta>{esc(stage.note or 'no metrics recorded')}</p>"
     series = _rl_extra(stage.series) if stage.kind == "rl" else stage.series
@@ -277,7 +295,10 @@ def gather_report(spec: Spec, state: State | None, runtime: object | None) -> Re
                         series.setdefault(key, []).append((float(step), float(value)))
             except Exception as e:  # a report is best effort: say what is missing
                 note = f"metrics unavailable: {e}"
-        stages.append(StageCurves(address=address, kind=stage.kind, status=rec.status, steps=steps, series=series, note=note))
+        stages.append(StageCurves(
+            address=address, kind=stage.kind, status=rec.status, steps=steps, series=series, note=note,
+            wandb=stage_wandb(rec),
+        ))
     return ReportData(
         spec_name=spec.name, backend=spec.backend, serial=state.serial if state else 0, stages=stages,
         evaluations=eval_table(spec, state),

@@ -29,6 +29,7 @@ from reconciler.state.run_handle import ModalRun as ModalRun
 from reconciler.state.run_handle import OpaqueRun as OpaqueRun
 from reconciler.state.run_handle import RayRun as RayRun
 from reconciler.state.run_handle import RunHandle as RunHandle
+from reconciler.state.run_handle import WandbRun as WandbRun
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"

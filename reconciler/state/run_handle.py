@@ -67,6 +67,29 @@ class OpaqueRun(_Lenient):
     run_id: str
 
 
+class WandbRun(_Lenient):
+    """The Weights & Biases run a stage logs to. verl's trainer creates it; retool chooses its
+    id (stable per restart identity, so every segment and retry continues it), group (the
+    spec), mode and folder (runtime.tracking). Online it has a URL once the trainer printed
+    one; offline, its local run folders (one per segment) and the `wandb sync` that uploads them."""
+
+    mode: Literal["online", "offline"]
+    project: str
+    group: str
+    run_id: str
+    url: str | None = None
+    run_dirs: list[str] = Field(default_factory=list)  # offline: wandb's run folders, oldest first
+    sync_command: str | None = None  # offline: uploads every folder of the run, in order
+
+    def where(self) -> str:
+        """The URL, else the run's folder(s), else its id (what a person looks at)."""
+        if self.url:
+            return self.url
+        if self.run_dirs:
+            return " ".join(self.run_dirs)
+        return f"{self.project}/{self.run_id}"
+
+
 RunRef = Annotated[LocalRun | ModalRun | RayRun | OpaqueRun, Field(discriminator="backend")]
 
 
@@ -83,6 +106,7 @@ class RunHandle(_Lenient):
     resume_from: int | None = None  # the checkpoint step this run started from
     reattached: bool = False  # launch found a live run an earlier (dead) apply had started
     accounted_s: float | None = None  # time already added to the node's GPU-seconds and cost
+    wandb: WandbRun | None = None  # the W&B run it logs to (None: the stage does not log to W&B)
 
     @property
     def backend(self) -> str:

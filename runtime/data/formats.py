@@ -81,12 +81,13 @@ def schema(kind: Kind) -> Any:
 # --------------------------------------------------------------------------- SFT
 
 
-def retool_sft_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def retool_sft_row(row: Mapping[str, Any], *, lenient_fences: bool = False) -> dict[str, Any]:
     """One ReTool-SFT source row -> messages+tools.
 
     Accepts the Hugging Face layout (`messages`: a user turn holding the question after
     `*user question:*`, then one assistant turn with the tagged solution) or plain
-    `question`/`problem` + `solution`/`response` text columns.
+    `question`/`problem` + `solution`/`response` text columns. `lenient_fences` as in
+    runtime.data.retool_sft.code_of.
     """
     if "messages" in row and row["messages"] is not None:
         turns = list(row["messages"])
@@ -98,7 +99,7 @@ def retool_sft_row(row: Mapping[str, Any]) -> dict[str, Any]:
     else:
         question = _first(row, "question", "problem", "prompt")
         solution = _first(row, "solution", "response")
-    return {"messages": convert_solution(question, solution), "tools": TOOLS}
+    return {"messages": convert_solution(question, solution, lenient_fences=lenient_fences), "tools": TOOLS}
 
 
 def _first(row: Mapping[str, Any], *names: str) -> str:
@@ -144,21 +145,24 @@ def normalise_message(message: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- mapping
 
 
-def map_rows(fmt: str, rows: Iterable[Mapping[str, Any]], *, default_source: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Output rows for `fmt`, and one message per source row that could not be converted."""
+def map_rows(
+    fmt: str, rows: Iterable[Mapping[str, Any]], *, default_source: str, lenient_fences: bool = False
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Output rows for `fmt`, and one message per source row that could not be converted
+    (`lenient_fences`: the dataset option, format retool_sft)."""
     out: list[dict[str, Any]] = []
     skipped: list[str] = []
     for i, row in enumerate(rows):
         try:
-            out.append(_map_one(fmt, row, len(out), default_source))
+            out.append(_map_one(fmt, row, len(out), default_source, lenient_fences))
         except (RowFormatError, SolutionFormatError, KeyError, TypeError, json.JSONDecodeError) as exc:
             skipped.append(f"row {i}: {type(exc).__name__}: {exc}")
     return out, skipped
 
 
-def _map_one(fmt: str, row: Mapping[str, Any], index: int, default_source: str) -> dict[str, Any]:
+def _map_one(fmt: str, row: Mapping[str, Any], index: int, default_source: str, lenient_fences: bool) -> dict[str, Any]:
     if fmt == "retool_sft":
-        return retool_sft_row(row)
+        return retool_sft_row(row, lenient_fences=lenient_fences)
     if fmt == "messages":
         return messages_row(row)
     if fmt == "dapo_math":

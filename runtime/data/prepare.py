@@ -49,7 +49,7 @@ def prepare(
             raw = read_path(value, Path(spec_dir), dataset.max_rows)
         else:
             raise TerminalError(f"dataset {name}: unknown source {dataset.source!r}")
-        rows, skipped = map_rows(dataset.format, raw, default_source=name)
+        rows, skipped = map_rows(dataset.format, raw, default_source=name, lenient_fences=dataset.lenient_fences)
         if len(skipped) > MAX_SKIPPED_FRACTION * max(len(raw), 1):
             raise TerminalError(
                 f"dataset {name}: {len(skipped)} of {len(raw)} rows do not fit format {dataset.format}",

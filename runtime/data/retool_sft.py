@@ -6,7 +6,10 @@ and a final `<answer>`. It becomes:
 - the user turn (the question);
 - per `<code>` block, an assistant message holding the prose before it as `content` and one
   `code_interpreter` tool call whose `arguments` is `{"code": ...}` (a dict, not a JSON string:
-  the chat template serialises it, and parquet stores it as a struct);
+  the chat template serialises it, and parquet stores it as a struct). The code follows the
+  recipe's preprocessing: the block's first ```python fence, its body stripped, else the block
+  verbatim; `lenient_fences` (the dataset option) unwraps a ```py or bare fence too and strips
+  the code always;
 - per `<interpreter>` block, a `tool` message;
 - the `<answer>` block as the final assistant message, tags removed (prose around it kept);
 - a solution without `<answer>` ends with its trailing prose as the final assistant message.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+from runtime.verl.recipe.code import extract_code
 
 TOOL_NAME = "code_interpreter"
 
@@ -51,9 +56,17 @@ class SolutionFormatError(ValueError):
 
 
 def strip_fences(code: str) -> str:
-    """The first fenced block's body if the code is fenced, else the code itself, trimmed."""
+    """`lenient_fences`: the first fenced block's body (```python, ```py or bare) if the code is
+    fenced, else the code itself; trimmed either way."""
     match = _PYTHON_FENCE.search(code)
     return (match.group(1) if match else code).strip()
+
+
+def code_of(block: str, *, lenient_fences: bool = False) -> str:
+    """The tool call's code for a `<code>` block's text: the recipe's rule (its SFT preprocessing
+    applies the tool's: the first ```python block, stripped, else the text as it is), or
+    `strip_fences` with the option."""
+    return strip_fences(block) if lenient_fences else extract_code(block)
 
 
 def tool_call(code: str) -> dict[str, Any]:
@@ -68,7 +81,7 @@ def extract_question(user_content: str) -> str:
     return question.replace("<answer>", "").replace("</answer>", "").strip()
 
 
-def convert_solution(question: str, solution_text: str) -> list[dict[str, Any]]:
+def convert_solution(question: str, solution_text: str, *, lenient_fences: bool = False) -> list[dict[str, Any]]:
     """Messages for one ReTool solution: user, (assistant+call, tool)*, final assistant."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": question.strip()}]
     pending = ""  # prose seen since the last tag; it belongs to the next assistant message
@@ -81,7 +94,7 @@ def convert_solution(question: str, solution_text: str) -> list[dict[str, Any]]:
         if tag == "code":
             if expect_tool:
                 raise SolutionFormatError("a <code> block follows another without an <interpreter> in between")
-            messages.append({"role": "assistant", "content": pending.strip(), "tool_calls": [tool_call(strip_fences(body))]})
+            messages.append({"role": "assistant", "content": pending.strip(), "tool_calls": [tool_call(code_of(body, lenient_fences=lenient_fences))]})
             expect_tool = True
         elif tag == "interpreter":
             if not expect_tool:

@@ -29,8 +29,10 @@ class RowFormatError(ValueError):
 
 
 def to_rl_row(problem: str, answer: str, data_source: str, index: int) -> dict[str, Any]:
-    """The verl RL row for one problem (`problem` is used verbatim, then the format line)."""
-    truth = str(answer).strip()
+    """The verl RL row for one problem (`problem` is used verbatim, then the format line; the
+    ground truth is `str(answer)` as the recipe writes it, whitespace included: the recipe's
+    reward compares verbatim)."""
+    truth = str(answer)
     return {
         "data_source": data_source,
         "prompt": [{"role": "user", "content": problem + ANSWER_FORMAT}],

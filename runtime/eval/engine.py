@@ -61,40 +61,134 @@ def pick_engine(wanted: str, *, gpus: int) -> str:
     return "transformers"
 
 
+Decoder = Literal["retool", "generate"]
+# Which decoding loop the transformers engine runs, per device, from the side-by-side
+# measurements in docs/eval-engine.md (`bench/eval_engine_bench.py`): retool's own loop
+# (runtime.verl.rollout.engine, what RL's transformers rollout runs) or transformers'
+# `generate`. Each device lists the fastest loop per batch size: (fewest rows, decoder).
+DECODERS: dict[str, tuple[tuple[int, Decoder], ...]] = {
+    "cpu": ((1, "retool"),),
+    "cuda": ((1, "generate"),),
+}
+
+
+def pick_decoder(device: str, rows: int) -> Decoder:
+    """The decoding loop for `rows` prompts decoded together on `device` ("cuda:1" counts as
+    "cuda"); a device not measured gets retool's loop."""
+    table = DECODERS.get(device.split(":")[0], ((1, "retool"),))
+    chosen: Decoder = table[0][1]
+    for fewest, decoder in table:
+        if rows >= fewest:
+            chosen = decoder
+    return chosen
+
+
+def split_completion(new_ids: Sequence[int], budget: int, eos_ids: frozenset[int]) -> Completion:
+    """One row of `generate`'s output (padded after its end) as a Completion: up to and
+    including the first end-of-turn token ("stop"), else the row's own budget ("length")."""
+    tokens: list[int] = []
+    for token in new_ids[:budget]:
+        tokens.append(int(token))
+        if token in eos_ids:
+            return Completion(token_ids=tokens, finish="stop")
+    return Completion(token_ids=tokens, finish="length")
+
+
 class TransformersEngine:
-    """RL's transformers rollout engine, driven in batches of `batch_size` prompts."""
+    """A transformers model driven in batches of `batch_size` prompts, through the decoding
+    loop `pick_decoder` names for the device and batch (or the one `decoder` forces)."""
 
     name = "transformers"
 
-    def __init__(self, model_dir: str, sampling: Sampling, *, batch_size: int, device: str | None = None) -> None:
+    def __init__(
+        self, model_dir: str, sampling: Sampling, *, batch_size: int, device: str | None = None,
+        decoder: Decoder | None = None,
+    ) -> None:
         import torch
 
         from runtime.verl.rollout.engine import GenerationEngine, default_dtype
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = GenerationEngine.load(model_dir, device=device, dtype=default_dtype(device, None), seed=sampling.seed)
+        self._setup(engine, sampling, batch_size, decoder)
+
+    @classmethod
+    def wrap(cls, engine: Any, sampling: Sampling, *, batch_size: int, decoder: Decoder | None = None) -> "TransformersEngine":
+        """An engine over an already loaded `runtime.verl.rollout.engine.GenerationEngine`."""
+        self = cls.__new__(cls)
+        self._setup(engine, sampling, batch_size, decoder)
+        return self
+
+    def _setup(self, engine: Any, sampling: Sampling, batch_size: int, decoder: Decoder | None) -> None:
+        import torch
+
         from runtime.verl.rollout.sampling import RowParams
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.engine = GenerationEngine.load(
-            model_dir, device=self.device, dtype=default_dtype(self.device, None), seed=sampling.seed
-        )
+        self.engine = engine
+        self.device: str = engine.device
+        self.sampling = sampling
         self.params = RowParams(temperature=sampling.temperature, top_p=sampling.top_p)
         self.batch_size = batch_size
+        self.decoder = decoder
+        if self.device != "cpu":
+            torch.manual_seed(sampling.seed)  # `generate` samples from torch's global generator
         if self.device == "cpu" and sum(p.numel() for p in self.engine.model.parameters()) < SMALL_MODEL_PARAMS:
             # A small model's matmuls are too small to split across threads; on a loaded
             # machine the threads' spinning made decoding ~9x slower (measured: 105 vs 916 tok/s).
             torch.set_num_threads(1)
 
     def generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
-        from runtime.verl.rollout.engine import GenRequest
-
         out: list[Completion] = []
         for start in range(0, len(prompts), self.batch_size):
-            requests = [
-                GenRequest(prompt_ids=list(p), max_tokens=int(m), params=self.params)
-                for p, m in zip(prompts[start:start + self.batch_size], max_tokens[start:start + self.batch_size])
-            ]
-            for r in self.engine.generate(requests):
-                out.append(Completion(token_ids=r.token_ids, finish="stop" if r.finish == "stop" else "length"))
+            batch, budgets = prompts[start:start + self.batch_size], max_tokens[start:start + self.batch_size]
+            if (self.decoder or pick_decoder(self.device, len(batch))) == "generate":
+                out.extend(self._hf_generate(batch, budgets))
+            else:
+                out.extend(self._retool_generate(batch, budgets))
         return out
+
+    def _retool_generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
+        from runtime.verl.rollout.engine import GenRequest
+
+        requests = [
+            GenRequest(prompt_ids=list(p), max_tokens=int(m), params=self.params) for p, m in zip(prompts, max_tokens)
+        ]
+        return [
+            Completion(token_ids=r.token_ids, finish="stop" if r.finish == "stop" else "length")
+            for r in self.engine.generate(requests)
+        ]
+
+    def _hf_generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig
+
+        engine = self.engine
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError("empty prompt")
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        budgets = [max(1, min(int(m), engine.max_positions - len(p))) for p, m in zip(prompts, max_tokens)]
+        greedy = self.sampling.temperature <= 0
+        # Every sampling field set explicitly: values left unset would be filled from the
+        # model's generation_config.json (Qwen2.5's: top_k 20, repetition_penalty 1.05),
+        # which the recipe's sampling does not use.
+        config = GenerationConfig(
+            max_new_tokens=max(budgets), do_sample=not greedy, temperature=None if greedy else self.sampling.temperature,
+            top_p=None if greedy else self.sampling.top_p, top_k=None if greedy else 0, repetition_penalty=1.0,
+            eos_token_id=sorted(engine.eos_ids), pad_token_id=engine.pad_id,
+        )
+        with engine.lock, torch.no_grad():
+            if not engine._on_device:
+                engine.model.to(engine.device)
+                engine._on_device = True
+            dev = torch.device(engine.device)
+            res = engine.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=config)
+        new = res[:, width:].tolist()
+        return [split_completion(row, budget, engine.eos_ids) for row, budget in zip(new, budgets)]
 
 
 def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
-from reconciler.state.base import LocalRun, RunHandle
+from reconciler.state.base import LocalRun, RunHandle, WandbRun
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime.local import runs
@@ -59,6 +59,7 @@ from runtime.local.finalize import LocalMerger
 from runtime.local.stage_files import LocalStageFiles
 from runtime.stage_kind import Machine
 from runtime.stage_kinds import kind_of
+from runtime import tracking
 from runtime.verl.common import StagePaths, local_gpu_count, secret_env_names, with_planned_inputs
 
 DEVICE_ENV = "RETOOL_LOCAL_DEVICE"  # "cpu" or "cuda": override GPU detection
@@ -91,6 +92,12 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         run_dir = self.stage_root(spec, stage) / ckpts.restart_dir_name(restart_id)
         return StagePaths(stage_dir=str(run_dir), ckpt_dir=str(run_dir), merged_dir=str(run_dir / "merged"))
 
+    def wandb_run(self, spec: Spec, stage: str, restart_id: str) -> WandbRun | None:
+        """The W&B run of a stage's run: online when WANDB_API_KEY is in this environment
+        (the trainer inherits it), else offline into the run directory (runtime.tracking)."""
+        key = bool(os.environ.get(tracking.API_KEY_ENV)) or tracking.key_declared(spec, stage)
+        return tracking.wandb_run(spec, stage, restart_id, key_available=key)
+
     def use_cpu(self) -> bool:
         forced = os.environ.get(DEVICE_ENV, "").strip().lower()
         if forced in ("cpu", "cuda"):
@@ -105,6 +112,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             # verl defaults to FlashAttention 2 on GPU; without flash_attn installed, sdpa.
             attn_implementation=None if cpu or importlib.util.find_spec("flash_attn") else "sdpa",
             has_module=lambda name: importlib.util.find_spec(name) is not None,
+            wandb_key=bool(os.environ.get(tracking.API_KEY_ENV)),  # the trainer inherits this environment
         )
 
     def stage_files(self, spec: Spec, stage: str, restart_id: str) -> LocalStageFiles:
@@ -211,11 +219,17 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
     # ------------------------------------------------------------------ sandbox
 
     def missing_reason(self, spec: Spec, address: str) -> str | None:
-        # Only the sidecar is checked: nothing consumes its identity, so recreating it never
-        # reruns a stage. Volumes, data and models are trusted as recorded (recreating them
-        # would change their output identity and rerun every stage downstream).
+        # Nothing local is gone in a way refresh should act on: volumes, data and models are
+        # trusted as recorded, and a stopped sidecar is idle (below), not missing.
+        return None
+
+    def idle_reason(self, spec: Spec, address: str) -> str | None:
+        # The sidecar ends by design once nothing has used it for a while, and whatever needs
+        # it starts it again (`_sandbox_url`): a stopped sidecar is idle, never drift. Volumes,
+        # data and models are trusted as recorded (recreating them would change their output
+        # identity and rerun every stage downstream).
         if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(spec, hold=False):
-            return "the sandbox process is not running"
+            return "idle, starts on demand (the sidecar is stopped: nothing has used it for a while)"
         return None
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
@@ -223,6 +237,15 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     def _live_sandbox_url(self, spec: Spec, *, hold: bool = True) -> str | None:
         return res.live_sandbox_url(self.state_dir / "sandbox.json", hold=hold)
+
+    def _sandbox_url(self, spec: Spec) -> str | None:
+        """The sidecar's URL for work about to call it (data generation, an RL or eval run),
+        held up by this process's lease; started on demand when it idled out since the apply
+        that created it. None only when the spec declares no sandbox and none runs."""
+        url = self._live_sandbox_url(spec)
+        if url is None and spec.sandbox is not None:
+            url = str(self.ensure_sandbox(spec.sandbox, spec).outputs["url"])
+        return url
 
     # ------------------------------------------------------------------ stages: commands
 
@@ -263,7 +286,9 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         prior = runs.read_active(run_dir)
         if prior is not None and runs.is_running(prior) and prior.total_steps == ctx.total_steps:
             return prior.model_copy(update={"reattached": True})
-        commands = self._train_commands(ctx, paths, sandbox_url=self._live_sandbox_url(ctx.spec))
+        # RL and eval call the sandbox: start it again if it idled out since it was created.
+        sandbox_url = self._sandbox_url(ctx.spec) if stage.kind in ("rl", "eval") else self._live_sandbox_url(ctx.spec)
+        commands = self._train_commands(ctx, paths, sandbox_url=sandbox_url)
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
             raise TerminalError(f"stage.{ctx.stage} needs {', '.join(missing)} in the environment (secrets)")
@@ -271,8 +296,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             # Nobody recorded that run (or it ended): stop it, and any trainers it left behind.
             runs.stop(prior)
         runs.prepare_run_dir(
-            run_dir, ctx, stage.resources.world_size,
-            kind.run_inputs(ctx, paths, self.machine(), self._live_sandbox_url(ctx.spec)),
+            run_dir, ctx, stage.resources.world_size, kind.run_inputs(ctx, paths, self.machine(), sandbox_url),
         )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
@@ -293,6 +317,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
             ),
             stage=ctx.stage, kind=stage.kind, restart_id=ctx.restart_id, command=planned[-1].argv,
             total_steps=ctx.total_steps, resume_from=ctx.resume_from,
+            wandb=self.wandb_run(ctx.spec, ctx.stage, ctx.restart_id),
         )
         runs.write_active(run_dir, handle)  # before returning: a relaunch finds it (see local_runs)
         return handle

@@ -26,6 +26,8 @@ from runtime import metrics as met
 from runtime import processes as procs
 from reconciler.backend import Change, Checkpoint, RenderedCommand
 from runtime.stage_kind import MergeResult, ToolCallMeasure
+from runtime import tracking
+from runtime.local.runs import read_active
 from runtime.verl.common import StagePaths
 
 MERGE_RECORD = "merged.json"
@@ -63,6 +65,10 @@ class LocalMerger:
         url = latest_wandb_url(self.logs_dir, self.stage, self.restart_id)
         if url:
             outputs["wandb_url"] = url
+        launched = read_active(Path(self.paths.stage_dir))
+        run = tracking.observed_local(launched.wandb if launched else None, self.paths.stage_dir, url)
+        if run is not None:  # for `status` and `report` (not part of the output identity either)
+            outputs["wandb"] = run.model_dump(mode="json")
         if check is None:
             return MergeResult(change=change, outputs=outputs)
         if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:

@@ -27,6 +27,7 @@ from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
 from runtime.records import ExitRecord
+from runtime import tracking
 from reconciler.backend import RunStatus, StageContext
 
 ACTIVE_RUN_FILE = "active_run.json"
@@ -138,9 +139,9 @@ def resumed_follower(log_path: Path, metrics_path: str, resume_from: int | None)
     return follower
 
 
-def progress(handle: RunHandle, follower: met.LogFollower, metrics_path: Path) -> dict[str, Any]:
-    """What a run's log says so far (step, metrics, sparklines), kept in `metrics_path`:
-    the RunStatus fields every backend that follows a log fills the same way."""
+def progress(handle: RunHandle, follower: met.LogFollower, metrics_path: Path, stage_dir: str) -> dict[str, Any]:
+    """What a run's log says so far (step, metrics, sparklines, its W&B run), kept in
+    `metrics_path`: the RunStatus fields every backend that follows a log fills the same way."""
     records = follower.update()
     if follower.changed:
         met.write_file(records, metrics_path)
@@ -148,6 +149,7 @@ def progress(handle: RunHandle, follower: met.LogFollower, metrics_path: Path) -
         "step": records[-1].step if records else None, "total": handle.total_steps,
         "metrics": met.headline(records) or met.latest(records),
         "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
+        "wandb": tracking.observed_local(handle.wandb, stage_dir, follower.wandb_url) if stage_dir else None,
     }
 
 
@@ -186,7 +188,7 @@ def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     """The run's state now, from its exit file, its process and its log."""
     ref = local_ref(handle)
     log_path = Path(ref.log_path)
-    seen = progress(handle, follower, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")))
+    seen = progress(handle, follower, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")), ref.stage_dir)
     done = procs.read_exit(exit_path_of(handle))
     if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
         done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks

@@ -50,6 +50,7 @@ from reconciler.backend import (
 )
 from reconciler.spec import ToolCallCheck
 from reconciler.backend import Change
+from runtime import tracking
 from reconciler.steps import segments_for
 from runtime.modal import launches, layout
 from runtime.modal.adapter import (
@@ -419,6 +420,11 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             ),
             stage=stage, kind=definition.kind, restart_id=restart_id, started_at=started, command=list(argv),
             total_steps=total, reattached=reattached,
+            # The key reaches the container only through the stage's secrets (else offline, on the volume).
+            wandb=tracking.observed_on_volume(
+                tracking.wandb_run(spec, stage, restart_id, key_available=tracking.key_declared(spec, stage)),
+                self._stage_volume(spec, stage), self._rel(stage, restart_id), spec.modal.environment,
+            ),
         )
 
     def _running_call(self, spec: Spec, stage: str, restart_id: str) -> RunHandle | None:
@@ -509,7 +515,7 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         if rate is not None:
             metrics["cost_usd"] = round(active * gpus / 3600 * float(rate), 4)
         common = dict(step=step, total=total, elapsed_s=active or None, metrics=metrics,
-                      log_tail=list(progress.log_tail)[-20:] if progress is not None else [])
+                      log_tail=list(progress.log_tail)[-20:] if progress is not None else [], wandb=handle.wandb)
         where = f"segment {segment}" + (f", step {step}/{total}" if step is not None else "")
         if outcome.state == "running":
             ranks = {r: seen.model_dump() for r, seen in progress.ranks.items()} if progress and progress.ranks else None

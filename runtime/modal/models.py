@@ -150,15 +150,6 @@ class StagePayload(Frozen):
     launch: LaunchKey | None = None  # how the call registers itself (runtime.modal.launches)
 
 
-class StageResult(Frozen):
-    outcome: Literal["finished", "continued", "failed"]
-    step: int | None = None
-    segment: int = 0
-    next_call_id: str | None = None
-    active_s: float = 0.0  # container seconds of every attempt of every segment so far
-    message: str = ""
-
-
 class PreparePayload(Frozen):
     kind: Literal["dataset", "model"]
     name: str

@@ -43,9 +43,9 @@ from reconciler.backend import ChecksReadiness, Outcome, RenderedCommand, Report
 from reconciler.errors import TerminalError, TransientError
 from reconciler.readiness import DoctorCheck
 from reconciler.spec import Image, Sandbox, Spec, Stage
-from reconciler.state.base import RayRun, RunHandle, StateStore
+from reconciler.state.base import RayRun, RunHandle, StateStore, WandbRun
 from runtime import processes as procs
-from runtime import records
+from runtime import records, tracking
 from runtime.local import resources as res
 from runtime.local import runs
 from runtime.local.backend import LocalRuntime
@@ -125,6 +125,11 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             self._clients[address] = jobs.client_at(address)
         return self._clients[address]
 
+    def wandb_run(self, spec: Spec, stage: str, restart_id: str) -> WandbRun | None:
+        """The W&B run of a stage's run: the jobs see none of this machine's environment, so
+        online only when one of the stage's secrets carries WANDB_API_KEY (runtime.tracking)."""
+        return tracking.wandb_run(spec, stage, restart_id, key_available=tracking.key_declared(spec, stage))
+
     def stage_machine(self, stage: Stage) -> Machine:
         """The cluster's nodes as a stage kind sees them: the GPUs the stage asks for (CPU
         when none); modules as this machine has them (the jobs run the same environment)."""
@@ -134,6 +139,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             device="cuda" if gpu else "cpu", gpus=r.gpus_per_node,
             attn_implementation=None if not gpu or importlib.util.find_spec("flash_attn") else "sdpa",
             has_module=lambda name: importlib.util.find_spec(name) is not None,
+            wandb_key=False,  # a job sees the key only through the stage's secrets (its runtime_env)
         )
 
     # ------------------------------------------------------------------ checks
@@ -207,6 +213,19 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
 
     def _sandbox_record(self, spec: Spec, submission_id: str) -> RaySandbox | None:
         return records.load(RaySandbox, self.sandbox_dir(spec) / f"{submission_id}.json")
+
+    def missing_reason(self, spec: Spec, address: str) -> str | None:
+        # The sandbox job never idles out: when Ray has no running one (a restarted head, a
+        # stopped job), apply starts it again. Files in the storage are trusted as recorded.
+        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(spec, hold=False):
+            return "the sandbox job is not running on the Ray cluster"
+        return None
+
+    def idle_reason(self, spec: Spec, address: str) -> str | None:
+        return None
+
+    def _sandbox_url(self, spec: Spec) -> str | None:
+        return self._live_sandbox_url(spec)
 
     def _live_sandbox_url(self, spec: Spec, *, hold: bool = True) -> str | None:
         if spec.sandbox is None:
@@ -347,6 +366,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             ),
             stage=ctx.stage, kind=ctx.spec.stages[ctx.stage].kind, restart_id=ctx.restart_id, command=command or [],
             total_steps=ctx.total_steps, resume_from=resume_from, reattached=reattached,
+            wandb=self.wandb_run(ctx.spec, ctx.stage, ctx.restart_id),
         )
 
     def _log_copy(self, stage: str, restart_id: str, sid: str) -> Path:
@@ -377,7 +397,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             follower = self._followers[str(log_path)] = runs.resumed_follower(
                 log_path, ref.metrics_path, handle.resume_from
             )
-        seen = runs.progress(handle, follower, Path(ref.metrics_path))
+        seen = runs.progress(handle, follower, Path(ref.metrics_path), ref.stage_dir)
         done = procs.read_exit(Path(ref.exit_path))
         if job is None and done is None:
             return RunStatus(

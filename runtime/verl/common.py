@@ -143,6 +143,13 @@ def world(stage: SFTStage | RLStage) -> tuple[int, int]:
     return res.nodes, res.processes_per_node or res.gpus_per_node or 1
 
 
+def fsdp_strategy(*, cpu: bool) -> str:
+    """verl's FSDP strategy for every role of a stage: the recipe's `fsdp` (FSDP1, also verl
+    0.9.1's default) on GPUs; `fsdp2` on CPU, because torch's FSDP1 refuses CPU parameters
+    (verl wraps with `sync_module_states=True`, which needs them on an accelerator)."""
+    return "fsdp2" if cpu else "fsdp"
+
+
 # --------------------------------------------------------------------------- hydra values
 
 _BARE = re.compile(r"^[A-Za-z0-9_./@+\-]+$")

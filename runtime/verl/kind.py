@@ -70,7 +70,9 @@ class SFTKind(TrainingKind):
     def commands(
         self, ctx: StageContext, paths: StagePaths, machine: Machine, sandbox_url: str | None,
     ) -> list[RenderedCommand]:
-        return [render_sft(ctx, paths, cpu=machine.cpu, attn_implementation=machine.attn_implementation)]
+        return [render_sft(
+            ctx, paths, cpu=machine.cpu, attn_implementation=machine.attn_implementation, wandb_key=machine.wandb_key,
+        )]
 
     def tool_call_check(self, stage: Stage) -> ToolCallCheck | None:
         return stage.tool_call_check if isinstance(stage, SFTStage) else None
@@ -113,7 +115,7 @@ class RLKind(TrainingKind):
             raise TerminalError(f"stage.{ctx.stage} cannot run on this machine", self.blocker(stage, machine) or "")
         return render_rl(
             ctx, sandbox_url=require_sandbox(ctx, sandbox_url), cpu=machine.cpu, paths=paths, rollout=engine,
-            attn_implementation=machine.attn_implementation,
+            attn_implementation=machine.attn_implementation, wandb_key=machine.wandb_key,
         )
 
 

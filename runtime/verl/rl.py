@@ -37,6 +37,7 @@ from runtime.verl.recipe import (
     ENV_TOOL_NUM_WORKERS,
     ENV_TOOL_RATE_LIMIT,
     ENV_TOOL_LENIENT_FENCES,
+    ENV_TOOL_QUEUE_TIMEOUT_S,
     ENV_TOOL_TIMEOUT_S,
     REWARD_FUNCTION,
     REWARD_MODULE,
@@ -44,12 +45,14 @@ from runtime.verl.recipe import (
 )
 from runtime.verl.rollout import NAME as TRANSFORMERS_ROLLOUT
 from runtime.verl.rollout import PLUGIN_MODULE
+from runtime import tracking
 from runtime.checkpoints import SAVE_MARKER_MODULE
 from runtime.verl.common import (
     StagePaths,
     base_env,
     dataset_file,
     experiment_name,
+    fsdp_strategy,
     kv,
     logger_list,
     merge_overrides,
@@ -134,7 +137,7 @@ def rl_overrides(
         kv("actor_rollout_ref.model.use_remove_padding", True),
         kv("actor_rollout_ref.model.enable_gradient_checkpointing", stage.gradient_checkpointing),
         # actor
-        kv(f"{actor}.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
+        kv(f"{actor}.strategy", fsdp_strategy(cpu=cpu)),  # the reference policy follows the actor
         kv(f"{actor}.use_kl_loss", algo.use_kl_loss),
         kv(f"{actor}.kl_loss_coef", algo.kl_loss_coef),
         kv(f"{actor}.clip_ratio_low", algo.clip_ratio_low),
@@ -168,6 +171,7 @@ def rl_overrides(
         kv(f"{rollout_key}.seed", stage.seed),
         kv(f"{rollout_key}.tensor_model_parallel_size", ro.tensor_parallel_size),
         kv(f"{rollout_key}.gpu_memory_utilization", ro.gpu_memory_utilization),
+        kv(f"{rollout_key}.max_num_seqs", ro.max_num_seqs),  # the recipe's (verl 0.6.1's default)
         # the actor's old-log-prob pass: the recipe leaves it at the actor's training budget
         kv(f"{rollout_key}.log_prob_max_token_len_per_gpu", stage.ppo_max_token_len_per_gpu),
         kv(f"{rollout_key}.log_prob_micro_batch_size_per_gpu", None if stage.use_dynamic_bsz else micro),
@@ -204,6 +208,7 @@ def rl_overrides(
         kv("trainer.nnodes", nnodes),
         kv("trainer.n_gpus_per_node", nproc),
         kv("trainer.device", "cpu" if cpu else "cuda"),
+        *tracking.identity_overrides(ctx),
     ]
     ours += _critic_overrides(ctx, stage, cpu=cpu)
     if not stage.recipe.is_recipe:
@@ -248,7 +253,7 @@ def _critic_overrides(ctx: StageContext, stage: RLStage, *, cpu: bool) -> list[s
     if critic is None:
         return []
     out = [
-        kv("critic.strategy", "fsdp2"),  # as the actor: one FSDP version for every role
+        kv("critic.strategy", fsdp_strategy(cpu=cpu)),
         kv("critic.optim.lr", critic.lr),
         kv("critic.model.path", initial_weights_dir(ctx, stage.model)),
         kv("critic.model.use_remove_padding", True),
@@ -292,6 +297,7 @@ def rl_env(
     recipe_env = {
         ENV_SANDBOX_URL: sandbox_url,
         ENV_TOOL_TIMEOUT_S: repr(tool.timeout_s),
+        ENV_TOOL_QUEUE_TIMEOUT_S: repr(tool.queue_timeout_s),
         ENV_TOOL_MEMORY_MB: str(tool.memory_limit_mb),
         ENV_TOOL_RATE_LIMIT: str(tool.rate_limit),
         ENV_TOOL_NUM_WORKERS: str(tool.num_workers),
@@ -303,13 +309,16 @@ def rl_env(
 
 def render_rl(
     ctx: StageContext, *, sandbox_url: str, cpu: bool, paths: StagePaths, rollout: str | None = None,
-    attn_implementation: str | None = None,
+    attn_implementation: str | None = None, wandb_key: bool = False,
 ) -> list[RenderedCommand]:
     """The RL stage's training command. `rollout` is verl's rollout name when the caller
     already chose one (the local backend does), else it follows the spec's `rollout.engine`;
-    `attn_implementation` as in rl_overrides."""
+    `attn_implementation` as in rl_overrides; `wandb_key` as in runtime.verl.sft.render_sft."""
     stage = _rl_stage(ctx)
     name = rollout or choose_rollout(stage.rollout.engine, cpu=cpu)
+    run = tracking.wandb_run(
+        ctx.spec, ctx.stage, ctx.restart_id, key_available=wandb_key or tracking.key_declared(ctx.spec, ctx.stage)
+    )
     argv = [
         "python", "-m", PPO_MODULE,
         *rl_overrides(ctx, paths, cpu=cpu, rollout=name, attn_implementation=attn_implementation),
@@ -317,7 +326,9 @@ def render_rl(
     return [
         RenderedCommand(
             argv=argv,
-            env=rl_env(ctx, sandbox_url=sandbox_url, cpu=cpu, rollout=name, attn_implementation=attn_implementation),
+            # W&B's run first: the image's and the stage's own env still win.
+            env={**tracking.wandb_env(run, ctx.stage, stage.kind, paths.stage_dir),
+                 **rl_env(ctx, sandbox_url=sandbox_url, cpu=cpu, rollout=name, attn_implementation=attn_implementation)},
             secret_env=secret_env_names(ctx.spec, stage.secrets),
             description=(
                 f"verl {'PPO' if stage.critic else stage.algorithm.adv_estimator.upper()} (main_ppo) of "

@@ -11,12 +11,14 @@ from __future__ import annotations
 from reconciler.errors import TerminalError
 from reconciler.spec import SFTStage
 from reconciler.backend import RenderedCommand, StageContext
+from runtime import tracking
 from runtime.checkpoints import SAVE_MARKER_MODULE
 from runtime.verl.common import (
     StagePaths,
     base_env,
     dataset_file,
     experiment_name,
+    fsdp_strategy,
     kv,
     logger_list,
     merge_overrides,
@@ -58,7 +60,7 @@ def sft_overrides(
         kv("model.path", initial_weights_dir(ctx, stage.model)),
         kv("model.use_remove_padding", stage.use_remove_padding),
         kv("model.enable_gradient_checkpointing", stage.gradient_checkpointing),
-        kv("engine.strategy", "fsdp2"),  # FSDP1 fails on CPU; one strategy keeps checkpoints alike
+        kv("engine.strategy", fsdp_strategy(cpu=cpu)),
         kv("engine.ulysses_sequence_parallel_size", stage.ulysses_sequence_parallel_size),
         kv("engine.seed", stage.seed),
         kv("optim.lr", opt.lr),
@@ -85,6 +87,7 @@ def sft_overrides(
         kv("trainer.nnodes", nnodes),
         kv("trainer.n_gpus_per_node", nproc),
         kv("trainer.device", "cpu" if cpu else "cuda"),
+        *tracking.identity_overrides(ctx),
     ]
     if ctx.resume_from is not None:
         # auto mode honours an explicit path: resume exactly where the plan said.
@@ -98,11 +101,13 @@ def sft_overrides(
 
 
 def render_sft(
-    ctx: StageContext, paths: StagePaths, *, cpu: bool, attn_implementation: str | None = None
+    ctx: StageContext, paths: StagePaths, *, cpu: bool, attn_implementation: str | None = None,
+    wandb_key: bool = False,
 ) -> RenderedCommand:
     """The training command of an SFT stage: `torchrun --standalone` on one node; on N nodes
     `torchrun --nnodes=N`, to which each node adds its `--node_rank` and rank 0's address
-    when it starts (runtime.cluster)."""
+    when it starts (runtime.cluster). `wandb_key`: WANDB_API_KEY is in the environment the
+    command inherits (else W&B logs offline unless a secret of the stage carries the key)."""
     stage = sft_stage(ctx)
     nnodes, nproc = world(stage)
     dp = max(1, nnodes * nproc // stage.ulysses_sequence_parallel_size)
@@ -120,9 +125,14 @@ def render_sft(
         "-m", SFT_MODULE,
         *sft_overrides(ctx, paths, cpu=cpu, attn_implementation=attn_implementation),
     ]
+    run = tracking.wandb_run(
+        ctx.spec, ctx.stage, ctx.restart_id, key_available=wandb_key or tracking.key_declared(ctx.spec, ctx.stage)
+    )
     return RenderedCommand(
         argv=argv,
-        env=base_env(ctx, cpu=cpu, external_modules=(SAVE_MARKER_MODULE,)),
+        # W&B's run first: the image's and the stage's own env still win.
+        env={**tracking.wandb_env(run, ctx.stage, stage.kind, paths.stage_dir),
+             **base_env(ctx, cpu=cpu, external_modules=(SAVE_MARKER_MODULE,))},
         secret_env=secret_env_names(ctx.spec, stage.secrets),
         description=f"verl SFT of stage.{ctx.stage} on {'CPU' if cpu else 'GPU'} ({nproc} process{'es' if nproc > 1 else ''})",
     )

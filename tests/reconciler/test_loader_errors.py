@@ -69,6 +69,8 @@ CASES: list[tuple[str, str, str, int, str, str]] = [
     ("dependency-cycle", "model: model.tiny", "model: stage.rl", 32, "stages.rl.model", "dependency cycle: stage.rl → stage.sft → stage.rl"),
     ("self-reference", "model: model.tiny", "model: stage.sft", 23, "stages.sft.model", "dependency cycle: stage.sft → stage.sft"),
     ("duplicate-key", "    format: messages\n", "    format: messages\n    format: rl\n", 14, "datasets.sft_data.format", "duplicate key 'format' (first defined at line 13)"),
+    ("lenient-fences-off-format", "    format: messages\n", "    format: messages\n    lenient_fences: true\n", 11,
+     "datasets.sft_data", "lenient_fences applies to format retool_sft only"),
     ("duplicate-stage-name", "    ppo_mini_batch_size: 4\n", "    ppo_mini_batch_size: 4\n" + DUPLICATE_STAGE, 37, "stages.sft", "duplicate key 'sft'"),
     ("missing-required", "    train: dataset.sft_data\n", "", 21, "stages.sft.train", "required field is missing"),
     ("missing-name", "name: demo\n", "", 1, "name", "required field is missing"),

@@ -67,7 +67,7 @@ SCENARIOS: list[Scenario] = [
          "    train: dataset.retool_sft\n    model: model.qwen7b\n    kind: sft\n"),
         ("optim: {lr: 1.0e-5, betas: [0.9, 0.95],", "optim: {betas: [0.9, 0.95], lr: 1.0e-5,"),
     ), {}),
-    Scenario("comment changed", edit(("# one epoch of DAPO-Math-17k", "# capped: an epoch of DAPO-Math-17k")), {}),
+    Scenario("comment changed", edit(("# A budget choice, not a recipe value", "# A budget choice, not the recipe's")), {}),
     Scenario("number rewritten (`1.0e-5` → `0.00001`)", edit(("lr: 1.0e-5,", "lr: 0.00001,")), {}),
     Scenario("default written explicitly (`seed: 42`, `nodes: 1`)", edit(
         ("    epochs: 6\n", "    epochs: 6\n    seed: 42\n"),

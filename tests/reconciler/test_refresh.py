@@ -18,7 +18,7 @@ from reconciler.backends import OVERRIDE_ENV, get_runtime, get_store
 from reconciler.errors import TerminalError
 from reconciler.loader import LoadedSpec
 from reconciler.plan import ReasonCode
-from reconciler.refresh import blocked_nodes, observe, open_runtime, refresh_and_plan
+from reconciler.refresh import blocked_nodes, observe, observe_and_plan, open_runtime, refresh_and_plan
 from reconciler.graph import build_graph
 from reconciler.state.base import State
 from reconciler.state.local import LocalStore
@@ -174,6 +174,9 @@ class SidecarWatchingRuntime(MemoryRuntime, ChecksPresence):
             raise OSError("permission denied")
         return None
 
+    def idle_reason(self, spec: object, address: str) -> str | None:
+        return None
+
 
 def test_a_dead_sandbox_is_planned_for_creation_and_apply_restarts_it(loaded: LoadedSpec) -> None:
     store, rt = MemoryStore(), SidecarWatchingRuntime()
@@ -193,3 +196,31 @@ def test_a_dead_sandbox_is_planned_for_creation_and_apply_restarts_it(loaded: Lo
     rt.broken = True  # type: ignore[attr-defined]
     observed = observe(loaded, store.read(), rt)
     assert observed.notes == ["volume.data: cannot check that it still exists (OSError: permission denied)"]
+
+
+class IdlingSidecarRuntime(MemoryRuntime, ChecksPresence):
+    """A runtime whose sidecar stops when unused and starts on demand (as LocalRuntime's)."""
+
+    idle = False
+
+    def missing_reason(self, spec: object, address: str) -> str | None:
+        return None
+
+    def idle_reason(self, spec: object, address: str) -> str | None:
+        return "idle, starts on demand" if address == "sandbox" and self.idle else None
+
+
+def test_an_idle_sandbox_is_no_drift_and_status_says_idle(loaded: LoadedSpec) -> None:
+    from reconciler.status import compute_status
+
+    store, rt = MemoryStore(), IdlingSidecarRuntime()
+    apply(refresh_and_plan(loaded, None, rt), loaded, store, rt, sleep=lambda s: None)
+    state = store.read()
+    assert state is not None
+    rt.idle = True  # the sidecar ended by itself after the apply
+    observed, plan = observe_and_plan(loaded, state, rt)
+    assert not plan.has_changes and observed.refreshed
+    report = compute_status(plan, loaded.spec, state, observed)
+    sandbox = next(n for n in report.nodes if n.address == "sandbox")
+    assert (sandbox.sync, sandbox.health, sandbox.message) == ("in sync", "idle", "idle, starts on demand")
+    assert report.in_sync and {n.health for n in report.nodes if n.address != "sandbox"} == {"healthy"}

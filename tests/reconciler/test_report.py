@@ -45,6 +45,25 @@ def test_page_is_self_contained_and_has_every_section() -> None:
         assert text in page, text
 
 
+def test_each_stage_names_its_wandb_run_as_text() -> None:
+    from reconciler.state.base import WandbRun
+
+    offline = WandbRun(mode="offline", project="retool", group="evals", run_id="evals-sft-0123",
+                       run_dirs=["/v/sft/x/wandb/offline-run-1-evals-sft-0123"],
+                       sync_command="wandb sync /v/sft/x/wandb/offline-run-1-evals-sft-0123")
+    online = offline.model_copy(update={"mode": "online", "url": "https://wandb.ai/me/retool/runs/evals-rl-9",
+                                        "run_dirs": [], "sync_command": None})
+    data = _data()
+    sft, rl, empty = data.stages
+    page = render_report(data.model_copy(update={"stages": [
+        sft.model_copy(update={"wandb": offline}), rl.model_copy(update={"wandb": online}), empty,
+    ]}))
+    assert "W&amp;B offline: <code>/v/sft/x/wandb/offline-run-1-evals-sft-0123</code>" in page
+    assert "upload with <code>wandb sync /v/sft/x/wandb/offline-run-1-evals-sft-0123</code>" in page
+    assert "<code>https://wandb.ai/me/retool/runs/evals-rl-9</code>" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # named, never fetched
+
+
 def test_charts_escape_names_and_skip_missing_values() -> None:
     svg = line_chart("a<b", [("x&y", [(1.0, 1.0), (2.0, float("nan")), (3.0, 2.0)])])
     assert "a&lt;b" in svg and "x&amp;y" in svg and svg.count("<circle") == 2

@@ -13,7 +13,7 @@ from reconciler.apply.engine import apply
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode, ReasonCode
 from reconciler.refresh import observe_and_plan
-from reconciler.state.base import LockInfo, NodeRecord, OpaqueRun, RunHandle, State
+from reconciler.state.base import LockInfo, NodeRecord, OpaqueRun, RunHandle, State, WandbRun
 from reconciler.state.memory import MemoryStore
 from reconciler.status import NodeStatus, StatusReport, compute_status, render_status
 from tests.fakes.memory_runtime import MemoryRuntime
@@ -189,6 +189,43 @@ def test_running_stage_shows_latest_metrics_sparkline_and_wandb_url(loaded: Load
     assert "stage.sft  loss 0.5 █▅▁ · grad_norm 2 · lr 1e-05" in text
     assert "W&B https://wandb.ai/me/retool/runs/abc123" in text
     assert row(report, "stage.rl").metrics == {}
+
+
+OFFLINE = WandbRun(
+    mode="offline", project="retool", group="p", run_id="p-sft-0123456789abcdef",
+    run_dirs=["/v/sft/x/wandb/offline-run-20260101_000000-p-sft-0123456789abcdef",
+              "/v/sft/x/wandb/offline-run-20260101_010000-p-sft-0123456789abcdef"],
+    sync_command="wandb sync /v/sft/x/wandb/offline-run-20260101_000000-p-sft-0123456789abcdef "
+                 "/v/sft/x/wandb/offline-run-20260101_010000-p-sft-0123456789abcdef",
+)
+
+
+def test_offline_wandb_run_shows_its_folders_and_the_sync_command(loaded: LoadedSpec) -> None:
+    state = running_state(loaded)
+    launched = OFFLINE.model_copy(update={"run_dirs": [], "sync_command": None})
+    rec = state.nodes["stage.sft"]
+    assert rec.run is not None
+    rec.run = rec.run.model_copy(update={"wandb": launched})
+    # Not observed (no refresh): the run its launch named, nothing written yet.
+    unseen = status_of(loaded, state, Observed())
+    assert row(unseen, "stage.sft").wandb == launched
+    assert "W&B offline run p-sft-0123456789abcdef, nothing written yet" in render(unseen, 200)
+    # Observed: its folders, one per segment, and the one command that uploads them in order.
+    seen = Observed(nodes={"stage.sft": ObservedNode(run_state="running", step=3, wandb=OFFLINE)})
+    report = status_of(loaded, state, seen)
+    sft = row(report, "stage.sft")
+    assert sft.wandb == OFFLINE and sft.wandb_url is None
+    assert StatusReport.model_validate_json(report.model_dump_json()) == report  # --json carries it, typed
+    text = render(report, 400)
+    assert "W&B offline " + " ".join(OFFLINE.run_dirs) in text
+    assert "upload: " + str(OFFLINE.sync_command) in text
+    # Finished: what finalize recorded; online with its URL.
+    online = OFFLINE.model_copy(update={"mode": "online", "run_dirs": [], "sync_command": None,
+                                        "url": "https://wandb.ai/me/retool/runs/p-sft-0123456789abcdef"})
+    rec.status, rec.outputs = "succeeded", {"wandb": online.model_dump(mode="json")}
+    done = status_of(loaded, state, Observed())
+    assert row(done, "stage.sft").wandb == online and row(done, "stage.sft").wandb_url == online.url
+    assert f"W&B {online.url}" in render(done, 200)
 
 
 def test_finished_stage_shows_what_finalize_recorded(loaded: LoadedSpec) -> None:

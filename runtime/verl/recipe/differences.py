@@ -13,8 +13,12 @@ Kinds (what the test checks):
 - `changed`: retool's value (under `key`, or the recipe's key) differs from the recipe's;
 - `dropped`: retool sets nothing for the recipe's key (another mechanism does its job);
 - `added`: retool sets a key the recipe's verl has no counterpart for;
-- `behaviour`: not a flag (the tool, the reward, the launcher); documented only;
+- `behaviour`: not a flag (the tool, the reward, the launcher, what verl 0.9.1's code does);
+  documented only;
 - `option`: an improvement the spec can turn on; off by default, so the recipe runs as published.
+
+Every other entry is forced (by verl 0.9.1, the platform or retool's volumes) unless its reason
+starts with "A choice, not forced" (`CHOICE`): retool could render the recipe's value there.
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ class Difference(BaseModel):
     reason: str
 
 
+CHOICE = "A choice, not forced: "
 _PATHS = "Paths: retool's volumes (prepared data, models, one checkpoint directory per restart identity)."
-_SEED = ("Seeds: the spec's one `seed` (default 42) drives data order, mini-batch shuffling, FSDP init and "
-         "sampling; the recipe leaves verl 0.6.1's defaults.")
-_FSDP2 = ("FSDP2 for every role and stage: FSDP1 fails on CPU and one strategy keeps checkpoints alike; verl "
-          "0.9.1 recommends FSDP2.")
+_SEED = (CHOICE + "the spec's one `seed` (default 42) drives data order, mini-batch shuffling, FSDP init and "
+         "sampling, so a run is repeatable from the spec alone; the recipe leaves verl 0.6.1's defaults.")
+_WANDB = ("Logging only: the run's identity in its W&B config, and one W&B run per restart identity that every "
+          "resume and segment continues, offline without `WANDB_API_KEY` (docs/wandb.md).")
 
 DIFFERENCES: tuple[Difference, ...] = (
     # ------------------------------------------------------------------ SFT
@@ -54,12 +59,6 @@ DIFFERENCES: tuple[Difference, ...] = (
                ours="`torchrun --standalone -m verl.trainer.sft_trainer`",
                reason="verl 0.9.1 replaced the FSDP SFT trainer with the engine-based one (same launcher shape: "
                       "1 node x 8 processes)."),
-    Difference(stage="sft", kind="behaviour",
-               recipe="SFT rows: a `<code>` block's first ```` ```python ```` fence is unwrapped and stripped; other "
-                      "code is kept verbatim",
-               ours="```` ```python ````, ```` ```py ```` and bare fences unwrapped; the code stripped",
-               reason="retool's `retool_sft` preparation (`runtime/data/retool_sft.py`); it differs only for rows whose "
-                      "code is not in a ```` ```python ```` fence or has surrounding whitespace."),
     Difference(stage="sft", kind="changed", recipe_key="data.train_files", key="data.train_files",
                recipe="`$DATA_ROOT/dataset/wuxibin/ReTool-SFT/...parquet`", ours="`/data/datasets/retool_sft/train.parquet`",
                reason=_PATHS + " retool's `retool_sft` format is the recipe's preprocessing."),
@@ -83,8 +82,8 @@ DIFFERENCES: tuple[Difference, ...] = (
                reason="Renamed in verl 0.9.1. " + _PATHS),
     Difference(stage="sft", kind="renamed", recipe_key="use_remove_padding", key="model.use_remove_padding",
                recipe="`true`", ours="`true`", reason="Moved under `model.` in verl 0.9.1."),
-    Difference(stage="sft", kind="changed", recipe_key="model.strategy", key="engine.strategy",
-               recipe="`fsdp`", ours="`fsdp2`", reason="Moved under `engine.` in verl 0.9.1. " + _FSDP2),
+    Difference(stage="sft", kind="renamed", recipe_key="model.strategy", key="engine.strategy",
+               recipe="`fsdp`", ours="`fsdp` (on CPU `fsdp2`: see the FSDP row)", reason="Moved under `engine.` in verl 0.9.1."),
     Difference(stage="sft", kind="renamed", recipe_key="model.fsdp_config.model_dtype", key="engine.model_dtype",
                recipe="`fp32` (default)", ours="`fp32` (default)", reason="Moved under `engine.` in verl 0.9.1."),
     Difference(stage="sft", kind="renamed", recipe_key="ulysses_sequence_parallel_size",
@@ -106,6 +105,9 @@ DIFFERENCES: tuple[Difference, ...] = (
                recipe="`wuxibin-multiturn-sft`", ours="`retool`", reason="Naming only (the recipe author's W&B project)."),
     Difference(stage="sft", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`multiturn-sft-qwen-2.5-7b-instruct`", ours="`qwen7b-sft`", reason="Naming only."),
+    Difference(stage="sft", kind="added", key="retool", recipe="(a new W&B run per launch)",
+               ours="`{spec, stage, restart_id}`; W&B run id, group and resume set through `WANDB_*`",
+               reason=_WANDB),
     Difference(stage="sft", kind="changed", recipe_key="trainer.seed", key="trainer.seed",
                recipe="`1` (default; unread by the 0.6.1 SFT trainer)", ours="`42`", reason=_SEED),
     Difference(stage="sft", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
@@ -122,6 +124,31 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(stage="sft", kind="changed", scope="32b", recipe_key="trainer.nnodes", key="trainer.nnodes",
                recipe="`1` (default; the 0.6.1 SFT trainer reads `torchrun --nnodes=2`)", ours="`2`",
                reason="verl 0.9.1's SFT trainer reads `trainer.nnodes`; the world is the recipe's, 2 x 8 processes."),
+    # -- what verl 0.9.1's code or the platform forces, and the data options (the flag-by-flag audit)
+    Difference(stage="sft", kind="behaviour",
+               recipe="loss: each micro-batch's token mean on its rank, divided by the number of micro-batches "
+                      "(`data.balance_dp_token: false`)",
+               ours="one token mean over the step's whole batch, every rank's tokens counted",
+               reason="Forced: verl 0.9.1's SFT trainer has only this weighting (`verl/workers/utils/losses.py` "
+                      "`sft_loss`, the token count all-reduced in `verl/workers/engine/fsdp/transformer_impl.py` "
+                      "`forward_backward_batch`). Every loss token now weighs the same; in 0.6.1 "
+                      "(`verl/trainer/fsdp_sft_trainer.py`) each micro-batch of 4 rows weighed the same, so a token "
+                      "of a short micro-batch weighed more. Changes the gradient's direction and scale, not the "
+                      "data or the schedule."),
+    Difference(stage="sft", kind="option", key="datasets.<name>.lenient_fences",
+               recipe="a `<code>` block's first ```` ```python ```` block is unwrapped and stripped; other code is "
+                      "kept verbatim",
+               ours="`false`: the same",
+               reason="`true` (format `retool_sft`) also unwraps a ```` ```py ```` or bare ```` ``` ```` fence and "
+                      "strips the code, as the RL option `recipe.lenient_fences` runs it."),
+    Difference(stage="sft", kind="behaviour",
+               recipe="`fsdp` (FSDP1) for every role, SFT and RL (`model.strategy`, `actor_rollout_ref.actor.strategy`, "
+                      "`critic.strategy`)",
+               ours="the same on GPUs; `fsdp2` on CPU only (the tiny spec, the tests)",
+               reason="Forced on CPU: verl 0.9.1's FSDP engine wraps FSDP1 with `sync_module_states=True`, which torch "
+                      "refuses for CPU parameters, and FSDP1 without a device needs an accelerator (\"FSDP needs a "
+                      "non-CPU accelerator device\"); FSDP2 (`fully_shard`) runs under gloo. The recipe specs render "
+                      "`fsdp`; `runtime/verl/common.py` `fsdp_strategy`."),
     # ------------------------------------------------------------------ RL
     Difference(stage="rl", kind="behaviour", recipe="`export VLLM_USE_V1=1`", ours="-",
                reason="The vLLM versions verl 0.9.1 runs have only the V1 engine."),
@@ -152,8 +179,6 @@ DIFFERENCES: tuple[Difference, ...] = (
                recipe="`.../multiturn-sft-qwen-2.5-<size>-instruct/global_step_372`",
                ours="`/checkpoints/sft/<restart id>/merged`",
                reason=_PATHS + " The SFT stage's final checkpoint, merged into a Hugging Face model."),
-    Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.actor.strategy",
-               key="actor_rollout_ref.actor.strategy", recipe="`fsdp` (default)", ours="`fsdp2`", reason=_FSDP2),
     Difference(stage="rl", kind="added", key="actor_rollout_ref.actor.data_loader_seed", recipe="-", ours="`42`",
                reason=_SEED),
     Difference(stage="rl", kind="added", key="actor_rollout_ref.actor.fsdp_config.seed", recipe="-", ours="`42`",
@@ -161,8 +186,9 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(stage="rl", kind="added", key="actor_rollout_ref.rollout.seed", recipe="-", ours="`42`", reason=_SEED),
     Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.rollout.calculate_log_probs",
                key="actor_rollout_ref.rollout.calculate_log_probs", recipe="`false` (default)", ours="`true`",
-               reason="The rollout's log-probs let verl log the rollout-vs-actor probability gap; they do not enter "
-                      "the loss."),
+               reason=CHOICE + "the rollout's log-probs let verl log the rollout-vs-actor probability gap "
+                      "(`training/rollout_probs_diff_*`, the check that weight sync is real); they do not enter the loss "
+                      "(`algorithm.rollout_correction` is off)."),
     Difference(stage="rl", kind="changed", recipe_key="actor_rollout_ref.rollout.multi_turn.tool_config_path",
                key="actor_rollout_ref.rollout.multi_turn.tool_config_path",
                recipe="`recipe/retool/sandbox_fusion_tool_config.yaml`",
@@ -174,9 +200,14 @@ DIFFERENCES: tuple[Difference, ...] = (
                key="trainer.total_training_steps", recipe="`null` (one epoch)",
                ours="`max_steps`: 400 (7B); 150 and 250 (32B GRPO, PPO)",
                reason="One epoch of DAPO-Math-17k (17k prompts repeated ~100x, 1.79M rows) is ~28k steps at batch "
-                      "64 (~3.5k at 512); the spec caps it, the 32B ones at the steps the recipe's README reports."),
+                      "64 (~3.5k at 512); the spec caps it. 32B: the steps the recipe's README reports its results at. "
+                      "7B: a budget choice: no source gives the steps behind the 7B's 40.0; 400 is the step count of "
+                      "the ReTool paper's 32B result (AIME 2024 67.0% after 400 RL steps), not a 7B measurement."),
     Difference(stage="rl", kind="changed", scope="7b", recipe_key="trainer.experiment_name", key="trainer.experiment_name",
                recipe="`qwen2.5-7b_dapo`", ours="`qwen7b-dapo`", reason="Naming only."),
+    Difference(stage="rl", kind="added", key="retool", recipe="(a new W&B run per launch)",
+               ours="`{spec, stage, restart_id}`; W&B run id, group and resume set through `WANDB_*`",
+               reason=_WANDB),
     Difference(stage="rl", kind="changed", recipe_key="trainer.default_local_dir", key="trainer.default_local_dir",
                recipe="`$DATA_ROOT/checkpoint/<experiment>`", ours="`/checkpoints/<stage>/<restart id>`",
                reason=_PATHS),
@@ -190,8 +221,6 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(stage="rl", kind="changed", scope="32b", recipe_key="critic.model.path", key="critic.model.path",
                recipe="the SFT checkpoint directory", ours="`/checkpoints/sft/<restart id>/merged`",
                reason=_PATHS + " The critic starts from the actor's initial weights, as in the recipe."),
-    Difference(stage="rl", kind="changed", scope="32b", recipe_key="critic.strategy", key="critic.strategy",
-               recipe="`fsdp` (default)", ours="`fsdp2`", reason=_FSDP2),
     Difference(stage="rl", kind="renamed", scope="32b", recipe_key="critic.model.fsdp_config.param_offload",
                key="critic.fsdp.param_offload", recipe="`true`", ours="`true`", reason="Moved to `critic.fsdp` in verl 0.9.1."),
     Difference(stage="rl", kind="renamed", scope="32b", recipe_key="critic.model.fsdp_config.optimizer_offload",
@@ -217,6 +246,35 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(stage="rl", kind="behaviour", recipe="`extra_info[\"num_turns\"]` missing raises `KeyError`",
                ours="no tool bonus", reason="verl 0.9.1's agent loop always passes it; the reward also logs "
                                             "`tool_calls`."),
+    # -- what verl 0.9.1's code or the platform forces (the flag-by-flag audit)
+    Difference(stage="rl", kind="behaviour",
+               recipe="`loss_agg_mode: token-mean`: each micro-batch's token mean, scaled by its share of the "
+                      "mini-batch's sequences",
+               ours="`token-mean`: one token mean over the mini-batch, every rank's tokens counted",
+               reason="Forced: verl 0.9.1's actor has only this (`verl/trainer/ppo/core_algos.py` `agg_loss` with "
+                      "`batch_num_tokens`, all-reduced in `verl/workers/engine/fsdp/transformer_impl.py` "
+                      "`forward_backward_batch`; `verl/workers/utils/losses.py` `ppo_loss`). In 0.6.1 "
+                      "(`verl/workers/actor/dp_actor.py`) a token weighed 1 / (its micro-batch's tokens) x (the "
+                      "micro-batch's sequences / the mini-batch's): with dynamic batching, tokens of micro-batches "
+                      "of short responses weighed more. Now every response token weighs the same (DAPO's token-level "
+                      "loss), which shifts weight toward long responses."),
+    Difference(stage="rl", kind="behaviour",
+               recipe="multi-turn tokens: after a tool call the tool turn is appended right after the model's "
+                      "`<\\|im_end\\|>`, without the `\\n` the chat template puts there",
+               ours="verl 0.9.1 inserts that `\\n` (masked out of the loss), so the sequence is the chat template's",
+               reason="Forced: verl 0.9.1's tool agent loop merges turns only through its continuous-token builder "
+                      "(`verl/experimental/agent_loop/tool_agent_loop.py`, `verl/utils/tokenizer/continuous_token.py` "
+                      "`QwenContinuousTokenBuilder`); 0.6.1 appended the tool turn's template tokens minus the system "
+                      "prompt. Every turn after the first tool call sees one token more of context, the layout SFT "
+                      "trained on; what the model generates and the loss mask of its tokens are unchanged."),
+    Difference(stage="rl", kind="behaviour",
+               recipe="an external SandboxFusion service (`sandbox_fusion_url`), reached over the network",
+               ours="retool's sandbox server (SandboxFusion's HTTP contract) as a sidecar in the trainer's container "
+                    "(`sandbox.placement: sidecar`; `service` runs it as its own endpoint)",
+               reason="What the model sees is the same (the tool's requests, limits and replies are tested identical "
+                      "through a real sandbox); code runs on the trainer container's CPUs, beside the agent-loop "
+                      "workers, with no network hop. The sidecar's throughput and queueing under the stage's load are "
+                      "measured in docs/sandbox-load.md (SandboxFusion's own server was not run beside it)."),
     Difference(stage="rl", kind="option", key="recipe.lenient_fences", recipe="only ```` ```python ```` fences",
                ours="`false`: the same",
                reason="`true` also runs the first ```` ```py ```` or bare ```` ``` ```` block when there is no "

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from runtime.data.retool_sft import (
     TOOLS,
     SolutionFormatError,
+    code_of,
     convert_solution,
     extract_question,
     solution_text,
@@ -48,7 +49,8 @@ def test_two_calls_become_alternating_assistant_and_tool_messages() -> None:
             "tool_calls": [tool_call("s = sum(i * i for i in range(10))\nprint(s)")],
         },
         {"role": "tool", "content": "285"},
-        {"role": "assistant", "content": "Now check divisibility by 7.", "tool_calls": [tool_call("print(285 % 7)")]},
+        # unfenced code is kept verbatim, newlines included, as the recipe's preprocessing does
+        {"role": "assistant", "content": "Now check divisibility by 7.", "tool_calls": [tool_call("\nprint(285 % 7)\n")]},
         {"role": "tool", "content": "5"},
         {"role": "assistant", "content": "So the remainder is 5.\n\n\\boxed{5}"},
     ]
@@ -96,6 +98,24 @@ def test_missing_answer_keeps_trailing_prose_as_final_message() -> None:
 def test_malformed_solutions_raise(text: str) -> None:
     with pytest.raises(SolutionFormatError):
         convert_solution("Q", text)
+
+
+def test_code_follows_the_recipes_fence_rule_unless_lenient() -> None:
+    """The recipe's SFT preprocessing: the first ```python block's body, stripped; any other
+    code (```py and bare fences included) verbatim. `lenient_fences` unwraps those too."""
+    cases = {
+        "\n```python\nx = 1\nprint(x)\n```\n": ("x = 1\nprint(x)", "x = 1\nprint(x)"),
+        "\n```py\nprint(1)\n```\n": ("\n```py\nprint(1)\n```\n", "print(1)"),
+        "```\nprint(2)\n```": ("```\nprint(2)\n```", "print(2)"),
+        "  print(3)  \n": ("  print(3)  \n", "print(3)"),
+        "```\nbare()\n```\n```python\nfirst_python()\n```": ("first_python()", "bare()"),
+    }
+    for block, (recipe, lenient) in cases.items():
+        assert code_of(block) == recipe, block
+        assert code_of(block, lenient_fences=True) == lenient, block
+    text = "Try.\n<code>\n```py\nprint(1)\n```\n</code>\n<interpreter>\n1\n</interpreter>\n<answer>1</answer>"
+    assert convert_solution("Q", text)[1]["tool_calls"] == [tool_call("\n```py\nprint(1)\n```\n")]
+    assert convert_solution("Q", text, lenient_fences=True)[1]["tool_calls"] == [tool_call("print(1)")]
 
 
 def test_strip_fences() -> None:

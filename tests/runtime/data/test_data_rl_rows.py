@@ -21,20 +21,21 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def test_to_rl_row_shape() -> None:
+    # the ground truth is str(answer) as the recipe writes it: its reward compares verbatim
     assert to_rl_row("What is 1+1?", " 2 ", "aime_2024", 7) == {
         "data_source": "aime_2024",
         "prompt": [
             {"role": "user", "content": "What is 1+1?\nThe answer format must be: \\boxed{'The final answer goes here.'}"}
         ],
         "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": "2"},
+        "reward_model": {"style": "rule", "ground_truth": " 2 "},
         "agent_name": "tool_agent",
         "extra_info": {
             "index": 7,
             "need_tools_kwargs": True,
-            "tools_kwargs": {"code_interpreter": {"create_kwargs": {"ground_truth": "2"}}},
+            "tools_kwargs": {"code_interpreter": {"create_kwargs": {"ground_truth": " 2 "}}},
             "problem": "What is 1+1?",
-            "answer": "2",
+            "answer": " 2 ",
         },
     }
 

@@ -22,6 +22,13 @@ SOURCE_ROWS = {
                       {"role": "assistant", "content": TWO_CALLS}]},
         {"question": "What is 285 mod 7?", "solution": TWO_CALLS.replace("```python\n", "```py\n")},
     ],
+    "dapo_math": [
+        {"prompt": [{"role": "user", "content": "Find 2+2."}], "reward_model": {"ground_truth": " 4\n"},
+         "data_source": "math_dapo"},
+    ],
+    "aime_2024": [{"Problem": "Find 7*6.", "Answer": 42}, {"Problem": "Find 3.", "Answer": "003 "}],
+    "aime_2025": [{"problem": "Find 1+1.", "answer": " 2"}],
+    "rl": [{"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2 "}}],
     "messages": [
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "\\boxed{4}"}]},
         {"messages": '[{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2",'
@@ -33,7 +40,12 @@ SOURCE_ROWS = {
 # digest of map_rows(format, SOURCE_ROWS[format]) at each revision the format had
 WRITTEN = {
     ("retool_sft", 2): "5596a361c5c3fb0c0ea41259953bc206a189bc1ffff9f451a06e58e2edf3418c",
+    ("retool_sft", 3): "ce66b591d8d4eb819a562c7f521ba6bbc083ba59e6d0215c0ea458b44e83252b",
     ("messages", 2): "5d915134832a7e7683008faba5c0ce2fb4df9eec4b7dc3299fb7f372979938ec",
+    ("dapo_math", 2): "66e85c344f8b3600dd74ec2d887692046bc5d1207a195f3fd5388fccf530fad6",
+    ("aime_2024", 2): "ea91527c6989a9ae92ba60e3d9aba71180a8f7575046cdf3188b5d64125111d9",
+    ("aime_2025", 2): "73d2d5531293dffe068ffdb4740413424edcbac69bcd2efb62f422ee1ff19d52",
+    ("rl", 2): "6fa023b6099d7646081a8cf237068d60b0790438bf695ed0ef285fcdf7397f2b",
 }
 
 
@@ -48,6 +60,12 @@ def test_what_preparation_writes_is_pinned_to_the_revision(fmt: str) -> None:
     )
 
 
+def test_lenient_fences_writes_what_revision_2_wrote() -> None:
+    """Revision 3 made the recipe's fence rule the default; the option keeps revision 2's rows."""
+    rows, _ = map_rows("retool_sft", SOURCE_ROWS["retool_sft"], default_source="pin", lenient_fences=True)
+    assert digest(rows) == WRITTEN[("retool_sft", 2)]
+
+
 def test_a_dataset_prepared_by_an_older_revision_is_prepared_again_and_its_consumers_rerun(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -59,15 +77,23 @@ def test_a_dataset_prepared_by_an_older_revision_is_prepared_again_and_its_consu
     monkeypatch.undo()
     plan = make_plan(spec, state, observed)
     actions = {c.address: c.action for c in plan.changes if c.action != "no-op"}
-    assert actions == {"dataset.retool_sft": "rerun", "stage.sft": "rerun", "stage.dapo": "rerun",
-                       "stage.eval_sft": "rerun", "stage.eval_dapo": "rerun"}
+    datasets = {"dataset.retool_sft", "dataset.dapo_math", "dataset.aime_2024", "dataset.aime_2025"}
+    assert actions == {**{d: "rerun" for d in datasets}, "stage.sft": "rerun", "stage.dapo": "rerun",
+                       "stage.eval_base": "rerun", "stage.eval_sft": "rerun", "stage.eval_dapo": "rerun"}
     change = plan.change("dataset.retool_sft")
     assert change is not None and change.reason_codes == [ReasonCode.RESTART_FIELDS_CHANGED]
     assert change.reasons == ["changed: datasets.retool_sft.preparation_revision"]  # the README quotes this line
-    assert change.notes == ["retool prepares format retool_sft differently since this was prepared (revision 1 → 2): "
-                            "prepared again, so what consumes it sees the current tool schema"]
-    # the RL data's format has no revision yet: its identity is what it was before revisions existed
-    assert PREPARATION_KEY not in build_graph(spec).nodes["dataset.dapo_math"].config
+    assert change.notes == ["retool prepares format retool_sft differently since this was prepared (revision 1 → 3): "
+                            "prepared again, so what consumes it sees the rows retool writes now"]
+    assert build_graph(spec).nodes["dataset.dapo_math"].config[PREPARATION_KEY] == 2
+
+
+def test_the_option_off_keeps_a_datasets_identity() -> None:
+    """`lenient_fences: false` is left out of the identity, so no dataset of a format whose
+    rows did not change (`messages`) reruns because the option was added."""
+    spec = spec_from(QWEN.read_text().replace("    format: retool_sft\n", "    format: retool_sft\n    lenient_fences: true\n"))
+    assert build_graph(spec).nodes["dataset.retool_sft"].config["lenient_fences"] is True
+    assert "lenient_fences" not in build_graph(spec).nodes["dataset.aime_2024"].config
 
 
 def test_a_recorded_state_at_the_current_revision_plans_nothing() -> None:

@@ -393,7 +393,7 @@ def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime
     try:
         assert first.change == "created"
         assert httpx.get(first.outputs["url"] + "/v1/ping", timeout=5).json() == "pong"
-        assert rt.missing_reason(spec, "sandbox") is None
+        assert rt.idle_reason(spec, "sandbox") is None
         assert rt.ensure_sandbox(spec.sandbox, spec).outputs == first.outputs  # found, unchanged
         assert rt.ensure_sandbox(spec.sandbox, spec).change == "unchanged"
         modal_only = spec.sandbox.model_copy(update={"replicas": 3})
@@ -409,7 +409,7 @@ def test_sandbox_is_started_found_and_restarted(tmp_path: Path, rt: LocalRuntime
         deadline = time.time() + 10
         while procs.is_alive(second.outputs["pid"]) and time.time() < deadline:
             time.sleep(0.1)
-        assert rt.missing_reason(spec, "sandbox") == "the sandbox process is not running"  # plan: create
+        assert rt.idle_reason(spec, "sandbox").startswith("idle, starts on demand")  # plan: no-op
         third = rt.ensure_sandbox(changed, spec)
         pids.append(third.outputs["pid"])
         assert third.change == "updated" and third.outputs["pid"] != second.outputs["pid"]
@@ -449,9 +449,15 @@ def test_a_hung_recorded_sandbox_is_stopped_before_another_starts(tmp_path: Path
 def test_a_launched_rl_run_holds_the_sidecar_up_and_an_sft_run_does_not(
     tmp_path: Path, rt: LocalRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runtime.local.resources import lease_dir
+    from runtime.local.resources import _load, lease_dir, ping
 
-    monkeypatch.setattr(rt, "_train_commands", lambda ctx, paths, sandbox_url: [RenderedCommand(argv=["python", "-c", SLEEPER])])
+    urls: list[str | None] = []
+
+    def commands(ctx: StageContext, paths: object, sandbox_url: str | None) -> list[RenderedCommand]:
+        urls.append(sandbox_url)
+        return [RenderedCommand(argv=["python", "-c", SLEEPER])]
+
+    monkeypatch.setattr(rt, "_train_commands", commands)
     spec = spec_for(tmp_path)
     handles = []
     try:
@@ -462,6 +468,11 @@ def test_a_launched_rl_run_holds_the_sidecar_up_and_an_sft_run_does_not(
         leases = {p.name: p.read_text().split() for p in lease_dir(rt.state_dir).iterdir()}
         assert str(rl.ref.pid) in leases and str(sft.ref.pid) not in leases
         assert leases[str(rl.ref.pid)] == [str(rl.ref.pid), str(rl.ref.start_ticks)]  # dies with the run's leader
+        sft_url, rl_url = urls
+        assert sft_url is None and rl_url is not None and ping(rl_url)  # no sidecar was running: RL started it
     finally:
         for handle in handles:
             rt.cancel_stage(handle)
+        sidecar = _load(rt.state_dir / "sandbox.json")
+        if sidecar is not None:
+            procs.terminate_run(sidecar.pid, grace_s=5)

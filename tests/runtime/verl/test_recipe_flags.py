@@ -23,7 +23,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from reconciler.loader import parse_spec_text
-from reconciler.spec import RecipeOptions
+from reconciler.spec import Dataset, RecipeOptions
 from runtime.data.retool_sft import TOOLS
 from runtime.verl.common import compose_config, entry_point
 from runtime.verl.recipe.differences import DIFFERENCES, Difference, by_stage, markdown_table
@@ -186,8 +186,11 @@ def test_entries_name_real_flags_and_options(
         if d.kind == "added":
             assert any(d.key in rendered_keys(c) for s in scopes for c in commands[(d.stage, s)]), (
                 f"{d.key}: listed as added but not rendered")
-        if d.kind == "option":
-            assert d.key and d.key.startswith("recipe.") and d.key.split(".", 1)[1] in RecipeOptions.model_fields
+        if d.kind == "option":  # an RL stage's `recipe.<field>` or a dataset's `datasets.<name>.<field>`
+            assert d.key, d
+            section, _, field = d.key.rpartition(".")
+            assert (section == "recipe" and field in RecipeOptions.model_fields) or (
+                section == "datasets.<name>" and field in Dataset.model_fields), f"{d.key}: not a spec option"
 
 
 def test_the_docs_hold_the_differences_table() -> None:

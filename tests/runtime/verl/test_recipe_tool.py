@@ -6,13 +6,22 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
+import time
 
 import httpx
 import pytest
 
 from runtime.data.retool_sft import TOOLS
-from runtime.verl.recipe import ENV_SANDBOX_URL, ENV_TOOL_LENIENT_FENCES, ENV_TOOL_TIMEOUT_S, TOOL_CONFIG_PATH
+from runtime.verl.recipe import (
+    ENV_SANDBOX_URL,
+    ENV_TOOL_LENIENT_FENCES,
+    ENV_TOOL_QUEUE_TIMEOUT_S,
+    ENV_TOOL_TIMEOUT_S,
+    TOOL_CONFIG_PATH,
+)
 from runtime.verl.recipe.code import NO_OUTPUT, prepare_code
+from sandbox.client import run_code
 from sandbox.testing import free_port, local_server
 
 
@@ -26,14 +35,19 @@ def _executions(url: str) -> int:
     return int(httpx.get(url + "/health", timeout=10).json()["executions"])
 
 
-def _tool(url: str, timeout_s: float = 10.0, lenient_fences: bool = False):
+def _tool(url: str, timeout_s: float = 10.0, lenient_fences: bool = False, queue_timeout_s: float | None = None):
     """The tool list verl's agent loop builds (tool_registry.initialize_tools_from_config)."""
     from verl.tools.tool_registry import initialize_tools_from_config
 
-    saved = {k: os.environ.get(k) for k in (ENV_SANDBOX_URL, ENV_TOOL_TIMEOUT_S, ENV_TOOL_LENIENT_FENCES)}
+    names = (ENV_SANDBOX_URL, ENV_TOOL_TIMEOUT_S, ENV_TOOL_LENIENT_FENCES, ENV_TOOL_QUEUE_TIMEOUT_S)
+    saved = {k: os.environ.get(k) for k in names}
     os.environ[ENV_SANDBOX_URL] = url
     os.environ[ENV_TOOL_TIMEOUT_S] = str(timeout_s)
     os.environ[ENV_TOOL_LENIENT_FENCES] = "true" if lenient_fences else "false"
+    if queue_timeout_s is None:
+        os.environ.pop(ENV_TOOL_QUEUE_TIMEOUT_S, None)
+    else:
+        os.environ[ENV_TOOL_QUEUE_TIMEOUT_S] = str(queue_timeout_s)
     try:
         (tool,) = initialize_tools_from_config(str(TOOL_CONFIG_PATH))
     finally:
@@ -64,6 +78,8 @@ def test_tool_is_built_from_the_config_with_the_sft_schema(sandbox_url: str) -> 
     assert tool.tool_schema.model_dump(exclude_unset=True, exclude_none=True) == TOOLS[0]
     assert tool.settings.sandbox_url == sandbox_url and tool.settings.timeout_s == 7.0
     assert tool.settings.memory_limit_mb == 1024  # the yaml's default
+    assert tool.settings.queue_timeout_s == 300.0  # the yaml's default: generous
+    assert _tool(sandbox_url, queue_timeout_s=45).settings.queue_timeout_s == 45.0
     assert tool.options.lenient_fences is False
     assert _tool(sandbox_url, lenient_fences=True).options.lenient_fences is True
 
@@ -114,6 +130,31 @@ def test_concurrent_calls_share_the_connection_pool(sandbox_url: str) -> None:
         return [r[0].text for r in results]
 
     assert asyncio.run(go()) == [f"{i * i}\n" for i in range(6)]
+
+
+def test_waiting_for_a_busy_sandbox_never_changes_what_the_model_sees() -> None:
+    """One worker, held by another call for longer than the tool's run timeout + 10 s would
+    allow in total: the queued call still sees its program's output; with a queue bound it
+    cannot meet, it sees the recipe's sandbox-failure text, counted as a sandbox error."""
+    code = "```python\nimport math\nmath.comb(10, 3)\n```"
+    with local_server(workers=1, preload=[]) as server:
+        alone, _ = _run(_tool(server.url, timeout_s=1), code)
+        for tool, hold_s, expected, error in (
+            (_tool(server.url, timeout_s=1), 12, alone, 0),
+            (_tool(server.url, timeout_s=1, queue_timeout_s=0.2), 3, NO_OUTPUT, 1),
+        ):
+            holder = threading.Thread(
+                target=run_code, args=(server.url, f"import time\ntime.sleep({hold_s})"), kwargs={"timeout": 60}
+            )
+            holder.start()
+            try:
+                while httpx.get(server.url + "/health", timeout=10).json()["lifetime"]["in_flight"] < 1:
+                    time.sleep(0.05)
+                text, metrics = _run(tool, code)
+            finally:
+                holder.join()
+            assert (text, metrics) == (expected, {"sandbox_error": error})
+    assert alone == "120\n"
 
 
 # --------------------------------------------------------------------------- the recipe's tool, side by side

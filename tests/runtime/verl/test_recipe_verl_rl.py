@@ -81,6 +81,7 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert "critic_warmup" in trainer and cfg["critic"]["enable"] is None  # GRPO: no critic rendered
     assert "reward_kwargs" not in cfg["reward"]["custom_reward_function"]  # the recipe's reward, unparameterised
     assert env["RETOOL_TOOL_LENIENT_FENCES"] == "false"
+    assert env["RETOOL_TOOL_QUEUE_TIMEOUT_S"] == "300.0"  # the spec's tool.queue_timeout_s default
     assert VALUE_MODEL_MODULE not in env["VERL_USE_EXTERNAL_MODULES"] and ENV_VALUE_MODEL_ATTN not in env
     assert cfg["reward"]["custom_reward_function"] == {"path": "pkg://runtime.verl.recipe.reward", "name": "compute_score"}
     assert trainer["total_training_steps"] == 2 and trainer["save_freq"] == 1
@@ -135,6 +136,8 @@ def test_gpu_command_for_the_real_spec() -> None:
     args = args_of(cmd.argv)
     assert "+ray_kwargs.ray_init.num_gpus" not in args and "ray_kwargs.ray_init.num_cpus" not in args
     assert args["actor_rollout_ref.rollout.name"] == "vllm" and args["trainer.n_gpus_per_node"] == "8"
+    # the recipe's FSDP1 on GPUs (fsdp2 only where CPU forces it) and its 0.6.1-default sequence cap
+    assert args["actor_rollout_ref.actor.strategy"] == "fsdp" and args["actor_rollout_ref.rollout.max_num_seqs"] == "1024"
 
 
 def test_rollout_choice() -> None:

@@ -91,10 +91,30 @@ def test_cpu_render_composes_with_every_spec_value_in_place(monkeypatch: pytest.
     assert trainer["resume_mode"] == "auto"
     assert trainer["resume_from_path"] == f"{PATHS.ckpt_dir}/global_step_7"
     assert (trainer["device"], trainer["n_gpus_per_node"]) == ("cpu", 2)
+    # the run's identity reaches W&B's config through verl's own config
+    assert cfg["retool"] == {"spec": "render-test", "stage": "stage.sft", "restart_id": RID}
     env = cmd.env
     assert env["VERL_USE_EXTERNAL_MODULES"] == "runtime.verl.cpu_platform,runtime.verl.save_marker"
     assert env["VERL_PLATFORM"] == "cpu"
     assert env["VERL_ENGINE_DEVICE"] == "cuda" and env["RAY_AUTH_MODE"] == "disabled" and env["EXTRA"] == "1"
+
+
+def test_wandb_run_is_one_per_restart_identity_and_offline_without_a_key():
+    spec = make_spec(secrets=[])  # no secret carries WANDB_API_KEY
+    first = render_sft(ctx_for(spec, total_steps=18), PATHS, cpu=True).env
+    resumed = render_sft(ctx_for(spec, total_steps=30, resume_from=18), PATHS, cpu=True).env
+    online = render_sft(ctx_for(spec, total_steps=18), PATHS, cpu=True, wandb_key=True).env
+    other = render_sft(StageContext(spec=spec, spec_dir="/s", stage="sft", restart_id="d4" * 32, inputs=INPUTS), PATHS, cpu=True).env
+    assert first["WANDB_MODE"] == "offline" and "WANDB_MODE" not in online
+    assert first["WANDB_RUN_ID"] == resumed["WANDB_RUN_ID"] == online["WANDB_RUN_ID"] != other["WANDB_RUN_ID"]
+    assert first["WANDB_RUN_ID"].startswith("render-test-sft-") and first["WANDB_RESUME"] == "allow"
+    assert first["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] == "1"  # a killed run keeps its steps on disk
+    assert (first["WANDB_RUN_GROUP"], first["WANDB_JOB_TYPE"], first["WANDB_DIR"]) == ("render-test", "sft", PATHS.stage_dir)
+    assert "WANDB_MODE" not in render_sft(ctx_for(make_spec()), PATHS, cpu=True).env  # the `wandb` secret has the key
+    forced = render_sft(ctx_for(make_spec(secrets=[], env={"WANDB_MODE": "online"})), PATHS, cpu=True).env
+    assert forced["WANDB_MODE"] == "online"  # the stage's own env wins
+    quiet = render_sft(ctx_for(make_spec(logging={"backends": ["console"]})), PATHS, cpu=True)
+    assert not any(k.startswith("WANDB_") for k in quiet.env) and not any("retool." in a for a in quiet.argv)
 
 
 def test_gpu_render_from_upstream_stage_with_user_overrides_last():
@@ -111,6 +131,7 @@ def test_gpu_render_from_upstream_stage_with_user_overrides_last():
     assert cfg["trainer"]["total_epochs"] == 3  # without a step count the epochs decide
     assert cfg["trainer"]["resume_from_path"] is None and cfg["trainer"]["test_freq"] == -1  # no val set
     assert cfg["data"]["num_workers"] == 8  # verl's default off CPU
+    assert cfg["engine"]["strategy"] == "fsdp"  # the recipe's FSDP1 on GPUs (fsdp2 only on CPU)
     assert cfg["data"]["max_token_len_per_gpu"] == 4096
 
 
