@@ -153,13 +153,14 @@ class Runtime(Protocol):
 # a backend that declares one and forgets its method cannot be instantiated. Who has what
 # (tests/reconciler/test_capabilities.py keeps this table true):
 #
-#   capability         local  modal  tests' MemoryRuntime
-#   ChecksPresence       x
+#   capability         local  modal  ray  tests' MemoryRuntime
+#   ChecksPresence       x            x
 #   ChecksSpec                  x
-#   ChecksReadiness             x
+#   ChecksReadiness             x     x
 #   OpensSharedState            x
-#   ReadsMetrics         x
-#   PollsAtOwnPace                     x
+#   ReadsMetrics         x            x
+#   PollsAtOwnPace                          x
+#   ReportsCapacity                   x
 
 
 DEFAULT_POLL_INTERVAL_S = 5.0  # how often apply polls a running stage, unless the backend says
@@ -231,6 +232,16 @@ class PollsAtOwnPace(ABC):
     advance per poll says 0). Without it apply polls every DEFAULT_POLL_INTERVAL_S."""
 
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+
+
+class ReportsCapacity(ABC):
+    """The backend tells what its compute has free now next to what the spec's stages ask
+    for (a cluster the user runs: the Ray backend); plan prints it as a note."""
+
+    @abstractmethod
+    def capacity_note(self, spec: Spec) -> str | None:
+        """One line, e.g. `Ray cluster http://head:8265: 6 of 16 GPUs free; stage.rl needs 8`,
+        or None. Cheap, read-only and free of heavy imports: plan calls it (refresh)."""
 
 
 def poll_interval(runtime: Runtime) -> float:

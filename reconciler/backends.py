@@ -26,6 +26,7 @@ OVERRIDE_ENV = "RETOOL_TEST_RUNTIME"
 BACKENDS: dict[str, tuple[str, str]] = {
     "local": ("runtime.local.backend", "LocalRuntime"),
     "modal": ("runtime.modal.backend", "ModalRuntime"),
+    "ray": ("runtime.ray.backend", "RayRuntime"),
 }
 # The Modal SDK adapter the shared state store is handed (it imports `modal` lazily itself).
 MODAL_ADAPTER = ("runtime.modal.adapter", "SdkAdapter")
@@ -83,10 +84,15 @@ def get_runtime(spec: Spec, state_dir: str | Path) -> Runtime:
 
 
 def get_store(spec: Spec, state_dir: str | Path) -> StateStore:
-    """The state store the spec asks for: a local file in `state_dir`, or the shared file
-    on a Modal Volume (teams and CI; imports the Modal SDK only when used)."""
+    """The state store the spec asks for: a local file in `state_dir`, the shared file on a
+    Modal Volume (teams and CI; imports the Modal SDK only when used), or the shared file in
+    the Ray cluster's storage directory."""
     if spec.state.store == "local":
         return LocalStore(state_dir)
+    if spec.state.store == "ray":
+        from reconciler.state.shared_dir import SharedDirStore
+
+        return SharedDirStore.from_spec(spec)
     from reconciler.state.modal_store import ModalStore
 
     module_name, class_name = MODAL_ADAPTER

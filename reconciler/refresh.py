@@ -16,7 +16,7 @@ from reconciler.graph import Graph, address_kind, build_graph
 from reconciler.loader import LoadedSpec
 from reconciler.plan import Observed, ObservedNode, Plan, make_plan
 from reconciler.state.base import NodeRecord, State
-from reconciler.backend import ChecksPresence, ChecksSpec, Runtime, latest_resumable
+from reconciler.backend import ChecksPresence, ChecksSpec, ReportsCapacity, Runtime, latest_resumable
 
 
 def _why(err: Exception) -> str:
@@ -120,6 +120,14 @@ def spec_warnings(loaded: LoadedSpec, runtime: Runtime | None) -> list[str]:
         return [f"cannot check the spec against the {loaded.spec.backend} backend ({_why(err)})"]
 
 
+def capacity_note(loaded: LoadedSpec, runtime: ReportsCapacity) -> str | None:
+    """What the backend's compute has free next to what the stages ask for (a note)."""
+    try:
+        return runtime.capacity_note(loaded.spec)
+    except (RetoolError, OSError) as err:
+        return f"cannot read the {loaded.spec.backend} backend's free capacity ({_why(err)})"
+
+
 def open_runtime(loaded: LoadedSpec, state_dir: str | Path) -> tuple[Runtime | None, list[str]]:
     """The spec's runtime, or None plus why (plan goes on from recorded state)."""
     try:
@@ -147,6 +155,9 @@ def observe_and_plan(
     if extra:
         observed = observed.model_copy(update={"notes": [*extra, *observed.notes], "refreshed": False})
     warnings = spec_warnings(loaded, runtime)
+    if refresh and isinstance(runtime, ReportsCapacity):
+        note = capacity_note(loaded, runtime)
+        warnings = [*warnings, note] if note else warnings
     if warnings:  # what this backend may refuse or rebuild later; the refresh itself is unaffected
         observed = observed.model_copy(update={"notes": [*observed.notes, *warnings]})
     plan = make_plan(

@@ -62,9 +62,10 @@ def field_policy(model: type[BaseModel], name: str) -> Policy | None:
 
 
 class StateSettings(SpecModel):
-    store: Literal["local", "modal"] = F(
+    store: Literal["local", "modal", "ray"] = F(
         "local", policy="update",
-        description="Where state lives: a local JSON file, or a file on a Modal Volume (teams and CI).",
+        description="Where state lives: a local JSON file, a file on a Modal Volume (teams and CI), or a file in "
+                    "the Ray cluster's shared storage (`ray.storage`; the default with `backend: ray`).",
     )
     path: str | None = F(
         None, policy="update",
@@ -96,6 +97,30 @@ class ModalSettings(SpecModel):
         description="EFA networking for clustered (multi-node) stages: `experimental_options={'efa_enabled': True}` "
                     "plus the libraries it needs in the image. auto: on for H100 clusters, as Modal's multi-node "
                     "guide sets it (it unlocks extra H100 cluster capacity).",
+    )
+
+
+class RaySettings(SpecModel):
+    address: str | None = F(
+        None, policy="update",
+        description="The cluster's Jobs API address (its dashboard, e.g. `http://head:8265`); default `RAY_ADDRESS`.",
+    )
+    storage: str | None = F(
+        None, policy="update",
+        description="A directory every Ray node and this machine mount at the same path (NFS, Lustre, a KubeRay "
+                    "shared volume): volumes are folders under it, and the `ray` state store and its lock live there.",
+    )
+    ship_code: bool = F(
+        True, policy="update",
+        description="Ship retool's packages to the jobs as `runtime_env.py_modules`; false when the nodes' "
+                    "image already has retool installed (a pre-built KubeRay image).",
+    )
+    pip: list[str] = F(
+        default_factory=list, policy="update",
+        description="Extra `runtime_env.pip` requirements installed for the jobs (Ray caches the environment).",
+    )
+    env: dict[str, str] = F(
+        default_factory=dict, policy="update", description="Extra `runtime_env.env_vars` for the jobs.",
     )
 
 
@@ -779,10 +804,11 @@ class Spec(SpecModel):
     )
 
     name: str = F(..., policy="update", pattern=NAME_RE, description="Pipeline name (state key, Modal app name).")
-    backend: Literal["local", "modal"] = F("local", policy="update", description="Where it runs.")
+    backend: Literal["local", "modal", "ray"] = F("local", policy="update", description="Where it runs.")
     state: StateSettings = F(default_factory=StateSettings, policy="update", description="State store.")
     local: LocalSettings = F(default_factory=LocalSettings, policy="update", description="Local backend settings.")
     modal: ModalSettings = F(default_factory=ModalSettings, policy="update", description="Modal backend settings.")
+    ray: RaySettings = F(default_factory=RaySettings, policy="update", description="Ray backend settings.")
     pricing: Pricing = F(default_factory=Pricing, policy="update", description="Price table for estimates.")
     budget: Budget | None = F(
         None, policy="update", description="Spend guard: dollar and GPU-hour caps for the spec and its stages.",
@@ -802,3 +828,25 @@ class Spec(SpecModel):
             if not re.fullmatch(NAME_RE, key):
                 raise ValueError(f"name {key!r} must match {NAME_RE} (lower case, digits, _ and -)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ray_state_default(cls, data: Any) -> Any:
+        """On `backend: ray` state lives in the cluster's shared storage unless the spec says
+        where: every machine that applies the spec then sees one state and one lock."""
+        if isinstance(data, dict) and data.get("backend") == "ray":
+            state = data.get("state")
+            if state is None or (isinstance(state, dict) and "store" not in state):
+                data = {**data, "state": {**(state or {}), "store": "ray"}}
+        return data
+
+    @model_validator(mode="after")
+    def _ray_storage_set(self) -> "Spec":
+        if (self.backend == "ray" or self.state.store == "ray") and not self.ray.storage:
+            raise ValueError(
+                "ray.storage is required with `backend: ray` or `state.store: ray` "
+                "(a directory every Ray node mounts at the same path)"
+            )
+        if self.ray.storage and not self.ray.storage.startswith(("/", "~")):
+            raise ValueError(f"ray.storage must be an absolute path (got {self.ray.storage!r})")
+        return self

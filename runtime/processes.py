@@ -242,6 +242,17 @@ def error_line(lines: list[str]) -> str:
     return found[:300]
 
 
+def this_interpreter(argv: list[str]) -> list[str]:
+    """`torchrun` / `python` of this environment (the venv may not be on PATH)."""
+    bindir = Path(sys.executable).parent
+    if argv and argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    if argv and argv[0] == "torchrun":
+        exe = bindir / "torchrun"
+        return [str(exe), *argv[1:]] if exe.exists() else [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    return argv
+
+
 # --------------------------------------------------------------------------- wrapper side
 
 

@@ -26,6 +26,10 @@ same kind of error rather than half-read.
         sandbox.json      SandboxRecord  the local sandbox server this state directory started
         image.json        EnvironmentRecord  the Python environment a local `image` node recorded
         .<name>.prepared.json  PreparedDir  what a local dataset or model directory was prepared from
+    Ray runs (the stage's run directory and `<ray.storage>/.retool-sandbox/` in the cluster's storage)
+        ray/<submission id>.plan.json   RunPlan     what the job's entrypoint (`python -m runtime.ray.job`) runs
+        ray/<submission id>.exit.json   ExitRecord  how its commands ended
+        <submission id>.json            RaySandbox  where the sandbox job serves (written by the job)
     Eval runs (the stage's run directory; models in runtime.eval.job, built on `Record`)
         job.json          EvalJob        written by the backend, read by `python -m runtime.eval.run`
         progress.json     Progress       written by the runner, read by checkpoint discovery and finalize
@@ -235,6 +239,16 @@ class SandboxRecord(Record):
     start_ticks: int | None = None
     config_hash: str
     log_path: str
+
+
+class RaySandbox(Record):
+    """`<ray.storage>/.retool-sandbox/<spec>/<submission id>.json`: where the sandbox job
+    (runtime.ray.sandbox_job) serves, written once it answers."""
+
+    submission_id: str
+    url: str
+    node_ip: str
+    pid: int
 
 
 class EnvironmentRecord(Record):

@@ -27,6 +27,7 @@ from reconciler.errors import StateLockedError, TerminalError
 from reconciler.state.run_handle import LocalRun as LocalRun
 from reconciler.state.run_handle import ModalRun as ModalRun
 from reconciler.state.run_handle import OpaqueRun as OpaqueRun
+from reconciler.state.run_handle import RayRun as RayRun
 from reconciler.state.run_handle import RunHandle as RunHandle
 from reconciler.state.run_handle import WandbRun as WandbRun
 

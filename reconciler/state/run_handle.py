@@ -48,6 +48,18 @@ class ModalRun(_Lenient):
     usd_per_gpu_hour: float | None = None
 
 
+class RayRun(_Lenient):
+    """A Ray job on the user's cluster (runtime.ray), found again by its submission id."""
+
+    backend: Literal["ray"] = "ray"
+    submission_id: str
+    address: str = ""  # the Jobs API address it was submitted to
+    stage_dir: str = ""  # the run directory in the cluster's shared storage
+    exit_path: str = ""  # the exit record runtime.processes writes there when the commands end
+    log_path: str = ""  # this machine's copy of the job's log (fetched with get_job_logs)
+    metrics_path: str = ""
+
+
 class OpaqueRun(_Lenient):
     """A run of a backend that needs nothing but an id (the in-memory test backend)."""
 
@@ -78,7 +90,7 @@ class WandbRun(_Lenient):
         return f"{self.project}/{self.run_id}"
 
 
-RunRef = Annotated[LocalRun | ModalRun | OpaqueRun, Field(discriminator="backend")]
+RunRef = Annotated[LocalRun | ModalRun | RayRun | OpaqueRun, Field(discriminator="backend")]
 
 
 class RunHandle(_Lenient):

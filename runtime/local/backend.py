@@ -43,14 +43,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset, Image, Model, Sandbox, Spec, Volume
 from reconciler.state.base import LocalRun, RunHandle, WandbRun
-from runtime.atomic import write_text_atomic
 from runtime import checkpoints as ckpts
 from runtime.local import resources as res
 from runtime.local import runs
@@ -124,12 +122,15 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     # ------------------------------------------------------------------ checks
 
-    def preflight(self, spec: Spec) -> list[str]:
-        problems: list[str] = []
+    def state_dir_problems(self) -> list[str]:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            problems.append(f"state directory {self.state_dir} is not writable: {e}")
+            return [f"state directory {self.state_dir} is not writable: {e}"]
+        return []
+
+    def preflight(self, spec: Spec) -> list[str]:
+        problems = self.state_dir_problems()
         if spec.stages:
             for module in ("torch", "verl", "transformers"):
                 if importlib.util.find_spec(module) is None:
@@ -201,7 +202,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         out_dir = self.volume_dir(spec, dataset.volume) / "datasets" / name
         return res.prepare_once(
             dataset, out_dir, spec_dir, data.read_outputs,
-            lambda: data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url()),
+            lambda: data.prepare(name, dataset, out_dir, Path(spec_dir), sandbox_url=self._live_sandbox_url(spec)),
             lambda o: f"{o.rows} rows" + (f", {o.skipped} skipped" if o.skipped else ""),
         )
 
@@ -227,21 +228,21 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         # it starts it again (`_sandbox_url`): a stopped sidecar is idle, never drift. Volumes,
         # data and models are trusted as recorded (recreating them would change their output
         # identity and rerun every stage downstream).
-        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(hold=False):
+        if address == "sandbox" and spec.sandbox is not None and not self._live_sandbox_url(spec, hold=False):
             return "idle, starts on demand (the sidecar is stopped: nothing has used it for a while)"
         return None
 
     def ensure_sandbox(self, sandbox: Sandbox, spec: Spec) -> Outcome:
         return res.ensure_sandbox(sandbox, self.state_dir / "sandbox.json", self.state_dir / "logs")
 
-    def _live_sandbox_url(self, *, hold: bool = True) -> str | None:
+    def _live_sandbox_url(self, spec: Spec, *, hold: bool = True) -> str | None:
         return res.live_sandbox_url(self.state_dir / "sandbox.json", hold=hold)
 
     def _sandbox_url(self, spec: Spec) -> str | None:
         """The sidecar's URL for work about to call it (data generation, an RL or eval run),
         held up by this process's lease; started on demand when it idled out since the apply
         that created it. None only when the spec declares no sandbox and none runs."""
-        url = self._live_sandbox_url()
+        url = self._live_sandbox_url(spec)
         if url is None and spec.sandbox is not None:
             url = str(self.ensure_sandbox(spec.sandbox, spec).outputs["url"])
         return url
@@ -253,7 +254,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         Inputs not prepared yet are shown where they will be (`retool render` before `apply`)."""
         ctx = self._with_planned_inputs(ctx)
         paths = self.stage_paths(ctx.spec, ctx.stage, ctx.restart_id)
-        sandbox = self._live_sandbox_url(hold=False) or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
+        sandbox = self._live_sandbox_url(ctx.spec, hold=False) or f"http://127.0.0.1:{(ctx.spec.sandbox and ctx.spec.sandbox.port) or '<port>'}"
         commands = self._train_commands(ctx, paths, sandbox_url=sandbox)
         return [*commands, *kind_of(ctx.spec.stages[ctx.stage]).finalize_commands(ctx, paths)]
 
@@ -271,14 +272,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
 
     @staticmethod
     def _executable(argv: list[str]) -> list[str]:
-        """`torchrun` / `python` of this environment (the venv may not be on PATH)."""
-        bindir = Path(sys.executable).parent
-        if argv and argv[0] == "python":
-            return [sys.executable, *argv[1:]]
-        if argv and argv[0] == "torchrun":
-            exe = bindir / "torchrun"
-            return [str(exe), *argv[1:]] if exe.exists() else [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-        return argv
+        return procs.this_interpreter(argv)
 
     # ------------------------------------------------------------------ stages: runs
 
@@ -293,7 +287,7 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         if prior is not None and runs.is_running(prior) and prior.total_steps == ctx.total_steps:
             return prior.model_copy(update={"reattached": True})
         # RL and eval call the sandbox: start it again if it idled out since it was created.
-        sandbox_url = self._sandbox_url(ctx.spec) if stage.kind in ("rl", "eval") else self._live_sandbox_url()
+        sandbox_url = self._sandbox_url(ctx.spec) if stage.kind in ("rl", "eval") else self._live_sandbox_url(ctx.spec)
         commands = self._train_commands(ctx, paths, sandbox_url=sandbox_url)
         missing = [n for c in commands for n in c.secret_env if not os.environ.get(n)]
         if missing:
@@ -301,14 +295,9 @@ class LocalRuntime(ChecksPresence, ReadsMetrics):
         if prior is not None:
             # Nobody recorded that run (or it ended): stop it, and any trainers it left behind.
             runs.stop(prior)
-        if ctx.resume_from is None:
-            runs.move_aside(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        marker = run_dir / ckpts.MARKER_FILE
-        if not marker.exists():
-            write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, stage.resources.world_size) + "\n")
-        for name, text in kind.run_inputs(ctx, paths, self.machine(), sandbox_url).items():
-            write_text_atomic(run_dir / name, text)
+        runs.prepare_run_dir(
+            run_dir, ctx, stage.resources.world_size, kind.run_inputs(ctx, paths, self.machine(), sandbox_url),
+        )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log_path = self.state_dir / "logs" / f"{ctx.stage}-{ctx.restart_id[:8]}-{stamp}.log"
         exit_path = log_path.with_name(log_path.stem + ".exit.json")

@@ -15,18 +15,20 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from reconciler.errors import TerminalError
 from reconciler.state.base import LocalRun, RunHandle
 from runtime import checkpoints as ckpts
-from runtime.atomic import write_json
+from runtime.atomic import write_json, write_text_atomic
 from runtime.local import resources as res
 from runtime import metrics as met
 from runtime import processes as procs
+from runtime.records import ExitRecord
 from runtime import tracking
-from reconciler.backend import RunStatus
+from reconciler.backend import RunStatus, StageContext
 
 ACTIVE_RUN_FILE = "active_run.json"
 TAIL_LINES = 40
@@ -103,6 +105,19 @@ def move_aside(run_dir: Path) -> None:
     os.replace(run_dir, dest)
 
 
+def prepare_run_dir(run_dir: Path, ctx: StageContext, world_size: int, inputs: dict[str, str]) -> None:
+    """Make `run_dir` ready for a launch: a from-scratch run moves an earlier run of the same
+    identity aside; then the marker and the stage kind's input files."""
+    if ctx.resume_from is None:
+        move_aside(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / ckpts.MARKER_FILE
+    if not marker.exists():
+        write_text_atomic(marker, ckpts.marker_content(ctx.restart_id, ctx.stage, world_size) + "\n")
+    for name, text in inputs.items():
+        write_text_atomic(run_dir / name, text)
+
+
 # --------------------------------------------------------------------------- observing a run
 
 
@@ -110,51 +125,45 @@ def follower_for(handle: RunHandle) -> met.LogFollower:
     """A follower of the run's log that starts from the steps the run resumed from (kept in
     the run dir's metrics.jsonl), so a resumed run's metrics and sparkline cover every step."""
     ref = local_ref(handle)
-    follower = met.LogFollower(Path(ref.log_path))
-    resume_from = handle.resume_from
-    if resume_from is not None and ref.metrics_path:
-        for rec in met.read_file(Path(ref.metrics_path)):
+    return resumed_follower(Path(ref.log_path), ref.metrics_path, handle.resume_from)
+
+
+def resumed_follower(log_path: Path, metrics_path: str, resume_from: int | None) -> met.LogFollower:
+    """A follower of `log_path` that already holds the steps up to `resume_from` recorded
+    in `metrics_path` (the run dir's metrics.jsonl of the runs before)."""
+    follower = met.LogFollower(log_path)
+    if resume_from is not None and metrics_path:
+        for rec in met.read_file(Path(metrics_path)):
             if rec.step <= resume_from:
                 follower.by_step[rec.step] = dict(rec.values)
     return follower
 
 
-def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
-    """The run's state now, from its exit file, its process and its log."""
-    ref = local_ref(handle)
-    log_path = Path(ref.log_path)
+def progress(handle: RunHandle, follower: met.LogFollower, metrics_path: Path, stage_dir: str) -> dict[str, Any]:
+    """What a run's log says so far (step, metrics, sparklines, its W&B run), kept in
+    `metrics_path`: the RunStatus fields every backend that follows a log fills the same way."""
     records = follower.update()
     if follower.changed:
-        met.write_file(records, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")))
-    step = records[-1].step if records else None
-    total = handle.total_steps
-    seen = {
-        "step": step, "total": total, "metrics": met.headline(records) or met.latest(records),
+        met.write_file(records, metrics_path)
+    return {
+        "step": records[-1].step if records else None, "total": handle.total_steps,
+        "metrics": met.headline(records) or met.latest(records),
         "sparklines": met.sparklines(records), "wandb_url": follower.wandb_url,
-        "wandb": tracking.observed_local(handle.wandb, ref.stage_dir, follower.wandb_url) if ref.stage_dir else None,
+        "wandb": tracking.observed_local(handle.wandb, stage_dir, follower.wandb_url) if stage_dir else None,
     }
-    done = procs.read_exit(exit_path_of(handle))
-    if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
-        done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks
-        if done is None:
-            # Trainer processes that outlived their leader (torchrun workers run in their own
-            # sessions) would race a relaunch over the same checkpoints: stop them first.
-            leftovers = procs.run_members(None, ref.tag)
-            if leftovers:
-                procs.terminate_run(None, ref.tag, grace_s=10)
-            tail = procs.tail(log_path, TAIL_LINES)
-            return RunStatus(
-                state="lost", log_tail=tail, elapsed_s=None, **seen,
-                message=f"process {ref.pid} is gone and left no exit status (killed, or the machine restarted)"
-                + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
-                + (f"; last log line: {tail[-1]}" if tail else ""),
-            )
-    if done is None:
-        url = follower.wandb_url
-        return RunStatus(
-            state="running", elapsed_s=time.time() - handle.started_at, log_tail=procs.tail(log_path, 5), **seen,
-            message=(f"step {step}/{total}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
-        )
+
+
+def running_status(handle: RunHandle, seen: dict[str, Any], log_path: Path) -> RunStatus:
+    step, url = seen["step"], seen["wandb_url"]
+    return RunStatus(
+        state="running", elapsed_s=time.time() - handle.started_at, log_tail=procs.tail(log_path, 5), **seen,
+        message=(f"step {step}/{handle.total_steps}" if step is not None else "starting") + (f" · W&B {url}" if url else ""),
+    )
+
+
+def finished_status(handle: RunHandle, done: ExitRecord, seen: dict[str, Any], log_path: Path) -> RunStatus:
+    """A run whose commands ended (its exit record): succeeded, cancelled or failed, and why."""
+    step, total = seen["step"], handle.total_steps
     elapsed = done.finished_at - handle.started_at
     tail = procs.tail(log_path, TAIL_LINES)
     if done.returncode == 0 and handle.kind == "sft" and total and (step or 0) < total:
@@ -173,3 +182,29 @@ def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
     return RunStatus(
         state="failed", elapsed_s=elapsed, log_tail=tail, **seen, message=why + (f": {error}" if error else ""),
     )
+
+
+def observe(handle: RunHandle, follower: met.LogFollower) -> RunStatus:
+    """The run's state now, from its exit file, its process and its log."""
+    ref = local_ref(handle)
+    log_path = Path(ref.log_path)
+    seen = progress(handle, follower, Path(ref.metrics_path or log_path.with_suffix(".metrics.jsonl")), ref.stage_dir)
+    done = procs.read_exit(exit_path_of(handle))
+    if done is None and not procs.is_alive(ref.pid, ref.start_ticks):
+        done = procs.read_exit(exit_path_of(handle))  # it may have finished between the two looks
+        if done is None:
+            # Trainer processes that outlived their leader (torchrun workers run in their own
+            # sessions) would race a relaunch over the same checkpoints: stop them first.
+            leftovers = procs.run_members(None, ref.tag)
+            if leftovers:
+                procs.terminate_run(None, ref.tag, grace_s=10)
+            tail = procs.tail(log_path, TAIL_LINES)
+            return RunStatus(
+                state="lost", log_tail=tail, elapsed_s=None, **seen,
+                message=f"process {ref.pid} is gone and left no exit status (killed, or the machine restarted)"
+                + (f"; stopped {len(leftovers)} leftover trainer process(es)" if leftovers else "")
+                + (f"; last log line: {tail[-1]}" if tail else ""),
+            )
+    if done is None:
+        return running_status(handle, seen, log_path)
+    return finished_status(handle, done, seen, log_path)

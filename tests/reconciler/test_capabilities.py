@@ -14,6 +14,7 @@ from reconciler.backend import (
     OpensSharedState,
     PollsAtOwnPace,
     ReadsMetrics,
+    ReportsCapacity,
     poll_interval,
 )
 from reconciler.loader import load_spec
@@ -23,7 +24,7 @@ from tests.fakes.fake_modal import FakeModal
 from tests.fakes.memory_runtime import MemoryRuntime
 
 REPO = Path(__file__).resolve().parents[2]
-ALL = (ChecksPresence, ChecksSpec, ChecksReadiness, OpensSharedState, ReadsMetrics, PollsAtOwnPace)
+ALL = (ChecksPresence, ChecksSpec, ChecksReadiness, OpensSharedState, ReadsMetrics, PollsAtOwnPace, ReportsCapacity)
 
 
 def declared(runtime: object) -> set[str]:
@@ -35,6 +36,9 @@ def test_each_backend_declares_what_it_offers(tmp_path: object) -> None:
     modal = ModalRuntime(str(tmp_path), adapter=FakeModal())
     assert declared(modal) == {"ChecksSpec", "ChecksReadiness", "OpensSharedState"}
     assert declared(MemoryRuntime()) == {"PollsAtOwnPace"}
+    from runtime.ray.backend import RayRuntime
+
+    assert declared(RayRuntime(str(tmp_path))) == {"ChecksPresence", "ChecksReadiness", "ReadsMetrics", "ReportsCapacity"}
 
 
 def test_a_capability_declared_without_its_method_cannot_be_built() -> None:

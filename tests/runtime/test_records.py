@@ -25,6 +25,7 @@ from runtime.records import (
     PreparedDir,
     PreparedStamp,
     RankLiveness,
+    RaySandbox,
     Record,
     RecordError,
     RunPlan,
@@ -81,6 +82,7 @@ RECORDS: dict[type[Record], st.SearchStrategy[Any]] = {
     PreparedDir: st.builds(PreparedDir, config=ident, digest=st.none() | ident),
     SandboxRecord: st.builds(SandboxRecord, pid=st.integers(1, 2**22), url=text, start_ticks=maybe_int,
                              config_hash=ident, log_path=text),
+    RaySandbox: st.builds(RaySandbox, submission_id=ident, url=text, node_ip=text, pid=st.integers(1, 2**22)),
 }
 
 

@@ -47,7 +47,16 @@ def _modal(tmp_path: Path) -> Opener:
     return lambda: ModalStore("retool-state", "retool-locks", "demo", adapter=fake)
 
 
-STORE_FACTORIES: dict[str, Callable[[Path], Opener]] = {"local": _local, "memory": _memory, "modal": _modal}
+def _shared_dir(tmp_path: Path) -> Opener:
+    """The Ray backend's store: files and a lease lock in a directory every node mounts."""
+    from reconciler.state.shared_dir import SharedDirStore
+
+    return lambda: SharedDirStore(tmp_path / "storage" / ".retool-state" / "demo")
+
+
+STORE_FACTORIES: dict[str, Callable[[Path], Opener]] = {
+    "local": _local, "memory": _memory, "modal": _modal, "shared_dir": _shared_dir,
+}
 # Stores whose lock is an OS lock (a live holder is a live process; nothing is judged stale).
 OS_LOCKED = {"local"}
 
@@ -86,7 +95,7 @@ def _gone_shared(tmp_path: Path, opener: Opener) -> LockInfo:
 
 
 GONE_HOLDERS: dict[str, Callable[[Path, Opener], LockInfo]] = {
-    "local": _gone_local, "memory": _gone_shared, "modal": _gone_shared,
+    "local": _gone_local, "memory": _gone_shared, "modal": _gone_shared, "shared_dir": _gone_shared,
 }
 
 
