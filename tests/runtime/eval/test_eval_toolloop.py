@@ -115,12 +115,16 @@ def test_loop_on_the_tiny_model_respects_every_budget(tiny_model_dir: Path, toke
 
 
 def test_pick_engine() -> None:
-    assert pick_engine("auto", gpus=0) == "transformers"
-    assert pick_engine("transformers", gpus=8) == "transformers"
+    # auto: vLLM wherever it is installed (its CPU build without GPUs), else transformers
+    assert pick_engine("auto", gpus=0, has_vllm=False) == "transformers"
+    assert pick_engine("auto", gpus=0, has_vllm=True) == "vllm"
+    assert pick_engine("auto", gpus=8, has_vllm=True) == "vllm"
+    assert pick_engine("transformers", gpus=8, has_vllm=True) == "transformers"
+    assert pick_engine("vllm", gpus=0, has_vllm=True) == "vllm"
     from reconciler.errors import TerminalError
 
-    with pytest.raises(TerminalError):
-        pick_engine("vllm", gpus=0)
+    with pytest.raises(TerminalError, match="not installed"):
+        pick_engine("vllm", gpus=0, has_vllm=False)
 
 
 @pytest.mark.parametrize(("heads", "kv", "gpus", "tp"), [

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,9 @@ def test_gpu_command_for_the_real_spec() -> None:
 
 
 def test_rollout_choice() -> None:
-    assert choose_rollout("auto", cpu=True) == "transformers"
+    # auto on CPU: vLLM's CPU build where it is installed (the `vllm` extra), else retool's own
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    assert choose_rollout("auto", cpu=True) == ("vllm" if has_vllm else "transformers")
     assert choose_rollout("transformers", cpu=False) == "transformers"
     assert choose_rollout("vllm", cpu=False) == "vllm"
     with pytest.raises(TerminalError):

