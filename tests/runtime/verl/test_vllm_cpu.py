@@ -1,0 +1,62 @@
+"""runtime.verl.vllm_cpu's two hooks, on stand-ins (vLLM itself: test_vllm_cpu_e2e.py)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.verl.vllm_cpu import PatchAfterImport, VllmCpuAlias, keep_weight
+
+
+def test_the_alias_answers_only_its_name_and_only_when_that_name_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alias = VllmCpuAlias(alias="retool-test-absent", target="pydantic")
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, alias])
+    assert importlib.metadata.version("retool-test-absent") == importlib.metadata.version("pydantic")
+    assert importlib.metadata.version("retool_test_absent") == importlib.metadata.version("pydantic")
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("retool-test-other")
+    # a distribution installed under the name itself wins, and the alias adds nothing
+    real = VllmCpuAlias(alias="pyyaml", target="pydantic")
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, real])
+    assert [d.metadata["Name"].lower() for d in importlib.metadata.distributions(name="pyyaml")] == ["pyyaml"]
+    # a missing target gives nothing, not an error
+    gone = VllmCpuAlias(alias="retool-test-gone", target="retool-test-missing-target")
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, gone])
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("retool-test-gone")
+
+
+def test_keep_weight_never_lets_the_dispatch_remove_the_weight() -> None:
+    calls: list[tuple[Any, bool]] = []
+
+    def dispatch(layer: Any, remove_weight: bool) -> None:
+        calls.append((layer, remove_weight))
+
+    wrapped = keep_weight(dispatch)
+    wrapped("a", True)
+    wrapped("b", remove_weight=True)
+    wrapped("c", False)
+    assert calls == [("a", False), ("b", False), ("c", False)]
+    assert keep_weight(wrapped) is wrapped and wrapped.__name__ == "dispatch"
+
+
+def test_the_dispatch_is_replaced_when_its_module_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "retool_fake_gemm.py").write_text(
+        "def dispatch_cpu_unquantized_gemm(layer, remove_weight):\n    return remove_weight\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from runtime.verl import vllm_cpu
+
+    hook = PatchAfterImport("retool_fake_gemm", vllm_cpu._patch_gemm)
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "retool_fake_gemm", raising=False)
+    module = importlib.import_module("retool_fake_gemm")
+    assert module.dispatch_cpu_unquantized_gemm(object(), True) is False
+    sys.modules.pop("retool_fake_gemm", None)
