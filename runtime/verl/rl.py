@@ -78,7 +78,8 @@ CPU_KVCACHE_GIB = 1
 # Rollout flags that vLLM on CPU cannot take as the GPU spec renders them (listed in
 # runtime.verl.recipe.differences): vLLM refuses sleep mode on CPU ("Sleep mode is not
 # supported on current platform"), so the rollout keeps its memory between steps.
-CPU_VLLM_FORCED = {"actor_rollout_ref.rollout.enable_sleep_mode": False}
+# (`+`: verl 0.9.1 reads the key from its RolloutConfig dataclass, its YAML does not list it.)
+CPU_VLLM_FORCED = {"+actor_rollout_ref.rollout.enable_sleep_mode": False}
 
 
 def rollout_engine(wanted: str, *, cpu: bool, installed: Callable[[str], bool]) -> str | None:

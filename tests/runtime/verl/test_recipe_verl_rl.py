@@ -158,11 +158,11 @@ def test_vllm_on_cpu_renders_the_gpu_rollout_flags_except_what_cpu_forces() -> N
     (gpu,) = render_rl(qwen7b_ctx(), sandbox_url=URL, cpu=False, paths=PATHS, rollout="vllm")
     (cpu,) = render_rl(qwen7b_ctx(), sandbox_url=URL, cpu=True, paths=PATHS, rollout="vllm")
     prefix = "actor_rollout_ref.rollout."
-    on_gpu = {k: v for k, v in args_of(gpu.argv).items() if k.startswith(prefix)}
-    on_cpu = {k: v for k, v in args_of(cpu.argv).items() if k.startswith(prefix)}
+    on_gpu = {k.lstrip("+"): v for k, v in args_of(gpu.argv).items() if k.lstrip("+").startswith(prefix)}
+    on_cpu = {k.lstrip("+"): v for k, v in args_of(cpu.argv).items() if k.lstrip("+").startswith(prefix)}
     changed = {k for k in on_gpu.keys() | on_cpu.keys() if on_gpu.get(k) != on_cpu.get(k)}
     # agent.num_workers: the CPU launch's one helper process of each kind (every CPU rollout's)
-    assert changed == set(CPU_VLLM_FORCED) | {prefix + "agent.num_workers"}
+    assert changed == {k.lstrip("+") for k in CPU_VLLM_FORCED} | {prefix + "agent.num_workers"}
     assert on_cpu[prefix + "enable_sleep_mode"] == "false" and on_cpu[prefix + "name"] == "vllm"
     assert cpu.env["VERL_USE_EXTERNAL_MODULES"].split(",") == [
         "runtime.verl.cpu_platform", "runtime.verl.save_marker", "runtime.verl.vllm_cpu",
@@ -170,7 +170,7 @@ def test_vllm_on_cpu_renders_the_gpu_rollout_flags_except_what_cpu_forces() -> N
     assert cpu.env[ENV_VLLM_CPU_KVCACHE] == "1" and ENV_VLLM_CPU_KVCACHE not in gpu.env
     assert "runtime.verl.vllm_cpu" not in gpu.env.get("VERL_USE_EXTERNAL_MODULES", "")
     every_difference = " ".join(f"{d.recipe} {d.ours}" for d in DIFFERENCES)
-    assert all(k.removeprefix("actor_rollout_ref.rollout.") in every_difference for k in CPU_VLLM_FORCED)
+    assert all(k.lstrip("+").removeprefix(prefix) in every_difference for k in CPU_VLLM_FORCED)
     assert ENV_VLLM_CPU_KVCACHE in every_difference
     # the tiny spec's, composed with verl (its stage env may size the KV cache itself)
     (tiny,) = render_rl(tiny_ctx({"env": {ENV_VLLM_CPU_KVCACHE: "3"}}), sandbox_url=URL, cpu=True, paths=PATHS,

@@ -60,7 +60,10 @@ PROMPT = "Compute 12 * 7 with the code interpreter, then box the answer."
 def _kill_run(proc: subprocess.Popen[bytes], tag: str) -> None:
     """kill -9 the run's process group and every process carrying its tag (Ray's and vLLM's
     workers live in sessions of their own)."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group had already ended
     proc.wait()
     for _ in range(100):
         left = tagged_processes(tag)
