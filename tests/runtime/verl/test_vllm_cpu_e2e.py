@@ -79,7 +79,8 @@ def _kill_run(proc: subprocess.Popen[bytes], tag: str) -> None:
 
 
 def _run_until_checkpoint(cmd_env: dict[str, str], argv: list[str], ckpt: Path, step: int) -> tuple[Run, str]:
-    """Start the rendered command, SIGKILL it once the tracker names `step`."""
+    """Start the rendered command, SIGKILL it once the tracker names `step` and the step's
+    metrics are logged (verl prints them after the checkpoint)."""
     tag = uuid.uuid4().hex
     log_path = ckpt / "rl.log"
     start = time.monotonic()
@@ -89,7 +90,10 @@ def _run_until_checkpoint(cmd_env: dict[str, str], argv: list[str], ckpt: Path, 
         try:
             while time.monotonic() - start < RUN_TIMEOUT_S and proc.poll() is None:
                 tracker = ckpt / TRACKER_FILE
-                if tracker.is_file() and tracker.read_text().strip() == str(step):
+                if tracker.is_file() and tracker.read_text().strip() == str(step) and any(
+                    r.step == step and "training/global_step" in r.values
+                    for r in parse_text(log_path.read_text(errors="replace"))
+                ):
                     break
                 time.sleep(0.5)
         finally:
