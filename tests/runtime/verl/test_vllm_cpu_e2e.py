@@ -41,7 +41,7 @@ from runtime.verl.common import TRACKER_FILE
 from runtime.verl.rl import ENV_VLLM_CPU_KVCACHE, VLLM
 from runtime.verl.sft import render_merge
 from tests.runtime.verl.test_rl_e2e import (
-    RUN_TIMEOUT_S, SPECS, SYNC_BOUND, Run, executions, rl_command, rl_inputs, run_command, tiny_spec,
+    RUN_TIMEOUT_S, SPECS, Run, executions, rl_command, rl_inputs, run_command, tiny_spec,
 )
 
 __all__ = ["rl_inputs"]  # the fixture, shared with test_rl_e2e.py
@@ -52,8 +52,10 @@ pytestmark = [
 ]
 
 # vLLM's default dtype for the rollout is bfloat16 (the recipe's); the actor is float32 on CPU.
-VLLM_SYNC_BOUND = 5e-3  # mean |p_vllm - p_actor| over sampled tokens; ~1e-4 seen
-MOVED_BOUND = 10 * VLLM_SYNC_BOUND  # the step-3 actor vs the SFT model on a fixed prompt
+VLLM_SYNC_BOUND = 5e-3  # mean |p_vllm - p_actor| over sampled tokens (bf16 rollout): 6.8e-4 seen
+# A fixed prompt's token probabilities: vLLM (float32) on the step-3 weights vs the actor
+# must agree to float32 noise; the step-3 actor vs the SFT model must differ by far more.
+SAME_WEIGHTS_BOUND = 1e-4
 PROMPT = "Compute 12 * 7 with the code interpreter, then box the answer."
 
 
@@ -208,7 +210,8 @@ def test_vllm_rollout_grpo_kill_resume_weight_sync_and_vllm_eval(
     moved = sum(abs(math.exp(x) - math.exp(y)) for x, y in zip(actor_lp, sft_lp)) / len(ids[1:])
     synced = sum(abs(math.exp(x) - math.exp(y)) for x, y in zip(actor_lp, vllm_lp)) / len(ids[1:])
     print(f"fixed prompt, mean |dp|: actor step 3 vs SFT {moved:.2e}; vLLM vs actor {synced:.2e}")
-    assert synced < SYNC_BOUND * 100 and moved > MOVED_BOUND and moved > 100 * synced
+    assert synced < SAME_WEIGHTS_BOUND, "vLLM on the trained weights does not reproduce the actor"
+    assert moved > 10 * SAME_WEIGHTS_BOUND, "the actor did not move: the sync would be untested"
 
     # E: the eval runner with vLLM and with transformers on the SFT model.
     from runtime.data.prepare import prepare
