@@ -201,9 +201,8 @@ def test_vllm_rollout_grpo_kill_resume_weight_sync_and_vllm_eval(
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(sft_model))
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-    ids = [int(i) for i in (ids["input_ids"] if isinstance(ids, dict) else ids)]
-    ids += tok.encode("I will run the code.\n<tool_call>")
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(str(text) + "I will run the code.\n<tool_call>", add_special_tokens=False)
     sft_lp = _logprobs(sft_model, "transformers", ids, tmp_path / "lp_sft.log")
     actor_lp = _logprobs(merged, "transformers", ids, tmp_path / "lp_actor.log")
     vllm_lp = _logprobs(merged, VLLM, ids, tmp_path / "lp_vllm.log")
