@@ -126,6 +126,22 @@ def tensor_parallel_size(model_dir: str, gpus: int) -> int:
     return next(tp for tp in range(max(1, gpus), 0, -1) if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0))
 
 
+def model_max_len(model_dir: str, wanted: int) -> int:
+    """`wanted` (the stage's prompt + response budget), capped at the positions the model has
+    (`max_position_embeddings` in its config.json): vLLM refuses a longer `max_model_len`,
+    and no sequence can grow past the model's positions anyway."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return wanted
+    config = config.get("text_config", config)
+    positions = config.get("max_position_embeddings")
+    return min(wanted, positions) if isinstance(positions, int) and positions > 0 else wanted
+
+
 class VllmEngine:
     """vLLM's offline engine over the stage's GPUs (continuous batching does the grouping)."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.data.retool_sft import TOOLS
-from runtime.eval.engine import Sampling, TransformersEngine, pick_engine
+from runtime.eval.engine import Sampling, TransformersEngine, model_max_len, pick_engine
 from runtime.eval.toolloop import Conversation, LoopLimits, ToolCall, ToolLoop, parse_tool_calls, truncate_middle
 from runtime.eval.tools import SandboxTools
 from runtime.verl.recipe.sandbox_call import SandboxCallSettings
@@ -149,3 +149,10 @@ def test_tensor_parallel_size_without_a_config_trusts_the_stage(tmp_path: Path, 
     assert tensor_parallel_size(str(tmp_path), 8) == 8
     heads = json.loads((tiny_model_dir / "config.json").read_text())["num_attention_heads"]
     assert heads % tensor_parallel_size(str(tiny_model_dir), 3) == 0
+
+
+def test_vllm_context_is_capped_at_the_models_positions(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 2048}')
+    assert model_max_len(str(tmp_path), 2048 + 256) == 2048  # the tiny model with an eval's defaults
+    assert model_max_len(str(tmp_path), 1024) == 1024
+    assert model_max_len(str(tmp_path / "missing"), 4096) == 4096
