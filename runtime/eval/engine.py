@@ -98,13 +98,18 @@ class TransformersEngine:
         return out
 
 
-def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int) -> dict[str, Any]:
+def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int, *, per_request_seed: bool = True) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` for one request: a seed per request
-    (the stage's seed offset by the request's position), so a batch is reproducible."""
-    return {
+    (the stage's seed offset by the request's position), so a batch is reproducible. Without
+    `per_request_seed` only the engine's seed applies: vLLM 0.27's CPU build crashes on a seeded
+    request whose prefill is split into chunks ("CPU Generator does not use offset")."""
+    args: dict[str, Any] = {
         "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": max(1, int(max_tokens)),
-        "seed": sampling.seed + index, "skip_special_tokens": False,
+        "skip_special_tokens": False,
     }
+    if per_request_seed:
+        args["seed"] = sampling.seed + index
+    return args
 
 
 def tensor_parallel_size(model_dir: str, gpus: int) -> int:
@@ -175,7 +180,9 @@ class VllmEngine:
 
         base = self._calls * 1_000_003  # a new seed block per call: later turns draw afresh
         self._calls += 1
-        params = [SamplingParams(**vllm_sampling_args(self.sampling, m, base + i)) for i, m in enumerate(max_tokens)]
+        seeded = self.device != "cpu"  # see vllm_sampling_args
+        params = [SamplingParams(**vllm_sampling_args(self.sampling, m, base + i, per_request_seed=seeded))
+                  for i, m in enumerate(max_tokens)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [
             Completion(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.data.retool_sft import TOOLS
-from runtime.eval.engine import Sampling, TransformersEngine, model_max_len, pick_engine
+from runtime.eval.engine import Sampling, TransformersEngine, model_max_len, pick_engine, vllm_sampling_args
 from runtime.eval.toolloop import Conversation, LoopLimits, ToolCall, ToolLoop, parse_tool_calls, truncate_middle
 from runtime.eval.tools import SandboxTools
 from runtime.verl.recipe.sandbox_call import SandboxCallSettings
@@ -156,3 +156,9 @@ def test_vllm_context_is_capped_at_the_models_positions(tmp_path: Path) -> None:
     assert model_max_len(str(tmp_path), 2048 + 256) == 2048  # the tiny model with an eval's defaults
     assert model_max_len(str(tmp_path), 1024) == 1024
     assert model_max_len(str(tmp_path / "missing"), 4096) == 4096
+
+
+def test_vllm_requests_are_seeded_except_where_vllm_cpu_cannot() -> None:
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=7)
+    assert vllm_sampling_args(sampling, 16, 3)["seed"] == 10
+    assert "seed" not in vllm_sampling_args(sampling, 16, 3, per_request_seed=False)
