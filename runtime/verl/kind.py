@@ -17,7 +17,7 @@ from reconciler.spec import RLStage, SFTStage, Stage, ToolCallCheck
 from runtime import checkpoints as ckpts
 from runtime.stage_kind import Machine, ModelMerger, StageFiles, StageKind, require_sandbox
 from runtime.verl.common import StagePaths, stage_spec
-from runtime.verl.rl import GPU_ENGINES, render_rl, rollout_engine
+from runtime.verl.rl import CPU_ENGINES, GPU_ENGINES, render_rl, rollout_engine
 from runtime.verl.sft import render_merge, render_sft
 
 
@@ -90,12 +90,13 @@ class RLKind(TrainingKind):
             return None
         wanted = stage.rollout.engine
         if wanted in GPU_ENGINES:
-            if machine.cpu:
+            if machine.cpu and wanted not in CPU_ENGINES:
                 return f"rollout engine {wanted} needs a GPU; this machine has none (use `rollout.engine: auto`)"
-            return f"rollout engine {wanted} is not installed (pip install {wanted})"
+            hint = "pip install -c constraints.txt -e '.[vllm]'" if machine.cpu else f"pip install {wanted}"
+            return f"rollout engine {wanted} is not installed ({hint})"
         return (
-            "no rollout engine: verl 0.9.1 registers only vllm/sglang/trtllm (GPU), "
-            + ("none of which is installed, " if not machine.cpu else "and this machine has no GPU, ")
+            "no rollout engine: verl 0.9.1 registers only vllm/sglang/trtllm, "
+            + ("none of which is installed, " if not machine.cpu else "and of those only vllm runs on CPU (not installed), ")
             + "and retool's transformers rollout (runtime.verl.rollout) is not available"
         )
 

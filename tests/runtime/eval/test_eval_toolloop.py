@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.data.retool_sft import TOOLS
-from runtime.eval.engine import Sampling, TransformersEngine, pick_engine
+from runtime.eval.engine import Sampling, TransformersEngine, model_max_len, pick_engine, vllm_sampling_args
 from runtime.eval.toolloop import Conversation, LoopLimits, ToolCall, ToolLoop, parse_tool_calls, truncate_middle
 from runtime.eval.tools import SandboxTools
 from runtime.verl.recipe.sandbox_call import SandboxCallSettings
@@ -115,12 +115,16 @@ def test_loop_on_the_tiny_model_respects_every_budget(tiny_model_dir: Path, toke
 
 
 def test_pick_engine() -> None:
-    assert pick_engine("auto", gpus=0) == "transformers"
-    assert pick_engine("transformers", gpus=8) == "transformers"
+    # auto: vLLM wherever it is installed (its CPU build without GPUs), else transformers
+    assert pick_engine("auto", gpus=0, has_vllm=False) == "transformers"
+    assert pick_engine("auto", gpus=0, has_vllm=True) == "vllm"
+    assert pick_engine("auto", gpus=8, has_vllm=True) == "vllm"
+    assert pick_engine("transformers", gpus=8, has_vllm=True) == "transformers"
+    assert pick_engine("vllm", gpus=0, has_vllm=True) == "vllm"
     from reconciler.errors import TerminalError
 
-    with pytest.raises(TerminalError):
-        pick_engine("vllm", gpus=0)
+    with pytest.raises(TerminalError, match="not installed"):
+        pick_engine("vllm", gpus=0, has_vllm=False)
 
 
 @pytest.mark.parametrize(("heads", "kv", "gpus", "tp"), [
@@ -145,3 +149,16 @@ def test_tensor_parallel_size_without_a_config_trusts_the_stage(tmp_path: Path, 
     assert tensor_parallel_size(str(tmp_path), 8) == 8
     heads = json.loads((tiny_model_dir / "config.json").read_text())["num_attention_heads"]
     assert heads % tensor_parallel_size(str(tiny_model_dir), 3) == 0
+
+
+def test_vllm_context_is_capped_at_the_models_positions(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 2048}')
+    assert model_max_len(str(tmp_path), 2048 + 256) == 2048  # the tiny model with an eval's defaults
+    assert model_max_len(str(tmp_path), 1024) == 1024
+    assert model_max_len(str(tmp_path / "missing"), 4096) == 4096
+
+
+def test_vllm_requests_are_seeded_except_where_vllm_cpu_cannot() -> None:
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=7)
+    assert vllm_sampling_args(sampling, 16, 3)["seed"] == 10
+    assert "seed" not in vllm_sampling_args(sampling, 16, 3, per_request_seed=False)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,10 @@ from reconciler.backend import StageContext
 from runtime.verl.recipe import ENV_SANDBOX_URL, ENV_TOOL_RATE_LIMIT, ENV_TOOL_TIMEOUT_S, TOOL_CONFIG_PATH
 from runtime.verl.rollout import PLUGIN_MODULE
 from runtime.verl.common import StagePaths, compose_config, entry_point
-from runtime.verl.rl import ENV_VALUE_MODEL_ATTN, VALUE_MODEL_MODULE, choose_rollout, render_rl
+from runtime.verl.recipe.differences import DIFFERENCES
+from runtime.verl.rl import (
+    CPU_VLLM_FORCED, ENV_VALUE_MODEL_ATTN, ENV_VLLM_CPU_KVCACHE, VALUE_MODEL_MODULE, choose_rollout, render_rl,
+)
 
 SPECS = Path(__file__).resolve().parents[3] / "specs"
 RID = "5e" * 32
@@ -46,7 +50,7 @@ def args_of(argv: list[str]) -> dict[str, str]:
 
 
 def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
-    (cmd,) = render_rl(tiny_ctx(), sandbox_url=URL, cpu=True, paths=PATHS)
+    (cmd,) = render_rl(tiny_ctx(), sandbox_url=URL, cpu=True, paths=PATHS, rollout="transformers")
     assert cmd.argv[:3] == ["python", "-m", "verl.trainer.main_ppo"]
     env = cmd.env
     assert env["VERL_USE_EXTERNAL_MODULES"].split(",") == [
@@ -140,8 +144,49 @@ def test_gpu_command_for_the_real_spec() -> None:
     assert args["actor_rollout_ref.actor.strategy"] == "fsdp" and args["actor_rollout_ref.rollout.max_num_seqs"] == "1024"
 
 
+def qwen7b_ctx() -> StageContext:
+    spec = parse_spec_text((SPECS / "retool-qwen7b.yaml").read_text())
+    return StageContext(spec=spec, spec_dir=str(SPECS), stage="dapo", restart_id=RID, total_steps=400, inputs={
+        "dataset.dapo_math": {"path": "/data/datasets/dapo_math/train.parquet"},
+        "dataset.aime_2024": {"path": "/data/datasets/aime_2024/train.parquet"},
+        "dataset.aime_2025": {"path": "/data/datasets/aime_2025/train.parquet"},
+        "stage.sft": {"model_path": "/checkpoints/sft/x/merged"},
+    })
+
+
+def test_vllm_on_cpu_renders_the_gpu_rollout_flags_except_what_cpu_forces() -> None:
+    """The 7B spec's rollout through verl's vLLM rollout on CPU: every `rollout.*` flag is the GPU
+    command's except the CPU-forced ones (listed in runtime.verl.recipe.differences), and the
+    command composes with verl's config."""
+    (gpu,) = render_rl(qwen7b_ctx(), sandbox_url=URL, cpu=False, paths=PATHS, rollout="vllm")
+    (cpu,) = render_rl(qwen7b_ctx(), sandbox_url=URL, cpu=True, paths=PATHS, rollout="vllm")
+    prefix = "actor_rollout_ref.rollout."
+    on_gpu = {k.lstrip("+"): v for k, v in args_of(gpu.argv).items() if k.lstrip("+").startswith(prefix)}
+    on_cpu = {k.lstrip("+"): v for k, v in args_of(cpu.argv).items() if k.lstrip("+").startswith(prefix)}
+    changed = {k for k in on_gpu.keys() | on_cpu.keys() if on_gpu.get(k) != on_cpu.get(k)}
+    # agent.num_workers: the CPU launch's one helper process of each kind (every CPU rollout's)
+    assert changed == {k.lstrip("+") for k in CPU_VLLM_FORCED} | {prefix + "agent.num_workers"}
+    assert on_cpu[prefix + "enable_sleep_mode"] == "false" and on_cpu[prefix + "name"] == "vllm"
+    assert cpu.env["VERL_USE_EXTERNAL_MODULES"].split(",") == [
+        "runtime.verl.cpu_platform", "runtime.verl.save_marker", "runtime.verl.vllm_cpu",
+    ]
+    assert cpu.env[ENV_VLLM_CPU_KVCACHE] == "1" and ENV_VLLM_CPU_KVCACHE not in gpu.env
+    assert "runtime.verl.vllm_cpu" not in gpu.env.get("VERL_USE_EXTERNAL_MODULES", "")
+    every_difference = " ".join(f"{d.recipe} {d.ours}" for d in DIFFERENCES)
+    assert all(k.lstrip("+").removeprefix(prefix) in every_difference for k in CPU_VLLM_FORCED)
+    assert ENV_VLLM_CPU_KVCACHE in every_difference
+    # the tiny spec's, composed with verl (its stage env may size the KV cache itself)
+    (tiny,) = render_rl(tiny_ctx({"env": {ENV_VLLM_CPU_KVCACHE: "3"}}), sandbox_url=URL, cpu=True, paths=PATHS,
+                        rollout="vllm")
+    assert tiny.env[ENV_VLLM_CPU_KVCACHE] == "3"
+    rollout = compose_config(tiny.argv, tiny.env)["actor_rollout_ref"]["rollout"]
+    assert rollout["name"] == "vllm" and rollout["mode"] == "async" and rollout["enable_sleep_mode"] is False
+
+
 def test_rollout_choice() -> None:
-    assert choose_rollout("auto", cpu=True) == "transformers"
+    # auto on CPU: vLLM's CPU build where it is installed (the `vllm` extra), else retool's own
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    assert choose_rollout("auto", cpu=True) == ("vllm" if has_vllm else "transformers")
     assert choose_rollout("transformers", cpu=False) == "transformers"
     assert choose_rollout("vllm", cpu=False) == "vllm"
     with pytest.raises(TerminalError):

@@ -2,7 +2,8 @@
 
 The tiny spec's own SFT stage runs first (its rendered torchrun command, then the merge), so
 the policy has learnt the hermes tool-call format; then the RL stage's rendered main_ppo
-command runs GRPO with retool's transformers rollout:
+command runs GRPO with retool's transformers rollout (verl's vLLM rollout on CPU:
+test_vllm_cpu_e2e.py; the SFT model and the sandbox are shared fixtures, conftest.py):
 
     A  2 steps from scratch        tool calls hit the sandbox, rewards logged, global_step_2
     B  A's checkpoint, 3 steps     resumes at step 3 (no step 1/2 again), weights still in sync
@@ -23,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from reconciler.spec import Spec
 from reconciler.backend import RenderedCommand, StageContext
 from runtime.metrics import MetricRecord, parse_text
 from runtime.verl.rollout import ENV_WEIGHT_SYNC
+from runtime.verl.rollout import NAME as TRANSFORMERS_ROLLOUT
 from runtime.verl.common import TRACKER_FILE, StagePaths
 from runtime.verl.rl import render_rl
 
@@ -95,40 +96,6 @@ def tiny_spec(**rl: object) -> Spec:
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[str]:
-    from sandbox.testing import local_server
-
-    with local_server(workers=2) as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
-def sft_model(sandbox: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny spec's SFT, as rendered (data and model from the project's builtins), merged."""
-    given = os.environ.get("RETOOL_TEST_SFT_MODEL")
-    if given:
-        return Path(given)
-    from runtime.data.prepare import prepare
-    from runtime.models.tiny import build_tiny_qwen2
-    from runtime.verl.sft import render_merge, render_sft
-
-    root = tmp_path_factory.mktemp("sft")
-    spec = parse_spec_text((SPECS / "retool-tiny.yaml").read_text())
-    sft = spec.stages["sft"]
-    data = prepare("tiny_sft", spec.datasets["tiny_sft"], root / "data", SPECS, sandbox_url=sandbox)
-    model = build_tiny_qwen2(root / "model", **spec.models["tiny"].options)
-    ctx = StageContext(spec=spec, spec_dir=str(SPECS), stage="sft", restart_id=RID, inputs={
-        sft.train: {"path": data.path}, sft.model: {"path": str(model)}})
-    paths = StagePaths(stage_dir=str(root / "run"), ckpt_dir=str(root / "run"), merged_dir=str(root / "merged"))
-    run = run_command(render_sft(ctx, paths, cpu=True), root / "sft.log")
-    assert run.rc == 0, run.log[-3000:]
-    step = int((root / "run" / TRACKER_FILE).read_text())
-    merge = run_command(render_merge(f"{paths.ckpt_dir}/global_step_{step}", paths.merged_dir), root / "merge.log")
-    assert merge.rc == 0, merge.log[-3000:]
-    return Path(paths.merged_dir)
-
-
-@pytest.fixture(scope="module")
 def rl_inputs(sft_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     from runtime.data.prepare import prepare
 
@@ -140,14 +107,16 @@ def rl_inputs(sft_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return inputs
 
 
-def rl_command(inputs: dict, sandbox: str, ckpt: Path, steps: int, resume_from: int | None) -> RenderedCommand:
+def rl_command(
+    inputs: dict, sandbox: str, ckpt: Path, steps: int, resume_from: int | None, rollout: str = TRANSFORMERS_ROLLOUT,
+) -> RenderedCommand:
     # No validation set: validation is verl's own loop and would only add minutes here.
     spec = tiny_spec(optim={"lr": LR, "betas": [0.9, 0.999], "warmup_ratio": 0.0, "lr_scheduler": "constant"},
                      val=[], overrides=[f"actor_rollout_ref.actor.entropy_coeff={ENTROPY_COEFF}"])
     ctx = StageContext(spec=spec, spec_dir=str(SPECS), stage="rl", restart_id=RID, total_steps=steps,
                        resume_from=resume_from, inputs=inputs)
     paths = StagePaths(stage_dir=str(ckpt), ckpt_dir=str(ckpt), merged_dir=str(ckpt / "merged"))
-    (cmd,) = render_rl(ctx, sandbox_url=sandbox, cpu=True, paths=paths)
+    (cmd,) = render_rl(ctx, sandbox_url=sandbox, cpu=True, paths=paths, rollout=rollout)
     return cmd
 
 
