@@ -56,6 +56,9 @@ RID_SFT, RID_RL = "5f" * 32, "71" * 32
 STAGE_TIMEOUT_S = 900  # generous: a shared machine can be many times slower than a free one
 
 
+SFT_STEPS = 24  # of 16 rows each: three quarters of an epoch of the tiny SFT data (512 rows)
+
+
 def two_node_spec() -> Spec:
     spec = parse_spec_text((SPECS / "retool-tiny.yaml").read_text())
     data = spec.model_dump(mode="json", exclude_unset=True)
@@ -110,7 +113,7 @@ def _ray_processes(base: int) -> list[int]:
 
 
 def stage_payload(spec: Spec, stage: str, rid: str, inputs: dict, volume: Path, total: int, *, cpu: bool,
-                  sidecar: SidecarSettings | None = None) -> StagePayload:
+                  sidecar: SidecarSettings | None = None, commit_every_s: float = 60.0) -> StagePayload:
     ckpt = volume / stage / rid[:16]
     (ckpt / "_retool").mkdir(parents=True, exist_ok=True)
     (ckpt / ckpts.MARKER_FILE).write_text(ckpts.marker_content(rid, stage, 2))
@@ -131,7 +134,7 @@ def stage_payload(spec: Spec, stage: str, rid: str, inputs: dict, volume: Path, 
         app_name="retool-tiny", function=f"stage-{stage}", stage=stage, kind=stage, restart_id=rid,  # type: ignore[arg-type]
         total_steps=total, world_size=2, nodes=2, checkpoint_dir=str(ckpt), checkpoint_volume="checkpoints",
         volumes={"checkpoints": str(volume)}, commands=[c.model_dump(mode="json") for c in commands],
-        sidecar=sidecar, train_seconds=3600.0, commit_every_s=60.0, join_timeout_s=180.0,
+        sidecar=sidecar, train_seconds=3600.0, commit_every_s=commit_every_s, join_timeout_s=180.0,
     )
 
 
@@ -159,7 +162,10 @@ def test_sft_across_two_nodes_survives_a_killed_container(device: str, cluster: 
     data = prepare("tiny_sft", spec.datasets["tiny_sft"], tmp_path / "data", SPECS, sandbox_url=session_sandbox_url)
     sft = spec.stages["sft"]
     inputs = {sft.train: {"path": data.path}, sft.model: {"path": str(tiny_model_dir)}}
-    p = stage_payload(spec, "sft", RID_SFT, inputs, volume, total=8, cpu=device == "cpu")
+    # Commits every 3 s and 24 steps: the step-2 checkpoint reaches the volume (both ranks'
+    # commits) while many steps remain, however fast this machine trains; the kill below
+    # waits for that committed checkpoint, not for a container's uncommitted view.
+    p = stage_payload(spec, "sft", RID_SFT, inputs, volume, total=SFT_STEPS, cpu=device == "cpu", commit_every_s=3.0)
     ckpt = Path(p.checkpoint_dir)
     started = time.monotonic()
     call_id = fake.spawn("retool-tiny", "stage-sft", p.model_dump(mode="json"))
@@ -185,10 +191,10 @@ def test_sft_across_two_nodes_survives_a_killed_container(device: str, cluster: 
     assert "--node_rank=0" in log0 and "--node_rank=1" in log1
     # resumed, not from scratch (at the container's own view of the volume: tests/fakes/fake_cluster.py)
     assert f"/{ckpt.parent.name}/{ckpt.name}/global_step_" in log0.split("trainer.resume_from_path=", 1)[-1].split()[0]
-    assert fake.calls[call_id].result["outcome"] == "finished" and fake.calls[call_id].result["step"] == 8
-    assert shards(ckpt / "global_step_8") == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
+    assert fake.calls[call_id].result["outcome"] == "finished" and fake.calls[call_id].result["step"] == SFT_STEPS
+    assert shards(ckpt / f"global_step_{SFT_STEPS}") == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
     best = ckpts.latest_valid(ckpts.evaluate(ckpts.scan_local(ckpt.parent), 2, RID_SFT), RID_SFT)
-    assert best is not None and best.step == 8
+    assert best is not None and best.step == SFT_STEPS
 
 
 def test_rl_across_a_two_node_ray_cluster(device: str, cluster: tuple[FakeModal, ClusterRunner], volume: Path,
