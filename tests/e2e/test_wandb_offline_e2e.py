@@ -29,7 +29,7 @@ from tests.local_helpers import write_sft_jsonl
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-ROWS, BATCH, EPOCHS, SAVE = 64, 8, 2, 4
+ROWS, BATCH, EPOCHS, SAVE = 64, 8, 4, 4
 STEPS = ROWS // BATCH * EPOCHS
 WANDB = Path(sys.executable).with_name("wandb")
 OFFLINE_NOTE = "W&B logs offline"
@@ -86,6 +86,17 @@ def history(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     return out
 
 
+def flushed_steps(root: Path) -> set[int]:
+    """The steps the (only) offline run under `root` has written to disk so far; none while it starts."""
+    files = list(root.glob("**/offline-run-*/run-*.wandb"))
+    if len(files) != 1:
+        return set()
+    try:
+        return set(history(wandb_records(str(files[0].parent))))
+    except (AssertionError, ValueError):  # the file is being written: its last record may be partial
+        return set()
+
+
 def run_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     return next(r["run"] for r in records if r.get("type") == "run")
 
@@ -111,6 +122,10 @@ def test_offline_wandb_run_resumes_under_one_id_and_holds_the_status_metrics(tmp
         log = Path(handle["ref"]["log_path"])
         past_checkpoint = f"step:{SAVE + 3} "
         wait_for("a step after the first checkpoint", lambda: past_checkpoint in log.read_text(errors="replace"))
+        # wandb sends a step's row when the next step is logged and writes its file every second: a step
+        # logged within that second of a hard kill is not in W&B (retool's metric file has it). Kill once
+        # the checkpoint's step is on disk, as it is for any run killed more than a second after it.
+        wait_for("W&B's file to hold the checkpoint's step", lambda: SAVE in flushed_steps(tmp_path / "volumes"))
         # Kill the stage mid-run: apply first (so it cannot record the end), then the whole run.
         os.kill(apply.pid, signal.SIGKILL)
         apply.wait(timeout=30)
