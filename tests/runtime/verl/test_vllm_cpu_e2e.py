@@ -145,9 +145,9 @@ def _logprobs(model: Path, engine: str, prompt_ids: list[int], log_path: Path) -
     return [float(x) for x in json.loads(line.removeprefix("LOGPROBS "))]
 
 
-def _eval(model: Path, engine: str, data: dict[str, str], sandbox: str, out: Path) -> dict:
+def _eval(model: Path, engine: str, data: dict[str, str], sandbox: str, out: Path, top_p: float = 1.0) -> dict:
     job = EvalJob(
-        stage="eval_sft", model_dir=str(model), datasets=data, samples=4, temperature=1.0, top_p=1.0, seed=0,
+        stage="eval_sft", model_dir=str(model), datasets=data, samples=4, temperature=1.0, top_p=top_p, seed=0,
         max_prompt_length=512, max_response_length=256, max_assistant_turns=4, max_user_turns=4,
         max_tool_response_length=256, engine=engine, batch_size=64, gpus=0, device="cpu",
         sandbox_url=sandbox, tool_timeout_s=10, tool_num_workers=2, tool_rate_limit=4, out_dir=str(out),
