@@ -94,7 +94,7 @@ class Entrypoint:
             print(f"[retool] {plan.nodes} node ranks on Ray nodes "
                   + ", ".join(f"{p.rank}: {p.node_id[:12]} ({p.ip})" for p in places), flush=True)
             refs = [a.run.remote(ClusterInfo(rank=r, cluster_id=plan.cluster_id, ips=ips, ipv4_ips=ips), plan,
-                                 places[0].port_base) for r, a in enumerate(actors)]
+                                 places[r], places[0].port_base) for r, a in enumerate(actors)]
             ranks = self._wait(actors, refs, places)
             return self._end(ranks, pg.id.hex())
         finally:

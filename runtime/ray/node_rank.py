@@ -101,8 +101,8 @@ class NodeRank:
 
     # ----------------------------------------------------------------- the node's part
 
-    def run(self, info: ClusterInfo, plan: MultiNodePlan, port_base: int) -> RankRecord:
-        place = self.where()
+    def run(self, info: ClusterInfo, plan: MultiNodePlan, place: Place, port_base: int) -> RankRecord:
+        """This rank's part of the run (`place`: where `where()` said it is)."""
         record = RankRecord(rank=self.rank, node_id=place.node_id, ip=place.ip)
         self._stop_leftovers(plan)
         run_dir = Path(plan.run.exit_path).parent.parent
