@@ -77,9 +77,11 @@ class Entrypoint:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         plan = self.plan
+        ray.init(log_to_driver=True)
+        # after ray.init, which installs its own SIGTERM handler (exit at once): `ray job
+        # stop` must reach the ranks, which stop their trainers, before this process ends
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        ray.init(log_to_driver=True)
         pg = placement_group([dict(plan.bundle)] * plan.nodes, strategy="STRICT_SPREAD", name=plan.cluster_id)
         actors: list[Any] = []
         ranks: list[RankRecord] = []

@@ -4,7 +4,7 @@ through the CLI: the job reserves one bundle per node (STRICT_SPREAD), each bund
 runs torchrun with its own `--node_rank`, the checkpoint holds both ranks' shards, the
 placement group is gone afterwards, no trainer process is left, and a second apply is a
 no-op. Then `kill -9` of rank 1's trainer mid-run fails the job, and the next apply resumes
-from the latest valid checkpoint."""
+from the latest valid checkpoint; `retool cancel` stops both ranks' trainers."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from runtime import processes as procs
 from runtime import records
 from runtime.records import RayRanks
 from runtime.ray.backend import run_tag
-from runtime.ray.node_rank import rank_tag
+from runtime.ray.node_rank import STOPPED, rank_tag
 from tests.ray_cluster import RayCluster
 from tests.runtime.ray.spec_helpers import write_spec
 from tests.runtime.ray.test_ray_cluster_e2e import (
@@ -121,6 +121,19 @@ def test_sft_spans_two_ray_nodes_and_resumes_after_a_killed_rank(cluster: RayClu
     resumed = ranks_of(edited, attempts[1].submission_id or "").ranks
     assert [r.returncode for r in resumed] == [0, 0] and all(
         any(a.startswith("trainer.resume_from_path=") for a in r.argv) for r in resumed)  # every rank resumed
+
+    # `retool cancel` (`ray job stop`: SIGTERM to the entrypoint) stops both ranks' trainers
+    write_spec(root, cluster.address, cluster.storage, **TWO_NODES, optim={"lr": 2e-3, "warmup_ratio": 0.0}, epochs=6)
+    ok(retool("apply", "spec.yaml", "--yes", "--no-wait", cwd=root))
+    job = until("the resumed job", lambda: next(
+        (j for j in jobs(cluster) if j.submission_id not in before and status(j) == "RUNNING"), None))
+    until("a checkpoint past step 8", lambda: (edited / "global_step_10").is_dir())
+    ok(retool("cancel", "spec.yaml", "stage.sft", cwd=root))
+    assert status(next(j for j in jobs(cluster) if j.submission_id == job.submission_id)) == "STOPPED"
+    stopped = ranks_of(edited, job.submission_id or "").ranks
+    assert [r.returncode for r in stopped] == [STOPPED, STOPPED], stopped
+    assert all(pg.state == "REMOVED" for pg in placement_groups(cluster))
+    assert trainers(edited) == []
 
 
 def killed_rank_apply(cluster: RayCluster, applying: subprocess.Popen[str], before: set[str | None]) -> str:
