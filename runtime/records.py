@@ -31,6 +31,7 @@ same kind of error rather than half-read.
         ray/<submission id>.exit.json   ExitRecord  how its commands ended
         ray/<submission id>.nodes.json  MultiNodePlan  a multi-node SFT job's plan (`python -m runtime.ray.multinode`)
         ray/<submission id>.ranks.json  RayRanks    where each of its node ranks ran and how it ended
+        ray/<submission id>.liveness.json  RayLiveness  every rank as rank 0 sees it while they train
         <submission id>.json            RaySandbox  where the sandbox job serves (written by the job)
     Eval runs (the stage's run directory; models in runtime.eval.job, built on `Record`)
         job.json          EvalJob        written by the backend, read by `python -m runtime.eval.run`
@@ -263,6 +264,7 @@ class MultiNodePlan(Record):
     run_tag: str  # the run directory's tag; rank r's processes carry `<run_tag>-rank<r>`
     cluster_id: str  # the submission id: a rank of another attempt is refused at the rendezvous
     ranks_path: str
+    liveness_path: str = ""  # where rank 0 keeps every rank's liveness while they train (RayLiveness)
     placement_timeout_s: float = 600.0
     join_timeout_s: float = 300.0
 
@@ -274,6 +276,14 @@ class RankRecord(Record):
     argv: list[str] = Field(default_factory=list)  # this node's command (torchrun with its --node_rank)
     returncode: int | None = None  # None: the rank never ran (its actor died)
     message: str = ""
+
+
+class RayLiveness(Record):
+    """`ray/<submission id>.liveness.json`: every rank as rank 0 sees it, while they train
+    (for `retool status`; rank 0 is its only writer)."""
+
+    ranks: dict[str, RankLiveness]
+    updated_at: float
 
 
 class RayRanks(Record):

@@ -53,7 +53,8 @@ from runtime.local import resources as res
 from runtime.local import runs
 from runtime.local.backend import LocalRuntime
 from runtime.ray import cluster, jobs
-from runtime.records import ExitRecord, MultiNodePlan, PlannedCommand, RaySandbox, RunPlan
+from runtime.cluster.liveness import liveness_text
+from runtime.records import ExitRecord, MultiNodePlan, PlannedCommand, RayLiveness, RaySandbox, RunPlan
 from runtime.stage_kind import Machine
 from runtime.stage_kinds import kind_of
 from runtime.stamps import short_hash
@@ -356,6 +357,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             records.save(nodes_path, MultiNodePlan(
                 run=run_plan, nodes=stage.resources.nodes, bundle=cluster.node_bundle(stage), run_tag=run_tag(str(run_dir)),
                 cluster_id=sid, ranks_path=str(run_dir / "ray" / f"{sid}.ranks.json"),
+                liveness_path=str(run_dir / "ray" / f"{sid}.liveness.json"),
             ))
             entrypoint = ["python", "-m", "runtime.ray.multinode", str(nodes_path)]
         submitted = jobs.submit(
@@ -428,7 +430,8 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             running = runs.running_status(handle, seen, log_path)
             if status == "PENDING":
                 return running.model_copy(update={"message": f"Ray job {ref.submission_id} waits for the cluster's resources"})
-            return running
+            nodes = self._liveness(ref)
+            return running.model_copy(update={"message": f"{running.message}; {nodes}"}) if nodes else running
         if done is None:  # the entrypoint died before writing its exit record (SIGKILL, runtime_env failure)
             assert job is not None
             code = job.driver_exit_code if job.driver_exit_code is not None else -9
@@ -440,6 +443,19 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             failed = runs.finished_status(handle, done, seen, log_path)
             return failed.model_copy(update={"message": failed.message + (f" ({job.message})" if job.message else "")})
         return runs.finished_status(handle, done, seen, log_path)
+
+    @staticmethod
+    def _liveness(ref: RayRun) -> str:
+        """`nodes: 0 alive, 1 alive` for a multi-node job (rank 0's record), else ""."""
+        path = Path(ref.exit_path.removesuffix(".exit.json") + ".liveness.json")
+        try:
+            seen = records.load(RayLiveness, path)
+        except records.RecordError:
+            return ""
+        if seen is None:
+            return ""
+        ranks = {r: info.model_dump() for r, info in seen.ranks.items()}
+        return liveness_text(ranks, time.time(), updated_at=seen.updated_at)
 
     def cancel_stage(self, handle: RunHandle) -> None:
         """`ray job stop`: the entrypoint passes SIGTERM to the trainer; checkpoints stay."""

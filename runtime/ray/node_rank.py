@@ -28,13 +28,15 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from runtime import processes as procs
+from runtime import records
 from runtime.cluster.layout import PORT_BASE_ENV, ClusterError, ClusterInfo
 from runtime.cluster.node import ClusterNode
-from runtime.records import MultiNodePlan, RankRecord
+from runtime.records import MultiNodePlan, RankLiveness, RankRecord, RayLiveness
 
 SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"
 STOP_GRACE_S = 30.0
 POLL_S = 1.0
+LIVENESS_EVERY_S = 10.0  # how often rank 0 records every rank's liveness
 TAIL_LINES = 20
 STOPPED = -15  # this rank's command was stopped on request (`ray job stop`, another rank failed)
 INTERRUPTED = -1  # stopped because of the cluster (a lost rank, rank 0 ended)
@@ -127,7 +129,8 @@ class NodeRank:
         for cmd in plan.run.commands:
             argv, env = node.command(procs.this_interpreter(cmd.argv), dict(cmd.env))
             print(f"[retool] rank {self.rank} on node {record.node_id[:12]} ({record.ip}): {' '.join(argv)}", flush=True)
-            code, why = self._command(node, argv, env, cmd.cwd, rank_tag(plan.run_tag, self.rank))
+            code, why = self._command(node, argv, env, cmd.cwd, rank_tag(plan.run_tag, self.rank),
+                                      plan.liveness_path if node.is_leader else "")
             if code != 0:
                 break
         record = record.model_copy(update={"argv": argv})
@@ -146,7 +149,7 @@ class NodeRank:
         return record.model_copy(update={"returncode": code, "message": why or self._last_error()})
 
     def _command(self, node: ClusterNode, argv: list[str], env: dict[str, str], cwd: str | None,
-                 tag: str) -> tuple[int, str]:
+                 tag: str, liveness_path: str) -> tuple[int, str]:
         """Run one command until it ends, this rank is asked to stop, or the cluster interrupts it."""
         proc = subprocess.Popen(
             guarded(argv), cwd=cwd or None, env={**os.environ, **env, procs.RUN_TAG_ENV: tag},
@@ -155,8 +158,12 @@ class NodeRank:
         )
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True)
         reader.start()
+        noted = 0.0
         try:
             while proc.poll() is None:
+                if liveness_path and time.monotonic() - noted >= LIVENESS_EVERY_S:
+                    self._note_liveness(node, liveness_path)
+                    noted = time.monotonic()
                 reason = self.stop_reason()
                 if reason:
                     self._stop(proc, tag)
@@ -172,6 +179,15 @@ class NodeRank:
             if proc.poll() is None:  # an error above: never leave the trainer running
                 self._stop(proc, tag)
             reader.join(10)
+
+    @staticmethod
+    def _note_liveness(node: ClusterNode, path: str) -> None:
+        """(Rank 0.) Every rank as the rendezvous sees it, for `retool status`."""
+        ranks = {r: RankLiveness.model_validate(seen) for r, seen in node.liveness().items()}
+        try:
+            records.save(Path(path), RayLiveness(ranks=ranks, updated_at=time.time()))
+        except OSError as exc:  # status loses a line; training goes on
+            print(f"[retool] rank 0 cannot write {path}: {exc}", flush=True)
 
     @staticmethod
     def _stop(proc: subprocess.Popen[str], tag: str) -> None:

@@ -143,8 +143,10 @@ def killed_rank_apply(cluster: RayCluster, applying: subprocess.Popen[str], befo
         (j for j in jobs(cluster) if j.submission_id not in before and status(j) == "RUNNING"), None))
     edited = run_dir(cluster, job.metadata["retool_restart_id"])
     until("a checkpoint", lambda: (edited / "global_step_2").is_dir())
+    live = ok(retool("status", "spec.yaml", cwd=cluster.root / "repo"))
     rank1 = until("rank 1's trainer", lambda: procs.tagged_processes(rank_tag(run_tag(str(edited)), 1)))
     for pid in rank1:
         os.kill(pid, signal.SIGKILL)
     out, _ = applying.communicate(timeout=TIMEOUT_S)
+    assert "nodes: 0 alive, 1 alive" in live, live  # rank 0's view of every rank, while they train
     return str(out)

@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from reconciler.spec import Spec
+from reconciler.state.run_handle import RayRun
 from reconciler.state.shared_dir import FileKeys
 from runtime import processes as procs
 from runtime.cluster.layout import ClusterInfo
@@ -154,7 +155,8 @@ def nodes_plan(tmp_path: Path, commands: list[list[str]]) -> MultiNodePlan:
     run = RunPlan(commands=[PlannedCommand(argv=a, cwd=str(tmp_path)) for a in commands],
                   exit_path=str(tmp_path / "ray" / "job.exit.json"))
     return MultiNodePlan(run=run, nodes=2, bundle={"CPU": 1.0}, run_tag="ray-unit-" + tmp_path.name[-8:],
-                         cluster_id="job-1", ranks_path=str(tmp_path / "ray" / "job.ranks.json"), join_timeout_s=30)
+                         cluster_id="job-1", ranks_path=str(tmp_path / "ray" / "job.ranks.json"), join_timeout_s=30,
+                         liveness_path=str(tmp_path / "ray" / "job.liveness.json"))
 
 
 def run_ranks(plan: MultiNodePlan, stop_rank_after_s: float | None = None) -> tuple[list[RankRecord], float]:
@@ -187,6 +189,9 @@ def test_a_failing_rank_stops_the_other_through_the_rendezvous(tmp_path: Path) -
     assert [(r.rank, r.returncode) for r in ranks] == [(0, INTERRUPTED), (1, 3)], ranks
     assert "rank 1 of the cluster was lost" in ranks[0].message and took < 200
     assert exit_code(ranks) == 3
+    # rank 0 recorded both ranks alive while they trained; `retool status` reads it
+    ref = RayRun(submission_id="job-1", exit_path=str(tmp_path / "ray" / "job.exit.json"))
+    assert RayRuntime._liveness(ref) == "nodes: 0 alive, 1 alive"
     assert procs.tagged_processes(rank_tag(nodes_plan(tmp_path, []).run_tag, 0)) == []
 
 
