@@ -96,7 +96,8 @@ def test_sft_spans_two_ray_nodes_and_resumes_after_a_killed_rank(cluster: RayClu
     assert len(jobs(cluster)) == 1
 
     # kill -9 rank 1's trainer after the first checkpoint: the job fails, the next apply resumes
-    write_spec(root, cluster.address, cluster.storage, **TWO_NODES, optim={"lr": 2e-3, "warmup_ratio": 0.0})
+    # (16 steps: the kill lands mid-run, after `retool status` had its look)
+    write_spec(root, cluster.address, cluster.storage, **TWO_NODES, optim={"lr": 2e-3, "warmup_ratio": 0.0}, epochs=4)
     before = {j.submission_id for j in jobs(cluster)}
     applying = retool_background("apply", "spec.yaml", "--yes", cwd=root)
     try:
@@ -115,7 +116,7 @@ def test_sft_spans_two_ray_nodes_and_resumes_after_a_killed_rank(cluster: RayClu
     attempts = [j for j in jobs(cluster) if j.submission_id not in before]
     assert [status(j) for j in attempts] == ["FAILED", "SUCCEEDED"], [(j.submission_id, j.message) for j in attempts]
     assert int(attempts[1].metadata["retool_resume_from"]) >= 2
-    assert state(cluster)["nodes"]["stage.sft"]["outputs"]["final_step"] == 8
+    assert state(cluster)["nodes"]["stage.sft"]["outputs"]["final_step"] == 16
     assert all(pg.state == "REMOVED" for pg in placement_groups(cluster))
     assert trainers(edited) == []
     resumed = ranks_of(edited, attempts[1].submission_id or "").ranks
@@ -123,11 +124,11 @@ def test_sft_spans_two_ray_nodes_and_resumes_after_a_killed_rank(cluster: RayClu
         any(a.startswith("trainer.resume_from_path=") for a in r.argv) for r in resumed)  # every rank resumed
 
     # `retool cancel` (`ray job stop`: SIGTERM to the entrypoint) stops both ranks' trainers
-    write_spec(root, cluster.address, cluster.storage, **TWO_NODES, optim={"lr": 2e-3, "warmup_ratio": 0.0}, epochs=6)
+    write_spec(root, cluster.address, cluster.storage, **TWO_NODES, optim={"lr": 2e-3, "warmup_ratio": 0.0}, epochs=8)
     ok(retool("apply", "spec.yaml", "--yes", "--no-wait", cwd=root))
     job = until("the resumed job", lambda: next(
         (j for j in jobs(cluster) if j.submission_id not in before and status(j) == "RUNNING"), None))
-    until("a checkpoint past step 8", lambda: (edited / "global_step_10").is_dir())
+    until("a checkpoint past step 16", lambda: (edited / "global_step_18").is_dir())
     ok(retool("cancel", "spec.yaml", "stage.sft", cwd=root))
     assert status(next(j for j in jobs(cluster) if j.submission_id == job.submission_id)) == "STOPPED"
     stopped = ranks_of(edited, job.submission_id or "").ranks
