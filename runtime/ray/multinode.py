@@ -30,7 +30,7 @@ from runtime.records import ExitRecord, MultiNodePlan, RankRecord, RayRanks
 
 PLACE_NOTE_S = 30.0  # how often a pending placement group is reported in the job's log
 END_GRACE_S = 45.0  # after asking every rank to stop (under Ray's 60 s before SIGKILL)
-PLACE_TIMEOUT_S = 120.0  # the actors' `where()` once their bundles are reserved
+PLACE_TIMEOUT_S = 300.0  # the actors' `where()` once their bundles are reserved (their runtime_env set up)
 
 
 def exit_code(ranks: list[RankRecord]) -> int:
