@@ -29,6 +29,9 @@ same kind of error rather than half-read.
     Ray runs (the stage's run directory and `<ray.storage>/.retool-sandbox/` in the cluster's storage)
         ray/<submission id>.plan.json   RunPlan     what the job's entrypoint (`python -m runtime.ray.job`) runs
         ray/<submission id>.exit.json   ExitRecord  how its commands ended
+        ray/<submission id>.nodes.json  MultiNodePlan  a multi-node SFT job's plan (`python -m runtime.ray.multinode`)
+        ray/<submission id>.ranks.json  RayRanks    where each of its node ranks ran and how it ended
+        ray/<submission id>.liveness.json  RayLiveness  every rank as rank 0 sees it while they train
         <submission id>.json            RaySandbox  where the sandbox job serves (written by the job)
     Eval runs (the stage's run directory; models in runtime.eval.job, built on `Record`)
         job.json          EvalJob        written by the backend, read by `python -m runtime.eval.run`
@@ -249,6 +252,46 @@ class RaySandbox(Record):
     url: str
     node_ip: str
     pid: int
+
+
+class MultiNodePlan(Record):
+    """`ray/<submission id>.nodes.json`: a multi-node stage job's plan (runtime.ray.multinode):
+    the run's commands on every node of one STRICT_SPREAD placement group."""
+
+    run: RunPlan
+    nodes: int
+    bundle: dict[str, float]  # one node's reservation: CPU, GPU, memory, accelerator_type:<gpu>
+    run_tag: str  # the run directory's tag; rank r's processes carry `<run_tag>-rank<r>`
+    cluster_id: str  # the submission id: a rank of another attempt is refused at the rendezvous
+    ranks_path: str
+    liveness_path: str = ""  # where rank 0 keeps every rank's liveness while they train (RayLiveness)
+    placement_timeout_s: float = 600.0
+    join_timeout_s: float = 300.0
+
+
+class RankRecord(Record):
+    rank: int
+    node_id: str
+    ip: str
+    argv: list[str] = Field(default_factory=list)  # this node's command (torchrun with its --node_rank)
+    returncode: int | None = None  # None: the rank never ran (its actor died)
+    message: str = ""
+
+
+class RayLiveness(Record):
+    """`ray/<submission id>.liveness.json`: every rank as rank 0 sees it, while they train
+    (for `retool status`; rank 0 is its only writer)."""
+
+    ranks: dict[str, RankLiveness]
+    updated_at: float
+
+
+class RayRanks(Record):
+    """`ray/<submission id>.ranks.json`: where each node rank of a multi-node job ran."""
+
+    submission_id: str
+    placement_group: str
+    ranks: list[RankRecord]
 
 
 class EnvironmentRecord(Record):

@@ -1,7 +1,8 @@
 """Multi-node stages: one stage across N machines ("nodes") that start together.
 
 On Modal the N nodes are the containers of one clustered function call; in the rehearsal
-(tests/fakes/fake_modal.py) they are N local processes on loopback. Every node runs the
+(tests/fakes/fake_modal.py) they are N local processes on loopback; on Ray (SFT) they are
+N actors, one per bundle of a STRICT_SPREAD placement group (runtime.ray.multinode). Every node runs the
 same stage worker; its rank decides its role:
 
 - rank 0 leads: it waits for every other rank to check in (bounded, naming the missing
@@ -18,6 +19,7 @@ the next apply) from the latest valid checkpoint.
 Modules: `layout` (ranks, addresses, ports, command lines: pure), `rendezvous` (the
 leader/member control channel over TCP), `ray_nodes` and `ray_probe` (rank 0's Ray head
 and its bounded wait for every rank's node), `node` (the role a stage worker plays, used
-by runtime.modal.worker), `liveness` (per-rank liveness for `retool status`).
+by runtime.modal.worker and runtime.ray.node_rank), `liveness` (per-rank liveness for
+`retool status`).
 Nothing here imports modal.
 """

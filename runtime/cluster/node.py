@@ -1,4 +1,5 @@
-"""The role one container plays in a multi-node stage (used by runtime.modal.worker).
+"""The role one container plays in a multi-node stage (used by runtime.modal.worker, and by
+runtime.ray.node_rank for SFT on Ray, where nothing is committed: the storage is shared).
 
     rank 0 (leader)                              rank r > 0 (member)
     ─────────────────────────────────────────    ─────────────────────────────────────────

@@ -22,6 +22,9 @@ Decisions:
 - RL jobs ask Ray for one CPU for their entrypoint: verl's own workers ask the cluster for
   their GPUs (`trainer.nnodes` x `trainer.n_gpus_per_node`). SFT and eval entrypoints run
   the trainer themselves, so they ask for the stage's GPUs, CPUs and memory.
+- An SFT stage on N > 1 nodes is a job whose entrypoint (runtime.ray.multinode) reserves one
+  bundle per node (STRICT_SPREAD placement group) and runs one rank of runtime.cluster's
+  leader/member role in each: torchrun once per node, `--node_rank r`, rank 0's address.
 - The job's log is read with `get_job_logs` into a copy under `<state dir>/logs/`, which
   the same log follower as the local backend's parses (progress, metrics, sparklines).
 - The merge and the tool-call check run on this machine, from the shared storage
@@ -50,7 +53,8 @@ from runtime.local import resources as res
 from runtime.local import runs
 from runtime.local.backend import LocalRuntime
 from runtime.ray import cluster, jobs
-from runtime.records import ExitRecord, PlannedCommand, RaySandbox, RunPlan
+from runtime.cluster.liveness import liveness_text
+from runtime.records import ExitRecord, MultiNodePlan, PlannedCommand, RayLiveness, RaySandbox, RunPlan
 from runtime.stage_kind import Machine
 from runtime.stage_kinds import kind_of
 from runtime.stamps import short_hash
@@ -79,11 +83,18 @@ def run_tag(run_dir: str) -> str:
     return "ray-" + hashlib.sha256(run_dir.encode()).hexdigest()[:16]
 
 
+def spans_nodes(stage: Stage) -> bool:
+    """A stage whose job places one rank per node itself (runtime.ray.multinode)."""
+    return stage.kind == "sft" and stage.resources.nodes > 1
+
+
 def entrypoint_resources(stage: Stage) -> dict[str, Any]:
     """What Ray reserves for a stage job's entrypoint (see the module docstring)."""
     r = stage.resources
     if stage.kind == "rl":
         return {"entrypoint_num_cpus": 1}
+    if spans_nodes(stage):  # the entrypoint only drives; each node's bundle holds the trainer's share
+        return {"entrypoint_num_cpus": 0}
     out: dict[str, Any] = {"entrypoint_num_cpus": r.cpu or (r.processes_per_node or r.gpus_per_node or 1)}
     if r.gpus_per_node:
         out["entrypoint_num_gpus"] = r.gpus_per_node
@@ -163,10 +174,10 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         if kind != "stage" or name not in spec.stages:
             return None
         stage = spec.stages[name]
-        if stage.resources.nodes > 1 and stage.kind != "rl":
+        if stage.resources.nodes > 1 and stage.kind not in ("rl", "sft"):
             return (
-                f"asks for {stage.resources.nodes} nodes; on Ray only RL stages span nodes (verl's trainer.nnodes); "
-                "set resources.nodes: 1, or run it with `backend: modal`"
+                f"asks for {stage.resources.nodes} nodes; on Ray only SFT (one torchrun per node) and RL (verl's "
+                f"trainer.nnodes) stages span nodes, not {stage.kind}; set resources.nodes: 1"
             )
         return kind_of(stage).blocker(stage, self.stage_machine(stage))
 
@@ -177,8 +188,8 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             return None
         address = jobs.address_of(spec)
         needs = ", ".join(
-            f"stage.{n} needs {s.resources.gpus_per_node * s.resources.nodes}"
-            for n, s in spec.stages.items() if s.resources.gpus_per_node
+            f"stage.{n} needs {cluster.need_text(s)}"
+            for n, s in spec.stages.items() if s.resources.gpus_per_node or s.resources.nodes > 1
         ) or "the stages need no GPU"
         try:
             free, total = cluster.free_gpus(address)
@@ -338,10 +349,20 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         sid = jobs.next_submission_id(spec.name, node, ctx.restart_id, attempts)
         plan_path, exit_path = run_dir / "ray" / f"{sid}.plan.json", run_dir / "ray" / f"{sid}.exit.json"
         planned = [PlannedCommand(argv=c.argv, env=c.env, cwd=c.cwd or str(run_dir)) for c in commands]
-        records.save(plan_path, RunPlan(commands=planned, exit_path=str(exit_path)))
+        run_plan = RunPlan(commands=planned, exit_path=str(exit_path))
+        records.save(plan_path, run_plan)
+        entrypoint = ["python", "-m", "runtime.ray.job", str(plan_path), run_tag(str(run_dir))]
+        if spans_nodes(stage):
+            nodes_path = run_dir / "ray" / f"{sid}.nodes.json"
+            records.save(nodes_path, MultiNodePlan(
+                run=run_plan, nodes=stage.resources.nodes, bundle=cluster.node_bundle(stage), run_tag=run_tag(str(run_dir)),
+                cluster_id=sid, ranks_path=str(run_dir / "ray" / f"{sid}.ranks.json"),
+                liveness_path=str(run_dir / "ray" / f"{sid}.liveness.json"),
+            ))
+            entrypoint = ["python", "-m", "runtime.ray.multinode", str(nodes_path)]
         submitted = jobs.submit(
             jc, sid,
-            entrypoint=shlex.join(["python", "-m", "runtime.ray.job", str(plan_path), run_tag(str(run_dir))]),
+            entrypoint=shlex.join(entrypoint),
             runtime_env=self.runtime_env(spec, {**job_env, **{n: os.environ[n] for n in secret_names}}),
             metadata={
                 "retool_spec": spec.name, "retool_node": node, "retool_restart_id": ctx.restart_id,
@@ -409,7 +430,8 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             running = runs.running_status(handle, seen, log_path)
             if status == "PENDING":
                 return running.model_copy(update={"message": f"Ray job {ref.submission_id} waits for the cluster's resources"})
-            return running
+            nodes = self._liveness(ref)
+            return running.model_copy(update={"message": f"{running.message}; {nodes}"}) if nodes else running
         if done is None:  # the entrypoint died before writing its exit record (SIGKILL, runtime_env failure)
             assert job is not None
             code = job.driver_exit_code if job.driver_exit_code is not None else -9
@@ -421,6 +443,19 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             failed = runs.finished_status(handle, done, seen, log_path)
             return failed.model_copy(update={"message": failed.message + (f" ({job.message})" if job.message else "")})
         return runs.finished_status(handle, done, seen, log_path)
+
+    @staticmethod
+    def _liveness(ref: RayRun) -> str:
+        """`nodes: 0 alive, 1 alive` for a multi-node job (rank 0's record), else ""."""
+        path = Path(ref.exit_path.removesuffix(".exit.json") + ".liveness.json")
+        try:
+            seen = records.load(RayLiveness, path)
+        except records.RecordError:
+            return ""
+        if seen is None:
+            return ""
+        ranks = {r: info.model_dump() for r, info in seen.ranks.items()}
+        return liveness_text(ranks, time.time(), updated_at=seen.updated_at)
 
     def cancel_stage(self, handle: RunHandle) -> None:
         """`ray job stop`: the entrypoint passes SIGTERM to the trainer; checkpoints stay."""

@@ -75,6 +75,20 @@ def describe(found: list[Node]) -> str:
     return f"{len(found)} node(s): " + ", ".join(parts)
 
 
+def node_bundle(stage: Stage) -> dict[str, float]:
+    """One node's share of a multi-node stage, as a placement group bundle: what a
+    single-node entrypoint asks for (runtime.ray.backend.entrypoint_resources)."""
+    r = stage.resources
+    bundle: dict[str, float] = {"CPU": float(r.cpu or (r.processes_per_node or r.gpus_per_node or 1))}
+    if r.gpus_per_node:
+        bundle["GPU"] = float(r.gpus_per_node)
+    if r.memory_mb:
+        bundle["memory"] = float(r.memory_mb * 2**20)
+    if r.gpu:
+        bundle[f"accelerator_type:{accelerator(r.gpu)}"] = 0.001
+    return bundle
+
+
 def need_text(stage: Stage) -> str:
     r = stage.resources
     if not r.gpu:
@@ -83,10 +97,19 @@ def need_text(stage: Stage) -> str:
 
 
 def fit_problem(stage: Stage, found: list[Node]) -> str | None:
-    """Why the cluster can never run `stage` (too few nodes with its GPUs), or None."""
+    """Why the cluster can never run `stage` (too few nodes with its GPUs, or, for a stage
+    across nodes, with its CPUs per node), or None."""
     r = stage.resources
     if not r.gpu:
-        return None if len(found) >= r.nodes else f"needs {r.nodes} node(s), the cluster has {len(found)}"
+        if len(found) < r.nodes:
+            return f"needs {r.nodes} node(s), the cluster has {len(found)}"
+        if r.nodes > 1:
+            cpus = node_bundle(stage)["CPU"]
+            roomy = [n for n in found if n.resources.get("CPU", 0) >= cpus]
+            if len(roomy) < r.nodes:
+                return (f"needs {r.nodes} distinct nodes with {cpus:g} CPU each (one rank per node); "
+                        f"nodes with that many: {len(roomy)} ({describe(found)})")
+        return None
     want = accelerator(r.gpu)
     fitting = [n for n in found if n.gpus >= r.gpus_per_node and (not n.gpu_types or want in n.gpu_types)]
     if len(fitting) >= r.nodes:

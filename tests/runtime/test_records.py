@@ -21,10 +21,14 @@ from runtime.records import (
     LaunchIntent,
     MergeRecord,
     MergeStamp,
+    MultiNodePlan,
     PlannedCommand,
     PreparedDir,
     PreparedStamp,
     RankLiveness,
+    RankRecord,
+    RayLiveness,
+    RayRanks,
     RaySandbox,
     Record,
     RecordError,
@@ -83,12 +87,23 @@ RECORDS: dict[type[Record], st.SearchStrategy[Any]] = {
     SandboxRecord: st.builds(SandboxRecord, pid=st.integers(1, 2**22), url=text, start_ticks=maybe_int,
                              config_hash=ident, log_path=text),
     RaySandbox: st.builds(RaySandbox, submission_id=ident, url=text, node_ip=text, pid=st.integers(1, 2**22)),
+    MultiNodePlan: st.builds(
+        MultiNodePlan, run=st.builds(RunPlan, exit_path=text, commands=st.lists(st.builds(
+            PlannedCommand, argv=st.lists(text, min_size=1, max_size=4)), max_size=2)),
+        nodes=st.integers(2, 64), bundle=st.dictionaries(ident, st.floats(0, 1e12), max_size=4), run_tag=ident,
+        cluster_id=ident, ranks_path=text, liveness_path=text, placement_timeout_s=seconds, join_timeout_s=seconds,
+    ),
+    RayRanks: st.builds(RayRanks, submission_id=ident, placement_group=ident, ranks=st.lists(st.builds(
+        RankRecord, rank=st.integers(0, 64), node_id=ident, ip=text, argv=st.lists(text, max_size=4),
+        returncode=st.none() | st.integers(-255, 255), message=text), max_size=3)),
+    RayLiveness: st.builds(RayLiveness, updated_at=seconds, ranks=st.dictionaries(st.integers(0, 64).map(str), st.builds(
+        RankLiveness, state=st.sampled_from(["alive", "lost", "missing"]), seen_at=st.none() | seconds), max_size=4)),
 }
 
 
 def test_every_record_has_a_round_trip_strategy() -> None:
     defined = {v for v in vars(records).values() if isinstance(v, type) and issubclass(v, Record) and v is not Record}
-    assert defined - {RankLiveness, PlannedCommand} | {EvalJob, Progress, Results} == set(RECORDS)
+    assert defined - {RankLiveness, RankRecord, PlannedCommand} | {EvalJob, Progress, Results} == set(RECORDS)
 
 
 @pytest.mark.parametrize("model", list(RECORDS), ids=lambda m: m.__name__)
