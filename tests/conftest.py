@@ -25,3 +25,54 @@ def session_sandbox_url() -> Iterator[str]:
 
     with ephemeral_sandbox(workers=2) as url:
         yield url
+
+
+# --------------------------------------------------------------------------- the tiny SFT model (slow tests)
+# One sandbox server and one tiny SFT model per session: the transformers-rollout and
+# vLLM-rollout end-to-end tests, the known-answer test and the Ray RL test all start from it,
+# so CI trains it once.
+
+SFT_SPECS = Path(__file__).resolve().parents[1] / "specs"
+SFT_RID = "5f70" * 8
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[str]:
+    from sandbox.testing import local_server
+
+    with local_server(workers=2) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def sft_model(sandbox: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny spec's SFT, as rendered (data and model from the project's builtins), merged.
+    Set RETOOL_TEST_SFT_MODEL to a merged tiny SFT model directory to skip it (development)."""
+    import os
+
+    from reconciler.backend import StageContext
+    from reconciler.loader import parse_spec_text
+    from runtime.verl.common import TRACKER_FILE, StagePaths
+
+    given = os.environ.get("RETOOL_TEST_SFT_MODEL")
+    if given:
+        return Path(given)
+    from runtime.data.prepare import prepare
+    from runtime.models.tiny import build_tiny_qwen2
+    from runtime.verl.sft import render_merge, render_sft
+    from tests.runtime.verl.test_rl_e2e import run_command
+
+    root = tmp_path_factory.mktemp("sft")
+    spec = parse_spec_text((SFT_SPECS / "retool-tiny.yaml").read_text())
+    sft = spec.stages["sft"]
+    data = prepare("tiny_sft", spec.datasets["tiny_sft"], root / "data", SFT_SPECS, sandbox_url=sandbox)
+    model = build_tiny_qwen2(root / "model", **spec.models["tiny"].options)
+    ctx = StageContext(spec=spec, spec_dir=str(SFT_SPECS), stage="sft", restart_id=SFT_RID, inputs={
+        sft.train: {"path": data.path}, sft.model: {"path": str(model)}})
+    paths = StagePaths(stage_dir=str(root / "run"), ckpt_dir=str(root / "run"), merged_dir=str(root / "merged"))
+    run = run_command(render_sft(ctx, paths, cpu=True), root / "sft.log")
+    assert run.rc == 0, run.log[-3000:]
+    step = int((root / "run" / TRACKER_FILE).read_text())
+    merge = run_command(render_merge(f"{paths.ckpt_dir}/global_step_{step}", paths.merged_dir), root / "merge.log")
+    assert merge.rc == 0, merge.log[-3000:]
+    return Path(paths.merged_dir)
