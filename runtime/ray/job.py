@@ -5,8 +5,9 @@ It runs the plan's commands in order with the local backend's wrapper
 exit record lands beside the plan in the shared storage), with `python`/`torchrun` resolved
 to this node's interpreter. Every process it starts carries `RETOOL_RUN_TAG=TAG` (one tag
 per run directory): trainer processes an earlier attempt of the same run left behind on
-this node (its entrypoint was killed with SIGKILL, so nobody stopped its children) are
-stopped before training starts, so two trainers never write the same checkpoints.
+this node are stopped before training starts, so two trainers never write the same
+checkpoints; and each command runs through runtime.ray.guard, so it gets SIGTERM when this
+entrypoint dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from runtime import processes as procs
 from runtime import records
+from runtime.ray.guard import guarded
 from runtime.records import RunPlan
 
 
@@ -31,7 +33,8 @@ def main(argv: list[str]) -> int:
         print(f"[retool] stopping {len(leftovers)} process(es) an earlier attempt of this run left: {leftovers}", flush=True)
         procs.terminate_run(None, tag, grace_s=10)
     os.environ[procs.RUN_TAG_ENV] = tag
-    commands = [c.model_copy(update={"argv": procs.this_interpreter(c.argv)}) for c in plan.commands]
+    # Each command dies with this entrypoint (runtime.ray.guard): a killed job leaves no trainer.
+    commands = [c.model_copy(update={"argv": guarded(procs.this_interpreter(c.argv))}) for c in plan.commands]
     return procs.run_plan(plan.model_copy(update={"commands": commands}))
 
 

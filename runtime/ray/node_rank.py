@@ -9,7 +9,7 @@ job's placement group (runtime.ray.multinode), playing runtime.cluster's node ro
 
 Every process a rank starts carries `RETOOL_RUN_TAG=<run tag>-rank<r>` (ranks of one host
 stop only their own; the next attempt stops any an earlier attempt left behind), and is
-started through `python -m runtime.ray.node_rank PARENT_PID ARGV...`, which makes the kernel
+started through `python -m runtime.ray.guard PARENT_PID ARGV...`, which makes the kernel
 send it SIGTERM when the actor dies (a killed entrypoint takes its actors with it, so its
 trainers never run on unowned). Nothing here imports ray at module level.
 """
@@ -31,6 +31,7 @@ from runtime import processes as procs
 from runtime import records
 from runtime.cluster.layout import PORT_BASE_ENV, ClusterError, ClusterInfo
 from runtime.cluster.node import ClusterNode
+from runtime.ray.guard import guarded
 from runtime.records import MultiNodePlan, RankLiveness, RankRecord, RayLiveness
 
 SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"
@@ -70,11 +71,6 @@ def free_port_pair(host: str = "") -> int:
                     continue
             return port
     raise ClusterError("no two free consecutive ports on this node for the rendezvous")
-
-
-def guarded(argv: list[str]) -> list[str]:
-    """`argv` started so that it gets SIGTERM when this process dies (see __main__ below)."""
-    return [sys.executable, "-m", "runtime.ray.node_rank", str(os.getpid()), *argv]
 
 
 class NodeRank:
@@ -216,24 +212,3 @@ class NodeRank:
                 print(f"[retool] rank {self.rank}: stopping {len(left)} process(es) an earlier attempt left: {left}",
                       flush=True)
                 procs.terminate_run(None, tag, grace_s=10)
-
-
-def _exec_guarded(argv: list[str]) -> int:
-    """`python -m runtime.ray.node_rank PARENT_PID ARGV...`: ask the kernel for SIGTERM when
-    the parent (the rank's actor) dies, then become ARGV (the signal request survives exec)."""
-    if len(argv) < 2 or not argv[0].isdigit():
-        print("usage: python -m runtime.ray.node_rank PARENT_PID ARGV...", file=sys.stderr)
-        return 2
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    if os.getppid() != int(argv[0]):  # the actor died before the request took effect
-        return 143
-    os.execvp(argv[1], argv[1:])
-    return 127  # not reached
-
-
-if __name__ == "__main__":
-    sys.exit(_exec_guarded(sys.argv[1:]))

@@ -206,7 +206,7 @@ def test_a_guarded_command_dies_with_its_parent(tmp_path: Path) -> None:
     """The kernel's parent-death signal: a rank's trainer never outlives a killed actor."""
     parent = subprocess.Popen(
         [sys.executable, "-c", (
-            "import subprocess, sys, time; from runtime.ray.node_rank import guarded; "
+            "import subprocess, sys, time; from runtime.ray.guard import guarded; "
             "p = subprocess.Popen(guarded([sys.executable, '-c', 'import time; time.sleep(120)'])); "
             "print(p.pid, flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
