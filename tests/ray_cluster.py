@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -165,3 +166,12 @@ def _processes_mentioning(text: str) -> list[int]:
         if needle in blob:
             found.append(int(entry.name))
     return found
+
+
+def running(**options: int) -> Iterator[RayCluster]:
+    """A started cluster for a fixture to yield (`yield from running()`), stopped after."""
+    cluster = RayCluster(**options)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

@@ -83,6 +83,12 @@ def run_tag(run_dir: str) -> str:
     return "ray-" + hashlib.sha256(run_dir.encode()).hexdigest()[:16]
 
 
+def job_file(run_dir: Path, sid: str, what: str) -> Path:
+    """A job's own file beside its run: `<run dir>/ray/<submission id>.<what>.json` (plan,
+    exit, nodes, ranks, liveness)."""
+    return run_dir / "ray" / f"{sid}.{what}.json"
+
+
 def spans_nodes(stage: Stage) -> bool:
     """A stage whose job places one rank per node itself (runtime.ray.multinode)."""
     return stage.kind == "sft" and stage.resources.nodes > 1
@@ -90,18 +96,18 @@ def spans_nodes(stage: Stage) -> bool:
 
 def entrypoint_resources(stage: Stage) -> dict[str, Any]:
     """What Ray reserves for a stage job's entrypoint (see the module docstring)."""
-    r = stage.resources
     if stage.kind == "rl":
         return {"entrypoint_num_cpus": 1}
     if spans_nodes(stage):  # the entrypoint only drives; each node's bundle holds the trainer's share
         return {"entrypoint_num_cpus": 0}
-    out: dict[str, Any] = {"entrypoint_num_cpus": r.cpu or (r.processes_per_node or r.gpus_per_node or 1)}
-    if r.gpus_per_node:
-        out["entrypoint_num_gpus"] = r.gpus_per_node
-    if r.memory_mb:
-        out["entrypoint_memory"] = r.memory_mb * 2**20
-    if r.gpu:
-        out["entrypoint_resources"] = {f"accelerator_type:{cluster.accelerator(r.gpu)}": 0.001}
+    share = cluster.node_share(stage)
+    out: dict[str, Any] = {"entrypoint_num_cpus": share.cpus}
+    if share.gpus:
+        out["entrypoint_num_gpus"] = share.gpus
+    if share.memory_bytes:
+        out["entrypoint_memory"] = share.memory_bytes
+    if share.accelerator:
+        out["entrypoint_resources"] = {share.accelerator: 0.001}
     return out
 
 
@@ -347,17 +353,17 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         # `ray.init(runtime_env=...)` is merged with the job's, key by key.
         job_env = {k: v for c in commands for k, v in c.env.items()} | {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
         sid = jobs.next_submission_id(spec.name, node, ctx.restart_id, attempts)
-        plan_path, exit_path = run_dir / "ray" / f"{sid}.plan.json", run_dir / "ray" / f"{sid}.exit.json"
+        plan_path, exit_path = job_file(run_dir, sid, "plan"), job_file(run_dir, sid, "exit")
         planned = [PlannedCommand(argv=c.argv, env=c.env, cwd=c.cwd or str(run_dir)) for c in commands]
         run_plan = RunPlan(commands=planned, exit_path=str(exit_path))
         records.save(plan_path, run_plan)
         entrypoint = ["python", "-m", "runtime.ray.job", str(plan_path), run_tag(str(run_dir))]
         if spans_nodes(stage):
-            nodes_path = run_dir / "ray" / f"{sid}.nodes.json"
+            nodes_path = job_file(run_dir, sid, "nodes")
             records.save(nodes_path, MultiNodePlan(
                 run=run_plan, nodes=stage.resources.nodes, bundle=cluster.node_bundle(stage), run_tag=run_tag(str(run_dir)),
-                cluster_id=sid, ranks_path=str(run_dir / "ray" / f"{sid}.ranks.json"),
-                liveness_path=str(run_dir / "ray" / f"{sid}.liveness.json"),
+                cluster_id=sid, ranks_path=str(job_file(run_dir, sid, "ranks")),
+                liveness_path=str(job_file(run_dir, sid, "liveness")),
             ))
             entrypoint = ["python", "-m", "runtime.ray.multinode", str(nodes_path)]
         submitted = jobs.submit(
@@ -382,7 +388,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
         return RunHandle(
             ref=RayRun(
                 submission_id=sid, address=jobs.address_of(ctx.spec), stage_dir=str(run_dir),
-                exit_path=str(run_dir / "ray" / f"{sid}.exit.json"), log_path=str(self._log_copy(ctx.stage, ctx.restart_id, sid)),
+                exit_path=str(job_file(run_dir, sid, "exit")), log_path=str(self._log_copy(ctx.stage, ctx.restart_id, sid)),
                 metrics_path=str(run_dir / "metrics.jsonl"),
             ),
             stage=ctx.stage, kind=ctx.spec.stages[ctx.stage].kind, restart_id=ctx.restart_id, command=command or [],
@@ -447,7 +453,7 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
     @staticmethod
     def _liveness(ref: RayRun) -> str:
         """`nodes: 0 alive, 1 alive` for a multi-node job (rank 0's record), else ""."""
-        path = Path(ref.exit_path.removesuffix(".exit.json") + ".liveness.json")
+        path = Path(ref.exit_path.removesuffix(".exit.json") + ".liveness.json")  # beside the exit record
         try:
             seen = records.load(RayLiveness, path)
         except records.RecordError:

@@ -75,17 +75,35 @@ def describe(found: list[Node]) -> str:
     return f"{len(found)} node(s): " + ", ".join(parts)
 
 
-def node_bundle(stage: Stage) -> dict[str, float]:
-    """One node's share of a multi-node stage, as a placement group bundle: what a
-    single-node entrypoint asks for (runtime.ray.backend.entrypoint_resources)."""
+@dataclass(frozen=True)
+class NodeShare:
+    """What one node gives a stage's trainer: a single-node job's entrypoint asks Ray for it
+    (runtime.ray.backend.entrypoint_resources), a multi-node job's bundles too (node_bundle)."""
+
+    cpus: float | int  # the spec's `cpu` may be fractional
+    gpus: int
+    memory_bytes: int
+    accelerator: str | None  # Ray's `accelerator_type:<name>` resource, asked for in a token amount
+
+
+def node_share(stage: Stage) -> NodeShare:
     r = stage.resources
-    bundle: dict[str, float] = {"CPU": float(r.cpu or (r.processes_per_node or r.gpus_per_node or 1))}
-    if r.gpus_per_node:
-        bundle["GPU"] = float(r.gpus_per_node)
-    if r.memory_mb:
-        bundle["memory"] = float(r.memory_mb * 2**20)
-    if r.gpu:
-        bundle[f"accelerator_type:{accelerator(r.gpu)}"] = 0.001
+    return NodeShare(
+        cpus=r.cpu or (r.processes_per_node or r.gpus_per_node or 1), gpus=r.gpus_per_node,
+        memory_bytes=(r.memory_mb or 0) * 2**20, accelerator=f"accelerator_type:{accelerator(r.gpu)}" if r.gpu else None,
+    )
+
+
+def node_bundle(stage: Stage) -> dict[str, float]:
+    """One node's share of a multi-node stage, as a placement group bundle."""
+    share = node_share(stage)
+    bundle: dict[str, float] = {"CPU": float(share.cpus)}
+    if share.gpus:
+        bundle["GPU"] = float(share.gpus)
+    if share.memory_bytes:
+        bundle["memory"] = float(share.memory_bytes)
+    if share.accelerator:
+        bundle[share.accelerator] = 0.001
     return bundle
 
 

@@ -10,6 +10,7 @@ retool already reports failed.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -18,16 +19,22 @@ def guarded(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "runtime.ray.guard", str(os.getpid()), *argv]
 
 
+def signal_on_parent_death(signum: int) -> None:
+    """Ask the kernel to send `signum` to this process when its parent dies (Linux
+    `PR_SET_PDEATHSIG`; kept across exec). Elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1 = PR_SET_PDEATHSIG
+
+
 def exec_guarded(argv: list[str]) -> int:
     """Ask for SIGTERM when the parent dies, then become ARGV (argv[0] is the parent's pid)."""
     if len(argv) < 2 or not argv[0].isdigit():
         print("usage: python -m runtime.ray.guard PARENT_PID ARGV...", file=sys.stderr)
         return 2
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    signal_on_parent_death(signal.SIGTERM)
     if os.getppid() != int(argv[0]):  # the parent died before the request took effect
         return 143
     os.execvp(argv[1], argv[1:])

@@ -17,17 +17,16 @@ from pathlib import Path
 
 from reconciler.spec import Sandbox
 from runtime import records
+from runtime.ray.guard import signal_on_parent_death
 from runtime.records import RaySandbox
 from runtime.sandbox_process import SandboxProcess, free_port, server_argv, wait_until_serving
 
 
 def die_with_parent() -> None:
-    """The server is killed when this entrypoint dies, however it dies (Linux
-    PR_SET_PDEATHSIG): a sandbox never outlives its job, e.g. across a head restart."""
+    """The server is killed when this entrypoint dies, however it dies: a sandbox never
+    outlives its job, e.g. across a head restart."""
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        signal_on_parent_death(signal.SIGKILL)
     except (OSError, AttributeError):
         pass
 

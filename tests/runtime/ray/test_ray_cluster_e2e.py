@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.ray_cluster import RayCluster
+from tests.ray_cluster import RayCluster, running
 from tests.runtime.ray.spec_helpers import write_spec
 
 pytestmark = pytest.mark.slow
@@ -98,11 +98,7 @@ def entrypoint_pids(restart_id: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    c = RayCluster()
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    yield from running()
 
 
 @pytest.fixture(scope="module")

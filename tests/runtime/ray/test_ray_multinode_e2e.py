@@ -22,7 +22,7 @@ from runtime import records
 from runtime.records import RayRanks
 from runtime.ray.backend import run_tag
 from runtime.ray.node_rank import STOPPED, rank_tag
-from tests.ray_cluster import RayCluster
+from tests.ray_cluster import RayCluster, running
 from tests.runtime.ray.spec_helpers import write_spec
 from tests.runtime.ray.test_ray_cluster_e2e import (
     TIMEOUT_S,
@@ -44,11 +44,7 @@ TWO_NODES = {"resources": {"nodes": 2, "processes_per_node": 1}, "micro_batch_si
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    c = RayCluster()
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    yield from running()
 
 
 def ranks_of(directory: Path, submission_id: str) -> RayRanks:

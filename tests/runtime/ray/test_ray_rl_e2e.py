@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.ray_cluster import RayCluster
+from tests.ray_cluster import RayCluster, running
 from tests.runtime.ray.test_ray_cluster_e2e import jobs, ok, retool, status
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,7 @@ def rl_spec(address: str, storage: Path, sft_model: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    c = RayCluster(worker_gpus=1)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    yield from running(worker_gpus=1)
 
 
 def test_rl_with_tool_calls_runs_as_a_ray_job(cluster: RayCluster, sft_model: Path) -> None:
