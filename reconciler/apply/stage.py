@@ -12,7 +12,7 @@ from reconciler.apply.context import (
 from reconciler.errors import RetoolError, TransientError
 from reconciler.fingerprint import Fingerprints, output_id
 from reconciler.graph import Node
-from reconciler.plan import PlannedChange
+from reconciler.plan import PlannedChange, ReasonCode
 from reconciler.state.base import NodeRecord, RunHandle
 from reconciler.steps import gpu_count, hourly_usd
 from reconciler.backend import Checkpoint, RunStatus, latest_resumable
@@ -54,7 +54,9 @@ class StageRunner:
         rec = self.ctx.state.nodes.get(node.address)
         total = planned_total_steps(self.ctx.loaded, self.ctx.state, node.name)
         total = change.total_steps if total is None else total
-        replacing = change.action == "rerun" and rec is not None and rec.restart_id == fp.restart_id
+        # Only --replace discards the identity's checkpoints; a rerun planned from a failure (or from
+        # a plan whose refresh could not read them) still resumes from what the backend holds.
+        replacing = ReasonCode.REPLACE_REQUESTED in change.reason_codes and rec is not None and rec.restart_id == fp.restart_id
         latest = None if replacing else self._latest_checkpoint(node, fp.restart_id)
         if latest is not None and total is not None and latest.step >= total:
             # Everything is trained already (e.g. finalize failed last time): finish it.
@@ -107,6 +109,8 @@ class StageRunner:
             return "running", "still running (--no-wait)"
         self._account(rec, status, node)
         if status.state == "succeeded":
+            if status.step is not None:  # what it reached counts even if finalizing fails below
+                rec.steps_done = max(rec.steps_done, status.step)
             rec.message = "run finished; finalizing"
             self.ctx.commit(rec)
             latest = self._latest_checkpoint(node, fp.restart_id)

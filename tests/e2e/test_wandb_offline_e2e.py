@@ -138,7 +138,9 @@ def test_offline_wandb_run_resumes_under_one_id_and_holds_the_status_metrics(tmp
         state = State.model_validate(read_state(state_dir))
         done = state.nodes["stage.sft"]
         assert done.status == "succeeded" and done.steps_done == STEPS
-        assert done.run is not None and done.run.resume_from == SAVE  # resumed, not restarted
+        assert done.run is not None and done.run.resume_from is not None  # resumed, not restarted ...
+        resumed_at = done.run.resume_from  # ... from the last checkpoint before the kill: SAVE, or later on a slow machine
+        assert resumed_at % SAVE == 0 and SAVE <= resumed_at < STEPS, resumed_at
 
         status = json.loads(run("status", str(spec), "--json").stdout)
         sft = next(n for n in status["nodes"] if n["address"] == "stage.sft")
@@ -159,15 +161,19 @@ def test_offline_wandb_run_resumes_under_one_id_and_holds_the_status_metrics(tmp
 
         # The metrics W&B holds are those status shows, step for step.
         logged_first, logged_resumed = history(first), history(resumed)
-        assert min(logged_resumed) == SAVE + 1 and max(logged_resumed) == STEPS
+        assert sorted(logged_resumed) == list(range(resumed_at + 1, STEPS + 1))
+        flushed = max(logged_first)  # the first segment's file holds every step up to its last flush, in order
+        assert sorted(logged_first) == list(range(1, flushed + 1)) and flushed >= SAVE
         assert sft["step"] == STEPS
         final = display(logged_resumed[STEPS])
         assert set(sft["metrics"]) <= set(final) and {"loss", "grad_norm", "lr"} <= set(sft["metrics"])
         for name, value in sft["metrics"].items():
             assert final[name] == pytest.approx(value, rel=1e-6), name
         per_step = {r.step: r.values for r in met.read_file(Path(handle["ref"]["metrics_path"]))}  # the report's data
-        kept = {s: v for s, v in logged_first.items() if s <= SAVE} | logged_resumed  # what the resumed run continued from
-        assert sorted(kept) == list(range(1, STEPS + 1)) == sorted(per_step)
+        kept = {s: v for s, v in logged_first.items() if s <= resumed_at} | logged_resumed  # what the resumed run continued from
+        # Steps logged in the second before the kill may miss W&B (the limit docs/wandb.md states); retool's file has them.
+        unflushed = set(range(flushed + 1, resumed_at + 1))
+        assert sorted(set(kept) | unflushed) == list(range(1, STEPS + 1)) == sorted(per_step)
         for step, values in kept.items():
             for key, value in per_step[step].items():
                 assert values[key] == pytest.approx(value, rel=1e-6), (step, key)
