@@ -92,6 +92,11 @@ class RayCluster:
             '--resources={"retool_test_worker": 1}',
         ])
 
+    def add_node(self, name: str, *, cpus: int, gpus: int) -> None:
+        """Another worker node joins the running cluster (as an autoscaler's would)."""
+        self._start(name, [f"--address={self.gcs}", f"--num-cpus={cpus}", f"--num-gpus={gpus}"])
+        self.wait_for_nodes(len(self.procs))
+
     def wait_for_nodes(self, count: int) -> None:
         from ray.util.state import list_nodes
 

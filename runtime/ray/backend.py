@@ -436,8 +436,10 @@ class RayRuntime(LocalRuntime, ChecksReadiness, ReportsCapacity):
             running = runs.running_status(handle, seen, log_path)
             if status == "PENDING":
                 return running.model_copy(update={"message": f"Ray job {ref.submission_id} waits for the cluster's resources"})
-            nodes = self._liveness(ref)
-            return running.model_copy(update={"message": f"{running.message}; {nodes}"}) if nodes else running
+            assert job is not None
+            waits = cluster.pending_placement(ref.address, job.job_id) if job.job_id else None
+            notes = [note for note in (waits, self._liveness(ref)) if note]
+            return running.model_copy(update={"message": "; ".join([running.message, *notes])}) if notes else running
         if done is None:  # the entrypoint died before writing its exit record (SIGKILL, runtime_env failure)
             assert job is not None
             code = job.driver_exit_code if job.driver_exit_code is not None else -9

@@ -67,6 +67,33 @@ def free_gpus(address: str) -> tuple[int, int]:
     return int(total - used), int(total)
 
 
+def pending_placement(address: str, job_id: str) -> str | None:
+    """Why a running job waits, when it does: the placement groups it created that Ray cannot
+    place yet (verl's resource pools, a multi-node SFT's bundles), or None. Ray's own state
+    API; None too when the cluster cannot say (the poll goes on without it)."""
+    from ray.util.state import list_placement_groups
+
+    try:
+        pending = list_placement_groups(
+            address=address, filters=[("state", "=", "PENDING"), ("creator_job_id", "=", job_id)],
+            detail=True, timeout=PLAN_TIMEOUT_S,
+        )
+    except Exception:  # noqa: BLE001 - Ray's state API raises its own and transport errors; the poll must not fail
+        return None
+    if not pending:
+        return None
+    shapes: dict[str, int] = {}
+    for pg in pending:
+        for bundle in pg.bundles or []:
+            res = bundle.get("unit_resources") or {}
+            shape = "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
+            shapes[shape] = shapes.get(shape, 0) + 1
+    why = sorted({str((pg.stats or {}).get("scheduling_state") or "pending") for pg in pending})
+    asks = " + ".join(f"{n} x {shape}" for shape, n in shapes.items())
+    return (f"waits for Ray to place {len(pending)} placement group(s): {asks} ({', '.join(why)}); "
+            "the cluster has no room for them yet")
+
+
 def describe(found: list[Node]) -> str:
     if not found:
         return "no alive node"
@@ -121,7 +148,16 @@ def fit_problem(stage: Stage, found: list[Node]) -> str | None:
     if not r.gpu:
         if len(found) < r.nodes:
             return f"needs {r.nodes} node(s), the cluster has {len(found)}"
-        if r.nodes > 1:
+        if stage.kind == "rl":
+            # On CPU verl still places each trainer rank on a "GPU" resource, and refuses to
+            # start when the cluster declares fewer than trainer.nnodes x n_gpus_per_node.
+            ranks = r.processes_per_node or 1
+            declaring = [n for n in found if n.gpus >= ranks]
+            if len(declaring) < r.nodes:
+                return (f"needs {r.nodes} node(s) declaring {ranks} GPU resource(s) each (on CPU verl places each "
+                        f"trainer rank on one: `ray start --num-gpus={ranks}`); nodes with that many: "
+                        f"{len(declaring)} ({describe(found)})")
+        elif r.nodes > 1:
             cpus = node_bundle(stage)["CPU"]
             roomy = [n for n in found if n.resources.get("CPU", 0) >= cpus]
             if len(roomy) < r.nodes:

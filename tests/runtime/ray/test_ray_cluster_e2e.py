@@ -185,3 +185,36 @@ def test_doctor_and_plan_see_the_cluster(cluster: RayCluster, repo: Path) -> Non
     assert "written from all 2 node(s)" in out and "Ray 2." in out, out
     plan = ok(retool("plan", "spec.yaml", cwd=repo))
     assert f"Ray cluster at {cluster.address}: 0 of 0 GPUs free; the stages need no GPU" in plan, plan
+
+
+def test_status_names_the_placement_groups_a_running_job_waits_for(cluster: RayCluster, tmp_path: Path) -> None:
+    """A job that asks for more than the cluster has (here one bundle of 64 CPUs) runs, but
+    waits: the poll says on what, so a stage that waits is not mistaken for one that hangs."""
+    from ray.job_submission import JobSubmissionClient
+
+    from reconciler.state.base import RayRun, RunHandle
+    from runtime.ray.backend import RayRuntime
+
+    waits = (
+        "import ray, time; from ray.util.placement_group import placement_group; ray.init(); "
+        "pg = placement_group([{'CPU': 64}], name='too-big'); time.sleep(300)"
+    )
+    client = JobSubmissionClient(cluster.address)
+    sid = client.submit_job(entrypoint=f"python -c {json.dumps(waits)}", entrypoint_num_cpus=0)
+    try:
+        handle = RunHandle(
+            ref=RayRun(submission_id=sid, address=cluster.address, stage_dir=str(tmp_path),
+                       exit_path=str(tmp_path / f"{sid}.exit.json"), log_path=str(tmp_path / "job.log"),
+                       metrics_path=str(tmp_path / "metrics.jsonl")),
+            stage="sft", kind="sft", restart_id="ab" * 32, total_steps=4,
+        )
+        runtime = RayRuntime(str(tmp_path / ".retool"))
+
+        def waiting() -> str | None:
+            message = runtime.poll_stage(handle).message or ""
+            return message if "placement group" in message else None
+
+        seen = until("the poll to name the placement group the job waits for", waiting, timeout=120)
+        assert seen.startswith("starting; waits for Ray to place 1 placement group(s): 1 x {CPU: 64}"), seen
+    finally:
+        client.stop_job(sid)

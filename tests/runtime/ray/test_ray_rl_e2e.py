@@ -1,10 +1,14 @@
-"""GRPO RL with tool calls as a Ray job on a real loopback cluster whose worker node declares
-one GPU (on CPU verl places each trainer rank on a "GPU" resource): verl's `main_ppo` runs as
-the job's entrypoint, joins the cluster, and its workers (started by the cluster's raylets,
-with the stage's environment through the job's runtime_env) run the multi-turn agent loop
-against the sandbox job's URL. The policy is the session's tiny SFT model (tests/conftest.py,
-a `path:` model here), which calls the tool: the calls must reach the sandbox job. SFT as a
-Ray job is test_ray_cluster_e2e.py's and test_ray_multinode_e2e.py's."""
+"""GRPO RL with tool calls as a Ray job on a real loopback cluster, across two nodes
+(`resources: {nodes: 2, processes_per_node: 1}`: verl's trainer.nnodes=2; on CPU verl places
+each trainer rank on a "GPU" resource, so GPU-declaring nodes are what it needs). The
+cluster starts with one such node: `retool doctor` names what is missing. A second joins (as
+an autoscaler's would) and apply runs verl's `main_ppo` as the job's entrypoint; it joins the
+cluster, and its workers on both nodes (started by the raylets, with the stage's environment
+through the job's runtime_env) run the multi-turn agent loop against the sandbox job's URL.
+The policy is the session's tiny SFT model (tests/conftest.py, a `path:` model here), which
+calls the tool: the calls must reach the sandbox job, and the checkpoint holds a shard from
+each node's rank. SFT as a Ray job is test_ray_cluster_e2e.py's and
+test_ray_multinode_e2e.py's; RL's single-node rendering is the units' and the local backend's."""
 
 from __future__ import annotations
 
@@ -51,15 +55,25 @@ def cluster() -> Iterator[RayCluster]:
     yield from running(worker_gpus=1)
 
 
-def test_rl_with_tool_calls_runs_as_a_ray_job(cluster: RayCluster, sft_model: Path) -> None:
+def test_rl_with_tool_calls_runs_across_two_ray_nodes(cluster: RayCluster, sft_model: Path) -> None:
     root = cluster.root / "repo"
     (root / ".git").mkdir(parents=True)
-    (root / "spec.yaml").write_text(yaml.safe_dump(rl_spec(cluster.address, cluster.storage, sft_model), sort_keys=False))
+    spec = rl_spec(cluster.address, cluster.storage, sft_model)
+    spec["stages"]["rl"]["resources"] = {"nodes": 2, "processes_per_node": 1}  # type: ignore[index]
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    doctor = retool("doctor", "spec.yaml", "--skip-build", cwd=root)
+    assert doctor.returncode != 0 and "2 node(s) declaring 1 GPU resource(s) each" in doctor.stdout, doctor.stdout
+    cluster.add_node("worker-2", cpus=4, gpus=1)
+
     ok(retool("apply", "spec.yaml", "--yes", cwd=root))
     nodes = json.loads((cluster.storage / ".retool-state" / "ray-e2e" / "state.json").read_text())["nodes"]
     assert nodes["stage.rl"]["status"] == "succeeded" and nodes["stage.rl"]["outputs"]["final_step"] == 1
     assert (Path(nodes["stage.rl"]["outputs"]["model_path"]) / "config.json").is_file()
     assert [status(j) for j in jobs(cluster, "stage-rl")] == ["SUCCEEDED"]
+    actor = Path(nodes["stage.rl"]["outputs"]["checkpoint"]) / "actor"
+    assert sorted(p.name for p in actor.glob("model_world_size_*_rank_*.pt")) == [
+        "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt",  # a shard from each node's rank
+    ]
     metrics = nodes["stage.rl"]["outputs"]["final_metrics"]  # parsed from the job's log (get_job_logs)
     # The multi-turn agent loop ran in the cluster's workers, the policy called the tool (a
     # tool response adds two turns to the plain answer's two) and the calls reached the

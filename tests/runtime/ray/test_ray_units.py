@@ -140,6 +140,22 @@ def test_fit_counts_nodes_with_room_for_one_rank_each() -> None:
     assert "the cluster has 1" in (fit_problem(stage(nodes=2), [big]) or "")  # type: ignore[arg-type]
 
 
+def test_fit_of_rl_on_cpu_counts_the_gpu_resources_verl_places_its_ranks_on() -> None:
+    def rl(**resources: object) -> object:
+        s = spec(
+            models={"m": {"source": "builtin:tiny-qwen2"}}, datasets={"d": {"source": "builtin:tiny_math", "format": "rl"}},
+            stages={"rl": {"kind": "rl", "model": "model.m", "train": "dataset.d", "resources": resources}},
+        )
+        return s.stages["rl"]
+
+    head, worker = Node("h", "10.0.0.1", {"CPU": 4}), Node("w", "10.0.0.2", {"CPU": 4, "GPU": 1})
+    assert fit_problem(rl(processes_per_node=1), [head, worker]) is None  # type: ignore[arg-type]
+    problem = fit_problem(rl(nodes=2, processes_per_node=1), [head, worker])  # type: ignore[arg-type]
+    assert problem and "2 node(s) declaring 1 GPU resource(s) each" in problem and "nodes with that many: 1" in problem
+    assert "--num-gpus=2" in (fit_problem(rl(processes_per_node=2), [head, worker]) or "")  # type: ignore[arg-type]
+    assert fit_problem(rl(nodes=2, processes_per_node=1), [worker, worker]) is None  # type: ignore[arg-type]
+
+
 def test_the_job_fails_with_the_rank_that_failed_on_its_own() -> None:
     def rank(r: int, code: int | None) -> RankRecord:
         return RankRecord(rank=r, node_id=f"n{r}", ip="10.0.0.1", returncode=code)
