@@ -33,6 +33,7 @@ def rl_spec(address: str, storage: Path, sft_model: Path) -> dict[str, object]:
         "sandbox": {"placement": "sidecar", "workers": 2},
         "datasets": {
             "tiny_math": {"source": "builtin:tiny_math", "format": "rl", "options": {"rows": 16, "seed": 1}},
+            "tiny_math_test": {"source": "builtin:tiny_math", "format": "rl", "options": {"rows": 4, "seed": 7}},
         },
         "models": {"sft": {"source": f"path:{sft_model}"}},
         "stages": {
@@ -45,6 +46,12 @@ def rl_spec(address: str, storage: Path, sft_model: Path) -> dict[str, object]:
                             "max_user_turns": 2},
                 "validation": {"n": 1, "before_train": False},
                 "tool": {"timeout_s": 10, "num_workers": 2, "rate_limit": 4}, "save_freq": 1, "test_freq": 100,
+            },
+            # The RL model's evaluation, as a job of its own on the cluster, through the same sandbox job.
+            "eval_rl": {
+                "kind": "eval", "model": "stage.rl", "datasets": ["dataset.tiny_math_test"], "samples": 2,
+                "engine": "transformers", "max_response_length": 128, "max_assistant_turns": 2, "max_user_turns": 2,
+                "tool": {"timeout_s": 10, "num_workers": 2, "rate_limit": 4},
             },
         },
     }
@@ -81,3 +88,9 @@ def test_rl_with_tool_calls_runs_across_two_ray_nodes(cluster: RayCluster, sft_m
     assert metrics["num_turns/mean"] > 2 and "critic/score/mean" in metrics, metrics
     url = nodes["sandbox"]["outputs"]["url"]
     assert httpx.get(url + "/health", timeout=10).json()["executions"] > 0
+    # The evaluation ran as a Ray job too and graded every sample of the RL model.
+    assert nodes["stage.eval_rl"]["status"] == "succeeded"
+    assert [status(j) for j in jobs(cluster, "stage-eval_rl")] == ["SUCCEEDED"]
+    graded = nodes["stage.eval_rl"]["outputs"]["results"]["tiny_math_test"]
+    assert graded["problems"] == 4 and graded["samples_per_problem"] == 2 and set(graded["pass_at_k"]) == {"1", "2"}
+    assert graded["mean_tool_calls"] > 0  # its answers called the tool through the sandbox job as well
