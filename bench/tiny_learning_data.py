@@ -82,6 +82,7 @@ DESIGNS: dict[str, tuple[Generator, bool]] = {
     "arith3": (_distinct(_arith(True)), True),
     "stated": (_distinct(_stated), True),
     "arith3_nosys": (_distinct(_arith(True)), False),  # a 106-token context instead of 244
+    "base9_nosys": (lambda n, seed, heldout: generate(n, seed, heldout=heldout), False),
 }
 
 

@@ -1,15 +1,17 @@
-"""How fast does a tiny Qwen2 learn to copy in the tiny spec's SFT? A plain-PyTorch sweep.
+"""How fast does the builtin tiny Qwen2 learn to copy in the tiny spec's SFT? A plain-PyTorch sweep.
 
-    python bench/tiny_learning_sweep.py DATA_DIR [--grid NAME] [--device cpu|cuda]
+    python bench/tiny_learning_data.py DIR                  # the tokenized sets (needs the repo)
+    python bench/tiny_learning_sweep.py DIR [--grid table|curve|smoke] [--device cpu|cuda]
 
-DATA_DIR comes from bench/tiny_learning_data.py. Each row of the table: a Qwen2 built from a
-config (seeded), optionally pretrained on generic text where numbers and phrases recur, then
-fine-tuned like verl's SFT (AdamW, cosine schedule with warmup, clip 1.0, loss on assistant
-tokens) on the design's SFT rows, then evaluated on held-out problems:
-tf_code / tf_ans: teacher-forced accuracy on the digits the code copies from the problem and
-on the boxed answer's digits; code: greedy code equals the reference; solved: greedy answer
-boxed right, with the real interpreter output of the model's own code inserted.
-Needs only torch and transformers.
+Each row of the table: a Qwen2 built from a config (seeded), optionally pretrained on generic
+text where numbers and phrases recur, then fine-tuned as verl's SFT does (AdamW β 0.9/0.95,
+weight decay 0.01, cosine schedule with 5% warmup, clip 1.0, batch 16, loss on assistant
+tokens) on a design's 512 SFT rows, then evaluated on 64 held-out problems: `tf_code` /
+`tf_ans`, the teacher-forced accuracy on the digits the code copies from the problem and on
+the boxed answer's digits (`ans_prior`: what the best context-free guess scores); `code`,
+greedy code equal to the reference; `solved`, the greedy answer boxed right, with the output
+of the model's own code inserted as the tool response. `curve` prints the teacher-forced
+accuracies during training. Needs only torch and transformers (no repo imports).
 """
 
 from __future__ import annotations
@@ -189,7 +191,11 @@ GRIDS: dict[str, list[Run]] = {
         Run("arith3_nosys"), Run("arith3_nosys", steps=192),
     ],
     # learning curves over many more steps than the tiny spec can afford
-    "curve": [Run("arith3", steps=768, probe_every=96), Run("arith3_nosys", steps=768, lr=3e-3, probe_every=96)],
+    "curve": [
+        Run("arith3", steps=768, probe_every=96), Run("arith3", steps=768, lr=3e-3, probe_every=96),
+        Run("arith3_nosys", steps=768, lr=3e-3, probe_every=96), Run("arith3_nosys", steps=288, lr=3e-3, probe_every=48),
+        Run("base9_nosys", steps=768, lr=3e-3, probe_every=96),
+    ],
     "smoke": [Run(steps=2, pre_steps=2)],
 }
 
