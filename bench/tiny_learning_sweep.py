@@ -1,7 +1,7 @@
 """How fast does the builtin tiny Qwen2 learn to copy in the tiny spec's SFT? A plain-PyTorch sweep.
 
     python bench/tiny_learning_data.py DIR                  # the tokenized sets (needs the repo)
-    python bench/tiny_learning_sweep.py DIR [--grid table|curve|smoke] [--device cpu|cuda]
+    python bench/tiny_learning_sweep.py DIR [--grid table|curve|batch4|smoke] [--device cpu|cuda]
 
 Each row of the table: a Qwen2 built from a config (seeded), optionally pretrained on generic
 text where numbers and phrases recur, then fine-tuned as verl's SFT does (AdamW β 0.9/0.95,
@@ -177,6 +177,7 @@ class Run:
     pre_block: int = 128
     lr: float = 1e-2
     steps: int = 96
+    batch: int = 16
     probe_every: int = 0  # print teacher-forced accuracies every this many SFT steps
 
 
@@ -196,6 +197,8 @@ GRIDS: dict[str, list[Run]] = {
         Run("arith3_nosys", steps=768, lr=3e-3, probe_every=96), Run("arith3_nosys", steps=288, lr=3e-3, probe_every=48),
         Run("base9_nosys", steps=768, lr=3e-3, probe_every=96),
     ],
+    # the same number of SFT rows as the spec (3 epochs of 512), in batches of 4
+    "batch4": [Run("arith3", steps=384, lr=3e-3, batch=4, probe_every=48)],
     "smoke": [Run(steps=2, pre_steps=2)],
 }
 
@@ -210,9 +213,9 @@ def main() -> None:
     data = torch.load(args.data / "data.pt")
     tok = AutoTokenizer.from_pretrained(args.data / "tokenizer")
     pad_id, tool_response = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<tool_response>")
-    print("| design | hidden | layers | kv | rope | pre_steps | pre_block | pre_lr | lr | steps | pre_s | sft_s "
+    print("| design | hidden | layers | kv | rope | pre_steps | pre_block | pre_lr | lr | batch | steps | pre_s | sft_s "
           "| tf_code | tf_ans | ans_prior | code | solved |")
-    print("|" + "---|" * 17)
+    print("|" + "---|" * 18)
     for i, c in enumerate(GRIDS[args.grid]):
         if args.only and i not in args.only:
             continue
@@ -228,12 +231,12 @@ def main() -> None:
             code_acc, ans_acc = teacher_forced(model, held, tool_response, args.device, pad_id)
             print(f"  step {step}: tf_code {code_acc:.2f} tf_ans {ans_acc:.2f}", flush=True)
 
-        train_steps(model, sft_batches(d["train"], c.steps, 16, 0, pad_id), c.lr, args.device, c.probe_every, probe)
+        train_steps(model, sft_batches(d["train"], c.steps, c.batch, 0, pad_id), c.lr, args.device, c.probe_every, probe)
         t2 = time.time()
         tf_code, tf_ans = teacher_forced(model, d["held"], tool_response, args.device, pad_id)
         code, solved = greedy_solve(model, tok, d["prompts"], args.device)
         print(f"| {c.design} | {c.hidden} | {c.layers} | {c.kv} | {c.rope:g} | {c.pre_steps} | {c.pre_block} | {c.pre_lr:g} "
-              f"| {c.lr:g} | {c.steps} | {t1 - t0:.0f} | {t2 - t1:.0f} | {tf_code:.2f} | {tf_ans:.2f} | {d['answer_prior']:.2f} "
+              f"| {c.lr:g} | {c.batch} | {c.steps} | {t1 - t0:.0f} | {t2 - t1:.0f} | {tf_code:.2f} | {tf_ans:.2f} | {d['answer_prior']:.2f} "
               f"| {code:.2f} | {solved:.2f} |", flush=True)
 
 
