@@ -151,7 +151,7 @@ def fit_problem(stage: Stage, found: list[Node]) -> str | None:
         if stage.kind == "rl":
             # On CPU verl still places each trainer rank on a "GPU" resource, and refuses to
             # start when the cluster declares fewer than trainer.nnodes x n_gpus_per_node.
-            ranks = r.processes_per_node or 1
+            ranks = r.processes_per_node or r.gpus_per_node or 1  # verl's n_gpus_per_node (runtime.verl.common.world)
             declaring = [n for n in found if n.gpus >= ranks]
             if len(declaring) < r.nodes:
                 return (f"needs {r.nodes} node(s) declaring {ranks} GPU resource(s) each (on CPU verl places each "
