@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.spec import Stage
+from reconciler.spec import RLStage, Stage
+from runtime.verl.common import world
 
 RAY_ACCELERATORS = {"A100-80GB": "A100-80G", "A100-40GB": "A100-40G", "H100!": "H100"}
 TIMEOUT_S = 10
@@ -148,10 +149,10 @@ def fit_problem(stage: Stage, found: list[Node]) -> str | None:
     if not r.gpu:
         if len(found) < r.nodes:
             return f"needs {r.nodes} node(s), the cluster has {len(found)}"
-        if stage.kind == "rl":
+        if isinstance(stage, RLStage):
             # On CPU verl still places each trainer rank on a "GPU" resource, and refuses to
             # start when the cluster declares fewer than trainer.nnodes x n_gpus_per_node.
-            ranks = r.processes_per_node or r.gpus_per_node or 1  # verl's n_gpus_per_node (runtime.verl.common.world)
+            _, ranks = world(stage)
             declaring = [n for n in found if n.gpus >= ranks]
             if len(declaring) < r.nodes:
                 return (f"needs {r.nodes} node(s) declaring {ranks} GPU resource(s) each (on CPU verl places each "
