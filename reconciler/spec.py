@@ -524,8 +524,17 @@ class StageCommon(SpecModel):
         return self
 
 
+# The builtin problem sets (runtime.data.problems.PROBLEM_SETS): the builtin generators'
+# `problems` option and the tool-call check's prompts.
+ProblemSet = Literal["mixed", "fixed_shape"]
+
+
 class ToolCallCheck(SpecModel):
     prompts: int = F(50, policy="update", ge=1, description="Held-out prompts decoded greedily after training.")
+    problems: ProblemSet = F(
+        "mixed", policy="update",
+        description="The builtin problem set the prompts come from: the one the SFT data was generated from.",
+    )
     min_rate: float = F(
         0.8, policy="update", ge=0, le=1, description="Required fraction that emit a well-formed tool call."
     )

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.errors import TerminalError
+from reconciler.spec import ProblemSet
 from runtime.data.retool_sft import TOOL_NAME
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
@@ -75,12 +76,13 @@ def parse_tool_call(completion: str) -> str:
     return ""
 
 
-def heldout_prompts(n: int, seed: int) -> list[list[dict[str, Any]]]:
-    """`n` generated prompts from the held-out bucket: never in any builtin training set."""
+def heldout_prompts(n: int, seed: int, problems: ProblemSet = "mixed") -> list[list[dict[str, Any]]]:
+    """`n` generated prompts of the set `problems` from the held-out bucket: never in any
+    builtin training set."""
     from runtime.data.builtin import user_content
     from runtime.data.problems import generate
 
-    return [[{"role": "user", "content": user_content(p)}] for p in generate(n, seed, heldout=True)]
+    return [[{"role": "user", "content": user_content(p)}] for p in generate(n, seed, heldout=True, problems=problems)]
 
 
 def generate_completions(
@@ -136,12 +138,12 @@ def tool_call_rate(
     return ToolCheckResult(rate=ok / len(results), n=len(results), ok=ok, examples=failures + successes)
 
 
-def measure(model_dir: Path, prompts: int) -> ToolCheckResult:
-    """The spec's `tool_call_check`: the rate on `prompts` held-out generated problems, with
-    the recipe's code_interpreter schema (both backends' finalize runs this)."""
+def measure(model_dir: Path, prompts: int, problems: ProblemSet = "mixed") -> ToolCheckResult:
+    """The spec's `tool_call_check`: the rate on `prompts` held-out generated problems of the
+    set `problems`, with the recipe's code_interpreter schema (every backend's finalize runs this)."""
     from runtime.data.retool_sft import TOOLS
 
-    return tool_call_rate(model_dir, heldout_prompts(prompts, seed=0), TOOLS)
+    return tool_call_rate(model_dir, heldout_prompts(prompts, seed=0, problems=problems), TOOLS)
 
 
 def require_rate(stage: str, min_rate: float, rate: float, n: int, model_dir: str, examples: str = "") -> str:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from reconciler.spec import Spec
 
 # --------------------------------------------------------------------------- data + models
 
@@ -44,10 +48,23 @@ def sandbox() -> Iterator[str]:
         yield server.url
 
 
+def shortened_sft_spec(spec: Spec) -> Spec:
+    """The spec with its SFT data cut to 512 rows and its SFT to 3 epochs of them (96 steps)."""
+    from reconciler.spec import Spec
+
+    data = spec.model_dump(mode="json", exclude_unset=True)
+    data["datasets"][spec.stages["sft"].train.removeprefix("dataset.")]["options"]["rows"] = 512
+    data["stages"]["sft"]["epochs"] = 3
+    return Spec.model_validate(data)
+
+
 @pytest.fixture(scope="session")
 def sft_model(sandbox: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny spec's SFT, as rendered (data and model from the project's builtins), merged.
-    Set RETOOL_TEST_SFT_MODEL to a merged tiny SFT model directory to skip it (development)."""
+    """The tiny spec's SFT, as rendered (data and model from the project's builtins), merged,
+    shortened to 96 steps on 512 of its rows: the tests that start from it need a model that
+    calls the tool in the right format, which it has learnt by then, not one that copies the
+    problem's numbers (the tiny spec's e2e test checks that). Set RETOOL_TEST_SFT_MODEL to a
+    merged tiny SFT model directory to skip it (development)."""
     import os
 
     from reconciler.backend import StageContext
@@ -63,7 +80,7 @@ def sft_model(sandbox: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.runtime.verl.test_rl_e2e import run_command
 
     root = tmp_path_factory.mktemp("sft")
-    spec = parse_spec_text((SFT_SPECS / "retool-tiny.yaml").read_text())
+    spec = shortened_sft_spec(parse_spec_text((SFT_SPECS / "retool-tiny.yaml").read_text()))
     sft = spec.stages["sft"]
     data = prepare("tiny_sft", spec.datasets["tiny_sft"], root / "data", SFT_SPECS, sandbox_url=sandbox)
     model = build_tiny_qwen2(root / "model", **spec.models["tiny"].options)

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reconciler.errors import TerminalError
+from reconciler.spec import ProblemSet
 from runtime.data.problems import CALL_PHRASE, Problem, generate
 from runtime.data.retool_sft import TOOLS, convert_solution, solution_text
 from runtime.data.rl_rows import ANSWER_FORMAT, to_rl_row
@@ -30,6 +31,10 @@ class GeneratorOptions(BaseModel):
 
     rows: int = Field(512, ge=1, le=1_000_000)
     seed: int = 0
+    problems: ProblemSet = Field("mixed", description="Which problem set (runtime.data.problems.PROBLEM_SETS).")
+    heldout: bool = Field(
+        False, description="Draw from the held-out bucket, which no training set contains (for test sets)."
+    )
 
 
 def parse_options(generator: str, options: dict[str, Any]) -> GeneratorOptions:
@@ -37,8 +42,13 @@ def parse_options(generator: str, options: dict[str, Any]) -> GeneratorOptions:
         return GeneratorOptions.model_validate(options)
     except ValidationError as exc:
         raise TerminalError(
-            f"invalid options for builtin:{generator}", str(exc), "valid options: rows (int), seed (int)"
+            f"invalid options for builtin:{generator}", str(exc), "valid options: rows (int), seed (int), problems (mixed | fixed_shape), heldout (bool)"
         ) from None
+
+
+def problems_for(options: GeneratorOptions) -> list[Problem]:
+    """Exactly the problems a builtin dataset with these options holds, in its row order."""
+    return generate(options.rows, options.seed, heldout=options.heldout, problems=options.problems)
 
 
 def user_content(problem: Problem) -> str:
@@ -67,7 +77,7 @@ def tiny_sft_rows(
     (`concurrency` calls at a time; the rows keep the generator's order)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    problems = generate(options.rows, options.seed)
+    problems = problems_for(options)
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         outputs = list(pool.map(run_code, [p.code for p in problems]))
     rows: list[dict[str, Any]] = []
@@ -85,4 +95,4 @@ def tiny_sft_rows(
 
 def tiny_math_rows(options: GeneratorOptions, data_source: str = "tiny_math") -> list[dict[str, Any]]:
     """verl RL rows for generated problems."""
-    return [to_rl_row(p.text, str(p.answer), data_source, i) for i, p in enumerate(generate(options.rows, options.seed))]
+    return [to_rl_row(p.text, str(p.answer), data_source, i) for i, p in enumerate(problems_for(options))]

@@ -1,10 +1,17 @@
 """Small arithmetic and algebra word problems with verifiable integer answers.
 
 The builtin datasets (`builtin:tiny_sft`, `builtin:tiny_math`) and the tool-call check's
-held-out prompts all draw from here. The problems are deliberately regular (a handful of
-templates, one fixed phrase before the call, and code that is always `print(<flat
-expression>)` with no nested parentheses) so that a model of a few
-hundred thousand parameters learns the tool-call format in minutes of CPU training.
+held-out prompts all draw from here. The problems are deliberately regular (one fixed phrase
+before the call, and code that is always `print(<flat expression>)` with no nested
+parentheses) so that a model of a few hundred thousand parameters learns the tool-call
+format in minutes of CPU training. Two problem sets (`PROBLEM_SETS`):
+
+- `mixed`: nine word-problem templates. The tiny model learns the format on them but not to
+  copy the numbers, so it rarely solves one.
+- `fixed_shape`: `What is a op b?` with two-digit operands and a three-digit answer, so every
+  digit the model copies (from the problem into its code, from the interpreter's output into
+  its answer) sits at the same distance. A randomly initialised tiny model learns that
+  copying within a few hundred SFT steps (docs/local.md), so it solves held-out problems.
 
 Held-out problems are disjoint from training problems by construction: a problem belongs
 to the held-out bucket when its text hashes into it (`is_heldout`), and the training
@@ -18,6 +25,8 @@ import random
 from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict
+
+from reconciler.spec import ProblemSet
 
 # One in HELDOUT_MODULUS problems (by text hash) is reserved for held-out evaluation.
 HELDOUT_MODULUS = 8
@@ -105,9 +114,23 @@ def _multiples(rng: random.Random) -> Problem:
     )
 
 
-TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
+def _fixed_shape(rng: random.Random) -> Problem:
+    while True:
+        op = rng.choice("+*")
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        answer = a + b if op == "+" else a * b
+        if 100 <= answer <= 999:
+            return Problem(template="fixed_shape", text=f"What is {a} {op} {b}?", code=f"print({a} {op} {b})", answer=answer)
+
+
+Template = Callable[[random.Random], Problem]
+
+TEMPLATES: tuple[Template, ...] = (
     _sum_then_product, _boxes, _coins, _remainder, _orchard, _linear, _scaled, _square, _multiples,
 )
+
+# The builtin generators' `problems` option: name -> the templates it draws from.
+PROBLEM_SETS: dict[str, tuple[Template, ...]] = {"mixed": TEMPLATES, "fixed_shape": (_fixed_shape,)}
 
 
 def is_heldout(text: str) -> bool:
@@ -116,14 +139,16 @@ def is_heldout(text: str) -> bool:
     return int.from_bytes(digest[:8], "big") % HELDOUT_MODULUS == 0
 
 
-def generate(n: int, seed: int, *, heldout: bool = False) -> list[Problem]:
-    """`n` distinct problems from the training bucket (or, with `heldout`, the held-out bucket)."""
+def generate(n: int, seed: int, *, heldout: bool = False, problems: ProblemSet = "mixed") -> list[Problem]:
+    """`n` distinct problems of the set `problems` from the training bucket (or, with
+    `heldout`, the held-out bucket)."""
     if n < 0:
         raise ValueError("n must be >= 0")
     out: list[Problem] = []
     seen: set[str] = set()
-    # The problem space holds millions of texts; the cap only stops a runaway request.
-    for attempt, problem in enumerate(_stream(seed)):
+    # The cap only stops a request for more distinct problems than the set holds
+    # (`fixed_shape` has 5,556 in the training bucket and 794 held out, `mixed` millions).
+    for attempt, problem in enumerate(_stream(seed, PROBLEM_SETS[problems])):
         if attempt > 100 * n + 10_000:
             raise ValueError(f"could not generate {n} distinct problems")
         if problem.text in seen or is_heldout(problem.text) != heldout:
@@ -135,10 +160,10 @@ def generate(n: int, seed: int, *, heldout: bool = False) -> list[Problem]:
     return out
 
 
-def _stream(seed: int) -> Iterator[Problem]:
+def _stream(seed: int, templates: tuple[Template, ...]) -> Iterator[Problem]:
     # Templates rotate so every template is equally represented even in tiny sets.
     rng = random.Random(seed)
-    order = list(TEMPLATES)
+    order = list(templates)
     while True:
         rng.shuffle(order)
         for make in order:

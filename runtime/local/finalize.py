@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import TerminalError
-from reconciler.spec import ToolCallCheck
+from reconciler.spec import ProblemSet, ToolCallCheck
 from runtime import records as rec
 from runtime.records import MergeRecord
 from runtime import metrics as met
@@ -71,8 +71,9 @@ class LocalMerger:
             outputs["wandb"] = run.model_dump(mode="json")
         if check is None:
             return MergeResult(change=change, outputs=outputs)
-        if record.tool_check is None or record.tool_check.get("prompts") != check.prompts:
-            record = record.model_copy(update={"tool_check": measure_tool_calls(merged, check.prompts)})
+        measured_for = (record.tool_check or {}).get("prompts"), (record.tool_check or {}).get("problems", "mixed")
+        if measured_for != (check.prompts, check.problems):
+            record = record.model_copy(update={"tool_check": measure_tool_calls(merged, check.prompts, check.problems)})
             rec.save(record_path, record)
         assert record.tool_check is not None
         measured = ToolCallMeasure(
@@ -106,13 +107,13 @@ def merge_checkpoint(
     os.replace(tmp, merged)
 
 
-def measure_tool_calls(model_dir: Path, prompts: int) -> dict[str, Any]:
+def measure_tool_calls(model_dir: Path, prompts: int, problems: ProblemSet) -> dict[str, Any]:
     """runtime.toolcheck on held-out generated prompts with the code_interpreter schema."""
     from runtime.hf_quiet import quiet
     from runtime.toolcheck import measure
 
-    result = quiet(measure, model_dir, prompts)
-    return {"prompts": prompts, **result.model_dump()}
+    result = quiet(measure, model_dir, prompts, problems)
+    return {"prompts": prompts, "problems": problems, **result.model_dump()}
 
 
 def tool_check_examples(result: dict[str, Any]) -> str:

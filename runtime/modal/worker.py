@@ -615,7 +615,7 @@ def run_finalize(p: FinalizePayload, adapter: ModalAdapter) -> dict[str, Any]:
     if p.tool_call_check is not None:
         from runtime.toolcheck import measure
 
-        check = measure(Path(p.merged_dir), int(p.tool_call_check["prompts"]))
+        check = measure(Path(p.merged_dir), int(p.tool_call_check["prompts"]), p.tool_call_check.get("problems", "mixed"))
         outputs["tool_call_rate"] = check.rate
         outputs["tool_call_prompts"] = check.n
     adapter.commit_volume(p.volume)

@@ -327,9 +327,9 @@ def test_model_building_and_the_tool_check_draw_no_progress_bars(
     assert tf_logging.is_progress_bar_enabled()
     spec = spec_for(tmp_path)
     built = rt.prepare_model("tiny", spec.models["tiny"], spec, str(tmp_path))
-    checked = measure_tool_calls(Path(built.outputs["path"]), prompts=2)
+    checked = measure_tool_calls(Path(built.outputs["path"]), prompts=2, problems="fixed_shape")
     out, err = capfd.readouterr()
-    assert built.change == "created" and checked["n"] == 2
+    assert built.change == "created" and checked["n"] == 2 and checked["problems"] == "fixed_shape"
     assert "Writing model shards" not in out + err and "Loading weights" not in out + err
     assert "it/s" not in out + err
     assert tf_logging.is_progress_bar_enabled()  # the process keeps its own setting
