@@ -101,7 +101,7 @@ def test_rl_ran_with_tool_calls_and_wrote_its_checkpoint(applied: tuple[Path, su
     root, result = applied
     assert result.returncode == 0
     rl = json.loads((root / ".retool" / "state.json").read_text())["nodes"]["stage.rl"]["outputs"]
-    assert rl["final_step"] == 2 and Path(rl["checkpoint"]).name == "global_step_2"
+    assert rl["final_step"] == 8 and Path(rl["checkpoint"]).name == "global_step_8"
     assert Path(rl["model_path"], "config.json").exists()
     # Two turns is a plain answer; more means the policy's own generations called the sandbox.
     assert rl["final_metrics"]["num_turns/mean"] > 2
