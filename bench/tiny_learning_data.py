@@ -4,7 +4,7 @@
 
 Writes OUT_DIR/tokenizer/ (the builtin tiny model's files: its tokenizer and chat template)
 and OUT_DIR/data.pt, which holds per data design
-- `train`: 512 SFT rows tokenized as verl's multi-turn SFT dataset does (message by message,
+- `train`: 512 SFT rows (`TRAIN_ROWS` for some) tokenized as verl's multi-turn SFT dataset does (message by message,
   loss on assistant messages without their generation prompt) as (ids, loss mask, copy
   mask), the copy mask marking the digits the assistant writes (code operands, boxed answer);
 - `held`: 64 held-out problems, tokenized the same way, and `prompts` (their prompt ids, code
@@ -80,10 +80,15 @@ DESIGNS: dict[str, tuple[Generator, bool]] = {
     "base9": (lambda n, seed, heldout: generate(n, seed, heldout=heldout), True),  # the tiny spec's problems
     "arith": (_distinct(_arith(False)), True),
     "arith3": (_distinct(_arith(True)), True),
+    "arith3_4096": (_distinct(_arith(True)), True),  # the same with 4096 training rows (TRAIN_ROWS)
     "stated": (_distinct(_stated), True),
     "arith3_nosys": (_distinct(_arith(True)), False),  # a 106-token context instead of 244
     "base9_nosys": (lambda n, seed, heldout: generate(n, seed, heldout=heldout), False),
 }
+
+
+# designs with more training rows than the default 512
+TRAIN_ROWS: dict[str, int] = {"arith3_4096": 4096}
 
 
 def tokenize_conversation(tok: Any, messages: list[dict[str, Any]], with_tools: bool) -> tuple[list[int], list[int], list[int]]:
@@ -144,7 +149,7 @@ def main(out_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     data: dict[str, Any] = {"designs": {}}
     for name, (gen, with_tools) in DESIGNS.items():
-        train, held = gen(512, 0, False), gen(64, 7, True)
+        train, held = gen(TRAIN_ROWS.get(name, 512), 0, False), gen(64, 7, True)
         gen_prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         prompts = [
             {"ids": tokenize_conversation(tok, [{"role": "user", "content": user_content(p)}], with_tools)[0] + gen_prompt,

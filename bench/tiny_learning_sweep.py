@@ -45,19 +45,20 @@ def build(hidden: int, layers: int, vocab: int, seed: int, kv: int = 1, rope: fl
     return Qwen2ForCausalLM(config)
 
 
-def schedule(opt: torch.optim.Optimizer, lr: float, step: int, total: int, warmup: float = 0.05) -> None:
+def schedule(opt: torch.optim.Optimizer, lr: float, step: int, total: int, warmup: float = 0.05,
+             constant: bool = False) -> None:
     w = max(1, int(warmup * total))
-    f = (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+    f = (step + 1) / w if step < w else 1.0 if constant else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
     for g in opt.param_groups:
         g["lr"] = lr * f
 
 
 def train_steps(model: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, device: str,
-                every: int = 0, probe: Any = None) -> None:
+                every: int = 0, probe: Any = None, constant: bool = False) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     model.train()
     for step, (ids, mask) in enumerate(batches):
-        schedule(opt, lr, step, len(batches))
+        schedule(opt, lr, step, len(batches), constant=constant)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         target, m = ids[:, 1:], mask[:, 1:].float()
@@ -179,6 +180,7 @@ class Run:
     steps: int = 96
     batch: int = 16
     probe_every: int = 0  # print teacher-forced accuracies every this many SFT steps
+    constant: bool = False  # the tiny spec's schedule: constant after the warm-up (else cosine)
 
 
 GRIDS: dict[str, list[Run]] = {
@@ -199,6 +201,14 @@ GRIDS: dict[str, list[Run]] = {
     ],
     # the same number of SFT rows as the spec (3 epochs of 512), in batches of 4
     "batch4": [Run("arith3", steps=384, lr=3e-3, batch=4, probe_every=48)],
+    # distinct rows, batch and rate with the tiny spec's constant schedule (arith3_4096: the
+    # same problems as arith3, 4096 distinct training rows)
+    "rows": [
+        Run("arith3", steps=512, lr=3e-3, constant=True, probe_every=32),
+        Run("arith3_4096", steps=512, lr=3e-3, constant=True, probe_every=32),
+        Run("arith3_4096", steps=512, lr=3e-3, batch=32, constant=True, probe_every=32),
+        Run("arith3_4096", steps=512, lr=5e-3, constant=True, probe_every=32),
+    ],
     "smoke": [Run(steps=2, pre_steps=2)],
 }
 
@@ -231,7 +241,8 @@ def main() -> None:
             code_acc, ans_acc = teacher_forced(model, held, tool_response, args.device, pad_id)
             print(f"  step {step}: tf_code {code_acc:.2f} tf_ans {ans_acc:.2f}", flush=True)
 
-        train_steps(model, sft_batches(d["train"], c.steps, c.batch, 0, pad_id), c.lr, args.device, c.probe_every, probe)
+        train_steps(model, sft_batches(d["train"], c.steps, c.batch, 0, pad_id), c.lr, args.device, c.probe_every, probe,
+                    constant=c.constant)
         t2 = time.time()
         tf_code, tf_ans = teacher_forced(model, d["held"], tool_response, args.device, pad_id)
         code, solved = greedy_solve(model, tok, d["prompts"], args.device)
