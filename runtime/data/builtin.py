@@ -42,7 +42,8 @@ def parse_options(generator: str, options: dict[str, Any]) -> GeneratorOptions:
         return GeneratorOptions.model_validate(options)
     except ValidationError as exc:
         raise TerminalError(
-            f"invalid options for builtin:{generator}", str(exc), "valid options: rows (int), seed (int), problems (mixed | fixed_shape), heldout (bool)"
+            f"invalid options for builtin:{generator}", str(exc),
+            "valid options: rows (int), seed (int), problems (mixed | fixed_shape), heldout (bool)",
         ) from None
 
 
