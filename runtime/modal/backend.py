@@ -182,8 +182,6 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         blocker = kind_of(stage).blocker(stage, self._machine(spec, name))
         if blocker:
             bad.append(blocker)
-        if stage.resources.gpu is None:
-            bad.append("asks for no GPU; on Modal set resources.gpu and gpus_per_node (e.g. H100, 8)")
         return "; ".join(bad) or None
 
     # ------------------------------------------------------------------ volumes and image

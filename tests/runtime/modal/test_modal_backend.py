@@ -244,8 +244,13 @@ def test_blocked_reasons_come_from_local_checks_only() -> None:
     two_nodes = qwen(stages__sft__resources__nodes=2)
     assert rt.blocked_reason(two_nodes, "stage.sft") is None
     assert rt.blocked_reason(spec, "volume.data") is None and rt.blocked_reason(spec, "image") is None
+    # `gpu: null` is a CPU container on Modal, as everywhere: allowed, rendered for CPU, and warned about
     cpu = qwen(stages__sft__resources={"cpu": 4})
-    assert "asks for no GPU" in (rt.blocked_reason(cpu, "stage.sft") or "")
+    assert rt.blocked_reason(cpu, "stage.sft") is None
+    assert any(w.startswith("stages.sft.resources: no `gpu`: runs on a CPU container") for w in rt.spec_warnings(cpu))
+    assert not any("no `gpu`" in w for w in rt.spec_warnings(spec))
+    (cmd, *_) = rt.render_stage(sft_ctx(cpu))
+    assert "trainer.device=cpu" in cmd.argv and build_app_definition(cpu).function("stage-sft").gpu is None
 
 
 def test_finalize_merges_once_per_checkpoint() -> None:
