@@ -68,6 +68,7 @@ def _place(src: Path, dest: Path) -> None:
 def build(spec: RootSpec) -> Path:
     root = Path(spec.root)
     root.mkdir(parents=True, exist_ok=True)
+    _bind(str(root), root)  # a mount point of its own, as a container's root is (the sandbox remounts it)
     nested = [m for m in spec.mounts if len(Path(m).parts) != 2]
     if nested:  # a mount point inside a bound host directory would have to be created on the host
         raise SystemExit(f"fake containers mount volumes at top-level paths only, not {nested[0]}")
@@ -84,6 +85,7 @@ def build(spec: RootSpec) -> Path:
     for name, src in sorted(spec.sources.items()):
         _place(Path(src), home / name)
     for mount, view in sorted(spec.mounts.items()):  # the volumes, each this container's view
+        Path(view).mkdir(parents=True, exist_ok=True)  # filled by the container's first reload
         _place(Path(view), root / mount.strip("/"))
     return root
 

@@ -132,13 +132,16 @@ class ClusterRunner:
         app = self.fake.deployed[call.app_name]
         fn = app.function(call.function)
         image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
+        # Modal mounts the function's volumes (every entry point's); a bare test function
+        # without any is given its volumes by the payload
+        mounted = {name: mount for mount, name in fn.volumes.items()} or dict(call.payload.get("volumes") or {})
         containers: list[_Container] = []
         for rank in range(size):
             info = ClusterInfo(rank=rank, cluster_id=cluster_id, ips=["127.0.0.1"] * size,
                                ipv4_ips=["127.0.0.1"] * size)
             tag = f"fake-{call.call_id}-a{number}-r{rank}"
             # a new container starts with a fresh view of each volume (filled by its first reload)
-            views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in call.payload["volumes"].items()}
+            views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in mounted.items()}
             stores = {name: [self._store(name, mount), work] for name, (mount, work) in views.items()}
             payload_path = base / f"payload-{rank}.json"
             payload_path.write_text(json.dumps(call.payload) if self.own_root else _mapped(json.dumps(call.payload), views))
