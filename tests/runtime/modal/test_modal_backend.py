@@ -95,6 +95,16 @@ def test_launch_records_the_call_and_marks_the_run_on_the_volume() -> None:
     assert status.state == "running" and status.total == 372
 
 
+def test_a_cpu_stage_launches_and_its_call_is_recorded() -> None:
+    """`gpu: null` on Modal is a CPU container: the handle recorded after the spawn takes no GPU
+    type (it failed validation after the call had started, so the call id was lost)."""
+    fake, rt, handle = launched(qwen(stages__sft__resources={"cpu": 4}))
+    assert handle.ref.call_id in fake.calls and (handle.ref.gpus, handle.ref.gpu) == (0, "")
+    assert fake.deployed["retool-qwen7b"].function("stage-sft").gpu is None
+    status = rt.poll_stage(handle)
+    assert status.state == "running" and status.metrics["gpu_seconds"] == 0.0
+
+
 def test_a_second_launch_of_a_running_identity_returns_the_same_call() -> None:
     """A crash between spawn and recording the handle must not start a duplicate run."""
     spec = qwen()
