@@ -10,11 +10,14 @@ function's secrets. So real data preparation, real verl SFT, the merge and the t
 in finalize, real verl RL (the rollout `auto` picks on a CPU container: vLLM) and the eval
 runner run inside the fake containers, against the real sandbox server.
 
-The spec is shortened to a few minutes of CPU: a segment limit of 60 s (the shortest
-`ModalRuntime` gives: `timeout_hours` 960 s less the 15-minute hand-over margin) forces SFT to
-hand over to a second segment, and SFT's first container is killed (its whole process group)
-once its first checkpoint is committed: the fake retries the input as Modal retries it, and
-the retry resumes from that checkpoint.
+The spec is shortened to a few minutes of CPU. SFT's first container is killed (every
+process in it) once its first checkpoint is committed: the fake retries the input as Modal
+retries it, and the retry resumes from that checkpoint. A segment limit of 60 s (the shortest
+`ModalRuntime` gives: `timeout_hours` 960 s less the 15-minute hand-over margin) then makes
+the retry hand over to a second segment: once the retry has saved a checkpoint of its own,
+its trainer is stopped (SIGSTOP) past the segment's end, a step slower than the segment, so
+the hand-over happens on a fast machine too (on a slow one, the limit alone may hand over
+more often).
 
 Needs root or user namespaces (`unshare --mount`), verl and vLLM (the vLLM environment).
 """
@@ -55,8 +58,8 @@ SEGMENT_HOURS = (15 * 60 + 60) / 3600  # 60 s of training per attempt after the 
 
 
 def box_spec(root: Path) -> LoadedSpec:
-    """specs/retool-tiny.yaml on Modal, shortened: 48 SFT steps (saves every 4), 1 RL step,
-    evaluation of the RL model on 2 problems x 2 samples; a service sandbox."""
+    """specs/retool-tiny.yaml on Modal, shortened: 16 SFT steps (saves every 2), 1 RL step of
+    2 prompts x 2 samples, evaluation of the RL model on 2 problems x 2 samples; a service sandbox."""
     data = yaml.safe_load((REPO / "specs" / "retool-tiny.yaml").read_text())
     qwen = yaml.safe_load((REPO / "specs" / "retool-qwen7b.yaml").read_text())
     data["backend"] = "modal"
@@ -68,20 +71,22 @@ def box_spec(root: Path) -> LoadedSpec:
     }
     data["sandbox"] = {"placement": "service", "token_secret": "sandbox_token", "workers": 2, "cpu": 1.0,
                        "memory_mb": 1024}
-    data["datasets"]["tiny_sft"]["options"]["rows"] = 768
+    data["datasets"]["tiny_sft"]["options"]["rows"] = 256
     data["datasets"]["tiny_math"]["options"]["rows"] = 8
     data["datasets"]["aime_2024"]["max_rows"] = 2
     del data["datasets"]["tiny_math_test"]
     stages = data["stages"]
     sft, rl = stages["sft"], stages["rl"]
-    sft.update(epochs=1, save_freq=4, secrets=["huggingface"], logging={"backends": ["console"]},
+    sft.update(epochs=1, save_freq=2, secrets=["huggingface"], logging={"backends": ["console"]},
                tool_call_check={"prompts": 4, "min_rate": 0.0},
                resources={"processes_per_node": 1, "timeout_hours": SEGMENT_HOURS, "retries": 3})
     rl.update(max_steps=1, save_freq=1, secrets=["huggingface"], logging={"backends": ["console"]},
+              train_batch_size=2, ppo_mini_batch_size=2, max_response_length=128,
+              rollout={**rl["rollout"], "n": 2},
               resources={"processes_per_node": 1, "retries": 1})
     rl.pop("val")
     evaluation = stages.pop("eval_rl")
-    evaluation.update(datasets=["dataset.aime_2024"], samples=2, resources={"retries": 1})
+    evaluation.update(datasets=["dataset.aime_2024"], samples=2, max_response_length=128, resources={"retries": 1})
     stages.pop("eval_sft")
     stages["eval"] = evaluation
     spec_dir = root / "specs"
@@ -125,9 +130,28 @@ def test_the_tiny_spec_applies_on_modal_in_a_box(tmp_path: Path, box: tuple[Fake
     fake, runner = box
     loaded = box_spec(tmp_path)
     data_vol, ckpt_vol = "retool-tiny-data", "retool-tiny-checkpoints"
-    # kill SFT's first container (every process in it) once a checkpoint of it is committed
-    runner.kills.append(("stage-sft", lambda call: valid_step(fake.volumes[ckpt_vol], "sft",  # type: ignore[arg-type]
-                                                              call.payload["restart_id"]) is not None))
+    committed: list[int] = []  # SFT's step when its first container was killed
+
+    def sft_step(call: Any) -> int:
+        step = valid_step(fake.volumes[ckpt_vol], "sft", call.payload["restart_id"])  # type: ignore[arg-type]
+        return step or 0
+
+    def first_save(call: Any, attempt: int) -> bool:
+        """Segment 0's first container, once a checkpoint of it is committed (the kill's moment)."""
+        if call.payload["segment"] == 0 and attempt == 1 and sft_step(call) > 0:
+            committed.append(sft_step(call))
+            return True
+        return False
+
+    def saved_after_retry(call: Any, attempt: int) -> bool:
+        """Segment 0's retried container, once it committed a checkpoint of its own."""
+        return call.payload["segment"] == 0 and attempt == 2 and sft_step(call) > committed[0]
+
+    # kill SFT's first container (every process in it) once its first checkpoint is committed;
+    # once the retry has saved, its trainer takes longer than the segment's 60 s (stopped that
+    # long): the segment limit then hands over to the next segment, whatever this machine's speed
+    runner.kills.append(("stage-sft", first_save))
+    runner.stalls.append(("stage-sft", saved_after_retry, 62.0))
     store, rt = MemoryStore(), ModalRuntime(str(tmp_path / "state"), adapter=fake)
     plan = refresh_and_plan(loaded, store.read(), rt)
     assert any(w.startswith("stages.sft.resources: no `gpu`: runs on a CPU container") for w in plan.warnings)
@@ -158,7 +182,9 @@ def test_the_tiny_spec_applies_on_modal_in_a_box(tmp_path: Path, box: tuple[Fake
     sft_calls = [c for c in fake.calls.values() if c.function == "stage-sft"]
     head = sft_calls[0]
     assert runner.killed == [f"{head.call_id} attempt 1"] and head.attempts == 2
+    assert list(runner.stalled) == [f"{head.call_id} attempt 2"]
     assert len(sft_calls) >= 2, "the 60 s segment limit forced no hand-over"
+    assert sft_calls[1].payload["segment"] == 1 and head.result["outcome"] == "continued"
     assert [c.payload["segment"] for c in sft_calls] == list(range(len(sft_calls)))
     assert all(c.state == "succeeded" for c in sft_calls)
     run_dir = ckpt.root / "sft" / rid / "_retool"
@@ -167,9 +193,9 @@ def test_the_tiny_spec_applies_on_modal_in_a_box(tmp_path: Path, box: tuple[Fake
     resumed = [int(a.rsplit("_", 1)[1]) for line in commands for a in line.split()
                if a.startswith("trainer.resume_from_path=")]
     assert len(commands) == len(sft_calls) + 1 and len(resumed) == len(commands) - 1, commands
-    assert resumed == sorted(resumed) and resumed[0] >= 4
+    assert resumed == sorted(resumed) and resumed[0] >= committed[0] > 0
     assert f"trainer.resume_from_path=/checkpoints/sft/{rid}/global_step_" in commands[-1]  # Modal's paths
-    assert valid_step(ckpt, "sft", sft.restart_id) == 48 == sft.outputs["final_step"]
+    assert valid_step(ckpt, "sft", sft.restart_id) == 16 == sft.outputs["final_step"]
     # the merged model, on the volume, made by finalize
     merged = ckpt.root / "sft" / rid / "merged"
     assert (merged / "config.json").is_file() and any(merged.glob("*.safetensors"))

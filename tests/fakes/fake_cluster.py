@@ -102,10 +102,14 @@ class ClusterRunner:
     # each container gets its own root file system (tests/fakes/container_root.py): volumes at
     # their mount paths, retool's packages under /root; the payload is passed as Modal passes it
     own_root: bool = False
-    # (function, condition): the first attempt of a call of that function whose condition
-    # holds is killed (once), as a preemption would, while its call is polled
-    kills: list[tuple[str, Callable[[Any], bool]]] = field(default_factory=list)
+    # (function, condition on (call, attempt number)): an attempt of a call of that function
+    # whose condition holds is killed (once), as a preemption would, while its call is polled
+    kills: list[tuple[str, Callable[[Any, int], bool]]] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)  # "call id attempt N" of each kill made
+    # (function, condition, seconds): the same, but the container's commands (every process but
+    # the entry point's own) are stopped for that long: a step slower than the segment's time
+    stalls: list[tuple[str, Callable[[Any, int], bool], float]] = field(default_factory=list)
+    stalled: dict[str, float] = field(default_factory=dict)  # "call id attempt N" -> until (monotonic)
     web: dict[tuple[str, str], tuple[_Container, str]] = field(default_factory=dict)  # (app, fn) -> (container, url)
 
     def install(self, fake: Any, functions: list[str]) -> None:
@@ -235,11 +239,17 @@ class ClusterRunner:
         if event == "cancel":
             self._stop(attempt)
             return
+        here = f"{call.call_id} attempt {attempt.number}"
         for function, when in self.kills:
-            done = f"{call.call_id} attempt {attempt.number}"
-            if call.function == function and attempt.number == 1 and done not in self.killed and when(call):
-                self.killed.append(done)
+            if call.function == function and here not in self.killed and when(call, attempt.number):
+                self.killed.append(here)
                 self.kill(call.call_id, 0)
+        for function, when, seconds in self.stalls:
+            if call.function == function and here not in self.stalled and when(call, attempt.number):
+                self.stalled[here] = time.monotonic() + seconds
+                self._signal_commands(attempt.containers[0], signal.SIGSTOP)
+        if here in self.stalled and time.monotonic() >= self.stalled[here]:
+            self._signal_commands(attempt.containers[0], signal.SIGCONT)
         for c in attempt.containers:
             self._answer(c)
         codes = [c.proc.poll() for c in attempt.containers]
@@ -329,6 +339,15 @@ class ClusterRunner:
                 os.kill(pid, signal.SIGSTOP)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def _signal_commands(self, c: _Container, sig: int) -> None:
+        """Signal every process of the container but its entry point's own (its commands)."""
+        for pid in tagged_processes(c.tag):
+            if pid != c.proc.pid:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _kill(self, c: _Container) -> None:
         for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
