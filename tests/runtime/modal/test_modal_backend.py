@@ -234,6 +234,40 @@ def test_service_sandbox_records_its_url_without_the_token() -> None:
     assert train.env["RETOOL_SANDBOX_URL"] == out.outputs["url"]
 
 
+def test_an_eval_stage_reaches_the_service_sandbox_with_the_containers_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval runner called the job's URL, recorded without the token, so every tool call
+    of an evaluation on Modal got 401 from a service sandbox. Its command now carries the URL
+    in RETOOL_SANDBOX_URL, where the container adds the token, and the runner uses that."""
+    from runtime.eval.job import EvalJob
+    from runtime.eval.run import tools_url
+    from runtime.modal.models import StagePayload
+    from runtime.modal.worker import ContainerSegment
+
+    spec = qwen(sandbox__placement="service", sandbox__token_secret="sandbox_token",
+                secrets__sandbox_token={"modal_name": "sandbox-token", "env": ["SANDBOX_TOKEN"]})
+    fake, rt = ready(spec)
+    url = rt.ensure_sandbox(spec.sandbox, spec).outputs["url"]  # type: ignore[arg-type]
+    ctx = StageContext(spec=spec, spec_dir="", stage="eval_sft", restart_id=RID, total_steps=30, inputs={
+        "stage.sft": {"model_path": "/checkpoints/sft/x/merged"}, "dataset.aime_2024": {"path": "/data/a.parquet"},
+        "dataset.aime_2025": {"path": "/data/b.parquet"}, "sandbox": {"url": url},
+    })
+    rt.launch_stage(ctx)
+    (call,) = [c for c in fake.calls.values() if c.function == "stage-eval_sft"]
+    (cmd,) = call.payload["commands"]
+    assert cmd["env"]["RETOOL_SANDBOX_URL"] == url
+    job = EvalJob.model_validate_json(fake.volumes["retool-qwen7b-checkpoints"][f"eval_sft/{RID[:16]}/job.json"])
+    assert job.sandbox_url == url
+    # inside the container: the worker puts the token from the function's secret into the URL
+    monkeypatch.setenv("SANDBOX_TOKEN", "tok-9")
+    given = ContainerSegment(StagePayload.model_validate(call.payload), fake)._sandbox_env()["RETOOL_SANDBOX_URL"]
+    assert given == f"{url}/t/tok-9"
+    # and the runner calls the URL its command was given (the worker passes its env on), not the job's
+    monkeypatch.setenv("RETOOL_SANDBOX_URL", given)
+    assert tools_url(job) == given
+    monkeypatch.delenv("RETOOL_SANDBOX_URL")
+    assert tools_url(job) == url  # a backend that gives no URL of its own: the job's
+
+
 def test_preflight_without_token_needs_no_network() -> None:
     spec = qwen()
     fake, rt = ready(spec)
