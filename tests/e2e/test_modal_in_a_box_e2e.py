@@ -126,6 +126,12 @@ def get(url: str) -> tuple[int, dict[str, Any]]:
         return exc.code, {}
 
 
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - loopback
+        return dict(json.loads(resp.read()))
+
+
 def test_the_tiny_spec_applies_on_modal_in_a_box(tmp_path: Path, box: tuple[FakeModal, ClusterRunner]) -> None:
     fake, runner = box
     loaded = box_spec(tmp_path)
@@ -214,7 +220,10 @@ def test_the_tiny_spec_applies_on_modal_in_a_box(tmp_path: Path, box: tuple[Fake
     assert get(f"{url}/health")[0] == 401  # the endpoint wants its token
     status, health = get(f"{url}/t/{TOKEN}/health")
     assert status == 200, health
-    print(f"sandbox health after RL and eval: {health}")
+    print(f"sandbox executions during RL and eval: {health['executions']}")
+    # the service runs code for a caller with the token, the way the RL and eval containers call it
+    ran = post(f"{url}/t/{TOKEN}/run_code", {"code": "print(6 * 7)", "language": "python"})
+    assert ran["status"] == "Success" and ran["run_result"]["stdout"] == "42\n", ran
 
     # evaluation of the RL model: its results file and metrics
     ev = state.nodes["stage.eval"]

@@ -29,12 +29,22 @@ torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one con
 and `close()` leaves nothing running. What a container asks of Modal's servers (`spawn`: a
 segment handing over to the next; `poll`; the launch registry's Dict calls) is answered by
 FakeModal in the test's process: the container leaves a request file, and the runner
-answers it while the test (or the apply engine) polls the call. Fidelity limits: one host, so
-ports are shifted per rank (runtime.cluster.layout); a container's mount paths differ from
-Modal's (its view's directory; the worker only ever uses the paths its payload names, and
-a payload a container spawns is mapped back); RL's Ray workers on a member node get their
-paths from rank 0's driver, so they write into rank 0's view (on Modal: their own node's);
-a container that asks something while nobody polls its call waits (up to 10 minutes).
+answers it while the test (or the apply engine) polls the call.
+
+With `own_root=True` every container runs in a root file system of its own
+(tests/fakes/container_root.py): its views mounted at the volumes' mount paths and retool's
+packages under /root, as on Modal, so the payload is passed unchanged and files naming
+container paths mean the same inside. `serve(fake, [web functions])` runs a web endpoint
+(the service sandbox) for real on loopback. `kills` and `stalls` act on an attempt when a
+condition holds (a preemption after a committed checkpoint; commands stopped past a
+segment's end), checked while its call is polled.
+
+Fidelity limits: one host, so ports are shifted per rank (runtime.cluster.layout); without
+`own_root` a container's mount paths differ from Modal's (its view's directory; the worker
+only ever uses the paths its payload names, and a payload a container spawns is mapped
+back), and RL's Ray workers on a member node get their paths from rank 0's driver, so they
+write into rank 0's view (on Modal: their own node's); a container that asks something while
+nobody polls its call waits (up to 10 minutes).
 
 Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
 """
