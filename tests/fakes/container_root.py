@@ -31,6 +31,11 @@ class RootSpec(BaseModel):
     root: str  # host directory the container's root is built in
     mounts: dict[str, str]  # container path -> host directory (a volume view)
     sources: dict[str, str]  # package name -> host directory (placed under /root)
+    # the container's own disk at /tmp (a container's /tmp is its own: Ray's sessions, live
+    # logs, compile caches), with the host directories under /tmp the fake itself needs
+    # (volume stores, requests, payloads) bound in at the same paths
+    tmp: str | None = None
+    keep: list[str] = []
 
 
 def available() -> str | None:
@@ -47,11 +52,11 @@ def command(spec_path: Path, argv: list[str]) -> list[str]:
             str(spec_path), "--", *argv]
 
 
-def _bind(src: str, dest: Path) -> None:
-    subprocess.run(["mount", "--rbind", src, str(dest)], check=True)
+def _bind(src: str, dest: Path, *, recursive: bool = True) -> None:
+    subprocess.run(["mount", "--rbind" if recursive else "--bind", src, str(dest)], check=True)
 
 
-def _place(src: Path, dest: Path) -> None:
+def _place(src: Path, dest: Path, *, recursive: bool = True) -> None:
     """Make `dest` (under the new root) show `src`: a link for a link, a bind mount otherwise."""
     if src.is_symlink():
         if not dest.is_symlink():
@@ -62,7 +67,7 @@ def _place(src: Path, dest: Path) -> None:
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.touch(exist_ok=True)
-    _bind(str(src), dest)
+    _bind(str(src), dest, recursive=recursive)
 
 
 def build(spec: RootSpec) -> Path:
@@ -72,7 +77,7 @@ def build(spec: RootSpec) -> Path:
     nested = [m for m in spec.mounts if len(Path(m).parts) != 2]
     if nested:  # a mount point inside a bound host directory would have to be created on the host
         raise SystemExit(f"fake containers mount volumes at top-level paths only, not {nested[0]}")
-    replaced = {Path(m).name for m in spec.mounts} | {MODAL_HOME.strip("/")}
+    replaced = {Path(m).name for m in spec.mounts} | {MODAL_HOME.strip("/")} | ({"tmp"} if spec.tmp else set())
     for entry in sorted(Path("/").iterdir()):
         if entry.name not in replaced:
             _place(entry, root / entry.name)
@@ -84,6 +89,13 @@ def build(spec: RootSpec) -> Path:
             _place(entry, home / entry.name)
     for name, src in sorted(spec.sources.items()):
         _place(Path(src), home / name)
+    if spec.tmp:
+        Path(spec.tmp).mkdir(parents=True, exist_ok=True)
+        os.chmod(spec.tmp, 0o1777)
+        _place(Path(spec.tmp), root / "tmp")
+        for path in sorted(spec.keep):  # shorter paths first: a kept path may hold another
+            if Path(path).is_relative_to("/tmp"):
+                _place(Path(path), root / path.strip("/"), recursive=False)  # not this root's own mounts
     for mount, view in sorted(spec.mounts.items()):  # the volumes, each this container's view
         Path(view).mkdir(parents=True, exist_ok=True)  # filled by the container's first reload
         _place(Path(view), root / mount.strip("/"))

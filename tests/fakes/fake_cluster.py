@@ -183,10 +183,16 @@ class ClusterRunner:
         first on the path as in Modal's containers; this checkout after it, for the fake itself)."""
         from tests.fakes.container_root import RootSpec, command
 
+        from tests.fakes.volume_views import DirVolume
+
         sources = {name: str(REPO / name) for step in app.image if step.op == "add_local_python_source"
                    for name in step.args}
+        # what the fake's own side of the container reads and writes (its requests, payload and
+        # result; the volume stores and their locks), visible inside at the same paths
+        keep = {str(self.root), *(str(v.root.parent) for v in self.fake.volumes.values() if isinstance(v, DirVolume))}
         spec = root.with_suffix(".json")
-        spec.write_text(RootSpec(root=str(root), mounts=mounts, sources=sources).model_dump_json())
+        spec.write_text(RootSpec(root=str(root), mounts=mounts, sources=sources, tmp=str(root.with_name(root.name + "-tmp")),
+                                 keep=sorted(keep)).model_dump_json())
         env["PYTHONPATH"] = f"/root:{REPO}"
         return command(spec, argv)
 
