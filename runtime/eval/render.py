@@ -14,6 +14,7 @@ from reconciler.errors import TerminalError
 from reconciler.spec import EvalStage
 from runtime.eval.job import JOB_FILE, EvalJob
 from runtime.verl.common import dataset_file, initial_weights_dir
+from runtime.verl.recipe import ENV_SANDBOX_URL
 
 
 def eval_stage(ctx: StageContext) -> EvalStage:
@@ -49,6 +50,9 @@ def eval_command(ctx: StageContext, job: EvalJob) -> RenderedCommand:
     env = dict(ctx.spec.image.env)
     env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(stage.env)
+    # the tools' URL as the backend gives it: on Modal the container puts a service sandbox's
+    # token into it (`<url>/t/<token>`); the job file only records the URL, never the token
+    env[ENV_SANDBOX_URL] = job.sandbox_url
     return RenderedCommand(
         argv=["python", "-m", "runtime.eval.run", f"{job.out_dir}/{JOB_FILE}"], env=env,
         description=f"eval: {job.samples} samples per problem of {', '.join(job.datasets)} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from runtime.eval.job import JOB_FILE, PROGRESS_FILE, EvalJob, Progress, Results
 from runtime.eval.metrics import dataset_metrics
 from runtime.eval.samples import RESULTS_FILE, SAMPLES_FILE, Sample
 from runtime.eval.toolloop import Conversation, LoopLimits, ToolLoop
+from runtime.verl.recipe import ENV_SANDBOX_URL
 
 log = logging.getLogger("retool.eval")
 
@@ -35,6 +37,12 @@ log = logging.getLogger("retool.eval")
 class Problem:
     def __init__(self, messages: list[dict[str, Any]], ground_truth: str, data_source: str) -> None:
         self.messages, self.ground_truth, self.data_source = messages, ground_truth, data_source
+
+
+def tools_url(job: EvalJob) -> str:
+    """The sandbox the code tool calls: the URL the command was given (on Modal, a service
+    sandbox's URL with the container's token in it), else the job's (recorded without one)."""
+    return os.environ.get(ENV_SANDBOX_URL) or job.sandbox_url
 
 
 def load_problems(parquet: str) -> list[Problem]:
@@ -105,7 +113,7 @@ def run(job: EvalJob, engine: Engine | None = None, tokenizer: Any = None) -> Re
     counting = CountingEngine(engine or build_engine(job))
     tok = tokenizer or AutoTokenizer.from_pretrained(job.model_dir)
     tools = SandboxTools(SandboxCallSettings(
-        sandbox_url=job.sandbox_url, timeout_s=job.tool_timeout_s, memory_limit_mb=job.tool_memory_limit_mb,
+        sandbox_url=tools_url(job), timeout_s=job.tool_timeout_s, memory_limit_mb=job.tool_memory_limit_mb,
         rate_limit=job.tool_rate_limit, num_workers=job.tool_num_workers,
     ), lenient_fences=job.lenient_fences)
     limits = LoopLimits(

@@ -115,6 +115,9 @@ def modal_warnings(spec: Spec) -> list[str]:
     for name, stage in spec.stages.items():
         res = stage.resources
         warnings += [f"stages.{name}.resources: {w}" for w in size_warnings(cpu=res.cpu, memory_mb=res.memory_mb)]
+        if res.gpu is None:  # legal (a CPU function, as `gpu: null` means everywhere), rarely meant
+            warnings.append(f"stages.{name}.resources: no `gpu`: runs on a CPU container (verl on CPU, a tiny "
+                            "model's scale); set resources.gpu and gpus_per_node for a GPU")
     if spec.sandbox is not None and spec.sandbox.placement == "service":
         sb = spec.sandbox
         warnings += [f"sandbox: {w}" for w in size_warnings(cpu=sb.cpu, memory_mb=sb.memory_mb)]

@@ -182,8 +182,6 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
         blocker = kind_of(stage).blocker(stage, self._machine(spec, name))
         if blocker:
             bad.append(blocker)
-        if stage.resources.gpu is None:
-            bad.append("asks for no GPU; on Modal set resources.gpu and gpus_per_node (e.g. H100, 8)")
         return "; ".join(bad) or None
 
     # ------------------------------------------------------------------ volumes and image
@@ -415,7 +413,7 @@ class ModalRuntime(ChecksSpec, ChecksReadiness, OpensSharedState):
             ref=ModalRun(
                 call_id=call_id, app_name=app, segment=segment, volume=self._stage_volume(spec, stage),
                 run_dir=self._rel(stage, restart_id, RUN_DIR), environment=spec.modal.environment,
-                gpus=res.gpus_per_node * res.nodes, gpu=res.gpu,
+                gpus=res.gpus_per_node * res.nodes, gpu=res.gpu or "",  # "": a CPU container
                 usd_per_gpu_hour=usd if usd is not None else self.gpu_hour_usd(spec, res.gpu),
             ),
             stage=stage, kind=definition.kind, restart_id=restart_id, started_at=started, command=list(argv),

@@ -27,14 +27,20 @@ class LiveLogs:
         self._lock = threading.Lock()
 
     def live(self, name: str) -> Path:
-        """A local path to append `name` to; seeded with the volume's copy the first time."""
+        """A local path to append `name` to; the first time, it starts as the volume's copy.
+        The volume's (reloaded when the attempt started) is the whole log so far: a local file
+        left by an earlier input this container ran (Modal reuses warm containers; here, one
+        /tmp shared by processes) may miss what other containers appended since, and copied
+        back over the volume's it would drop their lines."""
         path = self.local_dir / name
         with self._lock:
             if name not in self._names:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 saved = self.volume_dir / name
-                if saved.is_file() and not path.exists():
+                if saved.is_file():
                     shutil.copyfile(saved, path)
+                else:
+                    path.unlink(missing_ok=True)
                 self._names.add(name)
         return path
 

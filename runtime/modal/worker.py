@@ -10,7 +10,9 @@
    checkpoint exists (and resuming is disabled when only broken ones do);
 3. start the sandbox sidecar on localhost and wait for `/v1/ping` (RL with `sidecar`);
 4. run the rendered commands, streaming their output to Modal's log and to
-   `<checkpoint dir>/_retool/logs/`, committing the volumes every `commit_every_s`;
+   `<checkpoint dir>/_retool/logs/`, committing the volumes every `commit_every_s` and as
+   soon as a new checkpoint is complete (Modal keeps only what was committed: a container
+   preempted right after a save keeps that save);
 5. when the attempt's training time runs out (Modal's 24 h limit is near), stop training,
    commit, spawn the next segment of the same function and return `continued`; when the
    commands finish, commit and return `finished`.
@@ -58,6 +60,9 @@ STOP_GRACE_S = 120.0
 CLUSTER_STOP_GRACE_S = 20.0  # a rank stopping because its cluster broke: nothing to save
 SANDBOX_URL_ENV = "RETOOL_SANDBOX_URL"  # read by runtime/verl/recipe/tool_config.yaml
 LOG_TAIL_LINES = 40
+# how often the container looks for a newly completed checkpoint to commit at once (a listing
+# of the stage's folder; the timed commit every `commit_every_s` goes on besides)
+CHECKPOINT_LOOK_S = 5.0
 
 
 class StageFailed(Exception):
@@ -183,6 +188,8 @@ class ContainerSegment:
         self.role: Role = Solo()
         self._lock = threading.Lock()
         self.logs = LiveLogs(self.run_dir / "logs")  # open logs stay off the volume (see live_logs)
+        self._committed_step: int | None = None  # the latest valid checkpoint committed by this attempt
+        self._last_commit = time.monotonic()
 
     @property
     def rank(self) -> int:
@@ -234,7 +241,8 @@ class ContainerSegment:
             start_step, any_ckpt = latest_valid_step(self.dir, p.world_size, p.restart_id)
             self.step = start_step
         sidecar = self._start_sidecar() if p.sidecar is not None else None
-        committer = _Periodic(p.commit_every_s, self._commit_all)
+        self._committed_step = start_step
+        committer = _Periodic(min(p.commit_every_s, CHECKPOINT_LOOK_S), self._commit_when_due)
         committer.start()
         stopped_early = False
         commands = [{**c, "env": {**c.get("env", {}), **extra_env}} for c in training_commands(p.commands)]
@@ -473,7 +481,22 @@ class ContainerSegment:
                     f"shards ({exc}); the whole cluster restarts from the latest valid checkpoint"
                 ) from exc
 
+    def _commit_when_due(self) -> None:
+        """Commit every `commit_every_s`, and as soon as rank 0 sees a new valid checkpoint
+        (the save's completion marker is written last): on Modal an uncommitted save is lost
+        with its container, and a stage saving every few minutes would otherwise lose up to
+        `commit_every_s` of them to a preemption."""
+        due = time.monotonic() - self._last_commit >= self.p.commit_every_s
+        if not due and self.role.leads:
+            latest, _ = latest_valid_step(self.dir, self.p.world_size, self.p.restart_id)
+            due = latest is not None and latest != self._committed_step
+            if due:
+                self._committed_step = latest
+        if due:
+            self._commit_all()
+
     def _commit_all(self) -> None:
+        self._last_commit = time.monotonic()
         self._write_progress()
         self.logs.sync()
         for name in self.p.volumes:

@@ -29,12 +29,22 @@ torchrun, Ray and their workers), so `kill(call_id, rank)` kills exactly one con
 and `close()` leaves nothing running. What a container asks of Modal's servers (`spawn`: a
 segment handing over to the next; `poll`; the launch registry's Dict calls) is answered by
 FakeModal in the test's process: the container leaves a request file, and the runner
-answers it while the test (or the apply engine) polls the call. Fidelity limits: one host, so
-ports are shifted per rank (runtime.cluster.layout); a container's mount paths differ from
-Modal's (its view's directory; the worker only ever uses the paths its payload names, and
-a payload a container spawns is mapped back); RL's Ray workers on a member node get their
-paths from rank 0's driver, so they write into rank 0's view (on Modal: their own node's);
-a container that asks something while nobody polls its call waits (up to 10 minutes).
+answers it while the test (or the apply engine) polls the call.
+
+With `own_root=True` every container runs in a root file system of its own
+(tests/fakes/container_root.py): its views mounted at the volumes' mount paths and retool's
+packages under /root, as on Modal, so the payload is passed unchanged and files naming
+container paths mean the same inside. `serve(fake, [web functions])` runs a web endpoint
+(the service sandbox) for real on loopback. `kills` and `stalls` act on an attempt when a
+condition holds (a preemption after a committed checkpoint; commands stopped past a
+segment's end), checked while its call is polled.
+
+Fidelity limits: one host, so ports are shifted per rank (runtime.cluster.layout); without
+`own_root` a container's mount paths differ from Modal's (its view's directory; the worker
+only ever uses the paths its payload names, and a payload a container spawns is mapped
+back), and RL's Ray workers on a member node get their paths from rank 0's driver, so they
+write into rank 0's view (on Modal: their own node's); a container that asks something while
+nobody polls its call waits (up to 10 minutes).
 
 Run as `python -m tests.fakes.fake_cluster PAYLOAD RESULT`: the container side.
 """
@@ -63,6 +73,7 @@ COMMIT_DELAY_ENV = "RETOOL_FAKE_COMMIT_DELAY"  # seconds a commit of this contai
 ENTRY_ENV = "RETOOL_FAKE_ENTRY"  # the deployed function's entry point in runtime.modal.worker
 REQUESTS_ENV = "RETOOL_FAKE_REQUESTS"  # where a container asks FakeModal to spawn, and gets the answer
 VIEWS_ENV = "RETOOL_FAKE_VIEWS"
+WEB_PORT_ENV = "RETOOL_FAKE_WEB_PORT"  # a web endpoint's container serves its ASGI app here (loopback)
 REMOTE_METHODS = ("spawn", "poll", "dict_get", "dict_put", "dict_pop")  # what a container may ask Modal  # volume name -> [its store (the mount path the test reads), this container's view]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,6 +86,7 @@ class _Container:
     log: Path
     views: dict[str, list[str]]  # volume name -> [mount path (the store), this container's view]
     requests: Path
+    mapped: bool = True  # the payload names the views' directories (False: the container has its own root)
 
 
 @dataclass
@@ -97,6 +109,18 @@ class ClusterRunner:
     failures: list[str] = field(default_factory=list)  # which container ended each failed attempt
     attempts: dict[str, list[_Attempt]] = field(default_factory=dict)
     frozen: set[str] = field(default_factory=set)  # tags of containers stopped with SIGSTOP
+    # each container gets its own root file system (tests/fakes/container_root.py): volumes at
+    # their mount paths, retool's packages under /root; the payload is passed as Modal passes it
+    own_root: bool = False
+    # (function, condition on (call, attempt number)): an attempt of a call of that function
+    # whose condition holds is killed (once), as a preemption would, while its call is polled
+    kills: list[tuple[str, Callable[[Any, int], bool]]] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)  # "call id attempt N" of each kill made
+    # (function, condition, seconds): the same, but the container's commands (every process but
+    # the entry point's own) are stopped for that long: a step slower than the segment's time
+    stalls: list[tuple[str, Callable[[Any, int], bool], float]] = field(default_factory=list)
+    stalled: dict[str, float] = field(default_factory=dict)  # "call id attempt N" -> until (monotonic)
+    web: dict[tuple[str, str], tuple[_Container, str]] = field(default_factory=dict)  # (app, fn) -> (container, url)
 
     def install(self, fake: Any, functions: list[str]) -> None:
         for name in functions:
@@ -122,30 +146,98 @@ class ClusterRunner:
         app = self.fake.deployed[call.app_name]
         fn = app.function(call.function)
         image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
+        # Modal mounts the function's volumes (every entry point's); a bare test function
+        # without any is given its volumes by the payload
+        mounted = {name: mount for mount, name in fn.volumes.items()} or dict(call.payload.get("volumes") or {})
         containers: list[_Container] = []
         for rank in range(size):
             info = ClusterInfo(rank=rank, cluster_id=cluster_id, ips=["127.0.0.1"] * size,
                                ipv4_ips=["127.0.0.1"] * size)
             tag = f"fake-{call.call_id}-a{number}-r{rank}"
             # a new container starts with a fresh view of each volume (filled by its first reload)
-            views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in call.payload["volumes"].items()}
+            views = {name: [mount, str(base / f"views-{rank}" / name)] for name, mount in mounted.items()}
             stores = {name: [self._store(name, mount), work] for name, (mount, work) in views.items()}
             payload_path = base / f"payload-{rank}.json"
-            payload_path.write_text(_mapped(json.dumps(call.payload), views))
+            payload_path.write_text(json.dumps(call.payload) if self.own_root else _mapped(json.dumps(call.payload), views))
+            if self.own_root:  # the open-file check also looks at the mount path the container uses
+                stores = {name: [*paths, views[name][0]] for name, paths in stores.items()}
             requests = base / f"requests-{rank}"
             requests.mkdir(exist_ok=True)
             env = {**os.environ, **image_env, **call.env, CLUSTER_ENV: info.model_dump_json(), CALL_ENV: call.call_id,
                    ENTRY_ENV: fn.entry, REQUESTS_ENV: str(requests),
                    RUN_TAG_ENV: tag, PORT_BASE_ENV: str(self.port_base), OPS_ENV: str(base / f"ops-{rank}.jsonl"),
                    VIEWS_ENV: json.dumps(stores), COMMIT_DELAY_ENV: str(self.commit_delay_s(rank)), "PYTHONPATH": str(REPO), **self.device_env(rank)}
+            argv = [sys.executable, "-m", "tests.fakes.fake_cluster", str(payload_path), str(result_path)]
+            if self.own_root:
+                argv = self._rooted(app, base / f"root-{rank}", {mount: work for mount, work in views.values()}, argv, env)
             log = base / f"container-{rank}.log"
             with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "tests.fakes.fake_cluster", str(payload_path), str(result_path)],
-                    env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                )
-            containers.append(_Container(rank, tag, proc, log, views, requests))
+                proc = subprocess.Popen(argv, env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            containers.append(_Container(rank, tag, proc, log, views, requests, mapped=not self.own_root))
         self.attempts.setdefault(call.call_id, []).append(_Attempt(number, cluster_id, containers, result_path))
+
+    def _rooted(self, app: Any, root: Path, mounts: dict[str, str], argv: list[str], env: dict[str, str]) -> list[str]:
+        """`argv` run in a root of its own (tests/fakes/container_root.py): the volumes at their
+        mount paths, the image's local Python sources under /root (Modal's working directory,
+        first on the path as in Modal's containers; this checkout after it, for the fake itself)."""
+        from tests.fakes.container_root import RootSpec, command
+
+        from tests.fakes.volume_views import DirVolume
+
+        sources = {name: str(REPO / name) for step in app.image if step.op == "add_local_python_source"
+                   for name in step.args}
+        # what the fake's own side of the container reads and writes (its requests, payload and
+        # result; the volume stores and their locks), visible inside at the same paths
+        keep = {str(self.root), *(str(v.root.parent) for v in self.fake.volumes.values() if isinstance(v, DirVolume))}
+        spec = root.with_suffix(".json")
+        spec.write_text(RootSpec(root=str(root), mounts=mounts, sources=sources, tmp=str(root.with_name(root.name + "-tmp")),
+                                 keep=sorted(keep)).model_dump_json())
+        env["PYTHONPATH"] = f"/root:{REPO}"
+        return command(spec, argv)
+
+    # ----------------------------------------------------------------- web endpoints
+
+    def serve(self, fake: Any, functions: list[str]) -> None:
+        """Web endpoints (`@modal.asgi_app()`): the first `web_url` of one starts its container,
+        the entry point's ASGI app served on a loopback port, and answers that port's URL."""
+        for name in functions:
+            fake.web_servers[name] = self.web_url
+        self.fake = fake
+
+    def web_url(self, app_name: str, function: str) -> str:
+        running = self.web.get((app_name, function))
+        if running is not None and running[0].proc.poll() is None:
+            return running[1]
+        app = self.fake.deployed[app_name]
+        fn = app.function(function)
+        port = free_port_base() + 7
+        base = self.root / f"web-{app_name}-{function}-{port}"
+        base.mkdir(parents=True, exist_ok=True)
+        values: dict[str, str] = {}
+        for secret in fn.secrets:
+            values.update(self.fake.secrets[secret])
+        image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
+        tag = f"fake-web-{function}-{port}"
+        env = {**os.environ, **image_env, **fn.env, **values, ENTRY_ENV: fn.entry, WEB_PORT_ENV: str(port),
+               RUN_TAG_ENV: tag, "PYTHONPATH": str(REPO)}
+        argv = [sys.executable, "-m", "tests.fakes.fake_cluster", "--web"]
+        if self.own_root:
+            argv = self._rooted(app, base / "root", {}, argv, env)
+        log = base / "container.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        container = _Container(0, tag, proc, log, {}, base)
+        url = f"http://127.0.0.1:{port}"
+        self.web[(app_name, function)] = (container, url)
+        deadline = time.time() + 180
+        while not _pings(url):
+            if proc.poll() is not None or time.time() > deadline:
+                self._stop_container(container)
+                raise RuntimeError(f"web endpoint {function} did not start:\n{_tail(log)}")
+            time.sleep(0.5)
+        return url
 
     def _store(self, name: str, mount: str) -> str:
         """Where a volume's committed state is: FakeModal's directory for it (a DirVolume),
@@ -163,6 +255,17 @@ class ClusterRunner:
         if event == "cancel":
             self._stop(attempt)
             return
+        here = f"{call.call_id} attempt {attempt.number}"
+        for function, when in self.kills:
+            if call.function == function and here not in self.killed and when(call, attempt.number):
+                self.killed.append(here)
+                self.kill(call.call_id, 0)
+        for function, when, seconds in self.stalls:
+            if call.function == function and here not in self.stalled and when(call, attempt.number):
+                self.stalled[here] = time.monotonic() + seconds
+                self._signal_commands(attempt.containers[0], signal.SIGSTOP)
+        if here in self.stalled and time.monotonic() >= self.stalled[here]:
+            self._signal_commands(attempt.containers[0], signal.SIGCONT)
         for c in attempt.containers:
             self._answer(c)
         codes = [c.proc.poll() for c in attempt.containers]
@@ -202,7 +305,7 @@ class ClusterRunner:
                 continue
             asked = json.loads(request.read_text())
             method, args, kwargs = asked["method"], list(asked["args"]), dict(asked["kwargs"])
-            if method == "spawn":
+            if method == "spawn" and c.mapped:
                 unmapped = {name: [work, mount] for name, (mount, work) in c.views.items()}
                 args[2] = json.loads(_mapped(json.dumps(args[2]), unmapped))
             try:
@@ -216,22 +319,25 @@ class ClusterRunner:
 
     def _stop(self, attempt: _Attempt) -> None:
         for c in attempt.containers:
-            if c.tag in self.frozen:  # a frozen host is gone: nothing in it handles SIGTERM
-                self._kill(c)
-                continue
-            # the container's own group only while it is unreaped: a reaped pid may already be
-            # another process's (pids wrap quickly on a busy machine); its tag finds the rest
-            terminate_run(c.proc.pid if c.proc.poll() is None else None, c.tag, grace_s=20.0)
-            # a process forked while the sweep ran (a Ray worker being started) is caught here
-            deadline = time.time() + 15
-            while (left := tagged_processes(c.tag)) and time.time() < deadline:
-                for pid in left:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                time.sleep(0.2)
-            c.proc.poll()
+            self._stop_container(c)
+
+    def _stop_container(self, c: _Container) -> None:
+        if c.tag in self.frozen:  # a frozen host is gone: nothing in it handles SIGTERM
+            self._kill(c)
+            return
+        # the container's own group only while it is unreaped: a reaped pid may already be
+        # another process's (pids wrap quickly on a busy machine); its tag finds the rest
+        terminate_run(c.proc.pid if c.proc.poll() is None else None, c.tag, grace_s=20.0)
+        # a process forked while the sweep ran (a Ray worker being started) is caught here
+        deadline = time.time() + 15
+        while (left := tagged_processes(c.tag)) and time.time() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.2)
+        c.proc.poll()
 
     # ----------------------------------------------------------------- test controls
 
@@ -249,6 +355,15 @@ class ClusterRunner:
                 os.kill(pid, signal.SIGSTOP)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def _signal_commands(self, c: _Container, sig: int) -> None:
+        """Signal every process of the container but its entry point's own (its commands)."""
+        for pid in tagged_processes(c.tag):
+            if pid != c.proc.pid:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _kill(self, c: _Container) -> None:
         for pid in {*([c.proc.pid] if c.proc.poll() is None else []), *tagged_processes(c.tag)}:
@@ -270,12 +385,15 @@ class ClusterRunner:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def live_tags(self) -> list[str]:
-        return [c.tag for runs in self.attempts.values() for a in runs for c in a.containers if tagged_processes(c.tag)]
+        containers = [c for runs in self.attempts.values() for a in runs for c in a.containers]
+        return [c.tag for c in [*containers, *(c for c, _ in self.web.values())] if tagged_processes(c.tag)]
 
     def close(self) -> None:
         for runs in self.attempts.values():
             for attempt in runs:
                 self._stop(attempt)
+        for container, _ in self.web.values():
+            self._stop_container(container)
 
 
 def free_port_base() -> int:
@@ -308,6 +426,16 @@ def _mapped(payload_json: str, views: dict[str, list[str]]) -> str:
     return payload_json
 
 
+def _pings(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/v1/ping", timeout=5) as resp:  # noqa: S310 - loopback
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -326,8 +454,9 @@ class ContainerAdapter:
 
         self.info = ClusterInfo.model_validate_json(os.environ[CLUSTER_ENV])
         self.ops_path = Path(os.environ[OPS_ENV])
-        self.views = {name: VolumeView(VolumeStore(Path(store)), Path(work))
-                      for name, (store, work) in json.loads(os.environ.get(VIEWS_ENV, "{}")).items()}
+        paths = json.loads(os.environ.get(VIEWS_ENV, "{}"))  # name -> [store, view(, mount path)]
+        self.views = {name: VolumeView(VolumeStore(Path(p[0])), Path(p[1])) for name, p in paths.items()}
+        self.mounts = {name: Path(p[2]) for name, p in paths.items() if len(p) > 2}
         self.commit_delay_s = float(os.environ.get(COMMIT_DELAY_ENV) or 0.0)
         for view in self.views.values():  # mounted: the volume as last committed
             view.reload()
@@ -352,6 +481,8 @@ class ContainerAdapter:
         from tests.fakes.fake_modal import open_files_under
 
         found = open_files_under(self.views[name].work)
+        if not found and name in self.mounts:  # its own root: the container opens files at the mount path
+            found = open_files_under(self.mounts[name])
         if found:
             self._record("refused_open_files", name, found[0])
             raise RuntimeError(f"there are open files preventing the operation: {found[0]} is open")
@@ -402,7 +533,20 @@ class ContainerAdapter:
         return None if value is None else str(value)
 
 
+def serve_web() -> int:
+    """A web endpoint's container: the entry point's ASGI app on its loopback port."""
+    import uvicorn
+
+    from runtime.modal import worker
+
+    app = getattr(worker, os.environ[ENTRY_ENV])()
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ[WEB_PORT_ENV]), log_level="warning")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--web"]:
+        return serve_web()
     from runtime.modal import worker
 
     adapter = ContainerAdapter()

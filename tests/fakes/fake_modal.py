@@ -39,10 +39,10 @@ It models what retool relies on, with Modal's own rules (docs/modal.md):
   entry point; with `volume_root` the volumes are directories those processes share.
 
 Fidelity limits: no image is built (steps are checked, not run); a spawned call does not
-run the real worker unless a handler does (tests/fakes/fake_cluster.py's); the simulated `Containers` below write straight
+run the real worker unless a handler does (tests/fakes/fake_cluster.py's); with `ClusterRunner.serve` a web endpoint runs for
+real on loopback (else no web traffic reaches it); the simulated `Containers` below write straight
 into the committed volume (as if each write were committed at once; the real worker runs on
-per-container views, here with `views` and in tests/fakes/fake_cluster.py); no logs; no web
-traffic reaches web endpoints.
+per-container views, here with `views` and in tests/fakes/fake_cluster.py); no logs.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ class FakeModal:
     handlers: dict[str, Handler] = field(default_factory=dict)  # function name -> container behaviour
     # call id -> follows a call's containers on poll/cancel (tests/fakes/fake_cluster.py)
     watchers: dict[str, Callable[[FakeCall, str], None]] = field(default_factory=dict)
+    # web function name -> serves it for real and answers its URL (tests/fakes/fake_cluster.py `serve`)
+    web_servers: dict[str, Callable[[str, str], str]] = field(default_factory=dict)
     ops: list[tuple[str, ...]] = field(default_factory=list)  # every adapter call, in order
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -409,7 +411,16 @@ class FakeModal:
         return _RemoteException(call.error)  # the function's own exception, re-raised
 
     def wait(self, call_id: str, timeout_s: float) -> CallOutcome:
-        return self.poll(call_id)
+        """`get(timeout=timeout_s)`: a call that real containers run (a watcher follows it) is
+        waited for up to the timeout; a simulated one answers at once."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        outcome = self.poll(call_id)
+        while outcome.state == "running" and call_id in self.watchers and time.monotonic() < deadline:
+            time.sleep(0.5)
+            outcome = self.poll(call_id)
+        return outcome
 
     def cancel(self, call_id: str) -> None:
         self._remote("cancel", call_id)
@@ -447,6 +458,8 @@ class FakeModal:
             raise FakeModalError(f"NotFoundError: App {app_name!r} is not deployed")
         # modal 1.6.4: get_web_url() is None for a function that is not a web endpoint
         url = f"https://{self.workspace}--{app_name}-{function}.modal.run" if app.function(function).web else None
+        if url is not None and function in self.web_servers:  # served for real, on loopback
+            url = self.web_servers[function](app_name, function)
         return require_web_url(url, app_name, function)
 
     def gpu_rates(self) -> dict[str, float]:

@@ -95,6 +95,16 @@ def test_launch_records_the_call_and_marks_the_run_on_the_volume() -> None:
     assert status.state == "running" and status.total == 372
 
 
+def test_a_cpu_stage_launches_and_its_call_is_recorded() -> None:
+    """`gpu: null` on Modal is a CPU container: the handle recorded after the spawn takes no GPU
+    type (it failed validation after the call had started, so the call id was lost)."""
+    fake, rt, handle = launched(qwen(stages__sft__resources={"cpu": 4}))
+    assert handle.ref.call_id in fake.calls and (handle.ref.gpus, handle.ref.gpu) == (0, "")
+    assert fake.deployed["retool-qwen7b"].function("stage-sft").gpu is None
+    status = rt.poll_stage(handle)
+    assert status.state == "running" and status.metrics["gpu_seconds"] == 0.0
+
+
 def test_a_second_launch_of_a_running_identity_returns_the_same_call() -> None:
     """A crash between spawn and recording the handle must not start a duplicate run."""
     spec = qwen()
@@ -224,6 +234,40 @@ def test_service_sandbox_records_its_url_without_the_token() -> None:
     assert train.env["RETOOL_SANDBOX_URL"] == out.outputs["url"]
 
 
+def test_an_eval_stage_reaches_the_service_sandbox_with_the_containers_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval runner called the job's URL, recorded without the token, so every tool call
+    of an evaluation on Modal got 401 from a service sandbox. Its command now carries the URL
+    in RETOOL_SANDBOX_URL, where the container adds the token, and the runner uses that."""
+    from runtime.eval.job import EvalJob
+    from runtime.eval.run import tools_url
+    from runtime.modal.models import StagePayload
+    from runtime.modal.worker import ContainerSegment
+
+    spec = qwen(sandbox__placement="service", sandbox__token_secret="sandbox_token",
+                secrets__sandbox_token={"modal_name": "sandbox-token", "env": ["SANDBOX_TOKEN"]})
+    fake, rt = ready(spec)
+    url = rt.ensure_sandbox(spec.sandbox, spec).outputs["url"]  # type: ignore[arg-type]
+    ctx = StageContext(spec=spec, spec_dir="", stage="eval_sft", restart_id=RID, total_steps=30, inputs={
+        "stage.sft": {"model_path": "/checkpoints/sft/x/merged"}, "dataset.aime_2024": {"path": "/data/a.parquet"},
+        "dataset.aime_2025": {"path": "/data/b.parquet"}, "sandbox": {"url": url},
+    })
+    rt.launch_stage(ctx)
+    (call,) = [c for c in fake.calls.values() if c.function == "stage-eval_sft"]
+    (cmd,) = call.payload["commands"]
+    assert cmd["env"]["RETOOL_SANDBOX_URL"] == url
+    job = EvalJob.model_validate_json(fake.volumes["retool-qwen7b-checkpoints"][f"eval_sft/{RID[:16]}/job.json"])
+    assert job.sandbox_url == url
+    # inside the container: the worker puts the token from the function's secret into the URL
+    monkeypatch.setenv("SANDBOX_TOKEN", "tok-9")
+    given = ContainerSegment(StagePayload.model_validate(call.payload), fake)._sandbox_env()["RETOOL_SANDBOX_URL"]
+    assert given == f"{url}/t/tok-9"
+    # and the runner calls the URL its command was given (the worker passes its env on), not the job's
+    monkeypatch.setenv("RETOOL_SANDBOX_URL", given)
+    assert tools_url(job) == given
+    monkeypatch.delenv("RETOOL_SANDBOX_URL")
+    assert tools_url(job) == url  # a backend that gives no URL of its own: the job's
+
+
 def test_preflight_without_token_needs_no_network() -> None:
     spec = qwen()
     fake, rt = ready(spec)
@@ -244,8 +288,13 @@ def test_blocked_reasons_come_from_local_checks_only() -> None:
     two_nodes = qwen(stages__sft__resources__nodes=2)
     assert rt.blocked_reason(two_nodes, "stage.sft") is None
     assert rt.blocked_reason(spec, "volume.data") is None and rt.blocked_reason(spec, "image") is None
+    # `gpu: null` is a CPU container on Modal, as everywhere: allowed, rendered for CPU, and warned about
     cpu = qwen(stages__sft__resources={"cpu": 4})
-    assert "asks for no GPU" in (rt.blocked_reason(cpu, "stage.sft") or "")
+    assert rt.blocked_reason(cpu, "stage.sft") is None
+    assert any(w.startswith("stages.sft.resources: no `gpu`: runs on a CPU container") for w in rt.spec_warnings(cpu))
+    assert not any("no `gpu`" in w for w in rt.spec_warnings(spec))
+    (cmd, *_) = rt.render_stage(sft_ctx(cpu))
+    assert "trainer.device=cpu" in cmd.argv and build_app_definition(cpu).function("stage-sft").gpu is None
 
 
 def test_finalize_merges_once_per_checkpoint() -> None:

@@ -263,3 +263,31 @@ def test_service_sandbox_serves_the_real_sandbox_behind_its_token(monkeypatch: p
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_a_completed_checkpoint_is_committed_at_once_not_at_the_next_timed_commit(tmp_path: Path) -> None:
+    """Modal keeps only what a container committed: with a commit every hour, a container
+    preempted ten minutes after a save would lose it. The save's completion marker is what
+    triggers a commit (within CHECKPOINT_LOOK_S), while the trainer is still running."""
+    import time
+
+    from runtime.modal import worker
+    from runtime.modal.models import AppDefinition, FunctionSpec, ImageStep
+
+    fake = FakeModal(call_id_in_container="fc-000001")
+    fake.deploy(AppDefinition(app_name="retool-test", image=[ImageStep(op="from_registry", args=["x:1"])],
+                              functions=[FunctionSpec(name="stage-sft", entry="run_stage")]))
+    segment_s = worker.CHECKPOINT_LOOK_S * 4
+    p = payload(tmp_path, extra=["hang_at=2"], train_seconds=segment_s, commit_every_s=3600.0)
+    ckpt = Path(p.checkpoint_dir)
+    commits: list[tuple[float, list[str]]] = []  # (when, checkpoints then) of each commit of the checkpoints
+    fake.on_commit = lambda name: commits.append(
+        (time.monotonic(), sorted(d.name for d in ckpt.glob("global_step_*")))) if name == "test-checkpoints" else None
+    started = time.monotonic()
+    result = ContainerSegment(p, fake).run()
+    assert result["outcome"] == "continued" and result["step"] == 2  # the trainer hung after saving step 2
+    first = next(at for at, names in commits if "global_step_2" in names)
+    # committed while the trainer still ran, long before the segment's end (its deadline)
+    assert first - started < segment_s - worker.CHECKPOINT_LOOK_S
+    early = [names for at, names in commits if at - started < segment_s - 1]
+    assert early == [["global_step_2"]]  # once: an unchanged checkpoint is not committed again
