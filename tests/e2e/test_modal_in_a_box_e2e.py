@@ -88,6 +88,7 @@ def box_spec(root: Path) -> LoadedSpec:
     evaluation = stages.pop("eval_rl")
     evaluation.update(datasets=["dataset.aime_2024"], samples=2, max_response_length=128, resources={"retries": 1})
     stages.pop("eval_sft")
+    stages.pop("eval_base")  # the base model's evaluation adds nothing Modal-specific
     stages["eval"] = evaluation
     spec_dir = root / "specs"
     (spec_dir / "data").mkdir(parents=True)
