@@ -195,9 +195,11 @@ def test_the_sft_model_solves_held_out_problems_the_base_model_cannot(
         s = json.loads(line)
         if s["dataset"] == "tiny_math_test" and s["correct"]:
             assert s["tool_calls"] >= 1 and f"\\boxed{{{s['answer']}}}" in s["response"]
-    # RL starts from the SFT model: its reward is well above the base model's -0.9 floor
-    rl = nodes["stage.rl"]["outputs"]["final_metrics"]
-    assert rl["critic/score/mean"] > 0.0, rl
+    # RL starts from the SFT model and holds its level: the recipe's reward (+1 right, -1 or
+    # lower wrong) averages well above 0 over the steps (16 rollouts each)
+    metrics = Path(nodes["stage.rl"]["outputs"]["checkpoint"]).parent / "metrics.jsonl"
+    rewards = [json.loads(line)["critic/score/mean"] for line in metrics.read_text().splitlines()]
+    assert len(rewards) == 8 and sum(rewards) / len(rewards) > 0.2, rewards
 
 
 def test_the_report_shows_the_learning(applied: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
