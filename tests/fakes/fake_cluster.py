@@ -190,6 +190,9 @@ class ClusterRunner:
         # what the fake's own side of the container reads and writes (its requests, payload and
         # result; the volume stores and their locks), visible inside at the same paths
         keep = {str(self.root), *(str(v.root.parent) for v in self.fake.volumes.values() if isinstance(v, DirVolume))}
+        # and what the container's processes run (the image's Python and this checkout): a
+        # checkout or venv under /tmp (as CI may place them) would otherwise vanish behind its own /tmp
+        keep |= {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, REPO)}
         spec = root.with_suffix(".json")
         spec.write_text(RootSpec(root=str(root), mounts=mounts, sources=sources, tmp=str(root.with_name(root.name + "-tmp")),
                                  keep=sorted(keep)).model_dump_json())
