@@ -32,8 +32,11 @@ def rl_spec(address: str, storage: Path, sft_model: Path) -> dict[str, object]:
         "volumes": {"data": {"mount": "/data"}, "models": {"mount": "/models"}, "checkpoints": {"mount": "/c"}},
         "sandbox": {"placement": "sidecar", "workers": 2},
         "datasets": {
-            "tiny_math": {"source": "builtin:tiny_math", "format": "rl", "options": {"rows": 16, "seed": 1}},
-            "tiny_math_test": {"source": "builtin:tiny_math", "format": "rl", "options": {"rows": 4, "seed": 7}},
+            # the problems the session's SFT model was trained on (the tiny spec's)
+            "tiny_math": {"source": "builtin:tiny_math", "format": "rl",
+                          "options": {"rows": 16, "seed": 1, "problems": "fixed_shape"}},
+            "tiny_math_test": {"source": "builtin:tiny_math", "format": "rl",
+                               "options": {"rows": 4, "seed": 7, "problems": "fixed_shape", "heldout": True}},
         },
         "models": {"sft": {"source": f"path:{sft_model}"}},
         "stages": {

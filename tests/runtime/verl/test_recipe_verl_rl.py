@@ -88,7 +88,7 @@ def test_cpu_command_composes_with_the_recipe_wired_in() -> None:
     assert env["RETOOL_TOOL_QUEUE_TIMEOUT_S"] == "300.0"  # the spec's tool.queue_timeout_s default
     assert VALUE_MODEL_MODULE not in env["VERL_USE_EXTERNAL_MODULES"] and ENV_VALUE_MODEL_ATTN not in env
     assert cfg["reward"]["custom_reward_function"] == {"path": "pkg://runtime.verl.recipe.reward", "name": "compute_score"}
-    assert trainer["total_training_steps"] == 2 and trainer["save_freq"] == 1
+    assert trainer["total_training_steps"] == 2 and trainer["save_freq"] == 4  # the tiny spec's
     assert trainer["default_local_dir"] == PATHS.ckpt_dir and trainer["resume_mode"] == "auto"
     assert trainer["device"] == "cpu" and trainer["n_gpus_per_node"] == 1 and trainer["val_before_train"] is False
     assert cfg["ray_kwargs"]["ray_init"]["num_gpus"] == 1

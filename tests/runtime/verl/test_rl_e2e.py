@@ -111,8 +111,9 @@ def rl_command(
     inputs: dict, sandbox: str, ckpt: Path, steps: int, resume_from: int | None, rollout: str = TRANSFORMERS_ROLLOUT,
 ) -> RenderedCommand:
     # No validation set: validation is verl's own loop and would only add minutes here.
+    # A checkpoint every step: the resume and kill tests stop and restart between steps.
     spec = tiny_spec(optim={"lr": LR, "betas": [0.9, 0.999], "warmup_ratio": 0.0, "lr_scheduler": "constant"},
-                     val=[], overrides=[f"actor_rollout_ref.actor.entropy_coeff={ENTROPY_COEFF}"])
+                     val=[], save_freq=1, overrides=[f"actor_rollout_ref.actor.entropy_coeff={ENTROPY_COEFF}"])
     ctx = StageContext(spec=spec, spec_dir=str(SPECS), stage="rl", restart_id=RID, total_steps=steps,
                        resume_from=resume_from, inputs=inputs)
     paths = StagePaths(stage_dir=str(ckpt), ckpt_dir=str(ckpt), merged_dir=str(ckpt / "merged"))
