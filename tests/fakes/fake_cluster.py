@@ -145,7 +145,7 @@ class ClusterRunner:
         result_path = base / "result.json"
         app = self.fake.deployed[call.app_name]
         fn = app.function(call.function)
-        image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
+        image_env = _image_env(app)
         # Modal mounts the function's volumes (every entry point's); a bare test function
         # without any is given its volumes by the payload
         mounted = {name: mount for mount, name in fn.volumes.items()} or dict(call.payload.get("volumes") or {})
@@ -192,7 +192,8 @@ class ClusterRunner:
         keep = {str(self.root), *(str(v.root.parent) for v in self.fake.volumes.values() if isinstance(v, DirVolume))}
         # and what the container's processes run (the image's Python and this checkout): a
         # checkout or venv under /tmp (as CI may place them) would otherwise vanish behind its own /tmp
-        keep |= {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, REPO)}
+        # (each as named and as resolved: a link is placed as a link, so its target must be there too)
+        keep |= {str(q) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, REPO) for q in (Path(p), Path(p).resolve())}
         spec = root.with_suffix(".json")
         spec.write_text(RootSpec(root=str(root), mounts=mounts, sources=sources, tmp=str(root.with_name(root.name + "-tmp")),
                                  keep=sorted(keep)).model_dump_json())
@@ -220,7 +221,7 @@ class ClusterRunner:
         values: dict[str, str] = {}
         for secret in fn.secrets:
             values.update(self.fake.secrets[secret])
-        image_env = {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
+        image_env = _image_env(app)
         tag = f"fake-web-{function}-{port}"
         env = {**os.environ, **image_env, **fn.env, **values, ENTRY_ENV: fn.entry, WEB_PORT_ENV: str(port),
                RUN_TAG_ENV: tag, "PYTHONPATH": str(REPO)}
@@ -427,6 +428,11 @@ def _mapped(payload_json: str, views: dict[str, list[str]]) -> str:
         payload_json = re.sub(r'(?<![\w./-])' + re.escape(mount.rstrip("/")) + r'(?=[/"\s]|$)', lambda _: work,
                               payload_json)
     return payload_json
+
+
+def _image_env(app: Any) -> dict[str, str]:
+    """The environment the app's image sets (its `env` steps, in order)."""
+    return {k: v for step in app.image if step.op == "env" for k, v in step.env.items()}
 
 
 def _pings(url: str) -> bool:
