@@ -197,6 +197,7 @@ def stats_row(executor: Executor) -> dict[str, float]:
         "in_flight": executor.activity.in_flight, "last_change": executor.activity.last_change,
         "pool_size": pool.size if pool else executor.settings.pool_size(), "busy": pool.busy if pool else 0,
         "prepared": executor.prepared, "queue_depth": pool.waiting if pool else 0,
+        "ready": 1.0 if executor.zygote is not None and executor.zygote.alive else 0.0,
     }
 
 
@@ -214,12 +215,16 @@ def health_report(executor: Executor, shared: SharedStats | None = None) -> dict
         shared.write(row)
         row = shared.total()
     counts = {name: int(row[name]) for name in (*executor.counters.model_dump(), "pool_size", "busy", "prepared", "queue_depth")}
+    processes = shared.count if shared is not None else 1
+    # Whichever process answers, "ok" means every process of the server has its zygote up.
+    processes_ready = int(row["ready"])
     return {
-        "status": "ok" if zygote is not None and zygote.alive else "starting",
+        "status": "ok" if processes_ready == processes else "starting",
         **counts,
         "max_queue": executor.settings.max_queue,
         "queue_timeout_s": executor.settings.queue_timeout_s,
-        "processes": shared.count if shared is not None else 1,
+        "processes": processes,
+        "processes_ready": processes_ready,
         "network_isolated": executor.isolation.network,
         "isolation": executor.isolation.model_dump(),
         "preloaded": ready.preloaded if ready else [],

@@ -16,7 +16,7 @@ import struct
 
 FIELDS = (
     "in_flight", "last_change", "executions", "timeouts", "errors", "rejected", "queue_timeouts",
-    "zygote_restarts", "leftovers_killed", "pool_size", "busy", "prepared", "queue_depth",
+    "zygote_restarts", "leftovers_killed", "pool_size", "busy", "prepared", "queue_depth", "ready",
 )
 _ROW = struct.Struct(f"={len(FIELDS)}d")
 

@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,14 @@ def test_workers_are_split_over_the_processes() -> None:
 
 def test_processes_share_the_port_and_report_as_one_server(tmp_path: Path) -> None:
     with local_server(workers=2, processes=2, preload=[], work_root=str(tmp_path / "work")) as server:
+        # /v1/ping answers once the first process serves; /health says "ok" once both are up.
+        first = httpx.get(server.url + "/health", timeout=10).json()
+        assert first["processes"] == 2 and first["processes_ready"] in (1, 2)
+        assert (first["status"] == "ok") == (first["processes_ready"] == 2)
+        deadline = time.monotonic() + 60
+        while httpx.get(server.url + "/health", timeout=10).json()["status"] != "ok":
+            assert time.monotonic() < deadline, "the second server process never came up"
+            time.sleep(0.1)
         children = _server_processes(server.pid)
         assert len(children) == 2  # each a whole server with its own zygote (children of their own)
         assert all(len(process_tree(child)) >= 2 for child in children)
@@ -54,7 +63,7 @@ def test_processes_share_the_port_and_report_as_one_server(tmp_path: Path) -> No
         outputs = asyncio.run(burst())
         assert outputs == [f"['a{i}', 'b', 'c'] {i * i}\n" for i in range(8)]
         health = httpx.get(server.url + "/health", timeout=10).json()
-        assert health["processes"] == 2 and health["pool_size"] == 2
+        assert health["processes"] == 2 and health["processes_ready"] == 2 and health["pool_size"] == 2
         assert health["executions"] == 8  # summed over both processes, whichever answered
         # One hash seed for every process: a set's order cannot depend on which one ran it.
         order = {run_code(server.url, "print(list({'apple', 'banana', 'cherry', 'date', 'fig'}))").run_result.stdout
