@@ -17,8 +17,10 @@ from typing import Any, Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from reconciler.errors import SpecError, TerminalError
-from reconciler.references import RefProblem, check_references, suggest
+from reconciler.builtins import option_keys, option_names, options_model
+from reconciler.references import RefProblem, check_references
 from reconciler.spec import EvalStage, RLStage, SFTStage, Spec
+from reconciler.suggest import suggest
 from reconciler.yamlpos import ParsedYaml, Pos, parse_yaml
 
 YamlPath = tuple[str | int | float, ...]
@@ -159,6 +161,12 @@ def _schema_problem(parsed: ParsedYaml, e: Any) -> tuple[Pos, str, str]:
         return _locate(parsed, parent, key=True), _dotted(path), "required field is missing"
     if etype == "extra_forbidden":
         name = str(path[-1])
+        builtin = _builtin_options_at(parsed.data, path[:-1])
+        if builtin is not None:
+            source, model = builtin
+            keys = option_keys(model)
+            msg = f"unknown option {name!r} of {source} (options: {', '.join(keys)}){suggest(name, option_names(model))}"
+            return _locate(parsed, path, key=True), _dotted(path), msg
         fields = _model_fields_at(loc[:-1])
         hint = suggest(name, fields) if fields else ""
         return _locate(parsed, path, key=True), _dotted(path), f"unknown key {name!r}{hint}"
@@ -190,6 +198,17 @@ def _short(value: Any) -> str:
 def _literal_choices(e: Any) -> list[str]:
     expected = (e.get("ctx") or {}).get("expected", "")
     return [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",") if c.strip()]
+
+
+def _builtin_options_at(data: Any, path: YamlPath) -> tuple[str, type[BaseModel]] | None:
+    """For `datasets.<name>.options` / `models.<name>.options` of a builtin source: the
+    source and its options model (the schema types `options` as a plain dict)."""
+    if len(path) != 3 or path[0] not in ("datasets", "models") or path[2] != "options":
+        return None
+    body = _get(data, path[:2])
+    source = body.get("source") if isinstance(body, dict) else None
+    model = options_model("datasets" if path[0] == "datasets" else "models", source)
+    return (str(source), model) if model is not None else None
 
 
 def _model_fields_at(loc: tuple[Any, ...]) -> list[str]:

@@ -14,12 +14,12 @@ together with schema errors (Terraform collects every diagnostic before reportin
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from reconciler.spec import Dataset, EvalStage, Model, RLStage, SFTStage
+from reconciler.suggest import suggest
 
 Path = tuple[str | int, ...]
 
@@ -29,12 +29,6 @@ class RefProblem(BaseModel):
 
     path: Path
     message: str
-
-
-def suggest(word: str, choices: list[str]) -> str:
-    """`; did you mean 'x'?` or an empty string."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:

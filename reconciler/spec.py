@@ -15,7 +15,11 @@ and fails on any field without one. Defaults are the recipe's values (docs/recip
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+
+from reconciler.builtins import (
+    DATASET_BUILTINS, MODEL_BUILTINS, ProblemSet, check_builtin_name, check_generator_format, check_options,
+)
 
 Policy = Literal["restart", "resume", "update"]
 POLICIES: tuple[str, ...] = ("restart", "resume", "update")
@@ -274,7 +278,8 @@ PREPARATION_REVISIONS: dict[str, int] = {
 class Dataset(SpecModel):
     source: str = F(
         ..., policy="restart",
-        description="`hf:<repo id>`, `path:<file or dir>` (parquet/jsonl, relative to the spec) or `builtin:<generator>`.",
+        description="`hf:<repo id>`, `path:<file or dir>` (parquet/jsonl, relative to the spec) or "
+        f"`builtin:<generator>` ({', '.join(DATASET_BUILTINS)}).",
     )
     format: Literal["retool_sft", "messages", "dapo_math", "aime_2024", "aime_2025", "rl"] = F(
         ..., policy="restart",
@@ -284,7 +289,9 @@ class Dataset(SpecModel):
     revision: str | None = F(None, policy="restart", description="Hugging Face revision (commit, tag).")
     max_rows: int | None = F(None, policy="restart", ge=1, description="Keep only the first N rows.")
     options: dict[str, Any] = F(
-        default_factory=dict, policy="restart", description="Builtin generator options (e.g. rows, seed)."
+        default_factory=dict, policy="restart",
+        description="Builtin generator options (rows, seed, problems, heldout; docs/spec.md), checked when the spec "
+        "loads; other sources take none.",
     )
     volume: str = F("data", policy="restart", description="Volume the prepared parquet is written to.")
     expected_rows: int | None = F(
@@ -299,7 +306,22 @@ class Dataset(SpecModel):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        return _check_source(v, ("hf", "path", "builtin"))
+        source = _check_source(v, ("hf", "path", "builtin"))
+        check_builtin_name("datasets", source)
+        return source
+
+    @field_validator("format")
+    @classmethod
+    def _builtin_format(cls, fmt: str, info: ValidationInfo) -> str:
+        check_generator_format(info.data.get("source"), fmt)
+        return fmt
+
+    @field_validator("options")
+    @classmethod
+    def _builtin_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "source" in info.data:  # else the source's own error is reported
+            check_options("datasets", info.data["source"], options)
+        return options
 
     @model_validator(mode="after")
     def _lenient_fences_for_retool_sft(self) -> "Dataset":
@@ -311,18 +333,29 @@ class Dataset(SpecModel):
 class Model(SpecModel):
     source: str = F(
         ..., policy="restart",
-        description="`hf:<repo id>`, `path:<HF model dir>` or `builtin:tiny-qwen2`.",
+        description=f"`hf:<repo id>`, `path:<HF model dir>` or `builtin:<model>` ({', '.join(MODEL_BUILTINS)}).",
     )
     revision: str | None = F(None, policy="restart", description="Hugging Face revision (commit, tag).")
     options: dict[str, Any] = F(
-        default_factory=dict, policy="restart", description="Builtin model options (e.g. hidden_size, layers)."
+        default_factory=dict, policy="restart",
+        description="Builtin model options (seed, hidden_size, layers, ...; docs/spec.md), checked when the spec "
+        "loads; other sources take none.",
     )
     volume: str = F("models", policy="restart", description="Volume the model is stored in.")
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        return _check_source(v, ("hf", "path", "builtin"))
+        source = _check_source(v, ("hf", "path", "builtin"))
+        check_builtin_name("models", source)
+        return source
+
+    @field_validator("options")
+    @classmethod
+    def _builtin_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "source" in info.data:  # else the source's own error is reported
+            check_options("models", info.data["source"], options)
+        return options
 
 
 def _check_source(v: str, kinds: tuple[str, ...]) -> str:
@@ -522,11 +555,6 @@ class StageCommon(SpecModel):
     def _step_time(self) -> "StageCommon":
         _check_step_time(self.seconds_per_step, self.seconds_per_step_basis)
         return self
-
-
-# The builtin problem sets (runtime.data.problems.PROBLEM_SETS): the builtin generators'
-# `problems` option and the tool-call check's prompts.
-ProblemSet = Literal["mixed", "fixed_shape"]
 
 
 class ToolCallCheck(SpecModel):

@@ -13,31 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from reconciler.builtins import GENERATORS as GENERATORS  # re-exported: runtime.data.prepare reads it here
+from reconciler.builtins import GeneratorOptions
 from reconciler.errors import TerminalError
-from reconciler.spec import ProblemSet
 from runtime.data.problems import CALL_PHRASE, Problem, generate
 from runtime.data.retool_sft import TOOLS, convert_solution, solution_text
 from runtime.data.rl_rows import ANSWER_FORMAT, to_rl_row
 
-GENERATORS: tuple[str, ...] = ("tiny_sft", "tiny_math")
-
-
-class GeneratorOptions(BaseModel):
-    """Options of a builtin generator (the spec's `datasets.<name>.options`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rows: int = Field(512, ge=1, le=1_000_000)
-    seed: int = 0
-    problems: ProblemSet = Field("mixed", description="Which problem set (runtime.data.problems.PROBLEM_SETS).")
-    heldout: bool = Field(
-        False, description="Draw from the held-out bucket, which no training set contains (for test sets)."
-    )
-
-
 def parse_options(generator: str, options: dict[str, Any]) -> GeneratorOptions:
+    """Validated options. The spec already checked them when it loaded; this guards callers
+    that build a `Dataset` without validation."""
     try:
         return GeneratorOptions.model_validate(options)
     except ValidationError as exc:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.builtins import MODEL_BUILTINS
 from reconciler.errors import TerminalError
 from reconciler.spec import Model
 from runtime.data.files import META_FILE, link_or_copy, manifest, staged_dir, tree_digest, unchanged_since_meta
 from runtime.data.hub import download_failed, require_hub
 from runtime.data.sources import resolve_path, split_source
 
-BUILTINS: tuple[str, ...] = ("tiny-qwen2",)
+BUILTINS: tuple[str, ...] = tuple(MODEL_BUILTINS)
 # Files worth downloading from a Hub model repo (no duplicate .bin/.pth weights, no originals).
 HF_ALLOW_PATTERNS: list[str] = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError
 
+from reconciler.builtins import TinyQwen2Options, option_names
 from reconciler.errors import TerminalError
 from runtime.models.chat_template import CHAT_TEMPLATE
 
@@ -28,43 +29,17 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TOOL_TOKENS: tuple[str, ...] = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 
-class TinyQwen2Options(BaseModel):
-    """Options of `builtin:tiny-qwen2` (the spec's `models.<name>.options`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    vocab_size: int = Field(2048, ge=512, le=65536)
-    hidden_size: int = Field(64, ge=16)
-    intermediate_size: int = Field(128, ge=16)
-    num_hidden_layers: int = Field(2, ge=1, alias="layers")
-    num_attention_heads: int = Field(2, ge=1, alias="heads")  # head_dim 32: the least vLLM's CPU attention takes
-    num_key_value_heads: int = Field(1, ge=1, alias="kv_heads")
-    max_position_embeddings: int = Field(2048, ge=128)
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_word_embeddings: bool = True
-    tokenizer_corpus_rows: int = Field(4000, ge=100, description="Conversations the BPE is trained on.")
-
-
 def parse_options(options: dict[str, Any]) -> TinyQwen2Options:
-    """Validated options; unknown keys are a TerminalError naming the valid ones."""
-    from pydantic import ValidationError
-
+    """Validated options; unknown keys are a TerminalError naming the valid ones. The spec
+    already checked them when it loaded; this guards direct callers."""
     try:
-        opts = TinyQwen2Options.model_validate(options)
+        return TinyQwen2Options.model_validate(options)
     except ValidationError as exc:
-        valid = sorted({f.alias or n for n, f in TinyQwen2Options.model_fields.items()} | set(TinyQwen2Options.model_fields))
         raise TerminalError(
             "invalid options for builtin:tiny-qwen2",
             str(exc),
-            f"valid options: {', '.join(valid)}",
+            f"valid options: {', '.join(option_names(TinyQwen2Options))}",
         ) from None
-    if opts.hidden_size % opts.num_attention_heads or opts.num_attention_heads % opts.num_key_value_heads:
-        raise TerminalError(
-            "invalid options for builtin:tiny-qwen2",
-            f"hidden_size {opts.hidden_size}, heads {opts.num_attention_heads}, kv_heads {opts.num_key_value_heads}",
-            "hidden_size must be divisible by heads, and heads by kv_heads",
-        )
-    return opts
 
 
 def tokenizer_corpus(rows: int, seed: int) -> list[str]:
@@ -113,8 +88,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     return tok
 
 
-def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
-    """Write a loadable Hugging Face model dir (config, safetensors, tokenizer, chat template)."""
+def build_tiny_qwen2(out_dir: Path, **options: Any) -> Path:
+    """Write a loadable Hugging Face model dir (config, safetensors, tokenizer, chat template);
+    `options` are TinyQwen2Options' (`seed` included)."""
     import torch
     from tokenizers import AddedToken
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -124,7 +100,7 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    raw = train_tokenizer(tokenizer_corpus(opts.tokenizer_corpus_rows, seed=10_000 + seed), opts.vocab_size)
+    raw = train_tokenizer(tokenizer_corpus(opts.tokenizer_corpus_rows, seed=10_000 + opts.seed), opts.vocab_size)
     model_json = json.loads(raw.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
     tokenizer = Qwen2Tokenizer(
@@ -158,7 +134,7 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0, **options: Any) -> Path:
         pad_token_id=eot,
         dtype="float32",
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(opts.seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False,

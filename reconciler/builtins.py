@@ -1,0 +1,128 @@
+"""The builtin sources a spec may name (`builtin:<name>`) and the options each takes.
+
+The spec checks a builtin's name, format and `options` against these models when it loads,
+so `retool plan` reports a typo with its file, line and field before apply creates anything;
+the runtime's generators and model builder parse their options with the same models.
+Pydantic only: `retool plan` must not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from reconciler.suggest import suggest
+
+# The builtin problem sets (runtime.data.problems.PROBLEM_SETS): the builtin generators'
+# `problems` option and the tool-call check's prompts.
+ProblemSet = Literal["mixed", "fixed_shape"]
+
+Section = Literal["datasets", "models"]
+
+
+class BuiltinOptions(BaseModel):
+    """Options of one builtin: unknown keys are errors, as everywhere in the spec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class GeneratorOptions(BuiltinOptions):
+    """Options of a builtin generator (the spec's `datasets.<name>.options`)."""
+
+    rows: int = Field(512, ge=1, le=1_000_000, description="Problems generated (one row each).")
+    seed: int = Field(0, description="Seed of the problem stream: another seed draws other problems.")
+    problems: ProblemSet = Field("mixed", description="Which problem set (runtime.data.problems.PROBLEM_SETS).")
+    heldout: bool = Field(
+        False, description="Draw from the held-out bucket, which no training set contains (for test sets)."
+    )
+
+
+class TinyQwen2Options(BuiltinOptions):
+    """Options of `builtin:tiny-qwen2` (the spec's `models.<name>.options`)."""
+
+    seed: int = Field(0, description="Seed of the weights' initialisation and of the tokenizer's corpus.")
+    vocab_size: int = Field(2048, ge=512, le=65536)
+    hidden_size: int = Field(64, ge=16)
+    intermediate_size: int = Field(128, ge=16)
+    num_hidden_layers: int = Field(2, ge=1, alias="layers")
+    num_attention_heads: int = Field(2, ge=1, alias="heads")  # head_dim 32: the least vLLM's CPU attention takes
+    num_key_value_heads: int = Field(1, ge=1, alias="kv_heads")
+    max_position_embeddings: int = Field(2048, ge=128)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+    tokenizer_corpus_rows: int = Field(4000, ge=100, description="Conversations the BPE is trained on.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyQwen2Options:
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                "hidden_size must be divisible by heads, and heads by kv_heads (hidden_size "
+                f"{self.hidden_size}, heads {self.num_attention_heads}, kv_heads {self.num_key_value_heads})"
+            )
+        return self
+
+
+# Each builtin's options, and for a generator the dataset formats its rows fit (the runtime's
+# SFT formats take tiny_sft's messages+tools rows; tiny_math writes verl RL rows).
+DATASET_BUILTINS: dict[str, type[BuiltinOptions]] = {"tiny_sft": GeneratorOptions, "tiny_math": GeneratorOptions}
+GENERATOR_FORMATS: dict[str, tuple[str, ...]] = {"tiny_sft": ("retool_sft", "messages"), "tiny_math": ("rl",)}
+MODEL_BUILTINS: dict[str, type[BuiltinOptions]] = {"tiny-qwen2": TinyQwen2Options}
+GENERATORS: tuple[str, ...] = tuple(DATASET_BUILTINS)
+
+_BUILTINS: dict[Section, dict[str, type[BuiltinOptions]]] = {"datasets": DATASET_BUILTINS, "models": MODEL_BUILTINS}
+_WHAT: dict[Section, str] = {"datasets": "builtin dataset generator", "models": "builtin model"}
+
+
+def builtin_name(source: Any) -> str | None:
+    """`tiny_sft` for `builtin:tiny_sft`; None for any other source."""
+    if isinstance(source, str) and source.strip().startswith("builtin:"):
+        return source.strip().removeprefix("builtin:").strip()
+    return None
+
+
+def options_model(section: Section, source: Any) -> type[BuiltinOptions] | None:
+    """The options model of the builtin `source` names, or None (not a builtin, or unknown)."""
+    name = builtin_name(source)
+    return _BUILTINS[section].get(name) if name is not None else None
+
+
+def option_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a spec writes for `model`'s options: a field's alias where it has one."""
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def option_names(model: type[BaseModel]) -> list[str]:
+    """Every key `model` accepts: field names and their aliases."""
+    return sorted({n for name, f in model.model_fields.items() for n in (name, f.alias) if n})
+
+
+def check_builtin_name(section: Section, source: str) -> None:
+    """A `builtin:` source must name a builtin that exists (ValueError with a did-you-mean)."""
+    name = builtin_name(source)
+    known = list(_BUILTINS[section])
+    if name is not None and name not in known:
+        raise ValueError(f"unknown {_WHAT[section]} {name!r} (builtins: {', '.join(known)}){suggest(name, known)}")
+
+
+def check_generator_format(source: Any, fmt: str) -> None:
+    """A builtin generator's rows fit only some formats (ValueError naming them)."""
+    name = builtin_name(source)
+    formats = GENERATOR_FORMATS.get(name) if name is not None else None
+    if formats is not None and fmt not in formats:
+        choices = " or ".join(f"`format: {f}`" for f in formats)
+        raise ValueError(f"builtin:{name} writes {'verl RL' if formats == ('rl',) else 'messages+tools'} rows: "
+                         f"use {choices} (got {fmt!r})")
+
+
+def check_options(section: Section, source: Any, options: dict[str, Any]) -> None:
+    """Validate `options` against the builtin `source` names; raises pydantic's
+    ValidationError (its locations are the option keys) or ValueError.
+
+    Only checks: the options stay as written, defaults unfilled, because they enter the
+    node's fingerprint as they are (docs/change-policy.md, "Fingerprints")."""
+    model = options_model(section, source)
+    if model is not None:
+        model.model_validate(options)
+    elif builtin_name(source) is None and options:
+        raise ValueError(f"`options` apply only to builtin sources; {source} would ignore them (remove `options`)")
