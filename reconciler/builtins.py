@@ -8,8 +8,10 @@ Pydantic only: `retool plan` must not import torch or transformers.
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
+import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reconciler.suggest import suggest
@@ -32,7 +34,10 @@ class GeneratorOptions(BuiltinOptions):
 
     rows: int = Field(512, ge=1, le=1_000_000, description="Problems generated (one row each).")
     seed: int = Field(0, description="Seed of the problem stream: another seed draws other problems.")
-    problems: ProblemSet = Field("mixed", description="Which problem set (runtime.data.problems.PROBLEM_SETS).")
+    problems: ProblemSet = Field(
+        "mixed", description="The problem set: `mixed`, nine word-problem templates; `fixed_shape`, `What is a op b?` "
+        "(runtime.data.problems.PROBLEM_SETS).",
+    )
     heldout: bool = Field(
         False, description="Draw from the held-out bucket, which no training set contains (for test sets)."
     )
@@ -42,15 +47,16 @@ class TinyQwen2Options(BuiltinOptions):
     """Options of `builtin:tiny-qwen2` (the spec's `models.<name>.options`)."""
 
     seed: int = Field(0, description="Seed of the weights' initialisation and of the tokenizer's corpus.")
-    vocab_size: int = Field(2048, ge=512, le=65536)
-    hidden_size: int = Field(64, ge=16)
-    intermediate_size: int = Field(128, ge=16)
-    num_hidden_layers: int = Field(2, ge=1, alias="layers")
-    num_attention_heads: int = Field(2, ge=1, alias="heads")  # head_dim 32: the least vLLM's CPU attention takes
-    num_key_value_heads: int = Field(1, ge=1, alias="kv_heads")
-    max_position_embeddings: int = Field(2048, ge=128)
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_word_embeddings: bool = True
+    vocab_size: int = Field(2048, ge=512, le=65536, description="Vocabulary of the trained byte-level BPE.")
+    hidden_size: int = Field(64, ge=16, description="Width of the model (a multiple of `heads`).")
+    intermediate_size: int = Field(128, ge=16, description="Width of the MLP.")
+    num_hidden_layers: int = Field(2, ge=1, alias="layers", description="Decoder layers.")
+    # head_dim 32 by default: the least vLLM's CPU attention takes
+    num_attention_heads: int = Field(2, ge=1, alias="heads", description="Attention heads (a multiple of `kv_heads`).")
+    num_key_value_heads: int = Field(1, ge=1, alias="kv_heads", description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(2048, ge=128, description="Longest sequence (and the tokenizer's max length).")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    tie_word_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     tokenizer_corpus_rows: int = Field(4000, ge=100, description="Conversations the BPE is trained on.")
 
     @model_validator(mode="after")
@@ -126,3 +132,34 @@ def check_options(section: Section, source: Any, options: dict[str, Any]) -> Non
         model.model_validate(options)
     elif builtin_name(source) is None and options:
         raise ValueError(f"`options` apply only to builtin sources; {source} would ignore them (remove `options`)")
+
+
+def options_reference() -> str:
+    """The table of every builtin's options, as docs/spec.md holds it (a test keeps it equal)."""
+    rows = ["| source | option | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for section in ("datasets", "models"):
+        models = list(dict.fromkeys(_BUILTINS[section].values()))
+        for model in models:
+            sources = ", ".join(f"`builtin:{n}`" for n, m in _BUILTINS[section].items() if m is model)
+            for field_name, f in model.model_fields.items():
+                rows.append(
+                    f"| {sources} | `{f.alias or field_name}` | {_type_text(f.annotation, f.metadata)} "
+                    f"| `{_yaml_text(f.default)}` | {f.description or ''} |"
+                )
+    return "\n".join(rows) + "\n"
+
+
+def _type_text(annotation: Any, metadata: list[Any]) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{v}`" for v in typing.get_args(annotation))
+    text = getattr(annotation, "__name__", str(annotation))
+    bounds = ((annotated_types.Ge, "ge", "≥"), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "≤"))
+    for m in metadata:
+        for kind, attr, sign in bounds:
+            if isinstance(m, kind):
+                text += f", {sign} {getattr(m, attr)}"
+    return text
+
+
+def _yaml_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

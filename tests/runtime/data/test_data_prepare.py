@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset
@@ -215,8 +216,13 @@ def test_builtin_tiny_math_rows(tmp_path: Path) -> None:
     ],
 )
 def test_builtin_misuse_is_a_terminal_error(tmp_path: Path, source: str, fmt: str, options: dict, match: str) -> None:
+    """The spec rejects these when it loads (tests/reconciler/test_builtin_options.py); preparation
+    still refuses a dataset built without validation."""
+    with pytest.raises(ValidationError):
+        Dataset(source=source, format=fmt, options=options)  # type: ignore[arg-type]
     with pytest.raises(TerminalError) as err:
-        prepare("x", Dataset(source=source, format=fmt, options=options), tmp_path / "x", SPEC_DIR)  # type: ignore[arg-type]
+        unchecked = Dataset.model_construct(source=source, format=fmt, options=options)  # type: ignore[arg-type]
+        prepare("x", unchecked, tmp_path / "x", SPEC_DIR)
     assert match in str(err.value)
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from reconciler.errors import TerminalError
 from reconciler.spec import Model
@@ -56,10 +57,17 @@ def test_path_that_is_not_a_model_dir_lists_every_problem(tmp_path: Path) -> Non
 
 
 def test_unknown_builtin_and_options_on_non_builtin(tmp_path: Path) -> None:
+    """The spec rejects both when it loads (tests/reconciler/test_builtin_options.py); preparation
+    still refuses a model built without validation."""
+    gpt5 = {"source": "builtin:gpt5"}
+    hf_with_options = {"source": "hf:Qwen/Qwen2.5-0.5B", "options": {"hidden_size": 8}}
+    for fields in (gpt5, hf_with_options):
+        with pytest.raises(ValidationError):
+            Model.model_validate(fields)
     with pytest.raises(TerminalError, match="unknown builtin model"):
-        prepare("x", Model(source="builtin:gpt5"), tmp_path / "x", tmp_path)
+        prepare("x", Model.model_construct(**gpt5), tmp_path / "x", tmp_path)
     with pytest.raises(TerminalError, match="only apply to builtin"):
-        prepare("x", Model(source="hf:Qwen/Qwen2.5-0.5B", options={"hidden_size": 8}), tmp_path / "x", tmp_path)
+        prepare("x", Model.model_construct(**hf_with_options), tmp_path / "x", tmp_path)
 
 
 def test_unreachable_hub_fails_fast_naming_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
