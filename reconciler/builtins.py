@@ -69,9 +69,10 @@ class TinyQwen2Options(BuiltinOptions):
         return self
 
 
-# Each builtin's options, and for a generator the dataset formats its rows fit (the runtime's
-# SFT formats take tiny_sft's messages+tools rows; tiny_math writes verl RL rows).
+# Each builtin's options; for a generator, the rows it writes and the dataset formats they fit
+# (runtime.data.formats: its SFT formats take messages+tools rows).
 DATASET_BUILTINS: dict[str, type[BuiltinOptions]] = {"tiny_sft": GeneratorOptions, "tiny_math": GeneratorOptions}
+GENERATOR_ROWS: dict[str, str] = {"tiny_sft": "messages+tools", "tiny_math": "verl RL"}
 GENERATOR_FORMATS: dict[str, tuple[str, ...]] = {"tiny_sft": ("retool_sft", "messages"), "tiny_math": ("rl",)}
 MODEL_BUILTINS: dict[str, type[BuiltinOptions]] = {"tiny-qwen2": TinyQwen2Options}
 GENERATORS: tuple[str, ...] = tuple(DATASET_BUILTINS)
@@ -117,8 +118,7 @@ def check_generator_format(source: Any, fmt: str) -> None:
     formats = GENERATOR_FORMATS.get(name) if name is not None else None
     if formats is not None and fmt not in formats:
         choices = " or ".join(f"`format: {f}`" for f in formats)
-        raise ValueError(f"builtin:{name} writes {'verl RL' if formats == ('rl',) else 'messages+tools'} rows: "
-                         f"use {choices} (got {fmt!r})")
+        raise ValueError(f"builtin:{name} writes {GENERATOR_ROWS[name]} rows: use {choices} (got {fmt!r})")
 
 
 def check_options(section: Section, source: Any, options: dict[str, Any]) -> None:

@@ -10,9 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from reconciler.builtins import GENERATOR_FORMATS
 from reconciler.errors import TerminalError
 from reconciler.spec import Dataset
 from runtime.data import prepare, read_outputs
+from runtime.data.builtin import GENERATORS
+from runtime.data.formats import SFT_FORMATS
 from runtime.data.problems import CALL_PHRASE
 from runtime.data.retool_sft import TOOLS
 
@@ -204,6 +207,11 @@ def test_builtin_tiny_math_rows(tmp_path: Path) -> None:
     rows = pq.read_table(out.path).to_pylist()
     assert len(rows) == 16 and len({r["prompt"][0]["content"] for r in rows}) == 16
     assert all(r["data_source"] == "tiny_math" and r["reward_model"]["ground_truth"].lstrip("-").isdigit() for r in rows)
+
+
+def test_the_spec_checks_builtin_formats_as_preparation_does() -> None:
+    assert GENERATOR_FORMATS == {"tiny_sft": SFT_FORMATS, "tiny_math": ("rl",)}
+    assert set(GENERATOR_FORMATS) == set(GENERATORS)
 
 
 @pytest.mark.parametrize(
