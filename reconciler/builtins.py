@@ -115,8 +115,10 @@ def check_builtin_name(section: Section, source: str) -> None:
 def check_generator_format(source: Any, fmt: str) -> None:
     """A builtin generator's rows fit only some formats (ValueError naming them)."""
     name = builtin_name(source)
-    formats = GENERATOR_FORMATS.get(name) if name is not None else None
-    if formats is not None and fmt not in formats:
+    if name is None or name not in GENERATOR_FORMATS:
+        return  # not a generator (an unknown one is the source's error)
+    formats = GENERATOR_FORMATS[name]
+    if fmt not in formats:
         choices = " or ".join(f"`format: {f}`" for f in formats)
         raise ValueError(f"builtin:{name} writes {GENERATOR_ROWS[name]} rows: use {choices} (got {fmt!r})")
 
