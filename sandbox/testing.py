@@ -4,7 +4,8 @@
         run_code(server.url, "print(1)")
 
 Runs `python -m sandbox.server` in a subprocess on a free port, configured through
-`RETOOL_SANDBOX_*` variables, waits for /v1/ping, and stops it (and with it the zygote and
+`RETOOL_SANDBOX_*` variables, waits until /health says "ok" (every server process of a
+multi-process server up, not only the first to answer /v1/ping), and stops it (and with it the zygote and
 every execution) on exit.
 """
 
@@ -15,10 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from sandbox.client import wait_ready
 from sandbox.settings import ENV_PREFIX
@@ -52,7 +56,9 @@ def local_server(*, extra_env: dict[str, str] | None = None, ready_timeout: floa
     url = f"http://127.0.0.1:{port}"
     try:
         try:
+            deadline = time.monotonic() + ready_timeout
             wait_ready(url, timeout=ready_timeout)
+            _wait_all_processes(url, settings.get("token"), deadline)
         except Exception:
             if proc.poll() is not None:
                 raise RuntimeError(f"sandbox server exited with status {proc.returncode}") from None
@@ -66,3 +72,14 @@ def local_server(*, extra_env: dict[str, str] | None = None, ready_timeout: floa
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _wait_all_processes(url: str, token: str | None, deadline: float) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    while True:
+        health = httpx.get(url + "/health", headers=headers, timeout=10).json()
+        if health.get("status") == "ok":
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"sandbox at {url}: {health.get('processes_ready')} of {health.get('processes')} processes ready")
+        time.sleep(0.05)
